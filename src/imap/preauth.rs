@@ -1,0 +1,1217 @@
+//! Sans-I/O state machine for the local IMAP session before login.
+//!
+//! The driver feeds client bytes with [`PreAuth::feed`], calls
+//! [`PreAuth::poll`] until it returns `None` (needs more input) or an
+//! [`Event`], and after *every* `new`/`feed`/`poll`/`login_failed` call writes
+//! [`PreAuth::take_output`] to the client *before* acting on an event.
+//!
+//! Security properties:
+//! * bounded memory: the input buffer never exceeds [`PreAuth::max_buffer`];
+//!   over-long lines / `{n+}` literals close the connection, over-large
+//!   synchronising literals get a tagged `BAD` (the client never sent them);
+//! * after `STARTTLS` everything buffered (pipelined plaintext) is discarded;
+//! * while a login is outstanding nothing else is processed, and the bytes
+//!   after the login command are handed over verbatim by `into_pending_input`;
+//! * buffers holding client input are zeroized when consumed or dropped.
+
+use std::fmt;
+
+use zeroize::{Zeroize, Zeroizing};
+
+use super::command::{self, CommandBody};
+use super::framing::{strip_eol, Frame, Framer, Limits};
+use crate::sasl::{self, SaslError};
+
+/// After this many consecutive failed (BAD/NO) commands the connection is closed.
+pub const MAX_CONSECUTIVE_BAD: u32 = 20;
+
+/// Slack above one maximal command that [`PreAuth::feed`] accepts: the driver
+/// may feed at most this much beyond one partial command per `feed` call
+/// (i.e. read from the socket in chunks of at most 64 KiB).
+pub const FEED_SLACK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreAuthConfig {
+    /// Local TLS is configured and not yet active on this connection (plain
+    /// port with STARTTLS). When true, LOGIN/AUTHENTICATE are refused until
+    /// STARTTLS has completed.
+    pub starttls: bool,
+    pub max_line: usize,
+    pub max_literal: usize,
+}
+
+impl Default for PreAuthConfig {
+    fn default() -> Self {
+        PreAuthConfig {
+            starttls: false,
+            max_line: 8 * 1024,
+            max_literal: 8 * 1024,
+        }
+    }
+}
+
+/// Something the driver must act on.
+pub enum Event {
+    /// A client wants to log in (from `LOGIN` or `AUTHENTICATE PLAIN`). The
+    /// driver verifies the credentials / authenticates upstream, then either
+    /// calls [`PreAuth::login_failed`] or, on success, sends the tagged OK
+    /// itself and forwards [`PreAuth::into_pending_input`] upstream.
+    Login {
+        tag: String,
+        username: Zeroizing<String>,
+        password: Zeroizing<String>,
+    },
+    /// Output holds `tag OK Begin TLS negotiation now`; all input buffered
+    /// after the STARTTLS line has been discarded. Flush, do the TLS
+    /// handshake, then call [`PreAuth::starttls_done`].
+    StartTls { tag: String },
+    /// Output holds `* BYE` + `tag OK LOGOUT completed`; flush and close.
+    Logout,
+    /// Fatal protocol error; output holds `* BYE <reason>`; flush and close.
+    Close,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Login { tag, .. } => f
+                .debug_struct("Login")
+                .field("tag", tag)
+                .field("username", &"<redacted>")
+                .field("password", &"<redacted>")
+                .finish(),
+            Event::StartTls { tag } => f.debug_struct("StartTls").field("tag", tag).finish(),
+            Event::Logout => f.write_str("Logout"),
+            Event::Close => f.write_str("Close"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// Reading commands.
+    Commands,
+    /// `AUTHENTICATE PLAIN` sent `+ `; the next line is the SASL response.
+    AuthPlain { tag: String },
+    /// An `Event::Login` is outstanding.
+    LoginPending,
+    /// An `Event::StartTls` is outstanding; input is discarded.
+    AwaitTls,
+    /// Logout/Close happened; input is discarded.
+    Done,
+}
+
+/// Input buffer whose contents are zeroized when consumed, reallocated or
+/// dropped (it may hold passwords).
+struct SecretBuf(Vec<u8>);
+
+impl SecretBuf {
+    /// Append, growing geometrically but never beyond `max(needed, limit)`.
+    fn extend(&mut self, bytes: &[u8], limit: usize) {
+        let needed = self.0.len() + bytes.len();
+        if needed > self.0.capacity() {
+            let target = (self.0.capacity() * 2).max(512).min(limit).max(needed);
+            let mut grown = Vec::with_capacity(target);
+            grown.extend_from_slice(&self.0);
+            self.0.zeroize();
+            self.0 = grown;
+        }
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn consume(&mut self, n: usize) {
+        let len = self.0.len();
+        let n = n.min(len);
+        self.0.copy_within(n..len, 0);
+        self.0[len - n..].zeroize();
+        self.0.truncate(len - n);
+    }
+
+    fn clear(&mut self) {
+        self.0.zeroize(); // zeroes contents and spare capacity, sets len 0
+    }
+}
+
+impl Drop for SecretBuf {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// The pre-authentication IMAP state machine. See the module documentation.
+pub struct PreAuth {
+    cfg: PreAuthConfig,
+    tls_active: bool,
+    framer: Framer,
+    buf: SecretBuf,
+    out: Vec<u8>,
+    state: State,
+    bad_count: u32,
+    overflow: bool,
+}
+
+impl fmt::Debug for PreAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreAuth")
+            .field("cfg", &self.cfg)
+            .field("tls_active", &self.tls_active)
+            .field("state", &self.state)
+            .field("buffered", &self.buf.0.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+impl PreAuth {
+    /// Create the state machine; the greeting is queued in the output.
+    pub fn new(cfg: PreAuthConfig) -> Self {
+        let mut p = PreAuth {
+            cfg,
+            tls_active: false,
+            framer: Framer::new(Limits::new(cfg.max_line, cfg.max_literal)),
+            buf: SecretBuf(Vec::new()),
+            out: Vec::new(),
+            state: State::Commands,
+            bad_count: 0,
+            overflow: false,
+        };
+        let caps = p.capabilities();
+        p.push_line(&format!("* OK [CAPABILITY {caps}] mailproxy ready"));
+        p
+    }
+
+    /// The capability list currently advertised.
+    pub fn capabilities(&self) -> String {
+        let mut caps = String::from("IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID");
+        if self.starttls_available() {
+            caps.push_str(" STARTTLS");
+        }
+        caps
+    }
+
+    fn starttls_available(&self) -> bool {
+        self.cfg.starttls && !self.tls_active
+    }
+
+    /// Hard upper bound on buffered input.
+    pub fn max_buffer(&self) -> usize {
+        self.framer.limits().max_command.saturating_add(FEED_SLACK)
+    }
+
+    /// Number of client bytes currently buffered.
+    pub fn buffered_len(&self) -> usize {
+        self.buf.0.len()
+    }
+
+    /// Whether the driver should read more client input now. False while a
+    /// `Login`/`StartTls` event is outstanding and after `Logout`/`Close`.
+    pub fn wants_input(&self) -> bool {
+        matches!(self.state, State::Commands | State::AuthPlain { .. })
+            && !self.overflow
+            && self.buf.0.len() < self.max_buffer()
+    }
+
+    /// True if input beyond [`Self::max_buffer`] was fed (the excess was
+    /// dropped); the next `poll` in a command-reading state returns `Close`
+    /// without processing anything else.
+    pub fn input_overflowed(&self) -> bool {
+        self.overflow
+    }
+
+    /// Append client bytes. Never buffers more than [`Self::max_buffer`];
+    /// bytes fed while waiting for the TLS handshake or after the session
+    /// ended are discarded.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if matches!(self.state, State::AwaitTls | State::Done) || self.overflow {
+            return;
+        }
+        let limit = self.max_buffer();
+        let room = limit.saturating_sub(self.buf.0.len());
+        if bytes.len() > room {
+            self.overflow = true;
+            self.buf.extend(&bytes[..room], limit);
+        } else {
+            self.buf.extend(bytes, limit);
+        }
+    }
+
+    /// Process buffered input until an event occurs or more input is needed.
+    pub fn poll(&mut self) -> Option<Event> {
+        loop {
+            match self.state {
+                State::Commands | State::AuthPlain { .. } => {}
+                State::LoginPending | State::AwaitTls | State::Done => return None,
+            }
+            if self.overflow {
+                return Some(self.fatal("Too much input"));
+            }
+            if self.bad_count >= MAX_CONSECUTIVE_BAD {
+                return Some(self.fatal("Too many invalid commands"));
+            }
+            match self.framer.scan(&self.buf.0) {
+                Frame::Incomplete => return None,
+                Frame::NeedContinuation { .. } => self.push_line("+ Ready for literal data"),
+                Frame::RejectLiteral { len, .. } => {
+                    let tag = match std::mem::replace(&mut self.state, State::Commands) {
+                        State::AuthPlain { tag } => Some(tag),
+                        _ => command::parse_tag(&self.buf.0[..len]),
+                    };
+                    self.buf.consume(len);
+                    self.bad(tag.as_deref(), "Literal too large");
+                }
+                Frame::Fatal(e) => return Some(self.fatal(&e.to_string())),
+                Frame::Complete { len } => {
+                    let line = Zeroizing::new(self.buf.0[..len].to_vec());
+                    self.buf.consume(len);
+                    if let Some(ev) = self.handle(&line) {
+                        return Some(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes to write to the client.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The outstanding login failed: emit `tag NO [code] text` and resume
+    /// processing buffered input (call `poll` next).
+    pub fn login_failed(&mut self, tag: &str, resp_code: &str, text: &str) {
+        let code: String = resp_code
+            .chars()
+            .filter(|c| (c.is_ascii_graphic() && *c != ']' && *c != '[') || *c == ' ')
+            .collect();
+        let code = code.trim();
+        let text = sanitize(text);
+        let text = if text.trim().is_empty() {
+            "Authentication failed"
+        } else {
+            text.trim()
+        };
+        let tag = sanitize(tag).replace(' ', "");
+        if code.is_empty() {
+            self.push_line(&format!("{tag} NO {text}"));
+        } else {
+            self.push_line(&format!("{tag} NO [{code}] {text}"));
+        }
+        self.bad_count += 1;
+        if self.state == State::LoginPending {
+            self.state = State::Commands;
+        }
+    }
+
+    /// The local TLS handshake completed: resume reading commands;
+    /// STARTTLS is no longer advertised and LOGIN is allowed.
+    pub fn starttls_done(&mut self) {
+        self.tls_active = true;
+        self.buf.clear();
+        self.framer.reset();
+        self.bad_count = 0;
+        if self.state == State::AwaitTls {
+            self.state = State::Commands;
+        }
+    }
+
+    /// After a successful login: the client bytes received after the login
+    /// command, exactly as received (including a partial command).
+    pub fn into_pending_input(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf.0)
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn push_line(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    fn fatal(&mut self, reason: &str) -> Event {
+        self.push_line(&format!("* BYE {reason}"));
+        self.state = State::Done;
+        self.buf.clear();
+        self.framer.reset();
+        Event::Close
+    }
+
+    /// Reply `BAD` (tagged if possible) and count it.
+    fn bad(&mut self, tag: Option<&str>, msg: &str) {
+        self.push_line(&format!("{} BAD {msg}", tag.unwrap_or("*")));
+        self.bad_count += 1;
+    }
+
+    fn no(&mut self, tag: &str, msg: &str) {
+        self.push_line(&format!("{tag} NO {msg}"));
+        self.bad_count += 1;
+    }
+
+    fn ok(&mut self, tag: &str, msg: &str) {
+        self.push_line(&format!("{tag} OK {msg}"));
+        self.bad_count = 0;
+    }
+
+    fn login_allowed(&self) -> bool {
+        !self.starttls_available()
+    }
+
+    fn handle(&mut self, line: &[u8]) -> Option<Event> {
+        if let State::AuthPlain { tag } = std::mem::replace(&mut self.state, State::Commands) {
+            let resp = strip_eol(line);
+            if resp == b"*" {
+                self.bad(Some(&tag), "AUTHENTICATE cancelled");
+                return None;
+            }
+            return self.plain_response(tag, resp);
+        }
+
+        let cmd = match command::parse_command(line) {
+            Ok(c) => c,
+            Err(e) => {
+                self.bad(e.tag.as_deref(), &e.message);
+                return None;
+            }
+        };
+        let tag = cmd.tag;
+        match cmd.body {
+            CommandBody::Capability => {
+                let caps = self.capabilities();
+                self.push_line(&format!("* CAPABILITY {caps}"));
+                self.ok(&tag, "CAPABILITY completed");
+            }
+            CommandBody::Noop => self.ok(&tag, "NOOP completed"),
+            CommandBody::Id(_) => {
+                self.push_line("* ID (\"name\" \"mailproxy\")");
+                self.ok(&tag, "ID completed");
+            }
+            CommandBody::Logout => {
+                self.push_line("* BYE mailproxy logging out");
+                self.ok(&tag, "LOGOUT completed");
+                self.state = State::Done;
+                self.buf.clear();
+                return Some(Event::Logout);
+            }
+            CommandBody::StartTls => {
+                if self.starttls_available() {
+                    self.ok(&tag, "Begin TLS negotiation now");
+                    // Never act on plaintext pipelined before the handshake.
+                    self.buf.clear();
+                    self.framer.reset();
+                    self.state = State::AwaitTls;
+                    return Some(Event::StartTls { tag });
+                }
+                if self.tls_active {
+                    self.bad(Some(&tag), "TLS is already active");
+                } else {
+                    self.bad(Some(&tag), "STARTTLS not available: TLS is not configured");
+                }
+            }
+            CommandBody::Login { username, password } => {
+                if !self.login_allowed() {
+                    self.no(
+                        &tag,
+                        "[PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed",
+                    );
+                    return None;
+                }
+                self.state = State::LoginPending;
+                return Some(Event::Login {
+                    tag,
+                    username,
+                    password,
+                });
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                if mechanism != "PLAIN" {
+                    self.no(
+                        &tag,
+                        "[CANNOT] Unsupported authentication mechanism (use PLAIN)",
+                    );
+                    return None;
+                }
+                if !self.login_allowed() {
+                    self.no(
+                        &tag,
+                        "[PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed",
+                    );
+                    return None;
+                }
+                match initial_response {
+                    Some(ir) => return self.plain_response(tag, ir.as_bytes()),
+                    None => {
+                        self.push_line("+ ");
+                        self.state = State::AuthPlain { tag };
+                    }
+                }
+            }
+            CommandBody::Other { name } => {
+                if requires_auth(&name) {
+                    self.bad(Some(&tag), &format!("{name} not valid before login"));
+                } else {
+                    self.bad(Some(&tag), "Unknown command");
+                }
+            }
+        }
+        None
+    }
+
+    fn plain_response(&mut self, tag: String, b64: &[u8]) -> Option<Event> {
+        match sasl::decode_plain(b64) {
+            Ok((username, password)) => {
+                self.state = State::LoginPending;
+                Some(Event::Login {
+                    tag,
+                    username,
+                    password,
+                })
+            }
+            Err(SaslError::AuthzidMismatch) => {
+                self.no(
+                    &tag,
+                    "[AUTHORIZATIONFAILED] Authorization identity must be empty or equal to the user name",
+                );
+                None
+            }
+            Err(e) => {
+                self.bad(
+                    Some(&tag),
+                    &format!("Invalid AUTHENTICATE PLAIN response: {e}"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// IMAP commands that exist but are only valid after authentication.
+fn requires_auth(name: &str) -> bool {
+    matches!(
+        name,
+        "SELECT"
+            | "EXAMINE"
+            | "CREATE"
+            | "DELETE"
+            | "RENAME"
+            | "SUBSCRIBE"
+            | "UNSUBSCRIBE"
+            | "LIST"
+            | "LSUB"
+            | "STATUS"
+            | "APPEND"
+            | "CHECK"
+            | "CLOSE"
+            | "UNSELECT"
+            | "EXPUNGE"
+            | "SEARCH"
+            | "FETCH"
+            | "STORE"
+            | "COPY"
+            | "MOVE"
+            | "UID"
+            | "IDLE"
+            | "ENABLE"
+            | "NAMESPACE"
+            | "GETQUOTA"
+            | "GETQUOTAROOT"
+            | "SETQUOTA"
+            | "GETACL"
+            | "SETACL"
+            | "MYRIGHTS"
+            | "LISTRIGHTS"
+            | "GETMETADATA"
+            | "SETMETADATA"
+            | "COMPRESS"
+            | "NOTIFY"
+            | "ESEARCH"
+            | "SORT"
+            | "THREAD"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPS: &str = "IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID";
+
+    fn cfg(starttls: bool) -> PreAuthConfig {
+        PreAuthConfig {
+            starttls,
+            ..PreAuthConfig::default()
+        }
+    }
+
+    /// A new machine with the greeting already drained.
+    fn machine(starttls: bool) -> PreAuth {
+        let mut p = PreAuth::new(cfg(starttls));
+        p.take_output();
+        p
+    }
+
+    fn s(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    /// Feed `input`, poll until `None`, return the output.
+    fn exchange(p: &mut PreAuth, input: &[u8]) -> String {
+        p.feed(input);
+        let ev = p.poll();
+        assert!(ev.is_none(), "unexpected event {ev:?}");
+        s(&p.take_output())
+    }
+
+    fn expect_login(ev: Option<Event>) -> (String, String, String) {
+        match ev {
+            Some(Event::Login {
+                tag,
+                username,
+                password,
+            }) => (tag, username.to_string(), password.to_string()),
+            other => panic!("expected Login, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn greeting() {
+        let mut p = PreAuth::new(cfg(false));
+        assert_eq!(
+            s(&p.take_output()),
+            format!("* OK [CAPABILITY {CAPS}] mailproxy ready\r\n")
+        );
+        assert_eq!(p.take_output(), b"");
+        let mut p = PreAuth::new(cfg(true));
+        assert_eq!(
+            s(&p.take_output()),
+            format!("* OK [CAPABILITY {CAPS} STARTTLS] mailproxy ready\r\n")
+        );
+    }
+
+    #[test]
+    fn capability_noop_id() {
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"a1 CAPABILITY\r\n"),
+            format!("* CAPABILITY {CAPS}\r\na1 OK CAPABILITY completed\r\n")
+        );
+        assert_eq!(exchange(&mut p, b"a2 noop\r\n"), "a2 OK NOOP completed\r\n");
+        assert_eq!(
+            exchange(
+                &mut p,
+                b"a3 ID (\"name\" \"Thunderbird\" \"version\" \"115\")\r\n"
+            ),
+            "* ID (\"name\" \"mailproxy\")\r\na3 OK ID completed\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"a4 ID NIL\r\n"),
+            "* ID (\"name\" \"mailproxy\")\r\na4 OK ID completed\r\n"
+        );
+        let mut p = machine(true);
+        assert_eq!(
+            exchange(&mut p, b"a1 CAPABILITY\r\n"),
+            format!("* CAPABILITY {CAPS} STARTTLS\r\na1 OK CAPABILITY completed\r\n")
+        );
+    }
+
+    #[test]
+    fn login_quoted_with_escapes() {
+        let mut p = machine(false);
+        p.feed(b"a001 LOGIN \"fred\\\\x\" \"fat \\\"man\\\"\"\r\n");
+        let (tag, u, pw) = expect_login(p.poll());
+        assert_eq!(
+            (tag.as_str(), u.as_str(), pw.as_str()),
+            ("a001", "fred\\x", "fat \"man\"")
+        );
+        assert_eq!(p.take_output(), b"");
+        assert_eq!(p.into_pending_input(), b"");
+    }
+
+    #[test]
+    fn login_sync_literals_rfc3501_trace() {
+        // RFC 3501 6.2.3 / 4.3 style: continuation only after each literal
+        // announcement, exactly once, never for the parts without literals.
+        let mut p = machine(false);
+        assert_eq!(exchange(&mut p, b"A001 LOGIN {11}"), "");
+        assert_eq!(exchange(&mut p, b"\r\n"), "+ Ready for literal data\r\n");
+        assert_eq!(exchange(&mut p, b"FRED "), "");
+        assert_eq!(exchange(&mut p, b"FOOBAR {7}\r"), "");
+        assert_eq!(exchange(&mut p, b"\n"), "+ Ready for literal data\r\n");
+        assert_eq!(exchange(&mut p, b"fat ma"), "");
+        p.feed(b"n\r\n");
+        let (tag, u, pw) = expect_login(p.poll());
+        assert_eq!(
+            (tag.as_str(), u.as_str(), pw.as_str()),
+            ("A001", "FRED FOOBAR", "fat man")
+        );
+        assert_eq!(p.take_output(), b"");
+    }
+
+    #[test]
+    fn login_sync_literal_all_at_once_still_one_continuation_each() {
+        let mut p = machine(false);
+        p.feed(b"A1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n");
+        let (_, u, pw) = expect_login(p.poll());
+        assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
+        assert_eq!(
+            s(&p.take_output()),
+            "+ Ready for literal data\r\n+ Ready for literal data\r\n"
+        );
+    }
+
+    #[test]
+    fn login_literal_plus_no_continuation() {
+        let mut p = machine(false);
+        assert_eq!(exchange(&mut p, b"A1 LOGIN {5+}\r\nali"), "");
+        p.feed(b"ce {6+}\r\nse\r\n t\r\n");
+        let (_, u, pw) = expect_login(p.poll());
+        assert_eq!((u.as_str(), pw.as_str()), ("alice", "se\r\n t"));
+        assert_eq!(p.take_output(), b"");
+    }
+
+    #[test]
+    fn authenticate_plain_sasl_ir() {
+        let mut p = machine(false);
+        // base64("\0alice\0secret")
+        p.feed(b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        let (tag, u, pw) = expect_login(p.poll());
+        assert_eq!(
+            (tag.as_str(), u.as_str(), pw.as_str()),
+            ("a", "alice", "secret")
+        );
+        assert_eq!(p.take_output(), b"");
+    }
+
+    #[test]
+    fn authenticate_plain_continuation() {
+        let mut p = machine(false);
+        assert_eq!(exchange(&mut p, b"a AUTHENTICATE PLAIN\r\n"), "+ \r\n");
+        p.feed(b"YWxpY2UAYWxpY2UAc2VjcmV0\r\nb NOOP\r\n"); // "alice\0alice\0secret"
+        let (tag, u, pw) = expect_login(p.poll());
+        assert_eq!(
+            (tag.as_str(), u.as_str(), pw.as_str()),
+            ("a", "alice", "secret")
+        );
+        assert_eq!(p.take_output(), b"");
+        assert!(p.poll().is_none()); // login outstanding: nothing processed
+        assert_eq!(p.into_pending_input(), b"b NOOP\r\n");
+    }
+
+    #[test]
+    fn authenticate_cancel_and_errors() {
+        let mut p = machine(false);
+        assert_eq!(exchange(&mut p, b"a AUTHENTICATE PLAIN\r\n"), "+ \r\n");
+        assert_eq!(
+            exchange(&mut p, b"*\r\n"),
+            "a BAD AUTHENTICATE cancelled\r\n"
+        );
+        assert_eq!(exchange(&mut p, b"b NOOP\r\n"), "b OK NOOP completed\r\n");
+        assert_eq!(
+            exchange(&mut p, b"c AUTHENTICATE PLAIN\r\n%%%\r\n"),
+            "+ \r\nc BAD Invalid AUTHENTICATE PLAIN response: invalid base64 in SASL response\r\n"
+        );
+        // base64("alice\0secret"): only one NUL
+        assert_eq!(
+            exchange(&mut p, b"d AUTHENTICATE PLAIN YWxpY2UAc2VjcmV0\r\n"),
+            "d BAD Invalid AUTHENTICATE PLAIN response: malformed SASL PLAIN message: expected authzid NUL authcid NUL password\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"e AUTHENTICATE PLAIN =\r\n"),
+            "e BAD Invalid AUTHENTICATE PLAIN response: empty SASL response\r\n"
+        );
+        // base64("admin\0alice\0secret")
+        assert_eq!(
+            exchange(&mut p, b"f AUTHENTICATE PLAIN YWRtaW4AYWxpY2UAc2VjcmV0\r\n"),
+            "f NO [AUTHORIZATIONFAILED] Authorization identity must be empty or equal to the user name\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"g AUTHENTICATE XOAUTH2 dGVzdA==\r\n"),
+            "g NO [CANNOT] Unsupported authentication mechanism (use PLAIN)\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"h AUTHENTICATE CRAM-MD5\r\n"),
+            "h NO [CANNOT] Unsupported authentication mechanism (use PLAIN)\r\n"
+        );
+    }
+
+    #[test]
+    fn starttls_discards_pipelined_plaintext() {
+        let mut p = machine(true);
+        p.feed(b"a STARTTLS\r\nb LOGIN evil injected\r\nc SEL");
+        match p.poll() {
+            Some(Event::StartTls { tag }) => assert_eq!(tag, "a"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s(&p.take_output()), "a OK Begin TLS negotiation now\r\n");
+        assert_eq!(p.buffered_len(), 0);
+        assert!(!p.wants_input());
+        // Plaintext arriving before the handshake completes is dropped too.
+        p.feed(b"d LOGIN evil2 x\r\n");
+        assert!(p.poll().is_none());
+        p.starttls_done();
+        assert!(p.poll().is_none());
+        assert_eq!(p.take_output(), b"");
+        assert_eq!(
+            exchange(&mut p, b"e CAPABILITY\r\n"),
+            format!("* CAPABILITY {CAPS}\r\ne OK CAPABILITY completed\r\n")
+        );
+        assert_eq!(
+            exchange(&mut p, b"f STARTTLS\r\n"),
+            "f BAD TLS is already active\r\n"
+        );
+        p.feed(b"g LOGIN alice secret\r\n");
+        let (tag, u, _) = expect_login(p.poll());
+        assert_eq!((tag.as_str(), u.as_str()), ("g", "alice"));
+    }
+
+    #[test]
+    fn login_refused_before_starttls_when_available() {
+        let mut p = machine(true);
+        assert_eq!(
+            exchange(&mut p, b"a LOGIN alice secret\r\n"),
+            "a NO [PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"b AUTHENTICATE PLAIN\r\n"),
+            "b NO [PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed\r\n"
+        );
+    }
+
+    #[test]
+    fn starttls_not_configured() {
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"a STARTTLS\r\n"),
+            "a BAD STARTTLS not available: TLS is not configured\r\n"
+        );
+    }
+
+    #[test]
+    fn pipelined_after_login_is_handed_over_exactly() {
+        let mut p = machine(false);
+        let after = b"a2 SELECT INBOX\r\na3 APPEND INBOX {5}\r\nhel\r\na4 FETCH 1:* (FL";
+        let mut input = b"a0 CAPABILITY\r\na1 LOGIN alice secret\r\n".to_vec();
+        input.extend_from_slice(after);
+        p.feed(&input);
+        let (tag, _, _) = expect_login(p.poll());
+        assert_eq!(tag, "a1");
+        // The CAPABILITY reply was produced before the event; nothing after.
+        assert_eq!(
+            s(&p.take_output()),
+            format!("* CAPABILITY {CAPS}\r\na0 OK CAPABILITY completed\r\n")
+        );
+        assert!(!p.wants_input());
+        assert!(p.poll().is_none());
+        assert_eq!(p.take_output(), b""); // in particular no "+" for {5}
+        assert_eq!(p.into_pending_input(), after.to_vec());
+    }
+
+    #[test]
+    fn login_failed_resumes_processing() {
+        let mut p = machine(false);
+        p.feed(b"a LOGIN alice wrong\r\nb NOOP\r\nc LOGIN alice right\r\n");
+        expect_login(p.poll());
+        assert!(p.poll().is_none());
+        p.login_failed("a", "AUTHENTICATIONFAILED", "Invalid credentials");
+        assert_eq!(
+            s(&p.take_output()),
+            "a NO [AUTHENTICATIONFAILED] Invalid credentials\r\n"
+        );
+        let (tag, _, pw) = expect_login(p.poll());
+        assert_eq!((tag.as_str(), pw.as_str()), ("c", "right"));
+        assert_eq!(s(&p.take_output()), "b OK NOOP completed\r\n");
+        // No code, and an injected CRLF in the text is neutralised.
+        p.login_failed("c", "", "bad\r\n* OK injected");
+        assert_eq!(s(&p.take_output()), "c NO bad  * OK injected\r\n");
+        assert!(p.poll().is_none());
+    }
+
+    #[test]
+    fn commands_before_login_rejected_with_tags() {
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"a SELECT INBOX\r\nb uid fetch 1 (FLAGS)\r\nc FOO\r\n"),
+            "a BAD SELECT not valid before login\r\nb BAD UID not valid before login\r\nc BAD Unknown command\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"d NOOP extra\r\n\r\n+ NOOP\r\n"),
+            "d BAD Unexpected arguments to NOOP\r\n* BAD Missing or invalid command tag\r\n* BAD Missing or invalid command tag\r\n"
+        );
+    }
+
+    #[test]
+    fn logout() {
+        let mut p = machine(false);
+        p.feed(b"a LOGOUT\r\nb NOOP\r\n");
+        assert!(matches!(p.poll(), Some(Event::Logout)));
+        assert_eq!(
+            s(&p.take_output()),
+            "* BYE mailproxy logging out\r\na OK LOGOUT completed\r\n"
+        );
+        assert!(p.poll().is_none());
+        assert_eq!(p.buffered_len(), 0);
+    }
+
+    #[test]
+    fn nul_and_invalid_utf8_get_bad() {
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"a\0 NOOP\r\n"),
+            "a BAD Missing command after tag\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"\0\0\0\r\n"),
+            "* BAD Missing or invalid command tag\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"b LOGIN \"\xff\xfe\" x\r\n"),
+            "b BAD LOGIN user name and password must be valid UTF-8\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"c LOGIN {2+}\r\n\xc3\x28 x\r\n"),
+            "c BAD LOGIN user name and password must be valid UTF-8\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"d LOGIN alice \"x\0\"\r\n"),
+            "d BAD Invalid arguments to LOGIN (expected: LOGIN user password)\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"\xff\xfe NOOP\r\n"),
+            "* BAD Missing or invalid command tag\r\n"
+        );
+        assert_eq!(exchange(&mut p, b"e NOOP\r\n"), "e OK NOOP completed\r\n");
+    }
+
+    #[test]
+    fn huge_sync_literals_rejected_recoverably() {
+        let mut p = machine(false);
+        for n in [
+            "4294967295",
+            "18446744073709551615",
+            "99999999999999999999999",
+            "8193",
+        ] {
+            let line = format!("a LOGIN {{{n}}}\r\n");
+            assert_eq!(
+                exchange(&mut p, line.as_bytes()),
+                "a BAD Literal too large\r\n"
+            );
+            assert_eq!(p.buffered_len(), 0);
+        }
+        // Inside AUTHENTICATE continuation the auth tag is used.
+        assert_eq!(
+            exchange(&mut p, b"b AUTHENTICATE PLAIN\r\n{99999}\r\n"),
+            "+ \r\nb BAD Literal too large\r\n"
+        );
+        assert_eq!(exchange(&mut p, b"c NOOP\r\n"), "c OK NOOP completed\r\n");
+        // The maximum itself is fine.
+        p.feed(format!("d LOGIN alice {{{}}}\r\n", 8192).as_bytes());
+        p.feed(&[b'p'; 8192]);
+        p.feed(b"\r\n");
+        let (_, _, pw) = expect_login(p.poll());
+        assert_eq!(pw.len(), 8192);
+    }
+
+    #[test]
+    fn huge_non_sync_literal_is_fatal() {
+        for n in ["4294967295", "18446744073709551615", "8193"] {
+            let mut p = machine(false);
+            p.feed(format!("a LOGIN {{{n}+}}\r\n").as_bytes());
+            assert!(matches!(p.poll(), Some(Event::Close)));
+            assert_eq!(s(&p.take_output()), "* BYE Literal too large\r\n");
+            assert_eq!(p.buffered_len(), 0);
+        }
+    }
+
+    #[test]
+    fn ten_megabyte_line_rejected_without_buffering() {
+        let big = vec![b'A'; 10 * 1024 * 1024];
+        // All at once.
+        let mut p = machine(false);
+        p.feed(&big);
+        assert!(p.buffered_len() <= p.max_buffer());
+        assert!(p.buf.0.capacity() <= p.max_buffer());
+        assert!(matches!(p.poll(), Some(Event::Close)));
+        assert_eq!(s(&p.take_output()), "* BYE Too much input\r\n");
+        // In socket-sized chunks: detected by count as soon as the line
+        // exceeds max_line.
+        let mut p = machine(false);
+        let mut fed = 0;
+        let mut closed = false;
+        for chunk in big.chunks(4096) {
+            p.feed(chunk);
+            fed += chunk.len();
+            assert!(p.buffered_len() <= 8 * 1024 + 4096);
+            if let Some(ev) = p.poll() {
+                assert!(matches!(ev, Event::Close));
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed);
+        assert!(fed <= 12 * 1024);
+        assert_eq!(s(&p.take_output()), "* BYE Line too long\r\n");
+        p.feed(b"a NOOP\r\n");
+        assert!(p.poll().is_none());
+        assert_eq!(p.buffered_len(), 0);
+    }
+
+    #[test]
+    fn too_many_bad_commands_close() {
+        let mut p = machine(false);
+        let mut out = String::new();
+        let mut closed = false;
+        for _ in 0..MAX_CONSECUTIVE_BAD + 5 {
+            p.feed(b"x GARBAGE\r\n");
+            let ev = p.poll();
+            out.push_str(&s(&p.take_output()));
+            match ev {
+                None => {}
+                Some(Event::Close) => {
+                    closed = true;
+                    break;
+                }
+                Some(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(closed);
+        assert_eq!(
+            out.matches("x BAD Unknown command\r\n").count(),
+            MAX_CONSECUTIVE_BAD as usize
+        );
+        assert!(out.ends_with("x BAD Unknown command\r\n* BYE Too many invalid commands\r\n"));
+        // A good command resets the counter.
+        let mut p = machine(false);
+        for _ in 0..(MAX_CONSECUTIVE_BAD * 3) {
+            exchange(&mut p, b"x GARBAGE\r\ny NOOP\r\n");
+        }
+    }
+
+    #[test]
+    fn event_debug_redacts() {
+        let mut p = machine(false);
+        p.feed(b"a LOGIN alice hunter2\r\n");
+        let ev = p.poll().unwrap();
+        let d = format!("{ev:?} {p:?}");
+        assert!(!d.contains("hunter2") && !d.contains("alice"), "{d}");
+    }
+
+    // ---------------------------------------------------------- chunking / fuzz
+
+    /// Minimal driver: feeds `chunks`, polls, answers events (logins fail,
+    /// STARTTLS completes), returns the transcript of output and events.
+    fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> (String, Vec<String>) {
+        let mut p = PreAuth::new(cfg);
+        let mut out = s(&p.take_output());
+        let mut events = Vec::new();
+        'outer: for c in chunks {
+            p.feed(c);
+            assert!(p.buffered_len() <= p.max_buffer());
+            loop {
+                let ev = p.poll();
+                out.push_str(&s(&p.take_output()));
+                match ev {
+                    None => break,
+                    Some(Event::Login {
+                        tag,
+                        username,
+                        password,
+                    }) => {
+                        events.push(format!("login {tag} {} {}", *username, *password));
+                        p.login_failed(&tag, "AUTHENTICATIONFAILED", "nope");
+                        out.push_str(&s(&p.take_output()));
+                    }
+                    Some(Event::StartTls { tag }) => {
+                        events.push(format!("starttls {tag}"));
+                        p.starttls_done();
+                    }
+                    Some(Event::Logout) => {
+                        events.push("logout".into());
+                        break 'outer;
+                    }
+                    Some(Event::Close) => {
+                        events.push("close".into());
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        (out, events)
+    }
+
+    const SCRIPT: &[u8] = b"a1 CAPABILITY\r\n\
+        a2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n\
+        a3 LOGIN \"bob\" {3+}\r\npwd\r\n\
+        a4 AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n\
+        a5 AUTHENTICATE PLAIN\r\n*\r\n\
+        a6 SELECT INBOX\r\n\
+        a7 LOGIN {99999}\r\n\
+        a8 ID (\"name\" {3}\r\nfoo)\r\n\
+        \0bad\r\n\
+        a9 NOOP\n\
+        a10 LOGOUT\r\n";
+
+    #[test]
+    fn byte_at_a_time_equals_all_at_once() {
+        let whole = drive(PreAuthConfig::default(), &[SCRIPT]);
+        let bytes: Vec<&[u8]> = SCRIPT.chunks(1).collect();
+        let single = drive(PreAuthConfig::default(), &bytes);
+        assert_eq!(whole, single);
+        assert_eq!(
+            whole.1,
+            vec![
+                "login a2 alice secret",
+                "login a3 bob pwd",
+                "login a4 alice secret",
+                "logout"
+            ]
+        );
+        assert!(whole.0.ends_with("a10 OK LOGOUT completed\r\n"));
+        assert_eq!(whole.0.matches("+ Ready for literal data\r\n").count(), 3);
+        for chunk in [2, 3, 7, 13, 64] {
+            let bytes: Vec<&[u8]> = SCRIPT.chunks(chunk).collect();
+            assert_eq!(
+                drive(PreAuthConfig::default(), &bytes),
+                whole,
+                "chunk {chunk}"
+            );
+        }
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            // xorshift64*
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    const TOKENS: &[&[u8]] = &[
+        b"a",
+        b" ",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"LOGIN",
+        b"AUTHENTICATE",
+        b"PLAIN",
+        b"STARTTLS",
+        b"CAPABILITY",
+        b"NOOP",
+        b"ID",
+        b"NIL",
+        b"(",
+        b")",
+        b"\"",
+        b"\\",
+        b"{5}",
+        b"{3+}",
+        b"{0}\r\n",
+        b"{99999999999999999999}",
+        b"{70}\r\n",
+        b"{70+}\r\n",
+        b"*",
+        b"+",
+        b"=",
+        b"AGFsaWNlAHNlY3JldA==",
+        b"\0",
+        b"\xff",
+        b"LOGOUT",
+        b"SELECT",
+        b"{18446744073709551615+}",
+    ];
+
+    const COMMANDS: &[&[u8]] = &[
+        b"t1 LOGIN alice secret\r\n",
+        b"t2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n",
+        b"t3 LOGIN \"a\\\\b\" {3+}\r\npwd\r\n",
+        b"t4 AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n",
+        b"t5 AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+        b"t6 AUTHENTICATE PLAIN\r\n*\r\n",
+        b"t7 CAPABILITY\r\n",
+        b"t8 NOOP\r\n",
+        b"t9 STARTTLS\r\n",
+        b"t10 ID (\"name\" {2}\r\nxy)\r\n",
+        b"t11 SELECT INBOX\r\n",
+        b"t12 LOGOUT\r\n",
+        b"t13 LOGIN {40}\r\n",
+    ];
+
+    #[test]
+    fn random_input_random_chunking_never_panics_and_stays_bounded() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut stats = std::collections::HashMap::new();
+        let small = PreAuthConfig {
+            starttls: true,
+            max_line: 64,
+            max_literal: 32,
+        };
+        for round in 0..3000 {
+            let mut input = Vec::new();
+            let len = rng.below(400);
+            while input.len() < len {
+                match rng.below(10) {
+                    0 => input.push(rng.next() as u8),
+                    1..=3 => input.extend_from_slice(TOKENS[rng.below(TOKENS.len())]),
+                    _ => {
+                        // A well-formed command, sometimes with one byte flipped.
+                        let mut c = COMMANDS[rng.below(COMMANDS.len())].to_vec();
+                        if rng.below(4) == 0 {
+                            let i = rng.below(c.len());
+                            c[i] = rng.next() as u8;
+                        }
+                        input.extend_from_slice(&c);
+                    }
+                }
+            }
+            let cfg = match round % 3 {
+                0 => small,
+                1 => PreAuthConfig {
+                    starttls: false,
+                    ..small
+                },
+                _ => PreAuthConfig::default(),
+            };
+            let mut chunks = Vec::new();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let n = 1 + rng.below(rest.len().min(50));
+                chunks.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            let (out, events) = drive(cfg, &chunks);
+            // Output is always whole CRLF-terminated lines.
+            assert!(out.ends_with("\r\n"));
+            for e in &events {
+                *stats
+                    .entry(e.split(' ').next().unwrap().to_owned())
+                    .or_insert(0) += 1;
+            }
+            if !cfg.starttls {
+                // Without STARTTLS (whose discard depends on timing), the
+                // transcript must not depend on how the input was chunked.
+                assert_eq!((out, events), drive(cfg, &[&input]), "{input:?}");
+            }
+            // The grammar and response parsers never panic either.
+            let _ = command::parse_command(&input);
+            let _ = super::super::response::parse_response(&input);
+            let _ = super::super::response::find_line(&input, 64);
+        }
+        // The generator reaches the interesting states.
+        for k in ["login", "starttls", "logout", "close"] {
+            assert!(stats.get(k).copied().unwrap_or(0) > 5, "{k}: {stats:?}");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! mailproxy: a local authenticating proxy that lets legacy IMAP, SMTP and
+//! POP3 clients log in with a local password while it authenticates upstream
+//! with OAuth 2.0 (XOAUTH2 / OAUTHBEARER).
+//!
+//! Layout: protocol code is pure and I/O-free (`imap`, `sasl`); the token
+//! lifecycle lives in `tokens`; I/O sits at the edges (`net`, `proxy`,
+//! `server`, `oauth`).
+
+pub mod config;
+pub mod crypto;
+pub mod endpoint;
+pub mod imap;
+pub mod net;
+pub mod oauth;
+pub mod proxy;
+pub mod sasl;
+pub mod secret;
+pub mod server;
+pub mod tls;
+pub mod tokens;
+pub mod vault;

@@ -1,0 +1,242 @@
+//! Talking to the OAuth 2.0 provider: the authorisation-code grant with PKCE,
+//! refresh, and decoding of its errors. What to do with the tokens (when to
+//! refresh, where to keep them) lives in `tokens`.
+
+pub mod errors;
+pub mod login;
+
+use std::time::{Duration, SystemTime};
+
+use oauth2::basic::BasicClient;
+use oauth2::{
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, PkceCodeChallenge, PkceCodeVerifier,
+    RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl,
+};
+
+use crate::config::OAuthSettings;
+use crate::secret::Secret;
+pub use errors::{explain, Explanation};
+
+/// Largest token-endpoint answer we read; real ones are a few KiB.
+const MAX_BODY: usize = 256 * 1024;
+/// When the provider omits `expires_in`, assume the common one hour.
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OAuthError {
+    /// The provider answered with an OAuth error.
+    #[error("{}", .0.sentence)]
+    Provider(Explanation),
+    /// Network trouble or a 5xx: worth retrying later.
+    #[error("the provider at {url} could not be reached: {reason}")]
+    Unavailable { url: String, reason: String },
+    /// The provider answered something that is not OAuth.
+    #[error("the provider's answer from {url} could not be read: {reason}")]
+    Malformed { url: String, reason: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+impl OAuthError {
+    pub fn needs_login(&self) -> bool {
+        matches!(self, OAuthError::Provider(e) if e.needs_login)
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OAuthError::Unavailable { .. })
+    }
+}
+
+/// Tokens from one successful token request.
+#[derive(Debug)]
+pub struct Tokens {
+    pub access: Secret,
+    pub expires_at: SystemTime,
+    /// A new refresh token, when the provider sent one (rotation).
+    pub refresh: Option<Secret>,
+    pub scopes: Option<Vec<String>>,
+}
+
+/// The HTTP client for provider calls: no redirects (a token endpoint that
+/// redirects is misconfigured or hostile), bounded connect and total time.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .user_agent(concat!("mailproxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("the HTTP client configuration is static and valid")
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HttpFail {
+    #[error("{0}")]
+    Transport(String),
+    #[error("HTTP status {0}")]
+    Status(u16),
+}
+
+/// oauth2's HTTP hook: reqwest underneath, but a 5xx becomes a transport
+/// error (so it is retried, not parsed as an OAuth error) and bodies are bounded.
+async fn send(http: &reqwest::Client, req: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, HttpFail> {
+    let (parts, body) = req.into_parts();
+    let mut resp = http
+        .request(parts.method, parts.uri.to_string())
+        .headers(parts.headers)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| HttpFail::Transport(describe_reqwest(&e)))?;
+    let status = resp.status();
+    if status.is_server_error() {
+        return Err(HttpFail::Status(status.as_u16()));
+    }
+    let mut builder = oauth2::http::Response::builder().status(status);
+    for (k, v) in resp.headers() {
+        builder = builder.header(k, v);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| HttpFail::Transport(describe_reqwest(&e)))? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(HttpFail::Transport(format!("answer larger than {MAX_BODY} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    builder.body(body).map_err(|e| HttpFail::Transport(e.to_string()))
+}
+
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    // reqwest's Display can include the URL, never a body; walk the sources
+    // for the useful part (connection refused, timed out, certificate ...).
+    let mut s = if e.is_timeout() { "timed out".to_string() } else { e.to_string() };
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s = format!("{s}: {inner}");
+        src = inner.source();
+    }
+    s
+}
+
+/// oauth2's HTTP client: a boxed `Send` future, so sessions that refresh
+/// tokens can run on any worker thread.
+struct Http<'a>(&'a reqwest::Client);
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Http<'_> {
+    type Error = HttpFail;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, HttpFail>> + Send + 'c>>;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(send(self.0, request))
+    }
+}
+
+type TokenErr = RequestTokenError<HttpFail, oauth2::StandardErrorResponse<oauth2::basic::BasicErrorResponseType>>;
+
+fn convert(account: &str, url: &str, e: TokenErr) -> OAuthError {
+    match e {
+        RequestTokenError::ServerResponse(r) => {
+            OAuthError::Provider(explain(account, r.error().as_ref(), r.error_description().map(String::as_str)))
+        }
+        RequestTokenError::Request(f) => OAuthError::Unavailable { url: url.into(), reason: f.to_string() },
+        RequestTokenError::Parse(e, _body) => OAuthError::Malformed {
+            url: url.into(),
+            // The path names the field; the value is left out: it could be a token.
+            reason: format!("field `{}` is missing or has the wrong type", e.path()),
+        },
+        RequestTokenError::Other(m) => OAuthError::Malformed { url: url.into(), reason: m },
+    }
+}
+
+fn tokens(r: &oauth2::basic::BasicTokenResponse) -> Tokens {
+    let lifetime = r.expires_in().unwrap_or(DEFAULT_LIFETIME);
+    Tokens {
+        access: Secret::new(r.access_token().secret().clone()),
+        expires_at: SystemTime::now() + lifetime,
+        refresh: r.refresh_token().map(|t| Secret::new(t.secret().clone())),
+        scopes: r.scopes().map(|s| s.iter().map(|s| s.to_string()).collect()),
+    }
+}
+
+macro_rules! client {
+    ($s:expr) => {{
+        let s: &OAuthSettings = $s;
+        let mut c = BasicClient::new(ClientId::new(s.client_id.clone()))
+            .set_auth_type(AuthType::RequestBody)
+            .set_token_uri(TokenUrl::new(s.token_url.clone()).map_err(|e| OAuthError::Config(format!("token_url: {e}")))?);
+        if let Some(secret) = &s.client_secret {
+            c = c.set_client_secret(ClientSecret::new(secret.expose().to_string()));
+        }
+        c
+    }};
+}
+
+/// Uses a refresh token. The answer may carry a rotated refresh token, which
+/// the caller must save before using the new access token.
+pub async fn refresh(http: &reqwest::Client, account: &str, s: &OAuthSettings, token: &Secret) -> Result<Tokens, OAuthError> {
+    let client = client!(s);
+    let rt = RefreshToken::new(token.expose().to_string());
+    let r = client
+        .exchange_refresh_token(&rt)
+        .request_async(&Http(http))
+        .await
+        .map_err(|e| convert(account, &s.token_url, e))?;
+    Ok(tokens(&r))
+}
+
+/// One authorisation in progress: the URL to open and what must match when
+/// the browser comes back.
+pub struct AuthRequest {
+    pub url: String,
+    pub redirect_uri: String,
+    state: CsrfToken,
+    verifier: PkceCodeVerifier,
+}
+
+impl AuthRequest {
+    /// Constant-time comparison of the returned `state` (CSRF protection).
+    pub fn state_matches(&self, state: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.state.secret().as_bytes().ct_eq(state.as_bytes()))
+    }
+}
+
+/// Builds the authorisation URL with PKCE (S256) and a random `state`.
+pub fn authorization_request(account: &str, s: &OAuthSettings, redirect_uri: &str) -> Result<AuthRequest, OAuthError> {
+    let client = client!(s)
+        .set_auth_uri(AuthUrl::new(s.auth_url.clone()).map_err(|e| OAuthError::Config(format!("auth_url: {e}")))?)
+        .set_redirect_uri(
+            RedirectUrl::new(redirect_uri.to_string()).map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
+        );
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let mut req = client
+        .authorize_url(CsrfToken::new_random)
+        .add_scopes(s.scopes.iter().cloned().map(Scope::new))
+        .set_pkce_challenge(challenge)
+        .add_extra_param("login_hint", account);
+    for (k, v) in &s.auth_params {
+        req = req.add_extra_param(k.as_str(), v.as_str());
+    }
+    let (url, state) = req.url();
+    Ok(AuthRequest { url: url.to_string(), redirect_uri: redirect_uri.to_string(), state, verifier })
+}
+
+/// Redeems the authorisation code, proving possession of the PKCE verifier.
+pub async fn exchange_code(
+    http: &reqwest::Client,
+    account: &str,
+    s: &OAuthSettings,
+    req: AuthRequest,
+    code: &str,
+) -> Result<Tokens, OAuthError> {
+    let client = client!(s).set_redirect_uri(
+        RedirectUrl::new(req.redirect_uri.clone()).map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
+    );
+    let r = client
+        .exchange_code(AuthorizationCode::new(code.to_string()))
+        .set_pkce_verifier(req.verifier)
+        .request_async(&Http(http))
+        .await
+        .map_err(|e| convert(account, &s.token_url, e))?;
+    Ok(tokens(&r))
+}

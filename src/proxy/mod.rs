@@ -1,0 +1,172 @@
+//! What every protocol's session shares: routing a login to its upstream,
+//! unlocking the account's tokens, and the byte relay after the hand-off.
+
+pub mod imap;
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Account, Config, Listener, Mechanism};
+use crate::endpoint::{Endpoint, Protocol};
+use crate::net::Stream;
+use crate::secret::Secret;
+use crate::tls::ClientConfigs;
+use crate::tokens::{AccountTokens, AuthError, TokenError, TokenManager};
+
+/// Shared by all sessions of a running `serve`.
+pub struct Ctx {
+    pub config: Arc<Config>,
+    pub tokens: Arc<TokenManager>,
+    pub tls: ClientConfigs,
+    pub shutdown: CancellationToken,
+}
+
+/// Buffer per direction in the relay: large enough for full-speed bulk
+/// transfers, small enough for thousands of idle sessions.
+pub const RELAY_BUF: usize = 16 * 1024;
+
+/// How to log in upstream for one client login.
+pub struct Upstream {
+    pub endpoint: Endpoint,
+    pub ca_file: Option<std::path::PathBuf>,
+    pub user: String,
+    pub auth: UpstreamAuth,
+}
+
+pub enum UpstreamAuth {
+    /// OAuth account: a fresh access token; `account` lets the session ask
+    /// for a new one if the server rejects it.
+    Token { token: Secret, mechanism: Mechanism, account: Arc<AccountTokens> },
+    /// Passthrough: the client's own password.
+    Password(Secret),
+}
+
+/// Why a login cannot proceed, in words for the client.
+#[derive(Debug)]
+pub struct LoginFailure {
+    pub kind: FailureKind,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Wrong credentials (IMAP AUTHENTICATIONFAILED, SMTP 535, POP3 -ERR [AUTH]).
+    Credentials,
+    /// A person must act (re-authorise, fix config): IMAP ALERT.
+    Action,
+    /// Temporary: provider or server unreachable (IMAP UNAVAILABLE, SMTP 454).
+    Unavailable,
+}
+
+impl LoginFailure {
+    pub fn new(kind: FailureKind, text: impl Into<String>) -> Self {
+        LoginFailure { kind, text: text.into() }
+    }
+
+    /// The IMAP response code for this failure.
+    pub fn imap_code(&self) -> &'static str {
+        match self.kind {
+            FailureKind::Credentials => "AUTHENTICATIONFAILED",
+            FailureKind::Action => "ALERT",
+            FailureKind::Unavailable => "UNAVAILABLE",
+        }
+    }
+}
+
+/// Resolves a client login to the upstream and credentials to use. For OAuth
+/// accounts this checks the local password (a wrong one ends here, before
+/// any upstream traffic) and obtains a fresh access token.
+pub async fn authorize(ctx: &Ctx, listener: &Listener, login: &str, password: Secret) -> Result<Upstream, LoginFailure> {
+    let protocol = listener.protocol;
+    let Some(account) = ctx.config.account(login) else {
+        return match &listener.fallback {
+            Some(fb) => Ok(Upstream {
+                endpoint: fb.clone(),
+                ca_file: None,
+                user: login.to_string(),
+                auth: UpstreamAuth::Password(password),
+            }),
+            None => {
+                tracing::info!(login = %login, "login for an unknown account refused");
+                Err(LoginFailure::new(FailureKind::Credentials, "Authentication failed"))
+            }
+        };
+    };
+    let endpoint = endpoint_for(account, protocol)?;
+    let Some(tokens) = ctx.tokens.get(login) else {
+        // A passthrough account.
+        return Ok(Upstream {
+            endpoint,
+            ca_file: account.ca_file.clone(),
+            user: account.username.clone(),
+            auth: UpstreamAuth::Password(password),
+        });
+    };
+    match ctx.tokens.authenticate(tokens, &password).await {
+        Ok(()) => {}
+        Err(AuthError::WrongPassword) => {
+            tracing::info!(account = %account.name, "wrong local password");
+            return Err(LoginFailure::new(FailureKind::Credentials, "Authentication failed"));
+        }
+        Err(e @ (AuthError::NoLocalPassword(_) | AuthError::NotAuthorised(_))) => {
+            tracing::warn!(account = %account.name, error = %e, "login to an account that is not ready");
+            return Err(LoginFailure::new(FailureKind::Action, e.to_string()));
+        }
+        Err(e @ AuthError::Vault(_)) => {
+            tracing::error!(account = %account.name, error = %e, "vault error");
+            return Err(LoginFailure::new(FailureKind::Action, e.to_string()));
+        }
+    }
+    let token = ctx.tokens.access_token(tokens).await.map_err(|e| token_failure(&account.name, e))?;
+    Ok(Upstream {
+        endpoint,
+        ca_file: account.ca_file.clone(),
+        user: account.username.clone(),
+        auth: UpstreamAuth::Token { token, mechanism: account.mechanism, account: tokens.clone() },
+    })
+}
+
+fn endpoint_for(account: &Account, protocol: Protocol) -> Result<Endpoint, LoginFailure> {
+    account.endpoint(protocol).cloned().ok_or_else(|| {
+        LoginFailure::new(
+            FailureKind::Action,
+            format!("{} has no {protocol} server configured; set {protocol} = \"...\" for it", account.name),
+        )
+    })
+}
+
+pub fn token_failure(account: &str, e: TokenError) -> LoginFailure {
+    let kind = match &e {
+        TokenError::OAuth(o) if o.is_transient() => FailureKind::Unavailable,
+        TokenError::Vault(_) => FailureKind::Unavailable,
+        _ => FailureKind::Action,
+    };
+    tracing::warn!(account = %account, error = %e, "no access token");
+    LoginFailure::new(kind, e.to_string())
+}
+
+/// After the hand-off: first what each side already sent the other (so
+/// nothing is lost or reordered), then bytes both ways, untouched, until
+/// either side closes or the proxy shuts down.
+pub async fn relay(
+    mut client: Stream,
+    mut upstream: Stream,
+    to_upstream: Vec<u8>,
+    to_client: Vec<u8>,
+    shutdown: &CancellationToken,
+) -> std::io::Result<(u64, u64)> {
+    if !to_client.is_empty() {
+        client.write_all(&to_client).await?;
+    }
+    if !to_upstream.is_empty() {
+        upstream.write_all(&to_upstream).await?;
+    }
+    client.flush().await?;
+    upstream.flush().await?;
+    tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUF, RELAY_BUF) => r,
+        _ = shutdown.cancelled() => Ok((0, 0)),
+    }
+}

@@ -1,0 +1,215 @@
+//! `mailproxy serve`: the listeners, connection limits and shutdown.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::{Config, Listener, LocalTls};
+use crate::endpoint::Protocol;
+use crate::net::{self, Stream};
+use crate::proxy::{self, Ctx};
+use crate::tls::{self, ClientConfigs};
+use crate::tokens::TokenManager;
+use crate::vault::Vault;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr} for {protocol}: {source}")]
+    Bind { protocol: Protocol, addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Per-address connection counts, for the per-client cap.
+#[derive(Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+struct IpSlot<'a>(&'a PerIp, IpAddr);
+
+impl PerIp {
+    fn enter(&self, ip: IpAddr, max: usize) -> Option<IpSlot<'_>> {
+        let mut m = self.0.lock().unwrap();
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(self, ip))
+    }
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+struct ListenerCtx {
+    config: Listener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    sessions: Semaphore,
+    per_ip: PerIp,
+}
+
+/// Runs until SIGINT/SIGTERM. Prints `listening PROTOCOL ADDR` on stdout once
+/// each listener is bound (port 0 in the config picks a free port).
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let vault = Vault::open(&config.state_dir).map_err(|e| ServeError::Setup(e.to_string()))?;
+    let tokens = Arc::new(TokenManager::new(&config, vault));
+    let shutdown = CancellationToken::new();
+    let ctx = Arc::new(Ctx { config: config.clone(), tokens, tls: ClientConfigs::default(), shutdown: shutdown.clone() });
+
+    // Fail at start, not at the first login, on unreadable CA files.
+    for a in config.accounts.values() {
+        ctx.tls.get(a.ca_file.as_deref()).map_err(|e| ServeError::Setup(format!("account {}: {e}", a.name)))?;
+    }
+
+    let tracker = TaskTracker::new();
+    let mut listeners = Vec::new();
+    for l in config.listeners() {
+        let acceptor = match l.tls {
+            LocalTls::None => None,
+            _ => {
+                let (cert, key) = match (&l.cert, &l.key) {
+                    (Some(c), Some(k)) => (c.clone(), k.clone()),
+                    _ => {
+                        let dir = config.state_dir.join("certs");
+                        std::fs::create_dir_all(&dir).map_err(|e| ServeError::Setup(format!("{}: {e}", dir.display())))?;
+                        let (c, k, fp) = tls::self_signed(&dir).map_err(|e| ServeError::Setup(e.to_string()))?;
+                        println!("certificate {} sha256 {fp}", c.display());
+                        tracing::info!(cert = %c.display(), sha256 = %fp, "using the self-signed local certificate");
+                        (c, k)
+                    }
+                };
+                let sc = tls::server_config(&cert, &key).map_err(|e| ServeError::Setup(e.to_string()))?;
+                Some(tokio_rustls::TlsAcceptor::from(sc))
+            }
+        };
+        let sock = TcpListener::bind(l.listen)
+            .await
+            .map_err(|source| ServeError::Bind { protocol: l.protocol, addr: l.listen, source })?;
+        let addr = sock.local_addr().map_err(|e| ServeError::Setup(e.to_string()))?;
+        println!("listening {} {addr}", l.protocol);
+        tracing::info!(protocol = %l.protocol, %addr, tls = ?l.tls, "listening");
+        let lctx = Arc::new(ListenerCtx {
+            config: l.clone(),
+            acceptor,
+            sessions: Semaphore::new(config.limits.max_connections),
+            per_ip: PerIp::default(),
+        });
+        listeners.push((sock, lctx));
+    }
+    if listeners.is_empty() {
+        return Err(ServeError::Setup(format!(
+            "{} configures no listener: add [imap] listen = \"127.0.0.1:1143\"",
+            config.path.display()
+        )));
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let ids = Arc::new(AtomicU64::new(1));
+    for (sock, lctx) in listeners {
+        let (ctx, tracker2, ids, shutdown) = (ctx.clone(), tracker.clone(), ids.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    r = sock.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                    _ = shutdown.cancelled() => break,
+                };
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                let (ctx, lctx) = (ctx.clone(), lctx.clone());
+                let span = tracing::info_span!("conn", id, proto = %lctx.config.protocol, peer = %peer, login = tracing::field::Empty);
+                tracker2.spawn(async move { connection(&ctx, &lctx, tcp, peer.ip()).await }.instrument(span));
+            }
+        });
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+        tracing::warn!("some sessions did not end within 10 s; exiting anyway");
+    }
+    Ok(())
+}
+
+async fn connection(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
+    net::tune(&tcp);
+    let Ok(_permit) = l.sessions.try_acquire() else {
+        tracing::warn!(max = ctx.config.limits.max_connections, "connection limit reached; refusing");
+        refuse(tcp, l.config.protocol, "too many connections").await;
+        return;
+    };
+    let Some(_slot) = l.per_ip.enter(ip, ctx.config.limits.max_connections_per_ip) else {
+        tracing::warn!(max = ctx.config.limits.max_connections_per_ip, "per-address connection limit reached; refusing");
+        refuse(tcp, l.config.protocol, "too many connections from your address").await;
+        return;
+    };
+    tracing::debug!("accepted");
+    let client = match (&l.acceptor, l.config.tls) {
+        (Some(acc), LocalTls::Implicit) => {
+            match tokio::time::timeout(ctx.config.limits.preauth_timeout, acc.accept(tcp)).await {
+                Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "client TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        _ => Stream::Plain(tcp),
+    };
+    let starttls = if l.config.tls == LocalTls::Starttls { l.acceptor.as_ref() } else { None };
+    let r = match l.config.protocol {
+        Protocol::Imap => proxy::imap::session(ctx, &l.config, client, starttls).await,
+        Protocol::Smtp | Protocol::Pop3 => Ok(()),
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+async fn refuse(mut tcp: TcpStream, protocol: Protocol, why: &str) {
+    use tokio::io::AsyncWriteExt;
+    let msg = match protocol {
+        Protocol::Imap => format!("* BYE [UNAVAILABLE] {why}\r\n"),
+        Protocol::Smtp => format!("421 4.7.0 {why}\r\n"),
+        Protocol::Pop3 => format!("-ERR [SYS/TEMP] {why}\r\n"),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(msg.as_bytes())).await;
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

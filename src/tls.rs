@@ -1,0 +1,120 @@
+//! TLS for both sides, with one crypto provider (ring) for the whole binary.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("TLS setup: {0}")]
+    Setup(String),
+}
+
+/// Installs ring as the process-wide provider. Mixing providers panics in
+/// rustls, so everything (reqwest included) must agree on this one.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The platform's trust anchors, read once (reading them takes milliseconds).
+fn platform_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut store = RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::debug!(error = %e, "skipping unreadable platform certificate");
+        }
+        let (added, ignored) = store.add_parsable_certificates(found.certs);
+        tracing::debug!(added, ignored, "platform trust anchors loaded");
+        store
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |reason: String| TlsError::File { path: path.to_owned(), reason };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(format!("cannot read certificates: {e}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(format!("bad PEM certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(err("no PEM certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// Client configs for upstream connections, one per distinct `ca_file`:
+/// platform roots plus that file, TLS 1.2 and 1.3 only, hostname checked.
+#[derive(Default)]
+pub struct ClientConfigs {
+    cache: std::sync::Mutex<HashMap<Option<PathBuf>, Arc<ClientConfig>>>,
+}
+
+impl ClientConfigs {
+    pub fn get(&self, ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = ca_file.map(Path::to_path_buf);
+        if let Some(c) = self.cache.lock().unwrap().get(&key) {
+            return Ok(c.clone());
+        }
+        let mut roots = platform_roots().clone();
+        if let Some(path) = ca_file {
+            for c in read_certs(path)? {
+                roots.add(c).map_err(|e| TlsError::File { path: path.to_owned(), reason: format!("unusable CA certificate: {e}") })?;
+            }
+        }
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let config = Arc::new(config);
+        self.cache.lock().unwrap().insert(key, config.clone());
+        Ok(config)
+    }
+}
+
+/// Server config for a local listener from PEM files.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = read_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsError::File { path: key.to_owned(), reason: format!("cannot read the private key: {e}") })?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Setup(format!("certificate and key do not fit together: {e}")))?;
+    Ok(Arc::new(config))
+}
+
+/// The local certificate when the config names none: a self-signed one for
+/// localhost and 127.0.0.1, made once under `dir` and reused. Returns the
+/// paths and the SHA-256 fingerprint, printed so clients can pin it.
+pub fn self_signed(dir: &Path) -> Result<(PathBuf, PathBuf, String), TlsError> {
+    use sha2::{Digest, Sha256};
+    let cert_path = dir.join("localhost.crt");
+    let key_path = dir.join("localhost.key");
+    if !(cert_path.exists() && key_path.exists()) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()])
+            .map_err(|e| TlsError::Setup(format!("cannot create a self-signed certificate: {e}")))?;
+        let io = |p: &Path| {
+            let p = p.to_owned();
+            move |e: crate::vault::VaultError| TlsError::File { path: p, reason: e.to_string() }
+        };
+        crate::vault::write_atomic(&key_path, ck.signing_key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
+        crate::vault::write_atomic(&cert_path, ck.cert.pem().as_bytes()).map_err(io(&cert_path))?;
+    }
+    let der = read_certs(&cert_path)?.remove(0);
+    let fp = Sha256::digest(der.as_ref()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
+    Ok((cert_path, key_path, fp))
+}

@@ -1,0 +1,247 @@
+//! The account vault on disk: one JSON record per account under
+//! `state_dir/accounts/`, each 0600 inside a 0700 directory.
+//!
+//! Records are written atomically (temp file, fsync, rename, fsync of the
+//! directory): a crash at any moment leaves the old or the new record, never a
+//! torn one. A record holds no secret in the clear: the refresh token is
+//! sealed (see `crypto`), the local password only as a verifier.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{PasswordVerifier, Sealed};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is accessible to other users (mode {mode:o}); run: chmod {want:o} {path}")]
+    Permissions { path: PathBuf, mode: u32, want: u32 },
+    #[error("{path} belongs to another user (uid {uid}); mailproxy keeps secrets only in files it owns")]
+    Owner { path: PathBuf, uid: u32 },
+    #[error("{path} is not a valid account record: {reason}; remove it and run `mailproxy login` again")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VaultError + '_ {
+    move |source| VaultError::Io { path: path.to_owned(), source }
+}
+
+/// Everything mailproxy keeps about one OAuth account between runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AccountRecord {
+    pub version: u32,
+    pub account: String,
+    /// Checks the local password; its Argon2id run also yields the vault key.
+    pub password: Option<PasswordVerifier>,
+    /// The refresh token, sealed under the vault key.
+    pub refresh_token: Option<Sealed>,
+    /// Scopes the provider granted (not secret; shown by `mailproxy accounts`).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    pub authorized_at: Option<u64>,
+    pub last_refresh: Option<u64>,
+}
+
+/// Identity of a record file's current content, to notice a `mailproxy
+/// login` made while `serve` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    ino: u64,
+    mtime_ns: i128,
+    len: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Vault {
+    dir: PathBuf,
+}
+
+impl Vault {
+    /// Opens (creating if needed) the vault under `state_dir`, refusing
+    /// directories that other users can read or that we do not own.
+    pub fn open(state_dir: &Path) -> Result<Vault, VaultError> {
+        let dir = state_dir.join("accounts");
+        for d in [state_dir, dir.as_path()] {
+            match fs::metadata(d) {
+                Ok(_) => check_private(d, 0o700)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(io(d))?;
+                    fs::set_permissions(d, fs::Permissions::from_mode(0o700)).map_err(io(d))?;
+                }
+                Err(e) => return Err(VaultError::Io { path: d.to_owned(), source: e }),
+            }
+        }
+        Ok(Vault { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The record's file name: the account name with anything outside a safe
+    /// set percent-encoded, so no name can escape the directory.
+    pub fn path_of(&self, account: &str) -> PathBuf {
+        let mut name = String::new();
+        for b in account.to_lowercase().bytes() {
+            if b.is_ascii_alphanumeric() || b"@_-+".contains(&b) || (b == b'.' && !name.is_empty()) {
+                name.push(b as char);
+            } else {
+                name.push_str(&format!("%{b:02X}"));
+            }
+        }
+        self.dir.join(format!("{name}.json"))
+    }
+
+    pub fn load(&self, account: &str) -> Result<Option<AccountRecord>, VaultError> {
+        let path = self.path_of(account);
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(VaultError::Io { path, source: e }),
+        };
+        check_private(&path, 0o600)?;
+        let rec: AccountRecord = serde_json::from_slice(&text)
+            .map_err(|e| VaultError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        if !rec.account.eq_ignore_ascii_case(account) {
+            return Err(VaultError::Corrupt { path, reason: format!("it belongs to account `{}`", rec.account) });
+        }
+        Ok(Some(rec))
+    }
+
+    pub fn stamp(&self, account: &str) -> Option<Stamp> {
+        let m = fs::metadata(self.path_of(account)).ok()?;
+        Some(Stamp { ino: m.ino(), mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128, len: m.len() })
+    }
+
+    /// Replaces the record atomically and durably.
+    pub fn store(&self, rec: &AccountRecord) -> Result<(), VaultError> {
+        let path = self.path_of(&rec.account);
+        let json = serde_json::to_vec_pretty(rec).expect("records always serialize");
+        write_atomic(&path, &json)
+    }
+
+    /// Removes the account's record; returns what was erased.
+    pub fn erase(&self, account: &str) -> Result<Vec<PathBuf>, VaultError> {
+        let path = self.path_of(account);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                sync_dir(&self.dir)?;
+                Ok(vec![path])
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            Err(e) => Err(VaultError::Io { path, source: e }),
+        }
+    }
+}
+
+/// temp file (0600, same directory) → write → fsync → rename → fsync dir.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), VaultError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+        f.write_all(data).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(io(path))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> Result<(), VaultError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// Refuses files and directories that other users could read or write, or
+/// that belong to someone else.
+pub fn check_private(path: &Path, want: u32) -> Result<(), VaultError> {
+    let m = fs::metadata(path).map_err(io(path))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != me {
+        return Err(VaultError::Owner { path: path.to_owned(), uid: m.uid() });
+    }
+    let mode = m.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(VaultError::Permissions { path: path.to_owned(), mode, want });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(name: &str) -> AccountRecord {
+        AccountRecord { version: 1, account: name.into(), scopes: vec!["mail".into()], ..Default::default() }
+    }
+
+    #[test]
+    fn store_load_erase_with_private_modes() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("state");
+        let v = Vault::open(&state).unwrap();
+        assert_eq!(fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(v.load("a@x").unwrap(), None);
+        v.store(&rec("a@x")).unwrap();
+        let p = v.path_of("a@x");
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(v.load("A@x").unwrap(), Some(rec("a@x")));
+        let s1 = v.stamp("a@x").unwrap();
+        let mut r = rec("a@x");
+        r.last_refresh = Some(5);
+        v.store(&r).unwrap();
+        assert_ne!(v.stamp("a@x").unwrap(), s1);
+        assert_eq!(v.erase("a@x").unwrap(), vec![p.clone()]);
+        assert!(!p.exists());
+        assert_eq!(fs::read_dir(v.dir()).unwrap().count(), 0, "no temp files left behind");
+    }
+
+    #[test]
+    fn hostile_names_stay_inside() {
+        let t = tempfile::tempdir().unwrap();
+        let v = Vault::open(&t.path().join("s")).unwrap();
+        for n in ["../../etc/passwd", "..", "a/b", ".hidden"] {
+            let p = v.path_of(n);
+            assert_eq!(p.parent().unwrap(), v.dir(), "{n}");
+            assert!(!p.file_name().unwrap().to_string_lossy().starts_with('.'), "{n}");
+        }
+    }
+
+    #[test]
+    fn refuses_readable_files_and_dirs() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("s");
+        let v = Vault::open(&state).unwrap();
+        v.store(&rec("a@x")).unwrap();
+        fs::set_permissions(v.path_of("a@x"), fs::Permissions::from_mode(0o644)).unwrap();
+        let e = v.load("a@x").unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+        let e = Vault::open(&state).unwrap_err().to_string();
+        assert!(e.contains("chmod 700"), "{e}");
+    }
+
+    #[test]
+    fn corrupt_record_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let v = Vault::open(&t.path().join("s")).unwrap();
+        write_atomic(&v.path_of("a@x"), b"{not json").unwrap();
+        let e = v.load("a@x").unwrap_err().to_string();
+        assert!(e.contains("not a valid account record"), "{e}");
+    }
+}
