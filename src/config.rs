@@ -56,6 +56,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     state_dir: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -138,6 +139,8 @@ pub enum Mechanism {
 pub struct Config {
     pub path: PathBuf,
     pub state_dir: PathBuf,
+    /// Extra trust anchors for every upstream (fallback included).
+    pub ca_file: Option<PathBuf>,
     pub imap: Option<Listener>,
     pub smtp: Option<Listener>,
     pub pop3: Option<Listener>,
@@ -311,6 +314,7 @@ impl Config {
             .map(|p| resolve(path, &p))
             .unwrap_or_else(|| xdg_dir("XDG_STATE_HOME", ".local/state").join("mailproxy"));
 
+        let server_ca = raw.server.ca_file.map(|p| resolve(path, &p));
         let mut listeners = Vec::new();
         for (protocol, l) in [(Protocol::Imap, raw.imap), (Protocol::Smtp, raw.smtp), (Protocol::Pop3, raw.pop3)] {
             let Some(l) = l else {
@@ -529,7 +533,7 @@ impl Config {
                 imap: endpoints.next().flatten(),
                 smtp: endpoints.next().flatten(),
                 pop3: endpoints.next().flatten(),
-                ca_file: a.ca_file.map(|p| resolve(path, &p)),
+                ca_file: a.ca_file.map(|p| resolve(path, &p)).or_else(|| server_ca.clone()),
                 mechanism: a.mechanism,
             };
             if accounts.insert(name.to_lowercase(), Arc::new(account)).is_some() {
@@ -537,7 +541,7 @@ impl Config {
             }
         }
 
-        Ok(Config { path: path.to_owned(), state_dir, imap, smtp, pop3, limits, accounts })
+        Ok(Config { path: path.to_owned(), state_dir, ca_file: server_ca, imap, smtp, pop3, limits, accounts })
     }
 
     pub fn account(&self, login: &str) -> Option<&Arc<Account>> {

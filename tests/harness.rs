@@ -26,10 +26,15 @@ async fn imaps_xoauth2_fetch_and_bad_token() {
     let msg = sample_message(BOB, ALICE, "harness fetch", "fetch-1");
     d.deliver(ALICE, &msg);
 
-    let mut c = LineConn::tls(d.imaps_port, d.tls_client_config(), d.host()).await.unwrap();
+    let mut c = LineConn::tls(d.imaps_port, d.tls_client_config(), d.host())
+        .await
+        .unwrap();
     assert!(c.read_line().await.unwrap().starts_with("* OK"));
     let r = c
-        .imap("a1", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, &token)))
+        .imap(
+            "a1",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, &token)),
+        )
         .await
         .unwrap();
     assert!(r.is_ok(), "XOAUTH2 failed: {r:?}\n{}", d.log());
@@ -45,10 +50,15 @@ async fn imaps_xoauth2_fetch_and_bad_token() {
     c.imap("a4", "LOGOUT").await.unwrap();
 
     // A token the provider never issued: Gmail-style JSON challenge, then NO.
-    let mut c = LineConn::tls(d.imaps_port, d.tls_client_config(), d.host()).await.unwrap();
+    let mut c = LineConn::tls(d.imaps_port, d.tls_client_config(), d.host())
+        .await
+        .unwrap();
     c.read_line().await.unwrap();
     let r = c
-        .imap("b1", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, "not-a-token")))
+        .imap(
+            "b1",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, "not-a-token")),
+        )
         .await
         .unwrap();
     let cont = r.lines.last().expect("continuation");
@@ -63,12 +73,20 @@ async fn imaps_xoauth2_fetch_and_bad_token() {
     let (old, _) = env.provider.issue_tokens(ALICE, DEFAULT_SCOPE);
     env.provider.expire_all_access_tokens();
     let r = c
-        .imap("b2", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, &old)))
+        .imap(
+            "b2",
+            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, &old)),
+        )
         .await
         .unwrap();
     assert!(r.lines.last().is_some_and(|l| l.starts_with("+ ")), "{r:?}");
     c.send("").await.unwrap();
-    assert!(c.read_imap_response("b2").await.unwrap().tagged.starts_with("b2 NO"));
+    assert!(c
+        .read_imap_response("b2")
+        .await
+        .unwrap()
+        .tagged
+        .starts_with("b2 NO"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -83,21 +101,33 @@ async fn imap_starttls_password_login_and_oauthbearer() {
     let mut c = c.starttls(d.tls_client_config(), d.host()).await.unwrap();
     let r = c.imap("s2", "CAPABILITY").await.unwrap();
     let caps = r.lines.join(" ");
-    assert!(caps.contains("AUTH=XOAUTH2") && caps.contains("AUTH=OAUTHBEARER"), "{caps}");
-    let r = c.imap("s3", &format!("LOGIN \"{BOB}\" \"{BOB_PASS}\"")).await.unwrap();
+    assert!(
+        caps.contains("AUTH=XOAUTH2") && caps.contains("AUTH=OAUTHBEARER"),
+        "{caps}"
+    );
+    let r = c
+        .imap("s3", &format!("LOGIN \"{BOB}\" \"{BOB_PASS}\""))
+        .await
+        .unwrap();
     assert!(r.is_ok(), "LOGIN failed: {r:?}\n{}", d.log());
     c.imap("s4", "LOGOUT").await.unwrap();
 
     // Wrong password, plain (no TLS) connection: NO.
     let mut c = LineConn::plain(d.imap_port).await.unwrap();
     c.read_line().await.unwrap();
-    let r = c.imap("w1", &format!("LOGIN \"{BOB}\" \"wrong\"")).await.unwrap();
+    let r = c
+        .imap("w1", &format!("LOGIN \"{BOB}\" \"wrong\""))
+        .await
+        .unwrap();
     assert!(r.tagged.starts_with("w1 NO"), "{r:?}");
 
     // OAUTHBEARER (RFC 7628) with a live token.
     let tok = env.provider.issue_access_token(ALICE, DEFAULT_SCOPE);
     let ir = support::client::oauthbearer_b64(ALICE, &tok, "localhost", d.imap_port);
-    let r = c.imap("o1", &format!("AUTHENTICATE OAUTHBEARER {ir}")).await.unwrap();
+    let r = c
+        .imap("o1", &format!("AUTHENTICATE OAUTHBEARER {ir}"))
+        .await
+        .unwrap();
     assert!(r.is_ok(), "OAUTHBEARER failed: {r:?}\n{}", d.log());
 }
 
@@ -109,7 +139,9 @@ async fn pop3_xoauth2_two_step_and_retr() {
     let msg = sample_message(BOB, ALICE, "harness pop3", "pop3-1");
     d.deliver(ALICE, &msg);
 
-    let mut c = LineConn::tls(d.pop3s_port, d.tls_client_config(), d.host()).await.unwrap();
+    let mut c = LineConn::tls(d.pop3s_port, d.tls_client_config(), d.host())
+        .await
+        .unwrap();
     assert!(c.read_line().await.unwrap().starts_with("+OK"));
     c.send("AUTH XOAUTH2").await.unwrap();
     assert!(c.read_line().await.unwrap().starts_with('+'));
@@ -165,7 +197,9 @@ async fn submission_xoauth2_relays_to_sink() {
     c.send("EHLO client.example").await.unwrap();
     let ehlo = c.read_smtp_reply().await.unwrap();
     assert!(ehlo.iter().any(|l| l.contains("XOAUTH2")), "{ehlo:?}");
-    c.send(&format!("AUTH XOAUTH2 {}", xoauth2_b64(ALICE, &token))).await.unwrap();
+    c.send(&format!("AUTH XOAUTH2 {}", xoauth2_b64(ALICE, &token)))
+        .await
+        .unwrap();
     let r = c.read_smtp_reply().await.unwrap();
     assert!(r[0].starts_with("235"), "{r:?}\n{}", d.log());
 
@@ -191,11 +225,15 @@ async fn submission_xoauth2_relays_to_sink() {
     );
 
     // Implicit TLS port with AUTH PLAIN for the password user.
-    let mut c = LineConn::tls(d.submissions_port, d.tls_client_config(), d.host()).await.unwrap();
+    let mut c = LineConn::tls(d.submissions_port, d.tls_client_config(), d.host())
+        .await
+        .unwrap();
     assert!(c.read_smtp_reply().await.unwrap()[0].starts_with("220"));
     c.send("EHLO client.example").await.unwrap();
     c.read_smtp_reply().await.unwrap();
-    c.send(&format!("AUTH PLAIN {}", plain_b64(BOB, BOB_PASS))).await.unwrap();
+    c.send(&format!("AUTH PLAIN {}", plain_b64(BOB, BOB_PASS)))
+        .await
+        .unwrap();
     let r = c.read_smtp_reply().await.unwrap();
     assert!(r[0].starts_with("235"), "{r:?}");
 }
@@ -293,13 +331,22 @@ fn provider_pkce_rotation_device_revocation() {
     assert_eq!(p.access_token_user(&access).as_deref(), Some(ALICE));
     let r = http::post_form_basic(&tok, CLIENT_ID, CLIENT_SECRET, &form).unwrap();
     assert_eq!(r.json()["error"], "invalid_grant");
-    assert!(r.json()["error_description"].as_str().unwrap().contains("AADSTS54005"));
+    assert!(r.json()["error_description"]
+        .as_str()
+        .unwrap()
+        .contains("AADSTS54005"));
     assert_eq!(p.code_exchanges(), 1);
     assert_eq!(p.token_requests("authorization_code"), 3);
     assert_eq!(p.last_token_request().unwrap()["code_verifier"], verifier);
 
     // Bad client secret: 401 invalid_client.
-    let r = http::post_form_basic(&tok, CLIENT_ID, "nope", &[("grant_type", "refresh_token"), ("refresh_token", &refresh)]).unwrap();
+    let r = http::post_form_basic(
+        &tok,
+        CLIENT_ID,
+        "nope",
+        &[("grant_type", "refresh_token"), ("refresh_token", &refresh)],
+    )
+    .unwrap();
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"], "invalid_client");
 
@@ -339,7 +386,11 @@ fn provider_pkce_rotation_device_revocation() {
     let r = rf(&p.issue_tokens(ALICE, "s").1).json();
     assert_eq!(r["expires_in"], 1);
     let short = r["access_token"].as_str().unwrap().to_string();
-    let intro = |t: &str| http::post_form(&p.introspection_url(), &[("token", t)]).unwrap().json();
+    let intro = |t: &str| {
+        http::post_form(&p.introspection_url(), &[("token", t)])
+            .unwrap()
+            .json()
+    };
     assert_eq!(intro(&short)["active"], true);
     assert_eq!(intro(&short)["email"], ALICE);
     std::thread::sleep(Duration::from_millis(400));
@@ -348,7 +399,15 @@ fn provider_pkce_rotation_device_revocation() {
     // Revocation kills the refresh token and its access tokens.
     p.set_access_token_lifetime(Duration::from_secs(3600));
     let (a, rt) = p.issue_tokens(ALICE, "s");
-    assert_eq!(http::post_form(&p.revoke_url(), &[("token", &rt), ("token_type_hint", "refresh_token")]).unwrap().status, 200);
+    assert_eq!(
+        http::post_form(
+            &p.revoke_url(),
+            &[("token", &rt), ("token_type_hint", "refresh_token")]
+        )
+        .unwrap()
+        .status,
+        200
+    );
     assert!(!p.is_refresh_token_valid(&rt));
     assert_eq!(intro(&a)["active"], false);
     assert_eq!(p.revocations().last().unwrap().0, rt);
@@ -357,23 +416,52 @@ fn provider_pkce_rotation_device_revocation() {
 
     // Device flow (public client): pending, slow_down, approve, redeem.
     p.register_client(ClientReg::public("dev-client"));
-    let d = http::post_form(&p.device_url(), &[("client_id", "dev-client"), ("scope", "mail")]).unwrap().json();
+    let d = http::post_form(
+        &p.device_url(),
+        &[("client_id", "dev-client"), ("scope", "mail")],
+    )
+    .unwrap()
+    .json();
     let dc = d["device_code"].as_str().unwrap().to_string();
     let poll = || {
-        http::post_form(&tok, &[("grant_type", provider::DEVICE_GRANT), ("device_code", &dc), ("client_id", "dev-client")])
-            .unwrap()
-            .json()
+        http::post_form(
+            &tok,
+            &[
+                ("grant_type", provider::DEVICE_GRANT),
+                ("device_code", &dc),
+                ("client_id", "dev-client"),
+            ],
+        )
+        .unwrap()
+        .json()
     };
     assert_eq!(poll()["error"], "authorization_pending");
     p.slow_down_next_polls(1);
     assert_eq!(poll()["error"], "slow_down");
-    assert_eq!(p.pending_user_codes(), vec![d["user_code"].as_str().unwrap().to_string()]);
+    assert_eq!(
+        p.pending_user_codes(),
+        vec![d["user_code"].as_str().unwrap().to_string()]
+    );
     assert!(p.approve_device(d["user_code"].as_str().unwrap(), BOB));
     let t = poll();
-    assert_eq!(p.access_token_user(t["access_token"].as_str().unwrap()).as_deref(), Some(BOB));
-    let d2 = http::post_form(&p.device_url(), &[("client_id", "dev-client")]).unwrap().json();
+    assert_eq!(
+        p.access_token_user(t["access_token"].as_str().unwrap())
+            .as_deref(),
+        Some(BOB)
+    );
+    let d2 = http::post_form(&p.device_url(), &[("client_id", "dev-client")])
+        .unwrap()
+        .json();
     p.deny_device(d2["user_code"].as_str().unwrap());
-    let r = http::post_form(&tok, &[("grant_type", provider::DEVICE_GRANT), ("device_code", d2["device_code"].as_str().unwrap()), ("client_id", "dev-client")]).unwrap();
+    let r = http::post_form(
+        &tok,
+        &[
+            ("grant_type", provider::DEVICE_GRANT),
+            ("device_code", d2["device_code"].as_str().unwrap()),
+            ("client_id", "dev-client"),
+        ],
+    )
+    .unwrap();
     assert_eq!(r.json()["error"], "access_denied");
 }
 
@@ -389,7 +477,9 @@ async fn approve_in_browser_hits_loopback_listener() {
         let req = http::read_request(rd).await.unwrap();
         let body = format!("got code={}", req.query["code"].len());
         use tokio::io::AsyncWriteExt;
-        wr.write_all(&http::Response::html(200, &body).to_bytes()).await.unwrap();
+        wr.write_all(&http::Response::html(200, &body).to_bytes())
+            .await
+            .unwrap();
     });
     let redirect = format!("http://localhost:{port}/cb");
     let url = format!(
@@ -409,7 +499,10 @@ async fn approve_in_browser_hits_loopback_listener() {
     assert!(body.contains("got code="), "{body}");
     srv.await.unwrap();
     assert_eq!(p.authorize_hits(), 1);
-    assert_eq!(p.last_authorize_request().unwrap()["redirect_uri"], format!("http://localhost:{port}/cb"));
+    assert_eq!(
+        p.last_authorize_request().unwrap()["redirect_uri"],
+        format!("http://localhost:{port}/cb")
+    );
 }
 
 #[test]
@@ -426,7 +519,13 @@ fn dovecot_starts_fast_and_stops_clean() {
     let dir = d.dir().to_path_buf();
     d.stop();
     // Nothing of this instance may survive stop().
-    let ps = std::process::Command::new("ps").args(["-eo", "pid,ppid,stat,args"]).output().unwrap();
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "pid,ppid,stat,args"])
+        .output()
+        .unwrap();
     let ps = String::from_utf8_lossy(&ps.stdout);
-    assert!(!ps.contains(&*dir.to_string_lossy()), "leftover processes:\n{ps}");
+    assert!(
+        !ps.contains(&*dir.to_string_lossy()),
+        "leftover processes:\n{ps}"
+    );
 }

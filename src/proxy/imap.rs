@@ -34,10 +34,6 @@ pub async fn session(
     let deadline = Instant::now() + limits.preauth_timeout * 4;
     let mut buf = vec![0u8; 4096];
     loop {
-        let out = pre.take_output();
-        if !out.is_empty() {
-            client.write_all(&out).await?;
-        }
         match pre.poll() {
             Some(Event::Login { tag, username, password }) => {
                 flush(&mut client, &mut pre).await?;
@@ -83,6 +79,7 @@ pub async fn session(
                 return Ok(());
             }
             None => {
+                flush(&mut client, &mut pre).await?;
                 if !pre.wants_input() {
                     // Cannot happen with a well-behaved state machine; never spin.
                     return Ok(());

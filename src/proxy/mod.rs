@@ -84,7 +84,7 @@ pub async fn authorize(ctx: &Ctx, listener: &Listener, login: &str, password: Se
         return match &listener.fallback {
             Some(fb) => Ok(Upstream {
                 endpoint: fb.clone(),
-                ca_file: None,
+                ca_file: ctx.config.ca_file.clone(),
                 user: login.to_string(),
                 auth: UpstreamAuth::Password(password),
             }),

@@ -23,7 +23,9 @@ const MAIL_GID: u32 = 65534;
 /// Panics with install instructions if Dovecot is missing: tests never skip silently.
 pub fn require_dovecot() {
     if !Path::new(DOVECOT_BIN).exists() {
-        panic!("dovecot is not installed: run scripts/test (it installs it) or scripts/install-deps");
+        panic!(
+            "dovecot is not installed: run scripts/test (it installs it) or scripts/install-deps"
+        );
     }
 }
 
@@ -189,6 +191,7 @@ disable_plaintext_auth = no
 auth_mechanisms = plain login xoauth2 oauthbearer
 # Failed logins are answered after 2 s by default; tests exercise failures a lot.
 auth_failure_delay = 0
+# (Dovecot still answers a failure only after ~0.5 s: its failure-flush timer.)
 auth_verbose = {debug}
 auth_debug = {debug}
 auth_debug_passwords = no
@@ -248,6 +251,17 @@ service submission-login {{
 service stats {{
   unix_listener stats-writer {{
     mode = 0666
+  }}
+}}
+
+# Failed logins feed anvil's per-IP auth penalty (2 s, 4 s, ... up to 15 s before
+# the next attempt). Every test connects from 127.0.0.1, so switch it off: with
+# the socket unusable the auth process disables penalties (it logs one
+# "net_connect_unix(anvil-auth-penalty) failed" error at the first failure).
+# login_trusted_networks does not exempt from it in 2.3.19.
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
   }}
 }}
 
@@ -312,13 +326,19 @@ submission_relay_ssl = no
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| (false, format!("spawn dovecot: {e}")))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| (false, format!("spawn dovecot: {e}")))?;
         d.child = Some(child);
 
         match d.wait_ready(Duration::from_secs(15)) {
             Ok(()) => Ok(d),
             Err(e) => {
-                let log = format!("{e}\n--- stderr ---\n{}\n--- log ---\n{}", d.stderr(), d.log());
+                let log = format!(
+                    "{e}\n--- stderr ---\n{}\n--- log ---\n{}",
+                    d.stderr(),
+                    d.log()
+                );
                 let retry = log.contains("Address already in use");
                 d.stop();
                 Err((retry, log))
@@ -392,7 +412,13 @@ submission_relay_ssl = no
     pub fn maildir(&self, user: &str) -> PathBuf {
         let home = self.dir.path().join("home").join(user);
         let md = home.join("Maildir");
-        for p in [home.clone(), md.clone(), md.join("cur"), md.join("new"), md.join("tmp")] {
+        for p in [
+            home.clone(),
+            md.clone(),
+            md.join("cur"),
+            md.join("new"),
+            md.join("tmp"),
+        ] {
             if !p.exists() {
                 std::fs::create_dir_all(&p).unwrap();
                 chown(&p, Some(MAIL_UID), Some(MAIL_GID)).unwrap();
@@ -432,7 +458,11 @@ submission_relay_ssl = no
         let md = self.maildir(user);
         ["new", "cur"]
             .iter()
-            .map(|d| std::fs::read_dir(md.join(d)).map(|r| r.count()).unwrap_or(0))
+            .map(|d| {
+                std::fs::read_dir(md.join(d))
+                    .map(|r| r.count())
+                    .unwrap_or(0)
+            })
             .sum()
     }
 
@@ -464,7 +494,9 @@ submission_relay_ssl = no
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
                 _ => {
                     // Still up (e.g. it forked something late): kill what is left.
                     for pid in child_pids(master) {
@@ -541,7 +573,9 @@ fn probe(port: u16, greeting: Option<&str>) -> std::io::Result<()> {
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line)?;
         if !line.starts_with(g) {
-            return Err(std::io::Error::other(format!("unexpected greeting {line:?}")));
+            return Err(std::io::Error::other(format!(
+                "unexpected greeting {line:?}"
+            )));
         }
     }
     Ok(())

@@ -262,9 +262,7 @@ pub fn request(
         }
     }
     let mut stream = stream.ok_or(last_err)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .ok();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let mut path = u.path().to_string();
     if let Some(q) = u.query() {
         path.push('?');
@@ -311,7 +309,10 @@ fn parse_response(raw: &[u8]) -> Result<ClientResponse, String> {
         }
     }
     let mut body = raw[end + 4..].to_vec();
-    if let Some(len) = headers.get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(len) = headers
+        .get("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         body.truncate(len);
     } else if headers
         .get("transfer-encoding")
@@ -330,8 +331,8 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(pos) = b.windows(2).position(|w| w == b"\r\n") {
         let size_str = String::from_utf8_lossy(&b[..pos]);
-        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
-            .unwrap_or(0);
+        let size =
+            usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
         if size == 0 || b.len() < pos + 2 + size {
             break;
         }
@@ -364,8 +365,8 @@ pub fn post_form_basic(
     pairs: &[(&str, &str)],
 ) -> Result<ClientResponse, String> {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let cred = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", enc(user), enc(pass)));
+    let cred =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", enc(user), enc(pass)));
     let auth = format!("Basic {cred}");
     request(
         "POST",

@@ -13,11 +13,12 @@
 pub mod client;
 pub mod dovecot;
 pub mod http;
+pub mod mailproxy;
 pub mod pki;
 pub mod provider;
 pub mod smtp_sink;
 
-pub use client::{LineConn, ImapResponse};
+pub use client::{ImapResponse, LineConn};
 pub use dovecot::{require_dovecot, Dovecot, DovecotOptions, ServerCert};
 pub use provider::{approve_in_browser, FakeProvider};
 pub use smtp_sink::{ReceivedMessage, SmtpSink};
@@ -38,7 +39,10 @@ impl Env {
     }
 
     /// Like [`Env::start`], letting the caller adjust the Dovecot options.
-    pub fn start_with(password_users: &[(&str, &str)], tweak: impl FnOnce(&mut DovecotOptions)) -> Env {
+    pub fn start_with(
+        password_users: &[(&str, &str)],
+        tweak: impl FnOnce(&mut DovecotOptions),
+    ) -> Env {
         let provider = FakeProvider::start();
         let sink = SmtpSink::start();
         let mut opts = DovecotOptions {

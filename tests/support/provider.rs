@@ -629,8 +629,10 @@ fn oauth_error(status: u16, error: &str, desc: &str) -> Response {
         &json!({ "error": error, "error_description": desc }),
     );
     if status == 401 {
-        r.headers
-            .push(("WWW-Authenticate".into(), "Basic realm=\"fake-oauth\"".into()));
+        r.headers.push((
+            "WWW-Authenticate".into(),
+            "Basic realm=\"fake-oauth\"".into(),
+        ));
     }
     r
 }
@@ -812,11 +814,7 @@ fn token(req: &Request, st: &mut State) -> Response {
                 return oauth_error(400, "invalid_grant", "Authorization code expired.");
             }
             if g.client_id != client.client_id {
-                return oauth_error(
-                    400,
-                    "invalid_grant",
-                    "Code was issued to another client.",
-                );
+                return oauth_error(400, "invalid_grant", "Code was issued to another client.");
             }
             if f("redirect_uri") != g.redirect_uri {
                 return oauth_error(
@@ -837,7 +835,13 @@ fn token(req: &Request, st: &mut State) -> Response {
                 );
             }
             let refresh = new_refresh(st, &g.user, &g.scope, &client.client_id);
-            let access = new_access(st, &g.user, &g.scope, &client.client_id, Some(refresh.clone()));
+            let access = new_access(
+                st,
+                &g.user,
+                &g.scope,
+                &client.client_id,
+                Some(refresh.clone()),
+            );
             st.code_exchanges += 1;
             token_success(st, &access, Some(&refresh), &g.scope)
         }
@@ -854,7 +858,11 @@ fn token(req: &Request, st: &mut State) -> Response {
                 );
             }
             if r.client_id != client.client_id {
-                return oauth_error(400, "invalid_grant", "Refresh token was issued to another client.");
+                return oauth_error(
+                    400,
+                    "invalid_grant",
+                    "Refresh token was issued to another client.",
+                );
             }
             let scope = match form.get("scope") {
                 Some(s) if !s.is_empty() => s.clone(),
@@ -877,14 +885,22 @@ fn token(req: &Request, st: &mut State) -> Response {
                 return oauth_error(400, "invalid_grant", "Unknown device_code.");
             };
             if d.client_id != client.client_id {
-                return oauth_error(400, "invalid_grant", "device_code was issued to another client.");
+                return oauth_error(
+                    400,
+                    "invalid_grant",
+                    "device_code was issued to another client.",
+                );
             }
             if d.expires < Instant::now() {
                 return oauth_error(400, "expired_token", "The device_code has expired.");
             }
             if st.slow_down_polls > 0 {
                 st.slow_down_polls -= 1;
-                return oauth_error(400, "slow_down", "Polling too fast; add 5 seconds to the interval.");
+                return oauth_error(
+                    400,
+                    "slow_down",
+                    "Polling too fast; add 5 seconds to the interval.",
+                );
             }
             if d.redeemed {
                 return oauth_error(400, "invalid_grant", "device_code was already redeemed.");
@@ -895,14 +911,21 @@ fn token(req: &Request, st: &mut State) -> Response {
                     "authorization_pending",
                     "The user has not yet completed authorization.",
                 ),
-                DeviceStatus::Denied => {
-                    oauth_error(400, "access_denied", "The end-user denied the authorization request.")
-                }
+                DeviceStatus::Denied => oauth_error(
+                    400,
+                    "access_denied",
+                    "The end-user denied the authorization request.",
+                ),
                 DeviceStatus::Approved(user) => {
                     st.devices.get_mut(&dc).unwrap().redeemed = true;
                     let refresh = new_refresh(st, &user, &d.scope, &client.client_id);
-                    let access =
-                        new_access(st, &user, &d.scope, &client.client_id, Some(refresh.clone()));
+                    let access = new_access(
+                        st,
+                        &user,
+                        &d.scope,
+                        &client.client_id,
+                        Some(refresh.clone()),
+                    );
                     token_success(st, &access, Some(&refresh), &d.scope)
                 }
             }

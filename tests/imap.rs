@@ -1,0 +1,392 @@
+//! IMAP end to end: real `mailproxy` binary, real Dovecot upstream, fake OAuth
+//! provider speaking real HTTP. Clients are raw protocol bytes and Python's imaplib.
+
+mod support;
+
+use std::time::Duration;
+
+use support::mailproxy::{oauth_account, Proxy, ProxyDir};
+use support::{client, require_dovecot, sample_message, Env, LineConn};
+
+const ALICE: &str = "alice@example.org";
+const ALICE_PW: &str = "alice local pw";
+const CAROL: &str = "carol@example.org";
+const BOB: &str = "bob@example.org";
+const BOB_PW: &str = "bob-upstream-pw";
+const FRANK: &str = "frank@example.org";
+const FRANK_PW: &str = "frank-upstream-pw";
+
+/// Dovecot + provider + a proxy configured with:
+/// alice (OAuth over imaps), carol (OAuth over STARTTLS), bob (password
+/// passthrough, plain loopback), and a fallback for unknown logins (imaps).
+struct World {
+    env: Env,
+    dir: ProxyDir,
+    proxy: Option<Proxy>,
+}
+
+impl World {
+    fn new() -> World {
+        require_dovecot();
+        let env = Env::start(&[(BOB, BOB_PW), (FRANK, FRANK_PW)]);
+        let dir = ProxyDir::new();
+        let d = &env.dovecot;
+        let mut cfg = dir.header();
+        cfg = cfg.replace(
+            "listen = \"127.0.0.1:0\"\n",
+            &format!("listen = \"127.0.0.1:0\"\nfallback = \"imaps://localhost:{}\"\n", d.imaps_port),
+        );
+        cfg = cfg.replace("[server]\n", &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()));
+        cfg += &oauth_account(ALICE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port));
+        cfg += &oauth_account(CAROL, &env.provider, d, &format!("imap+starttls://localhost:{}", d.imap_port));
+        cfg += &format!("[accounts.\"{BOB}\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:{}\"\n", d.imap_port);
+        dir.write_config(&cfg);
+        World { env, dir, proxy: None }
+    }
+
+    fn authorise(&self, account: &str, pw: &str) {
+        let (st, err) = self.dir.login(account, pw);
+        assert!(st.success(), "mailproxy login failed: {err}");
+    }
+
+    fn start(&mut self) -> u16 {
+        let p = Proxy::start(&self.dir);
+        let port = p.imap_port();
+        self.proxy = Some(p);
+        port
+    }
+
+    fn restart(&mut self) -> u16 {
+        if let Some(mut p) = self.proxy.take() {
+            p.stop();
+        }
+        self.start()
+    }
+
+    fn logs(&self) -> String {
+        self.proxy.as_ref().map(|p| p.logs()).unwrap_or_default()
+    }
+
+    /// Lines Dovecot logged for its login processes (each upstream connection leaves some).
+    fn upstream_logins(&self) -> usize {
+        self.env.dovecot.log().lines().filter(|l| l.contains("imap-login:")).count()
+    }
+}
+
+async fn connect(port: u16) -> LineConn {
+    let mut c = LineConn::plain(port).await.unwrap();
+    let g = c.read_line().await.unwrap();
+    assert!(g.starts_with("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID]"), "{g}");
+    c
+}
+
+async fn login(port: u16, user: &str, pw: &str) -> LineConn {
+    let mut c = connect(port).await;
+    let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
+    assert!(r.is_ok(), "LOGIN {user}: {r:?}");
+    c
+}
+
+/// The raw bytes of message 1 of INBOX, read over `c` (already logged in).
+async fn fetch_first(c: &mut LineConn) -> Vec<u8> {
+    let r = c.imap("f1", "SELECT INBOX").await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    let r = c.imap("f2", "FETCH 1 BODY.PEEK[]").await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(r.literals.len(), 1, "{r:?}");
+    r.literals[0].clone()
+}
+
+/// A direct session to Dovecot with a token minted by the provider.
+async fn direct_fetch(env: &Env, user: &str) -> Vec<u8> {
+    let token = env.provider.issue_access_token(user, "https://mail.example.org/");
+    let d = &env.dovecot;
+    let mut c = LineConn::tls(d.imaps_port, d.tls_client_config(), "localhost").await.unwrap();
+    c.read_line().await.unwrap();
+    let r = c.imap("d1", &format!("AUTHENTICATE XOAUTH2 {}", client::xoauth2_b64(user, &token))).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    fetch_first(&mut c).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_flow_then_fetch_is_byte_identical_to_direct() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+
+    // The vault holds no secret in the clear and is private.
+    let vault_file = w.dir.state_dir().join("accounts").join(format!("{ALICE}.json"));
+    let text = std::fs::read_to_string(&vault_file).unwrap();
+    assert!(!text.contains(ALICE_PW));
+    assert!(text.contains("ciphertext") && text.contains("argon2id"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&vault_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let form = w.env.provider.last_token_request().unwrap();
+    assert_eq!(form.get("grant_type").map(String::as_str), Some("authorization_code"));
+    assert!(form.contains_key("code_verifier"), "PKCE verifier sent: {form:?}");
+    let auth = w.env.provider.last_authorize_request().unwrap();
+    assert_eq!(auth.get("code_challenge_method").map(String::as_str), Some("S256"));
+    assert!(auth.get("state").is_some_and(|s| s.len() >= 16));
+
+    let mut msg = sample_message("x@example.org", ALICE, "hello", "m1");
+    msg.extend_from_slice("8-bit: äöü ✓\r\n".as_bytes());
+    w.env.dovecot.deliver(ALICE, &msg);
+    let port = w.start();
+
+    let mut c = login(port, ALICE, ALICE_PW).await;
+    let via_proxy = fetch_first(&mut c).await;
+    assert_eq!(via_proxy, msg);
+    assert_eq!(via_proxy, direct_fetch(&w.env, ALICE).await);
+    let r = c.imap("z", "LOGOUT").await.unwrap();
+    assert!(r.is_ok());
+    assert!(!text.is_empty());
+    assert!(!w.logs().contains(ALICE_PW), "password in logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_forms_literals_and_authenticate_plain() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+
+    // LOGIN with synchronising literals: the proxy answers `+` for each.
+    let mut c = connect(port).await;
+    c.send(&format!("a1 LOGIN {{{}}}", ALICE.len())).await.unwrap();
+    assert!(c.read_line().await.unwrap().starts_with("+ "));
+    c.send(&format!("{ALICE} {{{}}}", ALICE_PW.len())).await.unwrap();
+    assert!(c.read_line().await.unwrap().starts_with("+ "));
+    c.send(ALICE_PW).await.unwrap();
+    let r = c.read_imap_response("a1").await.unwrap();
+    assert!(r.tagged.starts_with("a1 OK"), "{r:?}");
+    // The upstream's CAPABILITY code is carried through under the client's tag.
+    assert!(r.tagged.starts_with("a1 OK [CAPABILITY IMAP4rev1"), "{r:?}");
+
+    // LOGIN with non-synchronising literals: no continuation.
+    let mut c = connect(port).await;
+    c.write_raw(format!("a1 LOGIN {{{}+}}\r\n{ALICE} {{{}+}}\r\n{ALICE_PW}\r\n", ALICE.len(), ALICE_PW.len()).as_bytes())
+        .await
+        .unwrap();
+    let r = c.read_imap_response("a1").await.unwrap();
+    assert!(r.is_ok() && r.lines.is_empty(), "{r:?}");
+
+    // AUTHENTICATE PLAIN with SASL-IR.
+    let mut c = connect(port).await;
+    let r = c.imap("a1", &format!("AUTHENTICATE PLAIN {}", client::plain_b64(ALICE, ALICE_PW))).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+
+    // AUTHENTICATE PLAIN via continuation.
+    let mut c = connect(port).await;
+    c.send("a1 AUTHENTICATE PLAIN").await.unwrap();
+    assert_eq!(c.read_line().await.unwrap(), "+ ");
+    c.send(&client::plain_b64(ALICE, ALICE_PW)).await.unwrap();
+    let r = c.read_imap_response("a1").await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    let r = c.imap("a2", "SELECT INBOX").await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+
+    // `*` cancels; the session goes on.
+    let mut c = connect(port).await;
+    c.send("a1 AUTHENTICATE PLAIN").await.unwrap();
+    assert_eq!(c.read_line().await.unwrap(), "+ ");
+    c.send("*").await.unwrap();
+    let r = c.read_imap_response("a1").await.unwrap();
+    assert!(r.tagged.starts_with("a1 BAD"), "{r:?}");
+    let r = c.imap("a2", "NOOP").await.unwrap();
+    assert!(r.is_ok());
+    // Commands that need a login are refused with a tagged BAD.
+    let r = c.imap("a3", "SELECT INBOX").await.unwrap();
+    assert!(r.tagged.starts_with("a3 BAD"), "{r:?}");
+    let r = c.imap("a4", "CAPABILITY").await.unwrap();
+    assert_eq!(r.lines, vec!["* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID"]);
+    let r = c.imap("a5", "ID (\"name\" \"test\")").await.unwrap();
+    assert!(r.is_ok() && r.lines[0].starts_with("* ID ("), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_local_password_never_reaches_upstream() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    let before_logins = w.upstream_logins();
+    let before_tokens = w.env.provider.total_token_requests();
+
+    let mut c = connect(port).await;
+    let t0 = std::time::Instant::now();
+    let r = c.imap("a1", &format!("LOGIN {ALICE} wrong")).await.unwrap();
+    assert!(r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    let r = c.imap("a2", &format!("LOGIN {ALICE} wrong2")).await.unwrap();
+    assert!(r.tagged.starts_with("a2 NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    let r = c.imap("a3", &format!("LOGIN {ALICE} wrong3")).await.unwrap();
+    assert!(r.tagged.starts_with("a3 NO"), "{r:?}");
+    // Repeated failures slow down: 0.25 + 0.5 + 1 s at least.
+    assert!(t0.elapsed() >= Duration::from_millis(1500), "{:?}", t0.elapsed());
+    // An unknown account without fallback config would also be refused; here
+    // it goes to the fallback, which is upstream traffic by design, so it is not tried.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.upstream_logins(), before_logins, "no upstream connection for a wrong local password");
+    assert_eq!(w.env.provider.total_token_requests(), before_tokens, "no token request either");
+
+    // The right password still works on the same connection.
+    let r = c.imap("a4", &format!("LOGIN {ALICE} \"{ALICE_PW}\"")).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_token_is_refreshed_and_parallel_logins_refresh_once() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    let p = &w.env.provider;
+
+    // Cold: the first login refreshes (access tokens live only in memory).
+    let r0 = p.refreshes();
+    drop(login(port, ALICE, ALICE_PW).await);
+    assert_eq!(p.refreshes(), r0 + 1);
+    // Warm: cached token, no refresh.
+    drop(login(port, ALICE, ALICE_PW).await);
+    assert_eq!(p.refreshes(), r0 + 1);
+
+    // The server stops accepting the cached token: the proxy refreshes and retries.
+    p.set_access_token_lifetime(Duration::from_secs(2));
+    p.set_rotate_refresh_tokens(true);
+    p.expire_all_access_tokens();
+    let mut c = login(port, ALICE, ALICE_PW).await;
+    assert_eq!(p.refreshes(), r0 + 2);
+    assert!(c.imap("a2", "SELECT INBOX").await.unwrap().is_ok());
+
+    // Short lifetimes: the cached token is near expiry, so the next login refreshes first.
+    drop(login(port, ALICE, ALICE_PW).await);
+    assert_eq!(p.refreshes(), r0 + 3);
+
+    // Twenty clients at once, cold start: exactly one refresh.
+    p.set_access_token_lifetime(Duration::from_secs(3600));
+    let port = w.restart();
+    let p = &w.env.provider;
+    let before = p.refreshes();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = login(port, ALICE, ALICE_PW).await;
+                assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(p.refreshes(), before + 1, "one refresh for twenty parallel logins");
+    // Rotation was saved: a restart still works with the rotated refresh token.
+    let port = w.restart();
+    drop(login(port, ALICE, ALICE_PW).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_refresh_token_gives_a_clear_no() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    w.env.provider.invalidate_all_refresh_tokens();
+    let mut c = connect(port).await;
+    let r = c.imap("a1", &format!("LOGIN {ALICE} \"{ALICE_PW}\"")).await.unwrap();
+    assert!(r.tagged.starts_with("a1 NO [ALERT]"), "{r:?}");
+    assert!(r.tagged.contains(&format!("mailproxy login {ALICE}")), "{r:?}");
+    assert!(w.logs().contains("invalid_grant") || w.logs().contains("token refresh failed"), "{}", w.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_fallback_and_starttls_upstream() {
+    let mut w = World::new();
+    w.authorise(CAROL, "carol pw");
+    w.env.dovecot.deliver(BOB, &sample_message("x@y", BOB, "for bob", "b1"));
+    let port = w.start();
+
+    // Passthrough: bob's own password goes to the plain loopback upstream.
+    let mut c = login(port, BOB, BOB_PW).await;
+    let body = fetch_first(&mut c).await;
+    assert_eq!(body, sample_message("x@y", BOB, "for bob", "b1"));
+    let mut c = connect(port).await;
+    let r = c.imap("a1", &format!("LOGIN {BOB} nope")).await.unwrap();
+    assert!(r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r:?}");
+
+    // Fallback: frank is not in the config; his login goes through unchanged.
+    let mut c = login(port, FRANK, FRANK_PW).await;
+    assert!(c.imap("a2", "SELECT INBOX").await.unwrap().is_ok());
+
+    // STARTTLS upstream for an OAuth account.
+    let mut c = login(port, CAROL, "carol pw").await;
+    assert!(c.imap("a2", "SELECT INBOX").await.unwrap().is_ok());
+    assert!(w.env.dovecot.log().contains(CAROL));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_commands_and_idle_survive_the_hand_off() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    w.env.dovecot.deliver(ALICE, &sample_message("x@y", ALICE, "first", "p1"));
+    let port = w.start();
+
+    // LOGIN, SELECT and FETCH in one write: nothing lost or reordered.
+    let mut c = connect(port).await;
+    c.write_raw(format!("a1 LOGIN {ALICE} \"{ALICE_PW}\"\r\na2 SELECT INBOX\r\na3 FETCH 1 (FLAGS)\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(c.read_imap_response("a1").await.unwrap().is_ok());
+    assert!(c.read_imap_response("a2").await.unwrap().is_ok());
+    let r = c.read_imap_response("a3").await.unwrap();
+    assert!(r.is_ok() && r.lines.iter().any(|l| l.starts_with("* 1 FETCH")), "{r:?}");
+
+    // IDLE: a new message shows up while idling through the proxy.
+    c.send("a4 IDLE").await.unwrap();
+    assert!(c.read_line().await.unwrap().starts_with("+ "));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.env.dovecot.deliver(ALICE, &sample_message("x@y", ALICE, "second", "p2"));
+    let l = c.read_until_prefix("* 2 EXISTS").await.unwrap();
+    assert_eq!(l, "* 2 EXISTS");
+    c.send("DONE").await.unwrap();
+    assert!(c.read_imap_response("a4").await.unwrap().is_ok());
+}
+
+#[test]
+fn python_imaplib_reads_mail_through_the_proxy() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let msg = sample_message("x@y", ALICE, "imaplib", "py1");
+    w.env.dovecot.deliver(ALICE, &msg);
+    let port = w.start();
+    let script = format!(
+        r#"
+import imaplib, sys
+m = imaplib.IMAP4("127.0.0.1", {port})
+m.login("{ALICE}", "{ALICE_PW}")
+typ, data = m.select("INBOX")
+assert typ == "OK", data
+typ, data = m.fetch("1", "(BODY.PEEK[])")
+assert typ == "OK", data
+sys.stdout.buffer.write(data[0][1])
+m.logout()
+"#
+    );
+    let out = std::process::Command::new("python3").arg("-c").arg(script).output().expect("python3");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, msg);
+}
+
+#[test]
+fn serve_reports_config_errors_with_file_line_and_key_and_stops_cleanly() {
+    let dir = ProxyDir::new();
+    dir.write_config("[imap]\nlisten = \"127.0.0.1:0\"\n\n[accounts.\"a@b\"]\nprovider = \"password\"\nimap = \"imap://mail.example.org\"\n");
+    let out = std::process::Command::new(support::mailproxy::BIN)
+        .args(["--config", dir.config_path().to_str().unwrap(), "serve"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.toml:6: accounts.\"a@b\".imap"), "{err}");
+    assert!(err.contains("allow_plaintext"), "{err}");
+
+    let mut cfg = dir.header();
+    cfg += "[accounts.\"a@b\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:9\"\n";
+    dir.write_config(&cfg);
+    let mut p = Proxy::start(&dir);
+    let st = p.stop().expect("exits on SIGTERM");
+    assert!(st.success(), "{st}");
+}
