@@ -215,7 +215,7 @@ impl Account {
 pub enum AccountAuth {
     /// Passthrough: the client's own credentials go upstream unchanged.
     Password,
-    OAuth(OAuthSettings),
+    OAuth(Box<OAuthSettings>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,7 +282,9 @@ fn default_server(provider: ProviderName, p: Protocol) -> Option<&'static str> {
 impl Config {
     /// `$XDG_CONFIG_HOME/mailproxy/config.toml`, else `~/.config/mailproxy/config.toml`.
     pub fn default_path() -> PathBuf {
-        xdg_dir("XDG_CONFIG_HOME", ".config").join("mailproxy").join("config.toml")
+        xdg_dir("XDG_CONFIG_HOME", ".config")
+            .join("mailproxy")
+            .join("config.toml")
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -296,11 +298,13 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let err = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| ConfigError {
-            path: path.to_owned(),
-            line: span.map(|s| line_of(text, s.start)),
-            key,
-            message,
+        let err = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| {
+            ConfigError {
+                path: path.to_owned(),
+                line: span.map(|s| line_of(text, s.start)),
+                key,
+                message,
+            }
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             // toml's message names the key ("unknown field `x`, expected ...");
@@ -316,7 +320,11 @@ impl Config {
 
         let server_ca = raw.server.ca_file.map(|p| resolve(path, &p));
         let mut listeners = Vec::new();
-        for (protocol, l) in [(Protocol::Imap, raw.imap), (Protocol::Smtp, raw.smtp), (Protocol::Pop3, raw.pop3)] {
+        for (protocol, l) in [
+            (Protocol::Imap, raw.imap),
+            (Protocol::Smtp, raw.smtp),
+            (Protocol::Pop3, raw.pop3),
+        ] {
             let Some(l) = l else {
                 listeners.push(None);
                 continue;
@@ -326,14 +334,18 @@ impl Config {
                 err(
                     Some(l.listen.span()),
                     Some(format!("{section}.listen")),
-                    format!("`{}` is not an address like 127.0.0.1:1143", l.listen.get_ref()),
+                    format!(
+                        "`{}` is not an address like 127.0.0.1:1143",
+                        l.listen.get_ref()
+                    ),
                 )
             })?;
             let fallback = match &l.fallback {
                 None => None,
-                Some(f) => Some(Endpoint::parse(f.get_ref(), protocol).map_err(|m| {
-                    err(Some(f.span()), Some(format!("{section}.fallback")), m)
-                })?),
+                Some(f) => Some(
+                    Endpoint::parse(f.get_ref(), protocol)
+                        .map_err(|m| err(Some(f.span()), Some(format!("{section}.fallback")), m))?,
+                ),
             };
             if let Some(f) = &fallback {
                 if f.security == Security::Plain && !f.is_loopback() {
@@ -371,15 +383,27 @@ impl Config {
             }));
         }
         let mut listeners = listeners.into_iter();
-        let (imap, smtp, pop3) = (listeners.next().flatten(), listeners.next().flatten(), listeners.next().flatten());
+        let (imap, smtp, pop3) = (
+            listeners.next().flatten(),
+            listeners.next().flatten(),
+            listeners.next().flatten(),
+        );
 
         let d = Limits::default();
         let rl = raw.limits;
         let limits = Limits {
-            preauth_timeout: rl.preauth_timeout.map(Duration::from_secs).unwrap_or(d.preauth_timeout),
-            connect_timeout: rl.connect_timeout.map(Duration::from_secs).unwrap_or(d.connect_timeout),
+            preauth_timeout: rl
+                .preauth_timeout
+                .map(Duration::from_secs)
+                .unwrap_or(d.preauth_timeout),
+            connect_timeout: rl
+                .connect_timeout
+                .map(Duration::from_secs)
+                .unwrap_or(d.connect_timeout),
             max_connections: rl.max_connections.unwrap_or(d.max_connections),
-            max_connections_per_ip: rl.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
+            max_connections_per_ip: rl
+                .max_connections_per_ip
+                .unwrap_or(d.max_connections_per_ip),
             max_line: rl.max_line.unwrap_or(d.max_line).clamp(1024, 1 << 20),
         };
 
@@ -390,20 +414,32 @@ impl Config {
             let key = |k: &str| Some(format!("accounts.\"{name}\".{k}"));
             let e = |k: &str, m: String| err(Some(span.clone()), key(k), m);
             if name.trim().is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return Err(e("", "an account name must be a login name without spaces or control characters".into()));
+                return Err(e(
+                    "",
+                    "an account name must be a login name without spaces or control characters"
+                        .into(),
+                ));
             }
 
             let mut endpoints = Vec::new();
-            for (p, raw_url) in [(Protocol::Imap, &a.imap), (Protocol::Smtp, &a.smtp), (Protocol::Pop3, &a.pop3)] {
+            for (p, raw_url) in [
+                (Protocol::Imap, &a.imap),
+                (Protocol::Smtp, &a.smtp),
+                (Protocol::Pop3, &a.pop3),
+            ] {
                 let url = match raw_url {
                     Some(u) => Some(
                         Endpoint::parse(u.get_ref(), p)
                             .map_err(|m| err(Some(u.span()), key(p.name()), m))?,
                     ),
-                    None => default_server(a.provider, p).map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
+                    None => default_server(a.provider, p)
+                        .map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
                 };
                 if let Some(ep) = &url {
-                    if ep.security == Security::Plain && !is_loopback_host(&ep.host) && !a.allow_plaintext {
+                    if ep.security == Security::Plain
+                        && !is_loopback_host(&ep.host)
+                        && !a.allow_plaintext
+                    {
                         return Err(err(
                             raw_url.as_ref().map(|u| u.span()),
                             key(p.name()),
@@ -418,7 +454,11 @@ impl Config {
                 endpoints.push(url);
             }
             if endpoints.iter().all(Option::is_none) {
-                return Err(e("imap", "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)".into()));
+                return Err(e(
+                    "imap",
+                    "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)"
+                        .into(),
+                ));
             }
 
             let oauth_only = [
@@ -440,13 +480,22 @@ impl Config {
                     AccountAuth::Password
                 }
                 p => {
-                    let client_id = a
-                        .client_id
-                        .clone()
-                        .filter(|c| !c.is_empty())
-                        .ok_or_else(|| e("client_id", "an OAuth account needs the client_id of its app registration".into()))?;
+                    let client_id =
+                        a.client_id
+                            .clone()
+                            .filter(|c| !c.is_empty())
+                            .ok_or_else(|| {
+                                e(
+                                    "client_id",
+                                    "an OAuth account needs the client_id of its app registration"
+                                        .into(),
+                                )
+                            })?;
                     if a.tenant.is_some() && p != ProviderName::Microsoft {
-                        return Err(e("tenant", "tenant only applies to provider = \"microsoft\"".into()));
+                        return Err(e(
+                            "tenant",
+                            "tenant only applies to provider = \"microsoft\"".into(),
+                        ));
                     }
                     let mut auth_params = Vec::new();
                     let (auth_url, token_url, device_url, revoke_url, scopes, kind) = match p {
@@ -464,10 +513,15 @@ impl Config {
                         }
                         ProviderName::Microsoft => {
                             let tenant = a.tenant.clone().unwrap_or_else(|| "common".into());
-                            if tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)) {
+                            if tenant.is_empty()
+                                || !tenant
+                                    .chars()
+                                    .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+                            {
                                 return Err(e("tenant", format!("`{tenant}` is not a tenant: use common, organizations, consumers, a tenant ID or a domain")));
                             }
-                            let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
+                            let base =
+                                format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
                             // Only the scopes of the protocols this account can be used for.
                             let mut scopes = Vec::new();
                             if endpoints[0].is_some() && imap.is_some() {
@@ -493,10 +547,27 @@ impl Config {
                             )
                         }
                         _ => {
-                            let auth_url = a.auth_url.clone().ok_or_else(|| e("auth_url", "a custom provider needs auth_url".into()))?;
-                            let token_url = a.token_url.clone().ok_or_else(|| e("token_url", "a custom provider needs token_url".into()))?;
-                            let scopes = a.scopes.clone().ok_or_else(|| e("scopes", "a custom provider needs scopes, e.g. scopes = [\"mail\"]".into()))?;
-                            (auth_url, token_url, a.device_url.clone(), a.revoke_url.clone(), scopes, ProviderKind::Custom)
+                            let auth_url = a.auth_url.clone().ok_or_else(|| {
+                                e("auth_url", "a custom provider needs auth_url".into())
+                            })?;
+                            let token_url = a.token_url.clone().ok_or_else(|| {
+                                e("token_url", "a custom provider needs token_url".into())
+                            })?;
+                            let scopes = a.scopes.clone().ok_or_else(|| {
+                                e(
+                                    "scopes",
+                                    "a custom provider needs scopes, e.g. scopes = [\"mail\"]"
+                                        .into(),
+                                )
+                            })?;
+                            (
+                                auth_url,
+                                token_url,
+                                a.device_url.clone(),
+                                a.revoke_url.clone(),
+                                scopes,
+                                ProviderKind::Custom,
+                            )
                         }
                     };
                     let o = OAuthSettings {
@@ -522,7 +593,7 @@ impl Config {
                             check_http_url(u).map_err(|m| e(k, m))?;
                         }
                     }
-                    AccountAuth::OAuth(o)
+                    AccountAuth::OAuth(Box::new(o))
                 }
             };
             let mut endpoints = endpoints.into_iter();
@@ -533,15 +604,30 @@ impl Config {
                 imap: endpoints.next().flatten(),
                 smtp: endpoints.next().flatten(),
                 pop3: endpoints.next().flatten(),
-                ca_file: a.ca_file.map(|p| resolve(path, &p)).or_else(|| server_ca.clone()),
+                ca_file: a
+                    .ca_file
+                    .map(|p| resolve(path, &p))
+                    .or_else(|| server_ca.clone()),
                 mechanism: a.mechanism,
             };
-            if accounts.insert(name.to_lowercase(), Arc::new(account)).is_some() {
+            if accounts
+                .insert(name.to_lowercase(), Arc::new(account))
+                .is_some()
+            {
                 return Err(e("", "two accounts differ only in upper/lower case; login names are matched without case".into()));
             }
         }
 
-        Ok(Config { path: path.to_owned(), state_dir, ca_file: server_ca, imap, smtp, pop3, limits, accounts })
+        Ok(Config {
+            path: path.to_owned(),
+            state_dir,
+            ca_file: server_ca,
+            imap,
+            smtp,
+            pop3,
+            limits,
+            accounts,
+        })
     }
 
     pub fn account(&self, login: &str) -> Option<&Arc<Account>> {
@@ -549,7 +635,9 @@ impl Config {
     }
 
     pub fn listeners(&self) -> impl Iterator<Item = &Listener> {
-        [self.imap.as_ref(), self.smtp.as_ref(), self.pop3.as_ref()].into_iter().flatten()
+        [self.imap.as_ref(), self.smtp.as_ref(), self.pop3.as_ref()]
+            .into_iter()
+            .flatten()
     }
 }
 
@@ -565,7 +653,11 @@ fn check_http_url(u: &str) -> Result<(), String> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
 }
 
 /// Relative paths in the config are relative to the config file.
@@ -622,15 +714,30 @@ imap = "imaps://legacy.example:993"
     fn example_shape_works() {
         let c = parse(EXAMPLE).unwrap();
         let alice = c.account("Alice@Gmail.com").unwrap();
-        assert_eq!(alice.imap.as_ref().unwrap().to_string(), "imaps://imap.gmail.com:993");
+        assert_eq!(
+            alice.imap.as_ref().unwrap().to_string(),
+            "imaps://imap.gmail.com:993"
+        );
         let o = alice.oauth().unwrap();
         assert_eq!(o.scopes, vec![GOOGLE_MAIL_SCOPE]);
-        assert!(o.auth_params.contains(&("access_type".into(), "offline".into())));
-        let bob = c.account("bob@contoso.com").unwrap().oauth().unwrap().clone();
+        assert!(o
+            .auth_params
+            .contains(&("access_type".into(), "offline".into())));
+        let bob = c
+            .account("bob@contoso.com")
+            .unwrap()
+            .oauth()
+            .unwrap()
+            .clone();
         assert_eq!(bob.scopes, vec![MS_IMAP_SCOPE, "offline_access"]);
-        assert!(bob.token_url.starts_with("https://login.microsoftonline.com/organizations/"));
+        assert!(bob
+            .token_url
+            .starts_with("https://login.microsoftonline.com/organizations/"));
         assert_eq!(bob.revoke_url, None);
-        assert!(matches!(c.account("dave@legacy.example").unwrap().auth, AccountAuth::Password));
+        assert!(matches!(
+            c.account("dave@legacy.example").unwrap().auth,
+            AccountAuth::Password
+        ));
         assert_eq!(c.imap.unwrap().listen.port(), 1143);
     }
 
@@ -644,13 +751,15 @@ imap = "imaps://legacy.example:993"
 
     #[test]
     fn remote_plaintext_refused_unless_allowed() {
-        let t = "[accounts.\"x@y\"]\nprovider = \"password\"\nimap = \"imap://mail.example.org:143\"\n";
+        let t =
+            "[accounts.\"x@y\"]\nprovider = \"password\"\nimap = \"imap://mail.example.org:143\"\n";
         let e = parse(t).unwrap_err();
         assert_eq!(e.line, Some(3));
         assert!(e.to_string().contains("accounts.\"x@y\".imap"), "{e}");
         assert!(e.message.contains("allow_plaintext"));
         parse(&format!("{t}allow_plaintext = true\n")).unwrap();
-        parse("[accounts.\"x@y\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:143\"\n").unwrap();
+        parse("[accounts.\"x@y\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:143\"\n")
+            .unwrap();
     }
 
     #[test]
@@ -669,9 +778,13 @@ imap = "imaps://legacy.example:993"
 
     #[test]
     fn bad_provider_value_named() {
-        let e = parse("[accounts.\"a@b\"]\nprovider = \"yahoo\"\nimap = \"imaps://x\"\n").unwrap_err();
+        let e =
+            parse("[accounts.\"a@b\"]\nprovider = \"yahoo\"\nimap = \"imaps://x\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
-        assert!(e.message.contains("yahoo") || e.message.contains("unknown variant"), "{e}");
+        assert!(
+            e.message.contains("yahoo") || e.message.contains("unknown variant"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -49,7 +49,9 @@ pub struct PasswordVerifier {
 
 impl fmt::Debug for PasswordVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PasswordVerifier").field("kdf", &self.kdf).finish_non_exhaustive()
+        f.debug_struct("PasswordVerifier")
+            .field("kdf", &self.kdf)
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,8 +92,15 @@ pub struct Sealed {
     pub ciphertext: String,
 }
 
-fn master(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
-    let params = Params::new(m, t, p, Some(32)).map_err(|_| CryptoError::Damaged("bad Argon2 parameters"))?;
+fn master(
+    password: &str,
+    salt: &[u8],
+    m: u32,
+    t: u32,
+    p: u32,
+) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
+    let params = Params::new(m, t, p, Some(32))
+        .map_err(|_| CryptoError::Damaged("bad Argon2 parameters"))?;
     let mut out = Zeroizing::new([0u8; 32]);
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
         .hash_password_into(password.as_bytes(), salt, &mut out[..])
@@ -103,8 +112,10 @@ fn split(master: &[u8; 32]) -> (Zeroizing<[u8; 32]>, VaultKey) {
     let hk = Hkdf::<Sha256>::new(None, master);
     let mut verifier = Zeroizing::new([0u8; 32]);
     let mut key = Zeroizing::new([0u8; 32]);
-    hk.expand(b"mailproxy v1 password verifier", &mut verifier[..]).expect("32 bytes is a valid HKDF length");
-    hk.expand(b"mailproxy v1 vault key", &mut key[..]).expect("32 bytes is a valid HKDF length");
+    hk.expand(b"mailproxy v1 password verifier", &mut verifier[..])
+        .expect("32 bytes is a valid HKDF length");
+    hk.expand(b"mailproxy v1 vault key", &mut key[..])
+        .expect("32 bytes is a valid HKDF length");
     (verifier, VaultKey(key))
 }
 
@@ -132,7 +143,10 @@ pub fn new_password_with(password: &str, m: u32, t: u32, p: u32) -> (PasswordVer
 
 /// Checks `password` in constant time; on success returns the vault key.
 /// CPU- and memory-heavy: call from a blocking thread.
-pub fn check_password(password: &str, v: &PasswordVerifier) -> Result<Option<VaultKey>, CryptoError> {
+pub fn check_password(
+    password: &str,
+    v: &PasswordVerifier,
+) -> Result<Option<VaultKey>, CryptoError> {
     if v.kdf != "argon2id" {
         return Err(CryptoError::Damaged("unknown password KDF"));
     }
@@ -141,8 +155,12 @@ pub fn check_password(password: &str, v: &PasswordVerifier) -> Result<Option<Vau
     if v.m_cost > 1 << 21 || v.t_cost > 64 || v.p_cost > 16 {
         return Err(CryptoError::Damaged("Argon2 parameters out of range"));
     }
-    let salt = B64.decode(&v.salt).map_err(|_| CryptoError::Damaged("bad salt"))?;
-    let want = B64.decode(&v.verifier).map_err(|_| CryptoError::Damaged("bad verifier"))?;
+    let salt = B64
+        .decode(&v.salt)
+        .map_err(|_| CryptoError::Damaged("bad salt"))?;
+    let want = B64
+        .decode(&v.verifier)
+        .map_err(|_| CryptoError::Damaged("bad verifier"))?;
     let mk = master(password, &salt, v.m_cost, v.t_cost, v.p_cost)?;
     let (got, key) = split(&mk);
     if bool::from(got[..].ct_eq(&want[..])) {
@@ -161,21 +179,40 @@ pub fn seal(key: &VaultKey, account: &str, plaintext: &str) -> Sealed {
     let mut nonce = [0u8; 24];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let ct = cipher
-        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext.as_bytes(), aad: &aad(account) })
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext.as_bytes(),
+                aad: &aad(account),
+            },
+        )
         .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory data");
-    Sealed { nonce: B64.encode(nonce), ciphertext: B64.encode(ct) }
+    Sealed {
+        nonce: B64.encode(nonce),
+        ciphertext: B64.encode(ct),
+    }
 }
 
 pub fn open(key: &VaultKey, account: &str, sealed: &Sealed) -> Result<Secret, CryptoError> {
-    let nonce = B64.decode(&sealed.nonce).map_err(|_| CryptoError::Damaged("bad nonce"))?;
+    let nonce = B64
+        .decode(&sealed.nonce)
+        .map_err(|_| CryptoError::Damaged("bad nonce"))?;
     if nonce.len() != 24 {
         return Err(CryptoError::Damaged("bad nonce length"));
     }
-    let ct = B64.decode(&sealed.ciphertext).map_err(|_| CryptoError::Damaged("bad ciphertext"))?;
+    let ct = B64
+        .decode(&sealed.ciphertext)
+        .map_err(|_| CryptoError::Damaged("bad ciphertext"))?;
     let cipher = XChaCha20Poly1305::new((&key.0[..]).into());
     let pt = Zeroizing::new(
         cipher
-            .decrypt(XNonce::from_slice(&nonce), Payload { msg: &ct, aad: &aad(account) })
+            .decrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &ct,
+                    aad: &aad(account),
+                },
+            )
             .map_err(|_| CryptoError::Open)?,
     );
     let s = std::str::from_utf8(&pt).map_err(|_| CryptoError::Damaged("token is not UTF-8"))?;
@@ -194,7 +231,9 @@ mod tests {
     #[test]
     fn password_round_trip_and_constant_result() {
         let (v, key) = quick("correct horse");
-        let k2 = check_password("correct horse", &v).unwrap().expect("right password");
+        let k2 = check_password("correct horse", &v)
+            .unwrap()
+            .expect("right password");
         assert_eq!(k2.0[..], key.0[..]);
         assert!(check_password("wrong horse", &v).unwrap().is_none());
         assert!(!v.verifier.is_empty() && B64.decode(&v.verifier).unwrap() != key.0[..].to_vec());

@@ -49,9 +49,12 @@ pub struct Endpoint {
 impl Endpoint {
     /// Parses `scheme://host[:port]`, checking that the scheme belongs to `protocol`.
     pub fn parse(s: &str, protocol: Protocol) -> Result<Endpoint, String> {
-        let (scheme, rest) = s
-            .split_once("://")
-            .ok_or_else(|| format!("`{s}` is not a server URL like `{}s://host:port`", protocol.name()))?;
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+            format!(
+                "`{s}` is not a server URL like `{}s://host:port`",
+                protocol.name()
+            )
+        })?;
         let (security, default_port) = match (protocol, scheme.to_ascii_lowercase().as_str()) {
             (Protocol::Imap, "imaps") => (Security::Tls, 993),
             (Protocol::Imap, "imap+starttls") => (Security::StartTls, 143),
@@ -71,17 +74,29 @@ impl Endpoint {
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.is_empty() || rest.contains('/') || rest.contains('@') || rest.contains('?') {
-            return Err(format!("`{s}` must be just scheme://host:port, without user, path or query"));
+            return Err(format!(
+                "`{s}` must be just scheme://host:port, without user, path or query"
+            ));
         }
-        let (host, port) = split_host_port(rest).ok_or_else(|| format!("`{s}`: cannot read host and port"))?;
+        let (host, port) =
+            split_host_port(rest).ok_or_else(|| format!("`{s}`: cannot read host and port"))?;
         let port = match port {
             None => default_port,
-            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("`{s}`: bad port `{p}`"))?,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("`{s}`: bad port `{p}`"))?,
         };
         if host.is_empty() {
             return Err(format!("`{s}`: missing host"));
         }
-        Ok(Endpoint { protocol, security, host: host.to_string(), port })
+        Ok(Endpoint {
+            protocol,
+            security,
+            host: host.to_string(),
+            port,
+        })
     }
 
     pub fn is_loopback(&self) -> bool {
@@ -123,7 +138,11 @@ fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
 }
 
 pub fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -133,7 +152,10 @@ mod tests {
     #[test]
     fn parses_schemes_and_defaults() {
         let e = Endpoint::parse("imaps://imap.gmail.com", Protocol::Imap).unwrap();
-        assert_eq!((e.security, e.host.as_str(), e.port), (Security::Tls, "imap.gmail.com", 993));
+        assert_eq!(
+            (e.security, e.host.as_str(), e.port),
+            (Security::Tls, "imap.gmail.com", 993)
+        );
         let e = Endpoint::parse("imap+starttls://mail.example.org:1143", Protocol::Imap).unwrap();
         assert_eq!((e.security, e.port), (Security::StartTls, 1143));
         let e = Endpoint::parse("imap://[::1]:143", Protocol::Imap).unwrap();
@@ -146,8 +168,12 @@ mod tests {
 
     #[test]
     fn rejects_wrong_protocol_and_junk() {
-        assert!(Endpoint::parse("smtps://x:465", Protocol::Imap).unwrap_err().contains("unknown scheme"));
-        assert!(Endpoint::parse("imaps://x:99999", Protocol::Imap).unwrap_err().contains("bad port"));
+        assert!(Endpoint::parse("smtps://x:465", Protocol::Imap)
+            .unwrap_err()
+            .contains("unknown scheme"));
+        assert!(Endpoint::parse("imaps://x:99999", Protocol::Imap)
+            .unwrap_err()
+            .contains("bad port"));
         assert!(Endpoint::parse("imaps://u@x:993", Protocol::Imap).is_err());
         assert!(Endpoint::parse("x:993", Protocol::Imap).is_err());
         assert!(Endpoint::parse("imaps://:993", Protocol::Imap).is_err());

@@ -13,7 +13,10 @@ use mailproxy::secret::Secret;
 use mailproxy::{server, tls, tokens, vault::Vault};
 
 #[derive(Parser)]
-#[command(version, about = "Local authenticating proxy: legacy IMAP/SMTP/POP3 clients in, OAuth 2.0 upstream")]
+#[command(
+    version,
+    about = "Local authenticating proxy: legacy IMAP/SMTP/POP3 clients in, OAuth 2.0 upstream"
+)]
 struct Cli {
     /// Config file [default: $XDG_CONFIG_HOME/mailproxy/config.toml]
     #[arg(long, short, global = true, env = "MAILPROXY_CONFIG")]
@@ -41,7 +44,11 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Serve) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -51,7 +58,10 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     tls::install_provider();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -66,7 +76,11 @@ async fn run(cli: Cli) -> Result<()> {
     let config = Config::load(&path)?;
     match cli.command {
         Command::Serve => Ok(server::serve(config).await?),
-        Command::Login { account, no_browser, timeout } => login(config, &account, no_browser, timeout).await,
+        Command::Login {
+            account,
+            no_browser,
+            timeout,
+        } => login(config, &account, no_browser, timeout).await,
     }
 }
 
@@ -81,13 +95,20 @@ async fn login(config: Config, name: &str, no_browser: bool, timeout: u64) -> Re
     let vault = Vault::open(&config.state_dir)?;
     let password = read_password(&account.name)?;
 
-    let redirect = Redirect::bind(settings).await.context("cannot receive the provider's redirect")?;
+    let redirect = Redirect::bind(settings)
+        .await
+        .context("cannot receive the provider's redirect")?;
     let req = oauth::authorization_request(&account.name, settings, redirect.uri())?;
-    eprintln!("To authorise {}, open this address in a browser and sign in:\n\n  {}\n", account.name, req.url);
+    eprintln!(
+        "To authorise {}, open this address in a browser and sign in:\n\n  {}\n",
+        account.name, req.url
+    );
     if !no_browser {
         open_browser(&req.url);
     }
-    let code = redirect.wait(&account.name, &req, Duration::from_secs(timeout)).await?;
+    let code = redirect
+        .wait(&account.name, &req, Duration::from_secs(timeout))
+        .await?;
     let http = oauth::http_client();
     let tokens = oauth::exchange_code(&http, &account.name, settings, req, code.expose()).await?;
     let Some(refresh) = tokens.refresh else {
@@ -98,7 +119,10 @@ async fn login(config: Config, name: &str, no_browser: bool, timeout: u64) -> Re
     };
     let scopes = tokens.scopes.unwrap_or_else(|| settings.scopes.clone());
     let (v, n, s) = (vault.clone(), account.name.clone(), scopes.clone());
-    tokio::task::spawn_blocking(move || tokens::store_authorisation(&v, &n, &password, &refresh, s)).await??;
+    tokio::task::spawn_blocking(move || {
+        tokens::store_authorisation(&v, &n, &password, &refresh, s)
+    })
+    .await??;
     eprintln!(
         "Authorised {} (scopes: {}).\nConfigure your mail client with user name {} and the local password you chose.",
         account.name,
@@ -121,7 +145,10 @@ fn read_password(account: &str) -> Result<Secret> {
         a
     } else {
         let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).context("reading the local password from stdin")?;
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the local password from stdin")?;
         let pw = Secret::new(line.trim_end_matches(['\r', '\n']).to_string());
         zeroize::Zeroize::zeroize(&mut line);
         pw
@@ -133,7 +160,11 @@ fn read_password(account: &str) -> Result<Secret> {
 }
 
 fn open_browser(url: &str) {
-    let opener = if cfg!(target_os = "macos") { "open" } else { "xdg-open" };
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else {
+        "xdg-open"
+    };
     let _ = std::process::Command::new(opener)
         .arg(url)
         .stdin(std::process::Stdio::null())

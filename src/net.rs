@@ -36,13 +36,21 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         delegate!(self, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => Pin::new(s).poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -51,7 +59,11 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => Pin::new(s).poll_shutdown(cx))
     }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
@@ -74,12 +86,17 @@ pub enum ConnectError {
 /// Long-lived sessions (IDLE for hours) need the kernel to notice dead peers.
 pub fn tune(s: &TcpStream) {
     let _ = s.set_nodelay(true);
-    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(120)).with_interval(Duration::from_secs(30));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(120))
+        .with_interval(Duration::from_secs(30));
     let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
 }
 
 pub async fn connect_tcp(ep: &Endpoint, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let err = |reason: String| ConnectError::Connect { endpoint: ep.to_string(), reason };
+    let err = |reason: String| ConnectError::Connect {
+        endpoint: ep.to_string(),
+        reason,
+    };
     let s = tokio::time::timeout(timeout, TcpStream::connect((ep.host.as_str(), ep.port)))
         .await
         .map_err(|_| err(format!("no answer within {} s", timeout.as_secs())))?
@@ -94,12 +111,19 @@ pub async fn tls_client(
     config: Arc<rustls::ClientConfig>,
     timeout: Duration,
 ) -> Result<Stream, ConnectError> {
-    let err = |reason: String| ConnectError::Tls { endpoint: ep.to_string(), reason };
-    let name = rustls::pki_types::ServerName::try_from(ep.host.clone()).map_err(|e| err(format!("bad server name: {e}")))?;
-    let s = tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(config).connect(name, tcp))
-        .await
-        .map_err(|_| err(format!("handshake not done within {} s", timeout.as_secs())))?
-        .map_err(|e| err(describe_tls(&e)))?;
+    let err = |reason: String| ConnectError::Tls {
+        endpoint: ep.to_string(),
+        reason,
+    };
+    let name = rustls::pki_types::ServerName::try_from(ep.host.clone())
+        .map_err(|e| err(format!("bad server name: {e}")))?;
+    let s = tokio::time::timeout(
+        timeout,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| err(format!("handshake not done within {} s", timeout.as_secs())))?
+    .map_err(|e| err(describe_tls(&e)))?;
     Ok(Stream::ClientTls(Box::new(s)))
 }
 

@@ -23,7 +23,11 @@ use crate::vault::Vault;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr} for {protocol}: {source}")]
-    Bind { protocol: Protocol, addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        protocol: Protocol,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Setup(String),
 }
@@ -72,11 +76,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let vault = Vault::open(&config.state_dir).map_err(|e| ServeError::Setup(e.to_string()))?;
     let tokens = Arc::new(TokenManager::new(&config, vault));
     let shutdown = CancellationToken::new();
-    let ctx = Arc::new(Ctx { config: config.clone(), tokens, tls: ClientConfigs::default(), shutdown: shutdown.clone() });
+    let ctx = Arc::new(Ctx {
+        config: config.clone(),
+        tokens,
+        tls: ClientConfigs::default(),
+        shutdown: shutdown.clone(),
+    });
 
     // Fail at start, not at the first login, on unreadable CA files.
     for a in config.accounts.values() {
-        ctx.tls.get(a.ca_file.as_deref()).map_err(|e| ServeError::Setup(format!("account {}: {e}", a.name)))?;
+        ctx.tls
+            .get(a.ca_file.as_deref())
+            .map_err(|e| ServeError::Setup(format!("account {}: {e}", a.name)))?;
     }
 
     let tracker = TaskTracker::new();
@@ -89,21 +100,30 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                     (Some(c), Some(k)) => (c.clone(), k.clone()),
                     _ => {
                         let dir = config.state_dir.join("certs");
-                        std::fs::create_dir_all(&dir).map_err(|e| ServeError::Setup(format!("{}: {e}", dir.display())))?;
-                        let (c, k, fp) = tls::self_signed(&dir).map_err(|e| ServeError::Setup(e.to_string()))?;
+                        std::fs::create_dir_all(&dir)
+                            .map_err(|e| ServeError::Setup(format!("{}: {e}", dir.display())))?;
+                        let (c, k, fp) =
+                            tls::self_signed(&dir).map_err(|e| ServeError::Setup(e.to_string()))?;
                         println!("certificate {} sha256 {fp}", c.display());
                         tracing::info!(cert = %c.display(), sha256 = %fp, "using the self-signed local certificate");
                         (c, k)
                     }
                 };
-                let sc = tls::server_config(&cert, &key).map_err(|e| ServeError::Setup(e.to_string()))?;
+                let sc = tls::server_config(&cert, &key)
+                    .map_err(|e| ServeError::Setup(e.to_string()))?;
                 Some(tokio_rustls::TlsAcceptor::from(sc))
             }
         };
         let sock = TcpListener::bind(l.listen)
             .await
-            .map_err(|source| ServeError::Bind { protocol: l.protocol, addr: l.listen, source })?;
-        let addr = sock.local_addr().map_err(|e| ServeError::Setup(e.to_string()))?;
+            .map_err(|source| ServeError::Bind {
+                protocol: l.protocol,
+                addr: l.listen,
+                source,
+            })?;
+        let addr = sock
+            .local_addr()
+            .map_err(|e| ServeError::Setup(e.to_string()))?;
         println!("listening {} {addr}", l.protocol);
         tracing::info!(protocol = %l.protocol, %addr, tls = ?l.tls, "listening");
         let lctx = Arc::new(ListenerCtx {
@@ -125,7 +145,8 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 
     let ids = Arc::new(AtomicU64::new(1));
     for (sock, lctx) in listeners {
-        let (ctx, tracker2, ids, shutdown) = (ctx.clone(), tracker.clone(), ids.clone(), shutdown.clone());
+        let (ctx, tracker2, ids, shutdown) =
+            (ctx.clone(), tracker.clone(), ids.clone(), shutdown.clone());
         tracker.spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
@@ -152,7 +173,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     tracing::info!("shutting down");
     shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some sessions did not end within 10 s; exiting anyway");
     }
     Ok(())
@@ -161,13 +185,24 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 async fn connection(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
     net::tune(&tcp);
     let Ok(_permit) = l.sessions.try_acquire() else {
-        tracing::warn!(max = ctx.config.limits.max_connections, "connection limit reached; refusing");
+        tracing::warn!(
+            max = ctx.config.limits.max_connections,
+            "connection limit reached; refusing"
+        );
         refuse(tcp, l.config.protocol, "too many connections").await;
         return;
     };
     let Some(_slot) = l.per_ip.enter(ip, ctx.config.limits.max_connections_per_ip) else {
-        tracing::warn!(max = ctx.config.limits.max_connections_per_ip, "per-address connection limit reached; refusing");
-        refuse(tcp, l.config.protocol, "too many connections from your address").await;
+        tracing::warn!(
+            max = ctx.config.limits.max_connections_per_ip,
+            "per-address connection limit reached; refusing"
+        );
+        refuse(
+            tcp,
+            l.config.protocol,
+            "too many connections from your address",
+        )
+        .await;
         return;
     };
     tracing::debug!("accepted");
@@ -184,7 +219,11 @@ async fn connection(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
         }
         _ => Stream::Plain(tcp),
     };
-    let starttls = if l.config.tls == LocalTls::Starttls { l.acceptor.as_ref() } else { None };
+    let starttls = if l.config.tls == LocalTls::Starttls {
+        l.acceptor.as_ref()
+    } else {
+        None
+    };
     let r = match l.config.protocol {
         Protocol::Imap => proxy::imap::session(ctx, &l.config, client, starttls).await,
         Protocol::Smtp | Protocol::Pop3 => Ok(()),

@@ -42,7 +42,10 @@ fn platform_roots() -> &'static RootCertStore {
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let err = |reason: String| TlsError::File { path: path.to_owned(), reason };
+    let err = |reason: String| TlsError::File {
+        path: path.to_owned(),
+        reason,
+    };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| err(format!("cannot read certificates: {e}")))?
         .collect::<Result<Vec<_>, _>>()
@@ -69,7 +72,10 @@ impl ClientConfigs {
         let mut roots = platform_roots().clone();
         if let Some(path) = ca_file {
             for c in read_certs(path)? {
-                roots.add(c).map_err(|e| TlsError::File { path: path.to_owned(), reason: format!("unusable CA certificate: {e}") })?;
+                roots.add(c).map_err(|e| TlsError::File {
+                    path: path.to_owned(),
+                    reason: format!("unusable CA certificate: {e}"),
+                })?;
             }
         }
         let config = ClientConfig::builder_with_provider(provider())
@@ -86,8 +92,10 @@ impl ClientConfigs {
 /// Server config for a local listener from PEM files.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = read_certs(cert)?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| TlsError::File { path: key.to_owned(), reason: format!("cannot read the private key: {e}") })?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
+        path: key.to_owned(),
+        reason: format!("cannot read the private key: {e}"),
+    })?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Setup(e.to_string()))?
@@ -105,16 +113,28 @@ pub fn self_signed(dir: &Path) -> Result<(PathBuf, PathBuf, String), TlsError> {
     let cert_path = dir.join("localhost.crt");
     let key_path = dir.join("localhost.key");
     if !(cert_path.exists() && key_path.exists()) {
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()])
-            .map_err(|e| TlsError::Setup(format!("cannot create a self-signed certificate: {e}")))?;
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+        ])
+        .map_err(|e| TlsError::Setup(format!("cannot create a self-signed certificate: {e}")))?;
         let io = |p: &Path| {
             let p = p.to_owned();
-            move |e: crate::vault::VaultError| TlsError::File { path: p, reason: e.to_string() }
+            move |e: crate::vault::VaultError| TlsError::File {
+                path: p,
+                reason: e.to_string(),
+            }
         };
-        crate::vault::write_atomic(&key_path, ck.signing_key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
+        crate::vault::write_atomic(&key_path, ck.signing_key.serialize_pem().as_bytes())
+            .map_err(io(&key_path))?;
         crate::vault::write_atomic(&cert_path, ck.cert.pem().as_bytes()).map_err(io(&cert_path))?;
     }
     let der = read_certs(&cert_path)?.remove(0);
-    let fp = Sha256::digest(der.as_ref()).iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
+    let fp = Sha256::digest(der.as_ref())
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
     Ok((cert_path, key_path, fp))
 }

@@ -34,7 +34,9 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 
 pub enum TokenState {
     /// No usable refresh token: a person must run `mailproxy login`.
-    NeedsLogin { why: String },
+    NeedsLogin {
+        why: String,
+    },
     /// A sealed refresh token is on disk; the key comes from the local password.
     Locked,
     Active(Active),
@@ -68,7 +70,8 @@ struct Backoff {
 impl Backoff {
     fn delay(failures: u32) -> Duration {
         // 0.25 s, 0.5 s, 1 s, ... capped at 15 s.
-        Duration::from_millis(250u64.saturating_mul(1 << failures.saturating_sub(1).min(6))).min(Duration::from_secs(15))
+        Duration::from_millis(250u64.saturating_mul(1 << failures.saturating_sub(1).min(6)))
+            .min(Duration::from_secs(15))
     }
 }
 
@@ -115,11 +118,16 @@ pub struct TokenManager {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task panicked")
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
 }
 
 impl TokenManager {
@@ -137,7 +145,9 @@ impl TokenManager {
                         account: a.clone(),
                         settings,
                         slot: tokio::sync::Mutex::new(Slot {
-                            state: TokenState::NeedsLogin { why: "not loaded yet".into() },
+                            state: TokenState::NeedsLogin {
+                                why: "not loaded yet".into(),
+                            },
                             record: None,
                             stamp: None,
                         }),
@@ -147,7 +157,12 @@ impl TokenManager {
                 ))
             })
             .collect();
-        TokenManager { vault, http: oauth::http_client(), accounts, pepper }
+        TokenManager {
+            vault,
+            http: oauth::http_client(),
+            accounts,
+            pepper,
+        }
     }
 
     pub fn get(&self, login: &str) -> Option<&Arc<AccountTokens>> {
@@ -174,10 +189,14 @@ impl TokenManager {
         }
         let vault = self.vault.clone();
         let name = acct.account.name.clone();
-        let record = blocking(move || vault.load(&name)).await.map_err(|e| AuthError::Vault(e.to_string()))?;
+        let record = blocking(move || vault.load(&name))
+            .await
+            .map_err(|e| AuthError::Vault(e.to_string()))?;
         slot.state = match &record {
             Some(r) if r.refresh_token.is_some() => TokenState::Locked,
-            _ => TokenState::NeedsLogin { why: "it has not been authorised yet".into() },
+            _ => TokenState::NeedsLogin {
+                why: "it has not been authorised yet".into(),
+            },
         };
         slot.record = record;
         slot.stamp = stamp;
@@ -187,9 +206,18 @@ impl TokenManager {
 
     /// Checks the local password of an OAuth account and unlocks its tokens.
     /// A wrong password never gets further than this function.
-    pub async fn authenticate(&self, acct: &AccountTokens, password: &Secret) -> Result<(), AuthError> {
+    pub async fn authenticate(
+        &self,
+        acct: &AccountTokens,
+        password: &Secret,
+    ) -> Result<(), AuthError> {
         // Make repeated failures slow, without holding any lock while waiting.
-        let wait = acct.backoff.lock().unwrap().not_before.map(|t| t.saturating_duration_since(Instant::now()));
+        let wait = acct
+            .backoff
+            .lock()
+            .unwrap()
+            .not_before
+            .map(|t| t.saturating_duration_since(Instant::now()));
         if let Some(w) = wait.filter(|w| !w.is_zero()) {
             tokio::time::sleep(w).await;
         }
@@ -198,13 +226,19 @@ impl TokenManager {
         let verifier = {
             let mut slot = acct.slot.lock().await;
             self.sync(acct, &mut slot).await?;
-            let cached = acct.verified.lock().unwrap().is_some_and(|d| bool::from(d.ct_eq(&digest)));
+            let cached = acct
+                .verified
+                .lock()
+                .unwrap()
+                .is_some_and(|d| bool::from(d.ct_eq(&digest)));
             if cached && matches!(slot.state, TokenState::Active(_)) {
                 return Ok(());
             }
             match slot.record.as_ref().and_then(|r| r.password.clone()) {
                 Some(v) => v,
-                None if slot.record.is_none() => return Err(AuthError::NotAuthorised(acct.account.name.clone())),
+                None if slot.record.is_none() => {
+                    return Err(AuthError::NotAuthorised(acct.account.name.clone()))
+                }
                 None => return Err(AuthError::NoLocalPassword(acct.account.name.clone())),
             }
         };
@@ -233,8 +267,13 @@ impl TokenManager {
             let Some(sealed) = sealed else {
                 return Err(AuthError::NotAuthorised(acct.account.name.clone()));
             };
-            let refresh = crypto::open(&key, &acct.account.name, &sealed).map_err(|e| AuthError::Vault(e.to_string()))?;
-            slot.state = TokenState::Active(Active { key, refresh, access: None });
+            let refresh = crypto::open(&key, &acct.account.name, &sealed)
+                .map_err(|e| AuthError::Vault(e.to_string()))?;
+            slot.state = TokenState::Active(Active {
+                key,
+                refresh,
+                access: None,
+            });
         }
         *acct.verified.lock().unwrap() = Some(digest);
         *acct.backoff.lock().unwrap() = Backoff::default();
@@ -249,7 +288,10 @@ impl TokenManager {
         let slot = &mut *guard;
         let active = match &mut slot.state {
             TokenState::NeedsLogin { why } => {
-                return Err(TokenError::NeedsLogin { account: name.clone(), why: why.clone() })
+                return Err(TokenError::NeedsLogin {
+                    account: name.clone(),
+                    why: why.clone(),
+                })
             }
             TokenState::Locked => return Err(TokenError::Locked(name.clone())),
             TokenState::Active(a) => a,
@@ -278,7 +320,10 @@ impl TokenManager {
         if let Some(s) = &t.scopes {
             record.scopes = s.clone();
         }
-        let rotated = t.refresh.as_ref().filter(|r| r.expose() != active.refresh.expose());
+        let rotated = t
+            .refresh
+            .as_ref()
+            .filter(|r| r.expose() != active.refresh.expose());
         if let Some(new) = rotated {
             record.refresh_token = Some(crypto::seal(&active.key, name, new.expose()));
             // Keep the new token in memory even if saving fails: the old one is
@@ -304,7 +349,10 @@ impl TokenManager {
             Err(e) => tracing::warn!(account = %name, error = %e, "cannot record the refresh time"),
         }
         tracing::info!(account = %name, expires_in = ?t.expires_at.duration_since(SystemTime::now()).unwrap_or_default(), "access token refreshed");
-        active.access = Some(Access { token: t.access.clone(), expires_at: t.expires_at });
+        active.access = Some(Access {
+            token: t.access.clone(),
+            expires_at: t.expires_at,
+        });
         Ok(t.access)
     }
 
@@ -312,7 +360,10 @@ impl TokenManager {
     pub async fn reject(&self, acct: &AccountTokens, token: &Secret) {
         let mut slot = acct.slot.lock().await;
         if let TokenState::Active(a) = &mut slot.state {
-            if a.access.as_ref().is_some_and(|a| a.token.expose() == token.expose()) {
+            if a.access
+                .as_ref()
+                .is_some_and(|a| a.token.expose() == token.expose())
+            {
                 a.access = None;
             }
         }

@@ -18,17 +18,27 @@ use crate::crypto::{PasswordVerifier, Sealed};
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is accessible to other users (mode {mode:o}); run: chmod {want:o} {path}")]
     Permissions { path: PathBuf, mode: u32, want: u32 },
-    #[error("{path} belongs to another user (uid {uid}); mailproxy keeps secrets only in files it owns")]
+    #[error(
+        "{path} belongs to another user (uid {uid}); mailproxy keeps secrets only in files it owns"
+    )]
     Owner { path: PathBuf, uid: u32 },
-    #[error("{path} is not a valid account record: {reason}; remove it and run `mailproxy login` again")]
+    #[error(
+        "{path} is not a valid account record: {reason}; remove it and run `mailproxy login` again"
+    )]
     Corrupt { path: PathBuf, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VaultError + '_ {
-    move |source| VaultError::Io { path: path.to_owned(), source }
+    move |source| VaultError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Everything mailproxy keeps about one OAuth account between runs.
@@ -71,10 +81,19 @@ impl Vault {
             match fs::metadata(d) {
                 Ok(_) => check_private(d, 0o700)?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    fs::DirBuilder::new().recursive(true).mode(0o700).create(d).map_err(io(d))?;
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(d)
+                        .map_err(io(d))?;
                     fs::set_permissions(d, fs::Permissions::from_mode(0o700)).map_err(io(d))?;
                 }
-                Err(e) => return Err(VaultError::Io { path: d.to_owned(), source: e }),
+                Err(e) => {
+                    return Err(VaultError::Io {
+                        path: d.to_owned(),
+                        source: e,
+                    })
+                }
             }
         }
         Ok(Vault { dir })
@@ -89,7 +108,8 @@ impl Vault {
     pub fn path_of(&self, account: &str) -> PathBuf {
         let mut name = String::new();
         for b in account.to_lowercase().bytes() {
-            if b.is_ascii_alphanumeric() || b"@_-+".contains(&b) || (b == b'.' && !name.is_empty()) {
+            if b.is_ascii_alphanumeric() || b"@_-+".contains(&b) || (b == b'.' && !name.is_empty())
+            {
                 name.push(b as char);
             } else {
                 name.push_str(&format!("%{b:02X}"));
@@ -106,17 +126,27 @@ impl Vault {
             Err(e) => return Err(VaultError::Io { path, source: e }),
         };
         check_private(&path, 0o600)?;
-        let rec: AccountRecord = serde_json::from_slice(&text)
-            .map_err(|e| VaultError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+        let rec: AccountRecord =
+            serde_json::from_slice(&text).map_err(|e| VaultError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         if !rec.account.eq_ignore_ascii_case(account) {
-            return Err(VaultError::Corrupt { path, reason: format!("it belongs to account `{}`", rec.account) });
+            return Err(VaultError::Corrupt {
+                path,
+                reason: format!("it belongs to account `{}`", rec.account),
+            });
         }
         Ok(Some(rec))
     }
 
     pub fn stamp(&self, account: &str) -> Option<Stamp> {
         let m = fs::metadata(self.path_of(account)).ok()?;
-        Some(Stamp { ino: m.ino(), mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128, len: m.len() })
+        Some(Stamp {
+            ino: m.ino(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            len: m.len(),
+        })
     }
 
     /// Replaces the record atomically and durably.
@@ -145,11 +175,19 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), VaultError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
-        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
         f.write_all(data).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         drop(f);
@@ -173,11 +211,18 @@ pub fn check_private(path: &Path, want: u32) -> Result<(), VaultError> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if m.uid() != me {
-        return Err(VaultError::Owner { path: path.to_owned(), uid: m.uid() });
+        return Err(VaultError::Owner {
+            path: path.to_owned(),
+            uid: m.uid(),
+        });
     }
     let mode = m.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(VaultError::Permissions { path: path.to_owned(), mode, want });
+        return Err(VaultError::Permissions {
+            path: path.to_owned(),
+            mode,
+            want,
+        });
     }
     Ok(())
 }
@@ -187,7 +232,12 @@ mod tests {
     use super::*;
 
     fn rec(name: &str) -> AccountRecord {
-        AccountRecord { version: 1, account: name.into(), scopes: vec!["mail".into()], ..Default::default() }
+        AccountRecord {
+            version: 1,
+            account: name.into(),
+            scopes: vec!["mail".into()],
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -195,11 +245,17 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let state = t.path().join("state");
         let v = Vault::open(&state).unwrap();
-        assert_eq!(fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert_eq!(v.load("a@x").unwrap(), None);
         v.store(&rec("a@x")).unwrap();
         let p = v.path_of("a@x");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(v.load("A@x").unwrap(), Some(rec("a@x")));
         let s1 = v.stamp("a@x").unwrap();
         let mut r = rec("a@x");
@@ -208,7 +264,11 @@ mod tests {
         assert_ne!(v.stamp("a@x").unwrap(), s1);
         assert_eq!(v.erase("a@x").unwrap(), vec![p.clone()]);
         assert!(!p.exists());
-        assert_eq!(fs::read_dir(v.dir()).unwrap().count(), 0, "no temp files left behind");
+        assert_eq!(
+            fs::read_dir(v.dir()).unwrap().count(),
+            0,
+            "no temp files left behind"
+        );
     }
 
     #[test]
@@ -218,7 +278,10 @@ mod tests {
         for n in ["../../etc/passwd", "..", "a/b", ".hidden"] {
             let p = v.path_of(n);
             assert_eq!(p.parent().unwrap(), v.dir(), "{n}");
-            assert!(!p.file_name().unwrap().to_string_lossy().starts_with('.'), "{n}");
+            assert!(
+                !p.file_name().unwrap().to_string_lossy().starts_with('.'),
+                "{n}"
+            );
         }
     }
 

@@ -529,3 +529,17 @@ fn dovecot_starts_fast_and_stops_clean() {
         "leftover processes:\n{ps}"
     );
 }
+
+/// The master is tied to the process, not to the thread that started it
+/// (PR_SET_PDEATHSIG would otherwise fire when that thread exits).
+#[test]
+fn dovecot_survives_spawning_thread_exit() {
+    let d = std::thread::spawn(|| support::Dovecot::start(Default::default()))
+        .join()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let s = std::net::TcpStream::connect(("127.0.0.1", d.imap_port)).unwrap();
+    let mut l = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut l).unwrap();
+    assert!(l.starts_with("* OK"), "{l}");
+}

@@ -34,14 +34,37 @@ impl World {
         let mut cfg = dir.header();
         cfg = cfg.replace(
             "listen = \"127.0.0.1:0\"\n",
-            &format!("listen = \"127.0.0.1:0\"\nfallback = \"imaps://localhost:{}\"\n", d.imaps_port),
+            &format!(
+                "listen = \"127.0.0.1:0\"\nfallback = \"imaps://localhost:{}\"\n",
+                d.imaps_port
+            ),
         );
-        cfg = cfg.replace("[server]\n", &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()));
-        cfg += &oauth_account(ALICE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port));
-        cfg += &oauth_account(CAROL, &env.provider, d, &format!("imap+starttls://localhost:{}", d.imap_port));
-        cfg += &format!("[accounts.\"{BOB}\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:{}\"\n", d.imap_port);
+        cfg = cfg.replace(
+            "[server]\n",
+            &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()),
+        );
+        cfg += &oauth_account(
+            ALICE,
+            &env.provider,
+            d,
+            &format!("imaps://localhost:{}", d.imaps_port),
+        );
+        cfg += &oauth_account(
+            CAROL,
+            &env.provider,
+            d,
+            &format!("imap+starttls://localhost:{}", d.imap_port),
+        );
+        cfg += &format!(
+            "[accounts.\"{BOB}\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:{}\"\n",
+            d.imap_port
+        );
         dir.write_config(&cfg);
-        World { env, dir, proxy: None }
+        World {
+            env,
+            dir,
+            proxy: None,
+        }
     }
 
     fn authorise(&self, account: &str, pw: &str) {
@@ -69,20 +92,31 @@ impl World {
 
     /// Lines Dovecot logged for its login processes (each upstream connection leaves some).
     fn upstream_logins(&self) -> usize {
-        self.env.dovecot.log().lines().filter(|l| l.contains("imap-login:")).count()
+        self.env
+            .dovecot
+            .log()
+            .lines()
+            .filter(|l| l.contains("imap-login:"))
+            .count()
     }
 }
 
 async fn connect(port: u16) -> LineConn {
     let mut c = LineConn::plain(port).await.unwrap();
     let g = c.read_line().await.unwrap();
-    assert!(g.starts_with("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID]"), "{g}");
+    assert!(
+        g.starts_with("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID]"),
+        "{g}"
+    );
     c
 }
 
 async fn login(port: u16, user: &str, pw: &str) -> LineConn {
     let mut c = connect(port).await;
-    let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
+    let r = c
+        .imap("a1", &format!("LOGIN \"{user}\" \"{pw}\""))
+        .await
+        .unwrap();
     assert!(r.is_ok(), "LOGIN {user}: {r:?}");
     c
 }
@@ -99,11 +133,21 @@ async fn fetch_first(c: &mut LineConn) -> Vec<u8> {
 
 /// A direct session to Dovecot with a token minted by the provider.
 async fn direct_fetch(env: &Env, user: &str) -> Vec<u8> {
-    let token = env.provider.issue_access_token(user, "https://mail.example.org/");
+    let token = env
+        .provider
+        .issue_access_token(user, "https://mail.example.org/");
     let d = &env.dovecot;
-    let mut c = LineConn::tls(d.imaps_port, d.tls_client_config(), "localhost").await.unwrap();
+    let mut c = LineConn::tls(d.imaps_port, d.tls_client_config(), "localhost")
+        .await
+        .unwrap();
     c.read_line().await.unwrap();
-    let r = c.imap("d1", &format!("AUTHENTICATE XOAUTH2 {}", client::xoauth2_b64(user, &token))).await.unwrap();
+    let r = c
+        .imap(
+            "d1",
+            &format!("AUTHENTICATE XOAUTH2 {}", client::xoauth2_b64(user, &token)),
+        )
+        .await
+        .unwrap();
     assert!(r.is_ok(), "{r:?}");
     fetch_first(&mut c).await
 }
@@ -114,17 +158,36 @@ async fn login_flow_then_fetch_is_byte_identical_to_direct() {
     w.authorise(ALICE, ALICE_PW);
 
     // The vault holds no secret in the clear and is private.
-    let vault_file = w.dir.state_dir().join("accounts").join(format!("{ALICE}.json"));
+    let vault_file = w
+        .dir
+        .state_dir()
+        .join("accounts")
+        .join(format!("{ALICE}.json"));
     let text = std::fs::read_to_string(&vault_file).unwrap();
     assert!(!text.contains(ALICE_PW));
-    assert!(text.contains("ciphertext") && text.contains("argon2id"), "{text}");
+    assert!(
+        text.contains("ciphertext") && text.contains("argon2id"),
+        "{text}"
+    );
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&vault_file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&vault_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let form = w.env.provider.last_token_request().unwrap();
-    assert_eq!(form.get("grant_type").map(String::as_str), Some("authorization_code"));
-    assert!(form.contains_key("code_verifier"), "PKCE verifier sent: {form:?}");
+    assert_eq!(
+        form.get("grant_type").map(String::as_str),
+        Some("authorization_code")
+    );
+    assert!(
+        form.contains_key("code_verifier"),
+        "PKCE verifier sent: {form:?}"
+    );
     let auth = w.env.provider.last_authorize_request().unwrap();
-    assert_eq!(auth.get("code_challenge_method").map(String::as_str), Some("S256"));
+    assert_eq!(
+        auth.get("code_challenge_method").map(String::as_str),
+        Some("S256")
+    );
     assert!(auth.get("state").is_some_and(|s| s.len() >= 16));
 
     let mut msg = sample_message("x@example.org", ALICE, "hello", "m1");
@@ -150,9 +213,13 @@ async fn login_forms_literals_and_authenticate_plain() {
 
     // LOGIN with synchronising literals: the proxy answers `+` for each.
     let mut c = connect(port).await;
-    c.send(&format!("a1 LOGIN {{{}}}", ALICE.len())).await.unwrap();
+    c.send(&format!("a1 LOGIN {{{}}}", ALICE.len()))
+        .await
+        .unwrap();
     assert!(c.read_line().await.unwrap().starts_with("+ "));
-    c.send(&format!("{ALICE} {{{}}}", ALICE_PW.len())).await.unwrap();
+    c.send(&format!("{ALICE} {{{}}}", ALICE_PW.len()))
+        .await
+        .unwrap();
     assert!(c.read_line().await.unwrap().starts_with("+ "));
     c.send(ALICE_PW).await.unwrap();
     let r = c.read_imap_response("a1").await.unwrap();
@@ -162,15 +229,28 @@ async fn login_forms_literals_and_authenticate_plain() {
 
     // LOGIN with non-synchronising literals: no continuation.
     let mut c = connect(port).await;
-    c.write_raw(format!("a1 LOGIN {{{}+}}\r\n{ALICE} {{{}+}}\r\n{ALICE_PW}\r\n", ALICE.len(), ALICE_PW.len()).as_bytes())
-        .await
-        .unwrap();
+    c.write_raw(
+        format!(
+            "a1 LOGIN {{{}+}}\r\n{ALICE} {{{}+}}\r\n{ALICE_PW}\r\n",
+            ALICE.len(),
+            ALICE_PW.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     let r = c.read_imap_response("a1").await.unwrap();
     assert!(r.is_ok() && r.lines.is_empty(), "{r:?}");
 
     // AUTHENTICATE PLAIN with SASL-IR.
     let mut c = connect(port).await;
-    let r = c.imap("a1", &format!("AUTHENTICATE PLAIN {}", client::plain_b64(ALICE, ALICE_PW))).await.unwrap();
+    let r = c
+        .imap(
+            "a1",
+            &format!("AUTHENTICATE PLAIN {}", client::plain_b64(ALICE, ALICE_PW)),
+        )
+        .await
+        .unwrap();
     assert!(r.is_ok(), "{r:?}");
 
     // AUTHENTICATE PLAIN via continuation.
@@ -196,7 +276,10 @@ async fn login_forms_literals_and_authenticate_plain() {
     let r = c.imap("a3", "SELECT INBOX").await.unwrap();
     assert!(r.tagged.starts_with("a3 BAD"), "{r:?}");
     let r = c.imap("a4", "CAPABILITY").await.unwrap();
-    assert_eq!(r.lines, vec!["* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID"]);
+    assert_eq!(
+        r.lines,
+        vec!["* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID"]
+    );
     let r = c.imap("a5", "ID (\"name\" \"test\")").await.unwrap();
     assert!(r.is_ok() && r.lines[0].starts_with("* ID ("), "{r:?}");
 }
@@ -212,21 +295,48 @@ async fn wrong_local_password_never_reaches_upstream() {
     let mut c = connect(port).await;
     let t0 = std::time::Instant::now();
     let r = c.imap("a1", &format!("LOGIN {ALICE} wrong")).await.unwrap();
-    assert!(r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r:?}");
-    let r = c.imap("a2", &format!("LOGIN {ALICE} wrong2")).await.unwrap();
-    assert!(r.tagged.starts_with("a2 NO [AUTHENTICATIONFAILED]"), "{r:?}");
-    let r = c.imap("a3", &format!("LOGIN {ALICE} wrong3")).await.unwrap();
+    assert!(
+        r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
+        "{r:?}"
+    );
+    let r = c
+        .imap("a2", &format!("LOGIN {ALICE} wrong2"))
+        .await
+        .unwrap();
+    assert!(
+        r.tagged.starts_with("a2 NO [AUTHENTICATIONFAILED]"),
+        "{r:?}"
+    );
+    let r = c
+        .imap("a3", &format!("LOGIN {ALICE} wrong3"))
+        .await
+        .unwrap();
     assert!(r.tagged.starts_with("a3 NO"), "{r:?}");
     // Repeated failures slow down: 0.25 + 0.5 + 1 s at least.
-    assert!(t0.elapsed() >= Duration::from_millis(1500), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
     // An unknown account without fallback config would also be refused; here
     // it goes to the fallback, which is upstream traffic by design, so it is not tried.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(w.upstream_logins(), before_logins, "no upstream connection for a wrong local password");
-    assert_eq!(w.env.provider.total_token_requests(), before_tokens, "no token request either");
+    assert_eq!(
+        w.upstream_logins(),
+        before_logins,
+        "no upstream connection for a wrong local password"
+    );
+    assert_eq!(
+        w.env.provider.total_token_requests(),
+        before_tokens,
+        "no token request either"
+    );
 
     // The right password still works on the same connection.
-    let r = c.imap("a4", &format!("LOGIN {ALICE} \"{ALICE_PW}\"")).await.unwrap();
+    let r = c
+        .imap("a4", &format!("LOGIN {ALICE} \"{ALICE_PW}\""))
+        .await
+        .unwrap();
     assert!(r.is_ok(), "{r:?}");
 }
 
@@ -273,7 +383,11 @@ async fn expired_token_is_refreshed_and_parallel_logins_refresh_once() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(p.refreshes(), before + 1, "one refresh for twenty parallel logins");
+    assert_eq!(
+        p.refreshes(),
+        before + 1,
+        "one refresh for twenty parallel logins"
+    );
     // Rotation was saved: a restart still works with the rotated refresh token.
     let port = w.restart();
     drop(login(port, ALICE, ALICE_PW).await);
@@ -286,17 +400,29 @@ async fn revoked_refresh_token_gives_a_clear_no() {
     let port = w.start();
     w.env.provider.invalidate_all_refresh_tokens();
     let mut c = connect(port).await;
-    let r = c.imap("a1", &format!("LOGIN {ALICE} \"{ALICE_PW}\"")).await.unwrap();
+    let r = c
+        .imap("a1", &format!("LOGIN {ALICE} \"{ALICE_PW}\""))
+        .await
+        .unwrap();
     assert!(r.tagged.starts_with("a1 NO [ALERT]"), "{r:?}");
-    assert!(r.tagged.contains(&format!("mailproxy login {ALICE}")), "{r:?}");
-    assert!(w.logs().contains("invalid_grant") || w.logs().contains("token refresh failed"), "{}", w.logs());
+    assert!(
+        r.tagged.contains(&format!("mailproxy login {ALICE}")),
+        "{r:?}"
+    );
+    assert!(
+        w.logs().contains("invalid_grant") || w.logs().contains("token refresh failed"),
+        "{}",
+        w.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_fallback_and_starttls_upstream() {
     let mut w = World::new();
     w.authorise(CAROL, "carol pw");
-    w.env.dovecot.deliver(BOB, &sample_message("x@y", BOB, "for bob", "b1"));
+    w.env
+        .dovecot
+        .deliver(BOB, &sample_message("x@y", BOB, "for bob", "b1"));
     let port = w.start();
 
     // Passthrough: bob's own password goes to the plain loopback upstream.
@@ -305,7 +431,10 @@ async fn passthrough_fallback_and_starttls_upstream() {
     assert_eq!(body, sample_message("x@y", BOB, "for bob", "b1"));
     let mut c = connect(port).await;
     let r = c.imap("a1", &format!("LOGIN {BOB} nope")).await.unwrap();
-    assert!(r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    assert!(
+        r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
+        "{r:?}"
+    );
 
     // Fallback: frank is not in the config; his login goes through unchanged.
     let mut c = login(port, FRANK, FRANK_PW).await;
@@ -321,24 +450,34 @@ async fn passthrough_fallback_and_starttls_upstream() {
 async fn pipelined_commands_and_idle_survive_the_hand_off() {
     let mut w = World::new();
     w.authorise(ALICE, ALICE_PW);
-    w.env.dovecot.deliver(ALICE, &sample_message("x@y", ALICE, "first", "p1"));
+    w.env
+        .dovecot
+        .deliver(ALICE, &sample_message("x@y", ALICE, "first", "p1"));
     let port = w.start();
 
     // LOGIN, SELECT and FETCH in one write: nothing lost or reordered.
     let mut c = connect(port).await;
-    c.write_raw(format!("a1 LOGIN {ALICE} \"{ALICE_PW}\"\r\na2 SELECT INBOX\r\na3 FETCH 1 (FLAGS)\r\n").as_bytes())
-        .await
-        .unwrap();
+    c.write_raw(
+        format!("a1 LOGIN {ALICE} \"{ALICE_PW}\"\r\na2 SELECT INBOX\r\na3 FETCH 1 (FLAGS)\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     assert!(c.read_imap_response("a1").await.unwrap().is_ok());
     assert!(c.read_imap_response("a2").await.unwrap().is_ok());
     let r = c.read_imap_response("a3").await.unwrap();
-    assert!(r.is_ok() && r.lines.iter().any(|l| l.starts_with("* 1 FETCH")), "{r:?}");
+    assert!(
+        r.is_ok() && r.lines.iter().any(|l| l.starts_with("* 1 FETCH")),
+        "{r:?}"
+    );
 
     // IDLE: a new message shows up while idling through the proxy.
     c.send("a4 IDLE").await.unwrap();
     assert!(c.read_line().await.unwrap().starts_with("+ "));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    w.env.dovecot.deliver(ALICE, &sample_message("x@y", ALICE, "second", "p2"));
+    w.env
+        .dovecot
+        .deliver(ALICE, &sample_message("x@y", ALICE, "second", "p2"));
     let l = c.read_until_prefix("* 2 EXISTS").await.unwrap();
     assert_eq!(l, "* 2 EXISTS");
     c.send("DONE").await.unwrap();
@@ -365,8 +504,16 @@ sys.stdout.buffer.write(data[0][1])
 m.logout()
 "#
     );
-    let out = std::process::Command::new("python3").arg("-c").arg(script).output().expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout, msg);
 }
 
@@ -380,7 +527,10 @@ fn serve_reports_config_errors_with_file_line_and_key_and_stops_cleanly() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("config.toml:6: accounts.\"a@b\".imap"), "{err}");
+    assert!(
+        err.contains("config.toml:6: accounts.\"a@b\".imap"),
+        "{err}"
+    );
     assert!(err.contains("allow_plaintext"), "{err}");
 
     let mut cfg = dir.header();

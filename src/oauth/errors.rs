@@ -61,27 +61,40 @@ pub fn explain(account: &str, error: &str, description: Option<&str>) -> Explana
                 "the authorisation was denied at the provider; {login} and approve the request"), true),
             "expired_token" => ("expired_token", format!(
                 "the sign-in code expired before it was used; {login} again and finish within the time shown"), true),
-            "temporarily_unavailable" | "server_error" => (error, format!(
-                "the provider is temporarily unavailable; mailproxy will retry, nothing to do yet"), false),
+            "temporarily_unavailable" | "server_error" => (error,
+                "the provider is temporarily unavailable; mailproxy will retry, nothing to do yet".to_string(), false),
             other => (other, format!(
                 "the provider refused the request ({other}{}); check the account settings for {account}",
                 description.map(|d| format!(": {}", first_line(d))).unwrap_or_default()), false),
         },
     };
-    Explanation { code: code.to_string(), sentence, needs_login }
+    Explanation {
+        code: code.to_string(),
+        sentence,
+        needs_login,
+    }
 }
 
 /// `AADSTS70008: The provided ...` → `AADSTS70008`.
 fn aadsts_code(description: &str) -> Option<String> {
     let start = description.find("AADSTS")?;
-    let digits: String = description[start + 6..].chars().take_while(|c| c.is_ascii_digit()).collect();
+    let digits: String = description[start + 6..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
     (!digits.is_empty()).then(|| format!("AADSTS{digits}"))
 }
 
 /// Descriptions may be long and multi-line (Microsoft adds trace IDs); keep
 /// the first line, bounded, free of control characters.
 fn first_line(d: &str) -> String {
-    d.lines().next().unwrap_or("").chars().filter(|c| !c.is_control()).take(200).collect()
+    d.lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect()
 }
 
 #[cfg(test)]
@@ -112,7 +125,11 @@ mod tests {
             let e = explain("a@b", err, desc);
             assert_eq!(e.code, code, "{err} {desc:?}");
             assert_eq!(e.needs_login, login, "{code}");
-            assert!(e.sentence.contains("a@b") || !login, "{code}: {}", e.sentence);
+            assert!(
+                e.sentence.contains("a@b") || !login,
+                "{code}: {}",
+                e.sentence
+            );
             assert!(!e.sentence.contains('\n'));
         }
     }

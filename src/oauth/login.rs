@@ -13,7 +13,11 @@ use crate::secret::Secret;
 
 pub enum Redirect {
     /// We listen on loopback; the browser comes back to us.
-    Loopback { listener: TcpListener, uri: String, path: String },
+    Loopback {
+        listener: TcpListener,
+        uri: String,
+        path: String,
+    },
     /// A pinned non-loopback redirect URI: the user pastes the URL the browser
     /// ended on.
     Paste { uri: String },
@@ -22,23 +26,51 @@ pub enum Redirect {
 impl Redirect {
     pub async fn bind(s: &OAuthSettings) -> std::io::Result<Redirect> {
         if let Some(u) = &s.redirect_uri {
-            let url = url::Url::parse(u).map_err(|e| std::io::Error::other(format!("redirect_uri `{u}`: {e}")))?;
-            let host = url.host_str().unwrap_or("").trim_matches(['[', ']']).to_string();
+            let url = url::Url::parse(u)
+                .map_err(|e| std::io::Error::other(format!("redirect_uri `{u}`: {e}")))?;
+            let host = url
+                .host_str()
+                .unwrap_or("")
+                .trim_matches(['[', ']'])
+                .to_string();
             if url.scheme() == "http" && is_loopback_host(&host) {
                 let port = url.port_or_known_default().unwrap_or(80);
-                let bind_host = if host.eq_ignore_ascii_case("localhost") { "127.0.0.1".to_string() } else { host };
-                let listener = TcpListener::bind((bind_host.as_str(), port)).await.map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("cannot listen on {bind_host}:{port} for the redirect_uri {u}: {e}"))
-                })?;
-                return Ok(Redirect::Loopback { listener, uri: u.clone(), path: url.path().to_string() });
+                let bind_host = if host.eq_ignore_ascii_case("localhost") {
+                    "127.0.0.1".to_string()
+                } else {
+                    host
+                };
+                let listener = TcpListener::bind((bind_host.as_str(), port))
+                    .await
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!(
+                                "cannot listen on {bind_host}:{port} for the redirect_uri {u}: {e}"
+                            ),
+                        )
+                    })?;
+                return Ok(Redirect::Loopback {
+                    listener,
+                    uri: u.clone(),
+                    path: url.path().to_string(),
+                });
             }
             return Ok(Redirect::Paste { uri: u.clone() });
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         // Microsoft app registrations list `http://localhost`; any port matches it.
-        let host = if s.provider == ProviderKind::Microsoft { "localhost" } else { "127.0.0.1" };
-        Ok(Redirect::Loopback { listener, uri: format!("http://{host}:{port}/"), path: "/".into() })
+        let host = if s.provider == ProviderKind::Microsoft {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        Ok(Redirect::Loopback {
+            listener,
+            uri: format!("http://{host}:{port}/"),
+            path: "/".into(),
+        })
     }
 
     pub fn uri(&self) -> &str {
@@ -48,7 +80,12 @@ impl Redirect {
     }
 
     /// Waits for the browser (or reads the pasted URL) and returns the code.
-    pub async fn wait(self, account: &str, req: &AuthRequest, timeout: Duration) -> Result<Secret, OAuthError> {
+    pub async fn wait(
+        self,
+        account: &str,
+        req: &AuthRequest,
+        timeout: Duration,
+    ) -> Result<Secret, OAuthError> {
         match self {
             Redirect::Paste { .. } => {
                 eprintln!("After approving, paste the full address your browser ended on, then press Enter:");
@@ -59,42 +96,68 @@ impl Redirect {
                 .await
                 .map_err(|e| OAuthError::Config(e.to_string()))?
                 .map_err(|e| OAuthError::Config(format!("reading the pasted address: {e}")))?;
-                let query = line.trim().split_once('?').map(|(_, q)| q.to_string()).unwrap_or_default();
+                let query = line
+                    .trim()
+                    .split_once('?')
+                    .map(|(_, q)| q.to_string())
+                    .unwrap_or_default();
                 match callback(account, req, &query) {
                     Callback::Code(c) => Ok(c),
                     Callback::Failed(e) => Err(e),
-                    Callback::Ignore(why) => Err(OAuthError::Config(format!("the pasted address is not the redirect: {why}"))),
+                    Callback::Ignore(why) => Err(OAuthError::Config(format!(
+                        "the pasted address is not the redirect: {why}"
+                    ))),
                 }
             }
             Redirect::Loopback { listener, path, .. } => tokio::time::timeout(timeout, async {
                 loop {
-                    let Ok((mut sock, _)) = listener.accept().await else { continue };
-                    let Ok(Some(target)) = tokio::time::timeout(Duration::from_secs(10), read_target(&mut sock)).await else {
+                    let Ok((mut sock, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let Ok(Some(target)) =
+                        tokio::time::timeout(Duration::from_secs(10), read_target(&mut sock)).await
+                    else {
                         continue;
                     };
                     let (p, query) = target.split_once('?').unwrap_or((&target, ""));
                     if p != path {
-                        let _ = respond(&mut sock, "404 Not Found", "Not the mailproxy redirect.").await;
+                        let _ = respond(&mut sock, "404 Not Found", "Not the mailproxy redirect.")
+                            .await;
                         continue;
                     }
                     match callback(account, req, query) {
                         Callback::Code(c) => {
-                            let _ = respond(&mut sock, "200 OK", "mailproxy: authorisation received. You can close this window.").await;
+                            let _ = respond(
+                                &mut sock,
+                                "200 OK",
+                                "mailproxy: authorisation received. You can close this window.",
+                            )
+                            .await;
                             return Ok(c);
                         }
                         Callback::Failed(e) => {
-                            let _ = respond(&mut sock, "400 Bad Request", &format!("mailproxy: authorisation failed: {e}")).await;
+                            let _ = respond(
+                                &mut sock,
+                                "400 Bad Request",
+                                &format!("mailproxy: authorisation failed: {e}"),
+                            )
+                            .await;
                             return Err(e);
                         }
                         Callback::Ignore(why) => {
-                            let _ = respond(&mut sock, "400 Bad Request", &format!("mailproxy: {why}")).await;
+                            let _ =
+                                respond(&mut sock, "400 Bad Request", &format!("mailproxy: {why}"))
+                                    .await;
                         }
                     }
                 }
             })
             .await
             .map_err(|_| {
-                OAuthError::Config(format!("no answer from the browser within {} s; run the login again", timeout.as_secs()))
+                OAuthError::Config(format!(
+                    "no answer from the browser within {} s; run the login again",
+                    timeout.as_secs()
+                ))
             })?,
         }
     }
@@ -125,7 +188,11 @@ fn callback(account: &str, req: &AuthRequest, query: &str) -> Callback {
         return Callback::Ignore("the state parameter does not match this login; ignored");
     }
     if let Some(e) = error {
-        return Callback::Failed(OAuthError::Provider(explain(account, &e, description.as_deref())));
+        return Callback::Failed(OAuthError::Provider(explain(
+            account,
+            &e,
+            description.as_deref(),
+        )));
     }
     match code {
         Some(c) if !c.is_empty() => Callback::Code(c),
@@ -152,7 +219,11 @@ async fn read_target(sock: &mut tokio::net::TcpStream) -> Option<String> {
     }
 }
 
-async fn respond(sock: &mut tokio::net::TcpStream, status: &str, text: &str) -> std::io::Result<()> {
+async fn respond(
+    sock: &mut tokio::net::TcpStream,
+    status: &str,
+    text: &str,
+) -> std::io::Result<()> {
     let body = format!(
         "<!doctype html><meta charset=utf-8><title>mailproxy</title><p>{}</p>\n",
         text.replace('&', "&amp;").replace('<', "&lt;")

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use oauth2::basic::BasicClient;
 use oauth2::{
-    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, PkceCodeChallenge, PkceCodeVerifier,
-    RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl,
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, PkceCodeChallenge,
+    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl,
 };
 
 use crate::config::OAuthSettings;
@@ -79,7 +79,10 @@ enum HttpFail {
 
 /// oauth2's HTTP hook: reqwest underneath, but a 5xx becomes a transport
 /// error (so it is retried, not parsed as an OAuth error) and bodies are bounded.
-async fn send(http: &reqwest::Client, req: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, HttpFail> {
+async fn send(
+    http: &reqwest::Client,
+    req: oauth2::HttpRequest,
+) -> Result<oauth2::HttpResponse, HttpFail> {
     let (parts, body) = req.into_parts();
     let mut resp = http
         .request(parts.method, parts.uri.to_string())
@@ -97,19 +100,31 @@ async fn send(http: &reqwest::Client, req: oauth2::HttpRequest) -> Result<oauth2
         builder = builder.header(k, v);
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| HttpFail::Transport(describe_reqwest(&e)))? {
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| HttpFail::Transport(describe_reqwest(&e)))?
+    {
         if body.len() + chunk.len() > MAX_BODY {
-            return Err(HttpFail::Transport(format!("answer larger than {MAX_BODY} bytes")));
+            return Err(HttpFail::Transport(format!(
+                "answer larger than {MAX_BODY} bytes"
+            )));
         }
         body.extend_from_slice(&chunk);
     }
-    builder.body(body).map_err(|e| HttpFail::Transport(e.to_string()))
+    builder
+        .body(body)
+        .map_err(|e| HttpFail::Transport(e.to_string()))
 }
 
 fn describe_reqwest(e: &reqwest::Error) -> String {
     // reqwest's Display can include the URL, never a body; walk the sources
     // for the useful part (connection refused, timed out, certificate ...).
-    let mut s = if e.is_timeout() { "timed out".to_string() } else { e.to_string() };
+    let mut s = if e.is_timeout() {
+        "timed out".to_string()
+    } else {
+        e.to_string()
+    };
     let mut src = std::error::Error::source(e);
     while let Some(inner) = src {
         s = format!("{s}: {inner}");
@@ -124,27 +139,40 @@ struct Http<'a>(&'a reqwest::Client);
 
 impl<'c> oauth2::AsyncHttpClient<'c> for Http<'_> {
     type Error = HttpFail;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, HttpFail>> + Send + 'c>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, HttpFail>> + Send + 'c>,
+    >;
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(send(self.0, request))
     }
 }
 
-type TokenErr = RequestTokenError<HttpFail, oauth2::StandardErrorResponse<oauth2::basic::BasicErrorResponseType>>;
+type TokenErr = RequestTokenError<
+    HttpFail,
+    oauth2::StandardErrorResponse<oauth2::basic::BasicErrorResponseType>,
+>;
 
 fn convert(account: &str, url: &str, e: TokenErr) -> OAuthError {
     match e {
-        RequestTokenError::ServerResponse(r) => {
-            OAuthError::Provider(explain(account, r.error().as_ref(), r.error_description().map(String::as_str)))
-        }
-        RequestTokenError::Request(f) => OAuthError::Unavailable { url: url.into(), reason: f.to_string() },
+        RequestTokenError::ServerResponse(r) => OAuthError::Provider(explain(
+            account,
+            r.error().as_ref(),
+            r.error_description().map(String::as_str),
+        )),
+        RequestTokenError::Request(f) => OAuthError::Unavailable {
+            url: url.into(),
+            reason: f.to_string(),
+        },
         RequestTokenError::Parse(e, _body) => OAuthError::Malformed {
             url: url.into(),
             // The path names the field; the value is left out: it could be a token.
             reason: format!("field `{}` is missing or has the wrong type", e.path()),
         },
-        RequestTokenError::Other(m) => OAuthError::Malformed { url: url.into(), reason: m },
+        RequestTokenError::Other(m) => OAuthError::Malformed {
+            url: url.into(),
+            reason: m,
+        },
     }
 }
 
@@ -154,7 +182,9 @@ fn tokens(r: &oauth2::basic::BasicTokenResponse) -> Tokens {
         access: Secret::new(r.access_token().secret().clone()),
         expires_at: SystemTime::now() + lifetime,
         refresh: r.refresh_token().map(|t| Secret::new(t.secret().clone())),
-        scopes: r.scopes().map(|s| s.iter().map(|s| s.to_string()).collect()),
+        scopes: r
+            .scopes()
+            .map(|s| s.iter().map(|s| s.to_string()).collect()),
     }
 }
 
@@ -163,7 +193,10 @@ macro_rules! client {
         let s: &OAuthSettings = $s;
         let mut c = BasicClient::new(ClientId::new(s.client_id.clone()))
             .set_auth_type(AuthType::RequestBody)
-            .set_token_uri(TokenUrl::new(s.token_url.clone()).map_err(|e| OAuthError::Config(format!("token_url: {e}")))?);
+            .set_token_uri(
+                TokenUrl::new(s.token_url.clone())
+                    .map_err(|e| OAuthError::Config(format!("token_url: {e}")))?,
+            );
         if let Some(secret) = &s.client_secret {
             c = c.set_client_secret(ClientSecret::new(secret.expose().to_string()));
         }
@@ -173,7 +206,12 @@ macro_rules! client {
 
 /// Uses a refresh token. The answer may carry a rotated refresh token, which
 /// the caller must save before using the new access token.
-pub async fn refresh(http: &reqwest::Client, account: &str, s: &OAuthSettings, token: &Secret) -> Result<Tokens, OAuthError> {
+pub async fn refresh(
+    http: &reqwest::Client,
+    account: &str,
+    s: &OAuthSettings,
+    token: &Secret,
+) -> Result<Tokens, OAuthError> {
     let client = client!(s);
     let rt = RefreshToken::new(token.expose().to_string());
     let r = client
@@ -202,11 +240,19 @@ impl AuthRequest {
 }
 
 /// Builds the authorisation URL with PKCE (S256) and a random `state`.
-pub fn authorization_request(account: &str, s: &OAuthSettings, redirect_uri: &str) -> Result<AuthRequest, OAuthError> {
+pub fn authorization_request(
+    account: &str,
+    s: &OAuthSettings,
+    redirect_uri: &str,
+) -> Result<AuthRequest, OAuthError> {
     let client = client!(s)
-        .set_auth_uri(AuthUrl::new(s.auth_url.clone()).map_err(|e| OAuthError::Config(format!("auth_url: {e}")))?)
+        .set_auth_uri(
+            AuthUrl::new(s.auth_url.clone())
+                .map_err(|e| OAuthError::Config(format!("auth_url: {e}")))?,
+        )
         .set_redirect_uri(
-            RedirectUrl::new(redirect_uri.to_string()).map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
+            RedirectUrl::new(redirect_uri.to_string())
+                .map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
         );
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let mut req = client
@@ -218,7 +264,12 @@ pub fn authorization_request(account: &str, s: &OAuthSettings, redirect_uri: &st
         req = req.add_extra_param(k.as_str(), v.as_str());
     }
     let (url, state) = req.url();
-    Ok(AuthRequest { url: url.to_string(), redirect_uri: redirect_uri.to_string(), state, verifier })
+    Ok(AuthRequest {
+        url: url.to_string(),
+        redirect_uri: redirect_uri.to_string(),
+        state,
+        verifier,
+    })
 }
 
 /// Redeems the authorisation code, proving possession of the PKCE verifier.
@@ -230,7 +281,8 @@ pub async fn exchange_code(
     code: &str,
 ) -> Result<Tokens, OAuthError> {
     let client = client!(s).set_redirect_uri(
-        RedirectUrl::new(req.redirect_uri.clone()).map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
+        RedirectUrl::new(req.redirect_uri.clone())
+            .map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
     );
     let r = client
         .exchange_code(AuthorizationCode::new(code.to_string()))

@@ -35,20 +35,31 @@ pub async fn session(
     let mut buf = vec![0u8; 4096];
     loop {
         match pre.poll() {
-            Some(Event::Login { tag, username, password }) => {
+            Some(Event::Login {
+                tag,
+                username,
+                password,
+            }) => {
                 flush(&mut client, &mut pre).await?;
                 let login = username.to_string();
                 tracing::Span::current().record("login", login.as_str());
                 match login_upstream(ctx, listener, &login, Secret::from(password)).await {
                     Ok((upstream, mut to_client, tagged)) => {
-                        let ok = response::retag_line(&tagged.line, &tag).map_err(std::io::Error::other)?;
+                        let ok = response::retag_line(&tagged.line, &tag)
+                            .map_err(std::io::Error::other)?;
                         let mut greeting = std::mem::take(&mut to_client.0);
                         greeting.extend_from_slice(&ok);
                         client.write_all(&greeting).await?;
                         tracing::info!(upstream = %upstream.endpoint, "logged in; relaying");
                         let pending = pre.into_pending_input();
-                        let (up, down) =
-                            super::relay(client, upstream.stream, pending, upstream.leftover, &ctx.shutdown).await?;
+                        let (up, down) = super::relay(
+                            client,
+                            upstream.stream,
+                            pending,
+                            upstream.leftover,
+                            &ctx.shutdown,
+                        )
+                        .await?;
                         tracing::info!(bytes_up = up, bytes_down = down, "session ended");
                         return Ok(());
                     }
@@ -63,7 +74,9 @@ pub async fn session(
                 let (Some(acceptor), Stream::Plain(tcp)) = (tls, client) else {
                     return Ok(()); // the state machine only offers STARTTLS on plain + TLS configured
                 };
-                client = match tokio::time::timeout(limits.preauth_timeout, acceptor.accept(tcp)).await {
+                client = match tokio::time::timeout(limits.preauth_timeout, acceptor.accept(tcp))
+                    .await
+                {
                     Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
                     Ok(Err(e)) => {
                         tracing::info!(error = %e, "client TLS handshake failed");
@@ -84,7 +97,9 @@ pub async fn session(
                     // Cannot happen with a well-behaved state machine; never spin.
                     return Ok(());
                 }
-                let left = deadline.saturating_duration_since(Instant::now()).min(limits.preauth_timeout);
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(limits.preauth_timeout);
                 let n = tokio::select! {
                     r = tokio::time::timeout(left, client.read(&mut buf)) => match r {
                         Ok(r) => r?,
@@ -118,7 +133,9 @@ async fn flush(client: &mut Stream, pre: &mut PreAuth) -> std::io::Result<()> {
 /// Response text must stay on one line and never carry CR/LF from upstream
 /// or provider text into the client's protocol stream.
 fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Untagged lines the upstream sent during login, forwarded before the OK.
@@ -149,12 +166,22 @@ async fn login_upstream(
     })?;
     match &up.auth {
         UpstreamAuth::Password(pw) => {
-            match client.login(&up.user, pw).await.map_err(|e| LoginFailure::new(FailureKind::Unavailable, e))? {
+            match client
+                .login(&up.user, pw)
+                .await
+                .map_err(|e| LoginFailure::new(FailureKind::Unavailable, e))?
+            {
                 AuthOutcome::Ok(u, t) => Ok((client.into_conn(up.endpoint.clone()), u, t)),
-                AuthOutcome::Rejected(text) => Err(LoginFailure::new(FailureKind::Credentials, text)),
+                AuthOutcome::Rejected(text) => {
+                    Err(LoginFailure::new(FailureKind::Credentials, text))
+                }
             }
         }
-        UpstreamAuth::Token { token, mechanism, account } => {
+        UpstreamAuth::Token {
+            token,
+            mechanism,
+            account,
+        } => {
             let mut token = token.clone();
             // A server may reject a token we believed fresh (revoked, clock
             // skew): drop it, get a new one, and try once more.
@@ -164,7 +191,9 @@ async fn login_upstream(
                     .await
                     .map_err(|e| LoginFailure::new(FailureKind::Unavailable, e))?;
                 match outcome {
-                    AuthOutcome::Ok(u, t) => return Ok((client.into_conn(up.endpoint.clone()), u, t)),
+                    AuthOutcome::Ok(u, t) => {
+                        return Ok((client.into_conn(up.endpoint.clone()), u, t))
+                    }
                     AuthOutcome::Rejected(text) if attempt == 0 => {
                         tracing::info!(reason = %text, "upstream rejected the access token; refreshing and retrying once");
                         ctx.tokens.reject(account, &token).await;
@@ -203,17 +232,32 @@ impl ImapClient {
     async fn connect(ctx: &Ctx, up: &Upstream) -> Result<ImapClient, String> {
         let ep = &up.endpoint;
         let timeout = ctx.config.limits.connect_timeout;
-        let tcp = net::connect_tcp(ep, timeout).await.map_err(|e| e.to_string())?;
-        let tls_config = || ctx.tls.get(up.ca_file.as_deref()).map_err(|e| e.to_string());
+        let tcp = net::connect_tcp(ep, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tls_config = || {
+            ctx.tls
+                .get(up.ca_file.as_deref())
+                .map_err(|e| e.to_string())
+        };
         let stream = match ep.security {
-            Security::Tls => net::tls_client(tcp, ep, tls_config()?, timeout).await.map_err(|e| e.to_string())?,
+            Security::Tls => net::tls_client(tcp, ep, tls_config()?, timeout)
+                .await
+                .map_err(|e| e.to_string())?,
             _ => Stream::Plain(tcp),
         };
-        let mut c = ImapClient { stream, buf: Vec::new(), caps: Vec::new(), next_tag: 0, endpoint: ep.to_string() };
+        let mut c = ImapClient {
+            stream,
+            buf: Vec::new(),
+            caps: Vec::new(),
+            next_tag: 0,
+            endpoint: ep.to_string(),
+        };
         let greeting = tokio::time::timeout(timeout, c.read_response())
             .await
             .map_err(|_| format!("{ep} sent no greeting within {} s", timeout.as_secs()))??;
-        let g = response::parse_greeting(&greeting).map_err(|e| format!("{ep} greeted with garbage: {e}"))?;
+        let g = response::parse_greeting(&greeting)
+            .map_err(|e| format!("{ep} greeted with garbage: {e}"))?;
         match g.status {
             Status::Ok => c.caps = g.capabilities().unwrap_or_default(),
             Status::Bye => return Err(format!("{ep} refused the connection: {}", g.text)),
@@ -230,11 +274,17 @@ impl ImapClient {
                 tracing::warn!(upstream = %ep, bytes = c.buf.len(), "discarding plaintext the server sent before TLS");
                 c.buf.clear();
             }
-            let Stream::Plain(tcp) = c.stream else { unreachable!("STARTTLS starts on plaintext") };
-            c.stream = net::tls_client(tcp, ep, tls_config()?, timeout).await.map_err(|e| e.to_string())?;
+            let Stream::Plain(tcp) = c.stream else {
+                unreachable!("STARTTLS starts on plaintext")
+            };
+            c.stream = net::tls_client(tcp, ep, tls_config()?, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
             c.caps.clear(); // capabilities from before TLS are not to be trusted
         }
-        if c.caps.is_empty() || !has_capability(&c.caps, "IMAP4rev1") && !has_capability(&c.caps, "IMAP4rev2") {
+        if c.caps.is_empty()
+            || !has_capability(&c.caps, "IMAP4rev1") && !has_capability(&c.caps, "IMAP4rev2")
+        {
             let (untagged, tagged) = c.command("CAPABILITY").await?;
             if tagged.status != Status::Ok {
                 return Err(format!("{ep} refused CAPABILITY: {}", tagged.text));
@@ -263,13 +313,20 @@ impl ImapClient {
                         let end = need_from + info.len;
                         match info.literal {
                             None => return Ok(self.buf.drain(..end).collect()),
-                            Some(n) if (end as u64).saturating_add(n) <= MAX_UPSTREAM_LINE as u64 => {
+                            Some(n)
+                                if (end as u64).saturating_add(n) <= MAX_UPSTREAM_LINE as u64 =>
+                            {
                                 need_from = end + n as usize;
                                 if need_from <= self.buf.len() {
                                     continue;
                                 }
                             }
-                            Some(_) => return Err(format!("{} sent an oversized response before login", self.endpoint)),
+                            Some(_) => {
+                                return Err(format!(
+                                    "{} sent an oversized response before login",
+                                    self.endpoint
+                                ))
+                            }
                         }
                     }
                     Ok(None) => {}
@@ -277,7 +334,11 @@ impl ImapClient {
                 }
             }
             let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).await.map_err(|e| format!("{}: {e}", self.endpoint))?;
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("{}: {e}", self.endpoint))?;
             if n == 0 {
                 return Err(format!("{} closed the connection", self.endpoint));
             }
@@ -286,8 +347,14 @@ impl ImapClient {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.stream.write_all(bytes).await.map_err(|e| format!("{}: {e}", self.endpoint))?;
-        self.stream.flush().await.map_err(|e| format!("{}: {e}", self.endpoint))
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|e| format!("{}: {e}", self.endpoint))?;
+        self.stream
+            .flush()
+            .await
+            .map_err(|e| format!("{}: {e}", self.endpoint))
     }
 
     /// Sends a simple command and reads to its tagged completion.
@@ -298,7 +365,9 @@ impl ImapClient {
         loop {
             let line = self.read_response().await?;
             match response::parse_response(&line) {
-                Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag.as_str()) => return Ok((untagged, s)),
+                Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag.as_str()) => {
+                    return Ok((untagged, s))
+                }
                 Ok(Response::Status(s)) if s.status == Status::Bye => {
                     return Err(format!("{} closed the session: {}", self.endpoint, s.text))
                 }
@@ -310,7 +379,11 @@ impl ImapClient {
     /// Reads the rest of an AUTHENTICATE/LOGIN exchange after its last
     /// client line. `on_challenge` answers a continuation (an OAuth error
     /// challenge is answered with an empty response).
-    async fn finish_auth(&mut self, tag: &str, mechanism: Option<Mechanism>) -> Result<AuthOutcome, String> {
+    async fn finish_auth(
+        &mut self,
+        tag: &str,
+        mechanism: Option<Mechanism>,
+    ) -> Result<AuthOutcome, String> {
         let mut untagged = Vec::new();
         let mut challenge = None;
         loop {
@@ -329,13 +402,19 @@ impl ImapClient {
                 }
                 Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag) => {
                     if s.status == Status::Ok {
-                        return Ok(AuthOutcome::Ok(Untagged(untagged.concat()), Tagged { line }));
+                        return Ok(AuthOutcome::Ok(
+                            Untagged(untagged.concat()),
+                            Tagged { line },
+                        ));
                     }
                     let why = match &challenge {
                         Some(c) => c.explain(),
                         None => format!("the server said: {}", s.text),
                     };
-                    return Ok(AuthOutcome::Rejected(format!("{} refused the login: {why}", self.endpoint)));
+                    return Ok(AuthOutcome::Rejected(format!(
+                        "{} refused the login: {why}",
+                        self.endpoint
+                    )));
                 }
                 Ok(Response::Status(s)) if s.status == Status::Bye => {
                     return Err(format!("{} closed the session: {}", self.endpoint, s.text))
@@ -345,12 +424,23 @@ impl ImapClient {
         }
     }
 
-    async fn authenticate(&mut self, up: &Upstream, token: &Secret, mechanism: Mechanism) -> Result<AuthOutcome, String> {
+    async fn authenticate(
+        &mut self,
+        up: &Upstream,
+        token: &Secret,
+        mechanism: Mechanism,
+    ) -> Result<AuthOutcome, String> {
         let (name, ir) = match mechanism {
             Mechanism::Xoauth2 => ("XOAUTH2", sasl::xoauth2(&up.user, token.expose())),
-            Mechanism::Oauthbearer => {
-                ("OAUTHBEARER", sasl::oauthbearer(&up.user, token.expose(), &up.endpoint.host, up.endpoint.port))
-            }
+            Mechanism::Oauthbearer => (
+                "OAUTHBEARER",
+                sasl::oauthbearer(
+                    &up.user,
+                    token.expose(),
+                    &up.endpoint.host,
+                    up.endpoint.port,
+                ),
+            ),
         };
         let tag = self.tag();
         if has_capability(&self.caps, "SASL-IR") {
@@ -359,7 +449,8 @@ impl ImapClient {
             line = Secret::default();
             drop(line);
         } else {
-            self.send(format!("{tag} AUTHENTICATE {name}\r\n").as_bytes()).await?;
+            self.send(format!("{tag} AUTHENTICATE {name}\r\n").as_bytes())
+                .await?;
             let cont = self.read_response().await?;
             match response::parse_response(&cont) {
                 Ok(Response::Continuation(_)) => {
@@ -372,7 +463,12 @@ impl ImapClient {
                         self.endpoint, s.text
                     )));
                 }
-                _ => return Err(format!("{} answered AUTHENTICATE with something unexpected", self.endpoint)),
+                _ => {
+                    return Err(format!(
+                        "{} answered AUTHENTICATE with something unexpected",
+                        self.endpoint
+                    ))
+                }
             }
         }
         self.finish_auth(&tag, Some(mechanism)).await
@@ -397,7 +493,11 @@ impl ImapClient {
                 }
                 head.push('"');
             } else {
-                head.push_str(&format!(" {{{}{}}}", arg.len(), if literal_plus { "+" } else { "" }));
+                head.push_str(&format!(
+                    " {{{}{}}}",
+                    arg.len(),
+                    if literal_plus { "+" } else { "" }
+                ));
                 pieces.push((std::mem::take(&mut head), Some(arg.as_bytes().to_vec())));
             }
         }
@@ -413,8 +513,14 @@ impl ImapClient {
                     self.send(&bytes).await?;
                     if !literal_plus {
                         let cont = self.read_response().await?;
-                        if !matches!(response::parse_response(&cont), Ok(Response::Continuation(_))) {
-                            return Ok(AuthOutcome::Rejected(format!("{} refused the login literal", self.endpoint)));
+                        if !matches!(
+                            response::parse_response(&cont),
+                            Ok(Response::Continuation(_))
+                        ) {
+                            return Ok(AuthOutcome::Rejected(format!(
+                                "{} refused the login literal",
+                                self.endpoint
+                            )));
                         }
                     }
                     self.send(&lit).await?;
@@ -429,7 +535,11 @@ impl ImapClient {
     }
 
     fn into_conn(self, endpoint: crate::endpoint::Endpoint) -> UpstreamConn {
-        UpstreamConn { endpoint, stream: self.stream, leftover: self.buf }
+        UpstreamConn {
+            endpoint,
+            stream: self.stream,
+            leftover: self.buf,
+        }
     }
 }
 

@@ -5,7 +5,7 @@ pub mod imap;
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Account, Config, Listener, Mechanism};
@@ -38,7 +38,11 @@ pub struct Upstream {
 pub enum UpstreamAuth {
     /// OAuth account: a fresh access token; `account` lets the session ask
     /// for a new one if the server rejects it.
-    Token { token: Secret, mechanism: Mechanism, account: Arc<AccountTokens> },
+    Token {
+        token: Secret,
+        mechanism: Mechanism,
+        account: Arc<AccountTokens>,
+    },
     /// Passthrough: the client's own password.
     Password(Secret),
 }
@@ -62,7 +66,10 @@ pub enum FailureKind {
 
 impl LoginFailure {
     pub fn new(kind: FailureKind, text: impl Into<String>) -> Self {
-        LoginFailure { kind, text: text.into() }
+        LoginFailure {
+            kind,
+            text: text.into(),
+        }
     }
 
     /// The IMAP response code for this failure.
@@ -78,7 +85,12 @@ impl LoginFailure {
 /// Resolves a client login to the upstream and credentials to use. For OAuth
 /// accounts this checks the local password (a wrong one ends here, before
 /// any upstream traffic) and obtains a fresh access token.
-pub async fn authorize(ctx: &Ctx, listener: &Listener, login: &str, password: Secret) -> Result<Upstream, LoginFailure> {
+pub async fn authorize(
+    ctx: &Ctx,
+    listener: &Listener,
+    login: &str,
+    password: Secret,
+) -> Result<Upstream, LoginFailure> {
     let protocol = listener.protocol;
     let Some(account) = ctx.config.account(login) else {
         return match &listener.fallback {
@@ -90,7 +102,10 @@ pub async fn authorize(ctx: &Ctx, listener: &Listener, login: &str, password: Se
             }),
             None => {
                 tracing::info!(login = %login, "login for an unknown account refused");
-                Err(LoginFailure::new(FailureKind::Credentials, "Authentication failed"))
+                Err(LoginFailure::new(
+                    FailureKind::Credentials,
+                    "Authentication failed",
+                ))
             }
         };
     };
@@ -108,7 +123,10 @@ pub async fn authorize(ctx: &Ctx, listener: &Listener, login: &str, password: Se
         Ok(()) => {}
         Err(AuthError::WrongPassword) => {
             tracing::info!(account = %account.name, "wrong local password");
-            return Err(LoginFailure::new(FailureKind::Credentials, "Authentication failed"));
+            return Err(LoginFailure::new(
+                FailureKind::Credentials,
+                "Authentication failed",
+            ));
         }
         Err(e @ (AuthError::NoLocalPassword(_) | AuthError::NotAuthorised(_))) => {
             tracing::warn!(account = %account.name, error = %e, "login to an account that is not ready");
@@ -119,12 +137,20 @@ pub async fn authorize(ctx: &Ctx, listener: &Listener, login: &str, password: Se
             return Err(LoginFailure::new(FailureKind::Action, e.to_string()));
         }
     }
-    let token = ctx.tokens.access_token(tokens).await.map_err(|e| token_failure(&account.name, e))?;
+    let token = ctx
+        .tokens
+        .access_token(tokens)
+        .await
+        .map_err(|e| token_failure(&account.name, e))?;
     Ok(Upstream {
         endpoint,
         ca_file: account.ca_file.clone(),
         user: account.username.clone(),
-        auth: UpstreamAuth::Token { token, mechanism: account.mechanism, account: tokens.clone() },
+        auth: UpstreamAuth::Token {
+            token,
+            mechanism: account.mechanism,
+            account: tokens.clone(),
+        },
     })
 }
 
@@ -132,7 +158,10 @@ fn endpoint_for(account: &Account, protocol: Protocol) -> Result<Endpoint, Login
     account.endpoint(protocol).cloned().ok_or_else(|| {
         LoginFailure::new(
             FailureKind::Action,
-            format!("{} has no {protocol} server configured; set {protocol} = \"...\" for it", account.name),
+            format!(
+                "{} has no {protocol} server configured; set {protocol} = \"...\" for it",
+                account.name
+            ),
         )
     })
 }

@@ -319,15 +319,7 @@ submission_relay_ssl = no
             .stderr(stderr);
         // If the test process dies without running Drop, the kernel sends SIGTERM to
         // the master, which then stops its children: no stray dovecots.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
+        let child = super::process::spawn_tied_to_process(cmd, libc::SIGTERM)
             .map_err(|e| (false, format!("spawn dovecot: {e}")))?;
         d.child = Some(child);
 
@@ -512,8 +504,17 @@ submission_relay_ssl = no
         }
         // The master normally reaps them; wait so callers can rely on "no processes left".
         let deadline = Instant::now() + Duration::from_secs(3);
-        for pid in children {
+        for &pid in &children {
             while is_alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        // Children that died after the master are zombies until init reaps them;
+        // give it a moment so `ps` is clean right after stop() (don't insist: an
+        // init that never reaps must not cost every test seconds).
+        let deadline = Instant::now() + Duration::from_millis(300);
+        for &pid in &children {
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }

@@ -20,7 +20,9 @@ pub struct ProxyDir {
 
 impl ProxyDir {
     pub fn new() -> ProxyDir {
-        ProxyDir { dir: tempfile::tempdir().expect("tempdir") }
+        ProxyDir {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -66,14 +68,27 @@ impl ProxyDir {
         browser: impl FnOnce(&str),
     ) -> (ExitStatus, String) {
         let mut child = Command::new(BIN)
-            .args(["--config", self.config_path().to_str().unwrap(), "login", account, "--no-browser", "--timeout", "30"])
+            .args([
+                "--config",
+                self.config_path().to_str().unwrap(),
+                "login",
+                account,
+                "--no-browser",
+                "--timeout",
+                "30",
+            ])
             .args(extra_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn mailproxy login");
-        child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{password}\n").as_bytes())
+            .unwrap();
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut seen = String::new();
         let mut url = None;
@@ -151,12 +166,21 @@ impl Proxy {
             .into_iter()
             .filter(|p| config.lines().any(|l| l.trim() == format!("[{p}]")))
             .collect();
-        let mut p = Proxy { child, imap: None, smtp: None, pop3: None, logs, stdout_lines };
+        let mut p = Proxy {
+            child,
+            imap: None,
+            smtp: None,
+            pop3: None,
+            logs,
+            stdout_lines,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             for line in p.stdout_lines.lock().unwrap().iter() {
                 let mut parts = line.split_whitespace();
-                if let (Some("listening"), Some(proto), Some(addr)) = (parts.next(), parts.next(), parts.next()) {
+                if let (Some("listening"), Some(proto), Some(addr)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
                     let addr: SocketAddr = addr.parse().unwrap();
                     match proto {
                         "imap" => p.imap = Some(addr),
@@ -177,7 +201,11 @@ impl Proxy {
             if let Ok(Some(st)) = p.child.try_wait() {
                 panic!("mailproxy serve exited early ({st}):\n{}", p.logs());
             }
-            assert!(Instant::now() < deadline, "mailproxy serve did not start listening:\n{}", p.logs());
+            assert!(
+                Instant::now() < deadline,
+                "mailproxy serve did not start listening:\n{}",
+                p.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -225,7 +253,8 @@ impl Proxy {
 
     /// Resident memory of the proxy process in KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         s.lines()
             .find(|l| l.starts_with("VmRSS:"))
             .and_then(|l| l.split_whitespace().nth(1))

@@ -7,6 +7,7 @@
 //! - [`pki`]: test CA and leaf certificates (valid, expired, self-signed).
 //! - [`smtp_sink`]: SMTP server that stores what Dovecot's submission relays.
 //! - [`client`]: raw line-protocol client (TCP/TLS/STARTTLS, IMAP literals, SASL strings).
+//! - [`process`]: spawn child processes that die with the test process.
 //! - [`http`]: minimal HTTP/1.1 server parsing and a blocking test client.
 #![allow(dead_code, unused_imports)]
 
@@ -15,6 +16,7 @@ pub mod dovecot;
 pub mod http;
 pub mod mailproxy;
 pub mod pki;
+pub mod process;
 pub mod provider;
 pub mod smtp_sink;
 
