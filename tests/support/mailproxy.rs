@@ -142,7 +142,7 @@ impl Proxy {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn mailproxy serve");
+        let mut child = super::process::spawn_tied_to_process(cmd, libc::SIGKILL).expect("spawn mailproxy serve");
         let logs = Arc::new(Mutex::new(String::new()));
         let l2 = logs.clone();
         let err = child.stderr.take().unwrap();
