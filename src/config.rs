@@ -57,6 +57,11 @@ struct RawConfig {
 struct RawServer {
     state_dir: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    #[serde(default)]
+    token_store: TokenStore,
+    status_listen: Option<Spanned<String>>,
+    on_reauth_needed: Option<String>,
+    audit_log: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +118,53 @@ struct RawAccount {
     allow_plaintext: bool,
     #[serde(default)]
     mechanism: Mechanism,
+    #[serde(default)]
+    flow: Flow,
+    client_certificate: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    #[serde(default = "yes")]
+    on_demand: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Where refresh tokens are kept.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenStore {
+    /// Sealed in the account's vault file under a key derived from the local
+    /// password: works everywhere, but an account is locked after a restart
+    /// until a client logs in.
+    #[default]
+    File,
+    /// In the OS keyring (Secret Service, kernel keyutils, macOS Keychain,
+    /// Windows Credential Manager): accounts are usable right after start.
+    Keyring,
+}
+
+/// How an OAuth account is authorised.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Flow {
+    /// Browser sign-in with PKCE and a loopback redirect.
+    #[default]
+    AuthorizationCode,
+    /// RFC 8628: a code typed in on another device (headless machines).
+    Device,
+    /// App-only access (Microsoft 365): no user, no refresh token.
+    ClientCredentials,
+}
+
+impl Flow {
+    pub fn name(self) -> &'static str {
+        match self {
+            Flow::AuthorizationCode => "browser",
+            Flow::Device => "device",
+            Flow::ClientCredentials => "client_credentials",
+        }
+    }
 }
 
 /// Local TLS on a listener.
@@ -139,6 +191,12 @@ pub enum Mechanism {
 pub struct Config {
     pub path: PathBuf,
     pub state_dir: PathBuf,
+    pub token_store: TokenStore,
+    /// Local HTTP status page (and on-demand authorisation links).
+    pub status_listen: Option<SocketAddr>,
+    /// Shell command run when an account needs a new authorisation.
+    pub on_reauth_needed: Option<String>,
+    pub audit_log: PathBuf,
     /// Extra trust anchors for every upstream (fallback included).
     pub ca_file: Option<PathBuf>,
     pub imap: Option<Listener>,
@@ -246,6 +304,14 @@ pub struct OAuthSettings {
     pub revoke_url: Option<String>,
     pub redirect_uri: Option<String>,
     pub scopes: Vec<String>,
+    pub flow: Flow,
+    /// Certificate (PEM) and RSA key (PKCS#8 PEM) for a signed JWT client
+    /// assertion instead of a client secret (client credentials flow).
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Start an authorisation when a client logs in to an account without a
+    /// usable token.
+    pub on_demand: bool,
     /// Extra parameters on the authorisation URL (Google needs
     /// `access_type=offline` and `prompt=consent` to hand out a refresh token).
     pub auth_params: Vec<(String, String)>,
@@ -264,6 +330,7 @@ pub const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
 pub const MS_IMAP_SCOPE: &str = "https://outlook.office.com/IMAP.AccessAsUser.All";
 pub const MS_POP_SCOPE: &str = "https://outlook.office.com/POP.AccessAsUser.All";
 pub const MS_SMTP_SCOPE: &str = "https://outlook.office.com/SMTP.Send";
+pub const MS_APP_SCOPE: &str = "https://outlook.office365.com/.default";
 
 fn default_server(provider: ProviderName, p: Protocol) -> Option<&'static str> {
     match (provider, p) {
@@ -318,7 +385,23 @@ impl Config {
             .map(|p| resolve(path, &p))
             .unwrap_or_else(|| xdg_dir("XDG_STATE_HOME", ".local/state").join("mailproxy"));
 
-        let server_ca = raw.server.ca_file.map(|p| resolve(path, &p));
+        let server_ca = raw.server.ca_file.as_ref().map(|p| resolve(path, p));
+        let status_listen = match &raw.server.status_listen {
+            None => None,
+            Some(s) => Some(s.get_ref().parse::<SocketAddr>().map_err(|_| {
+                err(Some(s.span()), Some("server.status_listen".into()), format!("`{}` is not an address like 127.0.0.1:8025", s.get_ref()))
+            })?),
+        };
+        if let Some(a) = status_listen {
+            if !a.ip().is_loopback() {
+                return Err(err(
+                    raw.server.status_listen.as_ref().map(|s| s.span()),
+                    Some("server.status_listen".into()),
+                    "the status page shows authorisation links: it listens on loopback only".into(),
+                ));
+            }
+        }
+        let audit_log = raw.server.audit_log.as_ref().map(|p| resolve(path, p)).unwrap_or_else(|| state_dir.join("audit.log"));
         let mut listeners = Vec::new();
         for (protocol, l) in [
             (Protocol::Imap, raw.imap),
@@ -471,6 +554,9 @@ impl Config {
                 ("revoke_url", a.revoke_url.is_some()),
                 ("redirect_uri", a.redirect_uri.is_some()),
                 ("scopes", a.scopes.is_some()),
+                ("client_certificate", a.client_certificate.is_some()),
+                ("client_key", a.client_key.is_some()),
+                ("flow", a.flow != Flow::AuthorizationCode),
             ];
             let auth = match a.provider {
                 ProviderName::Password => {
@@ -536,7 +622,12 @@ impl Config {
                             if scopes.is_empty() {
                                 scopes.push(MS_IMAP_SCOPE.to_string());
                             }
-                            scopes.push("offline_access".into());
+                            if a.flow == Flow::ClientCredentials {
+                                // App-only access takes the resource's .default scope.
+                                scopes = vec![MS_APP_SCOPE.to_string()];
+                            } else {
+                                scopes.push("offline_access".into());
+                            }
                             (
                                 format!("{base}/authorize"),
                                 format!("{base}/token"),
@@ -580,8 +671,29 @@ impl Config {
                         revoke_url: a.revoke_url.clone().or(revoke_url),
                         redirect_uri: a.redirect_uri.clone(),
                         scopes: a.scopes.clone().unwrap_or(scopes),
+                        flow: a.flow,
+                        client_certificate: a.client_certificate.as_ref().map(|p| resolve(path, p)),
+                        client_key: a.client_key.as_ref().map(|p| resolve(path, p)),
+                        on_demand: a.on_demand,
                         auth_params,
                     };
+                    match o.flow {
+                        Flow::Device if o.device_url.is_none() => {
+                            return Err(e("device_url", "flow = \"device\" needs device_url".into()));
+                        }
+                        Flow::ClientCredentials => {
+                            if o.client_certificate.is_some() != o.client_key.is_some() {
+                                return Err(e("client_key", "client_certificate and client_key go together".into()));
+                            }
+                            if o.client_secret.is_none() && o.client_certificate.is_none() {
+                                return Err(e(
+                                    "client_secret",
+                                    "flow = \"client_credentials\" needs client_secret, or client_certificate and client_key".into(),
+                                ));
+                            }
+                        }
+                        _ => {}
+                    }
                     for (k, u) in [
                         ("auth_url", Some(&o.auth_url)),
                         ("token_url", Some(&o.token_url)),
@@ -621,6 +733,10 @@ impl Config {
         Ok(Config {
             path: path.to_owned(),
             state_dir,
+            token_store: raw.server.token_store,
+            status_listen,
+            on_reauth_needed: raw.server.on_reauth_needed.clone(),
+            audit_log,
             ca_file: server_ca,
             imap,
             smtp,

@@ -3,6 +3,7 @@
 //! refresh, where to keep them) lives in `tokens`.
 
 pub mod errors;
+pub mod flows;
 pub mod login;
 
 use std::time::{Duration, SystemTime};
@@ -18,7 +19,7 @@ use crate::secret::Secret;
 pub use errors::{explain, Explanation};
 
 /// Largest token-endpoint answer we read; real ones are a few KiB.
-const MAX_BODY: usize = 256 * 1024;
+pub(crate) const MAX_BODY: usize = 256 * 1024;
 /// When the provider omits `expires_in`, assume the common one hour.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -117,7 +118,7 @@ async fn send(
         .map_err(|e| HttpFail::Transport(e.to_string()))
 }
 
-fn describe_reqwest(e: &reqwest::Error) -> String {
+pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
     // reqwest's Display can include the URL, never a body; walk the sources
     // for the useful part (connection refused, timed out, certificate ...).
     let mut s = if e.is_timeout() {

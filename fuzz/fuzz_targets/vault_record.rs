@@ -1,0 +1,56 @@
+//! Vault record JSON (`vault::AccountRecord`) and the crypto that reads it.
+//!
+//! A record file is attacker-influenced (a damaged or tampered file). Parse
+//! it as `Vault::load` does, then feed its parts to `crypto::open` and (with
+//! cheap Argon2 parameters only, to keep executions fast) to
+//! `crypto::check_password`. Invariants: no panic; a parsed record
+//! round-trips through its own serialisation; `Vault::path_of` keeps any
+//! account name inside the vault directory.
+#![no_main]
+
+use std::path::{Component, PathBuf};
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use mailproxy::crypto::{self, VaultKey};
+use mailproxy::vault::{AccountRecord, Vault};
+
+fn vault() -> &'static Vault {
+    static V: OnceLock<Vault> = OnceLock::new();
+    V.get_or_init(|| {
+        let dir: PathBuf = std::env::temp_dir().join(format!("mailproxy-fuzz-vault-{}", std::process::id()));
+        Vault::open(&dir).expect("temporary vault directory")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    // Account names: any text must map to a single file inside the vault.
+    let name = String::from_utf8_lossy(data);
+    let v = vault();
+    let p = v.path_of(&name);
+    assert_eq!(p.parent(), Some(v.dir()), "{name:?} -> {p:?}");
+    assert!(p.components().all(|c| !matches!(c, Component::ParentDir)));
+    let file = p.file_name().and_then(|f| f.to_str()).expect("file name");
+    assert!(file.ends_with(".json") && !file.starts_with('.'), "{file:?}");
+    assert_eq!(v.path_of(&name.to_uppercase()) == p, name.to_uppercase().to_lowercase() == name.to_lowercase());
+
+    let Ok(rec) = serde_json::from_slice::<AccountRecord>(data) else {
+        return;
+    };
+    let json = serde_json::to_vec_pretty(&rec).expect("records always serialize");
+    let back: AccountRecord = serde_json::from_slice(&json).expect("own serialisation parses");
+    assert_eq!(back, rec);
+
+    let key = VaultKey::from_bytes(&[7u8; 32]).unwrap();
+    if let Some(sealed) = &rec.refresh_token {
+        let _ = crypto::open(&key, &rec.account, sealed);
+    }
+    if let Some(pv) = &rec.password {
+        let _ = format!("{pv:?}");
+        // check_password bounds the parameters itself; only run the KDF
+        // when it is cheap enough for a fuzzer (<= 64 KiB, <= 2 passes).
+        if pv.m_cost <= 64 && pv.t_cost <= 2 && pv.p_cost <= 2 {
+            let _ = crypto::check_password("hunter2", pv);
+        }
+    }
+});

@@ -1,0 +1,317 @@
+//! The flows oauth2's typed client does not cover the way mailproxy needs:
+//! RFC 8628 device authorisation (with visible `slow_down` handling), client
+//! credentials with a certificate-signed JWT assertion, and RFC 7009
+//! revocation. Token answers are parsed leniently (`expires_in` as a string
+//! happens in the wild).
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine;
+use serde::Deserialize;
+
+use super::{explain, OAuthError, Tokens, MAX_BODY};
+use crate::config::OAuthSettings;
+use crate::secret::Secret;
+
+pub const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// A number that may arrive as a JSON number or a string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Num {
+    N(u64),
+    S(String),
+}
+
+impl Num {
+    fn get(&self) -> Option<u64> {
+        match self {
+            Num::N(n) => Some(*n),
+            Num::S(s) => s.trim().parse().ok(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    access_token: String,
+    expires_in: Option<Num>,
+    refresh_token: Option<String>,
+    scope: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    error_description: Option<String>,
+}
+
+/// One form POST to a provider endpoint: status and bounded body, or a
+/// transient error for network trouble and 5xx.
+async fn post(http: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> Result<(u16, Vec<u8>), OAuthError> {
+    let unavailable = |reason: String| OAuthError::Unavailable { url: url.to_string(), reason };
+    let mut resp = http
+        .post(url)
+        .header("Accept", "application/json")
+        .form(form)
+        .send()
+        .await
+        .map_err(|e| unavailable(super::describe_reqwest(&e)))?;
+    let status = resp.status().as_u16();
+    if status >= 500 {
+        return Err(unavailable(format!("HTTP status {status}")));
+    }
+    let mut body = Vec::new();
+    while let Some(c) = resp.chunk().await.map_err(|e| unavailable(super::describe_reqwest(&e)))? {
+        if body.len() + c.len() > MAX_BODY {
+            return Err(unavailable(format!("answer larger than {MAX_BODY} bytes")));
+        }
+        body.extend_from_slice(&c);
+    }
+    Ok((status, body))
+}
+
+fn malformed(url: &str, what: &str) -> OAuthError {
+    OAuthError::Malformed { url: url.to_string(), reason: what.to_string() }
+}
+
+fn parse_tokens(account: &str, url: &str, status: u16, body: &[u8]) -> Result<Tokens, OAuthError> {
+    if status == 200 {
+        let t: TokenBody = serde_json::from_slice(body)
+            .map_err(|_| malformed(url, "the token answer is not the expected JSON (access_token, expires_in)"))?;
+        let lifetime = t.expires_in.as_ref().and_then(Num::get).unwrap_or(3600);
+        return Ok(Tokens {
+            access: Secret::new(t.access_token),
+            expires_at: SystemTime::now() + Duration::from_secs(lifetime),
+            refresh: t.refresh_token.map(Secret::new),
+            scopes: t.scope.map(|s| s.split_whitespace().map(str::to_string).collect()),
+        });
+    }
+    Err(provider_error(account, url, status, body))
+}
+
+fn provider_error(account: &str, url: &str, status: u16, body: &[u8]) -> OAuthError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => OAuthError::Provider(explain(account, &e.error, e.error_description.as_deref())),
+        Err(_) => malformed(url, &format!("HTTP {status} without an OAuth error")),
+    }
+}
+
+fn client_auth<'a>(s: &'a OAuthSettings, form: &mut Vec<(&'a str, String)>) {
+    form.push(("client_id", s.client_id.clone()));
+    if let Some(secret) = &s.client_secret {
+        form.push(("client_secret", secret.expose().to_string()));
+    }
+}
+
+async fn post_owned(http: &reqwest::Client, url: &str, form: &[(&str, String)]) -> Result<(u16, Vec<u8>), OAuthError> {
+    let borrowed: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    post(http, url, &borrowed).await
+}
+
+/// What the user must do to approve a device authorisation.
+#[derive(Clone, Debug)]
+pub struct DeviceCode {
+    pub verification_uri: String,
+    pub verification_uri_complete: Option<String>,
+    pub user_code: String,
+    device_code: Secret,
+    pub interval: Duration,
+    pub expires_at: Instant,
+}
+
+#[derive(Deserialize)]
+struct DeviceBody {
+    device_code: String,
+    user_code: String,
+    // Google says verification_url, RFC 8628 says verification_uri.
+    #[serde(alias = "verification_url")]
+    verification_uri: String,
+    verification_uri_complete: Option<String>,
+    expires_in: Option<Num>,
+    interval: Option<Num>,
+}
+
+pub async fn device_start(http: &reqwest::Client, account: &str, s: &OAuthSettings) -> Result<DeviceCode, OAuthError> {
+    let url = s.device_url.as_deref().ok_or_else(|| OAuthError::Config(format!("{account} has no device_url")))?;
+    let mut form = vec![("scope", s.scopes.join(" "))];
+    client_auth(s, &mut form);
+    let (status, body) = post_owned(http, url, &form).await?;
+    if status != 200 {
+        return Err(provider_error(account, url, status, &body));
+    }
+    let d: DeviceBody =
+        serde_json::from_slice(&body).map_err(|_| malformed(url, "the device authorisation answer lacks device_code/user_code"))?;
+    Ok(DeviceCode {
+        verification_uri: d.verification_uri,
+        verification_uri_complete: d.verification_uri_complete,
+        user_code: d.user_code,
+        device_code: Secret::new(d.device_code),
+        interval: Duration::from_secs(d.interval.as_ref().and_then(Num::get).unwrap_or(5).clamp(1, 60)),
+        expires_at: Instant::now() + Duration::from_secs(d.expires_in.as_ref().and_then(Num::get).unwrap_or(900).min(3600)),
+    })
+}
+
+/// Polls the token endpoint until the user approves, denies or the code
+/// expires. `slow_down` adds 5 seconds to the interval (RFC 8628 §3.5).
+pub async fn device_poll(
+    http: &reqwest::Client,
+    account: &str,
+    s: &OAuthSettings,
+    d: &DeviceCode,
+    mut on_slow_down: impl FnMut(Duration),
+) -> Result<Tokens, OAuthError> {
+    let mut interval = d.interval;
+    loop {
+        if Instant::now() >= d.expires_at {
+            return Err(OAuthError::Provider(explain(account, "expired_token", None)));
+        }
+        tokio::time::sleep(interval).await;
+        let mut form = vec![("grant_type", DEVICE_GRANT.to_string()), ("device_code", d.device_code.expose().to_string())];
+        client_auth(s, &mut form);
+        let (status, body) = match post_owned(http, &s.token_url, &form).await {
+            Ok(r) => r,
+            // A network hiccup while polling is not the user's fault: keep polling.
+            Err(OAuthError::Unavailable { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        if status == 200 {
+            return parse_tokens(account, &s.token_url, status, &body);
+        }
+        match serde_json::from_slice::<ErrorBody>(&body).map(|e| e.error) {
+            Ok(e) if e == "authorization_pending" => {}
+            Ok(e) if e == "slow_down" => {
+                interval += Duration::from_secs(5);
+                on_slow_down(interval);
+            }
+            _ => return Err(provider_error(account, &s.token_url, status, &body)),
+        }
+    }
+}
+
+/// App-only access: a client secret or a certificate-signed JWT assertion.
+pub async fn client_credentials(http: &reqwest::Client, account: &str, s: &OAuthSettings) -> Result<Tokens, OAuthError> {
+    let mut form = vec![("grant_type", "client_credentials".to_string()), ("scope", s.scopes.join(" "))];
+    match (&s.client_certificate, &s.client_key) {
+        (Some(cert), Some(key)) => {
+            form.push(("client_id", s.client_id.clone()));
+            form.push(("client_assertion_type", JWT_BEARER.to_string()));
+            let jwt = client_assertion(&s.client_id, &s.token_url, cert, key)?;
+            form.push(("client_assertion", jwt.expose().to_string()));
+        }
+        _ => client_auth(s, &mut form),
+    }
+    let (status, body) = post_owned(http, &s.token_url, &form).await?;
+    parse_tokens(account, &s.token_url, status, &body)
+}
+
+/// RFC 7523 client assertion, RS256, with the certificate's SHA-256 (and,
+/// for Microsoft, SHA-1) thumbprint in the header.
+pub fn client_assertion(client_id: &str, audience: &str, cert: &Path, key: &Path) -> Result<Secret, OAuthError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+    let cfg = |what: &str, p: &Path, e: String| OAuthError::Config(format!("{what} {}: {e}", p.display()));
+    let cert_der = CertificateDer::from_pem_file(cert).map_err(|e| cfg("client_certificate", cert, e.to_string()))?;
+    let key_der = PrivatePkcs8KeyDer::from_pem_file(key).map_err(|e| cfg("client_key", key, e.to_string()))?;
+    let pair = ring::signature::RsaKeyPair::from_pkcs8(key_der.secret_pkcs8_der())
+        .map_err(|e| cfg("client_key", key, format!("not an RSA PKCS#8 key ({e})")))?;
+    let sha256 = ring::digest::digest(&ring::digest::SHA256, cert_der.as_ref());
+    let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, cert_der.as_ref());
+    let header = serde_json::json!({
+        "alg": "RS256", "typ": "JWT",
+        "x5t": B64URL.encode(sha1.as_ref()),
+        "x5t#S256": B64URL.encode(sha256.as_ref()),
+    });
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut jti = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut jti);
+    let claims = serde_json::json!({
+        "aud": audience, "iss": client_id, "sub": client_id,
+        "jti": B64URL.encode(jti), "nbf": now, "iat": now, "exp": now + 600,
+    });
+    let signing_input = format!("{}.{}", B64URL.encode(header.to_string()), B64URL.encode(claims.to_string()));
+    let mut sig = vec![0u8; pair.public().modulus_len()];
+    pair.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), signing_input.as_bytes(), &mut sig)
+        .map_err(|_| OAuthError::Config("signing the client assertion failed".into()))?;
+    Ok(Secret::new(format!("{signing_input}.{}", B64URL.encode(sig))))
+}
+
+/// Outcome of asking the provider to revoke a refresh token.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Revocation {
+    Revoked,
+    /// The provider has no revocation endpoint (Microsoft).
+    Unsupported(String),
+}
+
+pub async fn revoke(http: &reqwest::Client, account: &str, s: &OAuthSettings, refresh: &Secret) -> Result<Revocation, OAuthError> {
+    let Some(url) = &s.revoke_url else {
+        let how = match s.provider {
+            crate::config::ProviderKind::Microsoft => {
+                "Microsoft has no token revocation endpoint: remove the app's access at https://myaccount.microsoft.com (Apps and devices) or https://account.live.com/consent/Manage, or ask an administrator to revoke the user's sessions"
+            }
+            _ => "this provider has no revoke_url configured: remove the app's access in the provider's account settings",
+        };
+        return Ok(Revocation::Unsupported(how.to_string()));
+    };
+    let mut form = vec![("token", refresh.expose().to_string()), ("token_type_hint", "refresh_token".to_string())];
+    client_auth(s, &mut form);
+    let (status, body) = post_owned(http, url, &form).await?;
+    // RFC 7009: 200 also for tokens that were already invalid.
+    if status == 200 {
+        Ok(Revocation::Revoked)
+    } else {
+        Err(provider_error(account, url, status, &body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lenient_token_answers() {
+        let t = parse_tokens("a", "u", 200, br#"{"access_token":"x","expires_in":"120","token_type":"Bearer"}"#).unwrap();
+        let left = t.expires_at.duration_since(SystemTime::now()).unwrap();
+        assert!(left > Duration::from_secs(100) && left <= Duration::from_secs(120));
+        let e = parse_tokens("a", "u", 200, b"<html>").unwrap_err();
+        assert!(matches!(e, OAuthError::Malformed { .. }), "{e}");
+        let e = parse_tokens("a", "u", 400, br#"{"error":"invalid_grant","error_description":"AADSTS70008: expired"}"#).unwrap_err();
+        assert!(e.needs_login() && e.to_string().contains("inactivity"), "{e}");
+        let e = parse_tokens("a", "u", 400, b"garbage").unwrap_err();
+        assert!(e.to_string().contains("HTTP 400"), "{e}");
+    }
+
+    #[test]
+    fn client_assertion_is_a_valid_rs256_jwt() {
+        // ring cannot generate RSA keys; openssl (Debian base) can.
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let st = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=app", "-days", "1", "-keyout"])
+            .arg(&k)
+            .arg("-out")
+            .arg(&c)
+            .output()
+            .expect("openssl");
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        let jwt = client_assertion("cid", "https://t/token", &c, &k).unwrap();
+        let parts: Vec<&str> = jwt.expose().split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let header: serde_json::Value = serde_json::from_slice(&B64URL.decode(parts[0]).unwrap()).unwrap();
+        assert_eq!(header["alg"], "RS256");
+        let claims: serde_json::Value = serde_json::from_slice(&B64URL.decode(parts[1]).unwrap()).unwrap();
+        assert_eq!((claims["aud"].as_str(), claims["iss"].as_str(), claims["sub"].as_str()), (Some("https://t/token"), Some("cid"), Some("cid")));
+        // The signature verifies with the certificate's public key.
+        use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
+        let key = PrivatePkcs8KeyDer::from_pem_file(&k).unwrap();
+        let pair = ring::signature::RsaKeyPair::from_pkcs8(key.secret_pkcs8_der()).unwrap();
+        let public = ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, pair.public().as_ref());
+        let sig = B64URL.decode(parts[2]).unwrap();
+        public.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig).expect("valid signature");
+        assert!(public.verify(b"tampered", &sig).is_err());
+    }
+}

@@ -1,0 +1,1438 @@
+//! Sans-I/O state machine for the local SMTP session until the hand-off.
+//!
+//! The driver feeds client bytes with [`PreAuth::feed`], calls
+//! [`PreAuth::poll`] until it returns `None` (needs more input) or an
+//! [`Event`], and after *every* `new`/`feed`/`poll`/`login_failed`/
+//! `authenticated` call writes [`PreAuth::take_output`] to the client
+//! *before* acting on an event.
+//!
+//! Unlike IMAP, the SMTP session does not end at login: after
+//! [`Event::Login`] succeeds upstream the driver writes `235` itself and
+//! calls [`PreAuth::authenticated`] with the upstream's EHLO keywords; the
+//! machine keeps answering `EHLO`/`HELO`/`NOOP`/`RSET`/`AUTH`/`QUIT` locally
+//! and returns [`Event::Handoff`] at the first other command (`MAIL`,
+//! `RCPT`, `BDAT`, unknown…). [`PreAuth::into_pending_input`] then yields
+//! that command and everything after it, byte for byte.
+//!
+//! Security properties:
+//! * bounded memory: the input buffer never exceeds [`PreAuth::max_buffer`];
+//!   an over-long line gets `500 5.5.6` and the connection is closed (`421`);
+//! * after `STARTTLS` everything buffered (pipelined plaintext) is discarded
+//!   and the session is reset (the client must `EHLO` again);
+//! * while a login is outstanding nothing else is processed;
+//! * buffers holding client input are zeroized when consumed or dropped.
+
+use std::fmt;
+
+use zeroize::{Zeroize, Zeroizing};
+
+use super::command::{self, Command, Verb};
+use crate::imap::framing::strip_eol;
+use crate::sasl::{self, SaslError};
+
+/// After this many consecutive failed (4xx/5xx) replies the connection is closed.
+pub const MAX_CONSECUTIVE_BAD: u32 = 20;
+
+/// Slack above one maximal line that [`PreAuth::feed`] accepts: the driver
+/// may feed at most this much per `feed` call (read in chunks ≤ 64 KiB).
+pub const FEED_SLACK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreAuthConfig {
+    /// Local TLS is configured and not yet active on this connection (plain
+    /// port with STARTTLS). When true, AUTH is refused (`530`) until
+    /// STARTTLS has completed.
+    pub starttls: bool,
+    /// Our host name, for the greeting and EHLO/HELO replies.
+    pub hostname: String,
+    /// Longest accepted command line, excluding CRLF.
+    pub max_line: usize,
+    /// Advertised as `SIZE n` before login (`SIZE` alone when `None`).
+    pub max_size: Option<u64>,
+}
+
+impl Default for PreAuthConfig {
+    fn default() -> Self {
+        PreAuthConfig {
+            starttls: false,
+            hostname: "localhost".into(),
+            max_line: 8 * 1024,
+            max_size: None,
+        }
+    }
+}
+
+/// Something the driver must act on.
+pub enum Event {
+    /// A client wants to log in (`AUTH PLAIN` or `AUTH LOGIN`). The driver
+    /// verifies the credentials / authenticates upstream, then either calls
+    /// [`PreAuth::login_failed`] or, on success, writes
+    /// `235 2.7.0 Authentication successful\r\n` itself and calls
+    /// [`PreAuth::authenticated`], then `poll`s again.
+    Login {
+        username: Zeroizing<String>,
+        password: Zeroizing<String>,
+    },
+    /// Output holds `220 2.0.0 Ready to start TLS`; all input buffered
+    /// after the STARTTLS line has been discarded. Flush, do the TLS
+    /// handshake, then call [`PreAuth::starttls_done`].
+    StartTls,
+    /// Output holds `221 2.0.0 Bye`; flush and close.
+    Quit,
+    /// Fatal protocol error; output holds a `421` reply; flush and close.
+    Close,
+    /// Only after [`PreAuth::authenticated`]: the client sent a command the
+    /// upstream must handle. Relay from now on, starting with
+    /// [`PreAuth::into_pending_input`] (which begins with that command).
+    Handoff,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Login { .. } => f
+                .debug_struct("Login")
+                .field("username", &"<redacted>")
+                .field("password", &"<redacted>")
+                .finish(),
+            Event::StartTls => f.write_str("StartTls"),
+            Event::Quit => f.write_str("Quit"),
+            Event::Close => f.write_str("Close"),
+            Event::Handoff => f.write_str("Handoff"),
+        }
+    }
+}
+
+enum State {
+    /// Reading commands.
+    Commands,
+    /// `AUTH PLAIN` sent `334 `; the next line is the SASL response.
+    AuthPlain,
+    /// `AUTH LOGIN` sent `334 VXNlcm5hbWU6`; the next line is the user name.
+    AuthLoginUser,
+    /// `AUTH LOGIN` sent `334 UGFzc3dvcmQ6`; the next line is the password.
+    AuthLoginPass { username: Zeroizing<String> },
+    /// An `Event::Login` is outstanding.
+    LoginPending,
+    /// An `Event::StartTls` is outstanding; input is discarded.
+    AwaitTls,
+    /// `Event::Handoff` happened; the buffer belongs to the driver.
+    Handoff,
+    /// Quit/Close happened; input is discarded.
+    Done,
+}
+
+impl fmt::Debug for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            State::Commands => "Commands",
+            State::AuthPlain => "AuthPlain",
+            State::AuthLoginUser => "AuthLoginUser",
+            State::AuthLoginPass { .. } => "AuthLoginPass",
+            State::LoginPending => "LoginPending",
+            State::AwaitTls => "AwaitTls",
+            State::Handoff => "Handoff",
+            State::Done => "Done",
+        })
+    }
+}
+
+/// Input buffer whose contents are zeroized when consumed, reallocated or
+/// dropped (it may hold passwords).
+struct SecretBuf(Vec<u8>);
+
+impl SecretBuf {
+    /// Append, growing geometrically but never beyond `max(needed, limit)`.
+    fn extend(&mut self, bytes: &[u8], limit: usize) {
+        let needed = self.0.len() + bytes.len();
+        if needed > self.0.capacity() {
+            let target = (self.0.capacity() * 2).max(512).min(limit).max(needed);
+            let mut grown = Vec::with_capacity(target);
+            grown.extend_from_slice(&self.0);
+            self.0.zeroize();
+            self.0 = grown;
+        }
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn consume(&mut self, n: usize) {
+        let len = self.0.len();
+        let n = n.min(len);
+        self.0.copy_within(n..len, 0);
+        self.0[len - n..].zeroize();
+        self.0.truncate(len - n);
+    }
+
+    fn clear(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for SecretBuf {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// Incremental line finder: remembers how far it searched, so feeding one
+/// byte at a time costs O(total).
+#[derive(Debug, Clone, Copy)]
+struct LineFramer {
+    scanned: usize,
+    max_line: usize,
+}
+
+enum Line {
+    Incomplete,
+    /// `buf[..len]` is one line including its LF.
+    Complete(usize),
+    TooLong,
+}
+
+impl LineFramer {
+    fn scan(&mut self, buf: &[u8]) -> Line {
+        let from = self.scanned.min(buf.len());
+        match buf[from..].iter().position(|&b| b == b'\n') {
+            Some(off) => {
+                let len = from + off + 1;
+                self.scanned = 0;
+                if strip_eol(&buf[..len]).len() > self.max_line {
+                    Line::TooLong
+                } else {
+                    Line::Complete(len)
+                }
+            }
+            None => {
+                self.scanned = buf.len();
+                // Allow one extra byte for a CR that may precede LF.
+                if buf.len() > self.max_line.saturating_add(1) {
+                    Line::TooLong
+                } else {
+                    Line::Incomplete
+                }
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.scanned = 0;
+    }
+}
+
+/// The pre-hand-off SMTP state machine. See the module documentation.
+pub struct PreAuth {
+    cfg: PreAuthConfig,
+    hostname: String,
+    tls_active: bool,
+    framer: LineFramer,
+    buf: SecretBuf,
+    out: Vec<u8>,
+    state: State,
+    helo: Option<String>,
+    esmtp: bool,
+    /// `Some` (filtered upstream EHLO keywords) once authenticated.
+    upstream_ehlo: Option<Vec<String>>,
+    bad_count: u32,
+    overflow: bool,
+}
+
+impl fmt::Debug for PreAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreAuth")
+            .field("cfg", &self.cfg)
+            .field("tls_active", &self.tls_active)
+            .field("state", &self.state)
+            .field("authenticated", &self.upstream_ehlo.is_some())
+            .field("buffered", &self.buf.0.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// Upstream EHLO keywords that stay true through the proxy: everything but
+/// `AUTH`/`AUTH=…` (the client is already authenticated), `STARTTLS` (TLS
+/// to the client is the proxy's business) and `X…` extensions (`XCLIENT`,
+/// `XFORWARD`, … are about the proxy's own connection). Control characters
+/// are replaced, empty lines dropped.
+pub fn relayable_ehlo_keywords(upstream: &[String]) -> Vec<String> {
+    upstream
+        .iter()
+        .filter_map(|k| {
+            let k = sanitize(k).trim().to_owned();
+            let name = k
+                .split([' ', '='])
+                .next()
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            let drop = name.is_empty()
+                || name == "AUTH"
+                || name == "STARTTLS"
+                || name.starts_with('X');
+            (!drop).then_some(k)
+        })
+        .collect()
+}
+
+impl PreAuth {
+    /// Create the state machine; the `220` greeting is queued in the output.
+    pub fn new(cfg: PreAuthConfig) -> Self {
+        let hostname: String = cfg
+            .hostname
+            .chars()
+            .filter(|c| !c.is_control() && !c.is_whitespace())
+            .collect();
+        let hostname = if hostname.is_empty() {
+            "localhost".to_owned()
+        } else {
+            hostname
+        };
+        let mut p = PreAuth {
+            framer: LineFramer {
+                scanned: 0,
+                max_line: cfg.max_line,
+            },
+            cfg,
+            hostname,
+            tls_active: false,
+            buf: SecretBuf(Vec::new()),
+            out: Vec::new(),
+            state: State::Commands,
+            helo: None,
+            esmtp: false,
+            upstream_ehlo: None,
+            bad_count: 0,
+            overflow: false,
+        };
+        let greeting = format!("220 {} ESMTP mailproxy ready", p.hostname);
+        p.push_line(&greeting);
+        p
+    }
+
+    /// The EHLO keywords currently advertised (after the greeting line).
+    pub fn ehlo_keywords(&self) -> Vec<String> {
+        if let Some(up) = &self.upstream_ehlo {
+            return up.clone();
+        }
+        let mut k = vec!["PIPELINING".to_owned(), "8BITMIME".to_owned()];
+        k.push(match self.cfg.max_size {
+            Some(n) => format!("SIZE {n}"),
+            None => "SIZE".to_owned(),
+        });
+        k.push("ENHANCEDSTATUSCODES".to_owned());
+        k.push("AUTH PLAIN LOGIN".to_owned());
+        k.push("AUTH=PLAIN LOGIN".to_owned());
+        if self.starttls_available() {
+            k.push("STARTTLS".to_owned());
+        }
+        k
+    }
+
+    /// The domain from the client's last `EHLO`/`HELO` (reset by STARTTLS).
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
+    }
+
+    /// Whether the last greeting was `EHLO` (not `HELO`).
+    pub fn is_esmtp(&self) -> bool {
+        self.esmtp
+    }
+
+    /// Whether [`Self::authenticated`] has been called.
+    pub fn is_authenticated(&self) -> bool {
+        self.upstream_ehlo.is_some()
+    }
+
+    fn starttls_available(&self) -> bool {
+        self.cfg.starttls && !self.tls_active
+    }
+
+    /// Hard upper bound on buffered input.
+    pub fn max_buffer(&self) -> usize {
+        self.cfg.max_line.saturating_add(2).saturating_add(FEED_SLACK)
+    }
+
+    /// Number of client bytes currently buffered.
+    pub fn buffered_len(&self) -> usize {
+        self.buf.0.len()
+    }
+
+    /// Whether the driver should read more client input now. False while a
+    /// `Login`/`StartTls` event is outstanding and after
+    /// `Quit`/`Close`/`Handoff`.
+    pub fn wants_input(&self) -> bool {
+        matches!(
+            self.state,
+            State::Commands | State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. }
+        ) && !self.overflow
+            && self.buf.0.len() < self.max_buffer()
+    }
+
+    /// True if input beyond [`Self::max_buffer`] was fed (the excess was
+    /// dropped); the next `poll` returns `Close`.
+    pub fn input_overflowed(&self) -> bool {
+        self.overflow
+    }
+
+    /// Append client bytes. Never buffers more than [`Self::max_buffer`];
+    /// bytes fed while waiting for the TLS handshake or after the session
+    /// ended are discarded.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if matches!(self.state, State::AwaitTls | State::Done) || self.overflow {
+            return;
+        }
+        let limit = self.max_buffer();
+        let room = limit.saturating_sub(self.buf.0.len());
+        if bytes.len() > room {
+            self.overflow = true;
+            self.buf.extend(&bytes[..room], limit);
+        } else {
+            self.buf.extend(bytes, limit);
+        }
+    }
+
+    /// Process buffered input until an event occurs or more input is needed.
+    pub fn poll(&mut self) -> Option<Event> {
+        loop {
+            match self.state {
+                State::Commands
+                | State::AuthPlain
+                | State::AuthLoginUser
+                | State::AuthLoginPass { .. } => {}
+                State::LoginPending | State::AwaitTls | State::Handoff | State::Done => {
+                    return None
+                }
+            }
+            if self.overflow {
+                return Some(self.fatal("Too much input"));
+            }
+            if self.bad_count >= MAX_CONSECUTIVE_BAD {
+                return Some(self.fatal("Too many errors"));
+            }
+            if self.is_authenticated() && matches!(self.state, State::Commands) {
+                // Hand off as soon as the verb shows the command is not
+                // ours, without waiting for (or limiting) the whole line.
+                match command::leading_verb(&self.buf.0) {
+                    Verb::Incomplete => return None,
+                    Verb::Complete(v) if command::local_after_auth(&v) => {}
+                    Verb::Complete(_) | Verb::Invalid => {
+                        self.framer.reset();
+                        self.state = State::Handoff;
+                        return Some(Event::Handoff);
+                    }
+                }
+            }
+            match self.framer.scan(&self.buf.0) {
+                Line::Incomplete => return None,
+                Line::TooLong => {
+                    self.reply("500 5.5.6 Line too long");
+                    return Some(self.fatal("Line too long"));
+                }
+                Line::Complete(len) => {
+                    let line = Zeroizing::new(self.buf.0[..len].to_vec());
+                    self.buf.consume(len);
+                    if let Some(ev) = self.handle(&line) {
+                        return Some(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes to write to the client.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The outstanding login failed: emit `reply` (one reply line without
+    /// CRLF, e.g. `535 5.7.8 Authentication credentials invalid` or
+    /// `454 4.7.0 Temporary authentication failure`) and resume processing
+    /// buffered input (call `poll` next). Control characters are replaced;
+    /// a line that does not start with a 4xx/5xx code is sent as
+    /// `535 5.7.8 {reply}`.
+    pub fn login_failed(&mut self, reply: &str) {
+        let line = sanitize(reply);
+        let line = line.trim();
+        let b = line.as_bytes();
+        let coded = b.len() >= 3
+            && matches!(b[0], b'4' | b'5')
+            && b[1].is_ascii_digit()
+            && b[2].is_ascii_digit()
+            && (b.len() == 3 || b[3] == b' ');
+        let line = if coded {
+            line.to_owned()
+        } else if line.is_empty() {
+            "535 5.7.8 Authentication failed".to_owned()
+        } else {
+            format!("535 5.7.8 {line}")
+        };
+        self.reply(&line);
+        if matches!(self.state, State::LoginPending) {
+            self.state = State::Commands;
+        }
+    }
+
+    /// The outstanding login succeeded and the driver wrote `235`.
+    /// `upstream_ehlo` are the upstream's EHLO keywords (see
+    /// [`super::reply::ehlo_keywords`]); a later client `EHLO` is answered
+    /// with [`relayable_ehlo_keywords`] of them. Call `poll` next.
+    pub fn authenticated(&mut self, upstream_ehlo: &[String]) {
+        self.upstream_ehlo = Some(relayable_ehlo_keywords(upstream_ehlo));
+        self.bad_count = 0;
+        if matches!(self.state, State::LoginPending) {
+            self.state = State::Commands;
+        }
+    }
+
+    /// The local TLS handshake completed: the session is reset (the client
+    /// must EHLO again), STARTTLS is no longer advertised, AUTH is allowed.
+    pub fn starttls_done(&mut self) {
+        self.tls_active = true;
+        self.buf.clear();
+        self.framer.reset();
+        self.bad_count = 0;
+        self.helo = None;
+        self.esmtp = false;
+        if matches!(self.state, State::AwaitTls) {
+            self.state = State::Commands;
+        }
+    }
+
+    /// After [`Event::Handoff`]: the client bytes from the handed-off
+    /// command on, exactly as received (including a partial line).
+    pub fn into_pending_input(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf.0)
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn push_line(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Send one reply line; 2xx resets the error count, 4xx/5xx count.
+    fn reply(&mut self, line: &str) {
+        self.push_line(line);
+        match line.as_bytes().first() {
+            Some(b'2') => self.bad_count = 0,
+            Some(b'4' | b'5') => self.bad_count += 1,
+            _ => {}
+        }
+    }
+
+    fn multiline(&mut self, code: u16, lines: &[String]) {
+        for (i, l) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            self.push_line(&format!("{code}{sep}{l}"));
+        }
+        if code / 100 == 2 {
+            self.bad_count = 0;
+        }
+    }
+
+    fn fatal(&mut self, reason: &str) -> Event {
+        let line = format!("421 4.7.0 {} {reason}, closing connection", self.hostname);
+        self.push_line(&line);
+        self.state = State::Done;
+        self.buf.clear();
+        self.framer.reset();
+        Event::Close
+    }
+
+    fn login_allowed(&self) -> bool {
+        !self.starttls_available()
+    }
+
+    fn handle(&mut self, line: &[u8]) -> Option<Event> {
+        match std::mem::replace(&mut self.state, State::Commands) {
+            State::AuthPlain => {
+                let resp = strip_eol(line);
+                if resp == b"*" {
+                    self.reply("501 5.7.0 Authentication cancelled");
+                    return None;
+                }
+                return self.plain_response(resp);
+            }
+            State::AuthLoginUser => {
+                let resp = strip_eol(line);
+                if resp == b"*" {
+                    self.reply("501 5.7.0 Authentication cancelled");
+                    return None;
+                }
+                return self.login_username(resp);
+            }
+            State::AuthLoginPass { username } => {
+                let resp = strip_eol(line);
+                if resp == b"*" {
+                    self.reply("501 5.7.0 Authentication cancelled");
+                    return None;
+                }
+                return match sasl::decode_login_step(resp) {
+                    Ok(password) => {
+                        self.state = State::LoginPending;
+                        Some(Event::Login { username, password })
+                    }
+                    Err(e) => {
+                        self.sasl_error(e);
+                        None
+                    }
+                };
+            }
+            _ => {}
+        }
+
+        let cmd = match command::parse_command(line) {
+            Ok(c) => c,
+            Err(e) => {
+                self.reply(&e.reply);
+                return None;
+            }
+        };
+        match cmd {
+            Command::Ehlo { domain } => {
+                let mut lines = vec![format!("{} greets {domain}", self.hostname)];
+                lines.extend(self.ehlo_keywords());
+                self.multiline(250, &lines);
+                self.helo = Some(domain);
+                self.esmtp = true;
+            }
+            Command::Helo { domain } => {
+                let line = format!("250 {}", self.hostname);
+                self.reply(&line);
+                self.helo = Some(domain);
+                self.esmtp = false;
+            }
+            Command::Noop | Command::Rset => self.reply("250 2.0.0 OK"),
+            Command::Help => self.reply(
+                "214 2.0.0 mailproxy: EHLO, AUTH PLAIN/LOGIN, then mail as usual (RFC 5321)",
+            ),
+            Command::Quit => {
+                self.reply("221 2.0.0 Bye");
+                self.state = State::Done;
+                self.buf.clear();
+                return Some(Event::Quit);
+            }
+            Command::StartTls => {
+                if self.starttls_available() {
+                    self.reply("220 2.0.0 Ready to start TLS");
+                    // Never act on plaintext pipelined before the handshake.
+                    self.buf.clear();
+                    self.framer.reset();
+                    self.state = State::AwaitTls;
+                    return Some(Event::StartTls);
+                }
+                if self.tls_active {
+                    self.reply("503 5.5.1 TLS already active");
+                } else {
+                    self.reply("502 5.5.1 STARTTLS not available");
+                }
+            }
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => {
+                if self.is_authenticated() {
+                    self.reply("503 5.5.1 Already authenticated");
+                } else if self.helo.is_none() {
+                    self.reply("503 5.5.1 Send EHLO first");
+                } else if !self.login_allowed() {
+                    self.reply("530 5.7.0 Must issue a STARTTLS command first");
+                } else {
+                    match (mechanism.as_str(), initial_response) {
+                        ("PLAIN", Some(ir)) => return self.plain_response(ir.as_bytes()),
+                        ("PLAIN", None) => {
+                            self.push_line("334 ");
+                            self.state = State::AuthPlain;
+                        }
+                        ("LOGIN", Some(ir)) => return self.login_username(ir.as_bytes()),
+                        ("LOGIN", None) => {
+                            self.push_line(&format!("334 {}", sasl::LOGIN_PROMPT_USERNAME));
+                            self.state = State::AuthLoginUser;
+                        }
+                        _ => self.reply("504 5.5.4 Unrecognized authentication type"),
+                    }
+                }
+            }
+            Command::Transaction { .. } => self.reply("530 5.7.0 Authentication required"),
+            Command::Other { .. } => self.reply(command::UNRECOGNIZED),
+        }
+        None
+    }
+
+    fn sasl_error(&mut self, e: SaslError) {
+        match e {
+            SaslError::AuthzidMismatch => self.reply(
+                "535 5.7.8 Authorization identity must be empty or equal to the user name",
+            ),
+            e => self.reply(&format!("501 5.5.2 Invalid AUTH response: {e}")),
+        }
+    }
+
+    fn plain_response(&mut self, b64: &[u8]) -> Option<Event> {
+        match sasl::decode_plain(b64) {
+            Ok((username, password)) => {
+                self.state = State::LoginPending;
+                Some(Event::Login { username, password })
+            }
+            Err(e) => {
+                self.sasl_error(e);
+                None
+            }
+        }
+    }
+
+    fn login_username(&mut self, b64: &[u8]) -> Option<Event> {
+        match sasl::decode_login_step(b64) {
+            Ok(username) => {
+                self.push_line(&format!("334 {}", sasl::LOGIN_PROMPT_PASSWORD));
+                self.state = State::AuthLoginPass { username };
+            }
+            Err(e) => self.sasl_error(e),
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EHLO: &str = "250-mx.test greets client.test\r\n\
+        250-PIPELINING\r\n\
+        250-8BITMIME\r\n\
+        250-SIZE\r\n\
+        250-ENHANCEDSTATUSCODES\r\n\
+        250-AUTH PLAIN LOGIN\r\n\
+        250 AUTH=PLAIN LOGIN\r\n";
+
+    fn cfg(starttls: bool) -> PreAuthConfig {
+        PreAuthConfig {
+            starttls,
+            hostname: "mx.test".into(),
+            ..PreAuthConfig::default()
+        }
+    }
+
+    /// A new machine with the greeting already drained.
+    fn machine(starttls: bool) -> PreAuth {
+        let mut p = PreAuth::new(cfg(starttls));
+        p.take_output();
+        p
+    }
+
+    /// Greeted with EHLO, output drained.
+    fn greeted() -> PreAuth {
+        let mut p = machine(false);
+        exchange(&mut p, b"EHLO client.test\r\n");
+        p
+    }
+
+    fn s(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    /// Feed `input`, poll until `None`, return the output.
+    fn exchange(p: &mut PreAuth, input: &[u8]) -> String {
+        p.feed(input);
+        let ev = p.poll();
+        assert!(ev.is_none(), "unexpected event {ev:?}");
+        s(&p.take_output())
+    }
+
+    fn expect_login(ev: Option<Event>) -> (String, String) {
+        match ev {
+            Some(Event::Login { username, password }) => {
+                (username.to_string(), password.to_string())
+            }
+            other => panic!("expected Login, got {other:?}"),
+        }
+    }
+
+    const GMAIL_EHLO: &[&str] = &[
+        "SIZE 35882577",
+        "8BITMIME",
+        "AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH",
+        "ENHANCEDSTATUSCODES",
+        "PIPELINING",
+        "CHUNKING",
+        "SMTPUTF8",
+    ];
+
+    fn up(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn greeting_and_ehlo() {
+        let mut p = PreAuth::new(cfg(false));
+        assert_eq!(s(&p.take_output()), "220 mx.test ESMTP mailproxy ready\r\n");
+        assert_eq!(exchange(&mut p, b"EHLO client.test\r\n"), EHLO);
+        assert_eq!(p.helo(), Some("client.test"));
+        assert!(p.is_esmtp());
+        assert_eq!(exchange(&mut p, b"HELO other.test\r\n"), "250 mx.test\r\n");
+        assert_eq!(p.helo(), Some("other.test"));
+        assert!(!p.is_esmtp());
+
+        let mut p = PreAuth::new(PreAuthConfig {
+            max_size: Some(35_882_577),
+            ..cfg(true)
+        });
+        p.take_output();
+        assert_eq!(
+            exchange(&mut p, b"ehlo [127.0.0.1]\r\n"),
+            "250-mx.test greets [127.0.0.1]\r\n\
+             250-PIPELINING\r\n\
+             250-8BITMIME\r\n\
+             250-SIZE 35882577\r\n\
+             250-ENHANCEDSTATUSCODES\r\n\
+             250-AUTH PLAIN LOGIN\r\n\
+             250-AUTH=PLAIN LOGIN\r\n\
+             250 STARTTLS\r\n"
+        );
+        // A hostile host name cannot break the reply framing.
+        let mut p = PreAuth::new(PreAuthConfig {
+            hostname: "a b\r\n250 x".into(),
+            ..cfg(false)
+        });
+        assert_eq!(s(&p.take_output()), "220 ab250x ESMTP mailproxy ready\r\n");
+    }
+
+    #[test]
+    fn simple_commands() {
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"NOOP\r\nRSET\r\nHELP\r\n"),
+            "250 2.0.0 OK\r\n250 2.0.0 OK\r\n\
+             214 2.0.0 mailproxy: EHLO, AUTH PLAIN/LOGIN, then mail as usual (RFC 5321)\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"FOO bar\r\n\r\n"),
+            "500 5.5.2 Command unrecognized\r\n500 5.5.2 Command unrecognized\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"EHLO\r\nRSET x\r\n"),
+            "501 5.5.4 Syntax: EHLO hostname\r\n501 5.5.4 Syntax: RSET (no parameters allowed)\r\n"
+        );
+        for verb in ["MAIL FROM:<a@b>", "RCPT TO:<c@d>", "DATA", "BDAT 5 LAST", "VRFY x", "EXPN x", "ETRN x"] {
+            assert_eq!(
+                exchange(&mut p, format!("{verb}\r\n").as_bytes()),
+                "530 5.7.0 Authentication required\r\n",
+                "{verb}"
+            );
+        }
+        p.feed(b"QUIT\r\nNOOP\r\n");
+        assert!(matches!(p.poll(), Some(Event::Quit)));
+        assert_eq!(s(&p.take_output()), "221 2.0.0 Bye\r\n");
+        assert!(p.poll().is_none());
+        assert_eq!(p.buffered_len(), 0);
+        assert!(!p.wants_input());
+    }
+
+    #[test]
+    fn auth_plain_initial_response() {
+        let mut p = greeted();
+        p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        let (u, pw) = expect_login(p.poll());
+        assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
+        assert_eq!(p.take_output(), b"");
+        assert!(!p.wants_input());
+        assert!(p.poll().is_none());
+    }
+
+    #[test]
+    fn auth_plain_continuation_rfc4954_trace() {
+        let mut p = greeted();
+        assert_eq!(exchange(&mut p, b"AUTH PLAIN\r\n"), "334 \r\n");
+        p.feed(b"YWxpY2UAYWxpY2UAc2VjcmV0\r\n"); // "alice\0alice\0secret"
+        let (u, pw) = expect_login(p.poll());
+        assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
+        p.login_failed("535 5.7.8 Authentication credentials invalid");
+        assert_eq!(
+            s(&p.take_output()),
+            "535 5.7.8 Authentication credentials invalid\r\n"
+        );
+        assert!(p.wants_input());
+    }
+
+    #[test]
+    fn auth_login_all_forms() {
+        // RFC-less but universal: 334 Username: / 334 Password:
+        let mut p = greeted();
+        assert_eq!(exchange(&mut p, b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(exchange(&mut p, b"YWxpY2U=\r\n"), "334 UGFzc3dvcmQ6\r\n");
+        p.feed(b"c2VjcmV0\r\n");
+        let (u, pw) = expect_login(p.poll());
+        assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
+        assert_eq!(p.take_output(), b"");
+        p.login_failed("535 5.7.8 nope");
+        assert_eq!(s(&p.take_output()), "535 5.7.8 nope\r\n");
+        // User name as initial response.
+        assert_eq!(
+            exchange(&mut p, b"AUTH LOGIN YWxpY2U=\r\n"),
+            "334 UGFzc3dvcmQ6\r\n"
+        );
+        p.feed(b"c2VjcmV0\n");
+        let (u, pw) = expect_login(p.poll());
+        assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
+        p.login_failed("535 5.7.8 nope");
+        p.take_output();
+        // Cancel at either step.
+        assert_eq!(
+            exchange(&mut p, b"AUTH LOGIN\r\n*\r\n"),
+            "334 VXNlcm5hbWU6\r\n501 5.7.0 Authentication cancelled\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH LOGIN YWxpY2U=\r\n*\r\n"),
+            "334 UGFzc3dvcmQ6\r\n501 5.7.0 Authentication cancelled\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN\r\n*\r\n"),
+            "334 \r\n501 5.7.0 Authentication cancelled\r\n"
+        );
+        // Bad base64 at each step.
+        assert_eq!(
+            exchange(&mut p, b"AUTH LOGIN %%%\r\n"),
+            "501 5.5.2 Invalid AUTH response: invalid base64 in SASL response\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH LOGIN\r\n!!\r\n"),
+            "334 VXNlcm5hbWU6\r\n501 5.5.2 Invalid AUTH response: invalid base64 in SASL response\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH LOGIN YWxpY2U=\r\n\r\n"),
+            "334 UGFzc3dvcmQ6\r\n501 5.5.2 Invalid AUTH response: empty SASL response\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH LOGIN =\r\n"),
+            "501 5.5.2 Invalid AUTH response: empty SASL response\r\n"
+        );
+        assert_eq!(exchange(&mut p, b"NOOP\r\n"), "250 2.0.0 OK\r\n");
+    }
+
+    #[test]
+    fn auth_errors() {
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+            "503 5.5.1 Send EHLO first\r\n"
+        );
+        assert_eq!(exchange(&mut p, b"HELO c\r\n"), "250 mx.test\r\n");
+        assert_eq!(
+            exchange(&mut p, b"AUTH CRAM-MD5\r\nAUTH XOAUTH2 dGVzdA==\r\n"),
+            "504 5.5.4 Unrecognized authentication type\r\n504 5.5.4 Unrecognized authentication type\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN %%%\r\n"),
+            "501 5.5.2 Invalid AUTH response: invalid base64 in SASL response\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN =\r\n"),
+            "501 5.5.2 Invalid AUTH response: empty SASL response\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN YWxpY2UAc2VjcmV0\r\n"),
+            "501 5.5.2 Invalid AUTH response: malformed SASL PLAIN message: expected authzid NUL authcid NUL password\r\n"
+        );
+        // base64("admin\0alice\0secret")
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN YWRtaW4AYWxpY2UAc2VjcmV0\r\n"),
+            "535 5.7.8 Authorization identity must be empty or equal to the user name\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH\r\n"),
+            "501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"
+        );
+    }
+
+    #[test]
+    fn login_failed_sanitizes() {
+        let mut p = greeted();
+        p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nNOOP\r\n");
+        expect_login(p.poll());
+        p.login_failed("535 5.7.8 bad\r\n250 injected");
+        assert_eq!(s(&p.take_output()), "535 5.7.8 bad  250 injected\r\n");
+        assert!(p.poll().is_none());
+        assert_eq!(s(&p.take_output()), "250 2.0.0 OK\r\n");
+        for (given, sent) in [
+            ("454 4.7.0 Try again later", "454 4.7.0 Try again later"),
+            ("535-5.7.8 multi", "535 5.7.8 535-5.7.8 multi"),
+            ("250 2.0.0 fake success", "535 5.7.8 250 2.0.0 fake success"),
+            ("", "535 5.7.8 Authentication failed"),
+            ("no code", "535 5.7.8 no code"),
+        ] {
+            p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+            expect_login(p.poll());
+            p.login_failed(given);
+            assert_eq!(s(&p.take_output()), format!("{sent}\r\n"));
+        }
+    }
+
+    #[test]
+    fn auth_requires_starttls_when_available() {
+        let mut p = machine(true);
+        exchange(&mut p, b"EHLO c\r\n");
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nAUTH LOGIN\r\n"),
+            "530 5.7.0 Must issue a STARTTLS command first\r\n\
+             530 5.7.0 Must issue a STARTTLS command first\r\n"
+        );
+    }
+
+    #[test]
+    fn starttls_discards_pipelined_plaintext_and_resets() {
+        let mut p = machine(true);
+        exchange(&mut p, b"EHLO c\r\n");
+        p.feed(b"STARTTLS\r\nAUTH PLAIN AGV2aWwAaW5qZWN0ZWQ=\r\nMAIL FR");
+        assert!(matches!(p.poll(), Some(Event::StartTls)));
+        assert_eq!(s(&p.take_output()), "220 2.0.0 Ready to start TLS\r\n");
+        assert_eq!(p.buffered_len(), 0);
+        assert!(!p.wants_input());
+        p.feed(b"AUTH PLAIN AGV2aWwAaW5qZWN0ZWQ=\r\n");
+        assert!(p.poll().is_none());
+        p.starttls_done();
+        assert!(p.poll().is_none());
+        assert_eq!(p.take_output(), b"");
+        assert_eq!(p.helo(), None);
+        // The session was reset: EHLO again, now without STARTTLS.
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+            "503 5.5.1 Send EHLO first\r\n"
+        );
+        assert_eq!(exchange(&mut p, b"EHLO c\r\n"), EHLO.replace("client.test", "c"));
+        assert_eq!(exchange(&mut p, b"STARTTLS\r\n"), "503 5.5.1 TLS already active\r\n");
+        p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(expect_login(p.poll()).0, "alice");
+        // Not configured at all.
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"STARTTLS\r\n"),
+            "502 5.5.1 STARTTLS not available\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"STARTTLS x\r\n"),
+            "501 5.5.4 Syntax: STARTTLS (no parameters allowed)\r\n"
+        );
+    }
+
+    #[test]
+    fn pipelined_ehlo_auth_mail_handed_off_exactly() {
+        let mut p = machine(false);
+        let after: &[u8] = b"MAIL FROM:<alice@example.com> SIZE=5\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n";
+        let mut input = b"EHLO client.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n".to_vec();
+        input.extend_from_slice(after);
+        p.feed(&input);
+        let (u, _) = expect_login(p.poll());
+        assert_eq!(u, "alice");
+        assert_eq!(s(&p.take_output()), EHLO);
+        assert!(p.poll().is_none());
+        assert_eq!(p.take_output(), b"");
+        p.authenticated(&up(GMAIL_EHLO));
+        assert!(matches!(p.poll(), Some(Event::Handoff)));
+        assert_eq!(p.take_output(), b"");
+        assert!(!p.wants_input());
+        assert!(p.poll().is_none());
+        assert_eq!(p.into_pending_input(), after.to_vec());
+    }
+
+    #[test]
+    fn after_auth_local_commands_then_handoff() {
+        let mut p = greeted();
+        p.feed(b"AUTH LOGIN YWxpY2U=\r\nc2VjcmV0\r\n");
+        expect_login(p.poll());
+        p.take_output();
+        p.authenticated(&up(&[
+            "PIPELINING",
+            "SIZE 35882577",
+            "8BITMIME",
+            "CHUNKING",
+            "SMTPUTF8",
+            "AUTH PLAIN XOAUTH2",
+            "AUTH=PLAIN XOAUTH2",
+            "STARTTLS",
+            "ENHANCEDSTATUSCODES",
+            "DSN",
+            "XCLIENT NAME ADDR",
+            "xforward NAME",
+            "BINARYMIME",
+            "REQUIRETLS",
+            "MT-PRIORITY MIXER",
+            "dsn\r\n250 injected",
+            "",
+        ]));
+        assert!(p.is_authenticated());
+        assert_eq!(
+            exchange(&mut p, b"EHLO again.test\r\n"),
+            "250-mx.test greets again.test\r\n\
+             250-PIPELINING\r\n\
+             250-SIZE 35882577\r\n\
+             250-8BITMIME\r\n\
+             250-CHUNKING\r\n\
+             250-SMTPUTF8\r\n\
+             250-ENHANCEDSTATUSCODES\r\n\
+             250-DSN\r\n\
+             250-BINARYMIME\r\n\
+             250-REQUIRETLS\r\n\
+             250-MT-PRIORITY MIXER\r\n\
+             250 dsn  250 injected\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"HELO x\r\nNOOP\r\nRSET\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+            "250 mx.test\r\n250 2.0.0 OK\r\n250 2.0.0 OK\r\n503 5.5.1 Already authenticated\r\n"
+        );
+        // A partial local verb waits; a partial foreign one hands off at once.
+        assert_eq!(exchange(&mut p, b"NO"), "");
+        assert_eq!(exchange(&mut p, b"OP\r\n"), "250 2.0.0 OK\r\n");
+        p.feed(b"BDAT 1000 LAST\r\n\x00\xff");
+        assert!(matches!(p.poll(), Some(Event::Handoff)));
+        assert_eq!(p.into_pending_input(), b"BDAT 1000 LAST\r\n\x00\xff");
+        // Unknown commands and garbage go upstream too; QUIT is local.
+        for input in [&b"VRFY x\r\n"[..], b"HELP\r\n", b"\r\n", b"X\0", b"FOOBARFOOBARFOOBARX"] {
+            let mut p = greeted();
+            p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+            expect_login(p.poll());
+            p.authenticated(&[]);
+            p.feed(input);
+            assert!(matches!(p.poll(), Some(Event::Handoff)), "{input:?}");
+            assert_eq!(p.into_pending_input(), input);
+        }
+        let mut p = greeted();
+        p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        expect_login(p.poll());
+        p.authenticated(&[]);
+        assert_eq!(
+            exchange(&mut p, b"EHLO x\r\n"),
+            "250 mx.test greets x\r\n"
+        );
+        p.feed(b"QUIT\r\n");
+        assert!(matches!(p.poll(), Some(Event::Quit)));
+        assert_eq!(s(&p.take_output()), "221 2.0.0 Bye\r\n");
+    }
+
+    #[test]
+    fn nul_and_invalid_utf8() {
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"\0\0\0\r\nEH\0LO x\r\n\xff\xfe\r\n"),
+            "500 5.5.2 Command unrecognized\r\n".repeat(3)
+        );
+        assert_eq!(
+            exchange(&mut p, b"EHLO \xc3\x28\r\nHELO a\0b\r\n"),
+            "501 5.5.2 Host name must be valid UTF-8\r\n501 5.5.2 Invalid characters in host name\r\n"
+        );
+        exchange(&mut p, b"EHLO c\r\n");
+        // base64("\0al\xffice\0pw")
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN AGFs/2ljZQBwdw==\r\n"),
+            "501 5.5.2 Invalid AUTH response: SASL response is not valid UTF-8\r\n"
+        );
+        assert_eq!(exchange(&mut p, b"NOOP\r\n"), "250 2.0.0 OK\r\n");
+    }
+
+    #[test]
+    fn ten_megabyte_line_rejected_without_buffering() {
+        let big = vec![b'A'; 10 * 1024 * 1024];
+        let mut p = machine(false);
+        p.feed(&big);
+        assert!(p.buffered_len() <= p.max_buffer());
+        assert!(p.buf.0.capacity() <= p.max_buffer());
+        assert!(matches!(p.poll(), Some(Event::Close)));
+        assert_eq!(
+            s(&p.take_output()),
+            "421 4.7.0 mx.test Too much input, closing connection\r\n"
+        );
+        let mut p = machine(false);
+        let mut fed = 0;
+        let mut closed = false;
+        for chunk in big.chunks(4096) {
+            p.feed(chunk);
+            fed += chunk.len();
+            assert!(p.buffered_len() <= 8 * 1024 + 4096);
+            if let Some(ev) = p.poll() {
+                assert!(matches!(ev, Event::Close));
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed);
+        assert!(fed <= 12 * 1024);
+        assert_eq!(
+            s(&p.take_output()),
+            "500 5.5.6 Line too long\r\n421 4.7.0 mx.test Line too long, closing connection\r\n"
+        );
+        p.feed(b"NOOP\r\n");
+        assert!(p.poll().is_none());
+        assert_eq!(p.buffered_len(), 0);
+        // A complete over-long line is fatal too; the maximum itself is fine.
+        let mut p = machine(false);
+        let mut line = b"NOOP ".to_vec();
+        line.resize(8 * 1024, b'x');
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(exchange(&mut p, &line), "250 2.0.0 OK\r\n");
+        line.insert(0, b'x');
+        p.feed(&line);
+        assert!(matches!(p.poll(), Some(Event::Close)));
+    }
+
+    #[test]
+    fn too_many_bad_commands_close() {
+        let mut p = machine(false);
+        let mut out = String::new();
+        let mut closed = false;
+        for _ in 0..MAX_CONSECUTIVE_BAD + 5 {
+            p.feed(b"GARBAGE\r\n");
+            let ev = p.poll();
+            out.push_str(&s(&p.take_output()));
+            match ev {
+                None => {}
+                Some(Event::Close) => {
+                    closed = true;
+                    break;
+                }
+                Some(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(closed);
+        assert_eq!(
+            out.matches("500 5.5.2 Command unrecognized\r\n").count(),
+            MAX_CONSECUTIVE_BAD as usize
+        );
+        assert!(out.ends_with("421 4.7.0 mx.test Too many errors, closing connection\r\n"));
+        // A good command resets the counter; AUTH + cancel loops do not.
+        let mut p = machine(false);
+        for _ in 0..(MAX_CONSECUTIVE_BAD * 3) {
+            exchange(&mut p, b"GARBAGE\r\nNOOP\r\n");
+        }
+        let mut p = greeted();
+        p.feed(&b"AUTH PLAIN\r\n*\r\n".repeat(MAX_CONSECUTIVE_BAD as usize));
+        assert!(matches!(p.poll(), Some(Event::Close)));
+    }
+
+    #[test]
+    fn event_debug_redacts() {
+        let mut p = greeted();
+        p.feed(b"AUTH LOGIN YWxpY2U=\r\n");
+        assert!(p.poll().is_none());
+        let d = format!("{p:?}");
+        assert!(!d.contains("alice"), "{d}");
+        p.feed(b"aHVudGVyMg==\r\n");
+        let ev = p.poll().unwrap();
+        let d = format!("{ev:?} {p:?}");
+        assert!(!d.contains("hunter2") && !d.contains("alice"), "{d}");
+    }
+
+    // ---------------------------------------------------------- chunking / fuzz
+
+    /// Minimal driver: feeds `chunks`, polls, answers events (logins fail
+    /// except for user "good", which authenticates; STARTTLS completes);
+    /// returns the transcript of output, events and the handed-off bytes.
+    fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> (String, Vec<String>, Vec<u8>) {
+        let mut p = PreAuth::new(cfg);
+        let mut out = s(&p.take_output());
+        let mut events = Vec::new();
+        let mut chunks = chunks.iter();
+        'outer: while let Some(c) = chunks.next() {
+            p.feed(c);
+            assert!(p.buffered_len() <= p.max_buffer());
+            loop {
+                let ev = p.poll();
+                out.push_str(&s(&p.take_output()));
+                match ev {
+                    None => break,
+                    Some(Event::Login { username, password }) => {
+                        events.push(format!("login {} {}", *username, *password));
+                        if username.as_str() == "good" {
+                            out.push_str("235 2.7.0 Authentication successful\r\n");
+                            p.authenticated(&up(GMAIL_EHLO));
+                        } else {
+                            p.login_failed("535 5.7.8 nope");
+                        }
+                        out.push_str(&s(&p.take_output()));
+                    }
+                    Some(Event::StartTls) => {
+                        events.push("starttls".into());
+                        p.starttls_done();
+                    }
+                    Some(Event::Quit) => {
+                        events.push("quit".into());
+                        break 'outer;
+                    }
+                    Some(Event::Close) => {
+                        events.push("close".into());
+                        break 'outer;
+                    }
+                    Some(Event::Handoff) => {
+                        events.push("handoff".into());
+                        let mut rest = p.into_pending_input();
+                        for c in chunks {
+                            rest.extend_from_slice(c);
+                        }
+                        return (out, events, rest);
+                    }
+                }
+            }
+        }
+        (out, events, Vec::new())
+    }
+
+    // base64("\0good\0pw") = AGdvb2QAcHc=
+    const SCRIPT: &[u8] = b"HELO a\r\n\
+        AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n\
+        EHLO client.test\r\n\
+        MAIL FROM:<x@y>\r\n\
+        AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n\
+        AUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\n\
+        AUTH LOGIN\r\n*\r\n\
+        \0bad\r\n\
+        NOOP\n\
+        AUTH PLAIN AGdvb2QAcHc=\r\n\
+        EHLO again\r\n\
+        RSET\r\n\
+        MAIL FROM:<alice@example.com>\r\nRCPT TO:<b@c>\r\nDATA\r\n";
+
+    #[test]
+    fn byte_at_a_time_equals_all_at_once() {
+        let whole = drive(cfg(false), &[SCRIPT]);
+        assert_eq!(
+            whole.1,
+            vec![
+                "login alice secret",
+                "login alice secret",
+                "login alice secret",
+                "login good pw",
+                "handoff"
+            ]
+        );
+        assert_eq!(
+            whole.2,
+            b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<b@c>\r\nDATA\r\n".to_vec()
+        );
+        assert!(whole.0.contains("250-SMTPUTF8\r\n"));
+        for chunk in [1, 2, 3, 7, 13, 64] {
+            let bytes: Vec<&[u8]> = SCRIPT.chunks(chunk).collect();
+            assert_eq!(drive(cfg(false), &bytes), whole, "chunk {chunk}");
+        }
+    }
+
+    pub(crate) struct Rng(pub u64);
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            // xorshift64*
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    const TOKENS: &[&[u8]] = &[
+        b"a",
+        b" ",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"EHLO",
+        b"HELO",
+        b"AUTH",
+        b"PLAIN",
+        b"LOGIN",
+        b"STARTTLS",
+        b"MAIL",
+        b"QUIT",
+        b"*",
+        b"=",
+        b"AGFsaWNlAHNlY3JldA==",
+        b"AGdvb2QAcHc=",
+        b"\0",
+        b"\xff",
+        b"-",
+    ];
+
+    const COMMANDS: &[&[u8]] = &[
+        b"EHLO c\r\n",
+        b"HELO c\r\n",
+        b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+        b"AUTH PLAIN AGdvb2QAcHc=\r\n",
+        b"AUTH PLAIN\r\nAGdvb2QAcHc=\r\n",
+        b"AUTH LOGIN\r\nZ29vZA==\r\ncHc=\r\n",
+        b"AUTH LOGIN YWxpY2U=\r\n*\r\n",
+        b"AUTH CRAM-MD5\r\n",
+        b"STARTTLS\r\n",
+        b"NOOP\r\n",
+        b"RSET\r\n",
+        b"MAIL FROM:<a@b>\r\n",
+        b"QUIT\r\n",
+        b"VRFY x\r\n",
+    ];
+
+    #[test]
+    fn random_input_random_chunking_never_panics_and_stays_bounded() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut stats = std::collections::HashMap::new();
+        let small = PreAuthConfig {
+            starttls: true,
+            hostname: "mx.test".into(),
+            max_line: 64,
+            max_size: Some(1000),
+        };
+        for round in 0..3000 {
+            let mut input = Vec::new();
+            let len = rng.below(400);
+            while input.len() < len {
+                match rng.below(10) {
+                    0 => input.push(rng.next() as u8),
+                    1..=3 => input.extend_from_slice(TOKENS[rng.below(TOKENS.len())]),
+                    _ => {
+                        let mut c = COMMANDS[rng.below(COMMANDS.len())].to_vec();
+                        if rng.below(4) == 0 {
+                            let i = rng.below(c.len());
+                            c[i] = rng.next() as u8;
+                        }
+                        input.extend_from_slice(&c);
+                    }
+                }
+            }
+            let cfg = match round % 3 {
+                0 => small.clone(),
+                1 => PreAuthConfig {
+                    starttls: false,
+                    ..small.clone()
+                },
+                _ => PreAuthConfig::default(),
+            };
+            let mut chunks = Vec::new();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let n = 1 + rng.below(rest.len().min(50));
+                chunks.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            let (out, events, handed) = drive(cfg.clone(), &chunks);
+            assert!(out.ends_with("\r\n"));
+            for e in &events {
+                *stats
+                    .entry(e.split(' ').next().unwrap().to_owned())
+                    .or_insert(0) += 1;
+            }
+            if events.last().map(String::as_str) == Some("handoff") {
+                assert!(input.ends_with(&handed));
+            }
+            if !cfg.starttls {
+                let again = drive(cfg.clone(), &[&input]);
+                assert_eq!((out, events, handed), again, "{input:?}");
+            }
+            let _ = command::parse_command(&input);
+            let _ = super::super::reply::find_reply(&input, 64);
+        }
+        for k in ["login", "starttls", "quit", "close", "handoff"] {
+            assert!(stats.get(k).copied().unwrap_or(0) > 5, "{k}: {stats:?}");
+        }
+    }
+}
