@@ -238,7 +238,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Account {
     /// The login name clients use, as written in the config.
     pub name: String,
@@ -269,7 +269,7 @@ impl Account {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum AccountAuth {
     /// Passthrough: the client's own credentials go upstream unchanged.
     Password,
@@ -293,7 +293,7 @@ impl ProviderKind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OAuthSettings {
     pub provider: ProviderKind,
     pub client_id: String,
@@ -365,13 +365,11 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let err = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| {
-            ConfigError {
-                path: path.to_owned(),
-                line: span.map(|s| line_of(text, s.start)),
-                key,
-                message,
-            }
+        let err = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| ConfigError {
+            path: path.to_owned(),
+            line: span.map(|s| line_of(text, s.start)),
+            key,
+            message,
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             // toml's message names the key ("unknown field `x`, expected ...");
@@ -389,7 +387,11 @@ impl Config {
         let status_listen = match &raw.server.status_listen {
             None => None,
             Some(s) => Some(s.get_ref().parse::<SocketAddr>().map_err(|_| {
-                err(Some(s.span()), Some("server.status_listen".into()), format!("`{}` is not an address like 127.0.0.1:8025", s.get_ref()))
+                err(
+                    Some(s.span()),
+                    Some("server.status_listen".into()),
+                    format!("`{}` is not an address like 127.0.0.1:8025", s.get_ref()),
+                )
             })?),
         };
         if let Some(a) = status_listen {
@@ -401,7 +403,12 @@ impl Config {
                 ));
             }
         }
-        let audit_log = raw.server.audit_log.as_ref().map(|p| resolve(path, p)).unwrap_or_else(|| state_dir.join("audit.log"));
+        let audit_log = raw
+            .server
+            .audit_log
+            .as_ref()
+            .map(|p| resolve(path, p))
+            .unwrap_or_else(|| state_dir.join("audit.log"));
         let mut listeners = Vec::new();
         for (protocol, l) in [
             (Protocol::Imap, raw.imap),
@@ -417,10 +424,7 @@ impl Config {
                 err(
                     Some(l.listen.span()),
                     Some(format!("{section}.listen")),
-                    format!(
-                        "`{}` is not an address like 127.0.0.1:1143",
-                        l.listen.get_ref()
-                    ),
+                    format!("`{}` is not an address like 127.0.0.1:1143", l.listen.get_ref()),
                 )
             })?;
             let fallback = match &l.fallback {
@@ -475,18 +479,10 @@ impl Config {
         let d = Limits::default();
         let rl = raw.limits;
         let limits = Limits {
-            preauth_timeout: rl
-                .preauth_timeout
-                .map(Duration::from_secs)
-                .unwrap_or(d.preauth_timeout),
-            connect_timeout: rl
-                .connect_timeout
-                .map(Duration::from_secs)
-                .unwrap_or(d.connect_timeout),
+            preauth_timeout: rl.preauth_timeout.map(Duration::from_secs).unwrap_or(d.preauth_timeout),
+            connect_timeout: rl.connect_timeout.map(Duration::from_secs).unwrap_or(d.connect_timeout),
             max_connections: rl.max_connections.unwrap_or(d.max_connections),
-            max_connections_per_ip: rl
-                .max_connections_per_ip
-                .unwrap_or(d.max_connections_per_ip),
+            max_connections_per_ip: rl.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
             max_line: rl.max_line.unwrap_or(d.max_line).clamp(1024, 1 << 20),
         };
 
@@ -499,8 +495,7 @@ impl Config {
             if name.trim().is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
                 return Err(e(
                     "",
-                    "an account name must be a login name without spaces or control characters"
-                        .into(),
+                    "an account name must be a login name without spaces or control characters".into(),
                 ));
             }
 
@@ -511,18 +506,15 @@ impl Config {
                 (Protocol::Pop3, &a.pop3),
             ] {
                 let url = match raw_url {
-                    Some(u) => Some(
-                        Endpoint::parse(u.get_ref(), p)
-                            .map_err(|m| err(Some(u.span()), key(p.name()), m))?,
-                    ),
-                    None => default_server(a.provider, p)
-                        .map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
+                    Some(u) => {
+                        Some(Endpoint::parse(u.get_ref(), p).map_err(|m| err(Some(u.span()), key(p.name()), m))?)
+                    }
+                    None => {
+                        default_server(a.provider, p).map(|u| Endpoint::parse(u, p).expect("preset URLs are valid"))
+                    }
                 };
                 if let Some(ep) = &url {
-                    if ep.security == Security::Plain
-                        && !is_loopback_host(&ep.host)
-                        && !a.allow_plaintext
-                    {
+                    if ep.security == Security::Plain && !is_loopback_host(&ep.host) && !a.allow_plaintext {
                         return Err(err(
                             raw_url.as_ref().map(|u| u.span()),
                             key(p.name()),
@@ -539,8 +531,7 @@ impl Config {
             if endpoints.iter().all(Option::is_none) {
                 return Err(e(
                     "imap",
-                    "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)"
-                        .into(),
+                    "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)".into(),
                 ));
             }
 
@@ -566,22 +557,14 @@ impl Config {
                     AccountAuth::Password
                 }
                 p => {
-                    let client_id =
-                        a.client_id
-                            .clone()
-                            .filter(|c| !c.is_empty())
-                            .ok_or_else(|| {
-                                e(
-                                    "client_id",
-                                    "an OAuth account needs the client_id of its app registration"
-                                        .into(),
-                                )
-                            })?;
+                    let client_id = a.client_id.clone().filter(|c| !c.is_empty()).ok_or_else(|| {
+                        e(
+                            "client_id",
+                            "an OAuth account needs the client_id of its app registration".into(),
+                        )
+                    })?;
                     if a.tenant.is_some() && p != ProviderName::Microsoft {
-                        return Err(e(
-                            "tenant",
-                            "tenant only applies to provider = \"microsoft\"".into(),
-                        ));
+                        return Err(e("tenant", "tenant only applies to provider = \"microsoft\"".into()));
                     }
                     let mut auth_params = Vec::new();
                     let (auth_url, token_url, device_url, revoke_url, scopes, kind) = match p {
@@ -600,14 +583,11 @@ impl Config {
                         ProviderName::Microsoft => {
                             let tenant = a.tenant.clone().unwrap_or_else(|| "common".into());
                             if tenant.is_empty()
-                                || !tenant
-                                    .chars()
-                                    .all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
+                                || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
                             {
                                 return Err(e("tenant", format!("`{tenant}` is not a tenant: use common, organizations, consumers, a tenant ID or a domain")));
                             }
-                            let base =
-                                format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
+                            let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
                             // Only the scopes of the protocols this account can be used for.
                             let mut scopes = Vec::new();
                             if endpoints[0].is_some() && imap.is_some() {
@@ -638,17 +618,18 @@ impl Config {
                             )
                         }
                         _ => {
-                            let auth_url = a.auth_url.clone().ok_or_else(|| {
-                                e("auth_url", "a custom provider needs auth_url".into())
-                            })?;
-                            let token_url = a.token_url.clone().ok_or_else(|| {
-                                e("token_url", "a custom provider needs token_url".into())
-                            })?;
+                            let auth_url = a
+                                .auth_url
+                                .clone()
+                                .ok_or_else(|| e("auth_url", "a custom provider needs auth_url".into()))?;
+                            let token_url = a
+                                .token_url
+                                .clone()
+                                .ok_or_else(|| e("token_url", "a custom provider needs token_url".into()))?;
                             let scopes = a.scopes.clone().ok_or_else(|| {
                                 e(
                                     "scopes",
-                                    "a custom provider needs scopes, e.g. scopes = [\"mail\"]"
-                                        .into(),
+                                    "a custom provider needs scopes, e.g. scopes = [\"mail\"]".into(),
                                 )
                             })?;
                             (
@@ -716,17 +697,14 @@ impl Config {
                 imap: endpoints.next().flatten(),
                 smtp: endpoints.next().flatten(),
                 pop3: endpoints.next().flatten(),
-                ca_file: a
-                    .ca_file
-                    .map(|p| resolve(path, &p))
-                    .or_else(|| server_ca.clone()),
+                ca_file: a.ca_file.map(|p| resolve(path, &p)).or_else(|| server_ca.clone()),
                 mechanism: a.mechanism,
             };
-            if accounts
-                .insert(name.to_lowercase(), Arc::new(account))
-                .is_some()
-            {
-                return Err(e("", "two accounts differ only in upper/lower case; login names are matched without case".into()));
+            if accounts.insert(name.to_lowercase(), Arc::new(account)).is_some() {
+                return Err(e(
+                    "",
+                    "two accounts differ only in upper/lower case; login names are matched without case".into(),
+                ));
             }
         }
 
@@ -830,21 +808,11 @@ imap = "imaps://legacy.example:993"
     fn example_shape_works() {
         let c = parse(EXAMPLE).unwrap();
         let alice = c.account("Alice@Gmail.com").unwrap();
-        assert_eq!(
-            alice.imap.as_ref().unwrap().to_string(),
-            "imaps://imap.gmail.com:993"
-        );
+        assert_eq!(alice.imap.as_ref().unwrap().to_string(), "imaps://imap.gmail.com:993");
         let o = alice.oauth().unwrap();
         assert_eq!(o.scopes, vec![GOOGLE_MAIL_SCOPE]);
-        assert!(o
-            .auth_params
-            .contains(&("access_type".into(), "offline".into())));
-        let bob = c
-            .account("bob@contoso.com")
-            .unwrap()
-            .oauth()
-            .unwrap()
-            .clone();
+        assert!(o.auth_params.contains(&("access_type".into(), "offline".into())));
+        let bob = c.account("bob@contoso.com").unwrap().oauth().unwrap().clone();
         assert_eq!(bob.scopes, vec![MS_IMAP_SCOPE, "offline_access"]);
         assert!(bob
             .token_url
@@ -867,15 +835,13 @@ imap = "imaps://legacy.example:993"
 
     #[test]
     fn remote_plaintext_refused_unless_allowed() {
-        let t =
-            "[accounts.\"x@y\"]\nprovider = \"password\"\nimap = \"imap://mail.example.org:143\"\n";
+        let t = "[accounts.\"x@y\"]\nprovider = \"password\"\nimap = \"imap://mail.example.org:143\"\n";
         let e = parse(t).unwrap_err();
         assert_eq!(e.line, Some(3));
         assert!(e.to_string().contains("accounts.\"x@y\".imap"), "{e}");
         assert!(e.message.contains("allow_plaintext"));
         parse(&format!("{t}allow_plaintext = true\n")).unwrap();
-        parse("[accounts.\"x@y\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:143\"\n")
-            .unwrap();
+        parse("[accounts.\"x@y\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:143\"\n").unwrap();
     }
 
     #[test]
@@ -894,8 +860,7 @@ imap = "imaps://legacy.example:993"
 
     #[test]
     fn bad_provider_value_named() {
-        let e =
-            parse("[accounts.\"a@b\"]\nprovider = \"yahoo\"\nimap = \"imaps://x\"\n").unwrap_err();
+        let e = parse("[accounts.\"a@b\"]\nprovider = \"yahoo\"\nimap = \"imaps://x\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(
             e.message.contains("yahoo") || e.message.contains("unknown variant"),

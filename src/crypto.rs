@@ -92,15 +92,8 @@ pub struct Sealed {
     pub ciphertext: String,
 }
 
-fn master(
-    password: &str,
-    salt: &[u8],
-    m: u32,
-    t: u32,
-    p: u32,
-) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
-    let params = Params::new(m, t, p, Some(32))
-        .map_err(|_| CryptoError::Damaged("bad Argon2 parameters"))?;
+fn master(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
+    let params = Params::new(m, t, p, Some(32)).map_err(|_| CryptoError::Damaged("bad Argon2 parameters"))?;
     let mut out = Zeroizing::new([0u8; 32]);
     Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
         .hash_password_into(password.as_bytes(), salt, &mut out[..])
@@ -143,10 +136,7 @@ pub fn new_password_with(password: &str, m: u32, t: u32, p: u32) -> (PasswordVer
 
 /// Checks `password` in constant time; on success returns the vault key.
 /// CPU- and memory-heavy: call from a blocking thread.
-pub fn check_password(
-    password: &str,
-    v: &PasswordVerifier,
-) -> Result<Option<VaultKey>, CryptoError> {
+pub fn check_password(password: &str, v: &PasswordVerifier) -> Result<Option<VaultKey>, CryptoError> {
     if v.kdf != "argon2id" {
         return Err(CryptoError::Damaged("unknown password KDF"));
     }
@@ -155,9 +145,7 @@ pub fn check_password(
     if v.m_cost > 1 << 21 || v.t_cost > 64 || v.p_cost > 16 {
         return Err(CryptoError::Damaged("Argon2 parameters out of range"));
     }
-    let salt = B64
-        .decode(&v.salt)
-        .map_err(|_| CryptoError::Damaged("bad salt"))?;
+    let salt = B64.decode(&v.salt).map_err(|_| CryptoError::Damaged("bad salt"))?;
     let want = B64
         .decode(&v.verifier)
         .map_err(|_| CryptoError::Damaged("bad verifier"))?;
@@ -231,9 +219,7 @@ mod tests {
     #[test]
     fn password_round_trip_and_constant_result() {
         let (v, key) = quick("correct horse");
-        let k2 = check_password("correct horse", &v)
-            .unwrap()
-            .expect("right password");
+        let k2 = check_password("correct horse", &v).unwrap().expect("right password");
         assert_eq!(k2.0[..], key.0[..]);
         assert!(check_password("wrong horse", &v).unwrap().is_none());
         assert!(!v.verifier.is_empty() && B64.decode(&v.verifier).unwrap() != key.0[..].to_vec());

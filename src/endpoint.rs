@@ -49,12 +49,9 @@ pub struct Endpoint {
 impl Endpoint {
     /// Parses `scheme://host[:port]`, checking that the scheme belongs to `protocol`.
     pub fn parse(s: &str, protocol: Protocol) -> Result<Endpoint, String> {
-        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
-            format!(
-                "`{s}` is not a server URL like `{}s://host:port`",
-                protocol.name()
-            )
-        })?;
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| format!("`{s}` is not a server URL like `{}s://host:port`", protocol.name()))?;
         let (security, default_port) = match (protocol, scheme.to_ascii_lowercase().as_str()) {
             (Protocol::Imap, "imaps") => (Security::Tls, 993),
             (Protocol::Imap, "imap+starttls") => (Security::StartTls, 143),
@@ -78,8 +75,7 @@ impl Endpoint {
                 "`{s}` must be just scheme://host:port, without user, path or query"
             ));
         }
-        let (host, port) =
-            split_host_port(rest).ok_or_else(|| format!("`{s}`: cannot read host and port"))?;
+        let (host, port) = split_host_port(rest).ok_or_else(|| format!("`{s}`: cannot read host and port"))?;
         let port = match port {
             None => default_port,
             Some(p) => p
@@ -138,11 +134,7 @@ fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
 }
 
 pub fn is_loopback_host(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false)
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
 }
 
 #[cfg(test)]

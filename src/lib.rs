@@ -6,16 +6,21 @@
 //! lifecycle lives in `tokens`; I/O sits at the edges (`net`, `proxy`,
 //! `server`, `oauth`).
 
+pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod endpoint;
 pub mod imap;
+pub mod keystore;
 pub mod net;
 pub mod oauth;
+pub mod pop3;
 pub mod proxy;
 pub mod sasl;
 pub mod secret;
 pub mod server;
+pub mod smtp;
+pub mod status;
 pub mod tls;
 pub mod tokens;
 pub mod vault;

@@ -2,15 +2,18 @@
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use mailproxy::config::Config;
-use mailproxy::oauth::{self, login::Redirect};
+use mailproxy::audit::{Audit, Entry};
+use mailproxy::config::{Account, Config, Flow, OAuthSettings, TokenStore};
+use mailproxy::oauth::{self, flows, login::Redirect, OAuthError, Tokens};
 use mailproxy::secret::Secret;
-use mailproxy::{server, tls, tokens, vault::Vault};
+use mailproxy::tokens::{self, now_unix, AccountStatus};
+use mailproxy::vault::{AccountRecord, Vault};
+use mailproxy::{crypto, keystore, server, tls};
 
 #[derive(Parser)]
 #[command(
@@ -27,19 +30,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy until SIGINT or SIGTERM.
+    /// Run the proxy until SIGINT or SIGTERM (SIGHUP reloads the config).
     Serve,
     /// Authorise an account at its provider and set its local password.
     Login {
         /// The account, as named in the config (the login name clients use).
         account: String,
+        /// Use the device flow: print a code to enter on any device with a browser.
+        #[arg(long)]
+        device: bool,
         /// Print the URL only; do not try to open a browser.
         #[arg(long)]
         no_browser: bool,
-        /// How long to wait for the browser to come back, in seconds.
+        /// How long to wait for the browser or device approval, in seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Show every account: provider, flow, state, token expiry, last refresh and use, scopes.
+    Accounts,
+    /// Refresh now and report; exit status 0 = all ok, 1 = a person must act, 2 = temporary failure.
+    Check {
+        /// Only this account.
+        account: Option<String>,
+    },
+    /// Revoke the account's refresh token at the provider and erase every local trace.
+    Revoke { account: String },
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,7 +78,7 @@ fn main() -> std::process::ExitCode {
         .build()
         .expect("tokio runtime");
     match rt.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("mailproxy: {e:#}");
             std::process::ExitCode::FAILURE
@@ -71,60 +86,107 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<u8> {
     let path = cli.config.unwrap_or_else(Config::default_path);
     let config = Config::load(&path)?;
     match cli.command {
-        Command::Serve => Ok(server::serve(config).await?),
+        Command::Serve => server::serve(config).await.map(|_| 0).map_err(Into::into),
         Command::Login {
             account,
+            device,
             no_browser,
             timeout,
-        } => login(config, &account, no_browser, timeout).await,
+        } => login(config, &account, device, no_browser, timeout).await.map(|_| 0),
+        Command::Accounts => accounts(&config).map(|_| 0),
+        Command::Check { account } => check(&config, account.as_deref()).await,
+        Command::Revoke { account } => revoke(&config, &account).await.map(|_| 0),
     }
 }
 
-async fn login(config: Config, name: &str, no_browser: bool, timeout: u64) -> Result<()> {
+fn oauth_account<'a>(config: &'a Config, name: &str) -> Result<(&'a Account, &'a OAuthSettings)> {
     let account = config
         .account(name)
-        .with_context(|| format!("{} has no account `{name}`", config.path.display()))?
-        .clone();
+        .with_context(|| format!("{} has no account `{name}`", config.path.display()))?;
     let Some(settings) = account.oauth() else {
-        bail!("{name} uses provider = \"password\": the client's own password goes upstream, there is nothing to authorise");
+        bail!("{name} uses provider = \"password\": the client's own password goes upstream, there is no token");
     };
-    let vault = Vault::open(&config.state_dir)?;
-    let password = read_password(&account.name)?;
+    Ok((account, settings))
+}
 
-    let redirect = Redirect::bind(settings)
-        .await
-        .context("cannot receive the provider's redirect")?;
-    let req = oauth::authorization_request(&account.name, settings, redirect.uri())?;
-    eprintln!(
-        "To authorise {}, open this address in a browser and sign in:\n\n  {}\n",
-        account.name, req.url
-    );
-    if !no_browser {
-        open_browser(&req.url);
-    }
-    let code = redirect
-        .wait(&account.name, &req, Duration::from_secs(timeout))
-        .await?;
+async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeout: u64) -> Result<()> {
+    let (account, settings) = oauth_account(&config, name)?;
+    let vault = Vault::open(&config.state_dir)?;
+    let audit = Audit::direct(&config.audit_log);
+    let password = read_password(&account.name, true)?;
     let http = oauth::http_client();
-    let tokens = oauth::exchange_code(&http, &account.name, settings, req, code.expose()).await?;
-    let Some(refresh) = tokens.refresh else {
+    let timeout = Duration::from_secs(timeout);
+
+    let result: Result<Tokens, OAuthError> = match (settings.flow, device) {
+        (Flow::ClientCredentials, _) => flows::client_credentials(&http, &account.name, settings).await,
+        (Flow::Device, _) | (_, true) => {
+            let d = flows::device_start(&http, &account.name, settings).await?;
+            eprintln!(
+                "To authorise {}, open {} on any device and enter the code {}\n",
+                account.name, d.verification_uri, d.user_code
+            );
+            if let Some(c) = &d.verification_uri_complete {
+                eprintln!("(or open {c})\n");
+            }
+            tokio::time::timeout(
+                timeout,
+                flows::device_poll(&http, &account.name, settings, &d, |i| {
+                    eprintln!("the provider asked to poll more slowly; now every {} s", i.as_secs())
+                }),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(OAuthError::Config(format!(
+                    "not approved within {} s",
+                    timeout.as_secs()
+                )))
+            })
+        }
+        (Flow::AuthorizationCode, false) => {
+            let redirect = Redirect::bind(settings)
+                .await
+                .context("cannot receive the provider's redirect")?;
+            let req = oauth::authorization_request(&account.name, settings, redirect.uri())?;
+            eprintln!(
+                "To authorise {}, open this address in a browser and sign in:\n\n  {}\n",
+                account.name, req.url
+            );
+            if !no_browser {
+                open_browser(&req.url);
+            }
+            match redirect.wait(&account.name, &req, timeout).await {
+                Ok(code) => oauth::exchange_code(&http, &account.name, settings, req, code.expose()).await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    let tokens = match result {
+        Ok(t) => t,
+        Err(e) => {
+            audit.record(Entry::new(&account.name, "consent", format!("failed: {e}")));
+            return Err(e.into());
+        }
+    };
+    if tokens.refresh.is_none() && settings.flow != Flow::ClientCredentials {
         bail!(
             "the provider returned no refresh token, so access would end within the hour; \
              check that the app registration allows offline access (Microsoft: the offline_access scope; Google: a Desktop app client)"
         );
-    };
-    let scopes = tokens.scopes.unwrap_or_else(|| settings.scopes.clone());
-    let (v, n, s) = (vault.clone(), account.name.clone(), scopes.clone());
-    tokio::task::spawn_blocking(move || {
-        tokens::store_authorisation(&v, &n, &password, &refresh, s)
+    }
+    let scopes = tokens.scopes.clone().unwrap_or_else(|| settings.scopes.clone());
+    let (v, n, s, store) = (vault.clone(), account.name.clone(), scopes.clone(), config.token_store);
+    let where_ = tokio::task::spawn_blocking(move || {
+        tokens::store_authorisation(&v, store, &n, &password, tokens.refresh.as_ref(), s)
     })
     .await??;
+    audit.record(Entry::new(&account.name, "consent", "authorised").scopes(&scopes));
     eprintln!(
-        "Authorised {} (scopes: {}).\nConfigure your mail client with user name {} and the local password you chose.",
+        "Authorised {} (scopes: {}); the refresh token is kept in {where_}.\n\
+         Configure your mail client with user name {} and the local password you chose.",
         account.name,
         scopes.join(" "),
         account.name
@@ -132,15 +194,21 @@ async fn login(config: Config, name: &str, no_browser: bool, timeout: u64) -> Re
     Ok(())
 }
 
-/// The local password: typed twice on a terminal, else the first line of stdin.
-fn read_password(account: &str) -> Result<Secret> {
+/// The local password: typed on a terminal (twice when it is being set),
+/// else the first line of stdin.
+fn read_password(account: &str, new: bool) -> Result<Secret> {
     let pw = if std::io::stdin().is_terminal() {
-        let a = Secret::new(rpassword::prompt_password(format!(
-            "Local password for {account} (what your mail client will send to mailproxy): "
-        ))?);
-        let b = Secret::new(rpassword::prompt_password("Repeat it: ")?);
-        if a != b {
-            bail!("the two passwords differ");
+        let prompt = if new {
+            format!("Local password for {account} (what your mail client will send to mailproxy): ")
+        } else {
+            format!("Local password of {account}: ")
+        };
+        let a = Secret::new(rpassword::prompt_password(prompt)?);
+        if new {
+            let b = Secret::new(rpassword::prompt_password("Repeat it: ")?);
+            if a != b {
+                bail!("the two passwords differ");
+            }
         }
         a
     } else {
@@ -160,15 +228,294 @@ fn read_password(account: &str) -> Result<Secret> {
 }
 
 fn open_browser(url: &str) {
-    let opener = if cfg!(target_os = "macos") {
-        "open"
-    } else {
-        "xdg-open"
-    };
+    let opener = if cfg!(target_os = "macos") { "open" } else { "xdg-open" };
     let _ = std::process::Command::new(opener)
         .arg(url)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn();
+}
+
+/// What a running `serve` last wrote, if it is still running.
+fn live_status(config: &Config) -> Vec<AccountStatus> {
+    let Ok(text) = std::fs::read_to_string(config.state_dir.join("status.json")) else {
+        return vec![];
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return vec![];
+    };
+    let pid = v["pid"].as_u64().unwrap_or(0);
+    if pid == 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return vec![];
+    }
+    serde_json::from_value(v["accounts"].clone()).unwrap_or_default()
+}
+
+fn when(t: Option<u64>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let now = now_unix();
+    if t >= now {
+        format!("in {}", human(t - now))
+    } else {
+        format!("{} ago", human(now - t))
+    }
+}
+
+fn human(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn accounts(config: &Config) -> Result<()> {
+    let vault = Vault::open(&config.state_dir)?;
+    let live = live_status(config);
+    let serving = !live.is_empty();
+    let mut rows = vec![[
+        "ACCOUNT",
+        "PROVIDER",
+        "FLOW",
+        "STATE",
+        "TOKEN EXPIRES",
+        "LAST REFRESH",
+        "LAST USE",
+        "SCOPES",
+    ]
+    .map(String::from)];
+    for a in config.accounts.values() {
+        let Some(s) = a.oauth() else {
+            rows.push([&a.name, "password", "-", "passthrough", "-", "-", "-", "-"].map(String::from));
+            continue;
+        };
+        let rec: Option<AccountRecord> = vault.load(&a.name)?;
+        let st = live.iter().find(|r| r.account.eq_ignore_ascii_case(&a.name));
+        let state = match (st, &rec) {
+            (Some(st), _) => match &st.detail {
+                Some(d) if st.state != "ok" => format!("{}: {d}", st.state),
+                _ => st.state.clone(),
+            },
+            (None, None) => format!("needs login: run `mailproxy login {}`", a.name),
+            (None, Some(r)) if r.token_store.as_deref() == Some("keyring") => "ok (token in the OS keyring)".into(),
+            (None, Some(r)) if r.refresh_token.is_some() => if serving {
+                "locked"
+            } else {
+                "locked (serve not running)"
+            }
+            .into(),
+            (None, Some(_)) if s.flow == Flow::ClientCredentials => "ok".into(),
+            (None, Some(_)) => format!("needs login: run `mailproxy login {}`", a.name),
+        };
+        let scopes = rec
+            .as_ref()
+            .map(|r| r.scopes.join(" "))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "-".into());
+        rows.push([
+            a.name.clone(),
+            s.provider.name().into(),
+            s.flow.name().into(),
+            state,
+            when(st.and_then(|s| s.access_expires)),
+            when(
+                st.and_then(|s| s.last_refresh)
+                    .or(rec.as_ref().and_then(|r| r.last_refresh)),
+            ),
+            when(st.and_then(|s| s.last_use)),
+            scopes,
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}
+
+/// The refresh token of an account, from the keyring or the vault (asking
+/// for the local password). `None` when there is none.
+fn stored_refresh(
+    vault: &Vault,
+    account: &str,
+    rec: &AccountRecord,
+) -> Result<Option<(Secret, Option<crypto::VaultKey>)>> {
+    if rec.token_store.as_deref() == Some("keyring") {
+        return Ok(keystore::get(account).map_err(anyhow::Error::msg)?.map(|t| (t, None)));
+    }
+    let (Some(sealed), Some(verifier)) = (&rec.refresh_token, &rec.password) else {
+        return Ok(None);
+    };
+    let pw = read_password(account, false)?;
+    let key = crypto::check_password(pw.expose(), verifier)?.context("wrong local password")?;
+    let _ = vault;
+    Ok(Some((crypto::open(&key, account, sealed)?, Some(key))))
+}
+
+async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
+    let vault = Vault::open(&config.state_dir)?;
+    let audit = Audit::direct(&config.audit_log);
+    let http = oauth::http_client();
+    let names: Vec<String> = match only {
+        Some(n) => vec![oauth_account(config, n)?.0.name.clone()],
+        None => config
+            .accounts
+            .values()
+            .filter(|a| a.oauth().is_some())
+            .map(|a| a.name.clone())
+            .collect(),
+    };
+    let mut worst = 0u8;
+    for name in names {
+        let (account, settings) = oauth_account(config, &name)?;
+        let rec = vault.load(&account.name)?;
+        let outcome: Result<Tokens, OAuthError> = match &rec {
+            None if settings.flow != Flow::ClientCredentials => {
+                println!("{name}: needs login: run `mailproxy login {name}`");
+                worst = worst.max(1);
+                continue;
+            }
+            _ if settings.flow == Flow::ClientCredentials => flows::client_credentials(&http, &name, settings).await,
+            None => unreachable!("handled above"),
+            Some(r) => match stored_refresh(&vault, &name, r)? {
+                None => {
+                    println!("{name}: needs login: no refresh token stored; run `mailproxy login {name}`");
+                    worst = worst.max(1);
+                    continue;
+                }
+                Some((refresh, key)) => {
+                    let res = oauth::refresh(&http, &name, settings, &refresh).await;
+                    if let Ok(t) = &res {
+                        // Save a rotated token and the refresh time (a running serve notices).
+                        let mut r = r.clone();
+                        r.last_refresh = Some(now_unix());
+                        if let Some(s) = &t.scopes {
+                            r.scopes = s.clone();
+                        }
+                        if let Some(new) = t.refresh.as_ref().filter(|n| **n != refresh) {
+                            match &key {
+                                Some(k) => r.refresh_token = Some(crypto::seal(k, &name, new.expose())),
+                                None => keystore::set(&name, new).map_err(anyhow::Error::msg)?,
+                            }
+                        }
+                        vault.store(&r)?;
+                    }
+                    res
+                }
+            },
+        };
+        match outcome {
+            Ok(t) => {
+                let left = t
+                    .expires_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .as_secs();
+                println!("{name}: ok: new access token valid for {}", human(left));
+            }
+            Err(e) => {
+                let code = if e.needs_login() || matches!(e, OAuthError::Provider(_)) {
+                    1
+                } else {
+                    2
+                };
+                worst = worst.max(code);
+                audit.record(Entry::new(&name, "refresh_failed", e.to_string()));
+                println!(
+                    "{name}: {}: {e}",
+                    if code == 1 {
+                        "needs action"
+                    } else {
+                        "temporarily failing"
+                    }
+                );
+            }
+        }
+    }
+    Ok(worst)
+}
+
+async fn revoke(config: &Config, name: &str) -> Result<()> {
+    let (account, settings) = oauth_account(config, name)?;
+    let name = account.name.clone();
+    let vault = Vault::open(&config.state_dir)?;
+    let audit = Audit::direct(&config.audit_log);
+    let http = oauth::http_client();
+    let rec = vault.load(&name)?;
+    let refresh = match &rec {
+        Some(r) => {
+            match stored_refresh(&vault, &name, r) {
+                Ok(t) => t.map(|(t, _)| t),
+                Err(e) => {
+                    eprintln!("cannot read the refresh token ({e:#}); erasing the local copy without revoking it at the provider");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    match &refresh {
+        Some(t) => match flows::revoke(&http, &name, settings, t).await {
+            Ok(flows::Revocation::Revoked) => {
+                println!(
+                    "revoked the refresh token at {}",
+                    settings.revoke_url.as_deref().unwrap_or("the provider")
+                );
+                audit.record(Entry::new(&name, "revoked", "revoked at the provider").scopes(&settings.scopes));
+            }
+            Ok(flows::Revocation::Unsupported(how)) => {
+                println!("not revoked at the provider: {how}");
+                audit.record(Entry::new(&name, "revoked", "provider has no revocation endpoint"));
+            }
+            Err(e) => {
+                println!("revocation at the provider failed: {e}");
+                audit.record(Entry::new(&name, "revoked", format!("failed: {e}")));
+            }
+        },
+        None if settings.flow == Flow::ClientCredentials => {
+            println!("nothing to revoke at the provider: client credentials have no refresh token");
+        }
+        None => println!("no refresh token was stored; nothing to revoke at the provider"),
+    }
+    let mut erased = Vec::new();
+    for p in vault.erase(&name)? {
+        erased.push(format!(
+            "{} (local password verifier, sealed refresh token, scopes, timestamps)",
+            p.display()
+        ));
+    }
+    match keystore::delete(&name) {
+        Ok(true) => erased.push("the refresh token in the OS keyring".into()),
+        Ok(false) => {}
+        Err(e) if config.token_store == TokenStore::Keyring => eprintln!("cannot reach the OS keyring: {e}"),
+        Err(_) => {}
+    }
+    // The running proxy drops its in-memory tokens when it sees the record gone.
+    if erased.is_empty() {
+        println!("nothing was stored locally for {name}");
+    } else {
+        println!("erased:");
+        for e in &erased {
+            println!("  {e}");
+        }
+    }
+    audit.record(Entry::new(
+        &name,
+        "erased",
+        if erased.is_empty() {
+            "nothing stored".into()
+        } else {
+            erased.join("; ")
+        },
+    ));
+    Ok(())
 }

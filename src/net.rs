@@ -36,21 +36,13 @@ macro_rules! delegate {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         delegate!(self, s => Pin::new(s).poll_write(cx, buf))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -115,21 +107,20 @@ pub async fn tls_client(
         endpoint: ep.to_string(),
         reason,
     };
-    let name = rustls::pki_types::ServerName::try_from(ep.host.clone())
-        .map_err(|e| err(format!("bad server name: {e}")))?;
-    let s = tokio::time::timeout(
-        timeout,
-        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
-    )
-    .await
-    .map_err(|_| err(format!("handshake not done within {} s", timeout.as_secs())))?
-    .map_err(|e| err(describe_tls(&e)))?;
+    let name =
+        rustls::pki_types::ServerName::try_from(ep.host.clone()).map_err(|e| err(format!("bad server name: {e}")))?;
+    let s = tokio::time::timeout(timeout, tokio_rustls::TlsConnector::from(config).connect(name, tcp))
+        .await
+        .map_err(|_| err(format!("handshake not done within {} s", timeout.as_secs())))?
+        .map_err(|e| err(describe_tls(&e)))?;
     Ok(Stream::ClientTls(Box::new(s)))
 }
 
 fn describe_tls(e: &io::Error) -> String {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::InvalidCertificate(c)) => format!("the server's certificate is not trusted ({c:?}); add its CA with ca_file if it is yours"),
+        Some(rustls::Error::InvalidCertificate(c)) => {
+            format!("the server's certificate is not trusted ({c:?}); add its CA with ca_file if it is yours")
+        }
         Some(other) => other.to_string(),
         None => e.to_string(),
     }

@@ -43,10 +43,7 @@ pub enum SaslError {
 
 /// Strip surrounding ASCII whitespace (a trailing CR/LF left by a caller, say).
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
     let end = b
         .iter()
         .rposition(|c| !c.is_ascii_whitespace())
@@ -83,11 +80,7 @@ pub fn decode_plain(b64: &[u8]) -> Result<(Zeroizing<String>, Zeroizing<String>)
     let mut parts = raw.split(|&b| b == 0);
     let (authzid, authcid, passwd) = match (parts.next(), parts.next(), parts.next()) {
         (Some(z), Some(c), Some(p)) => (z, c, p),
-        _ => {
-            return Err(SaslError::Malformed(
-                "expected authzid NUL authcid NUL password",
-            ))
-        }
+        _ => return Err(SaslError::Malformed("expected authzid NUL authcid NUL password")),
     };
     if parts.next().is_some() {
         return Err(SaslError::Malformed("too many NUL separators"));
@@ -108,9 +101,7 @@ pub fn decode_plain(b64: &[u8]) -> Result<(Zeroizing<String>, Zeroizing<String>)
 
 /// Encode a SASL `PLAIN` response (base64 of `authzid NUL authcid NUL passwd`).
 pub fn encode_plain(authzid: &str, authcid: &str, password: &str) -> Zeroizing<String> {
-    let mut raw = Zeroizing::new(Vec::with_capacity(
-        authzid.len() + authcid.len() + password.len() + 2,
-    ));
+    let mut raw = Zeroizing::new(Vec::with_capacity(authzid.len() + authcid.len() + password.len() + 2));
     raw.extend_from_slice(authzid.as_bytes());
     raw.push(0);
     raw.extend_from_slice(authcid.as_bytes());
@@ -146,9 +137,7 @@ fn gs2_saslname(user: &str) -> String {
 /// `OAUTHBEARER` (RFC 7628) initial response:
 /// base64 of `n,a=U,\x01host=H\x01port=P\x01auth=Bearer T\x01\x01`.
 pub fn oauthbearer(user: &str, token: &str, host: &str, port: u16) -> Zeroizing<String> {
-    let mut raw = Zeroizing::new(Vec::with_capacity(
-        user.len() + token.len() + host.len() + 48,
-    ));
+    let mut raw = Zeroizing::new(Vec::with_capacity(user.len() + token.len() + host.len() + 48));
     raw.extend_from_slice(b"n,a=");
     raw.extend_from_slice(gs2_saslname(user).as_bytes());
     raw.extend_from_slice(b",\x01host=");
@@ -214,9 +203,7 @@ impl OAuthChallenge {
             .map(|s| format!(" (required scope: {s})"))
             .unwrap_or_default();
         match self.status.trim() {
-            "401" | "invalid_token" => format!(
-                "the server rejected the access token (expired or revoked); {relogin}"
-            ),
+            "401" | "invalid_token" => format!("the server rejected the access token (expired or revoked); {relogin}"),
             "400" => format!(
                 "the server rejected the OAuth login (status 400: usually an expired or revoked \
                  token, a token issued for a different account than the username, or IMAP/SMTP \
@@ -230,9 +217,7 @@ impl OAuthChallenge {
                 "the server says the OAuth request was malformed (invalid_request); check the \
                  configured username{scope}"
             ),
-            other => format!(
-                "the server rejected the OAuth login (status {other:?}){scope}; {relogin}"
-            ),
+            other => format!("the server rejected the OAuth login (status {other:?}){scope}; {relogin}"),
         }
     }
 }
@@ -351,10 +336,7 @@ mod tests {
 
     #[test]
     fn xoauth2_encoding() {
-        let s = xoauth2(
-            "someuser@example.com",
-            "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg",
-        );
+        let s = xoauth2("someuser@example.com", "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg");
         // Example from Google's XOAUTH2 documentation.
         assert_eq!(
             &*s,

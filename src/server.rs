@@ -12,13 +12,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{Config, Listener, LocalTls};
+use crate::audit::Audit;
+use crate::config::{Config, Listener, LocalTls, TokenStore};
 use crate::endpoint::Protocol;
+use crate::keystore;
 use crate::net::{self, Stream};
 use crate::proxy::{self, Ctx};
 use crate::tls::{self, ClientConfigs};
 use crate::tokens::TokenManager;
 use crate::vault::Vault;
+use std::time::SystemTime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -72,23 +75,21 @@ struct ListenerCtx {
 /// Runs until SIGINT/SIGTERM. Prints `listening PROTOCOL ADDR` on stdout once
 /// each listener is bound (port 0 in the config picks a free port).
 pub async fn serve(config: Config) -> Result<(), ServeError> {
-    let config = Arc::new(config);
     let vault = Vault::open(&config.state_dir).map_err(|e| ServeError::Setup(e.to_string()))?;
-    let tokens = Arc::new(TokenManager::new(&config, vault));
+    let store = effective_store(&config).await;
+    let audit = Audit::start(&config.audit_log);
+    let tokens = Arc::new(TokenManager::new(&config, vault, store, audit));
+    let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(Ctx {
-        config: config.clone(),
-        tokens,
+        config: std::sync::RwLock::new(config.clone()),
+        tokens: tokens.clone(),
         tls: ClientConfigs::default(),
         shutdown: shutdown.clone(),
     });
 
     // Fail at start, not at the first login, on unreadable CA files.
-    for a in config.accounts.values() {
-        ctx.tls
-            .get(a.ca_file.as_deref())
-            .map_err(|e| ServeError::Setup(format!("account {}: {e}", a.name)))?;
-    }
+    check_ca_files(&ctx, &config)?;
 
     let tracker = TaskTracker::new();
     let mut listeners = Vec::new();
@@ -102,29 +103,26 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                         let dir = config.state_dir.join("certs");
                         std::fs::create_dir_all(&dir)
                             .map_err(|e| ServeError::Setup(format!("{}: {e}", dir.display())))?;
-                        let (c, k, fp) =
-                            tls::self_signed(&dir).map_err(|e| ServeError::Setup(e.to_string()))?;
+                        let (c, k, fp) = tls::self_signed(&dir).map_err(|e| ServeError::Setup(e.to_string()))?;
                         println!("certificate {} sha256 {fp}", c.display());
                         tracing::info!(cert = %c.display(), sha256 = %fp, "using the self-signed local certificate");
                         (c, k)
                     }
                 };
-                let sc = tls::server_config(&cert, &key)
-                    .map_err(|e| ServeError::Setup(e.to_string()))?;
+                let sc = tls::server_config(&cert, &key).map_err(|e| ServeError::Setup(e.to_string()))?;
                 Some(tokio_rustls::TlsAcceptor::from(sc))
             }
         };
-        let sock = TcpListener::bind(l.listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                protocol: l.protocol,
-                addr: l.listen,
-                source,
-            })?;
-        let addr = sock
-            .local_addr()
-            .map_err(|e| ServeError::Setup(e.to_string()))?;
+        let sock = TcpListener::bind(l.listen).await.map_err(|source| ServeError::Bind {
+            protocol: l.protocol,
+            addr: l.listen,
+            source,
+        })?;
+        let addr = sock.local_addr().map_err(|e| ServeError::Setup(e.to_string()))?;
         println!("listening {} {addr}", l.protocol);
+        if !addr.ip().is_loopback() && l.tls == LocalTls::None {
+            tracing::warn!(%addr, "listening without TLS on a non-loopback address (allow_insecure_remote): passwords cross the network in the clear");
+        }
         tracing::info!(protocol = %l.protocol, %addr, tls = ?l.tls, "listening");
         let lctx = Arc::new(ListenerCtx {
             config: l.clone(),
@@ -140,13 +138,23 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             config.path.display()
         )));
     }
+    if let Some(addr) = config.status_listen {
+        let sock = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Setup(format!("cannot listen on {addr} for the status page: {e}")))?;
+        let addr = sock.local_addr().map_err(|e| ServeError::Setup(e.to_string()))?;
+        println!("listening status {addr}");
+        tokens.set_status_url(Some(format!("http://{addr}/")));
+        tracker.spawn(crate::status::serve(sock, tokens.clone(), shutdown.clone()));
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
+    tracker.spawn(refresher(tokens.clone(), config.state_dir.clone(), shutdown.clone()));
+
     let ids = Arc::new(AtomicU64::new(1));
     for (sock, lctx) in listeners {
-        let (ctx, tracker2, ids, shutdown) =
-            (ctx.clone(), tracker.clone(), ids.clone(), shutdown.clone());
+        let (ctx, tracker2, ids, shutdown) = (ctx.clone(), tracker.clone(), ids.clone(), shutdown.clone());
         tracker.spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
@@ -169,7 +177,17 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         });
     }
 
-    wait_for_signal().await;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&ctx),
+        }
+    }
     tracing::info!("shutting down");
     shutdown.cancel();
     tracker.close();
@@ -182,33 +200,127 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     Ok(())
 }
 
+fn check_ca_files(ctx: &Ctx, config: &Config) -> Result<(), ServeError> {
+    ctx.tls
+        .get(config.ca_file.as_deref())
+        .map_err(|e| ServeError::Setup(format!("[server] ca_file: {e}")))?;
+    for a in config.accounts.values() {
+        ctx.tls
+            .get(a.ca_file.as_deref())
+            .map_err(|e| ServeError::Setup(format!("account {}: {e}", a.name)))?;
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-read the config. A broken config is reported and the running
+/// one stays in force; sessions in progress keep their snapshot.
+fn reload(ctx: &Ctx) {
+    let old = ctx.config();
+    let new = match Config::load(&old.path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
+            return;
+        }
+    };
+    if let Err(e) = check_ca_files(ctx, &new) {
+        tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
+        return;
+    }
+    let listeners = |c: &Config| c.listeners().map(|l| (l.protocol, l.listen, l.tls)).collect::<Vec<_>>();
+    if listeners(&old) != listeners(&new) || old.state_dir != new.state_dir {
+        tracing::warn!("listener and state_dir changes take effect at the next restart");
+    }
+    let changed = ctx.tokens.reload(&new);
+    *ctx.config.write().unwrap() = Arc::new(new);
+    tracing::info!(changed_accounts = ?changed, "configuration reloaded");
+}
+
+/// The keyring is probed once at start; when it does not work, `serve` says
+/// so and which store it uses instead.
+async fn effective_store(config: &Config) -> TokenStore {
+    if config.token_store != TokenStore::Keyring {
+        return TokenStore::File;
+    }
+    let probe = tokio::task::spawn_blocking(keystore::probe)
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match probe {
+        Ok(()) => {
+            tracing::info!("refresh tokens are kept in the OS keyring");
+            TokenStore::Keyring
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                vault = %config.state_dir.join("accounts").display(),
+                "the OS keyring is unavailable: using the file vault instead (refresh tokens sealed with a key derived from each local password; accounts stay locked after a restart until a client logs in)"
+            );
+            TokenStore::File
+        }
+    }
+}
+
+/// Background refresh of every unlocked account, driven by wall-clock
+/// expiry; also keeps `state_dir/status.json` current for `mailproxy accounts`.
+async fn refresher(tokens: Arc<TokenManager>, state_dir: std::path::PathBuf, shutdown: CancellationToken) {
+    let status_path = state_dir.join("status.json");
+    let mut last_written = String::new();
+    loop {
+        let mut next = SystemTime::now() + Duration::from_secs(5);
+        let mut rows = Vec::new();
+        for acct in tokens.all() {
+            next = next.min(tokens.maintain(&acct).await);
+            rows.push(tokens.status(&acct).await);
+        }
+        let doc = serde_json::json!({ "pid": std::process::id(), "accounts": rows }).to_string();
+        if doc != last_written {
+            let (p, d) = (status_path.clone(), doc.clone());
+            match tokio::task::spawn_blocking(move || crate::vault::write_atomic(&p, d.as_bytes())).await {
+                Ok(Ok(())) => last_written = doc,
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot write status.json"),
+                Err(_) => {}
+            }
+        }
+        // Sleep in short steps judged by the wall clock: a machine that slept
+        // through an expiry refreshes as soon as it wakes.
+        let wait = next
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .clamp(Duration::from_millis(50), Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = tokens.changed.notified() => {}
+            _ = shutdown.cancelled() => {
+                let _ = std::fs::remove_file(&status_path);
+                return;
+            }
+        }
+    }
+}
+
 async fn connection(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
     net::tune(&tcp);
     let Ok(_permit) = l.sessions.try_acquire() else {
         tracing::warn!(
-            max = ctx.config.limits.max_connections,
+            max = ctx.config().limits.max_connections,
             "connection limit reached; refusing"
         );
         refuse(tcp, l.config.protocol, "too many connections").await;
         return;
     };
-    let Some(_slot) = l.per_ip.enter(ip, ctx.config.limits.max_connections_per_ip) else {
+    let Some(_slot) = l.per_ip.enter(ip, ctx.config().limits.max_connections_per_ip) else {
         tracing::warn!(
-            max = ctx.config.limits.max_connections_per_ip,
+            max = ctx.config().limits.max_connections_per_ip,
             "per-address connection limit reached; refusing"
         );
-        refuse(
-            tcp,
-            l.config.protocol,
-            "too many connections from your address",
-        )
-        .await;
+        refuse(tcp, l.config.protocol, "too many connections from your address").await;
         return;
     };
     tracing::debug!("accepted");
     let client = match (&l.acceptor, l.config.tls) {
         (Some(acc), LocalTls::Implicit) => {
-            match tokio::time::timeout(ctx.config.limits.preauth_timeout, acc.accept(tcp)).await {
+            match tokio::time::timeout(ctx.config().limits.preauth_timeout, acc.accept(tcp)).await {
                 Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
                 Ok(Err(e)) => {
                     tracing::info!(error = %e, "client TLS handshake failed");
@@ -241,14 +353,4 @@ async fn refuse(mut tcp: TcpStream, protocol: Protocol, why: &str) {
         Protocol::Pop3 => format!("-ERR [SYS/TEMP] {why}\r\n"),
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(msg.as_bytes())).await;
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
 }

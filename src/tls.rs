@@ -113,12 +113,8 @@ pub fn self_signed(dir: &Path) -> Result<(PathBuf, PathBuf, String), TlsError> {
     let cert_path = dir.join("localhost.crt");
     let key_path = dir.join("localhost.key");
     if !(cert_path.exists() && key_path.exists()) {
-        let ck = rcgen::generate_simple_self_signed(vec![
-            "localhost".into(),
-            "127.0.0.1".into(),
-            "::1".into(),
-        ])
-        .map_err(|e| TlsError::Setup(format!("cannot create a self-signed certificate: {e}")))?;
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()])
+            .map_err(|e| TlsError::Setup(format!("cannot create a self-signed certificate: {e}")))?;
         let io = |p: &Path| {
             let p = p.to_owned();
             move |e: crate::vault::VaultError| TlsError::File {
@@ -126,8 +122,7 @@ pub fn self_signed(dir: &Path) -> Result<(PathBuf, PathBuf, String), TlsError> {
                 reason: e.to_string(),
             }
         };
-        crate::vault::write_atomic(&key_path, ck.signing_key.serialize_pem().as_bytes())
-            .map_err(io(&key_path))?;
+        crate::vault::write_atomic(&key_path, ck.signing_key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
         crate::vault::write_atomic(&cert_path, ck.cert.pem().as_bytes()).map_err(io(&cert_path))?;
     }
     let der = read_certs(&cert_path)?.remove(0);

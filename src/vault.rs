@@ -18,19 +18,12 @@ use crate::crypto::{PasswordVerifier, Sealed};
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is accessible to other users (mode {mode:o}); run: chmod {want:o} {path}")]
     Permissions { path: PathBuf, mode: u32, want: u32 },
-    #[error(
-        "{path} belongs to another user (uid {uid}); mailproxy keeps secrets only in files it owns"
-    )]
+    #[error("{path} belongs to another user (uid {uid}); mailproxy keeps secrets only in files it owns")]
     Owner { path: PathBuf, uid: u32 },
-    #[error(
-        "{path} is not a valid account record: {reason}; remove it and run `mailproxy login` again"
-    )]
+    #[error("{path} is not a valid account record: {reason}; remove it and run `mailproxy login` again")]
     Corrupt { path: PathBuf, reason: String },
 }
 
@@ -56,6 +49,9 @@ pub struct AccountRecord {
     pub scopes: Vec<String>,
     pub authorized_at: Option<u64>,
     pub last_refresh: Option<u64>,
+    /// `"keyring"` when the refresh token is in the OS keyring instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_store: Option<String>,
 }
 
 /// Identity of a record file's current content, to notice a `mailproxy
@@ -108,8 +104,7 @@ impl Vault {
     pub fn path_of(&self, account: &str) -> PathBuf {
         let mut name = String::new();
         for b in account.to_lowercase().bytes() {
-            if b.is_ascii_alphanumeric() || b"@_-+".contains(&b) || (b == b'.' && !name.is_empty())
-            {
+            if b.is_ascii_alphanumeric() || b"@_-+".contains(&b) || (b == b'.' && !name.is_empty()) {
                 name.push(b as char);
             } else {
                 name.push_str(&format!("%{b:02X}"));
@@ -126,11 +121,10 @@ impl Vault {
             Err(e) => return Err(VaultError::Io { path, source: e }),
         };
         check_private(&path, 0o600)?;
-        let rec: AccountRecord =
-            serde_json::from_slice(&text).map_err(|e| VaultError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let rec: AccountRecord = serde_json::from_slice(&text).map_err(|e| VaultError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         if !rec.account.eq_ignore_ascii_case(account) {
             return Err(VaultError::Corrupt {
                 path,
@@ -175,9 +169,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), VaultError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         std::process::id()
     ));
     let result = (|| {
@@ -245,17 +237,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let state = t.path().join("state");
         let v = Vault::open(&state).unwrap();
-        assert_eq!(
-            fs::metadata(&state).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
         assert_eq!(v.load("a@x").unwrap(), None);
         v.store(&rec("a@x")).unwrap();
         let p = v.path_of("a@x");
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(v.load("A@x").unwrap(), Some(rec("a@x")));
         let s1 = v.stamp("a@x").unwrap();
         let mut r = rec("a@x");
@@ -264,11 +250,7 @@ mod tests {
         assert_ne!(v.stamp("a@x").unwrap(), s1);
         assert_eq!(v.erase("a@x").unwrap(), vec![p.clone()]);
         assert!(!p.exists());
-        assert_eq!(
-            fs::read_dir(v.dir()).unwrap().count(),
-            0,
-            "no temp files left behind"
-        );
+        assert_eq!(fs::read_dir(v.dir()).unwrap().count(), 0, "no temp files left behind");
     }
 
     #[test]
@@ -278,10 +260,7 @@ mod tests {
         for n in ["../../etc/passwd", "..", "a/b", ".hidden"] {
             let p = v.path_of(n);
             assert_eq!(p.parent().unwrap(), v.dir(), "{n}");
-            assert!(
-                !p.file_name().unwrap().to_string_lossy().starts_with('.'),
-                "{n}"
-            );
+            assert!(!p.file_name().unwrap().to_string_lossy().starts_with('.'), "{n}");
         }
     }
 

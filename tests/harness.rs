@@ -31,10 +31,7 @@ async fn imaps_xoauth2_fetch_and_bad_token() {
         .unwrap();
     assert!(c.read_line().await.unwrap().starts_with("* OK"));
     let r = c
-        .imap(
-            "a1",
-            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, &token)),
-        )
+        .imap("a1", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, &token)))
         .await
         .unwrap();
     assert!(r.is_ok(), "XOAUTH2 failed: {r:?}\n{}", d.log());
@@ -73,20 +70,12 @@ async fn imaps_xoauth2_fetch_and_bad_token() {
     let (old, _) = env.provider.issue_tokens(ALICE, DEFAULT_SCOPE);
     env.provider.expire_all_access_tokens();
     let r = c
-        .imap(
-            "b2",
-            &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, &old)),
-        )
+        .imap("b2", &format!("AUTHENTICATE XOAUTH2 {}", xoauth2_b64(ALICE, &old)))
         .await
         .unwrap();
     assert!(r.lines.last().is_some_and(|l| l.starts_with("+ ")), "{r:?}");
     c.send("").await.unwrap();
-    assert!(c
-        .read_imap_response("b2")
-        .await
-        .unwrap()
-        .tagged
-        .starts_with("b2 NO"));
+    assert!(c.read_imap_response("b2").await.unwrap().tagged.starts_with("b2 NO"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -105,29 +94,20 @@ async fn imap_starttls_password_login_and_oauthbearer() {
         caps.contains("AUTH=XOAUTH2") && caps.contains("AUTH=OAUTHBEARER"),
         "{caps}"
     );
-    let r = c
-        .imap("s3", &format!("LOGIN \"{BOB}\" \"{BOB_PASS}\""))
-        .await
-        .unwrap();
+    let r = c.imap("s3", &format!("LOGIN \"{BOB}\" \"{BOB_PASS}\"")).await.unwrap();
     assert!(r.is_ok(), "LOGIN failed: {r:?}\n{}", d.log());
     c.imap("s4", "LOGOUT").await.unwrap();
 
     // Wrong password, plain (no TLS) connection: NO.
     let mut c = LineConn::plain(d.imap_port).await.unwrap();
     c.read_line().await.unwrap();
-    let r = c
-        .imap("w1", &format!("LOGIN \"{BOB}\" \"wrong\""))
-        .await
-        .unwrap();
+    let r = c.imap("w1", &format!("LOGIN \"{BOB}\" \"wrong\"")).await.unwrap();
     assert!(r.tagged.starts_with("w1 NO"), "{r:?}");
 
     // OAUTHBEARER (RFC 7628) with a live token.
     let tok = env.provider.issue_access_token(ALICE, DEFAULT_SCOPE);
     let ir = support::client::oauthbearer_b64(ALICE, &tok, "localhost", d.imap_port);
-    let r = c
-        .imap("o1", &format!("AUTHENTICATE OAUTHBEARER {ir}"))
-        .await
-        .unwrap();
+    let r = c.imap("o1", &format!("AUTHENTICATE OAUTHBEARER {ir}")).await.unwrap();
     assert!(r.is_ok(), "OAUTHBEARER failed: {r:?}\n{}", d.log());
 }
 
@@ -331,10 +311,7 @@ fn provider_pkce_rotation_device_revocation() {
     assert_eq!(p.access_token_user(&access).as_deref(), Some(ALICE));
     let r = http::post_form_basic(&tok, CLIENT_ID, CLIENT_SECRET, &form).unwrap();
     assert_eq!(r.json()["error"], "invalid_grant");
-    assert!(r.json()["error_description"]
-        .as_str()
-        .unwrap()
-        .contains("AADSTS54005"));
+    assert!(r.json()["error_description"].as_str().unwrap().contains("AADSTS54005"));
     assert_eq!(p.code_exchanges(), 1);
     assert_eq!(p.token_requests("authorization_code"), 3);
     assert_eq!(p.last_token_request().unwrap()["code_verifier"], verifier);
@@ -386,11 +363,7 @@ fn provider_pkce_rotation_device_revocation() {
     let r = rf(&p.issue_tokens(ALICE, "s").1).json();
     assert_eq!(r["expires_in"], 1);
     let short = r["access_token"].as_str().unwrap().to_string();
-    let intro = |t: &str| {
-        http::post_form(&p.introspection_url(), &[("token", t)])
-            .unwrap()
-            .json()
-    };
+    let intro = |t: &str| http::post_form(&p.introspection_url(), &[("token", t)]).unwrap().json();
     assert_eq!(intro(&short)["active"], true);
     assert_eq!(intro(&short)["email"], ALICE);
     std::thread::sleep(Duration::from_millis(400));
@@ -400,12 +373,9 @@ fn provider_pkce_rotation_device_revocation() {
     p.set_access_token_lifetime(Duration::from_secs(3600));
     let (a, rt) = p.issue_tokens(ALICE, "s");
     assert_eq!(
-        http::post_form(
-            &p.revoke_url(),
-            &[("token", &rt), ("token_type_hint", "refresh_token")]
-        )
-        .unwrap()
-        .status,
+        http::post_form(&p.revoke_url(), &[("token", &rt), ("token_type_hint", "refresh_token")])
+            .unwrap()
+            .status,
         200
     );
     assert!(!p.is_refresh_token_valid(&rt));
@@ -416,12 +386,9 @@ fn provider_pkce_rotation_device_revocation() {
 
     // Device flow (public client): pending, slow_down, approve, redeem.
     p.register_client(ClientReg::public("dev-client"));
-    let d = http::post_form(
-        &p.device_url(),
-        &[("client_id", "dev-client"), ("scope", "mail")],
-    )
-    .unwrap()
-    .json();
+    let d = http::post_form(&p.device_url(), &[("client_id", "dev-client"), ("scope", "mail")])
+        .unwrap()
+        .json();
     let dc = d["device_code"].as_str().unwrap().to_string();
     let poll = || {
         http::post_form(
@@ -445,8 +412,7 @@ fn provider_pkce_rotation_device_revocation() {
     assert!(p.approve_device(d["user_code"].as_str().unwrap(), BOB));
     let t = poll();
     assert_eq!(
-        p.access_token_user(t["access_token"].as_str().unwrap())
-            .as_deref(),
+        p.access_token_user(t["access_token"].as_str().unwrap()).as_deref(),
         Some(BOB)
     );
     let d2 = http::post_form(&p.device_url(), &[("client_id", "dev-client")])
@@ -524,10 +490,7 @@ fn dovecot_starts_fast_and_stops_clean() {
         .output()
         .unwrap();
     let ps = String::from_utf8_lossy(&ps.stdout);
-    assert!(
-        !ps.contains(&*dir.to_string_lossy()),
-        "leftover processes:\n{ps}"
-    );
+    assert!(!ps.contains(&*dir.to_string_lossy()), "leftover processes:\n{ps}");
 }
 
 /// The master is tied to the process, not to the thread that started it

@@ -43,12 +43,7 @@ impl World {
             "[server]\n",
             &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()),
         );
-        cfg += &oauth_account(
-            ALICE,
-            &env.provider,
-            d,
-            &format!("imaps://localhost:{}", d.imaps_port),
-        );
+        cfg += &oauth_account(ALICE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port));
         cfg += &oauth_account(
             CAROL,
             &env.provider,
@@ -60,11 +55,7 @@ impl World {
             d.imap_port
         );
         dir.write_config(&cfg);
-        World {
-            env,
-            dir,
-            proxy: None,
-        }
+        World { env, dir, proxy: None }
     }
 
     fn authorise(&self, account: &str, pw: &str) {
@@ -113,10 +104,7 @@ async fn connect(port: u16) -> LineConn {
 
 async fn login(port: u16, user: &str, pw: &str) -> LineConn {
     let mut c = connect(port).await;
-    let r = c
-        .imap("a1", &format!("LOGIN \"{user}\" \"{pw}\""))
-        .await
-        .unwrap();
+    let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
     assert!(r.is_ok(), "LOGIN {user}: {r:?}");
     c
 }
@@ -133,9 +121,7 @@ async fn fetch_first(c: &mut LineConn) -> Vec<u8> {
 
 /// A direct session to Dovecot with a token minted by the provider.
 async fn direct_fetch(env: &Env, user: &str) -> Vec<u8> {
-    let token = env
-        .provider
-        .issue_access_token(user, "https://mail.example.org/");
+    let token = env.provider.issue_access_token(user, "https://mail.example.org/");
     let d = &env.dovecot;
     let mut c = LineConn::tls(d.imaps_port, d.tls_client_config(), "localhost")
         .await
@@ -158,36 +144,20 @@ async fn login_flow_then_fetch_is_byte_identical_to_direct() {
     w.authorise(ALICE, ALICE_PW);
 
     // The vault holds no secret in the clear and is private.
-    let vault_file = w
-        .dir
-        .state_dir()
-        .join("accounts")
-        .join(format!("{ALICE}.json"));
+    let vault_file = w.dir.state_dir().join("accounts").join(format!("{ALICE}.json"));
     let text = std::fs::read_to_string(&vault_file).unwrap();
     assert!(!text.contains(ALICE_PW));
-    assert!(
-        text.contains("ciphertext") && text.contains("argon2id"),
-        "{text}"
-    );
+    assert!(text.contains("ciphertext") && text.contains("argon2id"), "{text}");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&vault_file).unwrap().permissions().mode() & 0o777,
         0o600
     );
     let form = w.env.provider.last_token_request().unwrap();
-    assert_eq!(
-        form.get("grant_type").map(String::as_str),
-        Some("authorization_code")
-    );
-    assert!(
-        form.contains_key("code_verifier"),
-        "PKCE verifier sent: {form:?}"
-    );
+    assert_eq!(form.get("grant_type").map(String::as_str), Some("authorization_code"));
+    assert!(form.contains_key("code_verifier"), "PKCE verifier sent: {form:?}");
     let auth = w.env.provider.last_authorize_request().unwrap();
-    assert_eq!(
-        auth.get("code_challenge_method").map(String::as_str),
-        Some("S256")
-    );
+    assert_eq!(auth.get("code_challenge_method").map(String::as_str), Some("S256"));
     assert!(auth.get("state").is_some_and(|s| s.len() >= 16));
 
     let mut msg = sample_message("x@example.org", ALICE, "hello", "m1");
@@ -213,13 +183,9 @@ async fn login_forms_literals_and_authenticate_plain() {
 
     // LOGIN with synchronising literals: the proxy answers `+` for each.
     let mut c = connect(port).await;
-    c.send(&format!("a1 LOGIN {{{}}}", ALICE.len()))
-        .await
-        .unwrap();
+    c.send(&format!("a1 LOGIN {{{}}}", ALICE.len())).await.unwrap();
     assert!(c.read_line().await.unwrap().starts_with("+ "));
-    c.send(&format!("{ALICE} {{{}}}", ALICE_PW.len()))
-        .await
-        .unwrap();
+    c.send(&format!("{ALICE} {{{}}}", ALICE_PW.len())).await.unwrap();
     assert!(c.read_line().await.unwrap().starts_with("+ "));
     c.send(ALICE_PW).await.unwrap();
     let r = c.read_imap_response("a1").await.unwrap();
@@ -276,10 +242,7 @@ async fn login_forms_literals_and_authenticate_plain() {
     let r = c.imap("a3", "SELECT INBOX").await.unwrap();
     assert!(r.tagged.starts_with("a3 BAD"), "{r:?}");
     let r = c.imap("a4", "CAPABILITY").await.unwrap();
-    assert_eq!(
-        r.lines,
-        vec!["* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID"]
-    );
+    assert_eq!(r.lines, vec!["* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID"]);
     let r = c.imap("a5", "ID (\"name\" \"test\")").await.unwrap();
     assert!(r.is_ok() && r.lines[0].starts_with("* ID ("), "{r:?}");
 }
@@ -295,29 +258,13 @@ async fn wrong_local_password_never_reaches_upstream() {
     let mut c = connect(port).await;
     let t0 = std::time::Instant::now();
     let r = c.imap("a1", &format!("LOGIN {ALICE} wrong")).await.unwrap();
-    assert!(
-        r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
-        "{r:?}"
-    );
-    let r = c
-        .imap("a2", &format!("LOGIN {ALICE} wrong2"))
-        .await
-        .unwrap();
-    assert!(
-        r.tagged.starts_with("a2 NO [AUTHENTICATIONFAILED]"),
-        "{r:?}"
-    );
-    let r = c
-        .imap("a3", &format!("LOGIN {ALICE} wrong3"))
-        .await
-        .unwrap();
+    assert!(r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    let r = c.imap("a2", &format!("LOGIN {ALICE} wrong2")).await.unwrap();
+    assert!(r.tagged.starts_with("a2 NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    let r = c.imap("a3", &format!("LOGIN {ALICE} wrong3")).await.unwrap();
     assert!(r.tagged.starts_with("a3 NO"), "{r:?}");
     // Repeated failures slow down: 0.25 + 0.5 + 1 s at least.
-    assert!(
-        t0.elapsed() >= Duration::from_millis(1500),
-        "{:?}",
-        t0.elapsed()
-    );
+    assert!(t0.elapsed() >= Duration::from_millis(1500), "{:?}", t0.elapsed());
     // An unknown account without fallback config would also be refused; here
     // it goes to the fallback, which is upstream traffic by design, so it is not tried.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -333,10 +280,7 @@ async fn wrong_local_password_never_reaches_upstream() {
     );
 
     // The right password still works on the same connection.
-    let r = c
-        .imap("a4", &format!("LOGIN {ALICE} \"{ALICE_PW}\""))
-        .await
-        .unwrap();
+    let r = c.imap("a4", &format!("LOGIN {ALICE} \"{ALICE_PW}\"")).await.unwrap();
     assert!(r.is_ok(), "{r:?}");
 }
 
@@ -356,16 +300,27 @@ async fn expired_token_is_refreshed_and_parallel_logins_refresh_once() {
     assert_eq!(p.refreshes(), r0 + 1);
 
     // The server stops accepting the cached token: the proxy refreshes and retries.
-    p.set_access_token_lifetime(Duration::from_secs(2));
     p.set_rotate_refresh_tokens(true);
     p.expire_all_access_tokens();
     let mut c = login(port, ALICE, ALICE_PW).await;
     assert_eq!(p.refreshes(), r0 + 2);
     assert!(c.imap("a2", "SELECT INBOX").await.unwrap().is_ok());
 
-    // Short lifetimes: the cached token is near expiry, so the next login refreshes first.
+    // Short lifetimes: the proxy renews tokens in the background, with no client
+    // logging in, and rotated refresh tokens keep working.
+    p.set_access_token_lifetime(Duration::from_secs(2));
+    p.expire_all_access_tokens();
     drop(login(port, ALICE, ALICE_PW).await);
-    assert_eq!(p.refreshes(), r0 + 3);
+    let before = p.refreshes();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        p.refreshes() >= before + 2,
+        "background refreshes: {} -> {}\n{}",
+        before,
+        p.refreshes(),
+        w.logs()
+    );
+    drop(login(port, ALICE, ALICE_PW).await);
 
     // Twenty clients at once, cold start: exactly one refresh.
     p.set_access_token_lifetime(Duration::from_secs(3600));
@@ -383,11 +338,7 @@ async fn expired_token_is_refreshed_and_parallel_logins_refresh_once() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(
-        p.refreshes(),
-        before + 1,
-        "one refresh for twenty parallel logins"
-    );
+    assert_eq!(p.refreshes(), before + 1, "one refresh for twenty parallel logins");
     // Rotation was saved: a restart still works with the rotated refresh token.
     let port = w.restart();
     drop(login(port, ALICE, ALICE_PW).await);
@@ -400,15 +351,9 @@ async fn revoked_refresh_token_gives_a_clear_no() {
     let port = w.start();
     w.env.provider.invalidate_all_refresh_tokens();
     let mut c = connect(port).await;
-    let r = c
-        .imap("a1", &format!("LOGIN {ALICE} \"{ALICE_PW}\""))
-        .await
-        .unwrap();
+    let r = c.imap("a1", &format!("LOGIN {ALICE} \"{ALICE_PW}\"")).await.unwrap();
     assert!(r.tagged.starts_with("a1 NO [ALERT]"), "{r:?}");
-    assert!(
-        r.tagged.contains(&format!("mailproxy login {ALICE}")),
-        "{r:?}"
-    );
+    assert!(r.tagged.contains(&format!("mailproxy login {ALICE}")), "{r:?}");
     assert!(
         w.logs().contains("invalid_grant") || w.logs().contains("token refresh failed"),
         "{}",
@@ -420,9 +365,7 @@ async fn revoked_refresh_token_gives_a_clear_no() {
 async fn passthrough_fallback_and_starttls_upstream() {
     let mut w = World::new();
     w.authorise(CAROL, "carol pw");
-    w.env
-        .dovecot
-        .deliver(BOB, &sample_message("x@y", BOB, "for bob", "b1"));
+    w.env.dovecot.deliver(BOB, &sample_message("x@y", BOB, "for bob", "b1"));
     let port = w.start();
 
     // Passthrough: bob's own password goes to the plain loopback upstream.
@@ -431,10 +374,7 @@ async fn passthrough_fallback_and_starttls_upstream() {
     assert_eq!(body, sample_message("x@y", BOB, "for bob", "b1"));
     let mut c = connect(port).await;
     let r = c.imap("a1", &format!("LOGIN {BOB} nope")).await.unwrap();
-    assert!(
-        r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
-        "{r:?}"
-    );
+    assert!(r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r:?}");
 
     // Fallback: frank is not in the config; his login goes through unchanged.
     let mut c = login(port, FRANK, FRANK_PW).await;
@@ -457,19 +397,13 @@ async fn pipelined_commands_and_idle_survive_the_hand_off() {
 
     // LOGIN, SELECT and FETCH in one write: nothing lost or reordered.
     let mut c = connect(port).await;
-    c.write_raw(
-        format!("a1 LOGIN {ALICE} \"{ALICE_PW}\"\r\na2 SELECT INBOX\r\na3 FETCH 1 (FLAGS)\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
+    c.write_raw(format!("a1 LOGIN {ALICE} \"{ALICE_PW}\"\r\na2 SELECT INBOX\r\na3 FETCH 1 (FLAGS)\r\n").as_bytes())
+        .await
+        .unwrap();
     assert!(c.read_imap_response("a1").await.unwrap().is_ok());
     assert!(c.read_imap_response("a2").await.unwrap().is_ok());
     let r = c.read_imap_response("a3").await.unwrap();
-    assert!(
-        r.is_ok() && r.lines.iter().any(|l| l.starts_with("* 1 FETCH")),
-        "{r:?}"
-    );
+    assert!(r.is_ok() && r.lines.iter().any(|l| l.starts_with("* 1 FETCH")), "{r:?}");
 
     // IDLE: a new message shows up while idling through the proxy.
     c.send("a4 IDLE").await.unwrap();
@@ -509,11 +443,7 @@ m.logout()
         .arg(script)
         .output()
         .expect("python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.stdout, msg);
 }
 
@@ -527,10 +457,7 @@ fn serve_reports_config_errors_with_file_line_and_key_and_stops_cleanly() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("config.toml:6: accounts.\"a@b\".imap"),
-        "{err}"
-    );
+    assert!(err.contains("config.toml:6: accounts.\"a@b\".imap"), "{err}");
     assert!(err.contains("allow_plaintext"), "{err}");
 
     let mut cfg = dir.header();

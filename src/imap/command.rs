@@ -68,10 +68,7 @@ impl fmt::Debug for CommandBody {
             } => f
                 .debug_struct("Authenticate")
                 .field("mechanism", mechanism)
-                .field(
-                    "initial_response",
-                    &initial_response.as_ref().map(|_| "<redacted>"),
-                )
+                .field("initial_response", &initial_response.as_ref().map(|_| "<redacted>"))
                 .finish(),
             CommandBody::Other { name } => f.debug_struct("Other").field("name", name).finish(),
         }
@@ -91,8 +88,7 @@ pub struct ParseError {
 
 /// ATOM-CHAR: any CHAR except atom-specials (`(){ %*"\]`, CTL).
 pub fn is_atom_char(c: u8) -> bool {
-    (0x21..0x7f).contains(&c)
-        && !matches!(c, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
+    (0x21..0x7f).contains(&c) && !matches!(c, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b']')
 }
 
 /// ASTRING-CHAR: ATOM-CHAR / resp-specials (`]`).
@@ -160,12 +156,7 @@ fn quoted(i: &[u8]) -> Res<'_, Zeroizing<Vec<u8>>> {
 
 /// literal = "{" number ["+"] "}" CRLF *CHAR8 (no NUL).
 fn literal(i: &[u8]) -> Res<'_, Zeroizing<Vec<u8>>> {
-    let (i, n) = delimited(
-        tag(&b"{"[..]),
-        number,
-        (opt(tag(&b"+"[..])), tag(&b"}"[..])),
-    )
-    .parse(i)?;
+    let (i, n) = delimited(tag(&b"{"[..]), number, (opt(tag(&b"+"[..])), tag(&b"}"[..]))).parse(i)?;
     let (i, _) = crlf(i)?;
     let (rest, data) = take(n).parse(i)?;
     if data.contains(&0) {
@@ -183,10 +174,9 @@ fn string(i: &[u8]) -> Res<'_, Zeroizing<Vec<u8>>> {
 /// form (lenient towards legacy clients sending UTF-8 user names unquoted).
 fn astring(i: &[u8]) -> Res<'_, Zeroizing<Vec<u8>>> {
     alt((
-        map(
-            take_while1(|c: u8| is_astring_char(c) || c >= 0x80),
-            |a: &[u8]| Zeroizing::new(a.to_vec()),
-        ),
+        map(take_while1(|c: u8| is_astring_char(c) || c >= 0x80), |a: &[u8]| {
+            Zeroizing::new(a.to_vec())
+        }),
         string,
     ))
     .parse(i)
@@ -249,9 +239,7 @@ fn secret_string(v: Zeroizing<Vec<u8>>) -> Option<Zeroizing<String>> {
 /// Read the tag at the start of `input` if it is followed by a space. Used to
 /// tag a `BAD` reply for commands that could not be fully parsed/framed.
 pub fn parse_tag(input: &[u8]) -> Option<String> {
-    let (rest, t) = take_while1::<_, _, NomError<&[u8]>>(is_tag_char)
-        .parse(input)
-        .ok()?;
+    let (rest, t) = take_while1::<_, _, NomError<&[u8]>>(is_tag_char).parse(input).ok()?;
     if rest.first() == Some(&b' ') {
         // Tag chars are ASCII.
         Some(String::from_utf8_lossy(t).into_owned())
@@ -299,10 +287,7 @@ pub fn parse_command(input: &[u8]) -> Result<Command, ParseError> {
         "LOGIN" => {
             let parsed = (preceded(sp, astring), preceded(sp, astring), crlf_eof).parse(rest);
             let Ok((_, (user, pass, ()))) = parsed else {
-                return Err(err(
-                    t,
-                    "Invalid arguments to LOGIN (expected: LOGIN user password)",
-                ));
+                return Err(err(t, "Invalid arguments to LOGIN (expected: LOGIN user password)"));
             };
             match (secret_string(user), secret_string(pass)) {
                 (Some(username), Some(password)) => CommandBody::Login { username, password },
@@ -339,9 +324,7 @@ mod tests {
 
     fn login(i: &[u8]) -> (String, String) {
         match ok(i).body {
-            CommandBody::Login { username, password } => {
-                (username.as_str().to_owned(), password.as_str().to_owned())
-            }
+            CommandBody::Login { username, password } => (username.as_str().to_owned(), password.as_str().to_owned()),
             b => panic!("{b:?}"),
         }
     }
@@ -363,10 +346,7 @@ mod tests {
 
     #[test]
     fn login_forms() {
-        assert_eq!(
-            login(b"a LOGIN alice secret\r\n"),
-            ("alice".into(), "secret".into())
-        );
+        assert_eq!(login(b"a LOGIN alice secret\r\n"), ("alice".into(), "secret".into()));
         assert_eq!(
             login(b"a LOGIN \"al ice\" \"pa\\\"ss\\\\word\"\r\n"),
             ("al ice".into(), "pa\"ss\\word".into())
@@ -400,12 +380,7 @@ mod tests {
             b"a LOGIN (alice) secret\r\n",
         ] {
             let e = parse_command(bad).unwrap_err();
-            assert_eq!(
-                e.tag.as_deref(),
-                Some("a"),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+            assert_eq!(e.tag.as_deref(), Some("a"), "{:?}", String::from_utf8_lossy(bad));
         }
         let e = parse_command(b"a LOGIN \"\xff\" x\r\n").unwrap_err();
         assert!(e.message.contains("UTF-8"));
@@ -417,22 +392,10 @@ mod tests {
         assert_eq!(parse_command(b" NOOP\r\n").unwrap_err().tag, None);
         assert_eq!(parse_command(b"+ NOOP\r\n").unwrap_err().tag, None);
         assert_eq!(parse_command(b"*\r\n").unwrap_err().tag, None);
-        assert_eq!(
-            parse_command(b"a\r\n").unwrap_err().tag.as_deref(),
-            Some("a")
-        );
-        assert_eq!(
-            parse_command(b"a \r\n").unwrap_err().tag.as_deref(),
-            Some("a")
-        );
-        assert_eq!(
-            parse_command(b"a\0 NOOP\r\n").unwrap_err().tag.as_deref(),
-            Some("a")
-        );
-        assert_eq!(
-            parse_command(b"a NOOP x\r\n").unwrap_err().tag.as_deref(),
-            Some("a")
-        );
+        assert_eq!(parse_command(b"a\r\n").unwrap_err().tag.as_deref(), Some("a"));
+        assert_eq!(parse_command(b"a \r\n").unwrap_err().tag.as_deref(), Some("a"));
+        assert_eq!(parse_command(b"a\0 NOOP\r\n").unwrap_err().tag.as_deref(), Some("a"));
+        assert_eq!(parse_command(b"a NOOP x\r\n").unwrap_err().tag.as_deref(), Some("a"));
         assert_eq!(parse_tag(b"abc NOOP"), Some("abc".into()));
         assert_eq!(parse_tag(b"abc"), None);
         assert_eq!(parse_tag(b"a+b NOOP"), None);
@@ -489,18 +452,13 @@ mod tests {
     fn other_commands() {
         assert_eq!(
             ok(b"a select INBOX\r\n").body,
-            CommandBody::Other {
-                name: "SELECT".into()
-            }
+            CommandBody::Other { name: "SELECT".into() }
         );
         assert_eq!(
             ok(b"a UID FETCH 1:* (FLAGS)\r\n").body,
             CommandBody::Other { name: "UID".into() }
         );
-        assert_eq!(
-            ok(b"a X\xff\r\n").body,
-            CommandBody::Other { name: "X".into() }
-        );
+        assert_eq!(ok(b"a X\xff\r\n").body, CommandBody::Other { name: "X".into() });
     }
 
     #[test]

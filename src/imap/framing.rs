@@ -170,10 +170,7 @@ impl Framer {
                     if buf.len() < end {
                         return Frame::Incomplete;
                     }
-                    self.state = State::Line {
-                        start: end,
-                        pos: end,
-                    };
+                    self.state = State::Line { start: end, pos: end };
                 }
                 State::Line { start, pos } => {
                     if start > buf.len() {
@@ -182,10 +179,7 @@ impl Framer {
                     }
                     let pos = pos.clamp(start, buf.len());
                     let Some(off) = buf[pos..].iter().position(|&b| b == b'\n') else {
-                        self.state = State::Line {
-                            start,
-                            pos: buf.len(),
-                        };
+                        self.state = State::Line { start, pos: buf.len() };
                         // Allow one extra byte for a CR that may precede LF.
                         if buf.len() - start > self.limits.max_line.saturating_add(1) {
                             return self.fail(FramingError::LineTooLong);
@@ -208,10 +202,10 @@ impl Framer {
                         self.reset();
                         return Frame::Complete { len: end };
                     };
-                    let fits = hdr.size.and_then(|n| usize::try_from(n).ok()).filter(|&n| {
-                        n <= self.limits.max_literal
-                            && end.saturating_add(n) <= self.limits.max_command
-                    });
+                    let fits = hdr
+                        .size
+                        .and_then(|n| usize::try_from(n).ok())
+                        .filter(|&n| n <= self.limits.max_literal && end.saturating_add(n) <= self.limits.max_command);
                     match (fits, hdr.non_sync) {
                         (Some(n), non_sync) => {
                             self.state = State::Literal { end: end + n };

@@ -162,9 +162,7 @@ impl fmt::Debug for PreAuth {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 impl PreAuth {
@@ -431,10 +429,7 @@ impl PreAuth {
                 initial_response,
             } => {
                 if mechanism != "PLAIN" {
-                    self.no(
-                        &tag,
-                        "[CANNOT] Unsupported authentication mechanism (use PLAIN)",
-                    );
+                    self.no(&tag, "[CANNOT] Unsupported authentication mechanism (use PLAIN)");
                     return None;
                 }
                 if !self.login_allowed() {
@@ -481,10 +476,7 @@ impl PreAuth {
                 None
             }
             Err(e) => {
-                self.bad(
-                    Some(&tag),
-                    &format!("Invalid AUTHENTICATE PLAIN response: {e}"),
-                );
+                self.bad(Some(&tag), &format!("Invalid AUTHENTICATE PLAIN response: {e}"));
                 None
             }
         }
@@ -603,10 +595,7 @@ mod tests {
         );
         assert_eq!(exchange(&mut p, b"a2 noop\r\n"), "a2 OK NOOP completed\r\n");
         assert_eq!(
-            exchange(
-                &mut p,
-                b"a3 ID (\"name\" \"Thunderbird\" \"version\" \"115\")\r\n"
-            ),
+            exchange(&mut p, b"a3 ID (\"name\" \"Thunderbird\" \"version\" \"115\")\r\n"),
             "* ID (\"name\" \"mailproxy\")\r\na3 OK ID completed\r\n"
         );
         assert_eq!(
@@ -681,10 +670,7 @@ mod tests {
         // base64("\0alice\0secret")
         p.feed(b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
         let (tag, u, pw) = expect_login(p.poll());
-        assert_eq!(
-            (tag.as_str(), u.as_str(), pw.as_str()),
-            ("a", "alice", "secret")
-        );
+        assert_eq!((tag.as_str(), u.as_str(), pw.as_str()), ("a", "alice", "secret"));
         assert_eq!(p.take_output(), b"");
     }
 
@@ -694,10 +680,7 @@ mod tests {
         assert_eq!(exchange(&mut p, b"a AUTHENTICATE PLAIN\r\n"), "+ \r\n");
         p.feed(b"YWxpY2UAYWxpY2UAc2VjcmV0\r\nb NOOP\r\n"); // "alice\0alice\0secret"
         let (tag, u, pw) = expect_login(p.poll());
-        assert_eq!(
-            (tag.as_str(), u.as_str(), pw.as_str()),
-            ("a", "alice", "secret")
-        );
+        assert_eq!((tag.as_str(), u.as_str(), pw.as_str()), ("a", "alice", "secret"));
         assert_eq!(p.take_output(), b"");
         assert!(p.poll().is_none()); // login outstanding: nothing processed
         assert_eq!(p.into_pending_input(), b"b NOOP\r\n");
@@ -707,10 +690,7 @@ mod tests {
     fn authenticate_cancel_and_errors() {
         let mut p = machine(false);
         assert_eq!(exchange(&mut p, b"a AUTHENTICATE PLAIN\r\n"), "+ \r\n");
-        assert_eq!(
-            exchange(&mut p, b"*\r\n"),
-            "a BAD AUTHENTICATE cancelled\r\n"
-        );
+        assert_eq!(exchange(&mut p, b"*\r\n"), "a BAD AUTHENTICATE cancelled\r\n");
         assert_eq!(exchange(&mut p, b"b NOOP\r\n"), "b OK NOOP completed\r\n");
         assert_eq!(
             exchange(&mut p, b"c AUTHENTICATE PLAIN\r\n%%%\r\n"),
@@ -761,10 +741,7 @@ mod tests {
             exchange(&mut p, b"e CAPABILITY\r\n"),
             format!("* CAPABILITY {CAPS}\r\ne OK CAPABILITY completed\r\n")
         );
-        assert_eq!(
-            exchange(&mut p, b"f STARTTLS\r\n"),
-            "f BAD TLS is already active\r\n"
-        );
+        assert_eq!(exchange(&mut p, b"f STARTTLS\r\n"), "f BAD TLS is already active\r\n");
         p.feed(b"g LOGIN alice secret\r\n");
         let (tag, u, _) = expect_login(p.poll());
         assert_eq!((tag.as_str(), u.as_str()), ("g", "alice"));
@@ -861,10 +838,7 @@ mod tests {
     #[test]
     fn nul_and_invalid_utf8_get_bad() {
         let mut p = machine(false);
-        assert_eq!(
-            exchange(&mut p, b"a\0 NOOP\r\n"),
-            "a BAD Missing command after tag\r\n"
-        );
+        assert_eq!(exchange(&mut p, b"a\0 NOOP\r\n"), "a BAD Missing command after tag\r\n");
         assert_eq!(
             exchange(&mut p, b"\0\0\0\r\n"),
             "* BAD Missing or invalid command tag\r\n"
@@ -891,17 +865,9 @@ mod tests {
     #[test]
     fn huge_sync_literals_rejected_recoverably() {
         let mut p = machine(false);
-        for n in [
-            "4294967295",
-            "18446744073709551615",
-            "99999999999999999999999",
-            "8193",
-        ] {
+        for n in ["4294967295", "18446744073709551615", "99999999999999999999999", "8193"] {
             let line = format!("a LOGIN {{{n}}}\r\n");
-            assert_eq!(
-                exchange(&mut p, line.as_bytes()),
-                "a BAD Literal too large\r\n"
-            );
+            assert_eq!(exchange(&mut p, line.as_bytes()), "a BAD Literal too large\r\n");
             assert_eq!(p.buffered_len(), 0);
         }
         // Inside AUTHENTICATE continuation the auth tag is used.
@@ -1076,11 +1042,7 @@ mod tests {
         assert_eq!(whole.0.matches("+ Ready for literal data\r\n").count(), 3);
         for chunk in [2, 3, 7, 13, 64] {
             let bytes: Vec<&[u8]> = SCRIPT.chunks(chunk).collect();
-            assert_eq!(
-                drive(PreAuthConfig::default(), &bytes),
-                whole,
-                "chunk {chunk}"
-            );
+            assert_eq!(drive(PreAuthConfig::default(), &bytes), whole, "chunk {chunk}");
         }
     }
 
@@ -1195,9 +1157,7 @@ mod tests {
             // Output is always whole CRLF-terminated lines.
             assert!(out.ends_with("\r\n"));
             for e in &events {
-                *stats
-                    .entry(e.split(' ').next().unwrap().to_owned())
-                    .or_insert(0) += 1;
+                *stats.entry(e.split(' ').next().unwrap().to_owned()).or_insert(0) += 1;
             }
             if !cfg.starttls {
                 // Without STARTTLS (whose discard depends on timing), the

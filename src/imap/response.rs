@@ -137,10 +137,7 @@ pub fn find_line(buf: &[u8], max_line: usize) -> Result<Option<LineInfo>, Respon
         None => None,
         Some(h) => Some(h.size.ok_or(ResponseError::LiteralTooLarge)?),
     };
-    Ok(Some(LineInfo {
-        len: lf + 1,
-        literal,
-    }))
+    Ok(Some(LineInfo { len: lf + 1, literal }))
 }
 
 // ------------------------------------------------------------------ grammar
@@ -177,10 +174,7 @@ fn resp_code(i: &[u8]) -> Res<'_, Code> {
             tag(&b"["[..]),
             (
                 take_while1(is_atom_char),
-                opt(preceded(
-                    sp,
-                    take_while(|c: u8| c != b']' && c != b'\r' && c != b'\n'),
-                )),
+                opt(preceded(sp, take_while(|c: u8| c != b']' && c != b'\r' && c != b'\n'))),
             ),
             tag(&b"]"[..]),
         ),
@@ -196,10 +190,7 @@ fn resp_code(i: &[u8]) -> Res<'_, Code> {
 fn status_tail(i: &[u8]) -> Res<'_, (Option<Code>, String)> {
     alt((
         value((None, String::new()), line_end),
-        terminated(
-            preceded(sp, (opt(terminated(resp_code, opt(sp))), text)),
-            line_end,
-        ),
+        terminated(preceded(sp, (opt(terminated(resp_code, opt(sp))), text)), line_end),
     ))
     .parse(i)
 }
@@ -242,9 +233,7 @@ fn untagged(i: &[u8]) -> Res<'_, Response> {
         alt((
             map(status_resp(None), Response::Status),
             map(capability_data, Response::Capability),
-            map(rest, |r: &[u8]| {
-                Response::OtherUntagged(lossy(strip_eol(r)))
-            }),
+            map(rest, |r: &[u8]| Response::OtherUntagged(lossy(strip_eol(r)))),
         )),
     )
     .parse(i)
@@ -254,10 +243,7 @@ fn continuation(i: &[u8]) -> Res<'_, Response> {
     map(
         preceded(
             tag(&b"+"[..]),
-            alt((
-                value(String::new(), line_end),
-                terminated(preceded(sp, text), line_end),
-            )),
+            alt((value(String::new(), line_end), terminated(preceded(sp, text), line_end))),
         ),
         Response::Continuation,
     )
@@ -291,10 +277,7 @@ pub fn parse_response(line: &[u8]) -> Result<Response, ResponseError> {
 /// Parse the server greeting: untagged `OK`, `PREAUTH` or `BYE`.
 pub fn parse_greeting(line: &[u8]) -> Result<StatusResponse, ResponseError> {
     match parse_response(line)? {
-        Response::Status(s)
-            if s.tag.is_none()
-                && matches!(s.status, Status::Ok | Status::PreAuth | Status::Bye) =>
-        {
+        Response::Status(s) if s.tag.is_none() && matches!(s.status, Status::Ok | Status::PreAuth | Status::Bye) => {
             Ok(s)
         }
         _ => Err(ResponseError::Malformed("not a greeting")),
@@ -348,14 +331,8 @@ mod tests {
         assert!(has_capability(&c, "sasl-ir"));
         assert_eq!(c[0], "IMAP4REV1");
         assert_eq!(g.text, "Dovecot ready.");
-        assert_eq!(
-            parse_greeting(b"* PREAUTH hi\r\n").unwrap().status,
-            Status::PreAuth
-        );
-        assert_eq!(
-            parse_greeting(b"* BYE go away\r\n").unwrap().status,
-            Status::Bye
-        );
+        assert_eq!(parse_greeting(b"* PREAUTH hi\r\n").unwrap().status, Status::PreAuth);
+        assert_eq!(parse_greeting(b"* BYE go away\r\n").unwrap().status, Status::Bye);
         assert!(parse_greeting(b"* NO x\r\n").is_err());
         assert!(parse_greeting(b"a OK x\r\n").is_err());
         assert!(parse_greeting(b"* CAPABILITY X\r\n").is_err());
@@ -379,18 +356,15 @@ mod tests {
 
     #[test]
     fn tagged_status() {
-        let r = parse_response(
-            b"A1 OK [CAPABILITY IMAP4rev1 IDLE] user@example.com authenticated (Success)\r\n",
-        )
-        .unwrap();
+        let r =
+            parse_response(b"A1 OK [CAPABILITY IMAP4rev1 IDLE] user@example.com authenticated (Success)\r\n").unwrap();
         let Response::Status(s) = &r else { panic!() };
         assert_eq!(s.tag.as_deref(), Some("A1"));
         assert_eq!(s.status, Status::Ok);
         assert_eq!(r.capabilities().unwrap(), caps(&["IMAP4REV1", "IDLE"]));
         assert_eq!(s.text, "user@example.com authenticated (Success)");
 
-        let r = parse_response(b"A2 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n")
-            .unwrap();
+        let r = parse_response(b"A2 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n").unwrap();
         assert_eq!(
             r,
             Response::Status(StatusResponse {
@@ -418,10 +392,7 @@ mod tests {
             parse_response(b"+ eyJzdGF0dXMiOiI0MDAifQ==\r\n").unwrap(),
             Response::Continuation("eyJzdGF0dXMiOiI0MDAifQ==".into())
         );
-        assert_eq!(
-            parse_response(b"+\r\n").unwrap(),
-            Response::Continuation(String::new())
-        );
+        assert_eq!(parse_response(b"+\r\n").unwrap(), Response::Continuation(String::new()));
         assert_eq!(
             parse_response(b"+ \r\n").unwrap(),
             Response::Continuation(String::new())
@@ -453,10 +424,7 @@ mod tests {
         assert_eq!(find_line(b"* OK", 100), Ok(None));
         assert_eq!(
             find_line(b"* OK hi\r\nA1 OK", 100),
-            Ok(Some(LineInfo {
-                len: 9,
-                literal: None
-            }))
+            Ok(Some(LineInfo { len: 9, literal: None }))
         );
         assert_eq!(
             find_line(b"* 1 FETCH (BODY[] {5}\r\nhello)\r\n", 100),
@@ -469,10 +437,7 @@ mod tests {
             find_line(b"* X {99999999999999999999}\r\n", 100),
             Err(ResponseError::LiteralTooLarge)
         );
-        assert_eq!(
-            find_line(&[b'x'; 200], 100),
-            Err(ResponseError::LineTooLong)
-        );
+        assert_eq!(find_line(&[b'x'; 200], 100), Err(ResponseError::LineTooLong));
         assert_eq!(find_line(&[b'x'; 101], 100), Ok(None));
     }
 
@@ -487,13 +452,7 @@ mod tests {
             retag_line(b"* OK x\r\n", "a"),
             Err(ResponseError::Malformed("missing tag"))
         );
-        assert_eq!(
-            retag_line(b"A1 OK x\r\n", "a b"),
-            Err(ResponseError::InvalidTag)
-        );
-        assert_eq!(
-            retag_line(b"A1 OK x\r\n", ""),
-            Err(ResponseError::InvalidTag)
-        );
+        assert_eq!(retag_line(b"A1 OK x\r\n", "a b"), Err(ResponseError::InvalidTag));
+        assert_eq!(retag_line(b"A1 OK x\r\n", ""), Err(ResponseError::InvalidTag));
     }
 }

@@ -109,27 +109,78 @@ mod tests {
             ("unauthorized_client", None, "unauthorized_client", false),
             ("consent_required", None, "consent_required", true),
             ("interaction_required", None, "interaction_required", true),
-            ("invalid_request", Some("AADSTS50011: The redirect URI 'x' does not match"), "AADSTS50011", false),
-            ("invalid_grant", Some("AADSTS65001: The user or administrator has not consented"), "AADSTS65001", true),
-            ("invalid_grant", Some("AADSTS70008: The provided authorization code or refresh token has expired"), "AADSTS70008", true),
-            ("invalid_grant", Some("AADSTS700082: The refresh token has expired due to inactivity."), "AADSTS700082", true),
-            ("invalid_grant", Some("AADSTS50076: Due to a configuration change made by your administrator"), "AADSTS50076", true),
-            ("invalid_request", Some("AADSTS50020: User account from identity provider does not exist in tenant"), "AADSTS50020", true),
-            ("unauthorized_client", Some("AADSTS700016: Application with identifier 'x' was not found"), "AADSTS700016", false),
-            ("invalid_grant", Some("AADSTS90099: The application has not been authorized in the tenant"), "AADSTS90099", true),
-            ("unauthorized_client", Some("AADSTS7000112: Application is disabled."), "AADSTS7000112", true),
-            ("invalid_grant", Some("AADSTS54005: OAuth2 Authorization code was already redeemed"), "AADSTS54005", true),
-            ("invalid_grant", Some("AADSTS70043: The refresh token has expired or is invalid due to sign-in frequency checks"), "AADSTS70043", true),
+            (
+                "invalid_request",
+                Some("AADSTS50011: The redirect URI 'x' does not match"),
+                "AADSTS50011",
+                false,
+            ),
+            (
+                "invalid_grant",
+                Some("AADSTS65001: The user or administrator has not consented"),
+                "AADSTS65001",
+                true,
+            ),
+            (
+                "invalid_grant",
+                Some("AADSTS70008: The provided authorization code or refresh token has expired"),
+                "AADSTS70008",
+                true,
+            ),
+            (
+                "invalid_grant",
+                Some("AADSTS700082: The refresh token has expired due to inactivity."),
+                "AADSTS700082",
+                true,
+            ),
+            (
+                "invalid_grant",
+                Some("AADSTS50076: Due to a configuration change made by your administrator"),
+                "AADSTS50076",
+                true,
+            ),
+            (
+                "invalid_request",
+                Some("AADSTS50020: User account from identity provider does not exist in tenant"),
+                "AADSTS50020",
+                true,
+            ),
+            (
+                "unauthorized_client",
+                Some("AADSTS700016: Application with identifier 'x' was not found"),
+                "AADSTS700016",
+                false,
+            ),
+            (
+                "invalid_grant",
+                Some("AADSTS90099: The application has not been authorized in the tenant"),
+                "AADSTS90099",
+                true,
+            ),
+            (
+                "unauthorized_client",
+                Some("AADSTS7000112: Application is disabled."),
+                "AADSTS7000112",
+                true,
+            ),
+            (
+                "invalid_grant",
+                Some("AADSTS54005: OAuth2 Authorization code was already redeemed"),
+                "AADSTS54005",
+                true,
+            ),
+            (
+                "invalid_grant",
+                Some("AADSTS70043: The refresh token has expired or is invalid due to sign-in frequency checks"),
+                "AADSTS70043",
+                true,
+            ),
         ];
         for (err, desc, code, login) in cases {
             let e = explain("a@b", err, desc);
             assert_eq!(e.code, code, "{err} {desc:?}");
             assert_eq!(e.needs_login, login, "{code}");
-            assert!(
-                e.sentence.contains("a@b") || !login,
-                "{code}: {}",
-                e.sentence
-            );
+            assert!(e.sentence.contains("a@b") || !login, "{code}: {}", e.sentence);
             assert!(!e.sentence.contains('\n'));
         }
     }

@@ -52,7 +52,10 @@ struct ErrorBody {
 /// One form POST to a provider endpoint: status and bounded body, or a
 /// transient error for network trouble and 5xx.
 async fn post(http: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> Result<(u16, Vec<u8>), OAuthError> {
-    let unavailable = |reason: String| OAuthError::Unavailable { url: url.to_string(), reason };
+    let unavailable = |reason: String| OAuthError::Unavailable {
+        url: url.to_string(),
+        reason,
+    };
     let mut resp = http
         .post(url)
         .header("Accept", "application/json")
@@ -65,7 +68,11 @@ async fn post(http: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> Resul
         return Err(unavailable(format!("HTTP status {status}")));
     }
     let mut body = Vec::new();
-    while let Some(c) = resp.chunk().await.map_err(|e| unavailable(super::describe_reqwest(&e)))? {
+    while let Some(c) = resp
+        .chunk()
+        .await
+        .map_err(|e| unavailable(super::describe_reqwest(&e)))?
+    {
         if body.len() + c.len() > MAX_BODY {
             return Err(unavailable(format!("answer larger than {MAX_BODY} bytes")));
         }
@@ -75,13 +82,20 @@ async fn post(http: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> Resul
 }
 
 fn malformed(url: &str, what: &str) -> OAuthError {
-    OAuthError::Malformed { url: url.to_string(), reason: what.to_string() }
+    OAuthError::Malformed {
+        url: url.to_string(),
+        reason: what.to_string(),
+    }
 }
 
 fn parse_tokens(account: &str, url: &str, status: u16, body: &[u8]) -> Result<Tokens, OAuthError> {
     if status == 200 {
-        let t: TokenBody = serde_json::from_slice(body)
-            .map_err(|_| malformed(url, "the token answer is not the expected JSON (access_token, expires_in)"))?;
+        let t: TokenBody = serde_json::from_slice(body).map_err(|_| {
+            malformed(
+                url,
+                "the token answer is not the expected JSON (access_token, expires_in)",
+            )
+        })?;
         let lifetime = t.expires_in.as_ref().and_then(Num::get).unwrap_or(3600);
         return Ok(Tokens {
             access: Secret::new(t.access_token),
@@ -136,22 +150,26 @@ struct DeviceBody {
 }
 
 pub async fn device_start(http: &reqwest::Client, account: &str, s: &OAuthSettings) -> Result<DeviceCode, OAuthError> {
-    let url = s.device_url.as_deref().ok_or_else(|| OAuthError::Config(format!("{account} has no device_url")))?;
+    let url = s
+        .device_url
+        .as_deref()
+        .ok_or_else(|| OAuthError::Config(format!("{account} has no device_url")))?;
     let mut form = vec![("scope", s.scopes.join(" "))];
     client_auth(s, &mut form);
     let (status, body) = post_owned(http, url, &form).await?;
     if status != 200 {
         return Err(provider_error(account, url, status, &body));
     }
-    let d: DeviceBody =
-        serde_json::from_slice(&body).map_err(|_| malformed(url, "the device authorisation answer lacks device_code/user_code"))?;
+    let d: DeviceBody = serde_json::from_slice(&body)
+        .map_err(|_| malformed(url, "the device authorisation answer lacks device_code/user_code"))?;
     Ok(DeviceCode {
         verification_uri: d.verification_uri,
         verification_uri_complete: d.verification_uri_complete,
         user_code: d.user_code,
         device_code: Secret::new(d.device_code),
         interval: Duration::from_secs(d.interval.as_ref().and_then(Num::get).unwrap_or(5).clamp(1, 60)),
-        expires_at: Instant::now() + Duration::from_secs(d.expires_in.as_ref().and_then(Num::get).unwrap_or(900).min(3600)),
+        expires_at: Instant::now()
+            + Duration::from_secs(d.expires_in.as_ref().and_then(Num::get).unwrap_or(900).min(3600)),
     })
 }
 
@@ -170,7 +188,10 @@ pub async fn device_poll(
             return Err(OAuthError::Provider(explain(account, "expired_token", None)));
         }
         tokio::time::sleep(interval).await;
-        let mut form = vec![("grant_type", DEVICE_GRANT.to_string()), ("device_code", d.device_code.expose().to_string())];
+        let mut form = vec![
+            ("grant_type", DEVICE_GRANT.to_string()),
+            ("device_code", d.device_code.expose().to_string()),
+        ];
         client_auth(s, &mut form);
         let (status, body) = match post_owned(http, &s.token_url, &form).await {
             Ok(r) => r,
@@ -193,8 +214,15 @@ pub async fn device_poll(
 }
 
 /// App-only access: a client secret or a certificate-signed JWT assertion.
-pub async fn client_credentials(http: &reqwest::Client, account: &str, s: &OAuthSettings) -> Result<Tokens, OAuthError> {
-    let mut form = vec![("grant_type", "client_credentials".to_string()), ("scope", s.scopes.join(" "))];
+pub async fn client_credentials(
+    http: &reqwest::Client,
+    account: &str,
+    s: &OAuthSettings,
+) -> Result<Tokens, OAuthError> {
+    let mut form = vec![
+        ("grant_type", "client_credentials".to_string()),
+        ("scope", s.scopes.join(" ")),
+    ];
     match (&s.client_certificate, &s.client_key) {
         (Some(cert), Some(key)) => {
             form.push(("client_id", s.client_id.clone()));
@@ -225,17 +253,29 @@ pub fn client_assertion(client_id: &str, audience: &str, cert: &Path, key: &Path
         "x5t": B64URL.encode(sha1.as_ref()),
         "x5t#S256": B64URL.encode(sha256.as_ref()),
     });
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let mut jti = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut jti);
     let claims = serde_json::json!({
         "aud": audience, "iss": client_id, "sub": client_id,
         "jti": B64URL.encode(jti), "nbf": now, "iat": now, "exp": now + 600,
     });
-    let signing_input = format!("{}.{}", B64URL.encode(header.to_string()), B64URL.encode(claims.to_string()));
+    let signing_input = format!(
+        "{}.{}",
+        B64URL.encode(header.to_string()),
+        B64URL.encode(claims.to_string())
+    );
     let mut sig = vec![0u8; pair.public().modulus_len()];
-    pair.sign(&ring::signature::RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), signing_input.as_bytes(), &mut sig)
-        .map_err(|_| OAuthError::Config("signing the client assertion failed".into()))?;
+    pair.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut sig,
+    )
+    .map_err(|_| OAuthError::Config("signing the client assertion failed".into()))?;
     Ok(Secret::new(format!("{signing_input}.{}", B64URL.encode(sig))))
 }
 
@@ -247,7 +287,12 @@ pub enum Revocation {
     Unsupported(String),
 }
 
-pub async fn revoke(http: &reqwest::Client, account: &str, s: &OAuthSettings, refresh: &Secret) -> Result<Revocation, OAuthError> {
+pub async fn revoke(
+    http: &reqwest::Client,
+    account: &str,
+    s: &OAuthSettings,
+    refresh: &Secret,
+) -> Result<Revocation, OAuthError> {
     let Some(url) = &s.revoke_url else {
         let how = match s.provider {
             crate::config::ProviderKind::Microsoft => {
@@ -257,7 +302,10 @@ pub async fn revoke(http: &reqwest::Client, account: &str, s: &OAuthSettings, re
         };
         return Ok(Revocation::Unsupported(how.to_string()));
     };
-    let mut form = vec![("token", refresh.expose().to_string()), ("token_type_hint", "refresh_token".to_string())];
+    let mut form = vec![
+        ("token", refresh.expose().to_string()),
+        ("token_type_hint", "refresh_token".to_string()),
+    ];
     client_auth(s, &mut form);
     let (status, body) = post_owned(http, url, &form).await?;
     // RFC 7009: 200 also for tokens that were already invalid.
@@ -274,12 +322,24 @@ mod tests {
 
     #[test]
     fn lenient_token_answers() {
-        let t = parse_tokens("a", "u", 200, br#"{"access_token":"x","expires_in":"120","token_type":"Bearer"}"#).unwrap();
+        let t = parse_tokens(
+            "a",
+            "u",
+            200,
+            br#"{"access_token":"x","expires_in":"120","token_type":"Bearer"}"#,
+        )
+        .unwrap();
         let left = t.expires_at.duration_since(SystemTime::now()).unwrap();
         assert!(left > Duration::from_secs(100) && left <= Duration::from_secs(120));
         let e = parse_tokens("a", "u", 200, b"<html>").unwrap_err();
         assert!(matches!(e, OAuthError::Malformed { .. }), "{e}");
-        let e = parse_tokens("a", "u", 400, br#"{"error":"invalid_grant","error_description":"AADSTS70008: expired"}"#).unwrap_err();
+        let e = parse_tokens(
+            "a",
+            "u",
+            400,
+            br#"{"error":"invalid_grant","error_description":"AADSTS70008: expired"}"#,
+        )
+        .unwrap_err();
         assert!(e.needs_login() && e.to_string().contains("inactivity"), "{e}");
         let e = parse_tokens("a", "u", 400, b"garbage").unwrap_err();
         assert!(e.to_string().contains("HTTP 400"), "{e}");
@@ -291,7 +351,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         let st = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=app", "-days", "1", "-keyout"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=app", "-days", "1", "-keyout",
+            ])
             .arg(&k)
             .arg("-out")
             .arg(&c)
@@ -304,14 +366,22 @@ mod tests {
         let header: serde_json::Value = serde_json::from_slice(&B64URL.decode(parts[0]).unwrap()).unwrap();
         assert_eq!(header["alg"], "RS256");
         let claims: serde_json::Value = serde_json::from_slice(&B64URL.decode(parts[1]).unwrap()).unwrap();
-        assert_eq!((claims["aud"].as_str(), claims["iss"].as_str(), claims["sub"].as_str()), (Some("https://t/token"), Some("cid"), Some("cid")));
+        assert_eq!(
+            (claims["aud"].as_str(), claims["iss"].as_str(), claims["sub"].as_str()),
+            (Some("https://t/token"), Some("cid"), Some("cid"))
+        );
         // The signature verifies with the certificate's public key.
         use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
         let key = PrivatePkcs8KeyDer::from_pem_file(&k).unwrap();
         let pair = ring::signature::RsaKeyPair::from_pkcs8(key.secret_pkcs8_der()).unwrap();
-        let public = ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, pair.public().as_ref());
+        let public = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            pair.public().as_ref(),
+        );
         let sig = B64URL.decode(parts[2]).unwrap();
-        public.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig).expect("valid signature");
+        public
+            .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+            .expect("valid signature");
         assert!(public.verify(b"tampered", &sig).is_err());
     }
 }

@@ -26,13 +26,8 @@ pub enum Redirect {
 impl Redirect {
     pub async fn bind(s: &OAuthSettings) -> std::io::Result<Redirect> {
         if let Some(u) = &s.redirect_uri {
-            let url = url::Url::parse(u)
-                .map_err(|e| std::io::Error::other(format!("redirect_uri `{u}`: {e}")))?;
-            let host = url
-                .host_str()
-                .unwrap_or("")
-                .trim_matches(['[', ']'])
-                .to_string();
+            let url = url::Url::parse(u).map_err(|e| std::io::Error::other(format!("redirect_uri `{u}`: {e}")))?;
+            let host = url.host_str().unwrap_or("").trim_matches(['[', ']']).to_string();
             if url.scheme() == "http" && is_loopback_host(&host) {
                 let port = url.port_or_known_default().unwrap_or(80);
                 let bind_host = if host.eq_ignore_ascii_case("localhost") {
@@ -40,16 +35,12 @@ impl Redirect {
                 } else {
                     host
                 };
-                let listener = TcpListener::bind((bind_host.as_str(), port))
-                    .await
-                    .map_err(|e| {
-                        std::io::Error::new(
-                            e.kind(),
-                            format!(
-                                "cannot listen on {bind_host}:{port} for the redirect_uri {u}: {e}"
-                            ),
-                        )
-                    })?;
+                let listener = TcpListener::bind((bind_host.as_str(), port)).await.map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot listen on {bind_host}:{port} for the redirect_uri {u}: {e}"),
+                    )
+                })?;
                 return Ok(Redirect::Loopback {
                     listener,
                     uri: u.clone(),
@@ -80,12 +71,7 @@ impl Redirect {
     }
 
     /// Waits for the browser (or reads the pasted URL) and returns the code.
-    pub async fn wait(
-        self,
-        account: &str,
-        req: &AuthRequest,
-        timeout: Duration,
-    ) -> Result<Secret, OAuthError> {
+    pub async fn wait(self, account: &str, req: &AuthRequest, timeout: Duration) -> Result<Secret, OAuthError> {
         match self {
             Redirect::Paste { .. } => {
                 eprintln!("After approving, paste the full address your browser ended on, then press Enter:");
@@ -114,15 +100,13 @@ impl Redirect {
                     let Ok((mut sock, _)) = listener.accept().await else {
                         continue;
                     };
-                    let Ok(Some(target)) =
-                        tokio::time::timeout(Duration::from_secs(10), read_target(&mut sock)).await
+                    let Ok(Some(target)) = tokio::time::timeout(Duration::from_secs(10), read_target(&mut sock)).await
                     else {
                         continue;
                     };
                     let (p, query) = target.split_once('?').unwrap_or((&target, ""));
                     if p != path {
-                        let _ = respond(&mut sock, "404 Not Found", "Not the mailproxy redirect.")
-                            .await;
+                        let _ = respond(&mut sock, "404 Not Found", "Not the mailproxy redirect.").await;
                         continue;
                     }
                     match callback(account, req, query) {
@@ -145,9 +129,7 @@ impl Redirect {
                             return Err(e);
                         }
                         Callback::Ignore(why) => {
-                            let _ =
-                                respond(&mut sock, "400 Bad Request", &format!("mailproxy: {why}"))
-                                    .await;
+                            let _ = respond(&mut sock, "400 Bad Request", &format!("mailproxy: {why}")).await;
                         }
                     }
                 }
@@ -188,11 +170,7 @@ fn callback(account: &str, req: &AuthRequest, query: &str) -> Callback {
         return Callback::Ignore("the state parameter does not match this login; ignored");
     }
     if let Some(e) = error {
-        return Callback::Failed(OAuthError::Provider(explain(
-            account,
-            &e,
-            description.as_deref(),
-        )));
+        return Callback::Failed(OAuthError::Provider(explain(account, &e, description.as_deref())));
     }
     match code {
         Some(c) if !c.is_empty() => Callback::Code(c),
@@ -200,7 +178,7 @@ fn callback(account: &str, req: &AuthRequest, query: &str) -> Callback {
     }
 }
 
-async fn read_target(sock: &mut tokio::net::TcpStream) -> Option<String> {
+pub(crate) async fn read_target(sock: &mut tokio::net::TcpStream) -> Option<String> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -219,11 +197,7 @@ async fn read_target(sock: &mut tokio::net::TcpStream) -> Option<String> {
     }
 }
 
-async fn respond(
-    sock: &mut tokio::net::TcpStream,
-    status: &str,
-    text: &str,
-) -> std::io::Result<()> {
+pub(crate) async fn respond(sock: &mut tokio::net::TcpStream, status: &str, text: &str) -> std::io::Result<()> {
     let body = format!(
         "<!doctype html><meta charset=utf-8><title>mailproxy</title><p>{}</p>\n",
         text.replace('&', "&amp;").replace('<', "&lt;")

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use oauth2::basic::BasicClient;
 use oauth2::{
-    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, PkceCodeChallenge,
-    PkceCodeVerifier, RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl,
+    AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, PkceCodeChallenge, PkceCodeVerifier,
+    RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl,
 };
 
 use crate::config::OAuthSettings;
@@ -80,10 +80,7 @@ enum HttpFail {
 
 /// oauth2's HTTP hook: reqwest underneath, but a 5xx becomes a transport
 /// error (so it is retried, not parsed as an OAuth error) and bodies are bounded.
-async fn send(
-    http: &reqwest::Client,
-    req: oauth2::HttpRequest,
-) -> Result<oauth2::HttpResponse, HttpFail> {
+async fn send(http: &reqwest::Client, req: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, HttpFail> {
     let (parts, body) = req.into_parts();
     let mut resp = http
         .request(parts.method, parts.uri.to_string())
@@ -107,15 +104,11 @@ async fn send(
         .map_err(|e| HttpFail::Transport(describe_reqwest(&e)))?
     {
         if body.len() + chunk.len() > MAX_BODY {
-            return Err(HttpFail::Transport(format!(
-                "answer larger than {MAX_BODY} bytes"
-            )));
+            return Err(HttpFail::Transport(format!("answer larger than {MAX_BODY} bytes")));
         }
         body.extend_from_slice(&chunk);
     }
-    builder
-        .body(body)
-        .map_err(|e| HttpFail::Transport(e.to_string()))
+    builder.body(body).map_err(|e| HttpFail::Transport(e.to_string()))
 }
 
 pub(crate) fn describe_reqwest(e: &reqwest::Error) -> String {
@@ -140,19 +133,15 @@ struct Http<'a>(&'a reqwest::Client);
 
 impl<'c> oauth2::AsyncHttpClient<'c> for Http<'_> {
     type Error = HttpFail;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, HttpFail>> + Send + 'c>,
-    >;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<oauth2::HttpResponse, HttpFail>> + Send + 'c>>;
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
         Box::pin(send(self.0, request))
     }
 }
 
-type TokenErr = RequestTokenError<
-    HttpFail,
-    oauth2::StandardErrorResponse<oauth2::basic::BasicErrorResponseType>,
->;
+type TokenErr = RequestTokenError<HttpFail, oauth2::StandardErrorResponse<oauth2::basic::BasicErrorResponseType>>;
 
 fn convert(account: &str, url: &str, e: TokenErr) -> OAuthError {
     match e {
@@ -183,9 +172,7 @@ fn tokens(r: &oauth2::basic::BasicTokenResponse) -> Tokens {
         access: Secret::new(r.access_token().secret().clone()),
         expires_at: SystemTime::now() + lifetime,
         refresh: r.refresh_token().map(|t| Secret::new(t.secret().clone())),
-        scopes: r
-            .scopes()
-            .map(|s| s.iter().map(|s| s.to_string()).collect()),
+        scopes: r.scopes().map(|s| s.iter().map(|s| s.to_string()).collect()),
     }
 }
 
@@ -195,8 +182,7 @@ macro_rules! client {
         let mut c = BasicClient::new(ClientId::new(s.client_id.clone()))
             .set_auth_type(AuthType::RequestBody)
             .set_token_uri(
-                TokenUrl::new(s.token_url.clone())
-                    .map_err(|e| OAuthError::Config(format!("token_url: {e}")))?,
+                TokenUrl::new(s.token_url.clone()).map_err(|e| OAuthError::Config(format!("token_url: {e}")))?,
             );
         if let Some(secret) = &s.client_secret {
             c = c.set_client_secret(ClientSecret::new(secret.expose().to_string()));
@@ -241,19 +227,11 @@ impl AuthRequest {
 }
 
 /// Builds the authorisation URL with PKCE (S256) and a random `state`.
-pub fn authorization_request(
-    account: &str,
-    s: &OAuthSettings,
-    redirect_uri: &str,
-) -> Result<AuthRequest, OAuthError> {
+pub fn authorization_request(account: &str, s: &OAuthSettings, redirect_uri: &str) -> Result<AuthRequest, OAuthError> {
     let client = client!(s)
-        .set_auth_uri(
-            AuthUrl::new(s.auth_url.clone())
-                .map_err(|e| OAuthError::Config(format!("auth_url: {e}")))?,
-        )
+        .set_auth_uri(AuthUrl::new(s.auth_url.clone()).map_err(|e| OAuthError::Config(format!("auth_url: {e}")))?)
         .set_redirect_uri(
-            RedirectUrl::new(redirect_uri.to_string())
-                .map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
+            RedirectUrl::new(redirect_uri.to_string()).map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
         );
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let mut req = client
@@ -282,8 +260,7 @@ pub async fn exchange_code(
     code: &str,
 ) -> Result<Tokens, OAuthError> {
     let client = client!(s).set_redirect_uri(
-        RedirectUrl::new(req.redirect_uri.clone())
-            .map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
+        RedirectUrl::new(req.redirect_uri.clone()).map_err(|e| OAuthError::Config(format!("redirect_uri: {e}")))?,
     );
     let r = client
         .exchange_code(AuthorizationCode::new(code.to_string()))

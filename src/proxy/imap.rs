@@ -25,7 +25,8 @@ pub async fn session(
     mut client: Stream,
     tls: Option<&tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
-    let limits = &ctx.config.limits;
+    let config = ctx.config();
+    let limits = &config.limits;
     let mut pre = PreAuth::new(PreAuthConfig {
         starttls: tls.is_some() && !client.is_tls(),
         max_line: limits.max_line,
@@ -45,21 +46,14 @@ pub async fn session(
                 tracing::Span::current().record("login", login.as_str());
                 match login_upstream(ctx, listener, &login, Secret::from(password)).await {
                     Ok((upstream, mut to_client, tagged)) => {
-                        let ok = response::retag_line(&tagged.line, &tag)
-                            .map_err(std::io::Error::other)?;
+                        let ok = response::retag_line(&tagged.line, &tag).map_err(std::io::Error::other)?;
                         let mut greeting = std::mem::take(&mut to_client.0);
                         greeting.extend_from_slice(&ok);
                         client.write_all(&greeting).await?;
                         tracing::info!(upstream = %upstream.endpoint, "logged in; relaying");
                         let pending = pre.into_pending_input();
-                        let (up, down) = super::relay(
-                            client,
-                            upstream.stream,
-                            pending,
-                            upstream.leftover,
-                            &ctx.shutdown,
-                        )
-                        .await?;
+                        let (up, down) =
+                            super::relay(client, upstream.stream, pending, upstream.leftover, &ctx.shutdown).await?;
                         tracing::info!(bytes_up = up, bytes_down = down, "session ended");
                         return Ok(());
                     }
@@ -74,9 +68,7 @@ pub async fn session(
                 let (Some(acceptor), Stream::Plain(tcp)) = (tls, client) else {
                     return Ok(()); // the state machine only offers STARTTLS on plain + TLS configured
                 };
-                client = match tokio::time::timeout(limits.preauth_timeout, acceptor.accept(tcp))
-                    .await
-                {
+                client = match tokio::time::timeout(limits.preauth_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
                     Ok(Err(e)) => {
                         tracing::info!(error = %e, "client TLS handshake failed");
@@ -133,9 +125,7 @@ async fn flush(client: &mut Stream, pre: &mut PreAuth) -> std::io::Result<()> {
 /// Response text must stay on one line and never carry CR/LF from upstream
 /// or provider text into the client's protocol stream.
 fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 /// Untagged lines the upstream sent during login, forwarded before the OK.
@@ -172,9 +162,7 @@ async fn login_upstream(
                 .map_err(|e| LoginFailure::new(FailureKind::Unavailable, e))?
             {
                 AuthOutcome::Ok(u, t) => Ok((client.into_conn(up.endpoint.clone()), u, t)),
-                AuthOutcome::Rejected(text) => {
-                    Err(LoginFailure::new(FailureKind::Credentials, text))
-                }
+                AuthOutcome::Rejected(text) => Err(LoginFailure::new(FailureKind::Credentials, text)),
             }
         }
         UpstreamAuth::Token {
@@ -191,9 +179,7 @@ async fn login_upstream(
                     .await
                     .map_err(|e| LoginFailure::new(FailureKind::Unavailable, e))?;
                 match outcome {
-                    AuthOutcome::Ok(u, t) => {
-                        return Ok((client.into_conn(up.endpoint.clone()), u, t))
-                    }
+                    AuthOutcome::Ok(u, t) => return Ok((client.into_conn(up.endpoint.clone()), u, t)),
                     AuthOutcome::Rejected(text) if attempt == 0 => {
                         tracing::info!(reason = %text, "upstream rejected the access token; refreshing and retrying once");
                         ctx.tokens.reject(account, &token).await;
@@ -201,7 +187,7 @@ async fn login_upstream(
                             .tokens
                             .access_token(account)
                             .await
-                            .map_err(|e| super::token_failure(&account.account.name, e))?;
+                            .map_err(|e| super::token_failure(ctx, &account.account.name, e))?;
                     }
                     AuthOutcome::Rejected(text) => {
                         tracing::warn!(reason = %text, "upstream rejected the OAuth login");
@@ -231,15 +217,9 @@ struct ImapClient {
 impl ImapClient {
     async fn connect(ctx: &Ctx, up: &Upstream) -> Result<ImapClient, String> {
         let ep = &up.endpoint;
-        let timeout = ctx.config.limits.connect_timeout;
-        let tcp = net::connect_tcp(ep, timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        let tls_config = || {
-            ctx.tls
-                .get(up.ca_file.as_deref())
-                .map_err(|e| e.to_string())
-        };
+        let timeout = ctx.config().limits.connect_timeout;
+        let tcp = net::connect_tcp(ep, timeout).await.map_err(|e| e.to_string())?;
+        let tls_config = || ctx.tls.get(up.ca_file.as_deref()).map_err(|e| e.to_string());
         let stream = match ep.security {
             Security::Tls => net::tls_client(tcp, ep, tls_config()?, timeout)
                 .await
@@ -256,8 +236,7 @@ impl ImapClient {
         let greeting = tokio::time::timeout(timeout, c.read_response())
             .await
             .map_err(|_| format!("{ep} sent no greeting within {} s", timeout.as_secs()))??;
-        let g = response::parse_greeting(&greeting)
-            .map_err(|e| format!("{ep} greeted with garbage: {e}"))?;
+        let g = response::parse_greeting(&greeting).map_err(|e| format!("{ep} greeted with garbage: {e}"))?;
         match g.status {
             Status::Ok => c.caps = g.capabilities().unwrap_or_default(),
             Status::Bye => return Err(format!("{ep} refused the connection: {}", g.text)),
@@ -282,9 +261,7 @@ impl ImapClient {
                 .map_err(|e| e.to_string())?;
             c.caps.clear(); // capabilities from before TLS are not to be trusted
         }
-        if c.caps.is_empty()
-            || !has_capability(&c.caps, "IMAP4rev1") && !has_capability(&c.caps, "IMAP4rev2")
-        {
+        if c.caps.is_empty() || !has_capability(&c.caps, "IMAP4rev1") && !has_capability(&c.caps, "IMAP4rev2") {
             let (untagged, tagged) = c.command("CAPABILITY").await?;
             if tagged.status != Status::Ok {
                 return Err(format!("{ep} refused CAPABILITY: {}", tagged.text));
@@ -313,19 +290,14 @@ impl ImapClient {
                         let end = need_from + info.len;
                         match info.literal {
                             None => return Ok(self.buf.drain(..end).collect()),
-                            Some(n)
-                                if (end as u64).saturating_add(n) <= MAX_UPSTREAM_LINE as u64 =>
-                            {
+                            Some(n) if (end as u64).saturating_add(n) <= MAX_UPSTREAM_LINE as u64 => {
                                 need_from = end + n as usize;
                                 if need_from <= self.buf.len() {
                                     continue;
                                 }
                             }
                             Some(_) => {
-                                return Err(format!(
-                                    "{} sent an oversized response before login",
-                                    self.endpoint
-                                ))
+                                return Err(format!("{} sent an oversized response before login", self.endpoint))
                             }
                         }
                     }
@@ -351,10 +323,7 @@ impl ImapClient {
             .write_all(bytes)
             .await
             .map_err(|e| format!("{}: {e}", self.endpoint))?;
-        self.stream
-            .flush()
-            .await
-            .map_err(|e| format!("{}: {e}", self.endpoint))
+        self.stream.flush().await.map_err(|e| format!("{}: {e}", self.endpoint))
     }
 
     /// Sends a simple command and reads to its tagged completion.
@@ -365,9 +334,7 @@ impl ImapClient {
         loop {
             let line = self.read_response().await?;
             match response::parse_response(&line) {
-                Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag.as_str()) => {
-                    return Ok((untagged, s))
-                }
+                Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag.as_str()) => return Ok((untagged, s)),
                 Ok(Response::Status(s)) if s.status == Status::Bye => {
                     return Err(format!("{} closed the session: {}", self.endpoint, s.text))
                 }
@@ -379,11 +346,7 @@ impl ImapClient {
     /// Reads the rest of an AUTHENTICATE/LOGIN exchange after its last
     /// client line. `on_challenge` answers a continuation (an OAuth error
     /// challenge is answered with an empty response).
-    async fn finish_auth(
-        &mut self,
-        tag: &str,
-        mechanism: Option<Mechanism>,
-    ) -> Result<AuthOutcome, String> {
+    async fn finish_auth(&mut self, tag: &str, mechanism: Option<Mechanism>) -> Result<AuthOutcome, String> {
         let mut untagged = Vec::new();
         let mut challenge = None;
         loop {
@@ -402,10 +365,7 @@ impl ImapClient {
                 }
                 Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag) => {
                     if s.status == Status::Ok {
-                        return Ok(AuthOutcome::Ok(
-                            Untagged(untagged.concat()),
-                            Tagged { line },
-                        ));
+                        return Ok(AuthOutcome::Ok(Untagged(untagged.concat()), Tagged { line }));
                     }
                     let why = match &challenge {
                         Some(c) => c.explain(),
@@ -434,12 +394,7 @@ impl ImapClient {
             Mechanism::Xoauth2 => ("XOAUTH2", sasl::xoauth2(&up.user, token.expose())),
             Mechanism::Oauthbearer => (
                 "OAUTHBEARER",
-                sasl::oauthbearer(
-                    &up.user,
-                    token.expose(),
-                    &up.endpoint.host,
-                    up.endpoint.port,
-                ),
+                sasl::oauthbearer(&up.user, token.expose(), &up.endpoint.host, up.endpoint.port),
             ),
         };
         let tag = self.tag();
@@ -449,8 +404,7 @@ impl ImapClient {
             line = Secret::default();
             drop(line);
         } else {
-            self.send(format!("{tag} AUTHENTICATE {name}\r\n").as_bytes())
-                .await?;
+            self.send(format!("{tag} AUTHENTICATE {name}\r\n").as_bytes()).await?;
             let cont = self.read_response().await?;
             match response::parse_response(&cont) {
                 Ok(Response::Continuation(_)) => {
@@ -493,11 +447,7 @@ impl ImapClient {
                 }
                 head.push('"');
             } else {
-                head.push_str(&format!(
-                    " {{{}{}}}",
-                    arg.len(),
-                    if literal_plus { "+" } else { "" }
-                ));
+                head.push_str(&format!(" {{{}{}}}", arg.len(), if literal_plus { "+" } else { "" }));
                 pieces.push((std::mem::take(&mut head), Some(arg.as_bytes().to_vec())));
             }
         }
@@ -513,10 +463,7 @@ impl ImapClient {
                     self.send(&bytes).await?;
                     if !literal_plus {
                         let cont = self.read_response().await?;
-                        if !matches!(
-                            response::parse_response(&cont),
-                            Ok(Response::Continuation(_))
-                        ) {
+                        if !matches!(response::parse_response(&cont), Ok(Response::Continuation(_))) {
                             return Ok(AuthOutcome::Rejected(format!(
                                 "{} refused the login literal",
                                 self.endpoint

@@ -13,14 +13,21 @@ use crate::endpoint::{Endpoint, Protocol};
 use crate::net::Stream;
 use crate::secret::Secret;
 use crate::tls::ClientConfigs;
-use crate::tokens::{AccountTokens, AuthError, TokenError, TokenManager};
+use crate::tokens::{describe_pending, AccountTokens, AuthError, TokenError, TokenManager};
 
 /// Shared by all sessions of a running `serve`.
 pub struct Ctx {
-    pub config: Arc<Config>,
+    /// Replaced whole on SIGHUP; sessions keep the snapshot they started with.
+    pub config: std::sync::RwLock<Arc<Config>>,
     pub tokens: Arc<TokenManager>,
     pub tls: ClientConfigs,
     pub shutdown: CancellationToken,
+}
+
+impl Ctx {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
 }
 
 /// Buffer per direction in the relay: large enough for full-speed bulk
@@ -92,20 +99,18 @@ pub async fn authorize(
     password: Secret,
 ) -> Result<Upstream, LoginFailure> {
     let protocol = listener.protocol;
-    let Some(account) = ctx.config.account(login) else {
+    let config = ctx.config();
+    let Some(account) = config.account(login) else {
         return match &listener.fallback {
             Some(fb) => Ok(Upstream {
                 endpoint: fb.clone(),
-                ca_file: ctx.config.ca_file.clone(),
+                ca_file: config.ca_file.clone(),
                 user: login.to_string(),
                 auth: UpstreamAuth::Password(password),
             }),
             None => {
                 tracing::info!(login = %login, "login for an unknown account refused");
-                Err(LoginFailure::new(
-                    FailureKind::Credentials,
-                    "Authentication failed",
-                ))
+                Err(LoginFailure::new(FailureKind::Credentials, "Authentication failed"))
             }
         };
     };
@@ -119,16 +124,14 @@ pub async fn authorize(
             auth: UpstreamAuth::Password(password),
         });
     };
-    match ctx.tokens.authenticate(tokens, &password).await {
+    match ctx.tokens.authenticate(&tokens, &password).await {
         Ok(()) => {}
+        Err(AuthError::NotAuthorised(_)) => return Err(on_demand(ctx, &tokens, &password).await),
         Err(AuthError::WrongPassword) => {
             tracing::info!(account = %account.name, "wrong local password");
-            return Err(LoginFailure::new(
-                FailureKind::Credentials,
-                "Authentication failed",
-            ));
+            return Err(LoginFailure::new(FailureKind::Credentials, "Authentication failed"));
         }
-        Err(e @ (AuthError::NoLocalPassword(_) | AuthError::NotAuthorised(_))) => {
+        Err(e @ AuthError::NoLocalPassword(_)) => {
             tracing::warn!(account = %account.name, error = %e, "login to an account that is not ready");
             return Err(LoginFailure::new(FailureKind::Action, e.to_string()));
         }
@@ -137,11 +140,11 @@ pub async fn authorize(
             return Err(LoginFailure::new(FailureKind::Action, e.to_string()));
         }
     }
-    let token = ctx
-        .tokens
-        .access_token(tokens)
-        .await
-        .map_err(|e| token_failure(&account.name, e))?;
+    let token = match ctx.tokens.access_token(&tokens).await {
+        Ok(t) => t,
+        Err(TokenError::NeedsLogin { .. }) => return Err(on_demand(ctx, &tokens, &password).await),
+        Err(e) => return Err(token_failure(ctx, &account.name, e)),
+    };
     Ok(Upstream {
         endpoint,
         ca_file: account.ca_file.clone(),
@@ -166,7 +169,38 @@ fn endpoint_for(account: &Account, protocol: Protocol) -> Result<Endpoint, Login
     })
 }
 
-pub fn token_failure(account: &str, e: TokenError) -> LoginFailure {
+/// The account has no usable token: start (or join) its authorisation and
+/// tell the client what a person has to do.
+async fn on_demand(ctx: &Ctx, tokens: &Arc<AccountTokens>, password: &Secret) -> LoginFailure {
+    let name = tokens.name().to_string();
+    match ctx.tokens.start_authorization(tokens).await {
+        Ok(Some(_)) | Err(TokenError::Pending { .. }) => {
+            let status = ctx.tokens.status(tokens).await;
+            let how = match (ctx.tokens.status_url(), &status.pending) {
+                (Some(url), Some(p)) => match &p.user_code {
+                    Some(code) => format!("open {url} (or {}) and enter the code {code}, then log in again", p.url),
+                    None => format!("open {url} in a browser on this machine and sign in, then log in again"),
+                },
+                (None, Some(p)) => describe_pending(p),
+                _ => format!("run `mailproxy login {name}`"),
+            };
+            LoginFailure::new(FailureKind::Action, format!("{name} is not authorised yet: {how}"))
+        }
+        Ok(None) => {
+            // Authorised without a person (client credentials): this login sets up the account.
+            match ctx.tokens.authenticate(tokens, password).await {
+                Ok(()) => LoginFailure::new(
+                    FailureKind::Unavailable,
+                    format!("{name} is now authorised; log in again"),
+                ),
+                Err(e) => LoginFailure::new(FailureKind::Action, e.to_string()),
+            }
+        }
+        Err(e) => token_failure(ctx, &name, e),
+    }
+}
+
+pub fn token_failure(_ctx: &Ctx, account: &str, e: TokenError) -> LoginFailure {
     let kind = match &e {
         TokenError::OAuth(o) if o.is_transient() => FailureKind::Unavailable,
         TokenError::Vault(_) => FailureKind::Unavailable,

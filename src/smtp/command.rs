@@ -63,19 +63,14 @@ impl fmt::Debug for Command {
             } => f
                 .debug_struct("Auth")
                 .field("mechanism", mechanism)
-                .field(
-                    "initial_response",
-                    &initial_response.as_ref().map(|_| "<redacted>"),
-                )
+                .field("initial_response", &initial_response.as_ref().map(|_| "<redacted>"))
                 .finish(),
             Command::StartTls => f.write_str("StartTls"),
             Command::Rset => f.write_str("Rset"),
             Command::Noop => f.write_str("Noop"),
             Command::Quit => f.write_str("Quit"),
             Command::Help => f.write_str("Help"),
-            Command::Transaction { verb } => {
-                f.debug_struct("Transaction").field("verb", verb).finish()
-            }
+            Command::Transaction { verb } => f.debug_struct("Transaction").field("verb", verb).finish(),
             Command::Other { verb } => f.debug_struct("Other").field("verb", verb).finish(),
         }
     }
@@ -109,10 +104,7 @@ pub fn requires_auth(verb: &str) -> bool {
 /// Commands answered locally after authentication; every other command
 /// starts the hand-off.
 pub fn local_after_auth(verb: &str) -> bool {
-    matches!(
-        verb,
-        "EHLO" | "HELO" | "NOOP" | "RSET" | "AUTH" | "QUIT" | "STARTTLS"
-    )
+    matches!(verb, "EHLO" | "HELO" | "NOOP" | "RSET" | "AUTH" | "QUIT" | "STARTTLS")
 }
 
 /// The verb at the start of a possibly incomplete command line.
@@ -134,9 +126,7 @@ pub fn leading_verb(buf: &[u8]) -> Verb {
     }
     match buf.get(n) {
         None => Verb::Incomplete,
-        Some(b' ' | b'\r' | b'\n') if n > 0 => Verb::Complete(
-            String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase(),
-        ),
+        Some(b' ' | b'\r' | b'\n') if n > 0 => Verb::Complete(String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase()),
         Some(_) => Verb::Invalid,
     }
 }
@@ -192,9 +182,7 @@ fn domain(args: &[u8], verb: &str) -> Result<String, ParseError> {
 /// Parse one complete command line.
 pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
     let line = strip_eol(line);
-    let Ok((args, verb)) =
-        take_while1::<_, _, NomError<&[u8]>>(|c: u8| c.is_ascii_alphabetic()).parse(line)
-    else {
+    let Ok((args, verb)) = take_while1::<_, _, NomError<&[u8]>>(|c: u8| c.is_ascii_alphabetic()).parse(line) else {
         return Err(err(UNRECOGNIZED));
     };
     if !(args.is_empty() || args.starts_with(b" ")) {
@@ -215,12 +203,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
             domain: domain(args, "HELO")?,
         },
         "AUTH" => {
-            let parsed = (
-                preceded(sp, mechanism),
-                opt(preceded(sp, initial_response)),
-                end,
-            )
-                .parse(args);
+            let parsed = (preceded(sp, mechanism), opt(preceded(sp, initial_response)), end).parse(args);
             let Ok((_, (mech, ir, ()))) = parsed else {
                 return Err(err("501 5.5.4 Syntax: AUTH mechanism [initial-response]"));
             };
@@ -273,23 +256,11 @@ mod tests {
         assert_eq!(ok(b"NOOP anything at all\r\n"), Command::Noop);
         assert_eq!(ok(b"QUIT \r\n"), Command::Quit);
         assert_eq!(ok(b"HELP AUTH\r\n"), Command::Help);
-        assert_eq!(
-            ok(b"mail FROM:<a@b>\r\n"),
-            Command::Transaction {
-                verb: "MAIL".into()
-            }
-        );
-        assert_eq!(
-            ok(b"DATA\r\n"),
-            Command::Transaction {
-                verb: "DATA".into()
-            }
-        );
+        assert_eq!(ok(b"mail FROM:<a@b>\r\n"), Command::Transaction { verb: "MAIL".into() });
+        assert_eq!(ok(b"DATA\r\n"), Command::Transaction { verb: "DATA".into() });
         assert_eq!(
             ok(b"XCLIENT ADDR=1.2.3.4\r\n"),
-            Command::Other {
-                verb: "XCLIENT".into()
-            }
+            Command::Other { verb: "XCLIENT".into() }
         );
     }
 
@@ -298,22 +269,13 @@ mod tests {
         assert_eq!(bad(b"EHLO\r\n"), "501 5.5.4 Syntax: EHLO hostname");
         assert_eq!(bad(b"EHLO   \r\n"), "501 5.5.4 Syntax: EHLO hostname");
         assert_eq!(bad(b"HELO\r\n"), "501 5.5.4 Syntax: HELO hostname");
-        assert_eq!(
-            bad(b"EHLO a\x01b\r\n"),
-            "501 5.5.2 Invalid characters in host name"
-        );
-        assert_eq!(
-            bad(b"EHLO \xff\r\n"),
-            "501 5.5.2 Host name must be valid UTF-8"
-        );
+        assert_eq!(bad(b"EHLO a\x01b\r\n"), "501 5.5.2 Invalid characters in host name");
+        assert_eq!(bad(b"EHLO \xff\r\n"), "501 5.5.2 Host name must be valid UTF-8");
         assert_eq!(
             bad(b"STARTTLS now\r\n"),
             "501 5.5.4 Syntax: STARTTLS (no parameters allowed)"
         );
-        assert_eq!(
-            bad(b"AUTH\r\n"),
-            "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
-        );
+        assert_eq!(bad(b"AUTH\r\n"), "501 5.5.4 Syntax: AUTH mechanism [initial-response]");
         assert_eq!(
             bad(b"AUTH PLAIN a b\r\n"),
             "501 5.5.4 Syntax: AUTH mechanism [initial-response]"

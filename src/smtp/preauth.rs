@@ -249,9 +249,7 @@ impl fmt::Debug for PreAuth {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 /// Upstream EHLO keywords that stay true through the proxy: everything but
@@ -264,15 +262,8 @@ pub fn relayable_ehlo_keywords(upstream: &[String]) -> Vec<String> {
         .iter()
         .filter_map(|k| {
             let k = sanitize(k).trim().to_owned();
-            let name = k
-                .split([' ', '='])
-                .next()
-                .unwrap_or_default()
-                .to_ascii_uppercase();
-            let drop = name.is_empty()
-                || name == "AUTH"
-                || name == "STARTTLS"
-                || name.starts_with('X');
+            let name = k.split([' ', '=']).next().unwrap_or_default().to_ascii_uppercase();
+            let drop = name.is_empty() || name == "AUTH" || name == "STARTTLS" || name.starts_with('X');
             (!drop).then_some(k)
         })
         .collect()
@@ -399,13 +390,8 @@ impl PreAuth {
     pub fn poll(&mut self) -> Option<Event> {
         loop {
             match self.state {
-                State::Commands
-                | State::AuthPlain
-                | State::AuthLoginUser
-                | State::AuthLoginPass { .. } => {}
-                State::LoginPending | State::AwaitTls | State::Handoff | State::Done => {
-                    return None
-                }
+                State::Commands | State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. } => {}
+                State::LoginPending | State::AwaitTls | State::Handoff | State::Done => return None,
             }
             if self.overflow {
                 return Some(self.fatal("Too much input"));
@@ -608,9 +594,7 @@ impl PreAuth {
                 self.esmtp = false;
             }
             Command::Noop | Command::Rset => self.reply("250 2.0.0 OK"),
-            Command::Help => self.reply(
-                "214 2.0.0 mailproxy: EHLO, AUTH PLAIN/LOGIN, then mail as usual (RFC 5321)",
-            ),
+            Command::Help => self.reply("214 2.0.0 mailproxy: EHLO, AUTH PLAIN/LOGIN, then mail as usual (RFC 5321)"),
             Command::Quit => {
                 self.reply("221 2.0.0 Bye");
                 self.state = State::Done;
@@ -666,9 +650,9 @@ impl PreAuth {
 
     fn sasl_error(&mut self, e: SaslError) {
         match e {
-            SaslError::AuthzidMismatch => self.reply(
-                "535 5.7.8 Authorization identity must be empty or equal to the user name",
-            ),
+            SaslError::AuthzidMismatch => {
+                self.reply("535 5.7.8 Authorization identity must be empty or equal to the user name")
+            }
             e => self.reply(&format!("501 5.5.2 Invalid AUTH response: {e}")),
         }
     }
@@ -746,9 +730,7 @@ mod tests {
 
     fn expect_login(ev: Option<Event>) -> (String, String) {
         match ev {
-            Some(Event::Login { username, password }) => {
-                (username.to_string(), password.to_string())
-            }
+            Some(Event::Login { username, password }) => (username.to_string(), password.to_string()),
             other => panic!("expected Login, got {other:?}"),
         }
     }
@@ -818,7 +800,15 @@ mod tests {
             exchange(&mut p, b"EHLO\r\nRSET x\r\n"),
             "501 5.5.4 Syntax: EHLO hostname\r\n501 5.5.4 Syntax: RSET (no parameters allowed)\r\n"
         );
-        for verb in ["MAIL FROM:<a@b>", "RCPT TO:<c@d>", "DATA", "BDAT 5 LAST", "VRFY x", "EXPN x", "ETRN x"] {
+        for verb in [
+            "MAIL FROM:<a@b>",
+            "RCPT TO:<c@d>",
+            "DATA",
+            "BDAT 5 LAST",
+            "VRFY x",
+            "EXPN x",
+            "ETRN x",
+        ] {
             assert_eq!(
                 exchange(&mut p, format!("{verb}\r\n").as_bytes()),
                 "530 5.7.0 Authentication required\r\n",
@@ -852,10 +842,7 @@ mod tests {
         let (u, pw) = expect_login(p.poll());
         assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
         p.login_failed("535 5.7.8 Authentication credentials invalid");
-        assert_eq!(
-            s(&p.take_output()),
-            "535 5.7.8 Authentication credentials invalid\r\n"
-        );
+        assert_eq!(s(&p.take_output()), "535 5.7.8 Authentication credentials invalid\r\n");
         assert!(p.wants_input());
     }
 
@@ -872,10 +859,7 @@ mod tests {
         p.login_failed("535 5.7.8 nope");
         assert_eq!(s(&p.take_output()), "535 5.7.8 nope\r\n");
         // User name as initial response.
-        assert_eq!(
-            exchange(&mut p, b"AUTH LOGIN YWxpY2U=\r\n"),
-            "334 UGFzc3dvcmQ6\r\n"
-        );
+        assert_eq!(exchange(&mut p, b"AUTH LOGIN YWxpY2U=\r\n"), "334 UGFzc3dvcmQ6\r\n");
         p.feed(b"c2VjcmV0\n");
         let (u, pw) = expect_login(p.poll());
         assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
@@ -1104,10 +1088,7 @@ mod tests {
         p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
         expect_login(p.poll());
         p.authenticated(&[]);
-        assert_eq!(
-            exchange(&mut p, b"EHLO x\r\n"),
-            "250 mx.test greets x\r\n"
-        );
+        assert_eq!(exchange(&mut p, b"EHLO x\r\n"), "250 mx.test greets x\r\n");
         p.feed(b"QUIT\r\n");
         assert!(matches!(p.poll(), Some(Event::Quit)));
         assert_eq!(s(&p.take_output()), "221 2.0.0 Bye\r\n");
@@ -1311,23 +1292,26 @@ mod tests {
             whole.2,
             b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<b@c>\r\nDATA\r\n".to_vec()
         );
-        assert!(whole.0.contains("250-SMTPUTF8\r\n"));
+        assert!(whole
+            .0
+            .contains("235 2.7.0 Authentication successful\r\n250-mx.test greets again\r\n"));
+        assert!(whole.0.ends_with("250-CHUNKING\r\n250 SMTPUTF8\r\n250 2.0.0 OK\r\n"));
         for chunk in [1, 2, 3, 7, 13, 64] {
             let bytes: Vec<&[u8]> = SCRIPT.chunks(chunk).collect();
             assert_eq!(drive(cfg(false), &bytes), whole, "chunk {chunk}");
         }
     }
 
-    pub(crate) struct Rng(pub u64);
+    struct Rng(u64);
     impl Rng {
-        pub fn next(&mut self) -> u64 {
+        fn next(&mut self) -> u64 {
             // xorshift64*
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
             self.0 ^= self.0 >> 27;
             self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
         }
-        pub fn below(&mut self, n: usize) -> usize {
+        fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
         }
     }
@@ -1417,9 +1401,7 @@ mod tests {
             let (out, events, handed) = drive(cfg.clone(), &chunks);
             assert!(out.ends_with("\r\n"));
             for e in &events {
-                *stats
-                    .entry(e.split(' ').next().unwrap().to_owned())
-                    .or_insert(0) += 1;
+                *stats.entry(e.split(' ').next().unwrap().to_owned()).or_insert(0) += 1;
             }
             if events.last().map(String::as_str) == Some("handoff") {
                 assert!(input.ends_with(&handed));

@@ -96,7 +96,8 @@ fn parse_args() -> Opts {
     let mut args = std::env::args().skip(1);
     fn num<T: std::str::FromStr>(flag: &str, v: Option<String>) -> T {
         let v = v.unwrap_or_else(|| die(&format!("{flag} needs a value")));
-        v.parse().unwrap_or_else(|_| die(&format!("{flag}: `{v}` is not a number")))
+        v.parse()
+            .unwrap_or_else(|_| die(&format!("{flag}: `{v}` is not a number")))
     }
     while let Some(a) = args.next() {
         // `--flag=value` as well as `--flag value`.
@@ -205,7 +206,12 @@ impl Imap {
             Some(cfg) => Stream::Tls(Box::new(sc::tls_handshake(tcp, cfg.clone(), "localhost").await?)),
             None => Stream::Plain(tcp),
         };
-        let mut c = Imap { s, buf: vec![0u8; bufsize.max(2 * MIN_READ)], start: 0, end: 0 };
+        let mut c = Imap {
+            s,
+            buf: vec![0u8; bufsize.max(2 * MIN_READ)],
+            start: 0,
+            end: 0,
+        };
         let g = c.line().await?;
         if !g.starts_with(b"* OK") {
             return Err(io::Error::other(format!("greeting: {}", String::from_utf8_lossy(&g))));
@@ -219,8 +225,8 @@ impl Imap {
         let t0 = Instant::now();
         let mut c = Imap::connect(t, bufsize).await?;
         let cmd = match &t.auth {
-            Auth::Xoauth2 { user, token } => format!("a AUTHENTICATE XOAUTH2 {}", sc::xoauth2_b64(user, token)),
-            Auth::Login { user, password } => format!("a LOGIN \"{user}\" \"{password}\""),
+            Auth::Xoauth2 { user, token } => format!("AUTHENTICATE XOAUTH2 {}", sc::xoauth2_b64(user, token)),
+            Auth::Login { user, password } => format!("LOGIN \"{user}\" \"{password}\""),
         };
         c.command("a", &cmd).await?;
         Ok((c, t0.elapsed()))
@@ -426,11 +432,20 @@ impl World {
         let dir = ProxyDir::new();
         let d = &env.dovecot;
         let mut cfg = dir.header();
-        cfg = cfg.replace("[server]\n", &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()));
+        cfg = cfg.replace(
+            "[server]\n",
+            &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()),
+        );
         cfg += "[limits]\nmax_connections = 5000\nmax_connections_per_ip = 5000\n\n";
         cfg += &oauth_account(ALICE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port));
         // Same mailbox (the provider vouches for alice), plaintext loopback upstream.
-        cfg += oauth_account(ALICE_PLAIN, &env.provider, d, &format!("imap://127.0.0.1:{}", d.imap_port)).trim_end();
+        cfg += oauth_account(
+            ALICE_PLAIN,
+            &env.provider,
+            d,
+            &format!("imap://127.0.0.1:{}", d.imap_port),
+        )
+        .trim_end();
         cfg += &format!("\nusername = \"{ALICE}\"\n\n");
         dir.write_config(&cfg);
         for a in [ALICE, ALICE_PLAIN] {
@@ -438,7 +453,13 @@ impl World {
             assert!(st.success(), "mailproxy login {a} failed: {err}");
         }
         let token = env.provider.issue_access_token(ALICE, SCOPE);
-        World { env, dir, proxy: None, proxy_log: o.proxy_log.clone(), token }
+        World {
+            env,
+            dir,
+            proxy: None,
+            proxy_log: o.proxy_log.clone(),
+            token,
+        }
     }
 
     fn start_proxy(&mut self) {
@@ -457,7 +478,10 @@ impl World {
         Target {
             port: if tls { d.imaps_port } else { d.imap_port },
             tls: tls.then(|| d.tls_client_config()),
-            auth: Auth::Xoauth2 { user: ALICE.into(), token: self.token.clone() },
+            auth: Auth::Xoauth2 {
+                user: ALICE.into(),
+                token: self.token.clone(),
+            },
         }
     }
 
@@ -486,13 +510,88 @@ impl World {
 /// returns the total bytes (what FETCH BODY[] returns, CRLF included).
 fn fill_mailbox(env: &Env, n: usize, size: usize) -> u64 {
     const WORDS: &[&str] = &[
-        "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on",
-        "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they", "you",
-        "were", "their", "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will",
-        "would", "who", "so", "no", "meeting", "quarterly", "report", "attached", "please", "review", "thanks",
-        "regards", "schedule", "project", "deadline", "invoice", "customer", "server", "release", "update",
-        "proposal", "budget", "Monday", "Tuesday", "Wednesday", "afternoon", "discussion", "agenda", "minutes",
-        "follow-up", "question", "answer", "documentation", "configuration", "mailbox", "message", "colleague",
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "a",
+        "is",
+        "that",
+        "for",
+        "it",
+        "as",
+        "was",
+        "with",
+        "be",
+        "by",
+        "on",
+        "not",
+        "he",
+        "this",
+        "are",
+        "or",
+        "his",
+        "from",
+        "at",
+        "which",
+        "but",
+        "have",
+        "an",
+        "had",
+        "they",
+        "you",
+        "were",
+        "their",
+        "one",
+        "all",
+        "we",
+        "can",
+        "her",
+        "has",
+        "there",
+        "been",
+        "if",
+        "more",
+        "when",
+        "will",
+        "would",
+        "who",
+        "so",
+        "no",
+        "meeting",
+        "quarterly",
+        "report",
+        "attached",
+        "please",
+        "review",
+        "thanks",
+        "regards",
+        "schedule",
+        "project",
+        "deadline",
+        "invoice",
+        "customer",
+        "server",
+        "release",
+        "update",
+        "proposal",
+        "budget",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "afternoon",
+        "discussion",
+        "agenda",
+        "minutes",
+        "follow-up",
+        "question",
+        "answer",
+        "documentation",
+        "configuration",
+        "mailbox",
+        "message",
+        "colleague",
     ];
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = move || {
@@ -572,7 +671,12 @@ async fn bench_fetch(w: &World, o: &Opts, bytes: u64, msgs: u64) -> io::Result<V
     let mb = bytes as f64 / 1e6;
     let mut out: Vec<FetchResult> = variants
         .iter()
-        .map(|(l, _, _, t)| FetchResult { label: l, direct_mbps: vec![], proxy_mbps: vec![], target: *t })
+        .map(|(l, _, _, t)| FetchResult {
+            label: l,
+            direct_mbps: vec![],
+            proxy_mbps: vec![],
+            target: *t,
+        })
         .collect();
     for run in 0..o.runs {
         // Alternate which goes first so drift and order effects cancel.
@@ -613,10 +717,18 @@ async fn login_once(t: &Target) -> io::Result<f64> {
 }
 
 async fn bench_login(w: &World, o: &Opts) -> io::Result<Vec<LoginResult>> {
-    let variants: [(&'static str, Target, Target); 2] =
-        [("imaps", w.direct(true), w.via_proxy(true)), ("plain", w.direct(false), w.via_proxy(false))];
-    let mut out: Vec<LoginResult> =
-        variants.iter().map(|(l, _, _)| LoginResult { label: l, direct_ms: vec![], proxy_ms: vec![] }).collect();
+    let variants: [(&'static str, Target, Target); 2] = [
+        ("imaps", w.direct(true), w.via_proxy(true)),
+        ("plain", w.direct(false), w.via_proxy(false)),
+    ];
+    let mut out: Vec<LoginResult> = variants
+        .iter()
+        .map(|(l, _, _)| LoginResult {
+            label: l,
+            direct_ms: vec![],
+            proxy_ms: vec![],
+        })
+        .collect();
     // Warm-up: a few of each, not recorded.
     for (_, d, p) in &variants {
         for _ in 0..5 {
@@ -699,7 +811,10 @@ async fn single_median(t: &Target, n: usize) -> io::Result<f64> {
 
 async fn bench_concurrent(w: &mut World, o: &Opts) -> io::Result<Vec<ConcResult>> {
     let k = o.clients;
-    progress!("concurrent: {} rounds of {k} simultaneous logins, proxy (warm) and direct, imaps upstream", o.rounds);
+    progress!(
+        "concurrent: {} rounds of {k} simultaneous logins, proxy (warm) and direct, imaps upstream",
+        o.rounds
+    );
     let (d, p) = (w.direct(true), w.via_proxy(true));
     let single_d = single_median(&d, 30).await?;
     let single_p = single_median(&p, 30).await?;
@@ -841,7 +956,13 @@ async fn bench_memory_one(w: &mut World, n: usize, tls_upstream: bool) -> io::Re
     );
     drop(noop);
     drop(sessions);
-    Ok(MemResult { label, sessions: n, before_kib: before, after_kib: after, open_secs })
+    Ok(MemResult {
+        label,
+        sessions: n,
+        before_kib: before,
+        after_kib: after,
+        open_secs,
+    })
 }
 
 async fn bench_memory(w: &mut World, o: &Opts) -> io::Result<Vec<MemResult>> {
@@ -875,7 +996,10 @@ fn print_report(
         .unwrap_or_default();
     println!();
     println!("mailproxy benchmark: proxy vs direct, same private Dovecot {dovecot}, {cpus} CPUs, release build");
-    println!("(client: raw IMAP over tokio in this process; proxy: `mailproxy serve`, RUST_LOG={})", o.proxy_log);
+    println!(
+        "(client: raw IMAP over tokio in this process; proxy: `mailproxy serve`, RUST_LOG={})",
+        o.proxy_log
+    );
 
     if !fetch.is_empty() {
         let (bytes, msgs) = mailbox.unwrap_or((0, 0));
@@ -907,7 +1031,12 @@ fn print_report(
         }
         for f in fetch {
             let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ");
-            println!("   runs {}: direct [{}]  proxy [{}]", f.label, fmt(&f.direct_mbps), fmt(&f.proxy_mbps));
+            println!(
+                "   runs {}: direct [{}]  proxy [{}]",
+                f.label,
+                fmt(&f.direct_mbps),
+                fmt(&f.proxy_mbps)
+            );
         }
         println!("   (direct imaps: client TLS to Dovecot imaps; proxy imaps: client plain to proxy, proxy TLS to Dovecot imaps;");
         println!("    direct plain: client to Dovecot imap port; proxy plain: upstream imap://127.0.0.1)");
@@ -1013,7 +1142,10 @@ fn print_report(
 /// Thousands of sockets here, in the proxy and in Dovecot (they inherit it).
 fn raise_nofile() {
     unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
@@ -1054,21 +1186,54 @@ async fn run(o: Opts) -> io::Result<()> {
         tokio::task::block_in_place(|| fill_mailbox(&w.env, 20, 10 * 1024));
     }
     tokio::task::block_in_place(|| w.start_proxy());
-    w.warm_proxy().await?;
     progress!("proxy listening on {}", w.proxy().imap_port());
 
-    let fetch = match (o.fetch, mailbox) {
-        (true, Some((bytes, n))) => bench_fetch(&w, &o, bytes, n).await?,
-        _ => vec![],
+    let sections = async {
+        w.warm_proxy().await?;
+        let fetch = match (o.fetch, mailbox) {
+            (true, Some((bytes, n))) => bench_fetch(&w, &o, bytes, n).await?,
+            _ => vec![],
+        };
+        let login = if o.login { bench_login(&w, &o).await? } else { vec![] };
+        let conc = if o.concurrent {
+            tokio::task::block_in_place(|| rt_block(bench_concurrent(&mut w, &o)))?
+        } else {
+            vec![]
+        };
+        let mem = if o.memory {
+            tokio::task::block_in_place(|| rt_block(bench_memory(&mut w, &o)))?
+        } else {
+            vec![]
+        };
+        io::Result::Ok((fetch, login, conc, mem))
     };
-    let login = if o.login { bench_login(&w, &o).await? } else { vec![] };
-    let conc = if o.concurrent { tokio::task::block_in_place(|| rt_block(bench_concurrent(&mut w, &o)))? } else { vec![] };
-    let mem = if o.memory { tokio::task::block_in_place(|| rt_block(bench_memory(&mut w, &o)))? } else { vec![] };
+    let (fetch, login, conc, mem) = match sections.await {
+        Ok(r) => r,
+        Err(e) => {
+            let logs = w.proxy.as_ref().map(|p| p.logs()).unwrap_or_default();
+            let tail: Vec<&str> = logs.lines().rev().take(30).collect();
+            eprintln!("--- last mailproxy log lines ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+            let dlog = w.env.dovecot.log();
+            let dtail: Vec<&str> = dlog.lines().rev().take(20).collect();
+            eprintln!("--- last Dovecot log lines ---");
+            for l in dtail.iter().rev() {
+                eprintln!("{l}");
+            }
+            return Err(e);
+        }
+    };
     let total = START.get().unwrap().elapsed();
     print_report(&o, mailbox, &fetch, &login, &conc, &mem, total);
     // The proxy's own log, if something went wrong there, helps; keep it short.
     let logs = w.proxy.as_ref().map(|p| p.logs()).unwrap_or_default();
-    let errors: Vec<&str> = logs.lines().filter(|l| l.contains("ERROR") || l.contains("WARN")).take(5).collect();
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+        .take(5)
+        .collect();
     if !errors.is_empty() {
         eprintln!("mailproxy warnings/errors (first 5):\n{}", errors.join("\n"));
     }

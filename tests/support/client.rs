@@ -8,9 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
-};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -24,11 +22,7 @@ pub enum Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -37,11 +31,7 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -69,9 +59,7 @@ pub async fn tls_handshake(
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
 }
 
 /// A buffered line-oriented connection.
@@ -109,11 +97,7 @@ impl LineConn {
     }
 
     /// Implicit TLS to `127.0.0.1:port`, verifying the certificate for `server_name`.
-    pub async fn tls(
-        port: u16,
-        config: Arc<rustls::ClientConfig>,
-        server_name: &str,
-    ) -> std::io::Result<LineConn> {
+    pub async fn tls(port: u16, config: Arc<rustls::ClientConfig>, server_name: &str) -> std::io::Result<LineConn> {
         let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
         tcp.set_nodelay(true)?;
         let tls = tls_handshake(tcp, config, server_name).await?;
@@ -124,11 +108,7 @@ impl LineConn {
 
     /// Upgrades a plain connection after a successful STARTTLS/STLS exchange.
     /// Panics if the server already sent bytes past its STARTTLS reply (injection).
-    pub async fn starttls(
-        self,
-        config: Arc<rustls::ClientConfig>,
-        server_name: &str,
-    ) -> std::io::Result<LineConn> {
+    pub async fn starttls(self, config: Arc<rustls::ClientConfig>, server_name: &str) -> std::io::Result<LineConn> {
         assert!(
             self.inner.buffer().is_empty(),
             "server sent data after the STARTTLS response"
@@ -180,9 +160,7 @@ impl LineConn {
                 "connection closed",
             ));
         }
-        Ok(String::from_utf8_lossy(&raw)
-            .trim_end_matches(['\r', '\n'])
-            .to_string())
+        Ok(String::from_utf8_lossy(&raw).trim_end_matches(['\r', '\n']).to_string())
     }
 
     /// Reads exactly `n` bytes.
@@ -272,10 +250,7 @@ pub fn xoauth2_b64(user: &str, token: &str) -> String {
 
 /// SASL OAUTHBEARER (RFC 7628) initial response, base64.
 pub fn oauthbearer_b64(user: &str, token: &str, host: &str, port: u16) -> String {
-    b64(
-        format!("n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01")
-            .as_bytes(),
-    )
+    b64(format!("n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01").as_bytes())
 }
 
 /// SASL PLAIN initial response, base64.

@@ -23,9 +23,7 @@ const MAIL_GID: u32 = 65534;
 /// Panics with install instructions if Dovecot is missing: tests never skip silently.
 pub fn require_dovecot() {
     if !Path::new(DOVECOT_BIN).exists() {
-        panic!(
-            "dovecot is not installed: run scripts/test (it installs it) or scripts/install-deps"
-        );
+        panic!("dovecot is not installed: run scripts/test (it installs it) or scripts/install-deps");
     }
 }
 
@@ -326,11 +324,7 @@ submission_relay_ssl = no
         match d.wait_ready(Duration::from_secs(15)) {
             Ok(()) => Ok(d),
             Err(e) => {
-                let log = format!(
-                    "{e}\n--- stderr ---\n{}\n--- log ---\n{}",
-                    d.stderr(),
-                    d.log()
-                );
+                let log = format!("{e}\n--- stderr ---\n{}\n--- log ---\n{}", d.stderr(), d.log());
                 let retry = log.contains("Address already in use");
                 d.stop();
                 Err((retry, log))
@@ -404,13 +398,7 @@ submission_relay_ssl = no
     pub fn maildir(&self, user: &str) -> PathBuf {
         let home = self.dir.path().join("home").join(user);
         let md = home.join("Maildir");
-        for p in [
-            home.clone(),
-            md.clone(),
-            md.join("cur"),
-            md.join("new"),
-            md.join("tmp"),
-        ] {
+        for p in [home.clone(), md.clone(), md.join("cur"), md.join("new"), md.join("tmp")] {
             if !p.exists() {
                 std::fs::create_dir_all(&p).unwrap();
                 chown(&p, Some(MAIL_UID), Some(MAIL_GID)).unwrap();
@@ -450,11 +438,7 @@ submission_relay_ssl = no
         let md = self.maildir(user);
         ["new", "cur"]
             .iter()
-            .map(|d| {
-                std::fs::read_dir(md.join(d))
-                    .map(|r| r.count())
-                    .unwrap_or(0)
-            })
+            .map(|d| std::fs::read_dir(md.join(d)).map(|r| r.count()).unwrap_or(0))
             .sum()
     }
 
@@ -486,9 +470,7 @@ submission_relay_ssl = no
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
                 _ => {
                     // Still up (e.g. it forked something late): kill what is left.
                     for pid in child_pids(master) {
@@ -574,9 +556,7 @@ fn probe(port: u16, greeting: Option<&str>) -> std::io::Result<()> {
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line)?;
         if !line.starts_with(g) {
-            return Err(std::io::Error::other(format!(
-                "unexpected greeting {line:?}"
-            )));
+            return Err(std::io::Error::other(format!("unexpected greeting {line:?}")));
         }
     }
     Ok(())

@@ -40,9 +40,7 @@ impl Request {
 
     /// Header value by case-insensitive name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(&name.to_ascii_lowercase())
-            .map(|s| s.as_str())
+        self.headers.get(&name.to_ascii_lowercase()).map(|s| s.as_str())
     }
 
     /// Credentials from an `Authorization: Basic` header. Per RFC 6749 §2.3.1 both
@@ -53,9 +51,7 @@ impl Request {
         if !scheme.eq_ignore_ascii_case("basic") {
             return None;
         }
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(rest.trim())
-            .ok()?;
+        let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
         let raw = String::from_utf8(raw).ok()?;
         let (u, p) = raw.split_once(':')?;
         Some((percent_decode(u), percent_decode(p)))
@@ -106,10 +102,7 @@ pub async fn read_request<R: tokio::io::AsyncRead + Unpin>(stream: R) -> Option<
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.ok()?;
     let (path, query) = match target.split_once('?') {
@@ -225,19 +218,13 @@ impl ClientResponse {
 
     /// Body parsed as JSON (panics if it is not JSON).
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", self.text()))
     }
 }
 
 /// Blocking HTTP/1.1 request over plain TCP (http:// URLs only; no redirects followed).
 /// `headers` are sent verbatim; `Content-Length` is added when `body` is non-empty.
-pub fn request(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<ClientResponse, String> {
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<ClientResponse, String> {
     let u = url::Url::parse(url).map_err(|e| format!("bad url {url}: {e}"))?;
     if u.scheme() != "http" {
         return Err(format!("only http:// supported: {url}"));
@@ -309,10 +296,7 @@ fn parse_response(raw: &[u8]) -> Result<ClientResponse, String> {
         }
     }
     let mut body = raw[end + 4..].to_vec();
-    if let Some(len) = headers
-        .get("content-length")
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Some(len) = headers.get("content-length").and_then(|v| v.parse::<usize>().ok()) {
         body.truncate(len);
     } else if headers
         .get("transfer-encoding")
@@ -320,19 +304,14 @@ fn parse_response(raw: &[u8]) -> Result<ClientResponse, String> {
     {
         body = dechunk(&body);
     }
-    Ok(ClientResponse {
-        status,
-        headers,
-        body,
-    })
+    Ok(ClientResponse { status, headers, body })
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(pos) = b.windows(2).position(|w| w == b"\r\n") {
         let size_str = String::from_utf8_lossy(&b[..pos]);
-        let size =
-            usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
         if size == 0 || b.len() < pos + 2 + size {
             break;
         }
@@ -358,15 +337,9 @@ pub fn post_form(url: &str, pairs: &[(&str, &str)]) -> Result<ClientResponse, St
 }
 
 /// Blocking form POST with HTTP Basic client authentication (RFC 6749 §2.3.1 encoding).
-pub fn post_form_basic(
-    url: &str,
-    user: &str,
-    pass: &str,
-    pairs: &[(&str, &str)],
-) -> Result<ClientResponse, String> {
+pub fn post_form_basic(url: &str, user: &str, pass: &str, pairs: &[(&str, &str)]) -> Result<ClientResponse, String> {
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let cred =
-        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", enc(user), enc(pass)));
+    let cred = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", enc(user), enc(pass)));
     let auth = format!("Basic {cred}");
     request(
         "POST",

@@ -178,9 +178,7 @@ impl Proxy {
         loop {
             for line in p.stdout_lines.lock().unwrap().iter() {
                 let mut parts = line.split_whitespace();
-                if let (Some("listening"), Some(proto), Some(addr)) =
-                    (parts.next(), parts.next(), parts.next())
-                {
+                if let (Some("listening"), Some(proto), Some(addr)) = (parts.next(), parts.next(), parts.next()) {
                     let addr: SocketAddr = addr.parse().unwrap();
                     match proto {
                         "imap" => p.imap = Some(addr),
@@ -253,8 +251,7 @@ impl Proxy {
 
     /// Resident memory of the proxy process in KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         s.lines()
             .find(|l| l.starts_with("VmRSS:"))
             .and_then(|l| l.split_whitespace().nth(1))

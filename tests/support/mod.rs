@@ -41,10 +41,7 @@ impl Env {
     }
 
     /// Like [`Env::start`], letting the caller adjust the Dovecot options.
-    pub fn start_with(
-        password_users: &[(&str, &str)],
-        tweak: impl FnOnce(&mut DovecotOptions),
-    ) -> Env {
+    pub fn start_with(password_users: &[(&str, &str)], tweak: impl FnOnce(&mut DovecotOptions)) -> Env {
         let provider = FakeProvider::start();
         let sink = SmtpSink::start();
         let mut opts = DovecotOptions {

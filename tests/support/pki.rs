@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 
 /// Names every server leaf is valid for.
@@ -81,27 +81,14 @@ impl TestCa {
         self.leaf(name, names, (2020, 1, 1), (2100, 1, 1))
     }
 
-    fn leaf(
-        &self,
-        name: &str,
-        names: &[&str],
-        not_before: (i32, u8, u8),
-        not_after: (i32, u8, u8),
-    ) -> PemPair {
+    fn leaf(&self, name: &str, names: &[&str], not_before: (i32, u8, u8), not_after: (i32, u8, u8)) -> PemPair {
         let key = KeyPair::generate().expect("generate leaf key");
         let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("leaf params");
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("leaf params");
         let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            names.first().copied().unwrap_or("localhost"),
-        );
+        dn.push(DnType::CommonName, names.first().copied().unwrap_or("localhost"));
         params.distinguished_name = dn;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = date_time_ymd(not_before.0, not_before.1, not_before.2);
@@ -119,13 +106,7 @@ impl TestCa {
 /// A self-signed `localhost` leaf that no test client trusts.
 pub fn self_signed_leaf(dir: &Path, name: &str) -> PemPair {
     let key = KeyPair::generate().expect("generate key");
-    let params = CertificateParams::new(
-        SERVER_NAMES
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
+    let params = CertificateParams::new(SERVER_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     let cert = params.self_signed(&key).expect("self-sign");
     write_pair(dir, name, cert.pem(), key.serialize_pem())
 }
@@ -137,13 +118,11 @@ pub fn client_config_trusting(ca_pem: &str) -> Arc<rustls::ClientConfig> {
     for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.expect("parse CA PEM")).expect("add root");
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Arc::new(cfg)
 }
 
@@ -153,16 +132,13 @@ pub fn server_config(pair: &PemPair) -> Arc<rustls::ServerConfig> {
     let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .expect("parse cert PEM");
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes())
-        .expect("parse key PEM");
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .expect("server config");
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes()).expect("parse key PEM");
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
     Arc::new(cfg)
 }
 

@@ -47,6 +47,5 @@ pub fn spawn_tied_to_process(mut cmd: Command, signal: libc::c_int) -> io::Resul
     let (rtx, rrx) = mpsc::channel();
     tx.send((cmd, rtx))
         .map_err(|_| io::Error::other("spawner thread gone"))?;
-    rrx.recv()
-        .map_err(|_| io::Error::other("spawner thread gone"))?
+    rrx.recv().map_err(|_| io::Error::other("spawner thread gone"))?
 }

@@ -75,10 +75,7 @@ impl ClientReg {
         match url::Url::parse(uri) {
             Ok(u) => {
                 u.scheme() == "http"
-                    && matches!(
-                        u.host_str(),
-                        Some("127.0.0.1") | Some("localhost") | Some("[::1]")
-                    )
+                    && matches!(u.host_str(), Some("127.0.0.1") | Some("localhost") | Some("[::1]"))
                     && u.fragment().is_none()
             }
             Err(_) => false,
@@ -410,11 +407,7 @@ impl FakeProvider {
     fn set_device_status(&self, user_code: &str, s: DeviceStatus) -> bool {
         let norm = |c: &str| c.replace('-', "").to_ascii_uppercase();
         let mut st = self.st();
-        match st
-            .devices
-            .values_mut()
-            .find(|d| norm(&d.user_code) == norm(user_code))
-        {
+        match st.devices.values_mut().find(|d| norm(&d.user_code) == norm(user_code)) {
             Some(d) => {
                 d.status = s;
                 true
@@ -551,11 +544,7 @@ pub fn approve_in_browser_blocking(auth_url: &str) -> Result<(u16, String), Stri
             r.text()
         ));
     }
-    let loc = r
-        .headers
-        .get("location")
-        .ok_or("redirect without Location")?
-        .clone();
+    let loc = r.headers.get("location").ok_or("redirect without Location")?.clone();
     let r2 = http::get(&loc)?;
     Ok((r2.status, r2.text()))
 }
@@ -568,17 +557,11 @@ pub fn pkce_challenge(verifier: &str) -> String {
 fn random_token(prefix: &str, bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::thread_rng().fill_bytes(&mut b);
-    format!(
-        "{prefix}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
-    )
+    format!("{prefix}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 fn new_refresh(st: &mut State, user: &str, scope: &str, client_id: &str) -> String {
@@ -595,13 +578,7 @@ fn new_refresh(st: &mut State, user: &str, scope: &str, client_id: &str) -> Stri
     t
 }
 
-fn new_access(
-    st: &mut State,
-    user: &str,
-    scope: &str,
-    client_id: &str,
-    refresh: Option<String>,
-) -> String {
+fn new_access(st: &mut State, user: &str, scope: &str, client_id: &str, refresh: Option<String>) -> String {
     let t = random_token("at-", 32);
     let ttl = st.access_ttl;
     st.access.insert(
@@ -624,15 +601,10 @@ fn ttl_secs(d: Duration) -> u64 {
 }
 
 fn oauth_error(status: u16, error: &str, desc: &str) -> Response {
-    let mut r = Response::json(
-        status,
-        &json!({ "error": error, "error_description": desc }),
-    );
+    let mut r = Response::json(status, &json!({ "error": error, "error_description": desc }));
     if status == 401 {
-        r.headers.push((
-            "WWW-Authenticate".into(),
-            "Basic realm=\"fake-oauth\"".into(),
-        ));
+        r.headers
+            .push(("WWW-Authenticate".into(), "Basic realm=\"fake-oauth\"".into()));
     }
     r
 }
@@ -665,9 +637,7 @@ async fn route(req: &Request, st: &Arc<Mutex<State>>, base: &str) -> Response {
         ("GET", "/device/verify") => Response::html(200, "Enter the code shown on your device."),
         ("POST", "/introspect") | ("GET", "/introspect") => introspect(req, &mut lock(st)),
         ("POST", "/revoke") => revoke(req, &mut lock(st)),
-        (_, "/authorize" | "/token" | "/device" | "/revoke") => {
-            Response::html(405, "method not allowed")
-        }
+        (_, "/authorize" | "/token" | "/device" | "/revoke") => Response::html(405, "method not allowed"),
         _ => Response::html(404, "not found"),
     }
 }
@@ -736,11 +706,7 @@ fn authorize(req: &Request, st: &mut State) -> Response {
 
 /// Authenticates the client of a token/revoke request: Basic header or body params.
 /// Returns the client or a ready-made `invalid_client` error.
-fn authenticate_client(
-    req: &Request,
-    form: &HashMap<String, String>,
-    st: &State,
-) -> Result<ClientReg, Response> {
+fn authenticate_client(req: &Request, form: &HashMap<String, String>, st: &State) -> Result<ClientReg, Response> {
     let (id, secret) = match req.basic_auth() {
         Some((id, secret)) => (id, Some(secret)),
         None => (
@@ -835,13 +801,7 @@ fn token(req: &Request, st: &mut State) -> Response {
                 );
             }
             let refresh = new_refresh(st, &g.user, &g.scope, &client.client_id);
-            let access = new_access(
-                st,
-                &g.user,
-                &g.scope,
-                &client.client_id,
-                Some(refresh.clone()),
-            );
+            let access = new_access(st, &g.user, &g.scope, &client.client_id, Some(refresh.clone()));
             st.code_exchanges += 1;
             token_success(st, &access, Some(&refresh), &g.scope)
         }
@@ -858,11 +818,7 @@ fn token(req: &Request, st: &mut State) -> Response {
                 );
             }
             if r.client_id != client.client_id {
-                return oauth_error(
-                    400,
-                    "invalid_grant",
-                    "Refresh token was issued to another client.",
-                );
+                return oauth_error(400, "invalid_grant", "Refresh token was issued to another client.");
             }
             let scope = match form.get("scope") {
                 Some(s) if !s.is_empty() => s.clone(),
@@ -885,22 +841,14 @@ fn token(req: &Request, st: &mut State) -> Response {
                 return oauth_error(400, "invalid_grant", "Unknown device_code.");
             };
             if d.client_id != client.client_id {
-                return oauth_error(
-                    400,
-                    "invalid_grant",
-                    "device_code was issued to another client.",
-                );
+                return oauth_error(400, "invalid_grant", "device_code was issued to another client.");
             }
             if d.expires < Instant::now() {
                 return oauth_error(400, "expired_token", "The device_code has expired.");
             }
             if st.slow_down_polls > 0 {
                 st.slow_down_polls -= 1;
-                return oauth_error(
-                    400,
-                    "slow_down",
-                    "Polling too fast; add 5 seconds to the interval.",
-                );
+                return oauth_error(400, "slow_down", "Polling too fast; add 5 seconds to the interval.");
             }
             if d.redeemed {
                 return oauth_error(400, "invalid_grant", "device_code was already redeemed.");
@@ -911,21 +859,13 @@ fn token(req: &Request, st: &mut State) -> Response {
                     "authorization_pending",
                     "The user has not yet completed authorization.",
                 ),
-                DeviceStatus::Denied => oauth_error(
-                    400,
-                    "access_denied",
-                    "The end-user denied the authorization request.",
-                ),
+                DeviceStatus::Denied => {
+                    oauth_error(400, "access_denied", "The end-user denied the authorization request.")
+                }
                 DeviceStatus::Approved(user) => {
                     st.devices.get_mut(&dc).unwrap().redeemed = true;
                     let refresh = new_refresh(st, &user, &d.scope, &client.client_id);
-                    let access = new_access(
-                        st,
-                        &user,
-                        &d.scope,
-                        &client.client_id,
-                        Some(refresh.clone()),
-                    );
+                    let access = new_access(st, &user, &d.scope, &client.client_id, Some(refresh.clone()));
                     token_success(st, &access, Some(&refresh), &d.scope)
                 }
             }
@@ -1028,8 +968,7 @@ fn introspect(req: &Request, st: &mut State) -> Response {
 fn revoke(req: &Request, st: &mut State) -> Response {
     let form = req.form();
     let tok = form.get("token").cloned().unwrap_or_default();
-    st.revocations
-        .push((tok.clone(), form.get("token_type_hint").cloned()));
+    st.revocations.push((tok.clone(), form.get("token_type_hint").cloned()));
     if tok.is_empty() {
         return oauth_error(400, "invalid_request", "token missing");
     }

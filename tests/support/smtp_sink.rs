@@ -29,11 +29,7 @@ impl ReceivedMessage {
     pub fn data_without_trace(&self) -> Vec<u8> {
         let mut rest: &[u8] = &self.data;
         loop {
-            let lower = rest
-                .iter()
-                .take(12)
-                .map(|b| b.to_ascii_lowercase())
-                .collect::<Vec<_>>();
+            let lower = rest.iter().take(12).map(|b| b.to_ascii_lowercase()).collect::<Vec<_>>();
             if !(lower.starts_with(b"received:") || lower.starts_with(b"return-path:")) {
                 return rest.to_vec();
             }
@@ -136,12 +132,7 @@ impl SmtpSink {
                     msgs.len()
                 );
             }
-            msgs = self
-                .shared
-                .cond
-                .wait_timeout(msgs, deadline - now)
-                .unwrap()
-                .0;
+            msgs = self.shared.cond.wait_timeout(msgs, deadline - now).unwrap().0;
         }
         msgs.clone()
     }
@@ -188,16 +179,13 @@ fn strip_path(arg: &str) -> String {
     // "FROM:<a@b> SIZE=12" -> "a@b"
     let after = arg.split_once(':').map(|x| x.1).unwrap_or("").trim_start();
     let path = after.split_whitespace().next().unwrap_or("");
-    path.trim_start_matches('<')
-        .trim_end_matches('>')
-        .to_string()
+    path.trim_start_matches('<').trim_end_matches('>').to_string()
 }
 
 async fn serve(sock: tokio::net::TcpStream, sh: Arc<Shared>) -> std::io::Result<()> {
     let (rd, mut wr) = sock.into_split();
     let mut rd = BufReader::new(rd);
-    wr.write_all(b"220 sink.localhost ESMTP test sink\r\n")
-        .await?;
+    wr.write_all(b"220 sink.localhost ESMTP test sink\r\n").await?;
     let mut helo = String::new();
     let mut from: Option<String> = None;
     let mut rcpts: Vec<String> = Vec::new();
@@ -268,13 +256,7 @@ async fn serve(sock: tokio::net::TcpStream, sh: Arc<Shared>) -> std::io::Result<
                         }
                         data.extend_from_slice(&l);
                     }
-                    store(
-                        &sh,
-                        &helo,
-                        from.take().unwrap(),
-                        std::mem::take(&mut rcpts),
-                        data,
-                    );
+                    store(&sh, &helo, from.take().unwrap(), std::mem::take(&mut rcpts), data);
                     "250 2.0.0 OK queued\r\n".into()
                 }
             }

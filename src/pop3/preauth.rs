@@ -1,0 +1,1034 @@
+//! Sans-I/O state machine for the local POP3 session before login
+//! (AUTHORIZATION state, RFC 1939 §4).
+//!
+//! The driver feeds client bytes with [`PreAuth::feed`], calls
+//! [`PreAuth::poll`] until it returns `None` (needs more input) or an
+//! [`Event`], and after *every* `new`/`feed`/`poll`/`login_failed` call writes
+//! [`PreAuth::take_output`] to the client *before* acting on an event.
+//!
+//! Security properties:
+//! * bounded memory: the input buffer never exceeds [`PreAuth::max_buffer`];
+//!   an over-long line closes the connection (`-ERR Line too long`);
+//! * after `STLS` everything buffered (pipelined plaintext) is discarded;
+//! * while a login is outstanding nothing else is processed, and the bytes
+//!   after the login command are handed over verbatim by `into_pending_input`;
+//! * buffers holding client input are zeroized when consumed or dropped.
+
+use std::fmt;
+
+use zeroize::{Zeroize, Zeroizing};
+
+use super::command::{self, Command};
+use crate::imap::framing::strip_eol;
+use crate::sasl::{self, SaslError};
+
+/// After this many consecutive `-ERR` replies the connection is closed.
+pub const MAX_CONSECUTIVE_BAD: u32 = 20;
+
+/// Slack above one maximal line that [`PreAuth::feed`] accepts: the driver
+/// may feed at most this much per `feed` call (read in chunks ≤ 64 KiB).
+pub const FEED_SLACK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreAuthConfig {
+    /// Local TLS is configured and not yet active on this connection (plain
+    /// port with STLS). When true, USER/PASS/AUTH are refused until STLS has
+    /// completed.
+    pub starttls: bool,
+    /// Longest accepted command line, excluding CRLF.
+    pub max_line: usize,
+}
+
+impl Default for PreAuthConfig {
+    fn default() -> Self {
+        PreAuthConfig {
+            starttls: false,
+            max_line: 8 * 1024,
+        }
+    }
+}
+
+/// Something the driver must act on.
+pub enum Event {
+    /// A client wants to log in (`USER`+`PASS` or `AUTH PLAIN`). The driver
+    /// verifies the credentials / authenticates upstream, then either calls
+    /// [`PreAuth::login_failed`] or, on success, writes `+OK Logged in\r\n`
+    /// itself and forwards [`PreAuth::into_pending_input`] upstream.
+    Login {
+        username: Zeroizing<String>,
+        password: Zeroizing<String>,
+    },
+    /// Output holds `+OK Begin TLS negotiation`; all input buffered after
+    /// the STLS line has been discarded. Flush, do the TLS handshake, then
+    /// call [`PreAuth::starttls_done`].
+    StartTls,
+    /// Output holds `+OK Bye`; flush and close.
+    Quit,
+    /// Fatal protocol error; output holds `-ERR <reason>`; flush and close.
+    Close,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Login { .. } => f
+                .debug_struct("Login")
+                .field("username", &"<redacted>")
+                .field("password", &"<redacted>")
+                .finish(),
+            Event::StartTls => f.write_str("StartTls"),
+            Event::Quit => f.write_str("Quit"),
+            Event::Close => f.write_str("Close"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading commands.
+    Commands,
+    /// `AUTH PLAIN` sent `+ `; the next line is the SASL response.
+    AuthPlain,
+    /// An `Event::Login` is outstanding.
+    LoginPending,
+    /// An `Event::StartTls` is outstanding; input is discarded.
+    AwaitTls,
+    /// Quit/Close happened; input is discarded.
+    Done,
+}
+
+/// Input buffer whose contents are zeroized when consumed, reallocated or
+/// dropped (it may hold passwords).
+struct SecretBuf(Vec<u8>);
+
+impl SecretBuf {
+    /// Append, growing geometrically but never beyond `max(needed, limit)`.
+    fn extend(&mut self, bytes: &[u8], limit: usize) {
+        let needed = self.0.len() + bytes.len();
+        if needed > self.0.capacity() {
+            let target = (self.0.capacity() * 2).max(512).min(limit).max(needed);
+            let mut grown = Vec::with_capacity(target);
+            grown.extend_from_slice(&self.0);
+            self.0.zeroize();
+            self.0 = grown;
+        }
+        self.0.extend_from_slice(bytes);
+    }
+
+    fn consume(&mut self, n: usize) {
+        let len = self.0.len();
+        let n = n.min(len);
+        self.0.copy_within(n..len, 0);
+        self.0[len - n..].zeroize();
+        self.0.truncate(len - n);
+    }
+
+    fn clear(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl Drop for SecretBuf {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// Incremental line finder: remembers how far it searched, so feeding one
+/// byte at a time costs O(total).
+#[derive(Debug, Clone, Copy)]
+struct LineFramer {
+    scanned: usize,
+    max_line: usize,
+}
+
+enum Line {
+    Incomplete,
+    /// `buf[..len]` is one line including its LF.
+    Complete(usize),
+    TooLong,
+}
+
+impl LineFramer {
+    fn scan(&mut self, buf: &[u8]) -> Line {
+        let from = self.scanned.min(buf.len());
+        match buf[from..].iter().position(|&b| b == b'\n') {
+            Some(off) => {
+                let len = from + off + 1;
+                self.scanned = 0;
+                if strip_eol(&buf[..len]).len() > self.max_line {
+                    Line::TooLong
+                } else {
+                    Line::Complete(len)
+                }
+            }
+            None => {
+                self.scanned = buf.len();
+                // Allow one extra byte for a CR that may precede LF.
+                if buf.len() > self.max_line.saturating_add(1) {
+                    Line::TooLong
+                } else {
+                    Line::Incomplete
+                }
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.scanned = 0;
+    }
+}
+
+/// The pre-authentication POP3 state machine. See the module documentation.
+pub struct PreAuth {
+    cfg: PreAuthConfig,
+    tls_active: bool,
+    framer: LineFramer,
+    buf: SecretBuf,
+    out: Vec<u8>,
+    state: State,
+    /// From `USER`, waiting for `PASS`.
+    user: Option<Zeroizing<String>>,
+    bad_count: u32,
+    overflow: bool,
+}
+
+impl fmt::Debug for PreAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreAuth")
+            .field("cfg", &self.cfg)
+            .field("tls_active", &self.tls_active)
+            .field("state", &self.state)
+            .field("user_given", &self.user.is_some())
+            .field("buffered", &self.buf.0.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// Refusal of plaintext credentials before STLS (wording as Dovecot's).
+const NEED_TLS: &str = "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections; use STLS first";
+
+impl PreAuth {
+    /// Create the state machine; the greeting is queued in the output.
+    pub fn new(cfg: PreAuthConfig) -> Self {
+        let mut p = PreAuth {
+            cfg,
+            tls_active: false,
+            framer: LineFramer {
+                scanned: 0,
+                max_line: cfg.max_line,
+            },
+            buf: SecretBuf(Vec::new()),
+            out: Vec::new(),
+            state: State::Commands,
+            user: None,
+            bad_count: 0,
+            overflow: false,
+        };
+        p.push_line("+OK mailproxy ready");
+        p
+    }
+
+    /// The capability lines currently advertised by `CAPA`.
+    pub fn capabilities(&self) -> Vec<&'static str> {
+        let mut caps = vec![
+            "USER",
+            "SASL PLAIN",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            "TOP",
+            "UIDL",
+            "PIPELINING",
+        ];
+        if self.starttls_available() {
+            caps.push("STLS");
+        }
+        caps.push("IMPLEMENTATION mailproxy");
+        caps
+    }
+
+    fn starttls_available(&self) -> bool {
+        self.cfg.starttls && !self.tls_active
+    }
+
+    /// Hard upper bound on buffered input.
+    pub fn max_buffer(&self) -> usize {
+        self.cfg.max_line.saturating_add(2).saturating_add(FEED_SLACK)
+    }
+
+    /// Number of client bytes currently buffered.
+    pub fn buffered_len(&self) -> usize {
+        self.buf.0.len()
+    }
+
+    /// Whether the driver should read more client input now. False while a
+    /// `Login`/`StartTls` event is outstanding and after `Quit`/`Close`.
+    pub fn wants_input(&self) -> bool {
+        matches!(self.state, State::Commands | State::AuthPlain)
+            && !self.overflow
+            && self.buf.0.len() < self.max_buffer()
+    }
+
+    /// True if input beyond [`Self::max_buffer`] was fed (the excess was
+    /// dropped); the next `poll` returns `Close`.
+    pub fn input_overflowed(&self) -> bool {
+        self.overflow
+    }
+
+    /// Append client bytes. Never buffers more than [`Self::max_buffer`];
+    /// bytes fed while waiting for the TLS handshake or after the session
+    /// ended are discarded.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if matches!(self.state, State::AwaitTls | State::Done) || self.overflow {
+            return;
+        }
+        let limit = self.max_buffer();
+        let room = limit.saturating_sub(self.buf.0.len());
+        if bytes.len() > room {
+            self.overflow = true;
+            self.buf.extend(&bytes[..room], limit);
+        } else {
+            self.buf.extend(bytes, limit);
+        }
+    }
+
+    /// Process buffered input until an event occurs or more input is needed.
+    pub fn poll(&mut self) -> Option<Event> {
+        loop {
+            match self.state {
+                State::Commands | State::AuthPlain => {}
+                State::LoginPending | State::AwaitTls | State::Done => return None,
+            }
+            if self.overflow {
+                return Some(self.fatal("Too much input"));
+            }
+            if self.bad_count >= MAX_CONSECUTIVE_BAD {
+                return Some(self.fatal("Too many invalid commands"));
+            }
+            match self.framer.scan(&self.buf.0) {
+                Line::Incomplete => return None,
+                Line::TooLong => return Some(self.fatal("Line too long")),
+                Line::Complete(len) => {
+                    let line = Zeroizing::new(self.buf.0[..len].to_vec());
+                    self.buf.consume(len);
+                    if let Some(ev) = self.handle(&line) {
+                        return Some(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes to write to the client.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The outstanding login failed because of the credentials: emit
+    /// `-ERR [AUTH] {text}` and resume processing buffered input (call
+    /// `poll` next).
+    pub fn login_failed(&mut self, text: &str) {
+        self.login_failed_code("AUTH", text);
+    }
+
+    /// Like [`Self::login_failed`] with another RFC 3206 response code:
+    /// `SYS/TEMP` (try again later: provider unreachable), `SYS/PERM`
+    /// (a person must act), `IN-USE`, `LOGIN-DELAY`, or `""` for none.
+    pub fn login_failed_code(&mut self, code: &str, text: &str) {
+        let code: String = code
+            .chars()
+            .filter(|c| c.is_ascii_graphic() && *c != ']' && *c != '[')
+            .collect();
+        let text = sanitize(text);
+        let text = if text.trim().is_empty() {
+            "Authentication failed"
+        } else {
+            text.trim()
+        };
+        if code.is_empty() {
+            self.err(&format!("-ERR {text}"));
+        } else {
+            self.err(&format!("-ERR [{code}] {text}"));
+        }
+        if self.state == State::LoginPending {
+            self.state = State::Commands;
+        }
+    }
+
+    /// The local TLS handshake completed: resume reading commands; STLS is
+    /// no longer advertised and logins are allowed.
+    pub fn starttls_done(&mut self) {
+        self.tls_active = true;
+        self.buf.clear();
+        self.framer.reset();
+        self.bad_count = 0;
+        self.user = None;
+        if self.state == State::AwaitTls {
+            self.state = State::Commands;
+        }
+    }
+
+    /// After a successful login: the client bytes received after the login
+    /// command, exactly as received (including a partial command).
+    pub fn into_pending_input(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf.0)
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn push_line(&mut self, line: &str) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    fn ok(&mut self, line: &str) {
+        self.push_line(line);
+        self.bad_count = 0;
+    }
+
+    fn err(&mut self, line: &str) {
+        self.push_line(line);
+        self.bad_count += 1;
+    }
+
+    fn fatal(&mut self, reason: &str) -> Event {
+        self.push_line(&format!("-ERR {reason}, closing connection"));
+        self.state = State::Done;
+        self.buf.clear();
+        self.framer.reset();
+        Event::Close
+    }
+
+    fn login_allowed(&self) -> bool {
+        !self.starttls_available()
+    }
+
+    fn handle(&mut self, line: &[u8]) -> Option<Event> {
+        if self.state == State::AuthPlain {
+            self.state = State::Commands;
+            let resp = strip_eol(line);
+            if resp == b"*" {
+                self.err("-ERR Authentication cancelled");
+                return None;
+            }
+            return self.plain_response(resp);
+        }
+
+        // RFC 1939: PASS is only valid immediately after a successful USER;
+        // any other line ends the USER/PASS sequence.
+        let user = self.user.take();
+        let cmd = match command::parse_command(line) {
+            Ok(c) => c,
+            Err(e) => {
+                self.err(&e.reply);
+                return None;
+            }
+        };
+        match cmd {
+            Command::Capa => {
+                self.ok("+OK Capability list follows");
+                for c in self.capabilities() {
+                    self.push_line(c);
+                }
+                self.push_line(".");
+            }
+            Command::Quit => {
+                self.ok("+OK Bye");
+                self.state = State::Done;
+                self.buf.clear();
+                return Some(Event::Quit);
+            }
+            Command::Stls => {
+                if self.starttls_available() {
+                    self.ok("+OK Begin TLS negotiation");
+                    // Never act on plaintext pipelined before the handshake.
+                    self.buf.clear();
+                    self.framer.reset();
+                    self.user = None;
+                    self.state = State::AwaitTls;
+                    return Some(Event::StartTls);
+                }
+                if self.tls_active {
+                    self.err("-ERR TLS already active");
+                } else {
+                    self.err("-ERR STLS not available");
+                }
+            }
+            Command::User { name } => {
+                if !self.login_allowed() {
+                    self.err(NEED_TLS);
+                    return None;
+                }
+                self.user = Some(name);
+                self.ok("+OK Send PASS");
+            }
+            Command::Pass { password } => {
+                let Some(username) = user else {
+                    self.err("-ERR Send USER first");
+                    return None;
+                };
+                self.state = State::LoginPending;
+                return Some(Event::Login { username, password });
+            }
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => {
+                let Some(mechanism) = mechanism else {
+                    self.ok("+OK Supported mechanisms follow");
+                    self.push_line("PLAIN");
+                    self.push_line(".");
+                    return None;
+                };
+                if mechanism != "PLAIN" {
+                    self.err("-ERR Unsupported authentication mechanism (use PLAIN)");
+                    return None;
+                }
+                if !self.login_allowed() {
+                    self.err(NEED_TLS);
+                    return None;
+                }
+                match initial_response {
+                    Some(ir) => return self.plain_response(ir.as_bytes()),
+                    None => {
+                        self.push_line("+ ");
+                        self.state = State::AuthPlain;
+                    }
+                }
+            }
+            Command::Apop => self.err("-ERR APOP not supported; use USER/PASS or AUTH PLAIN"),
+            Command::Transaction { .. } => self.err("-ERR Not authenticated"),
+            Command::Other { .. } => self.err(command::UNKNOWN),
+        }
+        None
+    }
+
+    fn plain_response(&mut self, b64: &[u8]) -> Option<Event> {
+        match sasl::decode_plain(b64) {
+            Ok((username, password)) => {
+                self.state = State::LoginPending;
+                Some(Event::Login { username, password })
+            }
+            Err(SaslError::AuthzidMismatch) => {
+                self.err("-ERR [AUTH] Authorization identity must be empty or equal to the user name");
+                None
+            }
+            Err(e) => {
+                self.err(&format!("-ERR Invalid AUTH PLAIN response: {e}"));
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPA: &str = "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nRESP-CODES\r\n\
+        AUTH-RESP-CODE\r\nTOP\r\nUIDL\r\nPIPELINING\r\nIMPLEMENTATION mailproxy\r\n.\r\n";
+
+    fn cfg(starttls: bool) -> PreAuthConfig {
+        PreAuthConfig {
+            starttls,
+            ..PreAuthConfig::default()
+        }
+    }
+
+    fn machine(starttls: bool) -> PreAuth {
+        let mut p = PreAuth::new(cfg(starttls));
+        p.take_output();
+        p
+    }
+
+    fn s(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    fn exchange(p: &mut PreAuth, input: &[u8]) -> String {
+        p.feed(input);
+        let ev = p.poll();
+        assert!(ev.is_none(), "unexpected event {ev:?}");
+        s(&p.take_output())
+    }
+
+    fn expect_login(ev: Option<Event>) -> (String, String) {
+        match ev {
+            Some(Event::Login { username, password }) => (username.to_string(), password.to_string()),
+            other => panic!("expected Login, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn greeting_and_capa() {
+        let mut p = PreAuth::new(cfg(false));
+        assert_eq!(s(&p.take_output()), "+OK mailproxy ready\r\n");
+        assert_eq!(exchange(&mut p, b"CAPA\r\n"), CAPA);
+        let mut p = machine(true);
+        assert_eq!(
+            exchange(&mut p, b"capa\r\n"),
+            CAPA.replace("PIPELINING\r\n", "PIPELINING\r\nSTLS\r\n")
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH\r\n"),
+            "+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n"
+        );
+    }
+
+    #[test]
+    fn user_pass_rfc1939_trace() {
+        let mut p = machine(false);
+        assert_eq!(exchange(&mut p, b"USER mrose\r\n"), "+OK Send PASS\r\n");
+        p.feed(b"PASS tanstaaf with spaces \r\n");
+        let (u, pw) = expect_login(p.poll());
+        assert_eq!((u.as_str(), pw.as_str()), ("mrose", "tanstaaf with spaces "));
+        assert_eq!(p.take_output(), b"");
+        assert!(!p.wants_input());
+        p.login_failed("Invalid credentials");
+        assert_eq!(s(&p.take_output()), "-ERR [AUTH] Invalid credentials\r\n");
+        // A failed PASS needs a new USER.
+        assert_eq!(exchange(&mut p, b"PASS again\r\n"), "-ERR Send USER first\r\n");
+        // Any command between USER and PASS ends the sequence.
+        assert_eq!(
+            exchange(&mut p, b"USER a\r\nCAPA\r\nPASS x\r\n"),
+            format!("+OK Send PASS\r\n{CAPA}-ERR Send USER first\r\n")
+        );
+        assert_eq!(
+            exchange(&mut p, b"USER\r\nPASS\r\nPASS \r\n"),
+            "-ERR Syntax: USER name\r\n-ERR Syntax: PASS password\r\n-ERR Syntax: PASS password\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"USER a\r\nPASS\r\n"),
+            "+OK Send PASS\r\n-ERR Syntax: PASS password\r\n"
+        );
+        // Other codes and injected line breaks.
+        p.feed(b"USER a\r\nPASS b\r\n");
+        expect_login(p.poll());
+        p.login_failed_code("SYS/TEMP", "try\r\n+OK later");
+        assert_eq!(
+            s(&p.take_output()),
+            "+OK Send PASS\r\n-ERR [SYS/TEMP] try  +OK later\r\n"
+        );
+        p.feed(b"USER a\r\nPASS b\r\n");
+        expect_login(p.poll());
+        p.login_failed_code("", "");
+        assert_eq!(s(&p.take_output()), "+OK Send PASS\r\n-ERR Authentication failed\r\n");
+    }
+
+    #[test]
+    fn auth_plain_forms() {
+        let mut p = machine(false);
+        p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        let (u, pw) = expect_login(p.poll());
+        assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
+        assert_eq!(p.take_output(), b"");
+        p.login_failed("nope");
+        p.take_output();
+        // RFC 5034 continuation.
+        assert_eq!(exchange(&mut p, b"AUTH PLAIN\r\n"), "+ \r\n");
+        p.feed(b"YWxpY2UAYWxpY2UAc2VjcmV0\r\nSTAT\r\n");
+        let (u, pw) = expect_login(p.poll());
+        assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
+        assert!(p.poll().is_none());
+        assert_eq!(p.take_output(), b"");
+        assert_eq!(p.into_pending_input(), b"STAT\r\n");
+
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN\r\n*\r\n"),
+            "+ \r\n-ERR Authentication cancelled\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN =\r\n"),
+            "-ERR Invalid AUTH PLAIN response: empty SASL response\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN\r\n%%%\r\n"),
+            "+ \r\n-ERR Invalid AUTH PLAIN response: invalid base64 in SASL response\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN YWRtaW4AYWxpY2UAc2VjcmV0\r\n"),
+            "-ERR [AUTH] Authorization identity must be empty or equal to the user name\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH XOAUTH2 dGVzdA==\r\nAUTH CRAM-MD5\r\n"),
+            "-ERR Unsupported authentication mechanism (use PLAIN)\r\n".repeat(2)
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN a b\r\n"),
+            "-ERR Syntax: AUTH [mechanism [initial-response]]\r\n"
+        );
+    }
+
+    #[test]
+    fn commands_before_login() {
+        let mut p = machine(false);
+        for c in [
+            "STAT", "LIST", "RETR 1", "DELE 1", "NOOP", "RSET", "TOP 1 10", "UIDL", "LAST",
+        ] {
+            assert_eq!(
+                exchange(&mut p, format!("{c}\r\n").as_bytes()),
+                "-ERR Not authenticated\r\n",
+                "{c}"
+            );
+        }
+        assert_eq!(
+            exchange(&mut p, b"APOP mrose c4c9334bac560ecc979e58001b3e22fb\r\nXYZZY\r\n\r\n"),
+            "-ERR APOP not supported; use USER/PASS or AUTH PLAIN\r\n\
+             -ERR Unknown command\r\n-ERR Unknown command\r\n"
+        );
+        p.feed(b"QUIT\r\nCAPA\r\n");
+        assert!(matches!(p.poll(), Some(Event::Quit)));
+        assert_eq!(s(&p.take_output()), "+OK Bye\r\n");
+        assert!(p.poll().is_none());
+        assert_eq!(p.buffered_len(), 0);
+        assert!(!p.wants_input());
+    }
+
+    #[test]
+    fn stls_discards_pipelined_plaintext() {
+        let mut p = machine(true);
+        assert_eq!(
+            exchange(&mut p, b"USER alice\r\nAUTH PLAIN\r\n"),
+            format!("{NEED_TLS}\r\n{NEED_TLS}\r\n")
+        );
+        p.feed(b"STLS\r\nUSER evil\r\nPASS injected\r\nST");
+        assert!(matches!(p.poll(), Some(Event::StartTls)));
+        assert_eq!(s(&p.take_output()), "+OK Begin TLS negotiation\r\n");
+        assert_eq!(p.buffered_len(), 0);
+        assert!(!p.wants_input());
+        p.feed(b"PASS injected2\r\n");
+        assert!(p.poll().is_none());
+        p.starttls_done();
+        assert!(p.poll().is_none());
+        assert_eq!(p.take_output(), b"");
+        assert_eq!(exchange(&mut p, b"PASS x\r\n"), "-ERR Send USER first\r\n");
+        assert_eq!(exchange(&mut p, b"CAPA\r\n"), CAPA);
+        assert_eq!(exchange(&mut p, b"STLS\r\n"), "-ERR TLS already active\r\n");
+        p.feed(b"USER alice\r\nPASS secret\r\n");
+        assert_eq!(expect_login(p.poll()).0, "alice");
+        let mut p = machine(false);
+        assert_eq!(exchange(&mut p, b"STLS\r\n"), "-ERR STLS not available\r\n");
+        // USER before STLS does not survive it.
+        let mut p = PreAuth::new(PreAuthConfig {
+            starttls: true,
+            ..cfg(true)
+        });
+        p.take_output();
+        p.feed(b"STLS\r\n");
+        assert!(matches!(p.poll(), Some(Event::StartTls)));
+        p.starttls_done();
+        p.take_output();
+        assert_eq!(exchange(&mut p, b"USER a\r\n"), "+OK Send PASS\r\n");
+    }
+
+    #[test]
+    fn pipelined_after_login_is_handed_over_exactly() {
+        let mut p = machine(false);
+        let after: &[u8] = b"STAT\r\nLIST\r\nRETR 1\r\nUIDL 1\xff\0partial";
+        let mut input = b"CAPA\r\nUSER alice\r\nPASS secret\r\n".to_vec();
+        input.extend_from_slice(after);
+        p.feed(&input);
+        expect_login(p.poll());
+        assert_eq!(s(&p.take_output()), format!("{CAPA}+OK Send PASS\r\n"));
+        assert!(p.poll().is_none());
+        assert_eq!(p.into_pending_input(), after.to_vec());
+    }
+
+    #[test]
+    fn nul_and_invalid_utf8() {
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, b"\0\0\r\nUS\0ER a\r\n\xff\xfe\r\n"),
+            "-ERR Unknown command\r\n".repeat(3)
+        );
+        assert_eq!(
+            exchange(&mut p, b"USER \xc3\x28\r\nUSER a\r\nPASS a\0b\r\n"),
+            "-ERR user name must be valid UTF-8\r\n+OK Send PASS\r\n\
+             -ERR Invalid characters in password\r\n"
+        );
+        assert_eq!(
+            exchange(&mut p, b"AUTH PLAIN AGFs/2ljZQBwdw==\r\n"),
+            "-ERR Invalid AUTH PLAIN response: SASL response is not valid UTF-8\r\n"
+        );
+        assert_eq!(exchange(&mut p, b"CAPA\r\n"), CAPA);
+    }
+
+    #[test]
+    fn ten_megabyte_line_rejected_without_buffering() {
+        let big = vec![b'A'; 10 * 1024 * 1024];
+        let mut p = machine(false);
+        p.feed(&big);
+        assert!(p.buffered_len() <= p.max_buffer());
+        assert!(p.buf.0.capacity() <= p.max_buffer());
+        assert!(matches!(p.poll(), Some(Event::Close)));
+        assert_eq!(s(&p.take_output()), "-ERR Too much input, closing connection\r\n");
+        let mut p = machine(false);
+        let mut fed = 0;
+        let mut closed = false;
+        for chunk in big.chunks(4096) {
+            p.feed(chunk);
+            fed += chunk.len();
+            assert!(p.buffered_len() <= 8 * 1024 + 4096);
+            if let Some(ev) = p.poll() {
+                assert!(matches!(ev, Event::Close));
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed);
+        assert!(fed <= 12 * 1024);
+        assert_eq!(s(&p.take_output()), "-ERR Line too long, closing connection\r\n");
+        p.feed(b"CAPA\r\n");
+        assert!(p.poll().is_none());
+        assert_eq!(p.buffered_len(), 0);
+        // The maximum itself is fine (a long password).
+        let mut p = machine(false);
+        let mut line = b"PASS ".to_vec();
+        line.resize(8 * 1024, b'p');
+        line.extend_from_slice(b"\r\n");
+        p.feed(b"USER a\r\n");
+        p.feed(&line);
+        let (_, pw) = expect_login(p.poll());
+        assert_eq!(pw.len(), 8 * 1024 - 5);
+    }
+
+    #[test]
+    fn too_many_bad_commands_close() {
+        let mut p = machine(false);
+        let mut out = String::new();
+        let mut closed = false;
+        for _ in 0..MAX_CONSECUTIVE_BAD + 5 {
+            p.feed(b"GARBAGE\r\n");
+            let ev = p.poll();
+            out.push_str(&s(&p.take_output()));
+            match ev {
+                None => {}
+                Some(Event::Close) => {
+                    closed = true;
+                    break;
+                }
+                Some(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(closed);
+        assert_eq!(
+            out.matches("-ERR Unknown command\r\n").count(),
+            MAX_CONSECUTIVE_BAD as usize
+        );
+        assert!(out.ends_with("-ERR Too many invalid commands, closing connection\r\n"));
+        let mut p = machine(false);
+        for _ in 0..(MAX_CONSECUTIVE_BAD * 3) {
+            exchange(&mut p, b"GARBAGE\r\nCAPA\r\n");
+        }
+        // Failed logins count too.
+        let mut p = machine(false);
+        let mut closed = false;
+        for _ in 0..MAX_CONSECUTIVE_BAD + 1 {
+            p.feed(b"USER a\r\nPASS b\r\n");
+            match p.poll() {
+                Some(Event::Login { .. }) => p.login_failed("no"),
+                Some(Event::Close) => {
+                    closed = true;
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(!closed, "USER +OK resets the count between attempts");
+    }
+
+    #[test]
+    fn event_debug_redacts() {
+        let mut p = machine(false);
+        p.feed(b"USER alice\r\n");
+        assert!(p.poll().is_none());
+        let d = format!("{p:?}");
+        assert!(!d.contains("alice"), "{d}");
+        p.feed(b"PASS hunter2\r\n");
+        let ev = p.poll().unwrap();
+        let d = format!("{ev:?} {p:?}");
+        assert!(!d.contains("hunter2") && !d.contains("alice"), "{d}");
+    }
+
+    // ---------------------------------------------------------- chunking / fuzz
+
+    fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> (String, Vec<String>) {
+        let mut p = PreAuth::new(cfg);
+        let mut out = s(&p.take_output());
+        let mut events = Vec::new();
+        'outer: for c in chunks {
+            p.feed(c);
+            assert!(p.buffered_len() <= p.max_buffer());
+            loop {
+                let ev = p.poll();
+                out.push_str(&s(&p.take_output()));
+                match ev {
+                    None => break,
+                    Some(Event::Login { username, password }) => {
+                        events.push(format!("login {} {}", *username, *password));
+                        p.login_failed("nope");
+                        out.push_str(&s(&p.take_output()));
+                    }
+                    Some(Event::StartTls) => {
+                        events.push("starttls".into());
+                        p.starttls_done();
+                    }
+                    Some(Event::Quit) => {
+                        events.push("quit".into());
+                        break 'outer;
+                    }
+                    Some(Event::Close) => {
+                        events.push("close".into());
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        (out, events)
+    }
+
+    const SCRIPT: &[u8] = b"CAPA\r\n\
+        USER alice\r\nPASS secret\r\n\
+        USER bob\nPASS two words\n\
+        AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n\
+        AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n\
+        AUTH PLAIN\r\n*\r\n\
+        AUTH\r\n\
+        STAT\r\n\
+        \0bad\r\n\
+        QUIT\r\n";
+
+    #[test]
+    fn byte_at_a_time_equals_all_at_once() {
+        let whole = drive(PreAuthConfig::default(), &[SCRIPT]);
+        assert_eq!(
+            whole.1,
+            vec![
+                "login alice secret",
+                "login bob two words",
+                "login alice secret",
+                "login alice secret",
+                "quit"
+            ]
+        );
+        assert!(whole.0.ends_with("-ERR Unknown command\r\n+OK Bye\r\n"));
+        for chunk in [1, 2, 3, 7, 13, 64] {
+            let bytes: Vec<&[u8]> = SCRIPT.chunks(chunk).collect();
+            assert_eq!(drive(PreAuthConfig::default(), &bytes), whole, "chunk {chunk}");
+        }
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    const TOKENS: &[&[u8]] = &[
+        b"a",
+        b" ",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"USER",
+        b"PASS",
+        b"AUTH",
+        b"PLAIN",
+        b"STLS",
+        b"CAPA",
+        b"QUIT",
+        b"STAT",
+        b"*",
+        b"=",
+        b"+",
+        b".",
+        b"AGFsaWNlAHNlY3JldA==",
+        b"\0",
+        b"\xff",
+    ];
+
+    const COMMANDS: &[&[u8]] = &[
+        b"USER alice\r\n",
+        b"PASS secret\r\n",
+        b"USER bob\r\nPASS x y\r\n",
+        b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+        b"AUTH PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n",
+        b"AUTH PLAIN\r\n*\r\n",
+        b"AUTH\r\n",
+        b"CAPA\r\n",
+        b"STLS\r\n",
+        b"STAT\r\n",
+        b"QUIT\r\n",
+        b"APOP a b\r\n",
+    ];
+
+    #[test]
+    fn random_input_random_chunking_never_panics_and_stays_bounded() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut stats = std::collections::HashMap::new();
+        let small = PreAuthConfig {
+            starttls: true,
+            max_line: 64,
+        };
+        for round in 0..3000 {
+            let mut input = Vec::new();
+            let len = rng.below(400);
+            while input.len() < len {
+                match rng.below(10) {
+                    0 => input.push(rng.next() as u8),
+                    1..=3 => input.extend_from_slice(TOKENS[rng.below(TOKENS.len())]),
+                    _ => {
+                        let mut c = COMMANDS[rng.below(COMMANDS.len())].to_vec();
+                        if rng.below(4) == 0 {
+                            let i = rng.below(c.len());
+                            c[i] = rng.next() as u8;
+                        }
+                        input.extend_from_slice(&c);
+                    }
+                }
+            }
+            let cfg = match round % 3 {
+                0 => small,
+                1 => PreAuthConfig {
+                    starttls: false,
+                    ..small
+                },
+                _ => PreAuthConfig::default(),
+            };
+            let mut chunks = Vec::new();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let n = 1 + rng.below(rest.len().min(50));
+                chunks.push(&rest[..n]);
+                rest = &rest[n..];
+            }
+            let (out, events) = drive(cfg, &chunks);
+            assert!(out.ends_with("\r\n"));
+            for e in &events {
+                *stats.entry(e.split(' ').next().unwrap().to_owned()).or_insert(0) += 1;
+            }
+            if !cfg.starttls {
+                assert_eq!((out, events), drive(cfg, &[&input]), "{input:?}");
+            }
+            let _ = command::parse_command(&input);
+            let _ = super::super::response::parse_response(&input);
+            let _ = super::super::response::find_line(&input, 64);
+            let _ = super::super::response::find_multiline(&input, 64);
+        }
+        for k in ["login", "starttls", "quit", "close"] {
+            assert!(stats.get(k).copied().unwrap_or(0) > 5, "{k}: {stats:?}");
+        }
+    }
+}
