@@ -338,7 +338,8 @@ async fn connection(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
     };
     let r = match l.config.protocol {
         Protocol::Imap => proxy::imap::session(ctx, &l.config, client, starttls).await,
-        Protocol::Smtp | Protocol::Pop3 => Ok(()),
+        Protocol::Smtp => proxy::smtp::session(ctx, &l.config, client, starttls).await,
+        Protocol::Pop3 => proxy::pop3::session(ctx, &l.config, client, starttls).await,
     };
     if let Err(e) = r {
         tracing::debug!(error = %e, "connection ended with an error");

@@ -5,92 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::mailproxy::{oauth_account, Proxy, ProxyDir};
-use support::{client, require_dovecot, sample_message, Env, LineConn};
+use support::mailproxy::{Proxy, ProxyDir};
+use support::{client, sample_message, Env, LineConn};
 
-const ALICE: &str = "alice@example.org";
-const ALICE_PW: &str = "alice local pw";
-const CAROL: &str = "carol@example.org";
-const BOB: &str = "bob@example.org";
-const BOB_PW: &str = "bob-upstream-pw";
-const FRANK: &str = "frank@example.org";
-const FRANK_PW: &str = "frank-upstream-pw";
-
-/// Dovecot + provider + a proxy configured with:
-/// alice (OAuth over imaps), carol (OAuth over STARTTLS), bob (password
-/// passthrough, plain loopback), and a fallback for unknown logins (imaps).
-struct World {
-    env: Env,
-    dir: ProxyDir,
-    proxy: Option<Proxy>,
-}
-
-impl World {
-    fn new() -> World {
-        require_dovecot();
-        let env = Env::start(&[(BOB, BOB_PW), (FRANK, FRANK_PW)]);
-        let dir = ProxyDir::new();
-        let d = &env.dovecot;
-        let mut cfg = dir.header();
-        cfg = cfg.replace(
-            "listen = \"127.0.0.1:0\"\n",
-            &format!(
-                "listen = \"127.0.0.1:0\"\nfallback = \"imaps://localhost:{}\"\n",
-                d.imaps_port
-            ),
-        );
-        cfg = cfg.replace(
-            "[server]\n",
-            &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()),
-        );
-        cfg += &oauth_account(ALICE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port));
-        cfg += &oauth_account(
-            CAROL,
-            &env.provider,
-            d,
-            &format!("imap+starttls://localhost:{}", d.imap_port),
-        );
-        cfg += &format!(
-            "[accounts.\"{BOB}\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:{}\"\n",
-            d.imap_port
-        );
-        dir.write_config(&cfg);
-        World { env, dir, proxy: None }
-    }
-
-    fn authorise(&self, account: &str, pw: &str) {
-        let (st, err) = self.dir.login(account, pw);
-        assert!(st.success(), "mailproxy login failed: {err}");
-    }
-
-    fn start(&mut self) -> u16 {
-        let p = Proxy::start(&self.dir);
-        let port = p.imap_port();
-        self.proxy = Some(p);
-        port
-    }
-
-    fn restart(&mut self) -> u16 {
-        if let Some(mut p) = self.proxy.take() {
-            p.stop();
-        }
-        self.start()
-    }
-
-    fn logs(&self) -> String {
-        self.proxy.as_ref().map(|p| p.logs()).unwrap_or_default()
-    }
-
-    /// Lines Dovecot logged for its login processes (each upstream connection leaves some).
-    fn upstream_logins(&self) -> usize {
-        self.env
-            .dovecot
-            .log()
-            .lines()
-            .filter(|l| l.contains("imap-login:"))
-            .count()
-    }
-}
+use support::world::*;
 
 async fn connect(port: u16) -> LineConn {
     let mut c = LineConn::plain(port).await.unwrap();

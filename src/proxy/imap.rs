@@ -1,21 +1,19 @@
 //! The IMAP session: the pre-auth state machine on the client side, an IMAP
 //! client towards the upstream, and the hand-off between them.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{authorize, Ctx, FailureKind, LoginFailure, Upstream, UpstreamAuth};
+use super::client::{Client, MAX_RESPONSE};
+use super::{authorize, one_line, Ctx, FailureKind, LoginFailure, Upstream, UpstreamAuth};
 use crate::config::{Listener, Mechanism};
 use crate::endpoint::Security;
 use crate::imap::preauth::{Event, PreAuth, PreAuthConfig};
-use crate::imap::response::{self, has_capability, Response, Status, StatusResponse};
-use crate::net::{self, Stream};
+use crate::imap::response::{self, has_capability, Response, ResponseError, Status, StatusResponse};
+use crate::net::Stream;
 use crate::sasl;
 use crate::secret::Secret;
-
-/// Largest upstream response we accept before the hand-off.
-const MAX_UPSTREAM_LINE: usize = 64 * 1024;
 
 /// Runs one client connection until it ends. `client` is already past any
 /// implicit TLS handshake; `tls` accepts STARTTLS when configured.
@@ -45,15 +43,15 @@ pub async fn session(
                 let login = username.to_string();
                 tracing::Span::current().record("login", login.as_str());
                 match login_upstream(ctx, listener, &login, Secret::from(password)).await {
-                    Ok((upstream, mut to_client, tagged)) => {
-                        let ok = response::retag_line(&tagged.line, &tag).map_err(std::io::Error::other)?;
-                        let mut greeting = std::mem::take(&mut to_client.0);
+                    Ok((upstream, untagged, tagged)) => {
+                        let ok = response::retag_line(&tagged, &tag).map_err(std::io::Error::other)?;
+                        let mut greeting = untagged;
                         greeting.extend_from_slice(&ok);
                         client.write_all(&greeting).await?;
                         tracing::info!(upstream = %upstream.endpoint, "logged in; relaying");
                         let pending = pre.into_pending_input();
                         let (up, down) =
-                            super::relay(client, upstream.stream, pending, upstream.leftover, &ctx.shutdown).await?;
+                            super::relay(client, upstream.stream, pending, upstream.buf, &ctx.shutdown).await?;
                         tracing::info!(bytes_up = up, bytes_down = down, "session ended");
                         return Ok(());
                     }
@@ -122,25 +120,35 @@ async fn flush(client: &mut Stream, pre: &mut PreAuth) -> std::io::Result<()> {
     client.flush().await
 }
 
-/// Response text must stay on one line and never carry CR/LF from upstream
-/// or provider text into the client's protocol stream.
-fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+/// One complete server response at the start of `buf`: a line, plus any
+/// literals it announces and the line parts that follow them.
+fn frame(buf: &[u8]) -> Result<Option<(usize, Vec<u8>)>, ResponseError> {
+    let mut at = 0;
+    loop {
+        let Some(info) = response::find_line(&buf[at..], MAX_RESPONSE)? else {
+            return Ok(None);
+        };
+        let end = at + info.len;
+        match info.literal {
+            None => return Ok(Some((end, buf[..end].to_vec()))),
+            Some(n) => {
+                at = usize::try_from(n)
+                    .ok()
+                    .and_then(|n| end.checked_add(n))
+                    .filter(|at| *at <= MAX_RESPONSE)
+                    .ok_or(ResponseError::LiteralTooLarge)?;
+                if at > buf.len() {
+                    return Ok(None);
+                }
+            }
+        }
+    }
 }
 
-/// Untagged lines the upstream sent during login, forwarded before the OK.
-struct Untagged(Vec<u8>);
-
-/// The upstream's tagged completion of our AUTHENTICATE/LOGIN.
-struct Tagged {
-    line: Vec<u8>,
-}
-
-struct UpstreamConn {
-    endpoint: crate::endpoint::Endpoint,
-    stream: Stream,
-    /// Bytes read past the last response we consumed.
-    leftover: Vec<u8>,
+enum AuthOutcome {
+    /// Untagged responses to forward before the OK, and the tagged OK line.
+    Ok(Vec<u8>, Vec<u8>),
+    Rejected(String),
 }
 
 async fn login_upstream(
@@ -148,23 +156,18 @@ async fn login_upstream(
     listener: &Listener,
     login: &str,
     password: Secret,
-) -> Result<(UpstreamConn, Untagged, Tagged), LoginFailure> {
+) -> Result<(Client, Vec<u8>, Vec<u8>), LoginFailure> {
     let up = authorize(ctx, listener, login, password).await?;
-    let mut client = ImapClient::connect(ctx, &up).await.map_err(|e| {
-        tracing::warn!(upstream = %up.endpoint, error = %e, "upstream connection failed");
+    let unavailable = |e: String| {
+        tracing::warn!(upstream = %up.endpoint, error = %e, "upstream IMAP failed");
         LoginFailure::new(FailureKind::Unavailable, e)
-    })?;
+    };
+    let mut client = ImapClient::connect(ctx, &up).await.map_err(unavailable)?;
     match &up.auth {
-        UpstreamAuth::Password(pw) => {
-            match client
-                .login(&up.user, pw)
-                .await
-                .map_err(|e| LoginFailure::new(FailureKind::Unavailable, e))?
-            {
-                AuthOutcome::Ok(u, t) => Ok((client.into_conn(up.endpoint.clone()), u, t)),
-                AuthOutcome::Rejected(text) => Err(LoginFailure::new(FailureKind::Credentials, text)),
-            }
-        }
+        UpstreamAuth::Password(pw) => match client.login(&up.user, pw).await.map_err(unavailable)? {
+            AuthOutcome::Ok(u, t) => Ok((client.c, u, t)),
+            AuthOutcome::Rejected(text) => Err(LoginFailure::new(FailureKind::Credentials, text)),
+        },
         UpstreamAuth::Token {
             token,
             mechanism,
@@ -174,12 +177,12 @@ async fn login_upstream(
             // A server may reject a token we believed fresh (revoked, clock
             // skew): drop it, get a new one, and try once more.
             for attempt in 0..2 {
-                let outcome = client
+                match client
                     .authenticate(&up, &token, *mechanism)
                     .await
-                    .map_err(|e| LoginFailure::new(FailureKind::Unavailable, e))?;
-                match outcome {
-                    AuthOutcome::Ok(u, t) => return Ok((client.into_conn(up.endpoint.clone()), u, t)),
+                    .map_err(unavailable)?
+                {
+                    AuthOutcome::Ok(u, t) => return Ok((client.c, u, t)),
                     AuthOutcome::Rejected(text) if attempt == 0 => {
                         tracing::info!(reason = %text, "upstream rejected the access token; refreshing and retrying once");
                         ctx.tokens.reject(account, &token).await;
@@ -187,7 +190,7 @@ async fn login_upstream(
                             .tokens
                             .access_token(account)
                             .await
-                            .map_err(|e| super::token_failure(ctx, &account.account.name, e))?;
+                            .map_err(|e| super::token_failure(ctx, account.name(), e))?;
                     }
                     AuthOutcome::Rejected(text) => {
                         tracing::warn!(reason = %text, "upstream rejected the OAuth login");
@@ -200,79 +203,55 @@ async fn login_upstream(
     }
 }
 
-enum AuthOutcome {
-    Ok(Untagged, Tagged),
-    Rejected(String),
-}
-
 /// A minimal IMAP client: just enough to reach the authenticated state.
-struct ImapClient {
-    stream: Stream,
-    buf: Vec<u8>,
+struct ImapClient<'a> {
+    ctx: &'a Ctx,
+    c: Client,
     caps: Vec<String>,
     next_tag: u32,
-    endpoint: String,
 }
 
-impl ImapClient {
-    async fn connect(ctx: &Ctx, up: &Upstream) -> Result<ImapClient, String> {
+impl<'a> ImapClient<'a> {
+    async fn connect(ctx: &'a Ctx, up: &Upstream) -> Result<ImapClient<'a>, String> {
         let ep = &up.endpoint;
-        let timeout = ctx.config().limits.connect_timeout;
-        let tcp = net::connect_tcp(ep, timeout).await.map_err(|e| e.to_string())?;
-        let tls_config = || ctx.tls.get(up.ca_file.as_deref()).map_err(|e| e.to_string());
-        let stream = match ep.security {
-            Security::Tls => net::tls_client(tcp, ep, tls_config()?, timeout)
-                .await
-                .map_err(|e| e.to_string())?,
-            _ => Stream::Plain(tcp),
-        };
-        let mut c = ImapClient {
-            stream,
-            buf: Vec::new(),
+        let c = Client::connect(ctx, ep, up.ca_file.as_deref()).await?;
+        let mut me = ImapClient {
+            ctx,
+            c,
             caps: Vec::new(),
             next_tag: 0,
-            endpoint: ep.to_string(),
         };
-        let greeting = tokio::time::timeout(timeout, c.read_response())
-            .await
-            .map_err(|_| format!("{ep} sent no greeting within {} s", timeout.as_secs()))??;
+        let greeting = me.read().await?;
         let g = response::parse_greeting(&greeting).map_err(|e| format!("{ep} greeted with garbage: {e}"))?;
         match g.status {
-            Status::Ok => c.caps = g.capabilities().unwrap_or_default(),
+            Status::Ok => me.caps = g.capabilities().unwrap_or_default(),
             Status::Bye => return Err(format!("{ep} refused the connection: {}", g.text)),
             _ => return Err(format!("{ep} sent an unexpected greeting ({:?})", g.status)),
         }
         if ep.security == Security::StartTls {
-            let (_, tagged) = c.command("STARTTLS").await?;
+            let (_, tagged) = me.command("STARTTLS").await?;
             if tagged.status != Status::Ok {
                 return Err(format!("{ep} refused STARTTLS: {}", tagged.text));
             }
-            if !c.buf.is_empty() {
-                // Anything sent before the handshake is unauthenticated
-                // plaintext (STARTTLS response injection): never act on it.
-                tracing::warn!(upstream = %ep, bytes = c.buf.len(), "discarding plaintext the server sent before TLS");
-                c.buf.clear();
-            }
-            let Stream::Plain(tcp) = c.stream else {
-                unreachable!("STARTTLS starts on plaintext")
-            };
-            c.stream = net::tls_client(tcp, ep, tls_config()?, timeout)
-                .await
-                .map_err(|e| e.to_string())?;
-            c.caps.clear(); // capabilities from before TLS are not to be trusted
+            me.c = me.c.upgrade(ctx).await?;
+            me.caps.clear(); // capabilities from before TLS are not to be trusted
         }
-        if c.caps.is_empty() || !has_capability(&c.caps, "IMAP4rev1") && !has_capability(&c.caps, "IMAP4rev2") {
-            let (untagged, tagged) = c.command("CAPABILITY").await?;
+        if !has_capability(&me.caps, "IMAP4rev1") && !has_capability(&me.caps, "IMAP4rev2") {
+            let (untagged, tagged) = me.command("CAPABILITY").await?;
             if tagged.status != Status::Ok {
                 return Err(format!("{ep} refused CAPABILITY: {}", tagged.text));
             }
             for line in untagged {
                 if let Ok(Response::Capability(caps)) = response::parse_response(&line) {
-                    c.caps = caps;
+                    me.caps = caps;
                 }
             }
         }
-        Ok(c)
+        Ok(me)
+    }
+
+    async fn read(&mut self) -> Result<Vec<u8>, String> {
+        self.c.read(self.ctx, frame).await
     }
 
     fn tag(&mut self) -> String {
@@ -280,63 +259,17 @@ impl ImapClient {
         format!("mp{}", self.next_tag)
     }
 
-    /// Reads one complete response (a line, plus any literals it announces).
-    async fn read_response(&mut self) -> Result<Vec<u8>, String> {
-        let mut need_from = 0usize; // bytes of self.buf already known to be part of this response
-        loop {
-            if need_from <= self.buf.len() {
-                match response::find_line(&self.buf[need_from..], MAX_UPSTREAM_LINE) {
-                    Ok(Some(info)) => {
-                        let end = need_from + info.len;
-                        match info.literal {
-                            None => return Ok(self.buf.drain(..end).collect()),
-                            Some(n) if (end as u64).saturating_add(n) <= MAX_UPSTREAM_LINE as u64 => {
-                                need_from = end + n as usize;
-                                if need_from <= self.buf.len() {
-                                    continue;
-                                }
-                            }
-                            Some(_) => {
-                                return Err(format!("{} sent an oversized response before login", self.endpoint))
-                            }
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Err(format!("{}: {e}", self.endpoint)),
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            let n = self
-                .stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("{}: {e}", self.endpoint))?;
-            if n == 0 {
-                return Err(format!("{} closed the connection", self.endpoint));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.stream
-            .write_all(bytes)
-            .await
-            .map_err(|e| format!("{}: {e}", self.endpoint))?;
-        self.stream.flush().await.map_err(|e| format!("{}: {e}", self.endpoint))
-    }
-
     /// Sends a simple command and reads to its tagged completion.
     async fn command(&mut self, cmd: &str) -> Result<(Vec<Vec<u8>>, StatusResponse), String> {
         let tag = self.tag();
-        self.send(format!("{tag} {cmd}\r\n").as_bytes()).await?;
+        self.c.send(format!("{tag} {cmd}\r\n").as_bytes()).await?;
         let mut untagged = Vec::new();
         loop {
-            let line = self.read_response().await?;
+            let line = self.read().await?;
             match response::parse_response(&line) {
                 Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag.as_str()) => return Ok((untagged, s)),
                 Ok(Response::Status(s)) if s.status == Status::Bye => {
-                    return Err(format!("{} closed the session: {}", self.endpoint, s.text))
+                    return Err(format!("{} closed the session: {}", self.c.endpoint, s.text))
                 }
                 _ => untagged.push(line),
             }
@@ -344,28 +277,26 @@ impl ImapClient {
     }
 
     /// Reads the rest of an AUTHENTICATE/LOGIN exchange after its last
-    /// client line. `on_challenge` answers a continuation (an OAuth error
-    /// challenge is answered with an empty response).
+    /// client line. A continuation here is the OAuth failure challenge: it is
+    /// answered with an empty (XOAUTH2) or dummy (OAUTHBEARER) response, and
+    /// the server then sends its tagged NO.
     async fn finish_auth(&mut self, tag: &str, mechanism: Option<Mechanism>) -> Result<AuthOutcome, String> {
         let mut untagged = Vec::new();
         let mut challenge = None;
         loop {
-            let line = self.read_response().await?;
+            let line = self.read().await?;
             match response::parse_response(&line) {
                 Ok(Response::Continuation(text)) => {
-                    // The SASL exchange failed: the server explains in base64
-                    // JSON and waits for an empty (XOAUTH2) or dummy
-                    // (OAUTHBEARER) response before its tagged NO.
                     challenge = sasl::decode_error_challenge(text.trim().as_bytes());
                     let ack = match mechanism {
                         Some(Mechanism::Oauthbearer) => sasl::OAUTHBEARER_ERROR_ACK,
                         _ => sasl::XOAUTH2_ERROR_ACK,
                     };
-                    self.send(format!("{ack}\r\n").as_bytes()).await?;
+                    self.c.send(format!("{ack}\r\n").as_bytes()).await?;
                 }
                 Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag) => {
                     if s.status == Status::Ok {
-                        return Ok(AuthOutcome::Ok(Untagged(untagged.concat()), Tagged { line }));
+                        return Ok(AuthOutcome::Ok(untagged.concat(), line));
                     }
                     let why = match &challenge {
                         Some(c) => c.explain(),
@@ -373,11 +304,11 @@ impl ImapClient {
                     };
                     return Ok(AuthOutcome::Rejected(format!(
                         "{} refused the login: {why}",
-                        self.endpoint
+                        self.c.endpoint
                     )));
                 }
                 Ok(Response::Status(s)) if s.status == Status::Bye => {
-                    return Err(format!("{} closed the session: {}", self.endpoint, s.text))
+                    return Err(format!("{} closed the session: {}", self.c.endpoint, s.text))
                 }
                 _ => untagged.push(line),
             }
@@ -399,28 +330,26 @@ impl ImapClient {
         };
         let tag = self.tag();
         if has_capability(&self.caps, "SASL-IR") {
-            let mut line = Secret::new(format!("{tag} AUTHENTICATE {name} {}\r\n", ir.as_str()));
-            self.send(line.expose().as_bytes()).await?;
-            line = Secret::default();
-            drop(line);
+            let line = Secret::new(format!("{tag} AUTHENTICATE {name} {}\r\n", ir.as_str()));
+            self.c.send(line.expose().as_bytes()).await?;
         } else {
-            self.send(format!("{tag} AUTHENTICATE {name}\r\n").as_bytes()).await?;
-            let cont = self.read_response().await?;
+            self.c.send(format!("{tag} AUTHENTICATE {name}\r\n").as_bytes()).await?;
+            let cont = self.read().await?;
             match response::parse_response(&cont) {
                 Ok(Response::Continuation(_)) => {
                     let line = Secret::new(format!("{}\r\n", ir.as_str()));
-                    self.send(line.expose().as_bytes()).await?;
+                    self.c.send(line.expose().as_bytes()).await?;
                 }
                 Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag.as_str()) => {
                     return Ok(AuthOutcome::Rejected(format!(
                         "{} does not accept AUTHENTICATE {name}: {}",
-                        self.endpoint, s.text
+                        self.c.endpoint, s.text
                     )));
                 }
                 _ => {
                     return Err(format!(
                         "{} answered AUTHENTICATE with something unexpected",
-                        self.endpoint
+                        self.c.endpoint
                     ))
                 }
             }
@@ -428,71 +357,38 @@ impl ImapClient {
         self.finish_auth(&tag, Some(mechanism)).await
     }
 
-    /// Passthrough: LOGIN with the client's own credentials.
+    /// Passthrough: LOGIN with the client's own credentials, as quoted
+    /// strings where possible and literals otherwise (8-bit, CR/LF, long).
     async fn login(&mut self, user: &str, password: &Secret) -> Result<AuthOutcome, String> {
         let tag = self.tag();
         let literal_plus = has_capability(&self.caps, "LITERAL+");
-        // Quoted strings where possible, literals otherwise (8-bit, CR/LF, long).
-        let mut pieces: Vec<(String, Option<Vec<u8>>)> = Vec::new();
-        let mut head = format!("{tag} LOGIN");
+        let mut line = Secret::new(format!("{tag} LOGIN"));
         for arg in [user, password.expose()] {
             if arg.len() < 1000 && arg.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-                head.push(' ');
-                head.push('"');
-                for c in arg.chars() {
-                    if c == '"' || c == '\\' {
-                        head.push('\\');
-                    }
-                    head.push(c);
-                }
-                head.push('"');
+                let quoted: String = arg
+                    .chars()
+                    .flat_map(|c| if c == '"' || c == '\\' { vec!['\\', c] } else { vec![c] })
+                    .collect();
+                line = Secret::new(format!("{} \"{quoted}\"", line.expose()));
             } else {
-                head.push_str(&format!(" {{{}{}}}", arg.len(), if literal_plus { "+" } else { "" }));
-                pieces.push((std::mem::take(&mut head), Some(arg.as_bytes().to_vec())));
-            }
-        }
-        pieces.push((head, None));
-        let mut first = true;
-        for (text, literal) in pieces {
-            let mut out = Secret::new(if first { text } else { text.clone() });
-            first = false;
-            match literal {
-                Some(lit) => {
-                    let mut bytes = out.expose().as_bytes().to_vec();
-                    bytes.extend_from_slice(b"\r\n");
-                    self.send(&bytes).await?;
-                    if !literal_plus {
-                        let cont = self.read_response().await?;
-                        if !matches!(response::parse_response(&cont), Ok(Response::Continuation(_))) {
-                            return Ok(AuthOutcome::Rejected(format!(
-                                "{} refused the login literal",
-                                self.endpoint
-                            )));
-                        }
+                let plus = if literal_plus { "+" } else { "" };
+                self.c
+                    .send(format!("{} {{{}{plus}}}\r\n", line.expose(), arg.len()).as_bytes())
+                    .await?;
+                if !literal_plus {
+                    let cont = self.read().await?;
+                    if !matches!(response::parse_response(&cont), Ok(Response::Continuation(_))) {
+                        return Ok(AuthOutcome::Rejected(format!(
+                            "{} refused the login literal",
+                            self.c.endpoint
+                        )));
                     }
-                    self.send(&lit).await?;
                 }
-                None => {
-                    out = Secret::new(format!("{}\r\n", out.expose()));
-                    self.send(out.expose().as_bytes()).await?;
-                }
+                self.c.send(arg.as_bytes()).await?;
+                line = Secret::default();
             }
         }
+        self.c.send(format!("{}\r\n", line.expose()).as_bytes()).await?;
         self.finish_auth(&tag, None).await
     }
-
-    fn into_conn(self, endpoint: crate::endpoint::Endpoint) -> UpstreamConn {
-        UpstreamConn {
-            endpoint,
-            stream: self.stream,
-            leftover: self.buf,
-        }
-    }
-}
-
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>(_: T) {}
-    let _ = Duration::ZERO;
-    let _ = is_send::<Stream>;
 }

@@ -1,7 +1,10 @@
 //! What every protocol's session shares: routing a login to its upstream,
 //! unlocking the account's tokens, and the byte relay after the hand-off.
 
+pub mod client;
 pub mod imap;
+pub mod pop3;
+pub mod smtp;
 
 use std::sync::Arc;
 
@@ -28,6 +31,12 @@ impl Ctx {
     pub fn config(&self) -> Arc<Config> {
         self.config.read().unwrap().clone()
     }
+}
+
+/// Response text must stay on one line and never carry CR/LF from upstream
+/// or provider text into the client's protocol stream.
+pub fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 /// Buffer per direction in the relay: large enough for full-speed bulk

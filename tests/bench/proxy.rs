@@ -391,7 +391,8 @@ struct World {
     dir: ProxyDir,
     proxy: Option<Proxy>,
     proxy_log: String,
-    token: String,
+    /// Direct-session access tokens for ALICE and ALICE_PLAIN.
+    tokens: [String; 2],
 }
 
 /// Dovecot settings on top of the test harness's: enough processes and
@@ -438,27 +439,30 @@ impl World {
         );
         cfg += "[limits]\nmax_connections = 5000\nmax_connections_per_ip = 5000\n\n";
         cfg += &oauth_account(ALICE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port));
-        // Same mailbox (the provider vouches for alice), plaintext loopback upstream.
-        cfg += oauth_account(
+        // Plaintext loopback upstream. Its own user (the provider's token
+        // names the account it was authorised as); the same messages are
+        // delivered to both mailboxes.
+        cfg += &oauth_account(
             ALICE_PLAIN,
             &env.provider,
             d,
             &format!("imap://127.0.0.1:{}", d.imap_port),
-        )
-        .trim_end();
-        cfg += &format!("\nusername = \"{ALICE}\"\n\n");
+        );
         dir.write_config(&cfg);
         for a in [ALICE, ALICE_PLAIN] {
             let (st, err) = dir.login(a, LOCAL_PW);
             assert!(st.success(), "mailproxy login {a} failed: {err}");
         }
-        let token = env.provider.issue_access_token(ALICE, SCOPE);
+        let tokens = [
+            env.provider.issue_access_token(ALICE, SCOPE),
+            env.provider.issue_access_token(ALICE_PLAIN, SCOPE),
+        ];
         World {
             env,
             dir,
             proxy: None,
             proxy_log: o.proxy_log.clone(),
-            token,
+            tokens,
         }
     }
 
@@ -479,8 +483,8 @@ impl World {
             port: if tls { d.imaps_port } else { d.imap_port },
             tls: tls.then(|| d.tls_client_config()),
             auth: Auth::Xoauth2 {
-                user: ALICE.into(),
-                token: self.token.clone(),
+                user: if tls { ALICE } else { ALICE_PLAIN }.into(),
+                token: self.tokens[usize::from(!tls)].clone(),
             },
         }
     }
@@ -506,8 +510,8 @@ impl World {
     }
 }
 
-/// Fills INBOX with `n` realistic text messages of about `size` bytes;
-/// returns the total bytes (what FETCH BODY[] returns, CRLF included).
+/// Fills both INBOXes (ALICE, ALICE_PLAIN) with the same `n` realistic text messages of about `size` bytes;
+/// returns the total bytes of one INBOX (what FETCH BODY[] returns, CRLF included).
 fn fill_mailbox(env: &Env, n: usize, size: usize) -> u64 {
     const WORDS: &[&str] = &[
         "the",
@@ -629,6 +633,7 @@ fn fill_mailbox(env: &Env, n: usize, size: usize) -> u64 {
         m.extend_from_slice(b"\r\n");
         total += m.len() as u64;
         env.dovecot.deliver(ALICE, &m);
+        env.dovecot.deliver(ALICE_PLAIN, &m);
     }
     total
 }

@@ -19,6 +19,7 @@ pub mod pki;
 pub mod process;
 pub mod provider;
 pub mod smtp_sink;
+pub mod world;
 
 pub use client::{ImapResponse, LineConn};
 pub use dovecot::{require_dovecot, Dovecot, DovecotOptions, ServerCert};

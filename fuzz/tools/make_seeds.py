@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Regenerate fuzz/seeds/TARGET/ from real protocol traces.
+
+Run from anywhere: python3 fuzz/tools/make_seeds.py. Seeds are small files
+committed to git; the script is deterministic (same names, same bytes).
+Header bytes: several targets take 1-4 leading configuration bytes (see the
+target's doc comment); seeds carry a few variants of them.
+"""
+import base64, os, shutil
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "seeds")
+
+def b64(b):
+    return base64.b64encode(b)
+
+# ---------------------------------------------------------------- IMAP client
+COMMANDS = [
+    # RFC 3501 / RFC 9051 examples
+    b"a001 CAPABILITY\r\n",
+    b"a002 NOOP\r\n",
+    b"A023 LOGOUT\r\n",
+    b"a002 STARTTLS\r\n",
+    b"a001 LOGIN SMITH SESAME\r\n",
+    b"A001 LOGIN {11}\r\nFRED FOOBAR {7}\r\nfat man\r\n",
+    b"A001 LOGIN {11+}\r\nFRED FOOBAR {7+}\r\nfat man\r\n",
+    b'a LOGIN "al ice" "pa\\"ss\\\\word"\r\n',
+    b'a LOGIN "" ""\r\n',
+    'a LOGIN "jörg" "pässwörd"\r\n'.encode(),
+    "a LOGIN jörg pässwörd\r\n".encode(),
+    b"a login user@example.com p]w\n",
+    b"A001 AUTHENTICATE GSSAPI\r\n",
+    b"a AUTHENTICATE PLAIN\r\n",
+    b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+    b"a AUTHENTICATE PLAIN =\r\n",
+    b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA\r\n",
+    b"A01 AUTHENTICATE XOAUTH2 " + b64(b"user=someuser@example.com\x01auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01") + b"\r\n",
+    b"a AUTHENTICATE OAUTHBEARER " + b64(b"n,a=user@example.com,\x01host=server.example.com\x01port=143\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01") + b"\r\n",
+    b'a023 ID ("name" "sodr" "version" "19.34" "vendor" "Pink Floyd Music Limited")\r\n',
+    b"a ID NIL\r\n",
+    b"a ID ()\r\n",
+    b'a ID ("name" {11}\r\nThunderbird "version" NIL)\r\n',
+    b'5 ID ("name" "iPhone Mail" "version" "21E236" "os" "iOS" "os-version" "17.4.1 (21E236)")\r\n',
+    b"A142 SELECT INBOX\r\n",
+    b"a UID FETCH 1:* (FLAGS)\r\n",
+    b"A003 APPEND saved-messages (\\Seen) {310}\r\n",
+    b"a LOGIN {99999}\r\n",
+    b"a LOGIN {18446744073709551616}\r\n",
+    b"a LOGIN {4294967295+}\r\n",
+    b"a X\xff\r\n",
+    b"\x00bad\r\n",
+    b"+ NOOP\r\n",
+    b"a NOOP extra\r\n",
+]
+
+SESSION = (b"a1 CAPABILITY\r\n"
+           b"a2 LOGIN {5}\r\nalice {6}\r\nsecret\r\n"
+           b"a3 LOGIN \"bob\" {3+}\r\npwd\r\n"
+           b"a4 AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\n"
+           b"a5 AUTHENTICATE PLAIN\r\n*\r\n"
+           b"a6 SELECT INBOX\r\n"
+           b"a7 LOGIN {99999}\r\n"
+           b"a8 ID (\"name\" {3}\r\nfoo)\r\n"
+           b"\0bad\r\n"
+           b"a9 NOOP\n"
+           b"a10 LOGOUT\r\n")
+STARTTLS_SESSION = (b"a1 CAPABILITY\r\na2 LOGIN alice secret\r\na3 STARTTLS\r\n"
+                    b"a4 LOGIN alice pipelined\r\n")
+HANDOFF = (b"a0 CAPABILITY\r\na1 LOGIN alice secret\r\n"
+           b"a2 SELECT INBOX\r\na3 APPEND INBOX {5}\r\nhel\r\na4 FETCH 1:* (FL")
+
+# ---------------------------------------------------------------- IMAP server
+RESPONSES = [
+    b"* OK Gimap ready for requests from 1.2.3.4 abcdef\r\n",
+    b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN auth=xoauth2] Dovecot ready.\r\n",
+    b"* OK The Microsoft Exchange IMAP4 service is ready. [TQBXADIAUABSADAAMgBDAEEAMAAwADEAMQAuAGUAdQByAHAAcgBkADAAMgAuAHAAcgBvAGQALgBvAHUAdABsAG8AbwBrAC4AYwBvAG0A]\r\n",
+    b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN] Dovecot (Ubuntu) ready.\r\n",
+    b"* PREAUTH IMAP4rev1 server logged in as Smith\r\n",
+    b"* BYE Autologout; idle for too long\r\n",
+    b"* CAPABILITY IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA ID XLIST CHILDREN X-GM-EXT-1 XYZZY SASL-IR AUTH=XOAUTH2 AUTH=PLAIN AUTH=PLAIN-CLIENTTOKEN AUTH=OAUTHBEARER\r\n",
+    b"* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+\r\n",
+    b"A1 OK [CAPABILITY IMAP4rev1 IDLE] user@example.com authenticated (Success)\r\n",
+    b"A2 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n",
+    b"A3 NO AUTHENTICATE failed.\r\n",
+    b"A4 BAD Command Error. 12\r\n",
+    b"+ eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==\r\n",
+    b"+ \r\n",
+    b"+ Ready for additional command text\r\n",
+    b"* 3 EXISTS\r\n",
+    b"* OK [ALERT] Please note\r\n",
+    b"* OK [UNAVAILABLE] Temporary authentication failure\r\n",
+    b'* ID ("name" "Dovecot")\r\n',
+    b"* 12 FETCH (FLAGS (\\Seen) BODY[HEADER] {26}\r\nSubject: hi\r\nFrom: a@b\r\n)\r\n",
+    b"A0001 OK [CAPABILITY IMAP4rev1 IDLE]  Logged in\xff\r\n",
+]
+
+# ---------------------------------------------------------------- SASL
+SASL = [
+    b"eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==",
+    b64(b'{"status":"401","schemes":"bearer mac","scope":"https://mail.google.com/"}'),
+    b64(b'{"status":"invalid_token","scope":"example_scope","openid-configuration":"https://example.com/.well-known/openid-configuration"}'),
+    b64(b'{"status":401}'),
+    b64(b'{"status":"insufficient_scope","scope":"mail"}'),
+    b"AGFsaWNlAHNlY3JldA==",
+    b"AGFsaWNlAHNlY3JldA",
+    b"AGFsaWNlAHNlY3JldA==\r\n",
+    b64(b"bob\0bob\0pw"),
+    b64(b"admin\0bob\0pw"),
+    b64(b"\0al\xffice\0pw"),
+    b"VXNlcm5hbWU6",
+    b"UGFzc3dvcmQ6",
+    b"YWxpY2U=",
+    b"dXNlcj1zb21ldXNlckBleGFtcGxlLmNvbQFhdXRoPUJlYXJlciB5YTI5LnZGOWRmdDRxbVRjMk52YjNSbGNrQmhkSFJoZG1semRHRXVZMjl0Q2cBAQ==",
+    b"AQ==",
+    b"*",
+    b"",
+]
+
+# ---------------------------------------------------------------- config (from src/config.rs tests)
+CONFIGS = [
+    b'''
+[server]
+state_dir = "/var/lib/mailproxy"
+[imap]
+listen = "127.0.0.1:1143"
+[accounts."alice@gmail.com"]
+provider = "google"
+client_id = "id"
+client_secret = "secret"
+[accounts."bob@contoso.com"]
+provider = "microsoft"
+tenant = "organizations"
+client_id = "id"
+[accounts."carol@example.org"]
+provider = "custom"
+auth_url = "https://id.example.org/authorize"
+token_url = "https://id.example.org/token"
+client_id = "x"
+scopes = ["mail"]
+imap = "imaps://mail.example.org:993"
+ca_file = "/etc/ssl/extra-ca.pem"
+[accounts."dave@legacy.example"]
+provider = "password"
+imap = "imaps://legacy.example:993"
+''',
+    b'[imap]\nlisten = "127.0.0.1:1143"\nlistne = 1\n',
+    b'[accounts."x@y"]\nprovider = "password"\nimap = "imap://mail.example.org:143"\nallow_plaintext = true\n',
+    b'[accounts."a@gmail.com"]\nprovider = "google"\n',
+    b'[imap]\nlisten = "0.0.0.0:1143"\nallow_insecure_remote = true\n',
+    b'[accounts."a@b"]\nprovider = "yahoo"\nimap = "imaps://x"\n',
+    b'[accounts."a@b"]\nprovider = "custom"\nclient_id = "c"\nscopes = ["m"]\nimap = "imaps://x"\nauth_url = "http://127.0.0.1:9/a"\ntoken_url = "http://127.0.0.1:9/t"\n',
+    b'''[server]
+ca_file = "ca.pem"
+[imap]
+listen = "[::1]:1993"
+tls = "implicit"
+cert = "cert.pem"
+key = "key.pem"
+fallback = "imaps://imap.example.org"
+[smtp]
+listen = "127.0.0.1:1587"
+tls = "starttls"
+[pop3]
+listen = "127.0.0.1:1110"
+[limits]
+preauth_timeout = 30
+connect_timeout = 10
+max_connections = 64
+max_connections_per_ip = 8
+max_line = 65536
+[accounts."m@outlook.com"]
+provider = "microsoft"
+client_id = "9e5f94bc-e8a4-4e73-b8be-63364c29d753"
+mechanism = "oauthbearer"
+smtp = "smtp+starttls://smtp.office365.com:587"
+pop3 = "pop3s://outlook.office365.com"
+username = "M@outlook.com"
+''',
+]
+
+ENDPOINTS = [
+    b"imaps://imap.gmail.com", b"imap+starttls://mail.example.org:1143", b"imap://[::1]:143",
+    b"smtp+starttls://smtp.office365.com", b"smtps://smtp.gmail.com:465", b"pop3s://outlook.office365.com:995",
+    b"imaps://x:99999", b"imaps://u@x:993", b"x:993", b"imaps://:993", b"IMAPS://LOCALHOST:993/",
+    b"imap://127.0.0.1", b"pop3+starttls://[fe80::1%25eth0]:110",
+]
+
+VAULT = [
+    b'''{
+  "version": 1,
+  "account": "alice@gmail.com",
+  "password": {
+    "kdf": "argon2id",
+    "m_cost": 64,
+    "t_cost": 1,
+    "p_cost": 1,
+    "salt": "c2FsdHNhbHRzYWx0c2FsdA==",
+    "verifier": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+  },
+  "refresh_token": {
+    "nonce": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    "ciphertext": "3q2+7w=="
+  },
+  "scopes": ["https://mail.google.com/"],
+  "authorized_at": 1700000000,
+  "last_refresh": null
+}''',
+    b'{"version":1,"account":"bob@contoso.com","password":null,"refresh_token":null,"authorized_at":null,"last_refresh":null}',
+    b'{"version":1,"account":"x","password":{"kdf":"argon2id","m_cost":4294967295,"t_cost":1,"p_cost":1,"salt":"","verifier":""}}',
+    b"../../etc/passwd",
+    b"Alice@Example.COM",
+]
+
+def write(target, items):
+    d = os.path.join(ROOT, target)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    for i, data in enumerate(items):
+        with open(os.path.join(d, "seed-%03d" % i), "wb") as f:
+            f.write(data)
+
+def main():
+    cmd_items = COMMANDS + [SESSION, STARTTLS_SESSION, HANDOFF]
+    write("imap_command", COMMANDS)
+    write("imap_differential", COMMANDS)
+    # imap_framing: [limits][seed] stream
+    write("imap_framing", [h + s for s in cmd_items for h in (b"\x80\x00",)] +
+          [b"\x10\x05" + SESSION, b"\x3f\x01" + SESSION, b"\x07\x02" + HANDOFF])
+    # imap_preauth: [cfg][max_line][max_literal][seed] stream
+    pre = []
+    for i, s in enumerate(cmd_items):
+        pre.append(bytes([0x80, 0, 0, i]) + s)
+    pre += [bytes([0x81, 0, 0, 1]) + STARTTLS_SESSION, bytes([0x01, 56, 24, 2]) + STARTTLS_SESSION,
+            bytes([0x00, 56, 24, 3]) + SESSION, bytes([0x00, 8, 4, 4]) + SESSION,
+            bytes([0x80, 0, 0, 5]) + HANDOFF, bytes([0x80, 0, 0, 6]) + b"x GARBAGE\r\n" * 22]
+    write("imap_preauth", pre)
+    # imap_response: [max_line][tag] stream
+    resp = [b"\x80\x00" + r for r in RESPONSES]
+    resp += [b"\x80\x01" + b"".join(RESPONSES), b"\x20\x02" + b"".join(RESPONSES[:6])]
+    write("imap_response", resp)
+    # sasl: [selector] payload
+    write("sasl", [b"\x00" + s for s in SASL] + [b"\x03alice\x01hunter2\x01imap.gmail.com", b"\x01a,b=c\x01t\x01h"])
+    write("config", CONFIGS)
+    def proto(e):
+        e = e.lower()
+        return 1 if e.startswith(b"smtp") else 2 if e.startswith(b"pop3") else 0
+    write("endpoint", [bytes([proto(e)]) + e for e in ENDPOINTS] + [b"\x01" + ENDPOINTS[0], b"\x02" + ENDPOINTS[1]])
+    write("vault_record", VAULT)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+//! The standard end-to-end setup: private Dovecot, fake provider and a proxy
+//! config with one account of each kind.
+
+use super::mailproxy::{oauth_account, Proxy, ProxyDir};
+use super::{require_dovecot, Env};
+
+pub const ALICE: &str = "alice@example.org";
+pub const ALICE_PW: &str = "alice local pw";
+pub const CAROL: &str = "carol@example.org";
+pub const BOB: &str = "bob@example.org";
+pub const BOB_PW: &str = "bob-upstream-pw";
+pub const FRANK: &str = "frank@example.org";
+pub const FRANK_PW: &str = "frank-upstream-pw";
+
+/// Dovecot + provider + a proxy configured with:
+/// alice (OAuth over imaps), carol (OAuth over STARTTLS), bob (password
+/// passthrough, plain loopback), and a fallback for unknown logins (imaps).
+pub struct World {
+    pub env: Env,
+    pub dir: ProxyDir,
+    pub proxy: Option<Proxy>,
+}
+
+impl World {
+    pub fn new() -> World {
+        Self::with(|_, _| String::new())
+    }
+
+    /// Like `new`, with more config appended (it sees the environment and the proxy dir).
+    pub fn with(extra: impl FnOnce(&Env, &ProxyDir) -> String) -> World {
+        require_dovecot();
+        let env = Env::start(&[(BOB, BOB_PW), (FRANK, FRANK_PW)]);
+        let dir = ProxyDir::new();
+        let d = &env.dovecot;
+        let mut cfg = dir.header();
+        cfg = cfg.replace(
+            "listen = \"127.0.0.1:0\"\n",
+            &format!(
+                "listen = \"127.0.0.1:0\"\nfallback = \"imaps://localhost:{}\"\n",
+                d.imaps_port
+            ),
+        );
+        cfg = cfg.replace(
+            "[server]\n",
+            &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()),
+        );
+        cfg += &oauth_account(ALICE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port));
+        cfg += &oauth_account(
+            CAROL,
+            &env.provider,
+            d,
+            &format!("imap+starttls://localhost:{}", d.imap_port),
+        );
+        cfg += &format!(
+            "[accounts.\"{BOB}\"]\nprovider = \"password\"\nimap = \"imap://127.0.0.1:{}\"\n",
+            d.imap_port
+        );
+        cfg += &extra(&env, &dir);
+        dir.write_config(&cfg);
+        World { env, dir, proxy: None }
+    }
+
+    pub fn authorise(&self, account: &str, pw: &str) {
+        let (st, err) = self.dir.login(account, pw);
+        assert!(st.success(), "mailproxy login failed: {err}");
+    }
+
+    pub fn start(&mut self) -> u16 {
+        let p = Proxy::start(&self.dir);
+        let port = p.imap_port();
+        self.proxy = Some(p);
+        port
+    }
+
+    pub fn restart(&mut self) -> u16 {
+        if let Some(mut p) = self.proxy.take() {
+            p.stop();
+        }
+        self.start()
+    }
+
+    pub fn logs(&self) -> String {
+        self.proxy.as_ref().map(|p| p.logs()).unwrap_or_default()
+    }
+
+    /// Lines Dovecot logged for its login processes (each upstream connection leaves some).
+    pub fn upstream_logins(&self) -> usize {
+        self.env
+            .dovecot
+            .log()
+            .lines()
+            .filter(|l| l.contains("imap-login:"))
+            .count()
+    }
+}
