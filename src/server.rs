@@ -75,6 +75,12 @@ struct ListenerCtx {
 /// Runs until SIGINT/SIGTERM. Prints `listening PROTOCOL ADDR` on stdout once
 /// each listener is bound (port 0 in the config picks a free port).
 pub async fn serve(config: Config) -> Result<(), ServeError> {
+    // Handlers first: a signal that arrives once we said "listening" must
+    // find them in place.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Setup(e.to_string()))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Setup(e.to_string()))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| ServeError::Setup(e.to_string()))?;
     let vault = Vault::open(&config.state_dir).map_err(|e| ServeError::Setup(e.to_string()))?;
     let store = effective_store(&config).await;
     let audit = Audit::start(&config.audit_log);
@@ -177,10 +183,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         });
     }
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -65,7 +65,7 @@ impl Default for Opts {
             memory: true,
             mailbox_mb: 40.0,
             msg_kb: 100,
-            runs: 7,
+            runs: 9,
             login_samples: 200,
             clients: 100,
             rounds: 5,
@@ -82,7 +82,7 @@ usage: scripts/bench [options]
   --sections LIST     comma-separated: fetch,login,concurrent,memory (default: all)
   --mailbox-mb N      INBOX size for the FETCH test in MiB (default 40)
   --msg-kb N          size of each message in KiB (default 100)
-  --runs N            timed FETCH runs per variant, after one warm-up (default 7)
+  --runs N            timed FETCH runs per variant, after one warm-up (default 9)
   --login-samples N   sequential logins per variant (default 200)
   --clients N         clients logging in at the same moment (default 100)
   --rounds N          rounds of concurrent logins, warm (default 5)
@@ -168,6 +168,7 @@ macro_rules! progress {
 }
 
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+static START_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 // ---------------------------------------------------------------------------
 // A fast raw IMAP client
@@ -413,6 +414,7 @@ service imap-login {
 }
 # One imap process serves many sessions (all mail is stored as one uid).
 service imap {
+  service_count = 0
   client_limit = 50
   process_limit = 500
 }
@@ -645,22 +647,43 @@ struct FetchResult {
     label: &'static str,
     direct_mbps: Vec<f64>,
     proxy_mbps: Vec<f64>,
+    /// proxy/direct throughput of each interleaved pair.
+    ratios: Vec<f64>,
+    /// CPU seconds of the bench client during the direct / proxied FETCHes.
+    client_cpu_direct: f64,
+    client_cpu_proxy: f64,
+    /// CPU seconds of the proxy during its FETCHes.
+    proxy_cpu: f64,
+    /// Wall seconds of all direct / proxied FETCHes.
+    secs_direct: f64,
+    secs_proxy: f64,
     target: f64,
 }
 
-async fn fetch_once(t: &Target, expect_bytes: u64, expect_msgs: u64) -> io::Result<Duration> {
+/// One timed FETCH. Returns (wall time, CPU seconds of this process,
+/// CPU seconds of the proxy when `proxy_pid` is given), all over the FETCH only.
+async fn fetch_once(
+    t: &Target,
+    expect_bytes: u64,
+    expect_msgs: u64,
+    proxy_pid: Option<u32>,
+) -> io::Result<(Duration, f64, f64)> {
     let (mut c, _) = Imap::login(t, 1 << 20).await?;
     c.command("s", "SELECT INBOX").await?;
+    let me = std::process::id();
+    let (me0, px0) = (proc_cpu_secs(me), proxy_pid.map(proc_cpu_secs).unwrap_or(0.0));
     let t0 = Instant::now();
     let (bytes, lits) = c.command("f", "FETCH 1:* BODY.PEEK[]").await?;
     let el = t0.elapsed();
+    let me_cpu = proc_cpu_secs(me) - me0;
+    let px_cpu = proxy_pid.map(proc_cpu_secs).unwrap_or(0.0) - px0;
     if bytes != expect_bytes || lits != expect_msgs {
         return Err(io::Error::other(format!(
             "FETCH returned {lits} literals / {bytes} bytes, expected {expect_msgs} / {expect_bytes}"
         )));
     }
     c.logout().await;
-    Ok(el)
+    Ok((el, me_cpu, px_cpu))
 }
 
 async fn bench_fetch(w: &World, o: &Opts, bytes: u64, msgs: u64) -> io::Result<Vec<FetchResult>> {
@@ -668,10 +691,11 @@ async fn bench_fetch(w: &World, o: &Opts, bytes: u64, msgs: u64) -> io::Result<V
         ("imaps", w.direct(true), w.via_proxy(true), 0.95),
         ("plain", w.direct(false), w.via_proxy(false), 0.90),
     ];
+    let pid = w.proxy().pid();
     progress!("fetch: warm-up (page cache, Dovecot index), one run of each variant");
     for (_, d, p, _) in &variants {
-        fetch_once(d, bytes, msgs).await?;
-        fetch_once(p, bytes, msgs).await?;
+        fetch_once(d, bytes, msgs, None).await?;
+        fetch_once(p, bytes, msgs, None).await?;
     }
     let mb = bytes as f64 / 1e6;
     let mut out: Vec<FetchResult> = variants
@@ -680,6 +704,12 @@ async fn bench_fetch(w: &World, o: &Opts, bytes: u64, msgs: u64) -> io::Result<V
             label: l,
             direct_mbps: vec![],
             proxy_mbps: vec![],
+            ratios: vec![],
+            client_cpu_direct: 0.0,
+            client_cpu_proxy: 0.0,
+            proxy_cpu: 0.0,
+            secs_direct: 0.0,
+            secs_proxy: 0.0,
             target: *t,
         })
         .collect();
@@ -687,11 +717,21 @@ async fn bench_fetch(w: &World, o: &Opts, bytes: u64, msgs: u64) -> io::Result<V
         // Alternate which goes first so drift and order effects cancel.
         for (i, (label, d, p, _)) in variants.iter().enumerate() {
             let (first, second) = if (run + i) % 2 == 0 { (d, p) } else { (p, d) };
-            let a = fetch_once(first, bytes, msgs).await?;
-            let b = fetch_once(second, bytes, msgs).await?;
-            let (dt, pt) = if (run + i) % 2 == 0 { (a, b) } else { (b, a) };
-            out[i].direct_mbps.push(mb / dt.as_secs_f64());
-            out[i].proxy_mbps.push(mb / pt.as_secs_f64());
+            let first_pid = if (run + i) % 2 == 0 { None } else { Some(pid) };
+            let second_pid = if (run + i) % 2 == 0 { Some(pid) } else { None };
+            let a = fetch_once(first, bytes, msgs, first_pid).await?;
+            let b = fetch_once(second, bytes, msgs, second_pid).await?;
+            let (d_run, p_run) = if (run + i) % 2 == 0 { (a, b) } else { (b, a) };
+            let (dt, pt) = (d_run.0, p_run.0);
+            let r = &mut out[i];
+            r.direct_mbps.push(mb / dt.as_secs_f64());
+            r.proxy_mbps.push(mb / pt.as_secs_f64());
+            r.ratios.push(dt.as_secs_f64() / pt.as_secs_f64());
+            r.client_cpu_direct += d_run.1;
+            r.client_cpu_proxy += p_run.1;
+            r.proxy_cpu += p_run.2;
+            r.secs_direct += dt.as_secs_f64();
+            r.secs_proxy += pt.as_secs_f64();
             progress!(
                 "fetch run {}/{} {label}: direct {:.0} MB/s ({:.0} ms), proxy {:.0} MB/s ({:.0} ms)",
                 run + 1,
@@ -846,19 +886,45 @@ async fn bench_concurrent(w: &mut World, o: &Opts) -> io::Result<Vec<ConcResult>
             res.wall_ms.push(wall);
         }
     }
-    // Cold: fresh proxy, nothing cached; all clients use the same account,
-    // so this is one KDF (one password digest) and one token refresh.
+    // Proxy CPU for one warm burst, the yardstick for the cold one.
+    let pid = w.proxy().pid();
+    let c0 = proc_cpu_secs(pid);
+    let (lat, wall) = burst(&p, k).await?;
+    let warm_burst_cpu = proc_cpu_secs(pid) - c0;
+    pw.lat_ms.extend(lat);
+    pw.wall_ms.push(wall);
+
+    // Cold, one client: fresh proxy, so the login pays the password KDF and
+    // a token refresh. Its proxy CPU time is what one KDF costs.
+    w.start_proxy();
+    let p = w.via_proxy(true);
+    let pid = w.proxy().pid();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c0 = proc_cpu_secs(pid);
+    let cold_single = login_once(&p).await?;
+    let cold_single_cpu = proc_cpu_secs(pid) - c0;
+
+    // Cold burst: fresh proxy, nothing cached; all clients use the same
+    // account and password, so ideally one KDF and one token refresh.
     let refreshes0 = w.env.provider.refreshes();
     w.start_proxy();
     let p = w.via_proxy(true);
+    let pid = w.proxy().pid();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c0 = proc_cpu_secs(pid);
     let (lat, wall) = burst(&p, k).await?;
+    let burst_cpu = proc_cpu_secs(pid) - c0;
     let refreshes = w.env.provider.refreshes() - refreshes0;
+    let kdfs = (burst_cpu - warm_burst_cpu).max(0.0) / cold_single_cpu.max(1e-3);
     let cold = ConcResult {
-        label: format!("proxy, cold ({k} clients, fresh proxy)"),
+        label: format!("proxy, cold ({k} clients; single = 1 cold)"),
         lat_ms: lat,
         wall_ms: vec![wall],
-        single_ms: single_p,
-        note: format!("{refreshes} token refresh(es), 1 password KDF"),
+        single_ms: cold_single,
+        note: format!(
+            "{refreshes} token refresh(es); proxy CPU {burst_cpu:.2} s for the cold burst vs {warm_burst_cpu:.2} s for a warm one; \
+             one cold login (KDF + refresh) costs {cold_single_cpu:.2} s CPU and {cold_single:.0} ms => ~{kdfs:.0} password KDF(s) ran"
+        ),
     };
     w.warm_proxy().await?;
     for r in [&pw, &dw, &cold] {
@@ -889,6 +955,27 @@ impl MemResult {
     fn per_session(&self) -> f64 {
         (self.after_kib as f64 - self.before_kib as f64) / self.sessions as f64
     }
+}
+
+/// utime + stime of a process in seconds.
+fn proc_cpu_secs(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(close) = s.rfind(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = s[close + 2..].split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / if hz > 0.0 { hz } else { 100.0 }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// RSS once it stops moving (the proxy may still be finishing hand-offs).
@@ -1005,6 +1092,11 @@ fn print_report(
         "(client: raw IMAP over tokio in this process; proxy: `mailproxy serve`, RUST_LOG={})",
         o.proxy_log
     );
+    println!(
+        "load average at start {} / at end {} (other work on the machine makes numbers noisy)",
+        START_LOAD.get().map(String::as_str).unwrap_or("?"),
+        loadavg()
+    );
 
     if !fetch.is_empty() {
         let (bytes, msgs) = mailbox.unwrap_or((0, 0));
@@ -1016,8 +1108,8 @@ fn print_report(
             o.runs
         );
         println!(
-            "   {:<10} {:>14} {:>14} {:>13} {:>8}  {}",
-            "upstream", "direct MB/s", "proxy MB/s", "proxy/direct", "target", ""
+            "   {:<10} {:>12} {:>12} {:>13} {:>13} {:>8}  {}",
+            "upstream", "direct MB/s", "proxy MB/s", "proxy/direct", "paired ratio", "target", ""
         );
         for f in fetch {
             let (d, p) = (median(&f.direct_mbps), median(&f.proxy_mbps));
@@ -1025,13 +1117,27 @@ fn print_report(
             let pass = ratio >= f.target;
             misses += usize::from(!pass);
             println!(
-                "   {:<10} {:>14.1} {:>14.1} {:>13.3} {:>8}  {}",
+                "   {:<10} {:>12.1} {:>12.1} {:>13.3} {:>13.3} {:>8}  {}",
                 f.label,
                 d,
                 p,
                 ratio,
+                median(&f.ratios),
                 format!(">= {:.2}", f.target),
                 verdict(pass)
+            );
+        }
+        println!("   (proxy/direct: ratio of the medians, judged against the target; paired ratio: median of the");
+        println!("    per-run ratios of back-to-back direct/proxy pairs, less sensitive to drift)");
+        for f in fetch {
+            let gb = bytes as f64 * f.ratios.len() as f64 / 1e9;
+            println!(
+                "   cpu {}: client {:.0}% of a core (direct) / {:.0}% (via proxy); proxy {:.0}% of a core, {:.2} CPU-s per GB relayed",
+                f.label,
+                100.0 * f.client_cpu_direct / f.secs_direct.max(1e-9),
+                100.0 * f.client_cpu_proxy / f.secs_proxy.max(1e-9),
+                100.0 * f.proxy_cpu / f.secs_proxy.max(1e-9),
+                f.proxy_cpu / gb.max(1e-9)
             );
         }
         for f in fetch {
@@ -1163,6 +1269,7 @@ fn raise_nofile() {
 
 fn main() {
     START.get_or_init(Instant::now);
+    START_LOAD.get_or_init(loadavg);
     let o = parse_args();
     raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()

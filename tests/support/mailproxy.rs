@@ -220,6 +220,19 @@ impl Proxy {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Waits (up to 10 s) until the log contains `needle`; the log is read
+    /// from the child's stderr by a thread, so it lags a little.
+    pub fn wait_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
