@@ -255,7 +255,7 @@ fn live_status(config: &Config) -> Vec<AccountStatus> {
 fn when(t: Option<u64>) -> String {
     let Some(t) = t else { return "-".into() };
     let now = now_unix();
-    if t >= now {
+    if t > now {
         format!("in {}", human(t - now))
     } else {
         format!("{} ago", human(now - t))

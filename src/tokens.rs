@@ -384,7 +384,9 @@ impl TokenManager {
             },
             Some(r) if r.token_store.as_deref() == Some("keyring") => {
                 let name = acct.account.name.clone();
-                match blocking(move || keystore::get(&name)).await {
+                let got = blocking(move || keystore::get(&name)).await;
+                tracing::debug!(account = %acct.account.name, found = ?got.as_ref().map(|t| t.is_some()), "refresh token looked up in the OS keyring");
+                match got {
                     Ok(Some(t)) => {
                         let refresh = Some(t);
                         TokenState::Active {

@@ -210,6 +210,26 @@ VAULT = [
     b"Alice@Example.COM",
 ]
 
+SMTP_CLIENT = (b"EHLO client.example.org\r\nSTARTTLS\r\nEHLO client.example.org\r\n"
+               b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<alice@example.org> SIZE=1000\r\n"
+               b"RCPT TO:<bob@example.org>\r\nDATA\r\nSubject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+SMTP_LOGIN = b"HELO x\r\nAUTH LOGIN\r\nYWxpY2U=\r\nc2VjcmV0\r\nNOOP\r\nRSET\r\nVRFY x\r\nAUTH PLAIN\r\n*\r\nQUIT\r\n"
+SMTP_SERVER = (b"220 smtp.gmail.com ESMTP a640c23a62f3a-a7 - gsmtp\r\n"
+               b"250-smtp.gmail.com at your service, [1.2.3.4]\r\n250-SIZE 35882577\r\n250-8BITMIME\r\n"
+               b"250-AUTH LOGIN PLAIN XOAUTH2 PLAIN-CLIENTTOKEN OAUTHBEARER XOAUTH\r\n250-ENHANCEDSTATUSCODES\r\n"
+               b"250-PIPELINING\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"
+               b"334 eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==\r\n"
+               b"535-5.7.8 Username and Password not accepted. For more information, go to\r\n"
+               b"535 5.7.8  https://support.google.com/mail/?p=BadCredentials\r\n"
+               b"220 2.0.0 SMTP server ready\r\n")
+POP3_CLIENT = (b"CAPA\r\nSTLS\r\nUSER alice\r\nPASS secret\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"
+               b"AUTH PLAIN\r\n*\r\nAUTH\r\nSTAT\r\nNOOP\r\nQUIT\r\n")
+POP3_SERVER = (b"+OK Gpop ready for requests from 1.2.3.4\r\n"
+               b"+OK Capability list follows\r\nUSER\r\nRESP-CODES\r\nEXPIRE 0\r\nLOGIN-DELAY 300\r\n"
+               b"TOP\r\nUIDL\r\nX-GOOGLE-RICO\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\n.\r\n"
+               b"+ eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==\r\n"
+               b"-ERR [AUTH] Username and password not accepted.\r\n-ERR [SYS/TEMP] try later\r\n+OK Welcome.\r\n")
+
 def write(target, items):
     d = os.path.join(ROOT, target)
     shutil.rmtree(d, ignore_errors=True)
@@ -245,6 +265,11 @@ def main():
         return 1 if e.startswith(b"smtp") else 2 if e.startswith(b"pop3") else 0
     write("endpoint", [bytes([proto(e)]) + e for e in ENDPOINTS] + [b"\x01" + ENDPOINTS[0], b"\x02" + ENDPOINTS[1]])
     write("vault_record", VAULT)
+    # smtp / pop3: [cfg][max_line][seed] stream
+    write("smtp", [bytes([0x80, 0x80, i]) + x for i, x in enumerate([SMTP_CLIENT, SMTP_LOGIN, SMTP_SERVER])] +
+          [bytes([0x81, 0x80, 7]) + SMTP_CLIENT, bytes([0x03, 40, 9]) + SMTP_LOGIN])
+    write("pop3", [bytes([0x80, 0x80, i]) + x for i, x in enumerate([POP3_CLIENT, POP3_SERVER])] +
+          [bytes([0x81, 0x80, 7]) + POP3_CLIENT, bytes([0x01, 40, 9]) + POP3_CLIENT])
 
 if __name__ == "__main__":
     main()

@@ -914,6 +914,7 @@ async fn bench_concurrent(w: &mut World, o: &Opts) -> io::Result<Vec<ConcResult>
     let c0 = proc_cpu_secs(pid);
     let (lat, wall) = burst(&p, k).await?;
     let burst_cpu = proc_cpu_secs(pid) - c0;
+    let peak_kib = proc_status_kib(pid, "VmHWM");
     let refreshes = w.env.provider.refreshes() - refreshes0;
     let kdfs = (burst_cpu - warm_burst_cpu).max(0.0) / cold_single_cpu.max(1e-3);
     let cold = ConcResult {
@@ -923,7 +924,7 @@ async fn bench_concurrent(w: &mut World, o: &Opts) -> io::Result<Vec<ConcResult>
         single_ms: cold_single,
         note: format!(
             "{refreshes} token refresh(es); proxy CPU {burst_cpu:.2} s for the cold burst vs {warm_burst_cpu:.2} s for a warm one; \
-             one cold login (KDF + refresh) costs {cold_single_cpu:.2} s CPU and {cold_single:.0} ms => ~{kdfs:.0} password KDF(s) ran"
+             one cold login (KDF + refresh) costs {cold_single_cpu:.2} s CPU and {cold_single:.0} ms => ~{kdfs:.0} password KDF(s) ran; proxy peak RSS (VmHWM) {peak_kib} KiB"
         ),
     };
     w.warm_proxy().await?;
@@ -970,6 +971,16 @@ fn proc_cpu_secs(pid: u32) -> f64 {
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks / if hz > 0.0 { hz } else { 100.0 }
+}
+
+/// A `/proc/PID/status` field in KiB (VmRSS, VmHWM, ...).
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn loadavg() -> String {

@@ -96,7 +96,9 @@ impl ProxyDir {
         while stderr.read_line(&mut line).unwrap_or(0) > 0 {
             seen.push_str(&line);
             let t = line.trim();
-            if t.starts_with("http://") || t.starts_with("https://") {
+            // The browser flow prints the URL alone on a line; the device
+            // flow prints a sentence with the URL and the code.
+            if t.contains("http://") || t.contains("https://") {
                 url = Some(t.to_string());
                 line.clear();
                 break;
@@ -112,6 +114,26 @@ impl ProxyDir {
         let status = child.wait().unwrap();
         (status, seen)
     }
+}
+
+/// Runs `mailproxy --config DIR/config.toml ARGS...` with `stdin`; returns
+/// (exit code, stdout, stderr).
+pub fn run(dir: &ProxyDir, args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["--config", dir.config_path().to_str().unwrap()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mailproxy");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A running `mailproxy serve`.

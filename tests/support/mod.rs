@@ -20,6 +20,7 @@ pub mod process;
 pub mod provider;
 pub mod smtp_sink;
 pub mod world;
+pub mod world_mail;
 
 pub use client::{ImapResponse, LineConn};
 pub use dovecot::{require_dovecot, Dovecot, DovecotOptions, ServerCert};

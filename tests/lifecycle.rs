@@ -1,0 +1,473 @@
+//! Authorisation flows and the account lifecycle, end to end: device flow,
+//! client credentials, on-demand authorisation, background refresh, revoke,
+//! decoded errors, hooks, hot reload, and the keyring store.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::mailproxy::{run, Proxy};
+use support::provider::{self, approve_in_browser};
+use support::world::*;
+use support::{sample_message, LineConn};
+
+async fn connect(port: u16) -> LineConn {
+    let mut c = LineConn::plain(port).await.unwrap();
+    let g = c.read_line().await.unwrap();
+    assert!(g.starts_with("* OK"), "{g}");
+    c
+}
+
+async fn login_response(port: u16, user: &str, pw: &str) -> (LineConn, String) {
+    let mut c = connect(port).await;
+    let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
+    (c, r.tagged)
+}
+
+async fn login_ok(port: u16, user: &str, pw: &str) -> LineConn {
+    let (c, tagged) = login_response(port, user, pw).await;
+    assert!(tagged.starts_with("a1 OK"), "LOGIN {user}: {tagged}");
+    c
+}
+
+fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_flow_with_slow_down() {
+    let mut w = World::new();
+    let p = &w.env.provider;
+    p.slow_down_next_polls(1);
+    let provider = &w.env.provider;
+    let (st, err) = w.dir.login_with(ALICE, ALICE_PW, &["--device"], |line| {
+        // "To authorise X, open URL on any device and enter the code ABCD-EFGH"
+        let code = line.rsplit(' ').next().unwrap().to_string();
+        assert!(line.contains(&provider.verification_url()), "{line}");
+        let t0 = Instant::now();
+        while !provider.pending_user_codes().contains(&code) {
+            assert!(t0.elapsed() < Duration::from_secs(5), "code {code} not pending");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(provider.approve_device(&code, ALICE));
+    });
+    assert!(st.success(), "{err}");
+    assert!(err.contains("poll more slowly"), "slow_down was handled visibly: {err}");
+    assert!(p.token_requests(provider::DEVICE_GRANT) >= 2, "polled at least twice");
+    let port = w.start();
+    let mut c = login_ok(port, ALICE, ALICE_PW).await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_account() {
+    const APP: &str = "app@example.org";
+    let mut w = World::with(|env, _| {
+        let d = &env.dovecot;
+        format!(
+            "[accounts.\"{APP}\"]\nprovider = \"custom\"\nflow = \"client_credentials\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nscopes = [\"https://mail.example.org/.default\"]\nimap = \"imaps://localhost:{}\"\nca_file = \"{}\"\n",
+            env.provider.auth_url(),
+            env.provider.token_url(),
+            provider::CLIENT_ID,
+            provider::CLIENT_SECRET,
+            d.imaps_port,
+            d.ca_pem_path().display()
+        )
+    });
+    // App-only tokens carry the mailbox the app was granted.
+    w.env.provider.set_default_user(APP);
+    let (code, _, err) = run(&w.dir, &["login", APP], "app local pw\n");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("client credentials need no refresh token"), "{err}");
+    let vault = read(&w.dir.state_dir().join("accounts").join(format!("{APP}.json")));
+    assert!(!vault.contains("refresh_token\": {"), "{vault}");
+    // No user, no refresh token: the proxy fetches the app token by itself at start.
+    let before = w.env.provider.token_requests("client_credentials");
+    let port = w.start();
+    let t0 = Instant::now();
+    while w.env.provider.token_requests("client_credentials") == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no token fetched in the background"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = login_ok(port, APP, "app local pw").await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    assert_eq!(
+        w.env.provider.token_requests("client_credentials"),
+        before + 1,
+        "the login used the cached token"
+    );
+    // A wrong local password is still refused.
+    let (_, tagged) = login_response(port, APP, "nope").await;
+    assert!(tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{tagged}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_authorisation_runs_once_for_twenty_clients() {
+    let mut w = World::new();
+    let status_dir = w.dir.path().to_path_buf();
+    let cfg = read(&w.dir.config_path()).replace("[server]\n", "[server]\nstatus_listen = \"127.0.0.1:0\"\n");
+    std::fs::write(w.dir.config_path(), cfg).unwrap();
+    let port = w.start();
+    let status_addr = w
+        .proxy
+        .as_ref()
+        .unwrap()
+        .stdout()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening status ").map(str::to_string))
+        .expect("status listener");
+
+    let tasks: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { login_response(port, ALICE, "first pw").await.1 }))
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    for a in &answers {
+        assert!(a.starts_with("a1 NO [ALERT]"), "{a}");
+        assert!(
+            a.contains("is not authorised yet") && a.contains(&format!("http://{status_addr}/")),
+            "{a}"
+        );
+    }
+    // The status page shows one pending authorisation with its link.
+    let page = support::http::get(&format!("http://{status_addr}/status.json"))
+        .unwrap()
+        .text();
+    let rows: serde_json::Value = serde_json::from_str(&page).unwrap();
+    let alice = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["account"] == ALICE)
+        .unwrap()
+        .clone();
+    assert_eq!(alice["state"], "authorizing", "{page}");
+    let url = alice["pending"]["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with(&w.env.provider.auth_url()), "{url}");
+    let html = support::http::get(&format!("http://{status_addr}/")).unwrap().text();
+    assert!(html.contains("sign in") && html.contains(ALICE), "{html}");
+
+    let (status, body) = approve_in_browser(&url).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let t0 = Instant::now();
+    while w.env.provider.code_exchanges() < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(w.env.provider.authorize_hits(), 1, "one authorisation");
+    assert_eq!(w.env.provider.code_exchanges(), 1, "one token exchange");
+
+    // The first login afterwards sets the local password.
+    let mut c = login_ok(port, ALICE, "first pw").await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    let (_, tagged) = login_response(port, ALICE, "other pw").await;
+    assert!(tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{tagged}");
+    drop(login_ok(port, ALICE, "first pw").await);
+    let audit = read(&w.dir.state_dir().join("audit.log"));
+    assert!(
+        audit.contains("authorization_started") && audit.contains("\"consent\"") && audit.contains("password_set"),
+        "{audit}"
+    );
+    let _ = status_dir;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_refresh_keeps_idle_and_new_logins_going() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    w.env.provider.set_access_token_lifetime(Duration::from_secs(3));
+    w.env.provider.expire_all_access_tokens();
+    let mut idle = login_ok(port, ALICE, ALICE_PW).await;
+    assert!(idle.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    idle.send("i1 IDLE").await.unwrap();
+    assert!(idle.read_line().await.unwrap().starts_with("+ "));
+    let logs_at_start = w.logs().matches("access token refreshed").count();
+    let refreshes_at_start = w.env.provider.refreshes();
+
+    let t0 = Instant::now();
+    let mut logins = 0;
+    while t0.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut c = login_ok(port, ALICE, ALICE_PW).await;
+        assert!(c.imap("n", "NOOP").await.unwrap().is_ok());
+        logins += 1;
+    }
+    w.env
+        .dovecot
+        .deliver(ALICE, &sample_message("x@y", ALICE, "late", "late1"));
+    let l = idle.read_until_prefix("* 1 EXISTS").await.unwrap();
+    assert_eq!(l, "* 1 EXISTS");
+    idle.send("DONE").await.unwrap();
+    assert!(idle.read_imap_response("i1").await.unwrap().is_ok());
+
+    // Refreshes happened in the background (about one per 2 s), none at login.
+    let refreshed = w.env.provider.refreshes() - refreshes_at_start;
+    assert!(refreshed >= 10, "background refreshes in 30 s: {refreshed}");
+    let logs = w.logs();
+    let at_login = logs
+        .lines()
+        .filter(|l| l.contains("access token refreshed") && l.contains("conn{"))
+        .count();
+    let retried = logs
+        .lines()
+        .filter(|l| l.contains("refreshing and retrying once"))
+        .count();
+    assert!(logins >= 8);
+    assert!(logs.matches("access token refreshed").count() > logs_at_start);
+    // The only refresh inside a connection is the first login after the start (nothing cached yet).
+    assert_eq!(
+        at_login, 1,
+        "only the first, cold login refreshes: {at_login}, retries {retried}\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_erases_every_trace_and_calls_the_provider() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    drop(login_ok(port, ALICE, ALICE_PW).await);
+    let vault_file = w.dir.state_dir().join("accounts").join(format!("{ALICE}.json"));
+    assert!(vault_file.exists());
+
+    let (code, out, err) = run(&w.dir, &["revoke", ALICE], &format!("{ALICE_PW}\n"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("revoked the refresh token at"), "{out}");
+    assert!(
+        out.contains("erased:") && out.contains(&vault_file.display().to_string()),
+        "{out}"
+    );
+    let revs = w.env.provider.revocations();
+    assert_eq!(revs.len(), 1, "{revs:?}");
+    assert_eq!(revs[0].1.as_deref(), Some("refresh_token"));
+    assert!(!w.env.provider.is_refresh_token_valid(&revs[0].0));
+    assert!(!vault_file.exists());
+    let audit = read(&w.dir.state_dir().join("audit.log"));
+    assert!(audit.contains("\"revoked\"") && audit.contains("\"erased\""), "{audit}");
+    assert!(!audit.contains(&revs[0].0), "no token in the audit log");
+
+    // The running proxy notices without a restart: no more logins with the old state.
+    let (_, tagged) = login_response(port, ALICE, ALICE_PW).await;
+    assert!(
+        tagged.starts_with("a1 NO [ALERT]") && tagged.contains("not authorised"),
+        "{tagged}"
+    );
+    // `accounts` reads what the running proxy reports (refreshed within seconds).
+    let t0 = Instant::now();
+    loop {
+        let (code, out, _) = run(&w.dir, &["accounts"], "");
+        assert_eq!(code, 0);
+        let line = out.lines().find(|l| l.starts_with(ALICE)).unwrap().to_string();
+        if line.contains("authorizing") || line.contains("needs login") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoded_provider_errors_reach_the_client_and_run_the_hook() {
+    let mut w = World::new();
+    let hook_out = w.dir.path().join("hook.out");
+    let cfg = read(&w.dir.config_path()).replace(
+        "[server]\n",
+        &format!(
+            "[server]\non_reauth_needed = \"echo \\\"$MAILPROXY_ACCOUNT\\\" >> {}\"\n",
+            hook_out.display()
+        ),
+    );
+    std::fs::write(w.dir.config_path(), cfg).unwrap();
+    w.authorise(ALICE, ALICE_PW);
+    let cases = [
+        (
+            400,
+            r#"{"error":"invalid_grant","error_description":"AADSTS50076: Due to a configuration change made by your administrator, you must use multi-factor authentication."}"#,
+            "multi-factor",
+        ),
+        (
+            400,
+            r#"{"error":"invalid_grant","error_description":"AADSTS65001: The user or administrator has not consented."}"#,
+            "consented",
+        ),
+        (
+            401,
+            r#"{"error":"invalid_client","error_description":"bad secret"}"#,
+            "check client_id and client_secret",
+        ),
+        (
+            400,
+            r#"{"error":"invalid_grant","error_description":"AADSTS700082: The refresh token has expired due to inactivity."}"#,
+            "inactivity",
+        ),
+        (503, "<html>down</html>", "could not be reached"),
+    ];
+    for (status, body, want) in cases {
+        let port = w.restart();
+        w.env.provider.fail_next_token_requests(1, status, body);
+        let (_, tagged) = login_response(port, ALICE, ALICE_PW).await;
+        assert!(tagged.starts_with("a1 NO ["), "{tagged}");
+        assert!(tagged.contains(want), "{want}: {tagged}");
+    }
+    let hook = read(&hook_out);
+    assert!(
+        hook.lines().filter(|l| *l == ALICE).count() >= 3,
+        "hook ran for each needs-login: {hook:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_keeps_live_sessions_and_rejects_a_broken_config() {
+    const NEW: &str = "newcomer@example.org";
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    let mut live = login_ok(port, ALICE, ALICE_PW).await;
+    assert!(live.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+
+    // A broken config is reported; the running one stays in force.
+    let good = read(&w.dir.config_path());
+    std::fs::write(
+        w.dir.config_path(),
+        format!("{good}\n[accounts.\"x@y\"]\nprovider = \"nonsense\"\n"),
+    )
+    .unwrap();
+    w.proxy.as_ref().unwrap().signal(libc::SIGHUP);
+    assert!(
+        w.proxy.as_ref().unwrap().wait_log("config reload failed"),
+        "{}",
+        w.logs()
+    );
+    drop(login_ok(port, ALICE, ALICE_PW).await);
+
+    // A good config with a new passthrough account takes effect.
+    let d = &w.env.dovecot;
+    std::fs::write(
+        w.dir.config_path(),
+        format!("{good}\n[accounts.\"{NEW}\"]\nprovider = \"password\"\nusername = \"{BOB}\"\nimap = \"imap://127.0.0.1:{}\"\n", d.imap_port),
+    )
+    .unwrap();
+    w.proxy.as_ref().unwrap().signal(libc::SIGHUP);
+    assert!(
+        w.proxy.as_ref().unwrap().wait_log("configuration reloaded"),
+        "{}",
+        w.logs()
+    );
+    let mut c = login_ok(port, NEW, BOB_PW).await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    // The session from before the reload still works, and so does alice (unchanged, still unlocked).
+    assert!(live.imap("n", "NOOP").await.unwrap().is_ok());
+    drop(login_ok(port, ALICE, ALICE_PW).await);
+}
+
+/// The same lifecycle with the refresh token in the OS keyring (kernel
+/// keyutils here) and in the file vault: with the keyring an account is
+/// usable and refreshed right after a restart; with the file vault it waits,
+/// locked, for the local password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyring_store_and_file_vault() {
+    // A name of its own: the keyring is shared by everything in this session.
+    let user = format!("kr{}@example.org", std::process::id());
+    for store in ["keyring", "file"] {
+        let u = user.clone();
+        let mut w = World::with(move |env, _| {
+            support::mailproxy::oauth_account(
+                &u,
+                &env.provider,
+                &env.dovecot,
+                &format!("imaps://localhost:{}", env.dovecot.imaps_port),
+            )
+        });
+        let cfg = read(&w.dir.config_path()).replace("[server]\n", &format!("[server]\ntoken_store = \"{store}\"\n"));
+        std::fs::write(w.dir.config_path(), cfg).unwrap();
+        w.authorise(&user, "kr pw");
+        let record = read(&w.dir.state_dir().join("accounts").join(format!("{user}.json")));
+        if store == "keyring" {
+            assert!(record.contains("\"token_store\": \"keyring\""), "{record}");
+            assert!(!record.contains("ciphertext"), "{record}");
+            let shown = std::process::Command::new("keyctl")
+                .args(["show", "@u"])
+                .output()
+                .unwrap();
+            assert!(
+                String::from_utf8_lossy(&shown.stdout).contains(&user),
+                "keyutils holds the token"
+            );
+        } else {
+            assert!(record.contains("ciphertext"), "{record}");
+        }
+        let before = w.env.provider.refreshes();
+        let port = w.start();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = w.env.provider.refreshes();
+        if store == "keyring" {
+            assert!(w
+                .proxy
+                .as_ref()
+                .unwrap()
+                .wait_log("refresh tokens are kept in the OS keyring"));
+            assert_eq!(after, before + 1, "refreshed at start without any client: {}", w.logs());
+        } else {
+            assert_eq!(after, before, "locked until a client gives the password");
+        }
+        let mut c = login_ok(port, &user, "kr pw").await;
+        assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+        let (code, out, _) = run(&w.dir, &["revoke", &user], "kr pw\n");
+        assert_eq!(code, 0, "{out}");
+        if store == "keyring" {
+            assert!(out.contains("OS keyring"), "{out}");
+            let shown = std::process::Command::new("keyctl")
+                .args(["show", "@u"])
+                .output()
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&shown.stdout).contains(&user),
+                "erased from keyutils"
+            );
+        }
+        let _: Option<Proxy> = w.proxy.take();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accounts_and_check_commands() {
+    let w = World::new();
+    let (code, out, _) = run(&w.dir, &["accounts"], "");
+    assert_eq!(code, 0);
+    assert!(out.starts_with("ACCOUNT"), "{out}");
+    let alice = out.lines().find(|l| l.starts_with(ALICE)).unwrap();
+    assert!(alice.contains("needs login"), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with(BOB) && l.contains("passthrough")),
+        "{out}"
+    );
+
+    w.authorise(ALICE, ALICE_PW);
+    let (code, out, _) = run(&w.dir, &["accounts"], "");
+    assert_eq!(code, 0);
+    let alice = out.lines().find(|l| l.starts_with(ALICE)).unwrap();
+    assert!(
+        alice.contains("locked") && alice.contains("https://mail.example.org/"),
+        "{out}"
+    );
+
+    let (code, out, err) = run(&w.dir, &["check", ALICE], &format!("{ALICE_PW}\n"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("{ALICE}: ok")), "{out}");
+    let (code, out, _) = run(&w.dir, &["check", ALICE], "wrong\n");
+    assert_ne!(code, 0, "{out}");
+    w.env.provider.invalidate_all_refresh_tokens();
+    let (code, out, _) = run(&w.dir, &["check", ALICE], &format!("{ALICE_PW}\n"));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("needs action") && out.contains(&format!("mailproxy login {ALICE}")),
+        "{out}"
+    );
+}
