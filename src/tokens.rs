@@ -149,6 +149,9 @@ pub struct AccountTokens {
     /// Keyed digest of the last password that passed the KDF check: later
     /// logins with the same password skip the (deliberately slow) KDF.
     verified: SyncMutex<Option<[u8; 32]>>,
+    /// One password check (KDF) per account at a time: a crowd of clients
+    /// logging in together with the same password costs one KDF, not one each.
+    kdf: tokio::sync::Mutex<()>,
     backoff: SyncMutex<Backoff>,
     last_use: SyncMutex<Option<u64>>,
 }
@@ -171,6 +174,7 @@ impl AccountTokens {
                 last_error: None,
             }),
             verified: SyncMutex::new(None),
+            kdf: tokio::sync::Mutex::new(()),
             backoff: SyncMutex::new(Backoff::default()),
             last_use: SyncMutex::new(None),
         }
@@ -243,6 +247,9 @@ pub struct TokenManager {
     status_url: RwLock<Option<String>>,
     /// Wakes the background refresher when something changed.
     pub changed: tokio::sync::Notify,
+    /// Bounds the KDF runs in flight across accounts (each takes 19 MiB and a
+    /// core for ~30 ms); more would only queue on the CPU and grow memory.
+    kdf_slots: tokio::sync::Semaphore,
 }
 
 pub fn now_unix() -> u64 {
@@ -273,6 +280,12 @@ impl TokenManager {
             hook: RwLock::new(None),
             status_url: RwLock::new(None),
             changed: tokio::sync::Notify::new(),
+            kdf_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism()
+                    .map(|n| n.get() * 2)
+                    .unwrap_or(4)
+                    .max(4),
+            ),
         };
         tm.reload(config);
         tm
@@ -478,6 +491,25 @@ impl TokenManager {
             }
         };
 
+        let _one_at_a_time = acct.kdf.lock().await;
+        // Another login may have verified this same password while we waited.
+        if acct
+            .verified
+            .lock()
+            .unwrap()
+            .is_some_and(|d| bool::from(d.ct_eq(&digest)))
+        {
+            let slot = acct.slot.lock().await;
+            if matches!(slot.state, TokenState::Active { .. }) {
+                *acct.last_use.lock().unwrap() = Some(now_unix());
+                return Ok(());
+            }
+        }
+        let _slot = self
+            .kdf_slots
+            .acquire()
+            .await
+            .expect("the KDF semaphore is never closed");
         let pw = password.clone();
         let checked = blocking(move || crypto::check_password(pw.expose(), &verifier)).await;
         let key = match checked {
@@ -490,6 +522,9 @@ impl TokenManager {
                     b.not_before = Some(Instant::now() + d);
                     d
                 };
+                // Slow down this client without holding up anyone else's check.
+                drop(_slot);
+                drop(_one_at_a_time);
                 tokio::time::sleep(delay).await;
                 return Err(AuthError::WrongPassword);
             }

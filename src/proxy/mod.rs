@@ -39,9 +39,14 @@ pub fn one_line(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
-/// Buffer per direction in the relay: large enough for full-speed bulk
-/// transfers, small enough for thousands of idle sessions.
-pub const RELAY_BUF: usize = 16 * 1024;
+/// Relay buffer sizes, per direction: small while a session is interactive
+/// (thousands of idle sessions stay cheap), growing for bulk transfers (FETCH
+/// of a large mailbox, a big DATA), where fewer, larger reads and writes keep
+/// up with a direct connection, and shrinking again afterwards.
+pub const RELAY_MIN: usize = 8 * 1024;
+pub const RELAY_MAX: usize = 256 * 1024;
+/// Once one side has closed, how long the other may still finish.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How to log in upstream for one client login.
 pub struct Upstream {
@@ -221,7 +226,8 @@ pub fn token_failure(_ctx: &Ctx, account: &str, e: TokenError) -> LoginFailure {
 
 /// After the hand-off: first what each side already sent the other (so
 /// nothing is lost or reordered), then bytes both ways, untouched, until
-/// either side closes or the proxy shuts down.
+/// both sides close (or one closes and the other lingers past a grace
+/// period), or the proxy shuts down.
 pub async fn relay(
     mut client: Stream,
     mut upstream: Stream,
@@ -237,8 +243,57 @@ pub async fn relay(
     }
     client.flush().await?;
     upstream.flush().await?;
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let up = pump(&mut cr, &mut uw);
+    let down = pump(&mut ur, &mut cw);
+    tokio::pin!(up, down);
+    let grace = |r: Result<std::io::Result<u64>, _>| match r {
+        Ok(Ok(n)) => n,
+        _ => 0,
+    };
     tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, RELAY_BUF, RELAY_BUF) => r,
+        r = &mut up => {
+            let u = r?;
+            Ok((u, grace(tokio::time::timeout(CLOSE_GRACE, &mut down).await)))
+        }
+        r = &mut down => {
+            let d = r?;
+            Ok((grace(tokio::time::timeout(CLOSE_GRACE, &mut up).await), d))
+        }
         _ = shutdown.cancelled() => Ok((0, 0)),
+    }
+}
+
+/// Copies one direction until EOF, then passes the EOF on.
+async fn pump<R, W>(r: &mut R, w: &mut W) -> std::io::Result<u64>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; RELAY_MIN];
+    let mut total = 0u64;
+    let mut small_reads = 0u32;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(total);
+        }
+        w.write_all(&buf[..n]).await?;
+        // A no-op on TCP; pushes out the records a TLS stream still holds.
+        w.flush().await?;
+        total += n as u64;
+        if n == buf.len() && buf.len() < RELAY_MAX {
+            buf = vec![0u8; (buf.len() * 4).min(RELAY_MAX)];
+            small_reads = 0;
+        } else if buf.len() > RELAY_MIN && n < RELAY_MIN {
+            small_reads += 1;
+            if small_reads >= 16 {
+                buf = vec![0u8; RELAY_MIN];
+                small_reads = 0;
+            }
+        }
     }
 }
