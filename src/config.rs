@@ -85,6 +85,8 @@ struct RawLimits {
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     max_line: Option<usize>,
+    login_failure_delay_max: Option<f64>,
+    provider_timeout: Option<u64>,
 }
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +118,8 @@ struct RawAccount {
     ca_file: Option<PathBuf>,
     #[serde(default)]
     allow_plaintext: bool,
+    #[serde(default)]
+    insecure_skip_verify: bool,
     #[serde(default)]
     mechanism: Mechanism,
     #[serde(default)]
@@ -224,6 +228,11 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub max_line: usize,
+    /// Cap of the delay before answering a failed login (it doubles with
+    /// each failure, per account and per client address).
+    pub login_failure_delay_max: Duration,
+    /// Total time allowed for one request to the OAuth provider.
+    pub provider_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -234,6 +243,8 @@ impl Default for Limits {
             max_connections: 4096,
             max_connections_per_ip: 4096,
             max_line: 8192,
+            login_failure_delay_max: Duration::from_secs(15),
+            provider_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -249,6 +260,9 @@ pub struct Account {
     pub smtp: Option<Endpoint>,
     pub pop3: Option<Endpoint>,
     pub ca_file: Option<PathBuf>,
+    /// Accept any upstream certificate (logged as a warning on every
+    /// connection). Only for a test server you control.
+    pub insecure_skip_verify: bool,
     pub mechanism: Mechanism,
 }
 
@@ -361,6 +375,7 @@ impl Config {
             key: None,
             message: format!("cannot read the config file: {e}"),
         })?;
+        check_mode(path, &text)?;
         Config::parse(&text, path)
     }
 
@@ -484,6 +499,15 @@ impl Config {
             max_connections: rl.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: rl.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
             max_line: rl.max_line.unwrap_or(d.max_line).clamp(1024, 1 << 20),
+            login_failure_delay_max: rl
+                .login_failure_delay_max
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(|s| Duration::from_secs_f64(s.min(3600.0)))
+                .unwrap_or(d.login_failure_delay_max),
+            provider_timeout: rl
+                .provider_timeout
+                .map(|s| Duration::from_secs(s.max(1)))
+                .unwrap_or(d.provider_timeout),
         };
 
         let mut accounts = BTreeMap::new();
@@ -699,6 +723,7 @@ impl Config {
                 pop3: endpoints.next().flatten(),
                 ca_file: a.ca_file.map(|p| resolve(path, &p)).or_else(|| server_ca.clone()),
                 mechanism: a.mechanism,
+                insecure_skip_verify: a.insecure_skip_verify,
             };
             if accounts.insert(name.to_lowercase(), Arc::new(account)).is_some() {
                 return Err(e(
@@ -733,6 +758,38 @@ impl Config {
             .into_iter()
             .flatten()
     }
+}
+
+/// Other users must not be able to change the config (it names the servers
+/// passwords go to), nor read it when it holds a client secret.
+fn check_mode(path: &Path, text: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    let refuse = |message: String| {
+        Err(ConfigError {
+            path: path.to_owned(),
+            line: None,
+            key: None,
+            message,
+        })
+    };
+    if mode & 0o022 != 0 {
+        return refuse(format!(
+            "other users can change this file (mode {mode:o}); run: chmod go-w {}",
+            path.display()
+        ));
+    }
+    let has_secret = text.lines().any(|l| l.trim_start().starts_with("client_secret"));
+    if has_secret && mode & 0o044 != 0 {
+        return refuse(format!(
+            "it holds a client_secret and other users can read it (mode {mode:o}); run: chmod 600 {}",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Endpoints must be https, except on loopback (a local identity provider or a test).
@@ -823,6 +880,25 @@ imap = "imaps://legacy.example:993"
             AccountAuth::Password
         ));
         assert_eq!(c.imap.unwrap().listen.port(), 1143);
+    }
+
+    #[test]
+    fn refuses_config_files_others_can_change_or_read_secrets_from() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("c.toml");
+        std::fs::write(&p, EXAMPLE).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600") && e.contains("client_secret"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Config::load(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o620)).unwrap();
+        assert!(Config::load(&p).unwrap_err().to_string().contains("chmod go-w"));
+        // Without secrets, a world-readable config is fine.
+        std::fs::write(&p, "[imap]\nlisten = \"127.0.0.1:1143\"\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Config::load(&p).unwrap();
     }
 
     #[test]

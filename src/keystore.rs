@@ -34,7 +34,8 @@ mod imp {
     fn find(ring: &KeyRing, account: &str) -> Result<Option<Key>, String> {
         match ring.search(&description(account)) {
             Ok(k) => Ok(Some(k)),
-            Err(KeyError::KeyDoesNotExist) => Ok(None),
+            // A revoked or expired entry is as good as none.
+            Err(KeyError::KeyDoesNotExist | KeyError::KeyRevoked | KeyError::KeyExpired) => Ok(None),
             Err(e) => Err(describe(e)),
         }
     }

@@ -118,7 +118,7 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
     let vault = Vault::open(&config.state_dir)?;
     let audit = Audit::direct(&config.audit_log);
     let password = read_password(&account.name, true)?;
-    let http = oauth::http_client();
+    let http = oauth::http_client(config.limits.provider_timeout);
     let timeout = Duration::from_secs(timeout);
 
     let result: Result<Tokens, OAuthError> = match (settings.flow, device) {
@@ -364,7 +364,7 @@ fn stored_refresh(
 async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
     let vault = Vault::open(&config.state_dir)?;
     let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client();
+    let http = oauth::http_client(config.limits.provider_timeout);
     let names: Vec<String> = match only {
         Some(n) => vec![oauth_account(config, n)?.0.name.clone()],
         None => config
@@ -449,7 +449,7 @@ async fn revoke(config: &Config, name: &str) -> Result<()> {
     let name = account.name.clone();
     let vault = Vault::open(&config.state_dir)?;
     let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client();
+    let http = oauth::http_client(config.limits.provider_timeout);
     let rec = vault.load(&name)?;
     let refresh = match &rec {
         Some(r) => {

@@ -92,6 +92,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tokens: tokens.clone(),
         tls: ClientConfigs::default(),
         shutdown: shutdown.clone(),
+        ip_failures: Default::default(),
     });
 
     // Fail at start, not at the first login, on unreadable CA files.
@@ -339,9 +340,9 @@ async fn connection(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
         None
     };
     let r = match l.config.protocol {
-        Protocol::Imap => proxy::imap::session(ctx, &l.config, client, starttls).await,
-        Protocol::Smtp => proxy::smtp::session(ctx, &l.config, client, starttls).await,
-        Protocol::Pop3 => proxy::pop3::session(ctx, &l.config, client, starttls).await,
+        Protocol::Imap => proxy::imap::session(ctx, &l.config, client, starttls, ip).await,
+        Protocol::Smtp => proxy::smtp::session(ctx, &l.config, client, starttls, ip).await,
+        Protocol::Pop3 => proxy::pop3::session(ctx, &l.config, client, starttls, ip).await,
     };
     if let Err(e) = r {
         tracing::debug!(error = %e, "connection ended with an error");

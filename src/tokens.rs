@@ -135,10 +135,9 @@ struct Backoff {
 }
 
 impl Backoff {
-    fn delay(failures: u32) -> Duration {
-        // 0.25 s, 0.5 s, 1 s, ... capped at 15 s.
-        Duration::from_millis(250u64.saturating_mul(1 << failures.saturating_sub(1).min(6)))
-            .min(Duration::from_secs(15))
+    fn delay(failures: u32, cap: Duration) -> Duration {
+        // 0.25 s, 0.5 s, 1 s, ... up to the cap (15 s by default).
+        Duration::from_millis(250u64.saturating_mul(1 << failures.saturating_sub(1).min(6))).min(cap)
     }
 }
 
@@ -250,6 +249,7 @@ pub struct TokenManager {
     /// Bounds the KDF runs in flight across accounts (each takes 19 MiB and a
     /// core for ~30 ms); more would only queue on the CPU and grow memory.
     kdf_slots: tokio::sync::Semaphore,
+    delay_cap: RwLock<Duration>,
 }
 
 pub fn now_unix() -> u64 {
@@ -272,7 +272,7 @@ impl TokenManager {
         rand::rngs::OsRng.fill_bytes(&mut pepper);
         let tm = TokenManager {
             vault,
-            http: oauth::http_client(),
+            http: oauth::http_client(config.limits.provider_timeout),
             accounts: RwLock::new(HashMap::new()),
             pepper,
             store,
@@ -280,6 +280,7 @@ impl TokenManager {
             hook: RwLock::new(None),
             status_url: RwLock::new(None),
             changed: tokio::sync::Notify::new(),
+            delay_cap: RwLock::new(config.limits.login_failure_delay_max),
             kdf_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism()
                     .map(|n| n.get() * 2)
@@ -316,6 +317,7 @@ impl TokenManager {
         }
         *map = next;
         *self.hook.write().unwrap() = config.on_reauth_needed.clone();
+        *self.delay_cap.write().unwrap() = config.limits.login_failure_delay_max;
         self.changed.notify_one();
         changed
     }
@@ -518,7 +520,7 @@ impl TokenManager {
                 let delay = {
                     let mut b = acct.backoff.lock().unwrap();
                     b.failures += 1;
-                    let d = Backoff::delay(b.failures);
+                    let d = Backoff::delay(b.failures, *self.delay_cap.read().unwrap());
                     b.not_before = Some(Instant::now() + d);
                     d
                 };

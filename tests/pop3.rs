@@ -544,6 +544,10 @@ fn fetchmail_collects_through_the_proxy() {
     std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
     let res = std::process::Command::new("fetchmail")
         .args(["-f", rc.to_str().unwrap(), "-v", "--invisible", "--nodetach"])
+        // Its own lock: as root fetchmail would otherwise share /var/run/fetchmail.pid
+        // with every parallel run.
+        .arg("--pidfile")
+        .arg(home.join("fetchmail.pid"))
         .env("HOME", &home)
         .env("FETCHMAILHOME", &home)
         .output()

@@ -60,11 +60,11 @@ pub struct Tokens {
 
 /// The HTTP client for provider calls: no redirects (a token endpoint that
 /// redirects is misconfigured or hostile), bounded connect and total time.
-pub fn http_client() -> reqwest::Client {
+pub fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .user_agent(concat!("mailproxy/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("the HTTP client configuration is static and valid")

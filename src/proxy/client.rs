@@ -18,27 +18,39 @@ pub struct Client {
     pub buf: Vec<u8>,
     pub endpoint: Endpoint,
     ca_file: Option<std::path::PathBuf>,
+    insecure: bool,
 }
 
 impl Client {
-    pub async fn connect(ctx: &Ctx, ep: &Endpoint, ca_file: Option<&std::path::Path>) -> Result<Client, String> {
+    pub async fn connect(ctx: &Ctx, up: &super::Upstream) -> Result<Client, String> {
+        let ep = &up.endpoint;
         let timeout = ctx.config().limits.connect_timeout;
         let tcp = net::connect_tcp(ep, timeout).await.map_err(|e| e.to_string())?;
-        let stream = match ep.security {
-            Security::Tls => {
-                let cfg = ctx.tls.get(ca_file).map_err(|e| e.to_string())?;
-                net::tls_client(tcp, ep, cfg, timeout)
-                    .await
-                    .map_err(|e| e.to_string())?
-            }
-            _ => Stream::Plain(tcp),
-        };
-        Ok(Client {
-            stream,
+        let mut c = Client {
+            stream: Stream::Plain(tcp),
             buf: Vec::new(),
             endpoint: ep.clone(),
-            ca_file: ca_file.map(Into::into),
-        })
+            ca_file: up.ca_file.clone(),
+            insecure: up.insecure,
+        };
+        if ep.security == Security::Tls {
+            let cfg = c.tls_config(ctx)?;
+            let Stream::Plain(tcp) = c.stream else {
+                unreachable!("just connected")
+            };
+            c.stream = net::tls_client(tcp, ep, cfg, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(c)
+    }
+
+    fn tls_config(&self, ctx: &Ctx) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+        if self.insecure {
+            tracing::warn!(upstream = %self.endpoint, "insecure_skip_verify: the server's certificate is NOT checked");
+            return Ok(ctx.tls.insecure());
+        }
+        ctx.tls.get(self.ca_file.as_deref()).map_err(|e| e.to_string())
     }
 
     fn err(&self, e: impl std::fmt::Display) -> String {
@@ -90,7 +102,7 @@ impl Client {
             self.buf.clear();
         }
         let timeout = ctx.config().limits.connect_timeout;
-        let cfg = ctx.tls.get(self.ca_file.as_deref()).map_err(|e| e.to_string())?;
+        let cfg = self.tls_config(ctx)?;
         let Stream::Plain(tcp) = self.stream else {
             return Err(format!(
                 "{}: STARTTLS on a connection that is already TLS",

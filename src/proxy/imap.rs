@@ -22,6 +22,7 @@ pub async fn session(
     listener: &Listener,
     mut client: Stream,
     tls: Option<&tokio_rustls::TlsAcceptor>,
+    peer: std::net::IpAddr,
 ) -> std::io::Result<()> {
     let config = ctx.config();
     let limits = &config.limits;
@@ -42,7 +43,7 @@ pub async fn session(
                 flush(&mut client, &mut pre).await?;
                 let login = username.to_string();
                 tracing::Span::current().record("login", login.as_str());
-                match login_upstream(ctx, listener, &login, Secret::from(password)).await {
+                match login_upstream(ctx, listener, peer, &login, Secret::from(password)).await {
                     Ok((upstream, untagged, tagged)) => {
                         let ok = response::retag_line(&tagged, &tag).map_err(std::io::Error::other)?;
                         let mut greeting = untagged;
@@ -154,10 +155,11 @@ enum AuthOutcome {
 async fn login_upstream(
     ctx: &Ctx,
     listener: &Listener,
+    peer: std::net::IpAddr,
     login: &str,
     password: Secret,
 ) -> Result<(Client, Vec<u8>, Vec<u8>), LoginFailure> {
-    let up = authorize(ctx, listener, login, password).await?;
+    let up = authorize(ctx, listener, peer, login, password).await?;
     let unavailable = |e: String| {
         tracing::warn!(upstream = %up.endpoint, error = %e, "upstream IMAP failed");
         LoginFailure::new(FailureKind::Unavailable, e)
@@ -214,7 +216,7 @@ struct ImapClient<'a> {
 impl<'a> ImapClient<'a> {
     async fn connect(ctx: &'a Ctx, up: &Upstream) -> Result<ImapClient<'a>, String> {
         let ep = &up.endpoint;
-        let c = Client::connect(ctx, ep, up.ca_file.as_deref()).await?;
+        let c = Client::connect(ctx, up).await?;
         let mut me = ImapClient {
             ctx,
             c,

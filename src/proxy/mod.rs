@@ -6,6 +6,7 @@ pub mod imap;
 pub mod pop3;
 pub mod smtp;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
@@ -25,6 +26,44 @@ pub struct Ctx {
     pub tokens: Arc<TokenManager>,
     pub tls: ClientConfigs,
     pub shutdown: CancellationToken,
+    pub ip_failures: IpBackoff,
+}
+
+/// Failed logins per client address: after a few, each further failure is
+/// answered later and later (capped by `login_failure_delay_max`), so a
+/// guesser on one address slows down without affecting anyone else.
+#[derive(Default)]
+pub struct IpBackoff {
+    map: std::sync::Mutex<std::collections::HashMap<IpAddr, (u32, std::time::Instant)>>,
+}
+
+impl IpBackoff {
+    const FREE: u32 = 3;
+    const FORGET: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+    const MAX_TRACKED: usize = 10_000;
+
+    /// Records a failure; returns how long to wait before answering it.
+    pub fn failed(&self, ip: IpAddr, cap: std::time::Duration) -> std::time::Duration {
+        let now = std::time::Instant::now();
+        let mut m = self.map.lock().unwrap();
+        if m.len() >= Self::MAX_TRACKED {
+            m.retain(|_, (_, last)| now.duration_since(*last) < Self::FORGET);
+        }
+        let e = m.entry(ip).or_insert((0, now));
+        if now.duration_since(e.1) >= Self::FORGET {
+            e.0 = 0;
+        }
+        e.0 += 1;
+        e.1 = now;
+        match e.0.checked_sub(Self::FREE) {
+            None | Some(0) => std::time::Duration::ZERO,
+            Some(n) => (std::time::Duration::from_millis(100) * (1u32 << (n - 1).min(10))).min(cap),
+        }
+    }
+
+    pub fn succeeded(&self, ip: IpAddr) {
+        self.map.lock().unwrap().remove(&ip);
+    }
 }
 
 impl Ctx {
@@ -52,6 +91,7 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 pub struct Upstream {
     pub endpoint: Endpoint,
     pub ca_file: Option<std::path::PathBuf>,
+    pub insecure: bool,
     pub user: String,
     pub auth: UpstreamAuth,
 }
@@ -109,6 +149,33 @@ impl LoginFailure {
 pub async fn authorize(
     ctx: &Ctx,
     listener: &Listener,
+    peer: IpAddr,
+    login: &str,
+    password: Secret,
+) -> Result<Upstream, LoginFailure> {
+    let r = authorize_inner(ctx, listener, login, password).await;
+    match &r {
+        Err(f) if f.kind == FailureKind::Credentials => {
+            let delay = ctx
+                .ip_failures
+                .failed(peer, ctx.config().limits.login_failure_delay_max);
+            if !delay.is_zero() {
+                tracing::info!(
+                    delay_ms = delay.as_millis() as u64,
+                    "repeated failed logins from this address; slowing down"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+        Ok(_) => ctx.ip_failures.succeeded(peer),
+        Err(_) => {}
+    }
+    r
+}
+
+async fn authorize_inner(
+    ctx: &Ctx,
+    listener: &Listener,
     login: &str,
     password: Secret,
 ) -> Result<Upstream, LoginFailure> {
@@ -119,6 +186,7 @@ pub async fn authorize(
             Some(fb) => Ok(Upstream {
                 endpoint: fb.clone(),
                 ca_file: config.ca_file.clone(),
+                insecure: false,
                 user: login.to_string(),
                 auth: UpstreamAuth::Password(password),
             }),
@@ -134,6 +202,7 @@ pub async fn authorize(
         return Ok(Upstream {
             endpoint,
             ca_file: account.ca_file.clone(),
+            insecure: account.insecure_skip_verify,
             user: account.username.clone(),
             auth: UpstreamAuth::Password(password),
         });
@@ -162,6 +231,7 @@ pub async fn authorize(
     Ok(Upstream {
         endpoint,
         ca_file: account.ca_file.clone(),
+        insecure: account.insecure_skip_verify,
         user: account.username.clone(),
         auth: UpstreamAuth::Token {
             token,

@@ -20,6 +20,7 @@ pub async fn session(
     listener: &Listener,
     mut client: Stream,
     tls: Option<&tokio_rustls::TlsAcceptor>,
+    peer: std::net::IpAddr,
 ) -> std::io::Result<()> {
     let config = ctx.config();
     let limits = &config.limits;
@@ -35,7 +36,7 @@ pub async fn session(
                 flush(&mut client, &mut pre).await?;
                 let login = username.to_string();
                 tracing::Span::current().record("login", login.as_str());
-                match login_upstream(ctx, listener, &login, Secret::from(password)).await {
+                match login_upstream(ctx, listener, peer, &login, Secret::from(password)).await {
                     Ok(up) => {
                         tracing::info!(upstream = %up.endpoint, "logged in; relaying");
                         client.write_all(b"+OK Logged in\r\n").await?;
@@ -125,16 +126,20 @@ fn status(r: Response, what: &str, ep: &crate::endpoint::Endpoint) -> Result<Sta
     }
 }
 
-async fn login_upstream(ctx: &Ctx, listener: &Listener, login: &str, password: Secret) -> Result<Client, LoginFailure> {
-    let up = authorize(ctx, listener, login, password).await?;
+async fn login_upstream(
+    ctx: &Ctx,
+    listener: &Listener,
+    peer: std::net::IpAddr,
+    login: &str,
+    password: Secret,
+) -> Result<Client, LoginFailure> {
+    let up = authorize(ctx, listener, peer, login, password).await?;
     let ep = up.endpoint.clone();
     let unavailable = |e: String| {
         tracing::warn!(upstream = %ep, error = %e, "upstream POP3 failed");
         LoginFailure::new(FailureKind::Unavailable, e)
     };
-    let mut c = Client::connect(ctx, &up.endpoint, up.ca_file.as_deref())
-        .await
-        .map_err(unavailable)?;
+    let mut c = Client::connect(ctx, &up).await.map_err(unavailable)?;
     let g = status(
         read_response(ctx, &mut c).await.map_err(unavailable)?,
         "the greeting",

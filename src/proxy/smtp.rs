@@ -21,6 +21,7 @@ pub async fn session(
     listener: &Listener,
     mut client: Stream,
     tls: Option<&tokio_rustls::TlsAcceptor>,
+    peer: std::net::IpAddr,
 ) -> std::io::Result<()> {
     let config = ctx.config();
     let limits = &config.limits;
@@ -39,7 +40,7 @@ pub async fn session(
                 flush(&mut client, &mut pre).await?;
                 let login = username.to_string();
                 tracing::Span::current().record("login", login.as_str());
-                match login_upstream(ctx, listener, &login, Secret::from(password), pre.helo()).await {
+                match login_upstream(ctx, listener, peer, &login, Secret::from(password), pre.helo()).await {
                     Ok((up, kws)) => {
                         tracing::info!(upstream = %up.endpoint, "logged in");
                         client.write_all(b"235 2.7.0 Authentication successful\r\n").await?;
@@ -136,11 +137,12 @@ async fn command(ctx: &Ctx, c: &mut Client, line: &str) -> Result<Reply, String>
 async fn login_upstream(
     ctx: &Ctx,
     listener: &Listener,
+    peer: std::net::IpAddr,
     login: &str,
     password: Secret,
     helo: Option<&str>,
 ) -> Result<(Client, Vec<String>), LoginFailure> {
-    let up = authorize(ctx, listener, login, password).await?;
+    let up = authorize(ctx, listener, peer, login, password).await?;
     let unavailable = |e: String| {
         tracing::warn!(upstream = %up.endpoint, error = %e, "upstream SMTP failed");
         LoginFailure::new(FailureKind::Unavailable, e)
@@ -149,9 +151,7 @@ async fn login_upstream(
         .filter(|h| h.chars().all(|c| c.is_ascii_graphic()))
         .unwrap_or("localhost")
         .to_string();
-    let mut c = Client::connect(ctx, &up.endpoint, up.ca_file.as_deref())
-        .await
-        .map_err(unavailable)?;
+    let mut c = Client::connect(ctx, &up).await.map_err(unavailable)?;
     let greeting = read_reply(ctx, &mut c).await.map_err(unavailable)?;
     if greeting.code != 220 {
         return Err(unavailable(format!(

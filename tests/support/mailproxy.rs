@@ -37,9 +37,13 @@ impl ProxyDir {
         self.dir.path().join("state")
     }
 
+    /// Writes the config 0600 (it holds a client secret; mailproxy refuses
+    /// such a file when others can read it).
     pub fn write_config(&self, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
         let p = self.config_path();
         std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
 
