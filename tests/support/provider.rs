@@ -256,6 +256,25 @@ impl FakeProvider {
 
     // ---- addresses ----
 
+    /// Every secret this provider ever handed out or was sent: access and
+    /// refresh tokens, authorization and device codes, PKCE verifiers and
+    /// client secrets (for tests asserting none of them leaks into logs).
+    pub fn all_secrets(&self) -> Vec<String> {
+        let st = self.st();
+        let mut v: Vec<String> = st.access.keys().chain(st.refresh.keys()).chain(st.codes.keys()).chain(st.devices.keys()).cloned().collect();
+        for form in &st.token_forms {
+            for k in ["code", "code_verifier", "client_secret", "refresh_token", "device_code", "client_assertion"] {
+                if let Some(val) = form.get(k) {
+                    v.push(val.clone());
+                }
+            }
+        }
+        v.retain(|s| s.len() >= 8);
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Listening address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

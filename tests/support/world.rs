@@ -93,3 +93,25 @@ impl World {
             .count()
     }
 }
+
+/// Whatever a test did, no password, token, code, verifier or client secret
+/// may have reached the proxy's (trace-level) log.
+pub fn assert_no_secrets(logs: &str, env: &Env, passwords: &[&str]) {
+    let mut secrets = env.provider.all_secrets();
+    secrets.push(super::provider::CLIENT_SECRET.to_string());
+    secrets.extend(passwords.iter().map(|p| p.to_string()));
+    for s in &secrets {
+        assert!(!logs.contains(s.as_str()), "a secret reached the proxy log: {}…", &s[..s.len().min(6)]);
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(p) = &self.proxy {
+            assert_no_secrets(&p.logs(), &self.env, &[ALICE_PW, BOB_PW, FRANK_PW]);
+        }
+    }
+}

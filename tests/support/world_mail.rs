@@ -312,3 +312,14 @@ pub async fn pop3_cmd(c: &mut LineConn, line: &str, multi: bool) -> Vec<u8> {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+impl Drop for MailWorld {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(p) = &self.proxy {
+            super::world::assert_no_secrets(&p.logs(), &self.env, &[ALICE_PW, CAROL_PW, BOB_PW, FRANK_PW]);
+        }
+    }
+}
