@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod dovecot;
+pub mod hostile_util;
 pub mod http;
 pub mod mailproxy;
 pub mod pki;
