@@ -471,3 +471,68 @@ async fn accounts_and_check_commands() {
         "{out}"
     );
 }
+
+/// Client credentials with a certificate: the proxy signs an RS256 JWT
+/// assertion that the provider verifies with the registered public key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_with_a_certificate() {
+    const APP: &str = "certapp@example.org";
+    const CLIENT: &str = "mailproxy-cert-client";
+    let keys = tempfile::tempdir().unwrap();
+    let (cert, key) = (keys.path().join("app.crt"), keys.path().join("app.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=app", "-days", "1", "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = std::process::Command::new("openssl")
+        .args(["rsa", "-RSAPublicKey_out", "-outform", "DER", "-in"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(public.status.success());
+    let (c2, k2) = (cert.clone(), key.clone());
+    let mut w = World::with(move |env, _| {
+        let d = &env.dovecot;
+        format!(
+            "[accounts.\"{APP}\"]\nprovider = \"custom\"\nflow = \"client_credentials\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT}\"\nclient_certificate = \"{}\"\nclient_key = \"{}\"\nscopes = [\"https://mail.example.org/.default\"]\nimap = \"imaps://localhost:{}\"\nca_file = \"{}\"\n",
+            env.provider.auth_url(),
+            env.provider.token_url(),
+            c2.display(),
+            k2.display(),
+            d.imaps_port,
+            d.ca_pem_path().display()
+        )
+    });
+    w.env
+        .provider
+        .register_client(provider::ClientReg::with_assertion_key(CLIENT, public.stdout));
+    w.env.provider.set_default_user(APP);
+    let (code, _, err) = run(&w.dir, &["login", APP], "cert pw\n");
+    assert_eq!(code, 0, "{err}");
+    let form = w.env.provider.last_token_request().unwrap();
+    assert_eq!(form.get("grant_type").map(String::as_str), Some("client_credentials"));
+    assert!(
+        form.contains_key("client_assertion") && !form.contains_key("client_secret"),
+        "{form:?}"
+    );
+    let port = w.start();
+    let mut c = login_ok(port, APP, "cert pw").await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+
+    // A key the provider does not know is refused, with the provider's reason.
+    w.env
+        .provider
+        .register_client(provider::ClientReg::with_assertion_key(CLIENT, vec![0u8; 10]));
+    let (code, out, _) = run(&w.dir, &["check", APP], "");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("check client_id and client_secret") || out.contains("does not recognise the client"),
+        "{out}"
+    );
+}

@@ -1119,8 +1119,8 @@ fn print_report(
             o.runs
         );
         println!(
-            "   {:<10} {:>12} {:>12} {:>13} {:>13} {:>8}  {}",
-            "upstream", "direct MB/s", "proxy MB/s", "proxy/direct", "paired ratio", "target", ""
+            "   {:<10} {:>12} {:>12} {:>13} {:>13} {:>8}",
+            "upstream", "direct MB/s", "proxy MB/s", "proxy/direct", "paired ratio", "target"
         );
         for f in fetch {
             let (d, p) = (median(&f.direct_mbps), median(&f.proxy_mbps));
@@ -1171,8 +1171,8 @@ fn print_report(
             o.login_samples
         );
         println!(
-            "   {:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>8}  {}",
-            "upstream", "direct med", "proxy med", "proxy adds", "direct p95", "proxy p95", "target", ""
+            "   {:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>8}",
+            "upstream", "direct med", "proxy med", "proxy adds", "direct p95", "proxy p95", "target"
         );
         for l in login {
             let (d, p) = (median(&l.direct_ms), median(&l.proxy_ms));
@@ -1232,8 +1232,8 @@ fn print_report(
         println!();
         println!("4. Memory per session: N logged-in sessions (SELECT INBOX, then idle) through a fresh proxy, VmRSS");
         println!(
-            "   {:<10} {:>9} {:>14} {:>14} {:>14} {:>10} {:>8}  {}",
-            "upstream", "sessions", "RSS before", "RSS after", "per session", "open time", "target", ""
+            "   {:<10} {:>9} {:>14} {:>14} {:>14} {:>10} {:>8}",
+            "upstream", "sessions", "RSS before", "RSS after", "per session", "open time", "target"
         );
         for m in mem {
             let per = m.per_session();

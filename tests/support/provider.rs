@@ -42,6 +42,9 @@ pub struct ClientReg {
     pub redirect_uris: Vec<String>,
     /// Allow any `http://127.0.0.1:*`, `http://localhost:*`, `http://[::1]:*` redirect (RFC 8252 §7.3).
     pub allow_loopback: bool,
+    /// RSA public key (PKCS#1 DER) accepted for RFC 7523 JWT client
+    /// assertions (`client_assertion_type = ...:jwt-bearer`), RS256.
+    pub assertion_key: Option<Vec<u8>>,
 }
 
 impl ClientReg {
@@ -52,6 +55,18 @@ impl ClientReg {
             secret: Some(secret.into()),
             redirect_uris: Vec::new(),
             allow_loopback: true,
+            assertion_key: None,
+        }
+    }
+
+    /// Confidential client that authenticates with a signed JWT (RS256) only.
+    pub fn with_assertion_key(id: &str, rsa_public_pkcs1_der: Vec<u8>) -> ClientReg {
+        ClientReg {
+            client_id: id.into(),
+            secret: None,
+            redirect_uris: Vec::new(),
+            allow_loopback: true,
+            assertion_key: Some(rsa_public_pkcs1_der),
         }
     }
 
@@ -62,6 +77,7 @@ impl ClientReg {
             secret: None,
             redirect_uris: Vec::new(),
             allow_loopback: true,
+            assertion_key: None,
         }
     }
 
@@ -261,9 +277,23 @@ impl FakeProvider {
     /// client secrets (for tests asserting none of them leaks into logs).
     pub fn all_secrets(&self) -> Vec<String> {
         let st = self.st();
-        let mut v: Vec<String> = st.access.keys().chain(st.refresh.keys()).chain(st.codes.keys()).chain(st.devices.keys()).cloned().collect();
+        let mut v: Vec<String> = st
+            .access
+            .keys()
+            .chain(st.refresh.keys())
+            .chain(st.codes.keys())
+            .chain(st.devices.keys())
+            .cloned()
+            .collect();
         for form in &st.token_forms {
-            for k in ["code", "code_verifier", "client_secret", "refresh_token", "device_code", "client_assertion"] {
+            for k in [
+                "code",
+                "code_verifier",
+                "client_secret",
+                "refresh_token",
+                "device_code",
+                "client_assertion",
+            ] {
                 if let Some(val) = form.get(k) {
                     v.push(val.clone());
                 }
@@ -726,6 +756,11 @@ fn authorize(req: &Request, st: &mut State) -> Response {
 /// Authenticates the client of a token/revoke request: Basic header or body params.
 /// Returns the client or a ready-made `invalid_client` error.
 fn authenticate_client(req: &Request, form: &HashMap<String, String>, st: &State) -> Result<ClientReg, Response> {
+    if form.get("client_assertion_type").map(String::as_str)
+        == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    {
+        return verify_assertion(form, st);
+    }
     let (id, secret) = match req.basic_auth() {
         Some((id, secret)) => (id, Some(secret)),
         None => (
@@ -744,6 +779,59 @@ fn authenticate_client(req: &Request, form: &HashMap<String, String>, st: &State
                 "Client authentication failed (bad or missing client_secret)",
             ));
         }
+    }
+    Ok(client.clone())
+}
+
+/// RFC 7523 §3: RS256 signature by the client's registered key, `iss` and
+/// `sub` equal to the client id, `aud` the token endpoint, not expired.
+fn verify_assertion(form: &HashMap<String, String>, st: &State) -> Result<ClientReg, Response> {
+    let bad = |why: &str| {
+        Err(oauth_error(
+            401,
+            "invalid_client",
+            &format!("client assertion rejected: {why}"),
+        ))
+    };
+    let Some(jwt) = form.get("client_assertion") else {
+        return bad("missing");
+    };
+    let parts: Vec<&str> = jwt.split('.').collect();
+    if parts.len() != 3 {
+        return bad("not a JWT");
+    }
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (Ok(header), Ok(claims), Ok(sig)) = (b64.decode(parts[0]), b64.decode(parts[1]), b64.decode(parts[2])) else {
+        return bad("bad base64url");
+    };
+    let header: serde_json::Value = serde_json::from_slice(&header).unwrap_or_default();
+    let claims: serde_json::Value = serde_json::from_slice(&claims).unwrap_or_default();
+    if header["alg"] != "RS256" || header["x5t#S256"].as_str().is_none() {
+        return bad("alg must be RS256 with an x5t#S256 thumbprint");
+    }
+    let id = claims["iss"].as_str().unwrap_or_default();
+    if claims["sub"].as_str() != Some(id) || form.get("client_id").is_some_and(|c| c != id) {
+        return bad("iss, sub and client_id differ");
+    }
+    if !claims["aud"].as_str().unwrap_or_default().ends_with("/token") {
+        return bad("aud is not the token endpoint");
+    }
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    if claims["exp"].as_u64().unwrap_or(0) < now {
+        return bad("expired");
+    }
+    let Some(client) = st.clients.get(id) else {
+        return bad("unknown client");
+    };
+    let Some(key) = &client.assertion_key else {
+        return bad("no key registered for this client");
+    };
+    let public = ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, key);
+    if public
+        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .is_err()
+    {
+        return bad("signature does not verify");
     }
     Ok(client.clone())
 }
