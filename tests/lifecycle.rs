@@ -536,3 +536,18 @@ async fn client_credentials_with_a_certificate() {
         "{out}"
     );
 }
+
+/// `mailproxy login` while `serve` runs: the running proxy picks the new
+/// authorisation and local password up without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_while_serving_takes_effect() {
+    let mut w = World::new();
+    w.authorise(ALICE, "old pw");
+    let port = w.start();
+    drop(login_ok(port, ALICE, "old pw").await);
+    w.authorise(ALICE, ALICE_PW);
+    let mut c = login_ok(port, ALICE, ALICE_PW).await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    let (_, tagged) = login_response(port, ALICE, "old pw").await;
+    assert!(tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "the old password is gone: {tagged}");
+}
