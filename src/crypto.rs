@@ -92,12 +92,35 @@ pub struct Sealed {
     pub ciphertext: String,
 }
 
+/// Argon2's working memory (19 MiB by default), kept for reuse. Allocating
+/// it afresh for every check leaves it stranded in the allocator's
+/// per-thread arenas, so a stream of wrong passwords would grow the process
+/// by 19 MiB per blocking thread; a small pool keeps memory flat. The KDF
+/// runs are bounded (see `tokens`), so the pool rarely needs more buffers.
+static BLOCKS: std::sync::Mutex<Vec<Vec<argon2::Block>>> = std::sync::Mutex::new(Vec::new());
+const POOLED_BUFFERS: usize = 2;
+
 fn master(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
     let params = Params::new(m, t, p, Some(32)).map_err(|_| CryptoError::Damaged("bad Argon2 parameters"))?;
+    let mut blocks = BLOCKS.lock().unwrap().pop().unwrap_or_default();
+    blocks.resize(params.block_count(), argon2::Block::default());
     let mut out = Zeroizing::new([0u8; 32]);
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-        .hash_password_into(password.as_bytes(), salt, &mut out[..])
-        .map_err(|_| CryptoError::Damaged("bad Argon2 salt"))?;
+    let r = Argon2::new(Algorithm::Argon2id, Version::V0x13, params).hash_password_into_with_memory(
+        password.as_bytes(),
+        salt,
+        &mut out[..],
+        &mut blocks[..],
+    );
+    // The blocks hold password-derived state: wipe before anyone reuses them.
+    for b in blocks.iter_mut() {
+        zeroize::Zeroize::zeroize(b);
+    }
+    let mut pool = BLOCKS.lock().unwrap();
+    if pool.len() < POOLED_BUFFERS {
+        pool.push(blocks);
+    }
+    drop(pool);
+    r.map_err(|_| CryptoError::Damaged("bad Argon2 salt"))?;
     Ok(out)
 }
 

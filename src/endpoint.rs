@@ -87,6 +87,12 @@ impl Endpoint {
         if host.is_empty() {
             return Err(format!("`{s}`: missing host"));
         }
+        if host
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "[]\"'<>\\{}|^`%".contains(c))
+        {
+            return Err(format!("`{s}`: `{host}` is not a host name or address"));
+        }
         Ok(Endpoint {
             protocol,
             security,
@@ -156,6 +162,27 @@ mod tests {
         assert_eq!(e.to_string(), "imap://[::1]:143");
         let e = Endpoint::parse("smtp+starttls://smtp.office365.com", Protocol::Smtp).unwrap();
         assert_eq!(e.port, 587);
+    }
+
+    #[test]
+    fn display_parses_back_and_odd_hosts_are_refused() {
+        // Found by the endpoint fuzz target: `[[a]` parsed, printed as `[a:143`.
+        assert!(Endpoint::parse("imap://[[a]", Protocol::Imap).is_err());
+        assert!(Endpoint::parse("imap://[\t\0]", Protocol::Imap).is_err());
+        assert!(Endpoint::parse("imaps://a b:993", Protocol::Imap).is_err());
+        for u in [
+            "imaps://mail.example.org:993",
+            "imap://[::1]:143",
+            "pop3+starttls://10.0.0.1:110",
+        ] {
+            let p = if u.starts_with("pop3") {
+                Protocol::Pop3
+            } else {
+                Protocol::Imap
+            };
+            let e = Endpoint::parse(u, p).unwrap();
+            assert_eq!(Endpoint::parse(&e.to_string(), p).unwrap(), e);
+        }
     }
 
     #[test]

@@ -247,7 +247,8 @@ pub struct TokenManager {
     /// Wakes the background refresher when something changed.
     pub changed: tokio::sync::Notify,
     /// Bounds the KDF runs in flight across accounts (each takes 19 MiB and a
-    /// core for ~30 ms); more would only queue on the CPU and grow memory.
+    /// core for ~30 ms): two at a time matches `crypto`'s pool of working
+    /// memory, so memory stays flat; more would only queue on the CPU.
     kdf_slots: tokio::sync::Semaphore,
     delay_cap: RwLock<Duration>,
 }
@@ -281,12 +282,7 @@ impl TokenManager {
             status_url: RwLock::new(None),
             changed: tokio::sync::Notify::new(),
             delay_cap: RwLock::new(config.limits.login_failure_delay_max),
-            kdf_slots: tokio::sync::Semaphore::new(
-                std::thread::available_parallelism()
-                    .map(|n| n.get() * 2)
-                    .unwrap_or(4)
-                    .max(4),
-            ),
+            kdf_slots: tokio::sync::Semaphore::new(2),
         };
         tm.reload(config);
         tm

@@ -92,6 +92,7 @@ impl Vault {
                 }
             }
         }
+        remove_stale_temp_files(&dir);
         Ok(Vault { dir })
     }
 
@@ -160,6 +161,28 @@ impl Vault {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
             Err(e) => Err(VaultError::Io { path, source: e }),
+        }
+    }
+}
+
+/// A write killed before its rename leaves `.NAME.tmpPID` behind (sealed
+/// data, but litter): remove those whose writer is gone.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix('.')
+            .and_then(|n| n.rsplit_once(".tmp"))
+            .map(|(_, pid)| pid.to_string())
+        else {
+            continue;
+        };
+        let alive = pid
+            .parse::<u32>()
+            .is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = fs::remove_file(e.path());
         }
     }
 }
@@ -251,6 +274,20 @@ mod tests {
         assert_eq!(v.erase("a@x").unwrap(), vec![p.clone()]);
         assert!(!p.exists());
         assert_eq!(fs::read_dir(v.dir()).unwrap().count(), 0, "no temp files left behind");
+    }
+
+    #[test]
+    fn stale_temp_files_of_dead_writers_are_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("s");
+        let v = Vault::open(&state).unwrap();
+        let dead = v.dir().join(".a@x.json.tmp999999999");
+        let mine = v.dir().join(format!(".b@x.json.tmp{}", std::process::id()));
+        fs::write(&dead, b"x").unwrap();
+        fs::write(&mine, b"x").unwrap();
+        Vault::open(&state).unwrap();
+        assert!(!dead.exists());
+        assert!(mine.exists(), "a live writer's file is left alone");
     }
 
     #[test]

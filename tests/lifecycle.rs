@@ -549,5 +549,8 @@ async fn login_while_serving_takes_effect() {
     let mut c = login_ok(port, ALICE, ALICE_PW).await;
     assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
     let (_, tagged) = login_response(port, ALICE, "old pw").await;
-    assert!(tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "the old password is gone: {tagged}");
+    assert!(
+        tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
+        "the old password is gone: {tagged}"
+    );
 }

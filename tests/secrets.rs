@@ -31,9 +31,18 @@ async fn nothing_secret_in_trace_logs_or_outputs() {
     // A wrong password, then the right one (LOGIN and AUTHENTICATE PLAIN).
     let mut c = LineConn::plain(port).await.unwrap();
     c.read_line().await.unwrap();
-    let r = c.imap("a1", &format!("LOGIN {ALICE} \"not {ALICE_PW}\"")).await.unwrap();
+    let r = c
+        .imap("a1", &format!("LOGIN {ALICE} \"not {ALICE_PW}\""))
+        .await
+        .unwrap();
     assert!(r.tagged.starts_with("a1 NO"));
-    let r = c.imap("a2", &format!("AUTHENTICATE PLAIN {}", client::plain_b64(ALICE, ALICE_PW))).await.unwrap();
+    let r = c
+        .imap(
+            "a2",
+            &format!("AUTHENTICATE PLAIN {}", client::plain_b64(ALICE, ALICE_PW)),
+        )
+        .await
+        .unwrap();
     assert!(r.is_ok(), "{r:?}");
     assert!(c.imap("a3", "SELECT INBOX").await.unwrap().is_ok());
     drop(c);
@@ -41,12 +50,20 @@ async fn nothing_secret_in_trace_logs_or_outputs() {
     p.expire_all_access_tokens();
     let mut c = LineConn::plain(port).await.unwrap();
     c.read_line().await.unwrap();
-    assert!(c.imap("b1", &format!("LOGIN {ALICE} \"{ALICE_PW}\"")).await.unwrap().is_ok());
+    assert!(c
+        .imap("b1", &format!("LOGIN {ALICE} \"{ALICE_PW}\""))
+        .await
+        .unwrap()
+        .is_ok());
     drop(c);
     // Passthrough with the client's own password.
     let mut c = LineConn::plain(port).await.unwrap();
     c.read_line().await.unwrap();
-    assert!(c.imap("c1", &format!("LOGIN {BOB} \"{BOB_PW}\"")).await.unwrap().is_ok());
+    assert!(c
+        .imap("c1", &format!("LOGIN {BOB} \"{BOB_PW}\""))
+        .await
+        .unwrap()
+        .is_ok());
     drop(c);
 
     let (code, out, err) = run(&w.dir, &["check", ALICE], &format!("{ALICE_PW}\n"));
@@ -70,9 +87,17 @@ async fn nothing_secret_in_trace_logs_or_outputs() {
     transcript.push_str(&std::fs::read_to_string(w.dir.state_dir().join("audit.log")).unwrap_or_default());
 
     let mut secrets = p.all_secrets();
-    assert!(secrets.len() >= 6, "the provider saw tokens, codes and verifiers: {}", secrets.len());
+    assert!(
+        secrets.len() >= 6,
+        "the provider saw tokens, codes and verifiers: {}",
+        secrets.len()
+    );
     let tokens = secrets.clone();
-    secrets.extend([ALICE_PW.to_string(), BOB_PW.to_string(), provider::CLIENT_SECRET.to_string()]);
+    secrets.extend([
+        ALICE_PW.to_string(),
+        BOB_PW.to_string(),
+        provider::CLIENT_SECRET.to_string(),
+    ]);
     for t in &tokens {
         secrets.push(client::xoauth2_b64(ALICE, t));
         secrets.push(client::xoauth2_raw(ALICE, t));
@@ -80,6 +105,10 @@ async fn nothing_secret_in_trace_logs_or_outputs() {
     secrets.push(client::plain_b64(ALICE, ALICE_PW));
     secrets.push(client::plain_b64(BOB, BOB_PW));
     for s in &secrets {
-        assert!(!transcript.contains(s.as_str()), "a secret leaked: {}…", &s[..s.len().min(6)]);
+        assert!(
+            !transcript.contains(s.as_str()),
+            "a secret leaked: {}…",
+            &s[..s.len().min(6)]
+        );
     }
 }

@@ -126,6 +126,24 @@ async fn post_owned(http: &reqwest::Client, url: &str, form: &[(&str, String)]) 
     post(http, url, &borrowed).await
 }
 
+/// Uses a refresh token (lenient about the answer's shape, strict about its
+/// meaning). The answer may carry a rotated refresh token, which the caller
+/// must save before using the new access token.
+pub async fn refresh(
+    http: &reqwest::Client,
+    account: &str,
+    s: &OAuthSettings,
+    token: &Secret,
+) -> Result<Tokens, OAuthError> {
+    let mut form = vec![
+        ("grant_type", "refresh_token".to_string()),
+        ("refresh_token", token.expose().to_string()),
+    ];
+    client_auth(s, &mut form);
+    let (status, body) = post_owned(http, &s.token_url, &form).await?;
+    parse_tokens(account, &s.token_url, status, &body)
+}
+
 /// What the user must do to approve a device authorisation.
 #[derive(Clone, Debug)]
 pub struct DeviceCode {

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use oauth2::basic::BasicClient;
 use oauth2::{
     AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, PkceCodeChallenge, PkceCodeVerifier,
-    RedirectUrl, RefreshToken, RequestTokenError, Scope, TokenResponse, TokenUrl,
+    RedirectUrl, RequestTokenError, Scope, TokenResponse, TokenUrl,
 };
 
 use crate::config::OAuthSettings;
@@ -43,8 +43,10 @@ impl OAuthError {
         matches!(self, OAuthError::Provider(e) if e.needs_login)
     }
 
+    /// Worth retrying later: network trouble, 5xx, or an answer that is not
+    /// OAuth at all (captive portals, proxies, a provider having a bad day).
     pub fn is_transient(&self) -> bool {
-        matches!(self, OAuthError::Unavailable { .. })
+        matches!(self, OAuthError::Unavailable { .. } | OAuthError::Malformed { .. })
     }
 }
 
@@ -154,10 +156,14 @@ fn convert(account: &str, url: &str, e: TokenErr) -> OAuthError {
             url: url.into(),
             reason: f.to_string(),
         },
-        RequestTokenError::Parse(e, _body) => OAuthError::Malformed {
+        RequestTokenError::Parse(e, body) => OAuthError::Malformed {
             url: url.into(),
             // The path names the field; the value is left out: it could be a token.
-            reason: format!("field `{}` is missing or has the wrong type", e.path()),
+            reason: if serde_json::from_slice::<serde_json::Value>(&body).is_err() {
+                "the token endpoint answered something that is not JSON (a captive portal or proxy?)".to_string()
+            } else {
+                format!("field `{}` is missing or has the wrong type", e.path())
+            },
         },
         RequestTokenError::Other(m) => OAuthError::Malformed {
             url: url.into(),
@@ -191,22 +197,14 @@ macro_rules! client {
     }};
 }
 
-/// Uses a refresh token. The answer may carry a rotated refresh token, which
-/// the caller must save before using the new access token.
+/// Uses a refresh token; see [`flows::refresh`].
 pub async fn refresh(
     http: &reqwest::Client,
     account: &str,
     s: &OAuthSettings,
     token: &Secret,
 ) -> Result<Tokens, OAuthError> {
-    let client = client!(s);
-    let rt = RefreshToken::new(token.expose().to_string());
-    let r = client
-        .exchange_refresh_token(&rt)
-        .request_async(&Http(http))
-        .await
-        .map_err(|e| convert(account, &s.token_url, e))?;
-    Ok(tokens(&r))
+    flows::refresh(http, account, s, token).await
 }
 
 /// One authorisation in progress: the URL to open and what must match when

@@ -12,6 +12,10 @@
 //!    and cold) and directly, median/p95 against the single-login median.
 //! 4. Memory per session: N logged-in sessions (SELECT INBOX, then idle)
 //!    through a freshly started proxy; (RSS after - RSS before) / N.
+//! 5. SMTP send (`mail.rs`): M messages of K KiB in one session, MAIL/RCPT/DATA
+//!    pipelined per message, proxy (smtps upstream) vs direct submissions.
+//! 6. POP3 RETR 1..n of the >= 40 MiB INBOX (`mail.rs`), pipelined and
+//!    sequential, proxy (pop3s upstream) vs direct pop3s.
 //!
 //! The client is raw bytes over tokio with large buffers: literals are
 //! counted, not copied, so the client is not what limits throughput.
@@ -45,6 +49,12 @@ struct Opts {
     login: bool,
     concurrent: bool,
     memory: bool,
+    smtp: bool,
+    pop3: bool,
+    smtp_messages: usize,
+    smtp_kb: usize,
+    smtp_modes: Vec<mail::Mode>,
+    pop3_modes: Vec<mail::Mode>,
     mailbox_mb: f64,
     msg_kb: usize,
     runs: usize,
@@ -63,6 +73,12 @@ impl Default for Opts {
             login: true,
             concurrent: true,
             memory: true,
+            smtp: true,
+            pop3: true,
+            smtp_messages: 100,
+            smtp_kb: 100,
+            smtp_modes: vec![mail::Mode::Pipelined],
+            pop3_modes: vec![mail::Mode::Pipelined, mail::Mode::Sequential],
             mailbox_mb: 40.0,
             msg_kb: 100,
             runs: 9,
@@ -79,16 +95,20 @@ impl Default for Opts {
 const USAGE: &str = "\
 usage: scripts/bench [options]
 
-  --sections LIST     comma-separated: fetch,login,concurrent,memory (default: all)
-  --mailbox-mb N      INBOX size for the FETCH test in MiB (default 40)
+  --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3 (default: all)
+  --mailbox-mb N      INBOX size for the FETCH and POP3 tests in MiB (default 40)
   --msg-kb N          size of each message in KiB (default 100)
-  --runs N            timed FETCH runs per variant, after one warm-up (default 9)
+  --runs N            timed FETCH/SMTP/POP3 runs per variant, after one warm-up (default 9)
   --login-samples N   sequential logins per variant (default 200)
   --clients N         clients logging in at the same moment (default 100)
   --rounds N          rounds of concurrent logins, warm (default 5)
   --sessions N        concurrent idle sessions for the memory test (default 2000)
   --no-memory-plain   memory test with the imaps upstream only
   --proxy-log FILTER  RUST_LOG for mailproxy serve (default info, its default)
+  --smtp-messages N   messages per SMTP session (default 100)
+  --smtp-kb N         size of each SMTP message in KiB (default 100)
+  --smtp-mode M       pipelined (MAIL+RCPT+DATA in one write), sequential or both (default pipelined)
+  --pop3-mode M       pipelined (all RETRs in one write), sequential or both (default both)
 ";
 
 fn parse_args() -> Opts {
@@ -119,19 +139,27 @@ fn parse_args() -> Opts {
                 o.login = false;
                 o.concurrent = false;
                 o.memory = false;
+                o.smtp = false;
+                o.pop3 = false;
                 for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                     match s {
                         "fetch" => o.fetch = true,
                         "login" => o.login = true,
                         "concurrent" => o.concurrent = true,
                         "memory" => o.memory = true,
+                        "smtp" => o.smtp = true,
+                        "pop3" => o.pop3 = true,
                         "all" => {
                             o.fetch = true;
                             o.login = true;
                             o.concurrent = true;
                             o.memory = true;
+                            o.smtp = true;
+                            o.pop3 = true;
                         }
-                        _ => die(&format!("unknown section `{s}` (fetch, login, concurrent, memory)")),
+                        _ => die(&format!(
+                            "unknown section `{s}` (fetch, login, concurrent, memory, smtp, pop3)"
+                        )),
                     }
                 }
             }
@@ -143,6 +171,18 @@ fn parse_args() -> Opts {
             "--rounds" => o.rounds = num(&flag, val()),
             "--sessions" => o.sessions = num(&flag, val()),
             "--no-memory-plain" => o.memory_plain = false,
+            "--smtp-messages" => o.smtp_messages = num(&flag, val()),
+            "--smtp-kb" => o.smtp_kb = num(&flag, val()),
+            "--smtp-mode" | "--pop3-mode" => {
+                let v = val().unwrap_or_else(|| die(&format!("{flag} needs a value")));
+                let m = mail::Mode::parse_list(&v)
+                    .unwrap_or_else(|| die(&format!("{flag}: `{v}` (pipelined, sequential, both)")));
+                if flag == "--smtp-mode" {
+                    o.smtp_modes = m;
+                } else {
+                    o.pop3_modes = m;
+                }
+            }
             "--proxy-log" => o.proxy_log = val().unwrap_or_else(|| die("--proxy-log needs a value")),
             _ => die(&format!("unknown option `{a}`\n\n{USAGE}")),
         }
@@ -153,6 +193,8 @@ fn parse_args() -> Opts {
     o.rounds = o.rounds.max(1);
     o.sessions = o.sessions.max(1);
     o.msg_kb = o.msg_kb.max(1);
+    o.smtp_messages = o.smtp_messages.max(1);
+    o.smtp_kb = o.smtp_kb.max(1);
     o
 }
 
@@ -169,6 +211,9 @@ macro_rules! progress {
 
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 static START_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+// Sections 5 and 6 (SMTP, POP3); uses `progress!`, so declared after it.
+mod mail;
 
 // ---------------------------------------------------------------------------
 // A fast raw IMAP client
@@ -394,6 +439,10 @@ struct World {
     proxy_log: String,
     /// Direct-session access tokens for ALICE and ALICE_PLAIN.
     tokens: [String; 2],
+    /// Where Dovecot's submission relays (SMTP section only).
+    sink: Option<mail::CountSink>,
+    /// Dovecot's master process, for its CPU time.
+    dovecot_pid: Option<u32>,
 }
 
 /// Dovecot settings on top of the test harness's: enough processes and
@@ -429,8 +478,15 @@ service anvil {
 impl World {
     fn new(o: &Opts) -> World {
         support::require_dovecot();
+        // Dovecot relays submissions to a counting sink (the harness's own
+        // sink, started by Env too, then gets nothing).
+        let sink = o.smtp.then(mail::CountSink::start);
+        let relay = sink.as_ref().map(|s| s.port());
         let env = Env::start_with(&[], |opts: &mut DovecotOptions| {
             opts.extra_config = DOVECOT_EXTRA.to_string();
+            if relay.is_some() {
+                opts.smtp_relay_port = relay;
+            }
         });
         let dir = ProxyDir::new();
         let d = &env.dovecot;
@@ -440,7 +496,18 @@ impl World {
             &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()),
         );
         cfg += "[limits]\nmax_connections = 5000\nmax_connections_per_ip = 5000\n\n";
+        if o.smtp {
+            cfg += "[smtp]\nlisten = \"127.0.0.1:0\"\ntls = \"none\"\n\n";
+        }
+        if o.pop3 {
+            cfg += "[pop3]\nlisten = \"127.0.0.1:0\"\ntls = \"none\"\n\n";
+        }
         cfg += &oauth_account(ALICE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port));
+        // Same table (no header in between): SMTP and POP3 over implicit TLS.
+        cfg += &format!(
+            "smtp = \"smtps://localhost:{}\"\npop3 = \"pop3s://localhost:{}\"\n\n",
+            d.submissions_port, d.pop3s_port
+        );
         // Plaintext loopback upstream. Its own user (the provider's token
         // names the account it was authorised as); the same messages are
         // delivered to both mailboxes.
@@ -459,13 +526,17 @@ impl World {
             env.provider.issue_access_token(ALICE, SCOPE),
             env.provider.issue_access_token(ALICE_PLAIN, SCOPE),
         ];
-        World {
+        let mut w = World {
             env,
             dir,
             proxy: None,
             proxy_log: o.proxy_log.clone(),
             tokens,
-        }
+            sink,
+            dovecot_pid: None,
+        };
+        w.dovecot_pid = mail::dovecot_master_pid(&w);
+        w
     }
 
     fn start_proxy(&mut self) {
@@ -960,9 +1031,13 @@ impl MemResult {
 
 /// utime + stime of a process in seconds.
 fn proc_cpu_secs(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| stat_cpu_secs(&s))
+        .unwrap_or(0.0)
+}
+
+/// utime + stime in seconds from the text of a `/proc/.../stat` file.
+fn stat_cpu_secs(s: &str) -> f64 {
     let Some(close) = s.rfind(')') else {
         return 0.0;
     };
@@ -1088,8 +1163,9 @@ fn print_report(
     login: &[LoginResult],
     conc: &[ConcResult],
     mem: &[MemResult],
-    total: Duration,
+    mailr: &mail::MailResults,
 ) {
+    let total = START.get().map(Instant::elapsed).unwrap_or_default();
     let mut misses = 0;
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let dovecot = std::process::Command::new(support::dovecot::DOVECOT_BIN)
@@ -1252,6 +1328,33 @@ fn print_report(
             );
         }
     }
+    let (smtp, pop3) = (&mailr.smtp, &mailr.pop3);
+    if !smtp.is_empty() {
+        println!();
+        println!(
+            "5. SMTP send: {} messages of {} KiB (text, CRLF, dot-stuffed lines) in one authenticated session; medians of {} interleaved runs after a warm-up",
+            o.smtp_messages, o.smtp_kb, o.runs
+        );
+        println!("   (timed: first MAIL to the 250 after the last message's data; per message MAIL+RCPT+DATA then data, waiting");
+        println!("    for each message's final 250; pipelined: MAIL+RCPT+DATA in one write; sequential: one command per round trip.");
+        println!("    direct: client TLS to Dovecot submissions (465-style), AUTH XOAUTH2; proxy: client plain, AUTH PLAIN local password,");
+        println!("    proxy implicit TLS to the same submissions port with XOAUTH2. Dovecot relays each message to a counting sink");
+        println!("    before its 250, so relaying is in the timed part for both)");
+        misses += mail::print_pairs(smtp, "EHLO + AUTH");
+    }
+    if !pop3.is_empty() {
+        let (bytes, msgs) = mailbox.unwrap_or((0, 0));
+        println!();
+        println!(
+            "6. POP3 RETR 1..{msgs} of INBOX ({:.1} MB) in one session; medians of {} interleaved runs after a warm-up",
+            bytes as f64 / 1e6,
+            o.runs
+        );
+        println!("   (timed: first RETR sent to the last `.CRLF`; pipelined: all RETRs in one write; sequential: next RETR after");
+        println!("    the previous terminator. direct: client TLS to Dovecot pop3s, AUTH XOAUTH2; proxy: client plain, USER/PASS,");
+        println!("    proxy implicit TLS to the same pop3s port with XOAUTH2)");
+        misses += mail::print_pairs(pop3, "greeting to +OK");
+    }
     println!();
     println!(
         "Targets missed: {misses}. Total bench time {:.0} s.",
@@ -1298,7 +1401,7 @@ async fn run(o: Opts) -> io::Result<()> {
     progress!("starting provider + Dovecot, running `mailproxy login` for {ALICE} and {ALICE_PLAIN}");
     let mut w = tokio::task::block_in_place(|| World::new(&o));
     let mut mailbox = None;
-    if o.fetch {
+    if o.fetch || o.pop3 {
         let size = o.msg_kb * 1024;
         let n = ((o.mailbox_mb * 1048576.0) / size as f64).ceil().max(1.0) as usize;
         let bytes = tokio::task::block_in_place(|| fill_mailbox(&w.env, n, size));
@@ -1318,6 +1421,15 @@ async fn run(o: Opts) -> io::Result<()> {
             _ => vec![],
         };
         let login = if o.login { bench_login(&w, &o).await? } else { vec![] };
+        let smtp = if o.smtp {
+            mail::bench_smtp(&w, o.runs, o.smtp_messages, o.smtp_kb, &o.smtp_modes).await?
+        } else {
+            vec![]
+        };
+        let pop3 = match (o.pop3, mailbox) {
+            (true, Some((bytes, n))) => mail::bench_pop3(&w, o.runs, n, bytes, &o.pop3_modes).await?,
+            _ => vec![],
+        };
         let conc = if o.concurrent {
             tokio::task::block_in_place(|| rt_block(bench_concurrent(&mut w, &o)))?
         } else {
@@ -1328,9 +1440,9 @@ async fn run(o: Opts) -> io::Result<()> {
         } else {
             vec![]
         };
-        io::Result::Ok((fetch, login, conc, mem))
+        io::Result::Ok((fetch, login, conc, mem, mail::MailResults { smtp, pop3 }))
     };
-    let (fetch, login, conc, mem) = match sections.await {
+    let (fetch, login, conc, mem, mailr) = match sections.await {
         Ok(r) => r,
         Err(e) => {
             let logs = w.proxy.as_ref().map(|p| p.logs()).unwrap_or_default();
@@ -1348,8 +1460,7 @@ async fn run(o: Opts) -> io::Result<()> {
             return Err(e);
         }
     };
-    let total = START.get().unwrap().elapsed();
-    print_report(&o, mailbox, &fetch, &login, &conc, &mem, total);
+    print_report(&o, mailbox, &fetch, &login, &conc, &mem, &mailr);
     // The proxy's own log, if something went wrong there, helps; keep it short.
     let logs = w.proxy.as_ref().map(|p| p.logs()).unwrap_or_default();
     let errors: Vec<&str> = logs

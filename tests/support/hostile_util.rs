@@ -109,6 +109,11 @@ impl Rig {
         let alive = self.proxy.as_mut().expect("proxy started").is_running();
         assert!(alive, "the proxy died:\n{}", tail(&self.logs(), 60));
         base.check().await;
+        assert_eq!(
+            &self.vault(),
+            vault_before,
+            "vault files under state_dir/accounts changed"
+        );
         if let Some(before) = rss_before {
             let now = self.rss_kib();
             assert!(
@@ -116,11 +121,6 @@ impl Rig {
                 "proxy RSS grew from {before} KiB to {now} KiB (limit +{max_growth_kib} KiB)"
             );
         }
-        assert_eq!(
-            &self.vault(),
-            vault_before,
-            "vault files under state_dir/accounts changed"
-        );
     }
 }
 
@@ -220,7 +220,10 @@ impl Seen {
 
     /// Lines sent, without CRLF.
     pub fn lines(&self) -> Vec<String> {
-        self.text().lines().map(|l| l.trim_end_matches('\r').to_string()).collect()
+        self.text()
+            .lines()
+            .map(|l| l.trim_end_matches('\r').to_string())
+            .collect()
     }
 }
 
@@ -355,7 +358,7 @@ async fn reset_after_login(sock: TcpStream) {
     let _ = c.read_line(&mut line).await;
     // SO_LINGER 0: close() sends RST instead of FIN.
     let sock = c.into_inner();
-    let _ = sock.set_linger(Some(Duration::ZERO));
+    let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
     drop(sock);
 }
 

@@ -101,7 +101,11 @@ pub fn assert_no_secrets(logs: &str, env: &Env, passwords: &[&str]) {
     secrets.push(super::provider::CLIENT_SECRET.to_string());
     secrets.extend(passwords.iter().map(|p| p.to_string()));
     for s in &secrets {
-        assert!(!logs.contains(s.as_str()), "a secret reached the proxy log: {}…", &s[..s.len().min(6)]);
+        assert!(
+            !logs.contains(s.as_str()),
+            "a secret reached the proxy log: {}…",
+            &s[..s.len().min(6)]
+        );
     }
 }
 
