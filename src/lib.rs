@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod endpoint;
 pub mod imap;
 pub mod keystore;
+mod linebuf;
 pub mod net;
 pub mod oauth;
 pub mod pop3;

@@ -14,9 +14,10 @@
 //!   after the login command are handed over verbatim by `into_pending_input`;
 //! * buffers holding client input are zeroized when consumed or dropped.
 
+use crate::linebuf::SecretBuf;
 use std::fmt;
 
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use super::command::{self, CommandBody};
 use super::framing::{strip_eol, Frame, Framer, Limits};
@@ -99,43 +100,6 @@ enum State {
     AwaitTls,
     /// Logout/Close happened; input is discarded.
     Done,
-}
-
-/// Input buffer whose contents are zeroized when consumed, reallocated or
-/// dropped (it may hold passwords).
-struct SecretBuf(Vec<u8>);
-
-impl SecretBuf {
-    /// Append, growing geometrically but never beyond `max(needed, limit)`.
-    fn extend(&mut self, bytes: &[u8], limit: usize) {
-        let needed = self.0.len() + bytes.len();
-        if needed > self.0.capacity() {
-            let target = (self.0.capacity() * 2).max(512).min(limit).max(needed);
-            let mut grown = Vec::with_capacity(target);
-            grown.extend_from_slice(&self.0);
-            self.0.zeroize();
-            self.0 = grown;
-        }
-        self.0.extend_from_slice(bytes);
-    }
-
-    fn consume(&mut self, n: usize) {
-        let len = self.0.len();
-        let n = n.min(len);
-        self.0.copy_within(n..len, 0);
-        self.0[len - n..].zeroize();
-        self.0.truncate(len - n);
-    }
-
-    fn clear(&mut self) {
-        self.0.zeroize(); // zeroes contents and spare capacity, sets len 0
-    }
-}
-
-impl Drop for SecretBuf {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
 }
 
 /// The pre-authentication IMAP state machine. See the module documentation.

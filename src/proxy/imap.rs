@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::client::{Client, MAX_RESPONSE};
 use super::{authorize, one_line, Ctx, FailureKind, LoginFailure, Upstream, UpstreamAuth};
@@ -64,17 +64,10 @@ pub async fn session(
             }
             Some(Event::StartTls { .. }) => {
                 flush(&mut client, &mut pre).await?;
-                let (Some(acceptor), Stream::Plain(tcp)) = (tls, client) else {
-                    return Ok(()); // the state machine only offers STARTTLS on plain + TLS configured
+                let Some(tls_client) = super::start_tls(ctx, client, tls).await else {
+                    return Ok(());
                 };
-                client = match tokio::time::timeout(limits.preauth_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
-                    Ok(Err(e)) => {
-                        tracing::info!(error = %e, "client TLS handshake failed");
-                        return Ok(());
-                    }
-                    Err(_) => return Ok(()),
-                };
+                client = tls_client;
                 pre.starttls_done();
             }
             Some(Event::Logout) | Some(Event::Close) => {
@@ -88,25 +81,18 @@ pub async fn session(
                     // Cannot happen with a well-behaved state machine; never spin.
                     return Ok(());
                 }
-                let left = deadline
-                    .saturating_duration_since(Instant::now())
-                    .min(limits.preauth_timeout);
-                let n = tokio::select! {
-                    r = tokio::time::timeout(left, client.read(&mut buf)) => match r {
-                        Ok(r) => r?,
-                        Err(_) => {
-                            let _ = client.write_all(b"* BYE Autologout; idle for too long before login\r\n").await;
-                            return Ok(());
-                        }
-                    },
-                    _ = ctx.shutdown.cancelled() => {
-                        let _ = client.write_all(b"* BYE mailproxy is shutting down\r\n").await;
-                        return Ok(());
-                    }
-                };
-                if n == 0 {
+                let Some(n) = super::read_preauth(
+                    ctx,
+                    &mut client,
+                    &mut buf,
+                    deadline,
+                    b"* BYE Autologout; idle for too long before login\r\n",
+                    b"* BYE mailproxy is shutting down\r\n",
+                )
+                .await?
+                else {
                     return Ok(());
-                }
+                };
                 pre.feed(&buf[..n]);
             }
         }

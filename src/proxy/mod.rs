@@ -78,6 +78,55 @@ pub fn one_line(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
+/// Before login: the next bytes from the client, within the pre-login time
+/// limits (idle `preauth_timeout`, the whole phase `deadline`). `None` ends
+/// the session: end of input, a timeout (the client gets `idle_bye`), or
+/// shutdown (`shutdown_bye`).
+pub async fn read_preauth(
+    ctx: &Ctx,
+    client: &mut Stream,
+    buf: &mut [u8],
+    deadline: std::time::Instant,
+    idle_bye: &[u8],
+    shutdown_bye: &[u8],
+) -> std::io::Result<Option<usize>> {
+    use tokio::io::AsyncReadExt;
+    let left = deadline
+        .saturating_duration_since(std::time::Instant::now())
+        .min(ctx.config().limits.preauth_timeout);
+    tokio::select! {
+        r = tokio::time::timeout(left, client.read(buf)) => match r {
+            Ok(Ok(0)) => Ok(None),
+            Ok(Ok(n)) => Ok(Some(n)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                let _ = client.write_all(idle_bye).await;
+                Ok(None)
+            }
+        },
+        _ = ctx.shutdown.cancelled() => {
+            let _ = client.write_all(shutdown_bye).await;
+            Ok(None)
+        }
+    }
+}
+
+/// STARTTLS/STLS accepted: the TLS handshake on the same connection, within
+/// the pre-login timeout. `None` when it fails (the session ends).
+pub async fn start_tls(ctx: &Ctx, client: Stream, tls: Option<&tokio_rustls::TlsAcceptor>) -> Option<Stream> {
+    let (Some(acceptor), Stream::Plain(tcp)) = (tls, client) else {
+        return None; // the state machines offer STARTTLS only on plain connections with TLS configured
+    };
+    match tokio::time::timeout(ctx.config().limits.preauth_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Some(Stream::ServerTls(Box::new(s))),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "client TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 /// Relay buffer sizes, per direction: small while a session is interactive
 /// (thousands of idle sessions stay cheap), growing for bulk transfers (FETCH
 /// of a large mailbox, a big DATA), where fewer, larger reads and writes keep

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::client::{Client, MAX_RESPONSE};
 use super::{authorize, one_line, Ctx, FailureKind, LoginFailure, UpstreamAuth};
@@ -68,13 +68,10 @@ pub async fn session(
             }
             Some(Event::StartTls) => {
                 flush(&mut client, &mut pre).await?;
-                let (Some(acceptor), Stream::Plain(tcp)) = (tls, client) else {
+                let Some(tls_client) = super::start_tls(ctx, client, tls).await else {
                     return Ok(());
                 };
-                client = match tokio::time::timeout(limits.preauth_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
-                    _ => return Ok(()),
-                };
+                client = tls_client;
                 pre.starttls_done();
             }
             Some(Event::Quit) | Some(Event::Close) => {
@@ -90,25 +87,18 @@ pub async fn session(
                 if !pre.wants_input() {
                     return Ok(());
                 }
-                let left = deadline
-                    .saturating_duration_since(Instant::now())
-                    .min(limits.preauth_timeout);
-                let n = tokio::select! {
-                    r = tokio::time::timeout(left, client.read(&mut buf)) => match r {
-                        Ok(r) => r?,
-                        Err(_) => {
-                            let _ = client.write_all(b"421 4.4.2 mailproxy: idle for too long\r\n").await;
-                            return Ok(());
-                        }
-                    },
-                    _ = ctx.shutdown.cancelled() => {
-                        let _ = client.write_all(b"421 4.3.0 mailproxy is shutting down\r\n").await;
-                        return Ok(());
-                    }
-                };
-                if n == 0 {
+                let Some(n) = super::read_preauth(
+                    ctx,
+                    &mut client,
+                    &mut buf,
+                    deadline,
+                    b"421 4.4.2 mailproxy: idle for too long\r\n",
+                    b"421 4.3.0 mailproxy is shutting down\r\n",
+                )
+                .await?
+                else {
                     return Ok(());
-                }
+                };
                 pre.feed(&buf[..n]);
             }
         }
