@@ -53,6 +53,7 @@ struct Opts {
     pop3: bool,
     smtp_messages: usize,
     smtp_kb: usize,
+    mail_runs: usize,
     smtp_modes: Vec<mail::Mode>,
     pop3_modes: Vec<mail::Mode>,
     mailbox_mb: f64,
@@ -77,6 +78,7 @@ impl Default for Opts {
             pop3: true,
             smtp_messages: 100,
             smtp_kb: 100,
+            mail_runs: 15,
             smtp_modes: vec![mail::Mode::Pipelined],
             pop3_modes: vec![mail::Mode::Pipelined, mail::Mode::Sequential],
             mailbox_mb: 40.0,
@@ -98,7 +100,8 @@ usage: scripts/bench [options]
   --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3 (default: all)
   --mailbox-mb N      INBOX size for the FETCH and POP3 tests in MiB (default 40)
   --msg-kb N          size of each message in KiB (default 100)
-  --runs N            timed FETCH/SMTP/POP3 runs per variant, after one warm-up (default 9)
+  --runs N            timed FETCH runs per variant, after one warm-up (default 9)
+  --mail-runs N       timed SMTP and POP3 runs per mode, after one warm-up (default 15; short runs, noisier)
   --login-samples N   sequential logins per variant (default 200)
   --clients N         clients logging in at the same moment (default 100)
   --rounds N          rounds of concurrent logins, warm (default 5)
@@ -172,6 +175,7 @@ fn parse_args() -> Opts {
             "--sessions" => o.sessions = num(&flag, val()),
             "--no-memory-plain" => o.memory_plain = false,
             "--smtp-messages" => o.smtp_messages = num(&flag, val()),
+            "--mail-runs" => o.mail_runs = num(&flag, val()),
             "--smtp-kb" => o.smtp_kb = num(&flag, val()),
             "--smtp-mode" | "--pop3-mode" => {
                 let v = val().unwrap_or_else(|| die(&format!("{flag} needs a value")));
@@ -194,6 +198,7 @@ fn parse_args() -> Opts {
     o.sessions = o.sessions.max(1);
     o.msg_kb = o.msg_kb.max(1);
     o.smtp_messages = o.smtp_messages.max(1);
+    o.mail_runs = o.mail_runs.max(1);
     o.smtp_kb = o.smtp_kb.max(1);
     o
 }
@@ -1333,7 +1338,7 @@ fn print_report(
         println!();
         println!(
             "5. SMTP send: {} messages of {} KiB (text, CRLF, dot-stuffed lines) in one authenticated session; medians of {} interleaved runs after a warm-up",
-            o.smtp_messages, o.smtp_kb, o.runs
+            o.smtp_messages, o.smtp_kb, o.mail_runs
         );
         println!("   (timed: first MAIL to the 250 after the last message's data; per message MAIL+RCPT+DATA then data, waiting");
         println!("    for each message's final 250; pipelined: MAIL+RCPT+DATA in one write; sequential: one command per round trip.");
@@ -1348,7 +1353,7 @@ fn print_report(
         println!(
             "6. POP3 RETR 1..{msgs} of INBOX ({:.1} MB) in one session; medians of {} interleaved runs after a warm-up",
             bytes as f64 / 1e6,
-            o.runs
+            o.mail_runs
         );
         println!("   (timed: first RETR sent to the last `.CRLF`; pipelined: all RETRs in one write; sequential: next RETR after");
         println!("    the previous terminator. direct: client TLS to Dovecot pop3s, AUTH XOAUTH2; proxy: client plain, USER/PASS,");
@@ -1422,12 +1427,12 @@ async fn run(o: Opts) -> io::Result<()> {
         };
         let login = if o.login { bench_login(&w, &o).await? } else { vec![] };
         let smtp = if o.smtp {
-            mail::bench_smtp(&w, o.runs, o.smtp_messages, o.smtp_kb, &o.smtp_modes).await?
+            mail::bench_smtp(&w, o.mail_runs, o.smtp_messages, o.smtp_kb, &o.smtp_modes).await?
         } else {
             vec![]
         };
         let pop3 = match (o.pop3, mailbox) {
-            (true, Some((bytes, n))) => mail::bench_pop3(&w, o.runs, n, bytes, &o.pop3_modes).await?,
+            (true, Some((bytes, n))) => mail::bench_pop3(&w, o.mail_runs, n, bytes, &o.pop3_modes).await?,
             _ => vec![],
         };
         let conc = if o.concurrent {
