@@ -301,7 +301,12 @@ async fn passthrough_fallback_and_starttls_upstream() {
     // STARTTLS upstream for an OAuth account.
     let mut c = login(port, CAROL, "carol pw").await;
     assert!(c.imap("a2", "SELECT INBOX").await.unwrap().is_ok());
-    assert!(w.env.dovecot.log().contains(CAROL));
+    // Dovecot logs the login (over TLS, after STARTTLS) asynchronously.
+    let t0 = std::time::Instant::now();
+    while !w.env.dovecot.log().lines().any(|l| l.contains(&format!("user=<{CAROL}>")) && l.contains("TLS")) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", w.env.dovecot.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
