@@ -303,7 +303,13 @@ async fn passthrough_fallback_and_starttls_upstream() {
     assert!(c.imap("a2", "SELECT INBOX").await.unwrap().is_ok());
     // Dovecot logs the login (over TLS, after STARTTLS) asynchronously.
     let t0 = std::time::Instant::now();
-    while !w.env.dovecot.log().lines().any(|l| l.contains(&format!("user=<{CAROL}>")) && l.contains("TLS")) {
+    while !w
+        .env
+        .dovecot
+        .log()
+        .lines()
+        .any(|l| l.contains(&format!("user=<{CAROL}>")) && l.contains("TLS"))
+    {
         assert!(t0.elapsed() < Duration::from_secs(10), "{}", w.env.dovecot.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
