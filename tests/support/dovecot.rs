@@ -86,12 +86,13 @@ pub struct Dovecot {
 
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct free ports: all are held open until every one is chosen, so
+/// the kernel cannot hand out the same port twice.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 impl Dovecot {
@@ -136,7 +137,7 @@ impl Dovecot {
             ServerCert::WrongName(n) => ca.leaf_for_names("server", &[n.as_str()]),
         };
 
-        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let ports: Vec<u16> = free_ports(6);
         let relay_port = opts.smtp_relay_port.unwrap_or_else(free_port);
 
         // passwd-file: user:{PLAIN}password:::::: (uid/gid/home come from the static userdb).
@@ -325,7 +326,8 @@ submission_relay_ssl = no
             Ok(()) => Ok(d),
             Err(e) => {
                 let log = format!("{e}\n--- stderr ---\n{}\n--- log ---\n{}", d.stderr(), d.log());
-                let retry = log.contains("Address already in use");
+                // Another process may grab a port between our pick and Dovecot's bind.
+                let retry = log.contains("Address already in use") || log.contains("duplicate listener");
                 d.stop();
                 Err((retry, log))
             }
