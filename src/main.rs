@@ -344,11 +344,7 @@ fn accounts(config: &Config) -> Result<()> {
 
 /// The refresh token of an account, from the keyring or the vault (asking
 /// for the local password). `None` when there is none.
-fn stored_refresh(
-    vault: &Vault,
-    account: &str,
-    rec: &AccountRecord,
-) -> Result<Option<(Secret, Option<crypto::VaultKey>)>> {
+fn stored_refresh(account: &str, rec: &AccountRecord) -> Result<Option<(Secret, Option<crypto::VaultKey>)>> {
     if rec.token_store.as_deref() == Some("keyring") {
         return Ok(keystore::get(account).map_err(anyhow::Error::msg)?.map(|t| (t, None)));
     }
@@ -357,7 +353,6 @@ fn stored_refresh(
     };
     let pw = read_password(account, false)?;
     let key = crypto::check_password(pw.expose(), verifier)?.context("wrong local password")?;
-    let _ = vault;
     Ok(Some((crypto::open(&key, account, sealed)?, Some(key))))
 }
 
@@ -386,7 +381,7 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
             }
             _ if settings.flow == Flow::ClientCredentials => flows::client_credentials(&http, &name, settings).await,
             None => unreachable!("handled above"),
-            Some(r) => match stored_refresh(&vault, &name, r)? {
+            Some(r) => match stored_refresh(&name, r)? {
                 None => {
                     println!("{name}: needs login: no refresh token stored; run `mailproxy login {name}`");
                     worst = worst.max(1);
@@ -453,7 +448,7 @@ async fn revoke(config: &Config, name: &str) -> Result<()> {
     let rec = vault.load(&name)?;
     let refresh = match &rec {
         Some(r) => {
-            match stored_refresh(&vault, &name, r) {
+            match stored_refresh(&name, r) {
                 Ok(t) => t.map(|(t, _)| t),
                 Err(e) => {
                     eprintln!("cannot read the refresh token ({e:#}); erasing the local copy without revoking it at the provider");

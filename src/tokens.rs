@@ -724,9 +724,7 @@ impl TokenManager {
 
         // Save a rotated refresh token before anything uses the new access token.
         let rotated = t.refresh.clone().filter(|r| Some(r) != refresh.as_ref());
-        let mut new_refresh = refresh.clone();
         if let Some(new) = &rotated {
-            new_refresh = Some(new.clone());
             if let TokenState::Active { refresh, .. } | TokenState::Unsealed { refresh, .. } = &mut slot.state {
                 // Keep it in memory even if saving fails: the old one is dead.
                 *refresh = Some(new.clone());
@@ -758,7 +756,6 @@ impl TokenManager {
             TokenState::Active { access: a, .. } | TokenState::Unsealed { access: a, .. } => *a = Some(access),
             _ => {}
         }
-        let _ = new_refresh;
         // The background refresher plans its next wake-up from this token.
         self.changed.notify_one();
         Ok(t.access)

@@ -107,7 +107,6 @@ async fn client_credentials_account() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_demand_authorisation_runs_once_for_twenty_clients() {
     let mut w = World::new();
-    let status_dir = w.dir.path().to_path_buf();
     let cfg = read(&w.dir.config_path()).replace("[server]\n", "[server]\nstatus_listen = \"127.0.0.1:0\"\n");
     std::fs::write(w.dir.config_path(), cfg).unwrap();
     let port = w.start();
@@ -174,7 +173,6 @@ async fn on_demand_authorisation_runs_once_for_twenty_clients() {
         audit.contains("authorization_started") && audit.contains("\"consent\"") && audit.contains("password_set"),
         "{audit}"
     );
-    let _ = status_dir;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
