@@ -138,7 +138,7 @@ impl Dovecot {
         };
 
         let ports: Vec<u16> = free_ports(6);
-        let relay_port = opts.smtp_relay_port.unwrap_or_else(free_port);
+        let relay_port = opts.smtp_relay_port.unwrap_or_else(|| free_ports(1)[0]);
 
         // passwd-file: user:{PLAIN}password:::::: (uid/gid/home come from the static userdb).
         let mut passwd = String::new();
