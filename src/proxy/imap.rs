@@ -40,7 +40,7 @@ pub async fn session(
                 username,
                 password,
             }) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 let login = username.to_string();
                 tracing::Span::current().record("login", login.as_str());
                 match login_upstream(ctx, listener, peer, &login, Secret::from(password)).await {
@@ -63,7 +63,7 @@ pub async fn session(
                 }
             }
             Some(Event::StartTls { .. }) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 let Some(tls_client) = super::start_tls(ctx, client, tls).await else {
                     return Ok(());
                 };
@@ -71,12 +71,12 @@ pub async fn session(
                 pre.starttls_done();
             }
             Some(Event::Logout) | Some(Event::Close) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 let _ = client.shutdown().await;
                 return Ok(());
             }
             None => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 if !pre.wants_input() {
                     // Cannot happen with a well-behaved state machine; never spin.
                     return Ok(());
@@ -97,14 +97,6 @@ pub async fn session(
             }
         }
     }
-}
-
-async fn flush(client: &mut Stream, pre: &mut PreAuth) -> std::io::Result<()> {
-    let out = pre.take_output();
-    if !out.is_empty() {
-        client.write_all(&out).await?;
-    }
-    client.flush().await
 }
 
 /// One complete server response at the start of `buf`: a line, plus any

@@ -78,6 +78,15 @@ pub fn one_line(s: &str) -> String {
     s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
+/// Writes what a pre-login state machine has to say, and flushes (a TLS
+/// stream holds records until then).
+pub async fn send_output(client: &mut Stream, out: Vec<u8>) -> std::io::Result<()> {
+    if !out.is_empty() {
+        client.write_all(&out).await?;
+    }
+    client.flush().await
+}
+
 /// Before login: the next bytes from the client, within the pre-login time
 /// limits (idle `preauth_timeout`, the whole phase `deadline`). `None` ends
 /// the session: end of input, a timeout (the client gets `idle_bye`), or

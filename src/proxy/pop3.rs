@@ -33,7 +33,7 @@ pub async fn session(
     loop {
         match pre.poll() {
             Some(Event::Login { username, password }) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 let login = username.to_string();
                 tracing::Span::current().record("login", login.as_str());
                 match login_upstream(ctx, listener, peer, &login, Secret::from(password)).await {
@@ -57,7 +57,7 @@ pub async fn session(
                 }
             }
             Some(Event::StartTls) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 let Some(tls_client) = super::start_tls(ctx, client, tls).await else {
                     return Ok(());
                 };
@@ -65,12 +65,12 @@ pub async fn session(
                 pre.starttls_done();
             }
             Some(Event::Quit) | Some(Event::Close) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 let _ = client.shutdown().await;
                 return Ok(());
             }
             None => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 if !pre.wants_input() {
                     return Ok(());
                 }
@@ -90,14 +90,6 @@ pub async fn session(
             }
         }
     }
-}
-
-async fn flush(client: &mut Stream, pre: &mut PreAuth) -> std::io::Result<()> {
-    let out = pre.take_output();
-    if !out.is_empty() {
-        client.write_all(&out).await?;
-    }
-    client.flush().await
 }
 
 async fn read_response(ctx: &Ctx, c: &mut Client) -> Result<Response, String> {

@@ -37,7 +37,7 @@ pub async fn session(
     loop {
         match pre.poll() {
             Some(Event::Login { username, password }) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 let login = username.to_string();
                 tracing::Span::current().record("login", login.as_str());
                 match login_upstream(ctx, listener, peer, &login, Secret::from(password), pre.helo()).await {
@@ -58,7 +58,7 @@ pub async fn session(
                 }
             }
             Some(Event::Handoff) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 let Some(up) = upstream.take() else { return Ok(()) };
                 let pending = pre.into_pending_input();
                 tracing::info!("relaying");
@@ -67,7 +67,7 @@ pub async fn session(
                 return Ok(());
             }
             Some(Event::StartTls) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 let Some(tls_client) = super::start_tls(ctx, client, tls).await else {
                     return Ok(());
                 };
@@ -75,7 +75,7 @@ pub async fn session(
                 pre.starttls_done();
             }
             Some(Event::Quit) | Some(Event::Close) => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 if let Some(mut up) = upstream.take() {
                     let _ = up.send(b"QUIT\r\n").await;
                 }
@@ -83,7 +83,7 @@ pub async fn session(
                 return Ok(());
             }
             None => {
-                flush(&mut client, &mut pre).await?;
+                super::send_output(&mut client, pre.take_output()).await?;
                 if !pre.wants_input() {
                     return Ok(());
                 }
@@ -103,14 +103,6 @@ pub async fn session(
             }
         }
     }
-}
-
-async fn flush(client: &mut Stream, pre: &mut PreAuth) -> std::io::Result<()> {
-    let out = pre.take_output();
-    if !out.is_empty() {
-        client.write_all(&out).await?;
-    }
-    client.flush().await
 }
 
 async fn read_reply(ctx: &Ctx, c: &mut Client) -> Result<Reply, String> {
