@@ -10,6 +10,7 @@ pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod endpoint;
+pub mod identity;
 pub mod imap;
 pub mod keystore;
 mod linebuf;
