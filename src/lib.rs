@@ -2,9 +2,11 @@
 //! POP3 clients log in with a local password while it authenticates upstream
 //! with OAuth 2.0 (XOAUTH2 / OAUTHBEARER).
 //!
-//! Layout: protocol code is pure and I/O-free (`imap`, `sasl`); the token
-//! lifecycle lives in `tokens`; I/O sits at the edges (`net`, `proxy`,
-//! `server`, `oauth`).
+//! Layout: protocol code is pure and I/O-free (`imap`, `smtp`, `pop3`,
+//! `sasl`, with their shared contract in `preauth`); the token lifecycle
+//! lives in `tokens`; I/O sits at the edges (`net`, `proxy`, `server`,
+//! `oauth`). Modules are public only where the binary, the fuzz targets or
+//! the benchmark use them.
 
 pub mod audit;
 pub mod config;
@@ -14,15 +16,18 @@ pub mod identity;
 pub mod imap;
 pub mod keystore;
 mod linebuf;
-pub mod net;
+pub(crate) mod net;
 pub mod oauth;
 pub mod pop3;
-pub mod proxy;
+pub mod preauth;
+pub(crate) mod proxy;
 pub mod sasl;
 pub mod secret;
 pub mod server;
 pub mod smtp;
-pub mod status;
+pub(crate) mod status;
+pub(crate) mod sys;
+pub mod text;
 pub mod tls;
 pub mod tokens;
 pub mod vault;

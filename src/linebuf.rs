@@ -4,7 +4,7 @@
 
 use zeroize::Zeroize;
 
-use crate::imap::framing::strip_eol;
+use crate::text::strip_eol;
 
 /// Input buffer whose contents are zeroized when consumed, reallocated or
 /// dropped (it may hold passwords).

@@ -2,12 +2,12 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -17,11 +17,14 @@ use crate::config::{Config, Listener, LocalTls, TokenStore};
 use crate::endpoint::Protocol;
 use crate::keystore;
 use crate::net::{self, Stream};
-use crate::proxy::{self, Ctx};
-use crate::tls::{self, ClientConfigs};
+use crate::proxy::imap::Imap;
+use crate::proxy::pop3::Pop3;
+use crate::proxy::session::{self, Protocol as SessionProtocol};
+use crate::proxy::smtp::Smtp;
+use crate::proxy::Ctx;
+use crate::tls::{self, ClientConfigs, TlsError};
 use crate::tokens::TokenManager;
-use crate::vault::Vault;
-use std::time::SystemTime;
+use crate::vault::{Vault, VaultError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -31,8 +34,21 @@ pub enum ServeError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Setup(String),
+    #[error("cannot listen on {addr} for the status page: {source}")]
+    StatusBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error("{which}: {source}")]
+    Tls { which: String, source: TlsError },
+    #[error("{}: {source}", .dir.display())]
+    CertDir { dir: PathBuf, source: std::io::Error },
+    #[error("{} configures no listener: add [imap] listen = \"127.0.0.1:1143\"", .0.display())]
+    NoListener(PathBuf),
 }
 
 /// Per-address connection counts, for the per-client cap.
@@ -43,7 +59,7 @@ struct IpSlot<'a>(&'a PerIp, IpAddr);
 
 impl PerIp {
     fn enter(&self, ip: IpAddr, max: usize) -> Option<IpSlot<'_>> {
-        let mut m = self.0.lock().unwrap();
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= max {
             return None;
@@ -55,7 +71,7 @@ impl PerIp {
 
 impl Drop for IpSlot<'_> {
     fn drop(&mut self) {
-        let mut m = self.0 .0.lock().unwrap();
+        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = m.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {
@@ -65,11 +81,67 @@ impl Drop for IpSlot<'_> {
     }
 }
 
+/// One listener's live state. Its address and TLS mode are fixed at start;
+/// its settings (fallback, certificate, limits) follow the running config.
 struct ListenerCtx {
-    config: Listener,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-    sessions: Semaphore,
+    protocol: Protocol,
+    tls_mode: LocalTls,
+    acceptor: RwLock<Option<tokio_rustls::TlsAcceptor>>,
+    sessions: AtomicUsize,
     per_ip: PerIp,
+}
+
+/// A session counted against the listener's `max_connections`.
+struct SessionSlot<'a>(&'a AtomicUsize);
+
+impl ListenerCtx {
+    fn enter(&self, max: usize) -> Option<SessionSlot<'_>> {
+        let n = self.sessions.fetch_add(1, Ordering::AcqRel);
+        if n >= max {
+            self.sessions.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(SessionSlot(&self.sessions))
+    }
+
+    /// This listener's settings in the running config.
+    fn settings(&self, ctx: &Ctx) -> Option<Listener> {
+        ctx.config().listeners().find(|l| l.protocol == self.protocol).cloned()
+    }
+}
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The local TLS acceptor a listener's settings ask for.
+fn acceptor(config: &Config, l: &Listener) -> Result<Option<tokio_rustls::TlsAcceptor>, ServeError> {
+    if l.tls == LocalTls::None {
+        return Ok(None);
+    }
+    let (cert, key) = match (&l.cert, &l.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => {
+            let dir = config.state_dir.join("certs");
+            std::fs::create_dir_all(&dir).map_err(|source| ServeError::CertDir {
+                dir: dir.clone(),
+                source,
+            })?;
+            let (c, k, fp) = tls::self_signed(&dir).map_err(|source| ServeError::Tls {
+                which: "the self-signed local certificate".into(),
+                source,
+            })?;
+            tracing::info!(cert = %c.display(), sha256 = %fp, "using the self-signed local certificate");
+            (c, k)
+        }
+    };
+    let sc = tls::server_config(&cert, &key).map_err(|source| ServeError::Tls {
+        which: format!("[{}] cert/key", l.protocol),
+        source,
+    })?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(sc)))
 }
 
 /// Runs until SIGINT/SIGTERM. Prints `listening PROTOCOL ADDR` on stdout once
@@ -78,10 +150,15 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     // Handlers first: a signal that arrives once we said "listening" must
     // find them in place.
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| ServeError::Setup(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| ServeError::Setup(e.to_string()))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| ServeError::Setup(e.to_string()))?;
-    let vault = Vault::open(&config.state_dir).map_err(|e| ServeError::Setup(e.to_string()))?;
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Signals)?;
+    match crate::sys::raise_open_files() {
+        Ok(Some(n)) => tracing::info!(open_files = n, "open-file limit"),
+        Ok(None) => tracing::info!("no open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    let vault = Vault::open(&config.state_dir)?;
     let store = effective_store(&config).await;
     let audit = Audit::start(&config.audit_log);
     let tokens = Arc::new(TokenManager::new(&config, vault, store, audit));
@@ -90,9 +167,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let ctx = Arc::new(Ctx {
         config: std::sync::RwLock::new(config.clone()),
         tokens: tokens.clone(),
-        tls: ClientConfigs::default(),
+        tls: Arc::new(ClientConfigs::default()),
         shutdown: shutdown.clone(),
-        ip_failures: Default::default(),
+        guard: Default::default(),
     });
 
     // Fail at start, not at the first login, on unreadable CA files.
@@ -101,55 +178,53 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let tracker = TaskTracker::new();
     let mut listeners = Vec::new();
     for l in config.listeners() {
-        let acceptor = match l.tls {
-            LocalTls::None => None,
-            _ => {
-                let (cert, key) = match (&l.cert, &l.key) {
-                    (Some(c), Some(k)) => (c.clone(), k.clone()),
-                    _ => {
-                        let dir = config.state_dir.join("certs");
-                        std::fs::create_dir_all(&dir)
-                            .map_err(|e| ServeError::Setup(format!("{}: {e}", dir.display())))?;
-                        let (c, k, fp) = tls::self_signed(&dir).map_err(|e| ServeError::Setup(e.to_string()))?;
-                        println!("certificate {} sha256 {fp}", c.display());
-                        tracing::info!(cert = %c.display(), sha256 = %fp, "using the self-signed local certificate");
-                        (c, k)
-                    }
-                };
-                let sc = tls::server_config(&cert, &key).map_err(|e| ServeError::Setup(e.to_string()))?;
-                Some(tokio_rustls::TlsAcceptor::from(sc))
-            }
-        };
+        if l.tls != LocalTls::None && (l.cert.is_none() || l.key.is_none()) {
+            let dir = config.state_dir.join("certs");
+            std::fs::create_dir_all(&dir).map_err(|source| ServeError::CertDir {
+                dir: dir.clone(),
+                source,
+            })?;
+            let (c, _, fp) = tls::self_signed(&dir).map_err(|source| ServeError::Tls {
+                which: "the self-signed local certificate".into(),
+                source,
+            })?;
+            println!("certificate {} sha256 {fp}", c.display());
+        }
+        let acceptor = acceptor(&config, l)?;
         let sock = TcpListener::bind(l.listen).await.map_err(|source| ServeError::Bind {
             protocol: l.protocol,
             addr: l.listen,
             source,
         })?;
-        let addr = sock.local_addr().map_err(|e| ServeError::Setup(e.to_string()))?;
+        let addr = sock.local_addr().map_err(|source| ServeError::Bind {
+            protocol: l.protocol,
+            addr: l.listen,
+            source,
+        })?;
         println!("listening {} {addr}", l.protocol);
         if !addr.ip().is_loopback() && l.tls == LocalTls::None {
             tracing::warn!(%addr, "listening without TLS on a non-loopback address (allow_insecure_remote): passwords cross the network in the clear");
         }
         tracing::info!(protocol = %l.protocol, %addr, tls = ?l.tls, "listening");
         let lctx = Arc::new(ListenerCtx {
-            config: l.clone(),
-            acceptor,
-            sessions: Semaphore::new(config.limits.max_connections),
+            protocol: l.protocol,
+            tls_mode: l.tls,
+            acceptor: RwLock::new(acceptor),
+            sessions: AtomicUsize::new(0),
             per_ip: PerIp::default(),
         });
         listeners.push((sock, lctx));
     }
     if listeners.is_empty() {
-        return Err(ServeError::Setup(format!(
-            "{} configures no listener: add [imap] listen = \"127.0.0.1:1143\"",
-            config.path.display()
-        )));
+        return Err(ServeError::NoListener(config.path.clone()));
     }
     if let Some(addr) = config.status_listen {
         let sock = TcpListener::bind(addr)
             .await
-            .map_err(|e| ServeError::Setup(format!("cannot listen on {addr} for the status page: {e}")))?;
-        let addr = sock.local_addr().map_err(|e| ServeError::Setup(e.to_string()))?;
+            .map_err(|source| ServeError::StatusBind { addr, source })?;
+        let addr = sock
+            .local_addr()
+            .map_err(|source| ServeError::StatusBind { addr, source })?;
         println!("listening status {addr}");
         tokens.set_status_url(Some(format!("http://{addr}/")));
         tracker.spawn(crate::status::serve(sock, tokens.clone(), shutdown.clone()));
@@ -160,6 +235,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     tracker.spawn(refresher(tokens.clone(), config.state_dir.clone(), shutdown.clone()));
 
     let ids = Arc::new(AtomicU64::new(1));
+    let tracker_listeners: Vec<Arc<ListenerCtx>> = listeners.iter().map(|(_, l)| l.clone()).collect();
     for (sock, lctx) in listeners {
         let (ctx, tracker2, ids, shutdown) = (ctx.clone(), tracker.clone(), ids.clone(), shutdown.clone());
         tracker.spawn(async move {
@@ -178,17 +254,25 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 };
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let (ctx, lctx) = (ctx.clone(), lctx.clone());
-                let span = tracing::info_span!("conn", id, proto = %lctx.config.protocol, peer = %peer, login = tracing::field::Empty);
-                tracker2.spawn(async move { connection(&ctx, &lctx, tcp, peer.ip()).await }.instrument(span));
+                let span = tracing::info_span!("conn", id, proto = %lctx.protocol, peer = %peer, login = tracing::field::Empty);
+                let session = async move {
+                    match lctx.protocol {
+                        Protocol::Imap => connection::<Imap>(&ctx, &lctx, tcp, peer.ip()).await,
+                        Protocol::Smtp => connection::<Smtp>(&ctx, &lctx, tcp, peer.ip()).await,
+                        Protocol::Pop3 => connection::<Pop3>(&ctx, &lctx, tcp, peer.ip()).await,
+                    }
+                };
+                tracker2.spawn(session.instrument(span));
             }
         });
     }
 
+    let live: Vec<_> = tracker_listeners;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&ctx),
+            _ = hup.recv() => reload(&ctx, &live),
         }
     }
     tracing::info!("shutting down");
@@ -206,18 +290,24 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 fn check_ca_files(ctx: &Ctx, config: &Config) -> Result<(), ServeError> {
     ctx.tls
         .get(config.ca_file.as_deref())
-        .map_err(|e| ServeError::Setup(format!("[server] ca_file: {e}")))?;
+        .map_err(|source| ServeError::Tls {
+            which: "[server] ca_file".into(),
+            source,
+        })?;
     for a in config.accounts.values() {
-        ctx.tls
-            .get(a.ca_file.as_deref())
-            .map_err(|e| ServeError::Setup(format!("account {}: {e}", a.name)))?;
+        ctx.tls.get(a.ca_file.as_deref()).map_err(|source| ServeError::Tls {
+            which: format!("account {}", a.name),
+            source,
+        })?;
     }
     Ok(())
 }
 
 /// SIGHUP: re-read the config. A broken config is reported and the running
-/// one stays in force; sessions in progress keep their snapshot.
-fn reload(ctx: &Ctx) {
+/// one stays in force; sessions in progress keep their snapshot. What can
+/// change live does (fallback, certificates, limits, accounts); what cannot
+/// (listen addresses, TLS modes, `state_dir`) is named in a warning.
+fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
     let old = ctx.config();
     let new = match Config::load(&old.path) {
         Ok(c) => c,
@@ -230,13 +320,52 @@ fn reload(ctx: &Ctx) {
         tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
         return;
     }
-    let listeners = |c: &Config| c.listeners().map(|l| (l.protocol, l.listen, l.tls)).collect::<Vec<_>>();
-    if listeners(&old) != listeners(&new) || old.state_dir != new.state_dir {
-        tracing::warn!("listener and state_dir changes take effect at the next restart");
+    let mut acceptors = Vec::new();
+    for l in listeners {
+        let Some(settings) = new.listeners().find(|s| s.protocol == l.protocol) else {
+            continue;
+        };
+        if settings.tls != l.tls_mode {
+            continue; // reported below; the listener keeps its mode
+        }
+        match acceptor(&new, settings) {
+            Ok(a) => acceptors.push((l.clone(), a)),
+            Err(e) => {
+                tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
+                return;
+            }
+        }
+    }
+    let fixed = restart_needed(&old, &new);
+    if !fixed.is_empty() {
+        tracing::warn!(settings = %fixed.join(", "), "these changes take effect at the next restart");
+    }
+    for (l, a) in acceptors {
+        *l.acceptor.write().unwrap_or_else(|p| p.into_inner()) = a;
     }
     let changed = ctx.tokens.reload(&new);
-    *ctx.config.write().unwrap() = Arc::new(new);
+    *ctx.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     tracing::info!(changed_accounts = ?changed, "configuration reloaded");
+}
+
+/// Settings that differ between `old` and `new` but cannot change while
+/// serving: the sockets are bound and the stores open.
+fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
+    let mut v = Vec::new();
+    let key = |c: &Config| c.listeners().map(|l| (l.protocol, l.listen, l.tls)).collect::<Vec<_>>();
+    if key(old) != key(new) {
+        v.push("listener addresses and tls modes".to_string());
+    }
+    if old.state_dir != new.state_dir {
+        v.push("state_dir".into());
+    }
+    if old.token_store != new.token_store {
+        v.push("token_store".into());
+    }
+    if old.status_listen != new.status_listen {
+        v.push("status_listen".into());
+    }
+    v
 }
 
 /// The keyring is probed once at start; when it does not work, `serve` says
@@ -302,26 +431,29 @@ async fn refresher(tokens: Arc<TokenManager>, state_dir: std::path::PathBuf, shu
     }
 }
 
-async fn connection(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
+async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
     net::tune(&tcp);
-    let Ok(_permit) = l.sessions.try_acquire() else {
-        tracing::warn!(
-            max = ctx.config().limits.max_connections,
-            "connection limit reached; refusing"
-        );
-        refuse(tcp, l.config.protocol, "too many connections").await;
+    let limits = ctx.config().limits.clone();
+    let Some(_slot) = l.enter(limits.max_connections) else {
+        tracing::warn!(max = limits.max_connections, "connection limit reached; refusing");
+        refuse::<P>(tcp, "too many connections").await;
         return;
     };
-    let Some(_slot) = l.per_ip.enter(ip, ctx.config().limits.max_connections_per_ip) else {
+    let Some(_ip_slot) = l.per_ip.enter(ip, limits.max_connections_per_ip) else {
         tracing::warn!(
-            max = ctx.config().limits.max_connections_per_ip,
+            max = limits.max_connections_per_ip,
             "per-address connection limit reached; refusing"
         );
-        refuse(tcp, l.config.protocol, "too many connections from your address").await;
+        refuse::<P>(tcp, "too many connections from your address").await;
+        return;
+    };
+    let Some(settings) = l.settings(ctx) else {
+        refuse::<P>(tcp, "this listener is being reconfigured").await;
         return;
     };
     tracing::debug!("accepted");
-    let client = match (&l.acceptor, l.config.tls) {
+    let acceptor = l.acceptor.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let client = match (&acceptor, l.tls_mode) {
         (Some(acc), LocalTls::Implicit) => {
             match tokio::time::timeout(ctx.config().limits.preauth_timeout, acc.accept(tcp)).await {
                 Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
@@ -334,27 +466,18 @@ async fn connection(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
         }
         _ => Stream::Plain(tcp),
     };
-    let starttls = if l.config.tls == LocalTls::Starttls {
-        l.acceptor.as_ref()
+    let starttls = if l.tls_mode == LocalTls::Starttls {
+        acceptor.as_ref()
     } else {
         None
     };
-    let r = match l.config.protocol {
-        Protocol::Imap => proxy::imap::session(ctx, &l.config, client, starttls, ip).await,
-        Protocol::Smtp => proxy::smtp::session(ctx, &l.config, client, starttls, ip).await,
-        Protocol::Pop3 => proxy::pop3::session(ctx, &l.config, client, starttls, ip).await,
-    };
-    if let Err(e) = r {
+    if let Err(e) = session::run::<P>(ctx, &settings, client, starttls, ip).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 
-async fn refuse(mut tcp: TcpStream, protocol: Protocol, why: &str) {
+async fn refuse<P: SessionProtocol>(mut tcp: TcpStream, why: &str) {
     use tokio::io::AsyncWriteExt;
-    let msg = match protocol {
-        Protocol::Imap => format!("* BYE [UNAVAILABLE] {why}\r\n"),
-        Protocol::Smtp => format!("421 4.7.0 {why}\r\n"),
-        Protocol::Pop3 => format!("-ERR [SYS/TEMP] {why}\r\n"),
-    };
+    let msg = P::refusal(why);
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(msg.as_bytes())).await;
 }

@@ -165,7 +165,7 @@ fn eight_bit_outside_literals(frame: &[u8]) -> bool {
             return true;
         }
         i = end;
-        let body = mailproxy::imap::framing::strip_eol(line);
+        let body = mailproxy::text::strip_eol(line);
         if let Some(h) = mailproxy::imap::framing::literal_header(body) {
             let n = h.size.and_then(|n| usize::try_from(n).ok()).unwrap_or(usize::MAX);
             i = i.saturating_add(n);

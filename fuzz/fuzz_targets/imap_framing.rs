@@ -57,7 +57,7 @@ fn run(limits: Limits, chunks: &[&[u8]]) -> Vec<Ev> {
                     assert!(len > 0 && len <= buf.len());
                     assert_eq!(buf[len - 1], b'\n');
                     let frame: Vec<u8> = buf.drain(..len).collect();
-                    let line = mailproxy::imap::framing::strip_eol(&frame);
+                    let line = mailproxy::text::strip_eol(&frame);
                     let hdr = literal_header(line).expect("RejectLiteral without a literal header");
                     assert!(!hdr.non_sync, "non-sync literal must be fatal, not rejected");
                     assert_eq!(hdr.size, size);

@@ -10,6 +10,8 @@
 //! so feeding one byte at a time costs O(total) and not O(total²). Limits are
 //! checked by counting, before anything is buffered beyond them.
 
+use crate::text::strip_eol;
+
 /// Limits enforced by the [`Framer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -128,17 +130,6 @@ pub fn literal_header(line: &[u8]) -> Option<LiteralHeader> {
             .and_then(|s| s.checked_add(u64::from(d - b'0')));
     }
     Some(LiteralHeader { size, non_sync })
-}
-
-/// Strip a trailing `\r\n` or `\n`.
-pub fn strip_eol(line: &[u8]) -> &[u8] {
-    if let Some(l) = line.strip_suffix(b"\r\n") {
-        l
-    } else if let Some(l) = line.strip_suffix(b"\n") {
-        l
-    } else {
-        line
-    }
 }
 
 impl Framer {

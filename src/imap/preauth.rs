@@ -1,12 +1,12 @@
 //! Sans-I/O state machine for the local IMAP session before login.
 //!
-//! The driver feeds client bytes with [`PreAuth::feed`], calls
-//! [`PreAuth::poll`] until it returns `None` (needs more input) or an
-//! [`Event`], and after *every* `new`/`feed`/`poll`/`login_failed` call writes
-//! [`PreAuth::take_output`] to the client *before* acting on an event.
+//! Driven through the shared contract in [`crate::preauth`]; this file holds
+//! only what is IMAP: the commands, the responses and their wording. The
+//! tag of an outstanding login is kept here, so the answer to it (the
+//! upstream's OK retagged, or a NO) carries the client's tag.
 //!
 //! Security properties:
-//! * bounded memory: the input buffer never exceeds [`PreAuth::max_buffer`];
+//! * bounded memory: the input buffer never exceeds [`ImapPreAuth::max_buffer`];
 //!   over-long lines / `{n+}` literals close the connection, over-large
 //!   synchronising literals get a tagged `BAD` (the client never sent them);
 //! * after `STARTTLS` everything buffered (pipelined plaintext) is discarded;
@@ -14,22 +14,17 @@
 //!   after the login command are handed over verbatim by `into_pending_input`;
 //! * buffers holding client input are zeroized when consumed or dropped.
 
-use crate::linebuf::SecretBuf;
 use std::fmt;
 
 use zeroize::Zeroizing;
 
 use super::command::{self, CommandBody};
-use super::framing::{strip_eol, Frame, Framer, Limits};
+use super::framing::{Frame, Framer, Limits};
+use super::response;
+use crate::preauth::{Core, Failure, PreAuth};
+pub use crate::preauth::{Event, FEED_SLACK, MAX_CONSECUTIVE_BAD};
 use crate::sasl::{self, SaslError};
-
-/// After this many consecutive failed (BAD/NO) commands the connection is closed.
-pub const MAX_CONSECUTIVE_BAD: u32 = 20;
-
-/// Slack above one maximal command that [`PreAuth::feed`] accepts: the driver
-/// may feed at most this much beyond one partial command per `feed` call
-/// (i.e. read from the socket in chunks of at most 64 KiB).
-pub const FEED_SLACK: usize = 64 * 1024;
+use crate::text::{one_line, strip_eol};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PreAuthConfig {
@@ -51,41 +46,13 @@ impl Default for PreAuthConfig {
     }
 }
 
-/// Something the driver must act on.
-pub enum Event {
-    /// A client wants to log in (from `LOGIN` or `AUTHENTICATE PLAIN`). The
-    /// driver verifies the credentials / authenticates upstream, then either
-    /// calls [`PreAuth::login_failed`] or, on success, sends the tagged OK
-    /// itself and forwards [`PreAuth::into_pending_input`] upstream.
-    Login {
-        tag: String,
-        username: Zeroizing<String>,
-        password: Zeroizing<String>,
-    },
-    /// Output holds `tag OK Begin TLS negotiation now`; all input buffered
-    /// after the STARTTLS line has been discarded. Flush, do the TLS
-    /// handshake, then call [`PreAuth::starttls_done`].
-    StartTls { tag: String },
-    /// Output holds `* BYE` + `tag OK LOGOUT completed`; flush and close.
-    Logout,
-    /// Fatal protocol error; output holds `* BYE <reason>`; flush and close.
-    Close,
-}
-
-impl fmt::Debug for Event {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Event::Login { tag, .. } => f
-                .debug_struct("Login")
-                .field("tag", tag)
-                .field("username", &"<redacted>")
-                .field("password", &"<redacted>")
-                .finish(),
-            Event::StartTls { tag } => f.debug_struct("StartTls").field("tag", tag).finish(),
-            Event::Logout => f.write_str("Logout"),
-            Event::Close => f.write_str("Close"),
-        }
-    }
+/// What a successful upstream login answers the client with.
+pub struct LoggedIn {
+    /// Untagged lines the server sent before its tagged OK, forwarded as
+    /// they are.
+    pub untagged: Vec<u8>,
+    /// The server's tagged OK line, to be retagged with the client's tag.
+    pub tagged: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,8 +61,8 @@ enum State {
     Commands,
     /// `AUTHENTICATE PLAIN` sent `+ `; the next line is the SASL response.
     AuthPlain { tag: String },
-    /// An `Event::Login` is outstanding.
-    LoginPending,
+    /// An `Event::Login` is outstanding under the client's tag.
+    LoginPending { tag: String },
     /// An `Event::StartTls` is outstanding; input is discarded.
     AwaitTls,
     /// Logout/Close happened; input is discarded.
@@ -103,44 +70,35 @@ enum State {
 }
 
 /// The pre-authentication IMAP state machine. See the module documentation.
-pub struct PreAuth {
+pub struct ImapPreAuth {
     cfg: PreAuthConfig,
     tls_active: bool,
     framer: Framer,
-    buf: SecretBuf,
-    out: Vec<u8>,
+    core: Core,
     state: State,
-    bad_count: u32,
-    overflow: bool,
 }
 
-impl fmt::Debug for PreAuth {
+impl fmt::Debug for ImapPreAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PreAuth")
+        f.debug_struct("ImapPreAuth")
             .field("cfg", &self.cfg)
             .field("tls_active", &self.tls_active)
             .field("state", &self.state)
-            .field("buffered", &self.buf.0.len())
-            .finish_non_exhaustive()
+            .field("core", &self.core)
+            .finish()
     }
 }
 
-fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
-}
-
-impl PreAuth {
+impl ImapPreAuth {
     /// Create the state machine; the greeting is queued in the output.
     pub fn new(cfg: PreAuthConfig) -> Self {
-        let mut p = PreAuth {
+        let limits = Limits::new(cfg.max_line, cfg.max_literal);
+        let mut p = ImapPreAuth {
             cfg,
             tls_active: false,
-            framer: Framer::new(Limits::new(cfg.max_line, cfg.max_literal)),
-            buf: SecretBuf(Vec::new()),
-            out: Vec::new(),
+            framer: Framer::new(limits),
+            core: Core::new(limits.max_command),
             state: State::Commands,
-            bad_count: 0,
-            overflow: false,
         };
         let caps = p.capabilities();
         p.push_line(&format!("* OK [CAPABILITY {caps}] mailproxy ready"));
@@ -162,142 +120,63 @@ impl PreAuth {
 
     /// Hard upper bound on buffered input.
     pub fn max_buffer(&self) -> usize {
-        self.framer.limits().max_command.saturating_add(FEED_SLACK)
+        self.core.max_buffer()
     }
 
     /// Number of client bytes currently buffered.
     pub fn buffered_len(&self) -> usize {
-        self.buf.0.len()
+        self.core.buffered().len()
     }
 
-    /// Whether the driver should read more client input now. False while a
-    /// `Login`/`StartTls` event is outstanding and after `Logout`/`Close`.
-    pub fn wants_input(&self) -> bool {
+    fn reading(&self) -> bool {
         matches!(self.state, State::Commands | State::AuthPlain { .. })
-            && !self.overflow
-            && self.buf.0.len() < self.max_buffer()
     }
 
-    /// True if input beyond [`Self::max_buffer`] was fed (the excess was
-    /// dropped); the next `poll` in a command-reading state returns `Close`
-    /// without processing anything else.
-    pub fn input_overflowed(&self) -> bool {
-        self.overflow
-    }
-
-    /// Append client bytes. Never buffers more than [`Self::max_buffer`];
-    /// bytes fed while waiting for the TLS handshake or after the session
-    /// ended are discarded.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        if matches!(self.state, State::AwaitTls | State::Done) || self.overflow {
-            return;
-        }
-        let limit = self.max_buffer();
-        let room = limit.saturating_sub(self.buf.0.len());
-        if bytes.len() > room {
-            self.overflow = true;
-            self.buf.extend(&bytes[..room], limit);
-        } else {
-            self.buf.extend(bytes, limit);
+    /// The tag of the outstanding login, if one is outstanding.
+    pub fn login_tag(&self) -> Option<&str> {
+        match &self.state {
+            State::LoginPending { tag } => Some(tag),
+            _ => None,
         }
     }
 
-    /// Process buffered input until an event occurs or more input is needed.
-    pub fn poll(&mut self) -> Option<Event> {
-        loop {
-            match self.state {
-                State::Commands | State::AuthPlain { .. } => {}
-                State::LoginPending | State::AwaitTls | State::Done => return None,
-            }
-            if self.overflow {
-                return Some(self.fatal("Too much input"));
-            }
-            if self.bad_count >= MAX_CONSECUTIVE_BAD {
-                return Some(self.fatal("Too many invalid commands"));
-            }
-            match self.framer.scan(&self.buf.0) {
-                Frame::Incomplete => return None,
-                Frame::NeedContinuation { .. } => self.push_line("+ Ready for literal data"),
-                Frame::RejectLiteral { len, .. } => {
-                    let tag = match std::mem::replace(&mut self.state, State::Commands) {
-                        State::AuthPlain { tag } => Some(tag),
-                        _ => command::parse_tag(&self.buf.0[..len]),
-                    };
-                    self.buf.consume(len);
-                    self.bad(tag.as_deref(), "Literal too large");
-                }
-                Frame::Fatal(e) => return Some(self.fatal(&e.to_string())),
-                Frame::Complete { len } => {
-                    let line = Zeroizing::new(self.buf.0[..len].to_vec());
-                    self.buf.consume(len);
-                    if let Some(ev) = self.handle(&line) {
-                        return Some(ev);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Bytes to write to the client.
-    pub fn take_output(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.out)
-    }
-
-    /// The outstanding login failed: emit `tag NO [code] text` and resume
-    /// processing buffered input (call `poll` next).
-    pub fn login_failed(&mut self, tag: &str, resp_code: &str, text: &str) {
+    /// Emit `tag NO [code] text` for a refused login (the code and text are
+    /// made safe for the wire) and resume processing buffered input (call
+    /// `poll` next).
+    pub fn refuse_login(&mut self, tag: &str, resp_code: &str, text: &str) {
         let code: String = resp_code
             .chars()
             .filter(|c| (c.is_ascii_graphic() && *c != ']' && *c != '[') || *c == ' ')
             .collect();
         let code = code.trim();
-        let text = sanitize(text);
+        let text = one_line(text);
         let text = if text.trim().is_empty() {
             "Authentication failed"
         } else {
             text.trim()
         };
-        let tag = sanitize(tag).replace(' ', "");
+        let tag = one_line(tag).replace(' ', "");
         if code.is_empty() {
             self.push_line(&format!("{tag} NO {text}"));
         } else {
             self.push_line(&format!("{tag} NO [{code}] {text}"));
         }
-        self.bad_count += 1;
-        if self.state == State::LoginPending {
+        self.core.failed();
+        if matches!(self.state, State::LoginPending { .. }) {
             self.state = State::Commands;
         }
-    }
-
-    /// The local TLS handshake completed: resume reading commands;
-    /// STARTTLS is no longer advertised and LOGIN is allowed.
-    pub fn starttls_done(&mut self) {
-        self.tls_active = true;
-        self.buf.clear();
-        self.framer.reset();
-        self.bad_count = 0;
-        if self.state == State::AwaitTls {
-            self.state = State::Commands;
-        }
-    }
-
-    /// After a successful login: the client bytes received after the login
-    /// command, exactly as received (including a partial command).
-    pub fn into_pending_input(mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buf.0)
     }
 
     // ------------------------------------------------------------ internals
 
     fn push_line(&mut self, line: &str) {
-        self.out.extend_from_slice(line.as_bytes());
-        self.out.extend_from_slice(b"\r\n");
+        self.core.push_line(line);
     }
 
     fn fatal(&mut self, reason: &str) -> Event {
         self.push_line(&format!("* BYE {reason}"));
         self.state = State::Done;
-        self.buf.clear();
+        self.core.discard();
         self.framer.reset();
         Event::Close
     }
@@ -305,17 +184,17 @@ impl PreAuth {
     /// Reply `BAD` (tagged if possible) and count it.
     fn bad(&mut self, tag: Option<&str>, msg: &str) {
         self.push_line(&format!("{} BAD {msg}", tag.unwrap_or("*")));
-        self.bad_count += 1;
+        self.core.failed();
     }
 
     fn no(&mut self, tag: &str, msg: &str) {
         self.push_line(&format!("{tag} NO {msg}"));
-        self.bad_count += 1;
+        self.core.failed();
     }
 
     fn ok(&mut self, tag: &str, msg: &str) {
         self.push_line(&format!("{tag} OK {msg}"));
-        self.bad_count = 0;
+        self.core.succeeded();
     }
 
     fn login_allowed(&self) -> bool {
@@ -355,17 +234,17 @@ impl PreAuth {
                 self.push_line("* BYE mailproxy logging out");
                 self.ok(&tag, "LOGOUT completed");
                 self.state = State::Done;
-                self.buf.clear();
-                return Some(Event::Logout);
+                self.core.discard();
+                return Some(Event::Quit);
             }
             CommandBody::StartTls => {
                 if self.starttls_available() {
                     self.ok(&tag, "Begin TLS negotiation now");
                     // Never act on plaintext pipelined before the handshake.
-                    self.buf.clear();
+                    self.core.discard();
                     self.framer.reset();
                     self.state = State::AwaitTls;
-                    return Some(Event::StartTls { tag });
+                    return Some(Event::StartTls);
                 }
                 if self.tls_active {
                     self.bad(Some(&tag), "TLS is already active");
@@ -381,12 +260,8 @@ impl PreAuth {
                     );
                     return None;
                 }
-                self.state = State::LoginPending;
-                return Some(Event::Login {
-                    tag,
-                    username,
-                    password,
-                });
+                self.state = State::LoginPending { tag };
+                return Some(Event::Login { username, password });
             }
             CommandBody::Authenticate {
                 mechanism,
@@ -425,12 +300,8 @@ impl PreAuth {
     fn plain_response(&mut self, tag: String, b64: &[u8]) -> Option<Event> {
         match sasl::decode_plain(b64) {
             Ok((username, password)) => {
-                self.state = State::LoginPending;
-                Some(Event::Login {
-                    tag,
-                    username,
-                    password,
-                })
+                self.state = State::LoginPending { tag };
+                Some(Event::Login { username, password })
             }
             Err(SaslError::AuthzidMismatch) => {
                 self.no(
@@ -492,6 +363,95 @@ fn requires_auth(name: &str) -> bool {
     )
 }
 
+impl PreAuth for ImapPreAuth {
+    type Success = LoggedIn;
+
+    /// Bytes fed while waiting for the TLS handshake or after the session
+    /// ended are discarded.
+    fn feed(&mut self, bytes: &[u8]) {
+        let accepting = !matches!(self.state, State::AwaitTls | State::Done);
+        self.core.feed(bytes, accepting);
+    }
+
+    fn poll(&mut self) -> Option<Event> {
+        loop {
+            if !self.reading() {
+                return None;
+            }
+            if let Some(why) = self.core.must_close("Too many invalid commands") {
+                return Some(self.fatal(why));
+            }
+            match self.framer.scan(self.core.buffered()) {
+                Frame::Incomplete => return None,
+                Frame::NeedContinuation { .. } => self.push_line("+ Ready for literal data"),
+                Frame::RejectLiteral { len, .. } => {
+                    let tag = match std::mem::replace(&mut self.state, State::Commands) {
+                        State::AuthPlain { tag } => Some(tag),
+                        _ => command::parse_tag(&self.core.buffered()[..len]),
+                    };
+                    self.core.consume(len);
+                    self.bad(tag.as_deref(), "Literal too large");
+                }
+                Frame::Fatal(e) => return Some(self.fatal(&e.to_string())),
+                Frame::Complete { len } => {
+                    let line = Zeroizing::new(self.core.buffered()[..len].to_vec());
+                    self.core.consume(len);
+                    if let Some(ev) = self.handle(&line) {
+                        return Some(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_output(&mut self) -> Vec<u8> {
+        self.core.take_output()
+    }
+
+    fn wants_input(&self) -> bool {
+        self.core.wants_input(self.reading())
+    }
+
+    /// Resume reading commands; STARTTLS is no longer advertised and LOGIN
+    /// is allowed.
+    fn starttls_done(&mut self) {
+        self.tls_active = true;
+        self.core.discard();
+        self.core.succeeded();
+        self.framer.reset();
+        if self.state == State::AwaitTls {
+            self.state = State::Commands;
+        }
+    }
+
+    fn into_pending_input(self) -> Vec<u8> {
+        self.core.into_pending()
+    }
+
+    fn login_failed(&mut self, failure: Failure, text: &str) {
+        let code = match failure {
+            Failure::Credentials => "AUTHENTICATIONFAILED",
+            Failure::Action => "ALERT",
+            Failure::Unavailable => "UNAVAILABLE",
+        };
+        let tag = self.login_tag().unwrap_or("*").to_string();
+        self.refuse_login(&tag, code, text);
+    }
+
+    /// Forwards the server's untagged lines, then its OK under the client's
+    /// tag (with the server's own response code, e.g. `[CAPABILITY …]`).
+    fn login_succeeded(&mut self, ok: LoggedIn) -> bool {
+        let tag = self.login_tag().unwrap_or("*").to_string();
+        let mut out = ok.untagged;
+        match response::retag_line(&ok.tagged, &tag) {
+            Ok(line) => out.extend_from_slice(&line),
+            // The upstream client hands over only a tagged OK it parsed.
+            Err(_) => out.extend_from_slice(format!("{tag} OK Logged in\r\n").as_bytes()),
+        }
+        self.core.push_raw(&out);
+        true
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -506,8 +466,8 @@ mod tests {
     }
 
     /// A new machine with the greeting already drained.
-    fn machine(starttls: bool) -> PreAuth {
-        let mut p = PreAuth::new(cfg(starttls));
+    fn machine(starttls: bool) -> ImapPreAuth {
+        let mut p = ImapPreAuth::new(cfg(starttls));
         p.take_output();
         p
     }
@@ -517,33 +477,33 @@ mod tests {
     }
 
     /// Feed `input`, poll until `None`, return the output.
-    fn exchange(p: &mut PreAuth, input: &[u8]) -> String {
+    fn exchange(p: &mut ImapPreAuth, input: &[u8]) -> String {
         p.feed(input);
         let ev = p.poll();
         assert!(ev.is_none(), "unexpected event {ev:?}");
         s(&p.take_output())
     }
 
-    fn expect_login(ev: Option<Event>) -> (String, String, String) {
+    fn expect_login(p: &ImapPreAuth, ev: Option<Event>) -> (String, String, String) {
         match ev {
-            Some(Event::Login {
-                tag,
-                username,
-                password,
-            }) => (tag, username.to_string(), password.to_string()),
+            Some(Event::Login { username, password }) => (
+                p.login_tag().expect("a login is outstanding").to_string(),
+                username.to_string(),
+                password.to_string(),
+            ),
             other => panic!("expected Login, got {other:?}"),
         }
     }
 
     #[test]
     fn greeting() {
-        let mut p = PreAuth::new(cfg(false));
+        let mut p = ImapPreAuth::new(cfg(false));
         assert_eq!(
             s(&p.take_output()),
             format!("* OK [CAPABILITY {CAPS}] mailproxy ready\r\n")
         );
         assert_eq!(p.take_output(), b"");
-        let mut p = PreAuth::new(cfg(true));
+        let mut p = ImapPreAuth::new(cfg(true));
         assert_eq!(
             s(&p.take_output()),
             format!("* OK [CAPABILITY {CAPS} STARTTLS] mailproxy ready\r\n")
@@ -577,7 +537,10 @@ mod tests {
     fn login_quoted_with_escapes() {
         let mut p = machine(false);
         p.feed(b"a001 LOGIN \"fred\\\\x\" \"fat \\\"man\\\"\"\r\n");
-        let (tag, u, pw) = expect_login(p.poll());
+        let (tag, u, pw) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!(
             (tag.as_str(), u.as_str(), pw.as_str()),
             ("a001", "fred\\x", "fat \"man\"")
@@ -598,7 +561,10 @@ mod tests {
         assert_eq!(exchange(&mut p, b"\n"), "+ Ready for literal data\r\n");
         assert_eq!(exchange(&mut p, b"fat ma"), "");
         p.feed(b"n\r\n");
-        let (tag, u, pw) = expect_login(p.poll());
+        let (tag, u, pw) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!(
             (tag.as_str(), u.as_str(), pw.as_str()),
             ("A001", "FRED FOOBAR", "fat man")
@@ -610,7 +576,10 @@ mod tests {
     fn login_sync_literal_all_at_once_still_one_continuation_each() {
         let mut p = machine(false);
         p.feed(b"A1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n");
-        let (_, u, pw) = expect_login(p.poll());
+        let (_, u, pw) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
         assert_eq!(
             s(&p.take_output()),
@@ -623,7 +592,10 @@ mod tests {
         let mut p = machine(false);
         assert_eq!(exchange(&mut p, b"A1 LOGIN {5+}\r\nali"), "");
         p.feed(b"ce {6+}\r\nse\r\n t\r\n");
-        let (_, u, pw) = expect_login(p.poll());
+        let (_, u, pw) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!((u.as_str(), pw.as_str()), ("alice", "se\r\n t"));
         assert_eq!(p.take_output(), b"");
     }
@@ -633,7 +605,10 @@ mod tests {
         let mut p = machine(false);
         // base64("\0alice\0secret")
         p.feed(b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
-        let (tag, u, pw) = expect_login(p.poll());
+        let (tag, u, pw) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!((tag.as_str(), u.as_str(), pw.as_str()), ("a", "alice", "secret"));
         assert_eq!(p.take_output(), b"");
     }
@@ -643,7 +618,10 @@ mod tests {
         let mut p = machine(false);
         assert_eq!(exchange(&mut p, b"a AUTHENTICATE PLAIN\r\n"), "+ \r\n");
         p.feed(b"YWxpY2UAYWxpY2UAc2VjcmV0\r\nb NOOP\r\n"); // "alice\0alice\0secret"
-        let (tag, u, pw) = expect_login(p.poll());
+        let (tag, u, pw) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!((tag.as_str(), u.as_str(), pw.as_str()), ("a", "alice", "secret"));
         assert_eq!(p.take_output(), b"");
         assert!(p.poll().is_none()); // login outstanding: nothing processed
@@ -689,7 +667,7 @@ mod tests {
         let mut p = machine(true);
         p.feed(b"a STARTTLS\r\nb LOGIN evil injected\r\nc SEL");
         match p.poll() {
-            Some(Event::StartTls { tag }) => assert_eq!(tag, "a"),
+            Some(Event::StartTls) => {}
             other => panic!("{other:?}"),
         }
         assert_eq!(s(&p.take_output()), "a OK Begin TLS negotiation now\r\n");
@@ -707,7 +685,10 @@ mod tests {
         );
         assert_eq!(exchange(&mut p, b"f STARTTLS\r\n"), "f BAD TLS is already active\r\n");
         p.feed(b"g LOGIN alice secret\r\n");
-        let (tag, u, _) = expect_login(p.poll());
+        let (tag, u, _) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!((tag.as_str(), u.as_str()), ("g", "alice"));
     }
 
@@ -740,7 +721,10 @@ mod tests {
         let mut input = b"a0 CAPABILITY\r\na1 LOGIN alice secret\r\n".to_vec();
         input.extend_from_slice(after);
         p.feed(&input);
-        let (tag, _, _) = expect_login(p.poll());
+        let (tag, _, _) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!(tag, "a1");
         // The CAPABILITY reply was produced before the event; nothing after.
         assert_eq!(
@@ -757,18 +741,24 @@ mod tests {
     fn login_failed_resumes_processing() {
         let mut p = machine(false);
         p.feed(b"a LOGIN alice wrong\r\nb NOOP\r\nc LOGIN alice right\r\n");
-        expect_login(p.poll());
+        {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert!(p.poll().is_none());
-        p.login_failed("a", "AUTHENTICATIONFAILED", "Invalid credentials");
+        p.refuse_login("a", "AUTHENTICATIONFAILED", "Invalid credentials");
         assert_eq!(
             s(&p.take_output()),
             "a NO [AUTHENTICATIONFAILED] Invalid credentials\r\n"
         );
-        let (tag, _, pw) = expect_login(p.poll());
+        let (tag, _, pw) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!((tag.as_str(), pw.as_str()), ("c", "right"));
         assert_eq!(s(&p.take_output()), "b OK NOOP completed\r\n");
         // No code, and an injected CRLF in the text is neutralised.
-        p.login_failed("c", "", "bad\r\n* OK injected");
+        p.refuse_login("c", "", "bad\r\n* OK injected");
         assert_eq!(s(&p.take_output()), "c NO bad  * OK injected\r\n");
         assert!(p.poll().is_none());
     }
@@ -790,7 +780,7 @@ mod tests {
     fn logout() {
         let mut p = machine(false);
         p.feed(b"a LOGOUT\r\nb NOOP\r\n");
-        assert!(matches!(p.poll(), Some(Event::Logout)));
+        assert!(matches!(p.poll(), Some(Event::Quit)));
         assert_eq!(
             s(&p.take_output()),
             "* BYE mailproxy logging out\r\na OK LOGOUT completed\r\n"
@@ -844,7 +834,10 @@ mod tests {
         p.feed(format!("d LOGIN alice {{{}}}\r\n", 8192).as_bytes());
         p.feed(&[b'p'; 8192]);
         p.feed(b"\r\n");
-        let (_, _, pw) = expect_login(p.poll());
+        let (_, _, pw) = {
+            let ev = p.poll();
+            expect_login(&p, ev)
+        };
         assert_eq!(pw.len(), 8192);
     }
 
@@ -866,7 +859,7 @@ mod tests {
         let mut p = machine(false);
         p.feed(&big);
         assert!(p.buffered_len() <= p.max_buffer());
-        assert!(p.buf.0.capacity() <= p.max_buffer());
+        assert!(p.core.buf.0.capacity() <= p.max_buffer());
         assert!(matches!(p.poll(), Some(Event::Close)));
         assert_eq!(s(&p.take_output()), "* BYE Too much input\r\n");
         // In socket-sized chunks: detected by count as soon as the line
@@ -937,7 +930,7 @@ mod tests {
     /// Minimal driver: feeds `chunks`, polls, answers events (logins fail,
     /// STARTTLS completes), returns the transcript of output and events.
     fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> (String, Vec<String>) {
-        let mut p = PreAuth::new(cfg);
+        let mut p = ImapPreAuth::new(cfg);
         let mut out = s(&p.take_output());
         let mut events = Vec::new();
         'outer: for c in chunks {
@@ -948,20 +941,17 @@ mod tests {
                 out.push_str(&s(&p.take_output()));
                 match ev {
                     None => break,
-                    Some(Event::Login {
-                        tag,
-                        username,
-                        password,
-                    }) => {
+                    Some(Event::Login { username, password }) => {
+                        let tag = p.login_tag().expect("outstanding").to_string();
                         events.push(format!("login {tag} {} {}", *username, *password));
-                        p.login_failed(&tag, "AUTHENTICATIONFAILED", "nope");
+                        p.refuse_login(&tag, "AUTHENTICATIONFAILED", "nope");
                         out.push_str(&s(&p.take_output()));
                     }
-                    Some(Event::StartTls { tag }) => {
-                        events.push(format!("starttls {tag}"));
+                    Some(Event::StartTls) => {
+                        events.push("starttls".into());
                         p.starttls_done();
                     }
-                    Some(Event::Logout) => {
+                    Some(Event::Quit) => {
                         events.push("logout".into());
                         break 'outer;
                     }
@@ -969,6 +959,7 @@ mod tests {
                         events.push("close".into());
                         break 'outer;
                     }
+                    Some(Event::Handoff) => panic!("no hand-off before login"),
                 }
             }
         }

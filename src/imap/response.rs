@@ -12,7 +12,8 @@ use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
 
 use super::command::{is_atom_char, is_tag_char};
-use super::framing::{literal_header, strip_eol};
+use super::framing::literal_header;
+use crate::text::strip_eol;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResponseError {

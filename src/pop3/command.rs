@@ -13,7 +13,7 @@ use nom::sequence::preceded;
 use nom::{IResult, Parser};
 use zeroize::Zeroizing;
 
-use crate::imap::framing::strip_eol;
+use crate::text::strip_eol;
 
 /// One parsed client command.
 #[derive(Clone, PartialEq, Eq)]

@@ -1,34 +1,27 @@
 //! Sans-I/O state machine for the local POP3 session before login
 //! (AUTHORIZATION state, RFC 1939 §4).
 //!
-//! The driver feeds client bytes with [`PreAuth::feed`], calls
-//! [`PreAuth::poll`] until it returns `None` (needs more input) or an
-//! [`Event`], and after *every* `new`/`feed`/`poll`/`login_failed` call writes
-//! [`PreAuth::take_output`] to the client *before* acting on an event.
+//! Driven through the shared contract in [`crate::preauth`]; this file holds
+//! only what is POP3: the commands, the replies and their wording.
 //!
 //! Security properties:
-//! * bounded memory: the input buffer never exceeds [`PreAuth::max_buffer`];
+//! * bounded memory: the input buffer never exceeds [`Pop3PreAuth::max_buffer`];
 //!   an over-long line closes the connection (`-ERR Line too long`);
 //! * after `STLS` everything buffered (pipelined plaintext) is discarded;
 //! * while a login is outstanding nothing else is processed, and the bytes
 //!   after the login command are handed over verbatim by `into_pending_input`;
 //! * buffers holding client input are zeroized when consumed or dropped.
 
-use crate::linebuf::{Line, LineFramer, SecretBuf};
 use std::fmt;
 
 use zeroize::Zeroizing;
 
 use super::command::{self, Command};
-use crate::imap::framing::strip_eol;
+use crate::linebuf::{Line, LineFramer};
+use crate::preauth::{Core, Failure, PreAuth};
+pub use crate::preauth::{Event, FEED_SLACK, MAX_CONSECUTIVE_BAD};
 use crate::sasl::{self, SaslError};
-
-/// After this many consecutive `-ERR` replies the connection is closed.
-pub const MAX_CONSECUTIVE_BAD: u32 = 20;
-
-/// Slack above one maximal line that [`PreAuth::feed`] accepts: the driver
-/// may feed at most this much per `feed` call (read in chunks ≤ 64 KiB).
-pub const FEED_SLACK: usize = 64 * 1024;
+use crate::text::{one_line, strip_eol};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PreAuthConfig {
@@ -49,41 +42,6 @@ impl Default for PreAuthConfig {
     }
 }
 
-/// Something the driver must act on.
-pub enum Event {
-    /// A client wants to log in (`USER`+`PASS` or `AUTH PLAIN`). The driver
-    /// verifies the credentials / authenticates upstream, then either calls
-    /// [`PreAuth::login_failed`] or, on success, writes `+OK Logged in\r\n`
-    /// itself and forwards [`PreAuth::into_pending_input`] upstream.
-    Login {
-        username: Zeroizing<String>,
-        password: Zeroizing<String>,
-    },
-    /// Output holds `+OK Begin TLS negotiation`; all input buffered after
-    /// the STLS line has been discarded. Flush, do the TLS handshake, then
-    /// call [`PreAuth::starttls_done`].
-    StartTls,
-    /// Output holds `+OK Bye`; flush and close.
-    Quit,
-    /// Fatal protocol error; output holds `-ERR <reason>`; flush and close.
-    Close,
-}
-
-impl fmt::Debug for Event {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Event::Login { .. } => f
-                .debug_struct("Login")
-                .field("username", &"<redacted>")
-                .field("password", &"<redacted>")
-                .finish(),
-            Event::StartTls => f.write_str("StartTls"),
-            Event::Quit => f.write_str("Quit"),
-            Event::Close => f.write_str("Close"),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Reading commands.
@@ -99,56 +57,46 @@ enum State {
 }
 
 /// The pre-authentication POP3 state machine. See the module documentation.
-pub struct PreAuth {
+pub struct Pop3PreAuth {
     cfg: PreAuthConfig,
     tls_active: bool,
     framer: LineFramer,
-    buf: SecretBuf,
-    out: Vec<u8>,
+    core: Core,
     state: State,
     /// From `USER`, waiting for `PASS`.
     user: Option<Zeroizing<String>>,
-    bad_count: u32,
-    overflow: bool,
 }
 
-impl fmt::Debug for PreAuth {
+impl fmt::Debug for Pop3PreAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PreAuth")
+        f.debug_struct("Pop3PreAuth")
             .field("cfg", &self.cfg)
             .field("tls_active", &self.tls_active)
             .field("state", &self.state)
             .field("user_given", &self.user.is_some())
-            .field("buffered", &self.buf.0.len())
-            .finish_non_exhaustive()
+            .field("core", &self.core)
+            .finish()
     }
-}
-
-fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 /// Refusal of plaintext credentials before STLS (wording as Dovecot's).
 const NEED_TLS: &str = "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections; use STLS first";
 
-impl PreAuth {
+impl Pop3PreAuth {
     /// Create the state machine; the greeting is queued in the output.
     pub fn new(cfg: PreAuthConfig) -> Self {
-        let mut p = PreAuth {
+        let mut p = Pop3PreAuth {
             cfg,
             tls_active: false,
             framer: LineFramer {
                 scanned: 0,
                 max_line: cfg.max_line,
             },
-            buf: SecretBuf(Vec::new()),
-            out: Vec::new(),
+            core: Core::new(cfg.max_line.saturating_add(2)),
             state: State::Commands,
             user: None,
-            bad_count: 0,
-            overflow: false,
         };
-        p.push_line("+OK mailproxy ready");
+        p.core.push_line("+OK mailproxy ready");
         p
     }
 
@@ -176,93 +124,28 @@ impl PreAuth {
 
     /// Hard upper bound on buffered input.
     pub fn max_buffer(&self) -> usize {
-        self.cfg.max_line.saturating_add(2).saturating_add(FEED_SLACK)
+        self.core.max_buffer()
     }
 
     /// Number of client bytes currently buffered.
     pub fn buffered_len(&self) -> usize {
-        self.buf.0.len()
+        self.core.buffered().len()
     }
 
-    /// Whether the driver should read more client input now. False while a
-    /// `Login`/`StartTls` event is outstanding and after `Quit`/`Close`.
-    pub fn wants_input(&self) -> bool {
+    fn reading(&self) -> bool {
         matches!(self.state, State::Commands | State::AuthPlain)
-            && !self.overflow
-            && self.buf.0.len() < self.max_buffer()
     }
 
-    /// True if input beyond [`Self::max_buffer`] was fed (the excess was
-    /// dropped); the next `poll` returns `Close`.
-    pub fn input_overflowed(&self) -> bool {
-        self.overflow
-    }
-
-    /// Append client bytes. Never buffers more than [`Self::max_buffer`];
-    /// bytes fed while waiting for the TLS handshake or after the session
-    /// ended are discarded.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        if matches!(self.state, State::AwaitTls | State::Done) || self.overflow {
-            return;
-        }
-        let limit = self.max_buffer();
-        let room = limit.saturating_sub(self.buf.0.len());
-        if bytes.len() > room {
-            self.overflow = true;
-            self.buf.extend(&bytes[..room], limit);
-        } else {
-            self.buf.extend(bytes, limit);
-        }
-    }
-
-    /// Process buffered input until an event occurs or more input is needed.
-    pub fn poll(&mut self) -> Option<Event> {
-        loop {
-            match self.state {
-                State::Commands | State::AuthPlain => {}
-                State::LoginPending | State::AwaitTls | State::Done => return None,
-            }
-            if self.overflow {
-                return Some(self.fatal("Too much input"));
-            }
-            if self.bad_count >= MAX_CONSECUTIVE_BAD {
-                return Some(self.fatal("Too many invalid commands"));
-            }
-            match self.framer.scan(&self.buf.0) {
-                Line::Incomplete => return None,
-                Line::TooLong => return Some(self.fatal("Line too long")),
-                Line::Complete(len) => {
-                    let line = Zeroizing::new(self.buf.0[..len].to_vec());
-                    self.buf.consume(len);
-                    if let Some(ev) = self.handle(&line) {
-                        return Some(ev);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Bytes to write to the client.
-    pub fn take_output(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.out)
-    }
-
-    /// The outstanding login failed because of the credentials: emit
-    /// `-ERR [AUTH] {text}` and resume processing buffered input (call
-    /// `poll` next).
-    pub fn login_failed(&mut self, text: &str) {
-        self.login_failed_code("AUTH", text);
-    }
-
-    /// Like [`Self::login_failed`] with another RFC 3206 response code:
-    /// `SYS/TEMP` (try again later: provider unreachable), `SYS/PERM`
-    /// (a person must act), `IN-USE`, `LOGIN-DELAY`, or `""` for none.
-    pub fn login_failed_code(&mut self, code: &str, text: &str) {
+    /// The outstanding login failed: emit `-ERR [code] text` with an RFC
+    /// 3206 response code (`AUTH`: the credentials; `SYS/TEMP`: try again
+    /// later; `SYS/PERM`: a person must act; `""` for none) and resume
+    /// processing buffered input (call `poll` next).
+    pub fn refuse_login(&mut self, code: &str, text: &str) {
         let code: String = code
             .chars()
             .filter(|c| c.is_ascii_graphic() && *c != ']' && *c != '[')
             .collect();
-        let text = sanitize(text);
+        let text = one_line(text);
         let text = if text.trim().is_empty() {
             "Authentication failed"
         } else {
@@ -278,46 +161,26 @@ impl PreAuth {
         }
     }
 
-    /// The local TLS handshake completed: resume reading commands; STLS is
-    /// no longer advertised and logins are allowed.
-    pub fn starttls_done(&mut self) {
-        self.tls_active = true;
-        self.buf.clear();
-        self.framer.reset();
-        self.bad_count = 0;
-        self.user = None;
-        if self.state == State::AwaitTls {
-            self.state = State::Commands;
-        }
-    }
-
-    /// After a successful login: the client bytes received after the login
-    /// command, exactly as received (including a partial command).
-    pub fn into_pending_input(mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buf.0)
-    }
-
     // ------------------------------------------------------------ internals
 
     fn push_line(&mut self, line: &str) {
-        self.out.extend_from_slice(line.as_bytes());
-        self.out.extend_from_slice(b"\r\n");
+        self.core.push_line(line);
     }
 
     fn ok(&mut self, line: &str) {
-        self.push_line(line);
-        self.bad_count = 0;
+        self.core.push_line(line);
+        self.core.succeeded();
     }
 
     fn err(&mut self, line: &str) {
-        self.push_line(line);
-        self.bad_count += 1;
+        self.core.push_line(line);
+        self.core.failed();
     }
 
     fn fatal(&mut self, reason: &str) -> Event {
         self.push_line(&format!("-ERR {reason}, closing connection"));
         self.state = State::Done;
-        self.buf.clear();
+        self.core.discard();
         self.framer.reset();
         Event::Close
     }
@@ -358,14 +221,14 @@ impl PreAuth {
             Command::Quit => {
                 self.ok("+OK Bye");
                 self.state = State::Done;
-                self.buf.clear();
+                self.core.discard();
                 return Some(Event::Quit);
             }
             Command::Stls => {
                 if self.starttls_available() {
                     self.ok("+OK Begin TLS negotiation");
                     // Never act on plaintext pipelined before the handshake.
-                    self.buf.clear();
+                    self.core.discard();
                     self.framer.reset();
                     self.user = None;
                     self.state = State::AwaitTls;
@@ -444,6 +307,78 @@ impl PreAuth {
     }
 }
 
+impl PreAuth for Pop3PreAuth {
+    type Success = ();
+
+    /// Bytes fed while waiting for the TLS handshake or after the session
+    /// ended are discarded.
+    fn feed(&mut self, bytes: &[u8]) {
+        let accepting = !matches!(self.state, State::AwaitTls | State::Done);
+        self.core.feed(bytes, accepting);
+    }
+
+    fn poll(&mut self) -> Option<Event> {
+        loop {
+            if !self.reading() {
+                return None;
+            }
+            if let Some(why) = self.core.must_close("Too many invalid commands") {
+                return Some(self.fatal(why));
+            }
+            match self.framer.scan(self.core.buffered()) {
+                Line::Incomplete => return None,
+                Line::TooLong => return Some(self.fatal("Line too long")),
+                Line::Complete(len) => {
+                    let line = Zeroizing::new(self.core.buffered()[..len].to_vec());
+                    self.core.consume(len);
+                    if let Some(ev) = self.handle(&line) {
+                        return Some(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_output(&mut self) -> Vec<u8> {
+        self.core.take_output()
+    }
+
+    fn wants_input(&self) -> bool {
+        self.core.wants_input(self.reading())
+    }
+
+    /// Resume reading commands; STLS is no longer advertised and logins are
+    /// allowed.
+    fn starttls_done(&mut self) {
+        self.tls_active = true;
+        self.core.discard();
+        self.core.succeeded();
+        self.framer.reset();
+        self.user = None;
+        if self.state == State::AwaitTls {
+            self.state = State::Commands;
+        }
+    }
+
+    fn into_pending_input(self) -> Vec<u8> {
+        self.core.into_pending()
+    }
+
+    fn login_failed(&mut self, failure: Failure, text: &str) {
+        let code = match failure {
+            Failure::Credentials => "AUTH",
+            Failure::Unavailable => "SYS/TEMP",
+            Failure::Action => "SYS/PERM",
+        };
+        self.refuse_login(code, text);
+    }
+
+    fn login_succeeded(&mut self, (): ()) -> bool {
+        self.core.push_line("+OK Logged in");
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,8 +393,8 @@ mod tests {
         }
     }
 
-    fn machine(starttls: bool) -> PreAuth {
-        let mut p = PreAuth::new(cfg(starttls));
+    fn machine(starttls: bool) -> Pop3PreAuth {
+        let mut p = Pop3PreAuth::new(cfg(starttls));
         p.take_output();
         p
     }
@@ -468,7 +403,7 @@ mod tests {
         String::from_utf8_lossy(b).into_owned()
     }
 
-    fn exchange(p: &mut PreAuth, input: &[u8]) -> String {
+    fn exchange(p: &mut Pop3PreAuth, input: &[u8]) -> String {
         p.feed(input);
         let ev = p.poll();
         assert!(ev.is_none(), "unexpected event {ev:?}");
@@ -484,7 +419,7 @@ mod tests {
 
     #[test]
     fn greeting_and_capa() {
-        let mut p = PreAuth::new(cfg(false));
+        let mut p = Pop3PreAuth::new(cfg(false));
         assert_eq!(s(&p.take_output()), "+OK mailproxy ready\r\n");
         assert_eq!(exchange(&mut p, b"CAPA\r\n"), CAPA);
         let mut p = machine(true);
@@ -507,7 +442,7 @@ mod tests {
         assert_eq!((u.as_str(), pw.as_str()), ("mrose", "tanstaaf with spaces "));
         assert_eq!(p.take_output(), b"");
         assert!(!p.wants_input());
-        p.login_failed("Invalid credentials");
+        p.refuse_login("AUTH", "Invalid credentials");
         assert_eq!(s(&p.take_output()), "-ERR [AUTH] Invalid credentials\r\n");
         // A failed PASS needs a new USER.
         assert_eq!(exchange(&mut p, b"PASS again\r\n"), "-ERR Send USER first\r\n");
@@ -527,14 +462,14 @@ mod tests {
         // Other codes and injected line breaks.
         p.feed(b"USER a\r\nPASS b\r\n");
         expect_login(p.poll());
-        p.login_failed_code("SYS/TEMP", "try\r\n+OK later");
+        p.refuse_login("SYS/TEMP", "try\r\n+OK later");
         assert_eq!(
             s(&p.take_output()),
             "+OK Send PASS\r\n-ERR [SYS/TEMP] try  +OK later\r\n"
         );
         p.feed(b"USER a\r\nPASS b\r\n");
         expect_login(p.poll());
-        p.login_failed_code("", "");
+        p.refuse_login("", "");
         assert_eq!(s(&p.take_output()), "+OK Send PASS\r\n-ERR Authentication failed\r\n");
     }
 
@@ -545,7 +480,7 @@ mod tests {
         let (u, pw) = expect_login(p.poll());
         assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
         assert_eq!(p.take_output(), b"");
-        p.login_failed("nope");
+        p.refuse_login("AUTH", "nope");
         p.take_output();
         // RFC 5034 continuation.
         assert_eq!(exchange(&mut p, b"AUTH PLAIN\r\n"), "+ \r\n");
@@ -633,7 +568,7 @@ mod tests {
         let mut p = machine(false);
         assert_eq!(exchange(&mut p, b"STLS\r\n"), "-ERR STLS not available\r\n");
         // USER before STLS does not survive it.
-        let mut p = PreAuth::new(PreAuthConfig {
+        let mut p = Pop3PreAuth::new(PreAuthConfig {
             starttls: true,
             ..cfg(true)
         });
@@ -683,7 +618,7 @@ mod tests {
         let mut p = machine(false);
         p.feed(&big);
         assert!(p.buffered_len() <= p.max_buffer());
-        assert!(p.buf.0.capacity() <= p.max_buffer());
+        assert!(p.core.buf.0.capacity() <= p.max_buffer());
         assert!(matches!(p.poll(), Some(Event::Close)));
         assert_eq!(s(&p.take_output()), "-ERR Too much input, closing connection\r\n");
         let mut p = machine(false);
@@ -750,7 +685,7 @@ mod tests {
         for _ in 0..MAX_CONSECUTIVE_BAD + 1 {
             p.feed(b"USER a\r\nPASS b\r\n");
             match p.poll() {
-                Some(Event::Login { .. }) => p.login_failed("no"),
+                Some(Event::Login { .. }) => p.refuse_login("AUTH", "no"),
                 Some(Event::Close) => {
                     closed = true;
                     break;
@@ -777,7 +712,7 @@ mod tests {
     // ---------------------------------------------------------- chunking / fuzz
 
     fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> (String, Vec<String>) {
-        let mut p = PreAuth::new(cfg);
+        let mut p = Pop3PreAuth::new(cfg);
         let mut out = s(&p.take_output());
         let mut events = Vec::new();
         'outer: for c in chunks {
@@ -790,7 +725,7 @@ mod tests {
                     None => break,
                     Some(Event::Login { username, password }) => {
                         events.push(format!("login {} {}", *username, *password));
-                        p.login_failed("nope");
+                        p.refuse_login("AUTH", "nope");
                         out.push_str(&s(&p.take_output()));
                     }
                     Some(Event::StartTls) => {
@@ -805,6 +740,7 @@ mod tests {
                         events.push("close".into());
                         break 'outer;
                     }
+                    Some(Event::Handoff) => panic!("no hand-off before login"),
                 }
             }
         }

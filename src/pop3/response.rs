@@ -11,8 +11,8 @@ use nom::combinator::{eof, map, opt, value};
 use nom::sequence::{delimited, preceded, terminated};
 use nom::{IResult, Parser};
 
-use crate::imap::framing::strip_eol;
 use crate::sasl::{self, OAuthChallenge};
+use crate::text::strip_eol;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResponseError {

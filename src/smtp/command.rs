@@ -15,7 +15,7 @@ use nom::sequence::preceded;
 use nom::{IResult, Parser};
 use zeroize::Zeroizing;
 
-use crate::imap::framing::strip_eol;
+use crate::text::strip_eol;
 
 /// Longest verb [`leading_verb`] waits for (`STARTTLS` is the longest
 /// local one).

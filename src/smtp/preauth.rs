@@ -1,42 +1,35 @@
 //! Sans-I/O state machine for the local SMTP session until the hand-off.
 //!
-//! The driver feeds client bytes with [`PreAuth::feed`], calls
-//! [`PreAuth::poll`] until it returns `None` (needs more input) or an
-//! [`Event`], and after *every* `new`/`feed`/`poll`/`login_failed`/
-//! `authenticated` call writes [`PreAuth::take_output`] to the client
-//! *before* acting on an event.
+//! Driven through the shared contract in [`crate::preauth`]; this file holds
+//! only what is SMTP: the commands, the replies and their wording.
 //!
 //! Unlike IMAP, the SMTP session does not end at login: after
-//! [`Event::Login`] succeeds upstream the driver writes `235` itself and
-//! calls [`PreAuth::authenticated`] with the upstream's EHLO keywords; the
-//! machine keeps answering `EHLO`/`HELO`/`NOOP`/`RSET`/`AUTH`/`QUIT` locally
-//! and returns [`Event::Handoff`] at the first other command (`MAIL`,
-//! `RCPT`, `BDAT`, unknown…). [`PreAuth::into_pending_input`] then yields
-//! that command and everything after it, byte for byte.
+//! [`Event::Login`] succeeds upstream the driver calls
+//! [`SmtpPreAuth::authenticated`] (through `login_succeeded`) with the
+//! upstream's EHLO keywords, which answers `235`; the machine keeps
+//! answering `EHLO`/`HELO`/`NOOP`/`RSET`/`AUTH`/`QUIT` locally and returns
+//! [`Event::Handoff`] at the first other command (`MAIL`, `RCPT`, `BDAT`,
+//! unknown…). `into_pending_input` then yields that command and everything
+//! after it, byte for byte.
 //!
 //! Security properties:
-//! * bounded memory: the input buffer never exceeds [`PreAuth::max_buffer`];
+//! * bounded memory: the input buffer never exceeds [`SmtpPreAuth::max_buffer`];
 //!   an over-long line gets `500 5.5.6` and the connection is closed (`421`);
 //! * after `STARTTLS` everything buffered (pipelined plaintext) is discarded
 //!   and the session is reset (the client must `EHLO` again);
 //! * while a login is outstanding nothing else is processed;
 //! * buffers holding client input are zeroized when consumed or dropped.
 
-use crate::linebuf::{Line, LineFramer, SecretBuf};
 use std::fmt;
 
 use zeroize::Zeroizing;
 
 use super::command::{self, Command, Verb};
-use crate::imap::framing::strip_eol;
+use crate::linebuf::{Line, LineFramer};
+use crate::preauth::{Core, Failure, PreAuth};
+pub use crate::preauth::{Event, FEED_SLACK, MAX_CONSECUTIVE_BAD};
 use crate::sasl::{self, SaslError};
-
-/// After this many consecutive failed (4xx/5xx) replies the connection is closed.
-pub const MAX_CONSECUTIVE_BAD: u32 = 20;
-
-/// Slack above one maximal line that [`PreAuth::feed`] accepts: the driver
-/// may feed at most this much per `feed` call (read in chunks ≤ 64 KiB).
-pub const FEED_SLACK: usize = 64 * 1024;
+use crate::text::{one_line, strip_eol};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreAuthConfig {
@@ -59,47 +52,6 @@ impl Default for PreAuthConfig {
             hostname: "localhost".into(),
             max_line: 8 * 1024,
             max_size: None,
-        }
-    }
-}
-
-/// Something the driver must act on.
-pub enum Event {
-    /// A client wants to log in (`AUTH PLAIN` or `AUTH LOGIN`). The driver
-    /// verifies the credentials / authenticates upstream, then either calls
-    /// [`PreAuth::login_failed`] or, on success, writes
-    /// `235 2.7.0 Authentication successful\r\n` itself and calls
-    /// [`PreAuth::authenticated`], then `poll`s again.
-    Login {
-        username: Zeroizing<String>,
-        password: Zeroizing<String>,
-    },
-    /// Output holds `220 2.0.0 Ready to start TLS`; all input buffered
-    /// after the STARTTLS line has been discarded. Flush, do the TLS
-    /// handshake, then call [`PreAuth::starttls_done`].
-    StartTls,
-    /// Output holds `221 2.0.0 Bye`; flush and close.
-    Quit,
-    /// Fatal protocol error; output holds a `421` reply; flush and close.
-    Close,
-    /// Only after [`PreAuth::authenticated`]: the client sent a command the
-    /// upstream must handle. Relay from now on, starting with
-    /// [`PreAuth::into_pending_input`] (which begins with that command).
-    Handoff,
-}
-
-impl fmt::Debug for Event {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Event::Login { .. } => f
-                .debug_struct("Login")
-                .field("username", &"<redacted>")
-                .field("password", &"<redacted>")
-                .finish(),
-            Event::StartTls => f.write_str("StartTls"),
-            Event::Quit => f.write_str("Quit"),
-            Event::Close => f.write_str("Close"),
-            Event::Handoff => f.write_str("Handoff"),
         }
     }
 }
@@ -139,36 +91,29 @@ impl fmt::Debug for State {
 }
 
 /// The pre-hand-off SMTP state machine. See the module documentation.
-pub struct PreAuth {
+pub struct SmtpPreAuth {
     cfg: PreAuthConfig,
     hostname: String,
     tls_active: bool,
     framer: LineFramer,
-    buf: SecretBuf,
-    out: Vec<u8>,
+    core: Core,
     state: State,
     helo: Option<String>,
     esmtp: bool,
     /// `Some` (filtered upstream EHLO keywords) once authenticated.
     upstream_ehlo: Option<Vec<String>>,
-    bad_count: u32,
-    overflow: bool,
 }
 
-impl fmt::Debug for PreAuth {
+impl fmt::Debug for SmtpPreAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PreAuth")
+        f.debug_struct("SmtpPreAuth")
             .field("cfg", &self.cfg)
             .field("tls_active", &self.tls_active)
             .field("state", &self.state)
             .field("authenticated", &self.upstream_ehlo.is_some())
-            .field("buffered", &self.buf.0.len())
-            .finish_non_exhaustive()
+            .field("core", &self.core)
+            .finish()
     }
-}
-
-fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 /// Upstream EHLO keywords that stay true through the proxy: everything but
@@ -180,7 +125,7 @@ pub fn relayable_ehlo_keywords(upstream: &[String]) -> Vec<String> {
     upstream
         .iter()
         .filter_map(|k| {
-            let k = sanitize(k).trim().to_owned();
+            let k = one_line(k).trim().to_owned();
             let name = k.split([' ', '=']).next().unwrap_or_default().to_ascii_uppercase();
             let drop = name.is_empty() || name == "AUTH" || name == "STARTTLS" || name.starts_with('X');
             (!drop).then_some(k)
@@ -188,7 +133,7 @@ pub fn relayable_ehlo_keywords(upstream: &[String]) -> Vec<String> {
         .collect()
 }
 
-impl PreAuth {
+impl SmtpPreAuth {
     /// Create the state machine; the `220` greeting is queued in the output.
     pub fn new(cfg: PreAuthConfig) -> Self {
         let hostname: String = cfg
@@ -201,22 +146,19 @@ impl PreAuth {
         } else {
             hostname
         };
-        let mut p = PreAuth {
+        let mut p = SmtpPreAuth {
             framer: LineFramer {
                 scanned: 0,
                 max_line: cfg.max_line,
             },
+            core: Core::new(cfg.max_line.saturating_add(2)),
             cfg,
             hostname,
             tls_active: false,
-            buf: SecretBuf(Vec::new()),
-            out: Vec::new(),
             state: State::Commands,
             helo: None,
             esmtp: false,
             upstream_ehlo: None,
-            bad_count: 0,
-            overflow: false,
         };
         let greeting = format!("220 {} ESMTP mailproxy ready", p.hostname);
         p.push_line(&greeting);
@@ -263,94 +205,19 @@ impl PreAuth {
 
     /// Hard upper bound on buffered input.
     pub fn max_buffer(&self) -> usize {
-        self.cfg.max_line.saturating_add(2).saturating_add(FEED_SLACK)
+        self.core.max_buffer()
     }
 
     /// Number of client bytes currently buffered.
     pub fn buffered_len(&self) -> usize {
-        self.buf.0.len()
+        self.core.buffered().len()
     }
 
-    /// Whether the driver should read more client input now. False while a
-    /// `Login`/`StartTls` event is outstanding and after
-    /// `Quit`/`Close`/`Handoff`.
-    pub fn wants_input(&self) -> bool {
+    fn reading(&self) -> bool {
         matches!(
             self.state,
             State::Commands | State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. }
-        ) && !self.overflow
-            && self.buf.0.len() < self.max_buffer()
-    }
-
-    /// True if input beyond [`Self::max_buffer`] was fed (the excess was
-    /// dropped); the next `poll` returns `Close`.
-    pub fn input_overflowed(&self) -> bool {
-        self.overflow
-    }
-
-    /// Append client bytes. Never buffers more than [`Self::max_buffer`];
-    /// bytes fed while waiting for the TLS handshake or after the session
-    /// ended are discarded.
-    pub fn feed(&mut self, bytes: &[u8]) {
-        if matches!(self.state, State::AwaitTls | State::Done) || self.overflow {
-            return;
-        }
-        let limit = self.max_buffer();
-        let room = limit.saturating_sub(self.buf.0.len());
-        if bytes.len() > room {
-            self.overflow = true;
-            self.buf.extend(&bytes[..room], limit);
-        } else {
-            self.buf.extend(bytes, limit);
-        }
-    }
-
-    /// Process buffered input until an event occurs or more input is needed.
-    pub fn poll(&mut self) -> Option<Event> {
-        loop {
-            match self.state {
-                State::Commands | State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. } => {}
-                State::LoginPending | State::AwaitTls | State::Handoff | State::Done => return None,
-            }
-            if self.overflow {
-                return Some(self.fatal("Too much input"));
-            }
-            if self.bad_count >= MAX_CONSECUTIVE_BAD {
-                return Some(self.fatal("Too many errors"));
-            }
-            if self.is_authenticated() && matches!(self.state, State::Commands) {
-                // Hand off as soon as the verb shows the command is not
-                // ours, without waiting for (or limiting) the whole line.
-                match command::leading_verb(&self.buf.0) {
-                    Verb::Incomplete => return None,
-                    Verb::Complete(v) if command::local_after_auth(&v) => {}
-                    Verb::Complete(_) | Verb::Invalid => {
-                        self.framer.reset();
-                        self.state = State::Handoff;
-                        return Some(Event::Handoff);
-                    }
-                }
-            }
-            match self.framer.scan(&self.buf.0) {
-                Line::Incomplete => return None,
-                Line::TooLong => {
-                    self.reply("500 5.5.6 Line too long");
-                    return Some(self.fatal("Line too long"));
-                }
-                Line::Complete(len) => {
-                    let line = Zeroizing::new(self.buf.0[..len].to_vec());
-                    self.buf.consume(len);
-                    if let Some(ev) = self.handle(&line) {
-                        return Some(ev);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Bytes to write to the client.
-    pub fn take_output(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.out)
+        )
     }
 
     /// The outstanding login failed: emit `reply` (one reply line without
@@ -359,8 +226,8 @@ impl PreAuth {
     /// buffered input (call `poll` next). Control characters are replaced;
     /// a line that does not start with a 4xx/5xx code is sent as
     /// `535 5.7.8 {reply}`.
-    pub fn login_failed(&mut self, reply: &str) {
-        let line = sanitize(reply);
+    pub fn refuse_login(&mut self, reply: &str) {
+        let line = one_line(reply);
         let line = line.trim();
         let b = line.as_bytes();
         let coded = b.len() >= 3
@@ -381,51 +248,31 @@ impl PreAuth {
         }
     }
 
-    /// The outstanding login succeeded and the driver wrote `235`.
-    /// `upstream_ehlo` are the upstream's EHLO keywords (see
-    /// [`super::reply::ehlo_keywords`]); a later client `EHLO` is answered
-    /// with [`relayable_ehlo_keywords`] of them. Call `poll` next.
+    /// The outstanding login succeeded: answers `235`. `upstream_ehlo` are
+    /// the upstream's EHLO keywords (see [`super::reply::ehlo_keywords`]); a
+    /// later client `EHLO` is answered with [`relayable_ehlo_keywords`] of
+    /// them. Call `poll` next.
     pub fn authenticated(&mut self, upstream_ehlo: &[String]) {
+        self.core.push_line("235 2.7.0 Authentication successful");
         self.upstream_ehlo = Some(relayable_ehlo_keywords(upstream_ehlo));
-        self.bad_count = 0;
+        self.core.succeeded();
         if matches!(self.state, State::LoginPending) {
             self.state = State::Commands;
         }
     }
 
-    /// The local TLS handshake completed: the session is reset (the client
-    /// must EHLO again), STARTTLS is no longer advertised, AUTH is allowed.
-    pub fn starttls_done(&mut self) {
-        self.tls_active = true;
-        self.buf.clear();
-        self.framer.reset();
-        self.bad_count = 0;
-        self.helo = None;
-        self.esmtp = false;
-        if matches!(self.state, State::AwaitTls) {
-            self.state = State::Commands;
-        }
-    }
-
-    /// After [`Event::Handoff`]: the client bytes from the handed-off
-    /// command on, exactly as received (including a partial line).
-    pub fn into_pending_input(mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buf.0)
-    }
-
     // ------------------------------------------------------------ internals
 
     fn push_line(&mut self, line: &str) {
-        self.out.extend_from_slice(line.as_bytes());
-        self.out.extend_from_slice(b"\r\n");
+        self.core.push_line(line);
     }
 
     /// Send one reply line; 2xx resets the error count, 4xx/5xx count.
     fn reply(&mut self, line: &str) {
         self.push_line(line);
         match line.as_bytes().first() {
-            Some(b'2') => self.bad_count = 0,
-            Some(b'4' | b'5') => self.bad_count += 1,
+            Some(b'2') => self.core.succeeded(),
+            Some(b'4' | b'5') => self.core.failed(),
             _ => {}
         }
     }
@@ -436,7 +283,7 @@ impl PreAuth {
             self.push_line(&format!("{code}{sep}{l}"));
         }
         if code / 100 == 2 {
-            self.bad_count = 0;
+            self.core.succeeded();
         }
     }
 
@@ -444,7 +291,7 @@ impl PreAuth {
         let line = format!("421 4.7.0 {} {reason}, closing connection", self.hostname);
         self.push_line(&line);
         self.state = State::Done;
-        self.buf.clear();
+        self.core.discard();
         self.framer.reset();
         Event::Close
     }
@@ -517,14 +364,14 @@ impl PreAuth {
             Command::Quit => {
                 self.reply("221 2.0.0 Bye");
                 self.state = State::Done;
-                self.buf.clear();
+                self.core.discard();
                 return Some(Event::Quit);
             }
             Command::StartTls => {
                 if self.starttls_available() {
                     self.reply("220 2.0.0 Ready to start TLS");
                     // Never act on plaintext pipelined before the handshake.
-                    self.buf.clear();
+                    self.core.discard();
                     self.framer.reset();
                     self.state = State::AwaitTls;
                     return Some(Event::StartTls);
@@ -601,6 +448,99 @@ impl PreAuth {
     }
 }
 
+impl PreAuth for SmtpPreAuth {
+    /// The upstream's EHLO keywords.
+    type Success = Vec<String>;
+
+    /// Bytes fed while waiting for the TLS handshake or after the session
+    /// ended are discarded.
+    fn feed(&mut self, bytes: &[u8]) {
+        let accepting = !matches!(self.state, State::AwaitTls | State::Done);
+        self.core.feed(bytes, accepting);
+    }
+
+    fn poll(&mut self) -> Option<Event> {
+        loop {
+            if !self.reading() {
+                return None;
+            }
+            if let Some(why) = self.core.must_close("Too many errors") {
+                return Some(self.fatal(why));
+            }
+            if self.is_authenticated() && matches!(self.state, State::Commands) {
+                // Hand off as soon as the verb shows the command is not
+                // ours, without waiting for (or limiting) the whole line.
+                match command::leading_verb(self.core.buffered()) {
+                    Verb::Incomplete => return None,
+                    Verb::Complete(v) if command::local_after_auth(&v) => {}
+                    Verb::Complete(_) | Verb::Invalid => {
+                        self.framer.reset();
+                        self.state = State::Handoff;
+                        return Some(Event::Handoff);
+                    }
+                }
+            }
+            match self.framer.scan(self.core.buffered()) {
+                Line::Incomplete => return None,
+                Line::TooLong => {
+                    self.reply("500 5.5.6 Line too long");
+                    return Some(self.fatal("Line too long"));
+                }
+                Line::Complete(len) => {
+                    let line = Zeroizing::new(self.core.buffered()[..len].to_vec());
+                    self.core.consume(len);
+                    if let Some(ev) = self.handle(&line) {
+                        return Some(ev);
+                    }
+                }
+            }
+        }
+    }
+
+    fn take_output(&mut self) -> Vec<u8> {
+        self.core.take_output()
+    }
+
+    fn wants_input(&self) -> bool {
+        self.core.wants_input(self.reading())
+    }
+
+    /// The session is reset (the client must EHLO again), STARTTLS is no
+    /// longer advertised, AUTH is allowed.
+    fn starttls_done(&mut self) {
+        self.tls_active = true;
+        self.core.discard();
+        self.core.succeeded();
+        self.framer.reset();
+        self.helo = None;
+        self.esmtp = false;
+        if matches!(self.state, State::AwaitTls) {
+            self.state = State::Commands;
+        }
+    }
+
+    fn into_pending_input(self) -> Vec<u8> {
+        self.core.into_pending()
+    }
+
+    fn login_failed(&mut self, failure: Failure, text: &str) {
+        let code = match failure {
+            Failure::Credentials | Failure::Action => "535 5.7.8",
+            Failure::Unavailable => "454 4.7.0",
+        };
+        self.refuse_login(&format!("{code} {}", one_line(text)));
+    }
+
+    fn login_succeeded(&mut self, upstream_ehlo: Vec<String>) -> bool {
+        self.authenticated(&upstream_ehlo);
+        false
+    }
+
+    fn client_name(&self) -> Option<&str> {
+        self.helo()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,14 +562,14 @@ mod tests {
     }
 
     /// A new machine with the greeting already drained.
-    fn machine(starttls: bool) -> PreAuth {
-        let mut p = PreAuth::new(cfg(starttls));
+    fn machine(starttls: bool) -> SmtpPreAuth {
+        let mut p = SmtpPreAuth::new(cfg(starttls));
         p.take_output();
         p
     }
 
     /// Greeted with EHLO, output drained.
-    fn greeted() -> PreAuth {
+    fn greeted() -> SmtpPreAuth {
         let mut p = machine(false);
         exchange(&mut p, b"EHLO client.test\r\n");
         p
@@ -640,7 +580,7 @@ mod tests {
     }
 
     /// Feed `input`, poll until `None`, return the output.
-    fn exchange(p: &mut PreAuth, input: &[u8]) -> String {
+    fn exchange(p: &mut SmtpPreAuth, input: &[u8]) -> String {
         p.feed(input);
         let ev = p.poll();
         assert!(ev.is_none(), "unexpected event {ev:?}");
@@ -670,7 +610,7 @@ mod tests {
 
     #[test]
     fn greeting_and_ehlo() {
-        let mut p = PreAuth::new(cfg(false));
+        let mut p = SmtpPreAuth::new(cfg(false));
         assert_eq!(s(&p.take_output()), "220 mx.test ESMTP mailproxy ready\r\n");
         assert_eq!(exchange(&mut p, b"EHLO client.test\r\n"), EHLO);
         assert_eq!(p.helo(), Some("client.test"));
@@ -679,7 +619,7 @@ mod tests {
         assert_eq!(p.helo(), Some("other.test"));
         assert!(!p.is_esmtp());
 
-        let mut p = PreAuth::new(PreAuthConfig {
+        let mut p = SmtpPreAuth::new(PreAuthConfig {
             max_size: Some(35_882_577),
             ..cfg(true)
         });
@@ -696,7 +636,7 @@ mod tests {
              250 STARTTLS\r\n"
         );
         // A hostile host name cannot break the reply framing.
-        let mut p = PreAuth::new(PreAuthConfig {
+        let mut p = SmtpPreAuth::new(PreAuthConfig {
             hostname: "a b\r\n250 x".into(),
             ..cfg(false)
         });
@@ -760,7 +700,7 @@ mod tests {
         p.feed(b"YWxpY2UAYWxpY2UAc2VjcmV0\r\n"); // "alice\0alice\0secret"
         let (u, pw) = expect_login(p.poll());
         assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
-        p.login_failed("535 5.7.8 Authentication credentials invalid");
+        p.refuse_login("535 5.7.8 Authentication credentials invalid");
         assert_eq!(s(&p.take_output()), "535 5.7.8 Authentication credentials invalid\r\n");
         assert!(p.wants_input());
     }
@@ -775,14 +715,14 @@ mod tests {
         let (u, pw) = expect_login(p.poll());
         assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
         assert_eq!(p.take_output(), b"");
-        p.login_failed("535 5.7.8 nope");
+        p.refuse_login("535 5.7.8 nope");
         assert_eq!(s(&p.take_output()), "535 5.7.8 nope\r\n");
         // User name as initial response.
         assert_eq!(exchange(&mut p, b"AUTH LOGIN YWxpY2U=\r\n"), "334 UGFzc3dvcmQ6\r\n");
         p.feed(b"c2VjcmV0\n");
         let (u, pw) = expect_login(p.poll());
         assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
-        p.login_failed("535 5.7.8 nope");
+        p.refuse_login("535 5.7.8 nope");
         p.take_output();
         // Cancel at either step.
         assert_eq!(
@@ -857,7 +797,7 @@ mod tests {
         let mut p = greeted();
         p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nNOOP\r\n");
         expect_login(p.poll());
-        p.login_failed("535 5.7.8 bad\r\n250 injected");
+        p.refuse_login("535 5.7.8 bad\r\n250 injected");
         assert_eq!(s(&p.take_output()), "535 5.7.8 bad  250 injected\r\n");
         assert!(p.poll().is_none());
         assert_eq!(s(&p.take_output()), "250 2.0.0 OK\r\n");
@@ -870,7 +810,7 @@ mod tests {
         ] {
             p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
             expect_login(p.poll());
-            p.login_failed(given);
+            p.refuse_login(given);
             assert_eq!(s(&p.take_output()), format!("{sent}\r\n"));
         }
     }
@@ -936,7 +876,7 @@ mod tests {
         assert_eq!(p.take_output(), b"");
         p.authenticated(&up(GMAIL_EHLO));
         assert!(matches!(p.poll(), Some(Event::Handoff)));
-        assert_eq!(p.take_output(), b"");
+        assert_eq!(p.take_output(), b"235 2.7.0 Authentication successful\r\n");
         assert!(!p.wants_input());
         assert!(p.poll().is_none());
         assert_eq!(p.into_pending_input(), after.to_vec());
@@ -967,6 +907,7 @@ mod tests {
             "dsn\r\n250 injected",
             "",
         ]));
+        assert_eq!(s(&p.take_output()), "235 2.7.0 Authentication successful\r\n");
         assert!(p.is_authenticated());
         assert_eq!(
             exchange(&mut p, b"EHLO again.test\r\n"),
@@ -1007,7 +948,10 @@ mod tests {
         p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
         expect_login(p.poll());
         p.authenticated(&[]);
-        assert_eq!(exchange(&mut p, b"EHLO x\r\n"), "250 mx.test greets x\r\n");
+        assert_eq!(
+            exchange(&mut p, b"EHLO x\r\n"),
+            "235 2.7.0 Authentication successful\r\n250 mx.test greets x\r\n"
+        );
         p.feed(b"QUIT\r\n");
         assert!(matches!(p.poll(), Some(Event::Quit)));
         assert_eq!(s(&p.take_output()), "221 2.0.0 Bye\r\n");
@@ -1039,7 +983,7 @@ mod tests {
         let mut p = machine(false);
         p.feed(&big);
         assert!(p.buffered_len() <= p.max_buffer());
-        assert!(p.buf.0.capacity() <= p.max_buffer());
+        assert!(p.core.buf.0.capacity() <= p.max_buffer());
         assert!(matches!(p.poll(), Some(Event::Close)));
         assert_eq!(
             s(&p.take_output()),
@@ -1131,7 +1075,7 @@ mod tests {
     /// except for user "good", which authenticates; STARTTLS completes);
     /// returns the transcript of output, events and the handed-off bytes.
     fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> (String, Vec<String>, Vec<u8>) {
-        let mut p = PreAuth::new(cfg);
+        let mut p = SmtpPreAuth::new(cfg);
         let mut out = s(&p.take_output());
         let mut events = Vec::new();
         let mut chunks = chunks.iter();
@@ -1149,7 +1093,7 @@ mod tests {
                             out.push_str("235 2.7.0 Authentication successful\r\n");
                             p.authenticated(&up(GMAIL_EHLO));
                         } else {
-                            p.login_failed("535 5.7.8 nope");
+                            p.refuse_login("535 5.7.8 nope");
                         }
                         out.push_str(&s(&p.take_output()));
                     }

@@ -10,8 +10,8 @@ use nom::combinator::{eof, opt};
 use nom::error::{Error as NomError, ErrorKind};
 use nom::{IResult, Parser};
 
-use crate::imap::framing::strip_eol;
 use crate::sasl::{self, OAuthChallenge};
+use crate::text::strip_eol;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReplyError {

@@ -1,0 +1,161 @@
+//! Login routing: which upstream a client login goes to and with what
+//! credentials. For an OAuth account this checks the local password (a
+//! wrong one ends here, before any upstream traffic) and obtains a fresh
+//! access token; for passthrough the client's own credentials go on.
+
+use std::sync::Arc;
+
+use super::upstream::Server;
+use super::upstream_auth::LoginFailure;
+use super::Ctx;
+use crate::config::{Account, Listener, Mechanism};
+use crate::endpoint::Protocol;
+use crate::preauth::Failure;
+use crate::secret::Secret;
+use crate::text::escaped;
+use crate::tokens::{describe_pending, AccountTokens, AuthError, TokenError};
+
+/// Where one client login goes, and as whom.
+pub(crate) struct Target {
+    pub server: Server,
+    /// The name sent upstream.
+    pub user: String,
+    pub credential: Credential,
+}
+
+pub(crate) enum Credential {
+    /// OAuth account: a fresh access token; `account` lets the login ask
+    /// for a new one if the server rejects it.
+    Token {
+        token: Secret,
+        mechanism: Mechanism,
+        account: Arc<AccountTokens>,
+    },
+    /// Passthrough: the client's own password.
+    Password(Secret),
+}
+
+impl Target {
+    /// Whether the client's own credentials are passed through (their
+    /// failures are the upstream's verdict, counted by the login guard).
+    pub(crate) fn is_passthrough(&self) -> bool {
+        matches!(self.credential, Credential::Password(_))
+    }
+}
+
+/// Resolves a client login to the server and credentials to use.
+pub(crate) async fn resolve(
+    ctx: &Ctx,
+    listener: &Listener,
+    login: &str,
+    password: Secret,
+) -> Result<Target, LoginFailure> {
+    let protocol = listener.protocol;
+    let config = ctx.config();
+    let Some(account) = config.account(login) else {
+        return match &listener.fallback {
+            Some(fb) => Ok(Target {
+                server: Server {
+                    endpoint: fb.clone(),
+                    ca_file: config.ca_file.clone(),
+                    insecure: false,
+                },
+                user: login.to_string(),
+                credential: Credential::Password(password),
+            }),
+            None => {
+                tracing::info!(login = %escaped(login), "login for an unknown account refused");
+                Err(LoginFailure::new(Failure::Credentials, "Authentication failed"))
+            }
+        };
+    };
+    let server = Server {
+        endpoint: endpoint_for(account, protocol)?,
+        ca_file: account.ca_file.clone(),
+        insecure: account.insecure_skip_verify,
+    };
+    let user = account.username.clone();
+    let Some(tokens) = ctx.tokens.get(login) else {
+        // A passthrough account.
+        return Ok(Target {
+            server,
+            user,
+            credential: Credential::Password(password),
+        });
+    };
+    match ctx.tokens.authenticate(&tokens, &password).await {
+        Ok(()) => {}
+        Err(AuthError::NotAuthorised(_)) => return Err(on_demand(ctx, &tokens).await),
+        Err(AuthError::WrongPassword) => {
+            tracing::info!(account = %account.name, "wrong local password");
+            return Err(LoginFailure::new(Failure::Credentials, "Authentication failed"));
+        }
+        Err(e @ AuthError::NoLocalPassword(_)) => {
+            tracing::warn!(account = %account.name, error = %e, "login to an account that is not ready");
+            return Err(LoginFailure::new(Failure::Action, e.to_string()));
+        }
+        Err(e @ AuthError::Vault(_)) => {
+            tracing::error!(account = %account.name, error = %e, "vault error");
+            return Err(LoginFailure::new(Failure::Action, e.to_string()));
+        }
+    }
+    let token = match ctx.tokens.access_token(&tokens).await {
+        Ok(t) => t,
+        Err(TokenError::NeedsLogin { .. }) => return Err(on_demand(ctx, &tokens).await),
+        Err(e) => return Err(token_failure(&account.name, e)),
+    };
+    Ok(Target {
+        server,
+        user,
+        credential: Credential::Token {
+            token,
+            mechanism: account.mechanism,
+            account: tokens.clone(),
+        },
+    })
+}
+
+fn endpoint_for(account: &Account, protocol: Protocol) -> Result<crate::endpoint::Endpoint, LoginFailure> {
+    account.endpoint(protocol).cloned().ok_or_else(|| {
+        LoginFailure::new(
+            Failure::Action,
+            format!(
+                "{} has no {protocol} server configured; set {protocol} = \"...\" for it",
+                account.name
+            ),
+        )
+    })
+}
+
+/// The account has no usable token: start (or join) its authorisation and
+/// tell the client what a person has to do.
+async fn on_demand(ctx: &Ctx, tokens: &Arc<AccountTokens>) -> LoginFailure {
+    let name = tokens.name().to_string();
+    match ctx.tokens.start_authorization(tokens).await {
+        Ok(Some(_)) | Err(TokenError::Pending { .. }) => {
+            let status = ctx.tokens.status(tokens).await;
+            let how = match (ctx.tokens.status_url(), &status.pending) {
+                (Some(url), Some(p)) => match &p.user_code {
+                    Some(code) => format!("open {url} (or {}) and enter the code {code}, then log in again", p.url),
+                    None => format!("open {url} in a browser on this machine and sign in, then log in again"),
+                },
+                (None, Some(p)) => describe_pending(p),
+                _ => format!("run `mailproxy login {name}`"),
+            };
+            LoginFailure::new(Failure::Action, format!("{name} is not authorised yet: {how}"))
+        }
+        Ok(None) => LoginFailure::new(Failure::Unavailable, format!("{name} is now authorised; log in again")),
+        Err(e) => token_failure(&name, e),
+    }
+}
+
+/// No access token could be had: a person must act, or it is temporary.
+pub(crate) fn token_failure(account: &str, e: TokenError) -> LoginFailure {
+    let kind = match &e {
+        TokenError::OAuth(o) if o.is_transient() => Failure::Unavailable,
+        TokenError::Vault(_) => Failure::Unavailable,
+        _ => Failure::Action,
+    };
+    tracing::warn!(account = %account, error = %e, "no access token");
+    LoginFailure::new(kind, e.to_string())
+}

@@ -1,0 +1,243 @@
+//! How a session runs, for every protocol: the one driver that feeds a
+//! client connection through its protocol's pre-login machine, enforces the
+//! pre-login time limits, does STARTTLS, routes the login, logs in upstream
+//! and hands off to the relay.
+//!
+//! A protocol supplies only what truly differs ([`Protocol`]): its machine
+//! (greeting, commands, what it answers on success and on each failure
+//! class), its upstream client, and the few lines the driver says itself.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::upstream::Conn;
+use super::upstream_auth::{self, LoginFailure, UpstreamLogin};
+use super::{relay, route, Ctx};
+use crate::config::{Limits, Listener};
+use crate::net::Stream;
+use crate::preauth::{Event, Failure, PreAuth};
+use crate::secret::Secret;
+use crate::text::{escaped, is_safe_credential};
+
+/// What one protocol brings to the driver.
+pub(crate) trait Protocol {
+    type Machine: PreAuth;
+    type Upstream: UpstreamLogin<Success = <Self::Machine as PreAuth>::Success>;
+
+    /// Said when the client stayed silent too long before login.
+    const IDLE_BYE: &'static [u8];
+    /// Said to a client still logging in when the proxy shuts down.
+    const SHUTDOWN_BYE: &'static [u8];
+    /// Said upstream when the client leaves after the upstream login but
+    /// before the hand-off (SMTP: QUIT after AUTH).
+    const UPSTREAM_QUIT: &'static [u8];
+
+    /// A new machine; `starttls` when STARTTLS is offered on this connection.
+    fn machine(limits: &Limits, starttls: bool) -> Self::Machine;
+    /// One line refusing a connection before its session starts.
+    fn refusal(why: &str) -> String;
+}
+
+/// Runs one client connection until it ends. `client` is already past any
+/// implicit TLS handshake; `tls` accepts STARTTLS when configured.
+pub(crate) async fn run<P: Protocol>(
+    ctx: &Ctx,
+    listener: &Listener,
+    mut client: Stream,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    peer: IpAddr,
+) -> std::io::Result<()> {
+    let config = ctx.config();
+    let mut pre = P::machine(&config.limits, tls.is_some() && !client.is_tls());
+    let deadline = Instant::now() + config.limits.preauth_timeout.saturating_mul(4);
+    let mut upstream: Option<Conn> = None;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let event = pre.poll();
+        send_output(&mut client, pre.take_output()).await?;
+        match event {
+            Some(Event::Login { username, password }) => {
+                let login = username.to_string();
+                tracing::Span::current().record("login", escaped(&login).as_str());
+                let name = pre.client_name().map(str::to_owned);
+                match log_in::<P>(ctx, listener, peer, &login, Secret::from(password), name.as_deref()).await {
+                    Ok((conn, success)) => {
+                        tracing::info!(upstream = %conn.endpoint, "logged in");
+                        let now = pre.login_succeeded(success);
+                        upstream = Some(conn);
+                        if now {
+                            return hand_off(ctx, client, pre, upstream).await;
+                        }
+                    }
+                    Err(f) => {
+                        tracing::info!(reason = %f.text, "login refused");
+                        pre.login_failed(f.kind, &f.text);
+                    }
+                }
+            }
+            Some(Event::Handoff) => return hand_off(ctx, client, pre, upstream).await,
+            Some(Event::StartTls) => {
+                let Some(tls_client) = start_tls(ctx, client, tls).await else {
+                    return Ok(());
+                };
+                client = tls_client;
+                pre.starttls_done();
+            }
+            Some(Event::Quit | Event::Close) => {
+                if let Some(mut up) = upstream.take() {
+                    let _ = up.send(P::UPSTREAM_QUIT).await;
+                }
+                let _ = client.shutdown().await;
+                return Ok(());
+            }
+            None => {
+                if !pre.wants_input() {
+                    // Cannot happen with a well-behaved machine; never spin.
+                    return Ok(());
+                }
+                let Some(n) = read_preauth::<P>(ctx, &mut client, &mut buf, deadline).await? else {
+                    return Ok(());
+                };
+                pre.feed(&buf[..n]);
+            }
+        }
+    }
+}
+
+/// A client login, all the way: input hygiene, routing, the guard against
+/// guessing, the upstream login.
+async fn log_in<P: Protocol>(
+    ctx: &Ctx,
+    listener: &Listener,
+    peer: IpAddr,
+    login: &str,
+    password: Secret,
+    client_name: Option<&str>,
+) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
+    let cap = ctx.config().limits.login_failure_delay_max;
+    let r = if !is_safe_credential(login) || !is_safe_credential(password.expose()) {
+        Err(LoginFailure::new(
+            Failure::Credentials,
+            "user names and passwords cannot contain CR, LF or NUL",
+        ))
+    } else {
+        routed::<P>(ctx, listener, login, password, client_name, cap).await
+    };
+    match &r {
+        Ok(_) => ctx.guard.succeeded(peer),
+        Err(f) if f.kind == Failure::Credentials => {
+            let delay = ctx.guard.failed(peer, cap);
+            if !delay.is_zero() {
+                tracing::info!(
+                    delay_ms = delay.as_millis() as u64,
+                    "repeated failed logins from this network; slowing down"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+        Err(_) => {}
+    }
+    r
+}
+
+async fn routed<P: Protocol>(
+    ctx: &Ctx,
+    listener: &Listener,
+    login: &str,
+    password: Secret,
+    client_name: Option<&str>,
+    cap: std::time::Duration,
+) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
+    let target = route::resolve(ctx, listener, login, password).await?;
+    let turn = match target.is_passthrough() {
+        false => None,
+        true => Some(ctx.guard.passthrough_turn(login).await.map_err(|_| {
+            LoginFailure::new(
+                Failure::Unavailable,
+                "too many logins for this user at once; try again in a moment",
+            )
+        })?),
+    };
+    let r = upstream_auth::log_in::<P::Upstream>(ctx, target, client_name).await;
+    match (&r, &turn) {
+        (Ok(_), Some(t)) => t.succeeded(),
+        (Err(f), Some(t)) if f.kind == Failure::Credentials => t.failed(cap),
+        _ => {}
+    }
+    r.map(|(c, s)| (c.into_conn(), s))
+}
+
+/// The login is done: what the machine still holds for the client (its
+/// answer to the login) and what the upstream sent past it go to the
+/// client, what the client pipelined goes upstream, then bytes flow.
+async fn hand_off<M: PreAuth>(ctx: &Ctx, client: Stream, mut pre: M, upstream: Option<Conn>) -> std::io::Result<()> {
+    let Some(up) = upstream else {
+        return Ok(()); // a machine hands off only after a successful login
+    };
+    let mut to_client = pre.take_output();
+    to_client.extend_from_slice(&up.buf);
+    let to_upstream = pre.into_pending_input();
+    tracing::info!(upstream = %up.endpoint, "relaying");
+    let (sent, received) = relay::relay(client, up.stream, to_upstream, to_client, &ctx.shutdown).await?;
+    tracing::info!(bytes_up = sent, bytes_down = received, "session ended");
+    Ok(())
+}
+
+/// Writes what a pre-login machine has to say, and flushes (a TLS stream
+/// holds records until then).
+async fn send_output(client: &mut Stream, out: Vec<u8>) -> std::io::Result<()> {
+    if !out.is_empty() {
+        client.write_all(&out).await?;
+        client.flush().await?;
+    }
+    Ok(())
+}
+
+/// Before login: the next bytes from the client, within the pre-login time
+/// limits (idle `preauth_timeout`, the whole phase `deadline`). `None` ends
+/// the session: end of input, a timeout (the client is told), or shutdown.
+async fn read_preauth<P: Protocol>(
+    ctx: &Ctx,
+    client: &mut Stream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> std::io::Result<Option<usize>> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .min(ctx.config().limits.preauth_timeout);
+    tokio::select! {
+        r = tokio::time::timeout(left, client.read(buf)) => match r {
+            Ok(Ok(0)) => Ok(None),
+            Ok(Ok(n)) => Ok(Some(n)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                let _ = client.write_all(P::IDLE_BYE).await;
+                let _ = client.flush().await;
+                Ok(None)
+            }
+        },
+        _ = ctx.shutdown.cancelled() => {
+            let _ = client.write_all(P::SHUTDOWN_BYE).await;
+            let _ = client.flush().await;
+            Ok(None)
+        }
+    }
+}
+
+/// STARTTLS/STLS accepted: the TLS handshake on the same connection, within
+/// the pre-login timeout. `None` when it fails (the session ends).
+async fn start_tls(ctx: &Ctx, client: Stream, tls: Option<&tokio_rustls::TlsAcceptor>) -> Option<Stream> {
+    let (Some(acceptor), Stream::Plain(tcp)) = (tls, client) else {
+        return None; // the machines offer STARTTLS only on plain connections with TLS configured
+    };
+    match tokio::time::timeout(ctx.config().limits.preauth_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Some(Stream::ServerTls(Box::new(s))),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "client TLS handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}

@@ -1,0 +1,199 @@
+//! How mailproxy logs in upstream, for every protocol: one policy, one
+//! place. Each protocol supplies only its exchanges (an [`UpstreamLogin`]);
+//! what to do with their outcomes is decided here.
+//!
+//! The retry rule: when the server *rejects* an OAuth token (a failure
+//! challenge, or a plain NO / 535 / -ERR to the SASL exchange), the token is
+//! dropped, a fresh one is fetched (one refresh per account, however many
+//! sessions ask) and the login is tried once more on the same connection. A
+//! token the proxy believed fresh can be dead (revoked, clock skew, the
+//! provider rotated signing keys), and one retry costs one refresh. It is
+//! never retried when the server does not offer the mechanism at all
+//! (`Unsupported`: a person must change the config) or when the connection
+//! failed (`Unavailable`: retrying would only wait twice as long). A
+//! password (passthrough) is never retried: the server's verdict stands.
+
+use std::sync::Arc;
+
+use super::route::{Credential, Target};
+use super::upstream::{Conn, Dialer, UpstreamError};
+use super::Ctx;
+use crate::config::Mechanism;
+use crate::preauth::Failure;
+use crate::sasl;
+use crate::secret::Secret;
+use crate::tokens::AccountTokens;
+
+/// What one login exchange with the server came to.
+pub(crate) enum Exchange<S> {
+    /// Logged in; `S` is what the client is answered with.
+    Accepted(S),
+    /// The server refused these credentials (the reason, in words).
+    Rejected(String),
+    /// The server does not offer this way of logging in.
+    Unsupported(String),
+}
+
+/// One protocol's client side, just far enough to log in.
+pub(crate) trait UpstreamLogin: Sized {
+    type Success;
+
+    /// Connects, reads the greeting, does STARTTLS when the URL says so and
+    /// learns the capabilities. `client_name` is what the client called
+    /// itself (SMTP EHLO), when it did.
+    async fn connect(d: &Dialer<'_>, target: &Target, client_name: Option<&str>) -> Result<Self, UpstreamError>;
+
+    /// SASL XOAUTH2 / OAUTHBEARER with `token` for `target.user`.
+    async fn oauth(
+        &mut self,
+        target: &Target,
+        token: &Secret,
+        mechanism: Mechanism,
+    ) -> Result<Exchange<Self::Success>, UpstreamError>;
+
+    /// Passthrough: the client's own user name and password.
+    async fn password(&mut self, user: &str, password: &Secret) -> Result<Exchange<Self::Success>, UpstreamError>;
+
+    /// The connection, for the relay (with what was read past the login).
+    fn into_conn(self) -> Conn;
+}
+
+/// Why a login did not go through, in words for the client and the log.
+#[derive(Debug)]
+pub struct LoginFailure {
+    pub kind: Failure,
+    pub text: String,
+}
+
+impl LoginFailure {
+    pub fn new(kind: Failure, text: impl Into<String>) -> Self {
+        LoginFailure {
+            kind,
+            text: text.into(),
+        }
+    }
+}
+
+/// The typed outcome of a login attempt upstream, and the one table that
+/// turns it into what the client is told.
+pub(crate) enum Outcome {
+    Rejected { reason: String },
+    Unsupported { reason: String },
+    Unavailable { reason: String },
+}
+
+impl From<Outcome> for LoginFailure {
+    fn from(o: Outcome) -> LoginFailure {
+        match o {
+            Outcome::Rejected { reason } => LoginFailure::new(Failure::Credentials, reason),
+            Outcome::Unsupported { reason } => LoginFailure::new(Failure::Action, reason),
+            Outcome::Unavailable { reason } => LoginFailure::new(Failure::Unavailable, reason),
+        }
+    }
+}
+
+impl From<UpstreamError> for LoginFailure {
+    fn from(e: UpstreamError) -> LoginFailure {
+        Outcome::Unavailable { reason: e.to_string() }.into()
+    }
+}
+
+/// The dialer for this proxy's sessions.
+pub(crate) fn dialer(ctx: &Ctx) -> Dialer<'_> {
+    let limits = ctx.config().limits.clone();
+    Dialer {
+        tls: &ctx.tls,
+        step_timeout: limits.connect_timeout,
+        // Greeting, STARTTLS, capabilities, a login and one retry.
+        total_timeout: limits.connect_timeout.saturating_mul(4),
+    }
+}
+
+/// Logs in at `target` as the policy above says. Returns the logged-in
+/// client and what the client is to be answered with.
+pub(crate) async fn log_in<C: UpstreamLogin>(
+    ctx: &Ctx,
+    target: Target,
+    client_name: Option<&str>,
+) -> Result<(C, C::Success), LoginFailure> {
+    let r = attempt::<C>(ctx, &target, client_name).await;
+    if let Err(f) = &r {
+        tracing::warn!(upstream = %target.server.endpoint, class = ?f.kind, reason = %f.text, "upstream login failed");
+    }
+    r
+}
+
+async fn attempt<C: UpstreamLogin>(
+    ctx: &Ctx,
+    target: &Target,
+    client_name: Option<&str>,
+) -> Result<(C, C::Success), LoginFailure> {
+    let mut client = C::connect(&dialer(ctx), target, client_name).await?;
+    let success = match &target.credential {
+        Credential::Password(pw) => match client.password(&target.user, pw).await? {
+            Exchange::Accepted(s) => s,
+            Exchange::Rejected(reason) => return Err(Outcome::Rejected { reason }.into()),
+            Exchange::Unsupported(reason) => return Err(Outcome::Unsupported { reason }.into()),
+        },
+        Credential::Token {
+            token,
+            mechanism,
+            account,
+        } => with_fresh_token(ctx, &mut client, target, account, token.clone(), *mechanism).await?,
+    };
+    Ok((client, success))
+}
+
+/// OAuth with the retry rule of this module.
+async fn with_fresh_token<C: UpstreamLogin>(
+    ctx: &Ctx,
+    client: &mut C,
+    target: &Target,
+    account: &Arc<AccountTokens>,
+    mut token: Secret,
+    mechanism: Mechanism,
+) -> Result<C::Success, LoginFailure> {
+    let mut retried = false;
+    loop {
+        match client.oauth(target, &token, mechanism).await? {
+            Exchange::Accepted(s) => return Ok(s),
+            Exchange::Unsupported(reason) => return Err(Outcome::Unsupported { reason }.into()),
+            Exchange::Rejected(reason) if retried => return Err(Outcome::Rejected { reason }.into()),
+            Exchange::Rejected(reason) => {
+                tracing::info!(%reason, "upstream rejected the access token; refreshing and retrying once");
+                retried = true;
+                ctx.tokens.reject(account, &token).await;
+                token = ctx
+                    .tokens
+                    .access_token(account)
+                    .await
+                    .map_err(|e| super::route::token_failure(account.name(), e))?;
+            }
+        }
+    }
+}
+
+/// The SASL initial response for an OAuth login (XOAUTH2 or OAUTHBEARER).
+pub(crate) fn oauth_initial_response(
+    target: &Target,
+    token: &Secret,
+    mechanism: Mechanism,
+) -> (&'static str, zeroize::Zeroizing<String>) {
+    let ep = &target.server.endpoint;
+    match mechanism {
+        Mechanism::Xoauth2 => ("XOAUTH2", sasl::xoauth2(&target.user, token.expose())),
+        Mechanism::Oauthbearer => (
+            "OAUTHBEARER",
+            sasl::oauthbearer(&target.user, token.expose(), &ep.host, ep.port),
+        ),
+    }
+}
+
+/// The answer to a server's OAuth failure challenge, as each mechanism
+/// requires before the server sends its final verdict.
+pub(crate) fn error_ack(mechanism: Mechanism) -> &'static str {
+    match mechanism {
+        Mechanism::Oauthbearer => sasl::OAUTHBEARER_ERROR_ACK,
+        Mechanism::Xoauth2 => sasl::XOAUTH2_ERROR_ACK,
+    }
+}

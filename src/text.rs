@@ -1,0 +1,87 @@
+//! Small text helpers every protocol shares: line ends, one-line replies, and
+//! making client- or server-supplied text safe to echo or log.
+
+use std::fmt;
+
+/// `line` without its trailing `\r\n` or `\n` (a lone CR stays: it is
+/// part of the line, not its end).
+pub fn strip_eol(line: &[u8]) -> &[u8] {
+    match line.strip_suffix(b"\n") {
+        Some(l) => l.strip_suffix(b"\r").unwrap_or(l),
+        None => line,
+    }
+}
+
+/// Text for a protocol reply: control characters (CR, LF, NUL, …) become
+/// spaces, so upstream or provider text can never add a line to the
+/// client's protocol stream.
+pub fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+}
+
+/// Whether a credential can be sent upstream as it is: CR, LF or NUL in a
+/// user name or password would split or truncate the command it travels in
+/// (`USER x\r\nDELE 1`), so such logins are refused before any upstream
+/// traffic, whatever form they arrived in.
+pub fn is_safe_credential(s: &str) -> bool {
+    !s.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))
+}
+
+/// Client-supplied text for a log field: control characters are shown
+/// escaped (`\n`, `\u{1b}`) and the length is capped, so no login name can
+/// forge a log line or flood the log.
+pub struct Escaped<'a>(pub &'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MAX: usize = 256;
+        for (i, c) in self.0.chars().enumerate() {
+            if i == MAX {
+                return f.write_str("…");
+            }
+            if c.is_control() || c == '\\' {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`Escaped`] as an owned string (for span fields).
+pub fn escaped(s: &str) -> String {
+    Escaped(s).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eol() {
+        assert_eq!(strip_eol(b"a\r\n"), b"a");
+        assert_eq!(strip_eol(b"a\n"), b"a");
+        assert_eq!(strip_eol(b"a\r"), b"a\r");
+        assert_eq!(strip_eol(b"a"), b"a");
+        assert_eq!(strip_eol(b"\r\n"), b"");
+    }
+
+    #[test]
+    fn one_line_and_credentials() {
+        assert_eq!(one_line("a\r\nb\0c"), "a  b c");
+        assert!(is_safe_credential("alice@example.org"));
+        assert!(is_safe_credential("pässwörd with spaces\t"));
+        for bad in ["a\rb", "a\nb", "a\0b", "x\r\nDELE 1"] {
+            assert!(!is_safe_credential(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn escaping_forges_no_log_line() {
+        assert_eq!(escaped("bob\n2026 INFO forged"), "bob\\n2026 INFO forged");
+        assert_eq!(escaped("a\\b\u{1b}[31m"), "a\\\\b\\u{1b}[31m");
+        assert_eq!(escaped("plain"), "plain");
+        assert!(escaped(&"x".repeat(1000)).chars().count() <= 257);
+    }
+}
