@@ -1,8 +1,12 @@
 //! Input buffering shared by the pre-login state machines: a buffer that
-//! wipes what it held (it may hold passwords), and an incremental line finder
-//! for the line-based protocols (SMTP, POP3).
+//! wipes what it held (it may hold passwords), and for the line-based
+//! protocols (SMTP, POP3) an incremental line finder and the error their
+//! command grammars give.
 
-use zeroize::Zeroize;
+use nom::bytes::complete::{tag, take_while, take_while1};
+use nom::combinator::eof;
+use nom::{IResult, Parser};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::text::strip_eol;
 
@@ -51,6 +55,10 @@ pub(crate) struct LineFramer {
     pub(crate) max_line: usize,
 }
 
+/// A line longer than the limit.
+#[derive(Debug)]
+pub(crate) struct TooLong;
+
 pub(crate) enum Line {
     Incomplete,
     /// `buf[..len]` is one line including its LF.
@@ -86,4 +94,50 @@ impl LineFramer {
     pub(crate) fn reset(&mut self) {
         self.scanned = 0;
     }
+}
+
+/// A line-protocol command that could not be parsed: `reply` is the
+/// complete reply line to send (without CRLF), e.g. `501 5.5.4 Syntax: EHLO
+/// hostname` or `-ERR Syntax: USER name`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reply}")]
+pub struct ParseError {
+    pub reply: String,
+}
+
+pub(crate) fn parse_error(reply: &str) -> ParseError {
+    ParseError {
+        reply: reply.to_owned(),
+    }
+}
+
+// ------------------------------------------- grammar shared by SMTP and POP3
+
+pub(crate) type Res<'a, O> = IResult<&'a [u8], O>;
+
+pub(crate) fn sp(i: &[u8]) -> Res<'_, &[u8]> {
+    tag(&b" "[..]).parse(i)
+}
+
+/// Trailing spaces then the end of the (EOL-stripped) line.
+pub(crate) fn end(i: &[u8]) -> Res<'_, ()> {
+    let (i, _) = (take_while(|c| c == b' '), eof).parse(i)?;
+    Ok((i, ()))
+}
+
+/// sasl-mech = 1*20 (UPPER-ALPHA / DIGIT / "-" / "_") (case-insensitive here)
+pub(crate) fn mechanism(i: &[u8]) -> Res<'_, &[u8]> {
+    take_while1(|c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_').parse(i)
+}
+
+/// A SASL initial response: base64 or `=` (empty). Any printable token is
+/// taken; invalid base64 is reported by the decoder.
+pub(crate) fn initial_response(i: &[u8]) -> Res<'_, Zeroizing<String>> {
+    let (i, tok) = take_while1(|c: u8| (0x21..0x7f).contains(&c)).parse(i)?;
+    let s = if tok == b"=" {
+        String::new()
+    } else {
+        String::from_utf8_lossy(tok).into_owned()
+    };
+    Ok((i, Zeroizing::new(s)))
 }

@@ -223,8 +223,7 @@ fn sync_dir(dir: &Path) -> Result<(), VaultError> {
 /// that belong to someone else.
 pub fn check_private(path: &Path, want: u32) -> Result<(), VaultError> {
     let m = fs::metadata(path).map_err(io(path))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
+    let me = crate::sys::euid();
     if m.uid() != me {
         return Err(VaultError::Owner {
             path: path.to_owned(),

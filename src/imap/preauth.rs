@@ -16,12 +16,10 @@
 
 use std::fmt;
 
-use zeroize::Zeroizing;
-
 use super::command::{self, CommandBody};
 use super::framing::{Frame, Framer, Limits};
 use super::response;
-use crate::preauth::{Core, Failure, PreAuth};
+use crate::preauth::{Core, Failure, PreAuth, Step};
 pub use crate::preauth::{Event, FEED_SLACK, MAX_CONSECUTIVE_BAD};
 use crate::sasl::{self, SaslError};
 use crate::text::{one_line, strip_eol};
@@ -72,7 +70,6 @@ enum State {
 /// The pre-authentication IMAP state machine. See the module documentation.
 pub struct ImapPreAuth {
     cfg: PreAuthConfig,
-    tls_active: bool,
     framer: Framer,
     core: Core,
     state: State,
@@ -82,7 +79,6 @@ impl fmt::Debug for ImapPreAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ImapPreAuth")
             .field("cfg", &self.cfg)
-            .field("tls_active", &self.tls_active)
             .field("state", &self.state)
             .field("core", &self.core)
             .finish()
@@ -95,9 +91,8 @@ impl ImapPreAuth {
         let limits = Limits::new(cfg.max_line, cfg.max_literal);
         let mut p = ImapPreAuth {
             cfg,
-            tls_active: false,
             framer: Framer::new(limits),
-            core: Core::new(limits.max_command),
+            core: Core::new(limits.max_command, cfg.starttls),
             state: State::Commands,
         };
         let caps = p.capabilities();
@@ -108,28 +103,10 @@ impl ImapPreAuth {
     /// The capability list currently advertised.
     pub fn capabilities(&self) -> String {
         let mut caps = String::from("IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID");
-        if self.starttls_available() {
+        if self.core.starttls_available() {
             caps.push_str(" STARTTLS");
         }
         caps
-    }
-
-    fn starttls_available(&self) -> bool {
-        self.cfg.starttls && !self.tls_active
-    }
-
-    /// Hard upper bound on buffered input.
-    pub fn max_buffer(&self) -> usize {
-        self.core.max_buffer()
-    }
-
-    /// Number of client bytes currently buffered.
-    pub fn buffered_len(&self) -> usize {
-        self.core.buffered().len()
-    }
-
-    fn reading(&self) -> bool {
-        matches!(self.state, State::Commands | State::AuthPlain { .. })
     }
 
     /// The tag of the outstanding login, if one is outstanding.
@@ -173,14 +150,6 @@ impl ImapPreAuth {
         self.core.push_line(line);
     }
 
-    fn fatal(&mut self, reason: &str) -> Event {
-        self.push_line(&format!("* BYE {reason}"));
-        self.state = State::Done;
-        self.core.discard();
-        self.framer.reset();
-        Event::Close
-    }
-
     /// Reply `BAD` (tagged if possible) and count it.
     fn bad(&mut self, tag: Option<&str>, msg: &str) {
         self.push_line(&format!("{} BAD {msg}", tag.unwrap_or("*")));
@@ -195,10 +164,6 @@ impl ImapPreAuth {
     fn ok(&mut self, tag: &str, msg: &str) {
         self.push_line(&format!("{tag} OK {msg}"));
         self.core.succeeded();
-    }
-
-    fn login_allowed(&self) -> bool {
-        !self.starttls_available()
     }
 
     fn handle(&mut self, line: &[u8]) -> Option<Event> {
@@ -238,7 +203,7 @@ impl ImapPreAuth {
                 return Some(Event::Quit);
             }
             CommandBody::StartTls => {
-                if self.starttls_available() {
+                if self.core.starttls_available() {
                     self.ok(&tag, "Begin TLS negotiation now");
                     // Never act on plaintext pipelined before the handshake.
                     self.core.discard();
@@ -246,14 +211,14 @@ impl ImapPreAuth {
                     self.state = State::AwaitTls;
                     return Some(Event::StartTls);
                 }
-                if self.tls_active {
+                if self.core.tls_active() {
                     self.bad(Some(&tag), "TLS is already active");
                 } else {
                     self.bad(Some(&tag), "STARTTLS not available: TLS is not configured");
                 }
             }
             CommandBody::Login { username, password } => {
-                if !self.login_allowed() {
+                if !self.core.login_allowed() {
                     self.no(
                         &tag,
                         "[PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed",
@@ -271,7 +236,7 @@ impl ImapPreAuth {
                     self.no(&tag, "[CANNOT] Unsupported authentication mechanism (use PLAIN)");
                     return None;
                 }
-                if !self.login_allowed() {
+                if !self.core.login_allowed() {
                     self.no(
                         &tag,
                         "[PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed",
@@ -366,66 +331,68 @@ fn requires_auth(name: &str) -> bool {
 impl PreAuth for ImapPreAuth {
     type Success = LoggedIn;
 
-    /// Bytes fed while waiting for the TLS handshake or after the session
-    /// ended are discarded.
-    fn feed(&mut self, bytes: &[u8]) {
-        let accepting = !matches!(self.state, State::AwaitTls | State::Done);
-        self.core.feed(bytes, accepting);
+    fn core(&self) -> &Core {
+        &self.core
     }
 
-    fn poll(&mut self) -> Option<Event> {
-        loop {
-            if !self.reading() {
-                return None;
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn into_core(self) -> Core {
+        self.core
+    }
+
+    fn reading(&self) -> bool {
+        matches!(self.state, State::Commands | State::AuthPlain { .. })
+    }
+
+    /// Bytes fed while waiting for the TLS handshake or after the session
+    /// ended are discarded.
+    fn keeps_input(&self) -> bool {
+        !matches!(self.state, State::AwaitTls | State::Done)
+    }
+
+    const TOO_MANY: &'static str = "Too many invalid commands";
+
+    fn fatal(&mut self, reason: &str) -> Event {
+        self.push_line(&format!("* BYE {reason}"));
+        self.state = State::Done;
+        self.core.discard();
+        self.framer.reset();
+        Event::Close
+    }
+
+    fn step(&mut self) -> Step {
+        match self.framer.scan(self.core.buffered()) {
+            Frame::Incomplete => Step::More,
+            Frame::NeedContinuation { .. } => {
+                self.push_line("+ Ready for literal data");
+                Step::Next
             }
-            if let Some(why) = self.core.must_close("Too many invalid commands") {
-                return Some(self.fatal(why));
+            Frame::RejectLiteral { len, .. } => {
+                let tag = match std::mem::replace(&mut self.state, State::Commands) {
+                    State::AuthPlain { tag } => Some(tag),
+                    _ => command::parse_tag(&self.core.buffered()[..len]),
+                };
+                self.core.consume(len);
+                self.bad(tag.as_deref(), "Literal too large");
+                Step::Next
             }
-            match self.framer.scan(self.core.buffered()) {
-                Frame::Incomplete => return None,
-                Frame::NeedContinuation { .. } => self.push_line("+ Ready for literal data"),
-                Frame::RejectLiteral { len, .. } => {
-                    let tag = match std::mem::replace(&mut self.state, State::Commands) {
-                        State::AuthPlain { tag } => Some(tag),
-                        _ => command::parse_tag(&self.core.buffered()[..len]),
-                    };
-                    self.core.consume(len);
-                    self.bad(tag.as_deref(), "Literal too large");
-                }
-                Frame::Fatal(e) => return Some(self.fatal(&e.to_string())),
-                Frame::Complete { len } => {
-                    let line = Zeroizing::new(self.core.buffered()[..len].to_vec());
-                    self.core.consume(len);
-                    if let Some(ev) = self.handle(&line) {
-                        return Some(ev);
-                    }
-                }
+            Frame::Fatal(e) => Step::Event(self.fatal(&e.to_string())),
+            Frame::Complete { len } => {
+                let line = self.core.take(len);
+                self.handle(&line).map_or(Step::Next, Step::Event)
             }
         }
     }
 
-    fn take_output(&mut self) -> Vec<u8> {
-        self.core.take_output()
-    }
-
-    fn wants_input(&self) -> bool {
-        self.core.wants_input(self.reading())
-    }
-
-    /// Resume reading commands; STARTTLS is no longer advertised and LOGIN
-    /// is allowed.
-    fn starttls_done(&mut self) {
-        self.tls_active = true;
-        self.core.discard();
-        self.core.succeeded();
+    /// STARTTLS is no longer advertised and LOGIN is allowed.
+    fn tls_started(&mut self) {
         self.framer.reset();
         if self.state == State::AwaitTls {
             self.state = State::Commands;
         }
-    }
-
-    fn into_pending_input(self) -> Vec<u8> {
-        self.core.into_pending()
     }
 
     fn login_failed(&mut self, failure: Failure, text: &str) {
@@ -455,6 +422,7 @@ impl PreAuth for ImapPreAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::preauth::testkit::{self, exchange, text as s};
 
     const CAPS: &str = "IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID";
 
@@ -470,18 +438,6 @@ mod tests {
         let mut p = ImapPreAuth::new(cfg(starttls));
         p.take_output();
         p
-    }
-
-    fn s(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).into_owned()
-    }
-
-    /// Feed `input`, poll until `None`, return the output.
-    fn exchange(p: &mut ImapPreAuth, input: &[u8]) -> String {
-        p.feed(input);
-        let ev = p.poll();
-        assert!(ev.is_none(), "unexpected event {ev:?}");
-        s(&p.take_output())
     }
 
     fn expect_login(p: &ImapPreAuth, ev: Option<Event>) -> (String, String, String) {
@@ -854,66 +810,23 @@ mod tests {
 
     #[test]
     fn ten_megabyte_line_rejected_without_buffering() {
-        let big = vec![b'A'; 10 * 1024 * 1024];
-        // All at once.
-        let mut p = machine(false);
-        p.feed(&big);
-        assert!(p.buffered_len() <= p.max_buffer());
-        assert!(p.core.buf.0.capacity() <= p.max_buffer());
-        assert!(matches!(p.poll(), Some(Event::Close)));
-        assert_eq!(s(&p.take_output()), "* BYE Too much input\r\n");
-        // In socket-sized chunks: detected by count as soon as the line
-        // exceeds max_line.
-        let mut p = machine(false);
-        let mut fed = 0;
-        let mut closed = false;
-        for chunk in big.chunks(4096) {
-            p.feed(chunk);
-            fed += chunk.len();
-            assert!(p.buffered_len() <= 8 * 1024 + 4096);
-            if let Some(ev) = p.poll() {
-                assert!(matches!(ev, Event::Close));
-                closed = true;
-                break;
-            }
-        }
-        assert!(closed);
-        assert!(fed <= 12 * 1024);
-        assert_eq!(s(&p.take_output()), "* BYE Line too long\r\n");
-        p.feed(b"a NOOP\r\n");
-        assert!(p.poll().is_none());
-        assert_eq!(p.buffered_len(), 0);
+        testkit::huge_line(
+            || machine(false),
+            "* BYE Too much input\r\n",
+            "* BYE Line too long\r\n",
+            b"a NOOP\r\n",
+        );
     }
 
     #[test]
     fn too_many_bad_commands_close() {
-        let mut p = machine(false);
-        let mut out = String::new();
-        let mut closed = false;
-        for _ in 0..MAX_CONSECUTIVE_BAD + 5 {
-            p.feed(b"x GARBAGE\r\n");
-            let ev = p.poll();
-            out.push_str(&s(&p.take_output()));
-            match ev {
-                None => {}
-                Some(Event::Close) => {
-                    closed = true;
-                    break;
-                }
-                Some(e) => panic!("{e:?}"),
-            }
-        }
-        assert!(closed);
-        assert_eq!(
-            out.matches("x BAD Unknown command\r\n").count(),
-            MAX_CONSECUTIVE_BAD as usize
+        testkit::garbage_closes(
+            || machine(false),
+            b"x GARBAGE\r\n",
+            "x BAD Unknown command\r\n",
+            "x BAD Unknown command\r\n* BYE Too many invalid commands\r\n",
+            b"y NOOP\r\n",
         );
-        assert!(out.ends_with("x BAD Unknown command\r\n* BYE Too many invalid commands\r\n"));
-        // A good command resets the counter.
-        let mut p = machine(false);
-        for _ in 0..(MAX_CONSECUTIVE_BAD * 3) {
-            exchange(&mut p, b"x GARBAGE\r\ny NOOP\r\n");
-        }
     }
 
     #[test]
@@ -930,40 +843,14 @@ mod tests {
     /// Minimal driver: feeds `chunks`, polls, answers events (logins fail,
     /// STARTTLS completes), returns the transcript of output and events.
     fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> (String, Vec<String>) {
-        let mut p = ImapPreAuth::new(cfg);
-        let mut out = s(&p.take_output());
-        let mut events = Vec::new();
-        'outer: for c in chunks {
-            p.feed(c);
-            assert!(p.buffered_len() <= p.max_buffer());
-            loop {
-                let ev = p.poll();
-                out.push_str(&s(&p.take_output()));
-                match ev {
-                    None => break,
-                    Some(Event::Login { username, password }) => {
-                        let tag = p.login_tag().expect("outstanding").to_string();
-                        events.push(format!("login {tag} {} {}", *username, *password));
-                        p.refuse_login(&tag, "AUTHENTICATIONFAILED", "nope");
-                        out.push_str(&s(&p.take_output()));
-                    }
-                    Some(Event::StartTls) => {
-                        events.push("starttls".into());
-                        p.starttls_done();
-                    }
-                    Some(Event::Quit) => {
-                        events.push("logout".into());
-                        break 'outer;
-                    }
-                    Some(Event::Close) => {
-                        events.push("close".into());
-                        break 'outer;
-                    }
-                    Some(Event::Handoff) => panic!("no hand-off before login"),
-                }
-            }
-        }
+        let (out, events, _) = testkit::drive(ImapPreAuth::new(cfg), chunks, refuse);
         (out, events)
+    }
+
+    fn refuse(p: &mut ImapPreAuth, user: &str, pass: &str) -> String {
+        let tag = p.login_tag().expect("a login is outstanding").to_string();
+        p.refuse_login(&tag, "AUTHENTICATIONFAILED", "nope");
+        format!("login {tag} {user} {pass}")
     }
 
     const SCRIPT: &[u8] = b"a1 CAPABILITY\r\n\
@@ -990,7 +877,7 @@ mod tests {
                 "login a2 alice secret",
                 "login a3 bob pwd",
                 "login a4 alice secret",
-                "logout"
+                "quit"
             ]
         );
         assert!(whole.0.ends_with("a10 OK LOGOUT completed\r\n"));
@@ -998,20 +885,6 @@ mod tests {
         for chunk in [2, 3, 7, 13, 64] {
             let bytes: Vec<&[u8]> = SCRIPT.chunks(chunk).collect();
             assert_eq!(drive(PreAuthConfig::default(), &bytes), whole, "chunk {chunk}");
-        }
-    }
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            // xorshift64*
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
         }
     }
 
@@ -1068,65 +941,33 @@ mod tests {
 
     #[test]
     fn random_input_random_chunking_never_panics_and_stays_bounded() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        let mut stats = std::collections::HashMap::new();
         let small = PreAuthConfig {
             starttls: true,
             max_line: 64,
             max_literal: 32,
         };
-        for round in 0..3000 {
-            let mut input = Vec::new();
-            let len = rng.below(400);
-            while input.len() < len {
-                match rng.below(10) {
-                    0 => input.push(rng.next() as u8),
-                    1..=3 => input.extend_from_slice(TOKENS[rng.below(TOKENS.len())]),
-                    _ => {
-                        // A well-formed command, sometimes with one byte flipped.
-                        let mut c = COMMANDS[rng.below(COMMANDS.len())].to_vec();
-                        if rng.below(4) == 0 {
-                            let i = rng.below(c.len());
-                            c[i] = rng.next() as u8;
-                        }
-                        input.extend_from_slice(&c);
-                    }
-                }
-            }
-            let cfg = match round % 3 {
-                0 => small,
-                1 => PreAuthConfig {
-                    starttls: false,
-                    ..small
-                },
-                _ => PreAuthConfig::default(),
-            };
-            let mut chunks = Vec::new();
-            let mut rest = &input[..];
-            while !rest.is_empty() {
-                let n = 1 + rng.below(rest.len().min(50));
-                chunks.push(&rest[..n]);
-                rest = &rest[n..];
-            }
-            let (out, events) = drive(cfg, &chunks);
-            // Output is always whole CRLF-terminated lines.
-            assert!(out.ends_with("\r\n"));
-            for e in &events {
-                *stats.entry(e.split(' ').next().unwrap().to_owned()).or_insert(0) += 1;
-            }
-            if !cfg.starttls {
-                // Without STARTTLS (whose discard depends on timing), the
-                // transcript must not depend on how the input was chunked.
-                assert_eq!((out, events), drive(cfg, &[&input]), "{input:?}");
-            }
-            // The grammar and response parsers never panic either.
-            let _ = command::parse_command(&input);
-            let _ = super::super::response::parse_response(&input);
-            let _ = super::super::response::find_line(&input, 64);
-        }
-        // The generator reaches the interesting states.
-        for k in ["login", "starttls", "logout", "close"] {
-            assert!(stats.get(k).copied().unwrap_or(0) > 5, "{k}: {stats:?}");
-        }
+        testkit::random_chunking(
+            TOKENS,
+            COMMANDS,
+            |round| {
+                let cfg = match round % 3 {
+                    0 => small,
+                    1 => PreAuthConfig {
+                        starttls: false,
+                        ..small
+                    },
+                    _ => PreAuthConfig::default(),
+                };
+                (ImapPreAuth::new(cfg), !cfg.starttls)
+            },
+            refuse,
+            &["login", "starttls", "quit", "close"],
+            |input| {
+                // The grammar and response parsers never panic either.
+                let _ = command::parse_command(input);
+                let _ = super::super::response::parse_response(input);
+                let _ = super::super::response::find_line(input, 64);
+            },
+        );
     }
 }

@@ -6,13 +6,14 @@
 
 use std::fmt;
 
-use nom::bytes::complete::{tag, take_while, take_while1};
-use nom::combinator::{eof, opt};
+use nom::bytes::complete::take_while1;
+use nom::combinator::opt;
 use nom::error::Error as NomError;
 use nom::sequence::preceded;
-use nom::{IResult, Parser};
+use nom::Parser;
 use zeroize::Zeroizing;
 
+use crate::linebuf::{end, initial_response, mechanism, sp};
 use crate::text::strip_eol;
 
 /// One parsed client command.
@@ -70,22 +71,12 @@ impl fmt::Debug for Command {
     }
 }
 
-/// A command that could not be parsed: `reply` is the complete reply line
-/// to send (without CRLF), e.g. `-ERR Syntax: USER name`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{reply}")]
-pub struct ParseError {
-    pub reply: String,
-}
+pub use crate::linebuf::ParseError;
 
 /// Reply for a line that is not a command at all.
 pub const UNKNOWN: &str = "-ERR Unknown command";
 
-fn err(reply: &str) -> ParseError {
-    ParseError {
-        reply: reply.to_owned(),
-    }
-}
+use crate::linebuf::parse_error as err;
 
 /// TRANSACTION-state commands (refused before login).
 pub fn is_transaction(verb: &str) -> bool {
@@ -93,32 +84,6 @@ pub fn is_transaction(verb: &str) -> bool {
         verb,
         "STAT" | "LIST" | "RETR" | "DELE" | "NOOP" | "RSET" | "TOP" | "UIDL" | "LAST"
     )
-}
-
-type Res<'a, O> = IResult<&'a [u8], O>;
-
-fn sp(i: &[u8]) -> Res<'_, &[u8]> {
-    tag(&b" "[..]).parse(i)
-}
-
-/// Trailing spaces then the end of the (EOL-stripped) line.
-fn end(i: &[u8]) -> Res<'_, ()> {
-    let (i, _) = (take_while(|c| c == b' '), eof).parse(i)?;
-    Ok((i, ()))
-}
-
-fn mechanism(i: &[u8]) -> Res<'_, &[u8]> {
-    take_while1(|c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_').parse(i)
-}
-
-fn initial_response(i: &[u8]) -> Res<'_, Zeroizing<String>> {
-    let (i, tok) = take_while1(|c: u8| (0x21..0x7f).contains(&c)).parse(i)?;
-    let s = if tok == b"=" {
-        String::new()
-    } else {
-        String::from_utf8_lossy(tok).into_owned()
-    };
-    Ok((i, Zeroizing::new(s)))
 }
 
 /// A credential argument: UTF-8 without NUL/CR/LF.

@@ -17,8 +17,8 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 use super::command::{self, Command};
-use crate::linebuf::{Line, LineFramer};
-use crate::preauth::{Core, Failure, PreAuth};
+use crate::linebuf::{LineFramer, TooLong};
+use crate::preauth::{Core, Failure, PreAuth, Step};
 pub use crate::preauth::{Event, FEED_SLACK, MAX_CONSECUTIVE_BAD};
 use crate::sasl::{self, SaslError};
 use crate::text::{one_line, strip_eol};
@@ -59,7 +59,6 @@ enum State {
 /// The pre-authentication POP3 state machine. See the module documentation.
 pub struct Pop3PreAuth {
     cfg: PreAuthConfig,
-    tls_active: bool,
     framer: LineFramer,
     core: Core,
     state: State,
@@ -71,7 +70,6 @@ impl fmt::Debug for Pop3PreAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pop3PreAuth")
             .field("cfg", &self.cfg)
-            .field("tls_active", &self.tls_active)
             .field("state", &self.state)
             .field("user_given", &self.user.is_some())
             .field("core", &self.core)
@@ -87,12 +85,11 @@ impl Pop3PreAuth {
     pub fn new(cfg: PreAuthConfig) -> Self {
         let mut p = Pop3PreAuth {
             cfg,
-            tls_active: false,
             framer: LineFramer {
                 scanned: 0,
                 max_line: cfg.max_line,
             },
-            core: Core::new(cfg.max_line.saturating_add(2)),
+            core: Core::new(cfg.max_line.saturating_add(2), cfg.starttls),
             state: State::Commands,
             user: None,
         };
@@ -111,29 +108,11 @@ impl Pop3PreAuth {
             "UIDL",
             "PIPELINING",
         ];
-        if self.starttls_available() {
+        if self.core.starttls_available() {
             caps.push("STLS");
         }
         caps.push("IMPLEMENTATION mailproxy");
         caps
-    }
-
-    fn starttls_available(&self) -> bool {
-        self.cfg.starttls && !self.tls_active
-    }
-
-    /// Hard upper bound on buffered input.
-    pub fn max_buffer(&self) -> usize {
-        self.core.max_buffer()
-    }
-
-    /// Number of client bytes currently buffered.
-    pub fn buffered_len(&self) -> usize {
-        self.core.buffered().len()
-    }
-
-    fn reading(&self) -> bool {
-        matches!(self.state, State::Commands | State::AuthPlain)
     }
 
     /// The outstanding login failed: emit `-ERR [code] text` with an RFC
@@ -177,18 +156,6 @@ impl Pop3PreAuth {
         self.core.failed();
     }
 
-    fn fatal(&mut self, reason: &str) -> Event {
-        self.push_line(&format!("-ERR {reason}, closing connection"));
-        self.state = State::Done;
-        self.core.discard();
-        self.framer.reset();
-        Event::Close
-    }
-
-    fn login_allowed(&self) -> bool {
-        !self.starttls_available()
-    }
-
     fn handle(&mut self, line: &[u8]) -> Option<Event> {
         if self.state == State::AuthPlain {
             self.state = State::Commands;
@@ -225,7 +192,7 @@ impl Pop3PreAuth {
                 return Some(Event::Quit);
             }
             Command::Stls => {
-                if self.starttls_available() {
+                if self.core.starttls_available() {
                     self.ok("+OK Begin TLS negotiation");
                     // Never act on plaintext pipelined before the handshake.
                     self.core.discard();
@@ -234,14 +201,14 @@ impl Pop3PreAuth {
                     self.state = State::AwaitTls;
                     return Some(Event::StartTls);
                 }
-                if self.tls_active {
+                if self.core.tls_active() {
                     self.err("-ERR TLS already active");
                 } else {
                     self.err("-ERR STLS not available");
                 }
             }
             Command::User { name } => {
-                if !self.login_allowed() {
+                if !self.core.login_allowed() {
                     self.err(NEED_TLS);
                     return None;
                 }
@@ -270,7 +237,7 @@ impl Pop3PreAuth {
                     self.err("-ERR Unsupported authentication mechanism (use PLAIN)");
                     return None;
                 }
-                if !self.login_allowed() {
+                if !self.core.login_allowed() {
                     self.err(NEED_TLS);
                     return None;
                 }
@@ -310,58 +277,53 @@ impl Pop3PreAuth {
 impl PreAuth for Pop3PreAuth {
     type Success = ();
 
-    /// Bytes fed while waiting for the TLS handshake or after the session
-    /// ended are discarded.
-    fn feed(&mut self, bytes: &[u8]) {
-        let accepting = !matches!(self.state, State::AwaitTls | State::Done);
-        self.core.feed(bytes, accepting);
+    fn core(&self) -> &Core {
+        &self.core
     }
 
-    fn poll(&mut self) -> Option<Event> {
-        loop {
-            if !self.reading() {
-                return None;
-            }
-            if let Some(why) = self.core.must_close("Too many invalid commands") {
-                return Some(self.fatal(why));
-            }
-            match self.framer.scan(self.core.buffered()) {
-                Line::Incomplete => return None,
-                Line::TooLong => return Some(self.fatal("Line too long")),
-                Line::Complete(len) => {
-                    let line = Zeroizing::new(self.core.buffered()[..len].to_vec());
-                    self.core.consume(len);
-                    if let Some(ev) = self.handle(&line) {
-                        return Some(ev);
-                    }
-                }
-            }
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn into_core(self) -> Core {
+        self.core
+    }
+
+    fn reading(&self) -> bool {
+        matches!(self.state, State::Commands | State::AuthPlain)
+    }
+
+    /// Bytes fed while waiting for the TLS handshake or after the session
+    /// ended are discarded.
+    fn keeps_input(&self) -> bool {
+        !matches!(self.state, State::AwaitTls | State::Done)
+    }
+
+    const TOO_MANY: &'static str = "Too many invalid commands";
+
+    fn fatal(&mut self, reason: &str) -> Event {
+        self.push_line(&format!("-ERR {reason}, closing connection"));
+        self.state = State::Done;
+        self.core.discard();
+        self.framer.reset();
+        Event::Close
+    }
+
+    fn step(&mut self) -> Step {
+        match self.core.next_line(&mut self.framer) {
+            None => Step::More,
+            Some(Err(TooLong)) => Step::Event(self.fatal("Line too long")),
+            Some(Ok(line)) => self.handle(&line).map_or(Step::Next, Step::Event),
         }
     }
 
-    fn take_output(&mut self) -> Vec<u8> {
-        self.core.take_output()
-    }
-
-    fn wants_input(&self) -> bool {
-        self.core.wants_input(self.reading())
-    }
-
-    /// Resume reading commands; STLS is no longer advertised and logins are
-    /// allowed.
-    fn starttls_done(&mut self) {
-        self.tls_active = true;
-        self.core.discard();
-        self.core.succeeded();
+    /// STLS is no longer advertised; a `USER` from before is forgotten.
+    fn tls_started(&mut self) {
         self.framer.reset();
         self.user = None;
         if self.state == State::AwaitTls {
             self.state = State::Commands;
         }
-    }
-
-    fn into_pending_input(self) -> Vec<u8> {
-        self.core.into_pending()
     }
 
     fn login_failed(&mut self, failure: Failure, text: &str) {
@@ -382,6 +344,7 @@ impl PreAuth for Pop3PreAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::preauth::testkit::{self, exchange, expect_login, text as s};
 
     const CAPA: &str = "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nRESP-CODES\r\n\
         AUTH-RESP-CODE\r\nTOP\r\nUIDL\r\nPIPELINING\r\nIMPLEMENTATION mailproxy\r\n.\r\n";
@@ -397,24 +360,6 @@ mod tests {
         let mut p = Pop3PreAuth::new(cfg(starttls));
         p.take_output();
         p
-    }
-
-    fn s(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).into_owned()
-    }
-
-    fn exchange(p: &mut Pop3PreAuth, input: &[u8]) -> String {
-        p.feed(input);
-        let ev = p.poll();
-        assert!(ev.is_none(), "unexpected event {ev:?}");
-        s(&p.take_output())
-    }
-
-    fn expect_login(ev: Option<Event>) -> (String, String) {
-        match ev {
-            Some(Event::Login { username, password }) => (username.to_string(), password.to_string()),
-            other => panic!("expected Login, got {other:?}"),
-        }
     }
 
     #[test]
@@ -614,32 +559,12 @@ mod tests {
 
     #[test]
     fn ten_megabyte_line_rejected_without_buffering() {
-        let big = vec![b'A'; 10 * 1024 * 1024];
-        let mut p = machine(false);
-        p.feed(&big);
-        assert!(p.buffered_len() <= p.max_buffer());
-        assert!(p.core.buf.0.capacity() <= p.max_buffer());
-        assert!(matches!(p.poll(), Some(Event::Close)));
-        assert_eq!(s(&p.take_output()), "-ERR Too much input, closing connection\r\n");
-        let mut p = machine(false);
-        let mut fed = 0;
-        let mut closed = false;
-        for chunk in big.chunks(4096) {
-            p.feed(chunk);
-            fed += chunk.len();
-            assert!(p.buffered_len() <= 8 * 1024 + 4096);
-            if let Some(ev) = p.poll() {
-                assert!(matches!(ev, Event::Close));
-                closed = true;
-                break;
-            }
-        }
-        assert!(closed);
-        assert!(fed <= 12 * 1024);
-        assert_eq!(s(&p.take_output()), "-ERR Line too long, closing connection\r\n");
-        p.feed(b"CAPA\r\n");
-        assert!(p.poll().is_none());
-        assert_eq!(p.buffered_len(), 0);
+        testkit::huge_line(
+            || machine(false),
+            "-ERR Too much input, closing connection\r\n",
+            "-ERR Line too long, closing connection\r\n",
+            b"CAPA\r\n",
+        );
         // The maximum itself is fine (a long password).
         let mut p = machine(false);
         let mut line = b"PASS ".to_vec();
@@ -653,32 +578,13 @@ mod tests {
 
     #[test]
     fn too_many_bad_commands_close() {
-        let mut p = machine(false);
-        let mut out = String::new();
-        let mut closed = false;
-        for _ in 0..MAX_CONSECUTIVE_BAD + 5 {
-            p.feed(b"GARBAGE\r\n");
-            let ev = p.poll();
-            out.push_str(&s(&p.take_output()));
-            match ev {
-                None => {}
-                Some(Event::Close) => {
-                    closed = true;
-                    break;
-                }
-                Some(e) => panic!("{e:?}"),
-            }
-        }
-        assert!(closed);
-        assert_eq!(
-            out.matches("-ERR Unknown command\r\n").count(),
-            MAX_CONSECUTIVE_BAD as usize
+        testkit::garbage_closes(
+            || machine(false),
+            b"GARBAGE\r\n",
+            "-ERR Unknown command\r\n",
+            "-ERR Too many invalid commands, closing connection\r\n",
+            b"CAPA\r\n",
         );
-        assert!(out.ends_with("-ERR Too many invalid commands, closing connection\r\n"));
-        let mut p = machine(false);
-        for _ in 0..(MAX_CONSECUTIVE_BAD * 3) {
-            exchange(&mut p, b"GARBAGE\r\nCAPA\r\n");
-        }
         // Failed logins count too.
         let mut p = machine(false);
         let mut closed = false;
@@ -712,39 +618,13 @@ mod tests {
     // ---------------------------------------------------------- chunking / fuzz
 
     fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> (String, Vec<String>) {
-        let mut p = Pop3PreAuth::new(cfg);
-        let mut out = s(&p.take_output());
-        let mut events = Vec::new();
-        'outer: for c in chunks {
-            p.feed(c);
-            assert!(p.buffered_len() <= p.max_buffer());
-            loop {
-                let ev = p.poll();
-                out.push_str(&s(&p.take_output()));
-                match ev {
-                    None => break,
-                    Some(Event::Login { username, password }) => {
-                        events.push(format!("login {} {}", *username, *password));
-                        p.refuse_login("AUTH", "nope");
-                        out.push_str(&s(&p.take_output()));
-                    }
-                    Some(Event::StartTls) => {
-                        events.push("starttls".into());
-                        p.starttls_done();
-                    }
-                    Some(Event::Quit) => {
-                        events.push("quit".into());
-                        break 'outer;
-                    }
-                    Some(Event::Close) => {
-                        events.push("close".into());
-                        break 'outer;
-                    }
-                    Some(Event::Handoff) => panic!("no hand-off before login"),
-                }
-            }
-        }
+        let (out, events, _) = testkit::drive(Pop3PreAuth::new(cfg), chunks, refuse);
         (out, events)
+    }
+
+    fn refuse(p: &mut Pop3PreAuth, user: &str, pass: &str) -> String {
+        p.refuse_login("AUTH", "nope");
+        format!("login {user} {pass}")
     }
 
     const SCRIPT: &[u8] = b"CAPA\r\n\
@@ -775,19 +655,6 @@ mod tests {
         for chunk in [1, 2, 3, 7, 13, 64] {
             let bytes: Vec<&[u8]> = SCRIPT.chunks(chunk).collect();
             assert_eq!(drive(PreAuthConfig::default(), &bytes), whole, "chunk {chunk}");
-        }
-    }
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
         }
     }
 
@@ -831,59 +698,32 @@ mod tests {
 
     #[test]
     fn random_input_random_chunking_never_panics_and_stays_bounded() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        let mut stats = std::collections::HashMap::new();
         let small = PreAuthConfig {
             starttls: true,
             max_line: 64,
         };
-        for round in 0..3000 {
-            let mut input = Vec::new();
-            let len = rng.below(400);
-            while input.len() < len {
-                match rng.below(10) {
-                    0 => input.push(rng.next() as u8),
-                    1..=3 => input.extend_from_slice(TOKENS[rng.below(TOKENS.len())]),
-                    _ => {
-                        let mut c = COMMANDS[rng.below(COMMANDS.len())].to_vec();
-                        if rng.below(4) == 0 {
-                            let i = rng.below(c.len());
-                            c[i] = rng.next() as u8;
-                        }
-                        input.extend_from_slice(&c);
-                    }
-                }
-            }
-            let cfg = match round % 3 {
-                0 => small,
-                1 => PreAuthConfig {
-                    starttls: false,
-                    ..small
-                },
-                _ => PreAuthConfig::default(),
-            };
-            let mut chunks = Vec::new();
-            let mut rest = &input[..];
-            while !rest.is_empty() {
-                let n = 1 + rng.below(rest.len().min(50));
-                chunks.push(&rest[..n]);
-                rest = &rest[n..];
-            }
-            let (out, events) = drive(cfg, &chunks);
-            assert!(out.ends_with("\r\n"));
-            for e in &events {
-                *stats.entry(e.split(' ').next().unwrap().to_owned()).or_insert(0) += 1;
-            }
-            if !cfg.starttls {
-                assert_eq!((out, events), drive(cfg, &[&input]), "{input:?}");
-            }
-            let _ = command::parse_command(&input);
-            let _ = super::super::response::parse_response(&input);
-            let _ = super::super::response::find_line(&input, 64);
-            let _ = super::super::response::find_multiline(&input, 64);
-        }
-        for k in ["login", "starttls", "quit", "close"] {
-            assert!(stats.get(k).copied().unwrap_or(0) > 5, "{k}: {stats:?}");
-        }
+        testkit::random_chunking(
+            TOKENS,
+            COMMANDS,
+            |round| {
+                let cfg = match round % 3 {
+                    0 => small,
+                    1 => PreAuthConfig {
+                        starttls: false,
+                        ..small
+                    },
+                    _ => PreAuthConfig::default(),
+                };
+                (Pop3PreAuth::new(cfg), !cfg.starttls)
+            },
+            refuse,
+            &["login", "starttls", "quit", "close"],
+            |input| {
+                let _ = command::parse_command(input);
+                let _ = super::super::response::parse_response(input);
+                let _ = super::super::response::find_line(input, 64);
+                let _ = super::super::response::find_multiline(input, 64);
+            },
+        );
     }
 }

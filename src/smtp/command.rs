@@ -8,13 +8,14 @@
 
 use std::fmt;
 
-use nom::bytes::complete::{tag, take_while, take_while1};
-use nom::combinator::{eof, opt};
+use nom::bytes::complete::take_while1;
+use nom::combinator::opt;
 use nom::error::Error as NomError;
 use nom::sequence::preceded;
-use nom::{IResult, Parser};
+use nom::Parser;
 use zeroize::Zeroizing;
 
+use crate::linebuf::{end, initial_response, mechanism, sp};
 use crate::text::strip_eol;
 
 /// Longest verb [`leading_verb`] waits for (`STARTTLS` is the longest
@@ -76,22 +77,12 @@ impl fmt::Debug for Command {
     }
 }
 
-/// A command that could not be parsed: `reply` is the complete reply line
-/// to send (without CRLF), e.g. `501 5.5.4 Syntax: EHLO hostname`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{reply}")]
-pub struct ParseError {
-    pub reply: String,
-}
+pub use crate::linebuf::ParseError;
 
 /// Reply for a line that is not a command at all.
 pub const UNRECOGNIZED: &str = "500 5.5.2 Command unrecognized";
 
-fn err(reply: &str) -> ParseError {
-    ParseError {
-        reply: reply.to_owned(),
-    }
-}
+use crate::linebuf::parse_error as err;
 
 /// Commands that exist in SMTP but are refused with `530` before `AUTH`.
 pub fn requires_auth(verb: &str) -> bool {
@@ -132,35 +123,6 @@ pub fn leading_verb(buf: &[u8]) -> Verb {
 }
 
 // ------------------------------------------------------------------ grammar
-
-type Res<'a, O> = IResult<&'a [u8], O>;
-
-fn sp(i: &[u8]) -> Res<'_, &[u8]> {
-    tag(&b" "[..]).parse(i)
-}
-
-/// Trailing spaces then the end of the (EOL-stripped) line.
-fn end(i: &[u8]) -> Res<'_, ()> {
-    let (i, _) = (take_while(|c| c == b' '), eof).parse(i)?;
-    Ok((i, ()))
-}
-
-/// sasl-mech = 1*20 (UPPER-ALPHA / DIGIT / "-" / "_") (case-insensitive here)
-fn mechanism(i: &[u8]) -> Res<'_, &[u8]> {
-    take_while1(|c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_').parse(i)
-}
-
-/// Initial response: base64 or `=`. Any printable token is taken; invalid
-/// base64 is reported by the decoder (`501 5.5.2`).
-fn initial_response(i: &[u8]) -> Res<'_, Zeroizing<String>> {
-    let (i, tok) = take_while1(|c: u8| (0x21..0x7f).contains(&c)).parse(i)?;
-    let s = if tok == b"=" {
-        String::new()
-    } else {
-        String::from_utf8_lossy(tok).into_owned()
-    };
-    Ok((i, Zeroizing::new(s)))
-}
 
 /// `EHLO`/`HELO` argument: the rest of the line, trimmed; printable, UTF-8.
 fn domain(args: &[u8], verb: &str) -> Result<String, ParseError> {

@@ -25,8 +25,8 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 use super::command::{self, Command, Verb};
-use crate::linebuf::{Line, LineFramer};
-use crate::preauth::{Core, Failure, PreAuth};
+use crate::linebuf::{LineFramer, TooLong};
+use crate::preauth::{Core, Failure, PreAuth, Step};
 pub use crate::preauth::{Event, FEED_SLACK, MAX_CONSECUTIVE_BAD};
 use crate::sasl::{self, SaslError};
 use crate::text::{one_line, strip_eol};
@@ -94,7 +94,6 @@ impl fmt::Debug for State {
 pub struct SmtpPreAuth {
     cfg: PreAuthConfig,
     hostname: String,
-    tls_active: bool,
     framer: LineFramer,
     core: Core,
     state: State,
@@ -108,7 +107,6 @@ impl fmt::Debug for SmtpPreAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SmtpPreAuth")
             .field("cfg", &self.cfg)
-            .field("tls_active", &self.tls_active)
             .field("state", &self.state)
             .field("authenticated", &self.upstream_ehlo.is_some())
             .field("core", &self.core)
@@ -151,10 +149,9 @@ impl SmtpPreAuth {
                 scanned: 0,
                 max_line: cfg.max_line,
             },
-            core: Core::new(cfg.max_line.saturating_add(2)),
+            core: Core::new(cfg.max_line.saturating_add(2), cfg.starttls),
             cfg,
             hostname,
-            tls_active: false,
             state: State::Commands,
             helo: None,
             esmtp: false,
@@ -178,7 +175,7 @@ impl SmtpPreAuth {
         k.push("ENHANCEDSTATUSCODES".to_owned());
         k.push("AUTH PLAIN LOGIN".to_owned());
         k.push("AUTH=PLAIN LOGIN".to_owned());
-        if self.starttls_available() {
+        if self.core.starttls_available() {
             k.push("STARTTLS".to_owned());
         }
         k
@@ -197,27 +194,6 @@ impl SmtpPreAuth {
     /// Whether [`Self::authenticated`] has been called.
     pub fn is_authenticated(&self) -> bool {
         self.upstream_ehlo.is_some()
-    }
-
-    fn starttls_available(&self) -> bool {
-        self.cfg.starttls && !self.tls_active
-    }
-
-    /// Hard upper bound on buffered input.
-    pub fn max_buffer(&self) -> usize {
-        self.core.max_buffer()
-    }
-
-    /// Number of client bytes currently buffered.
-    pub fn buffered_len(&self) -> usize {
-        self.core.buffered().len()
-    }
-
-    fn reading(&self) -> bool {
-        matches!(
-            self.state,
-            State::Commands | State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. }
-        )
     }
 
     /// The outstanding login failed: emit `reply` (one reply line without
@@ -285,19 +261,6 @@ impl SmtpPreAuth {
         if code / 100 == 2 {
             self.core.succeeded();
         }
-    }
-
-    fn fatal(&mut self, reason: &str) -> Event {
-        let line = format!("421 4.7.0 {} {reason}, closing connection", self.hostname);
-        self.push_line(&line);
-        self.state = State::Done;
-        self.core.discard();
-        self.framer.reset();
-        Event::Close
-    }
-
-    fn login_allowed(&self) -> bool {
-        !self.starttls_available()
     }
 
     fn handle(&mut self, line: &[u8]) -> Option<Event> {
@@ -368,7 +331,7 @@ impl SmtpPreAuth {
                 return Some(Event::Quit);
             }
             Command::StartTls => {
-                if self.starttls_available() {
+                if self.core.starttls_available() {
                     self.reply("220 2.0.0 Ready to start TLS");
                     // Never act on plaintext pipelined before the handshake.
                     self.core.discard();
@@ -376,7 +339,7 @@ impl SmtpPreAuth {
                     self.state = State::AwaitTls;
                     return Some(Event::StartTls);
                 }
-                if self.tls_active {
+                if self.core.tls_active() {
                     self.reply("503 5.5.1 TLS already active");
                 } else {
                     self.reply("502 5.5.1 STARTTLS not available");
@@ -390,7 +353,7 @@ impl SmtpPreAuth {
                     self.reply("503 5.5.1 Already authenticated");
                 } else if self.helo.is_none() {
                     self.reply("503 5.5.1 Send EHLO first");
-                } else if !self.login_allowed() {
+                } else if !self.core.login_allowed() {
                     self.reply("530 5.7.0 Must issue a STARTTLS command first");
                 } else {
                     match (mechanism.as_str(), initial_response) {
@@ -452,75 +415,74 @@ impl PreAuth for SmtpPreAuth {
     /// The upstream's EHLO keywords.
     type Success = Vec<String>;
 
-    /// Bytes fed while waiting for the TLS handshake or after the session
-    /// ended are discarded.
-    fn feed(&mut self, bytes: &[u8]) {
-        let accepting = !matches!(self.state, State::AwaitTls | State::Done);
-        self.core.feed(bytes, accepting);
+    fn core(&self) -> &Core {
+        &self.core
     }
 
-    fn poll(&mut self) -> Option<Event> {
-        loop {
-            if !self.reading() {
-                return None;
-            }
-            if let Some(why) = self.core.must_close("Too many errors") {
-                return Some(self.fatal(why));
-            }
-            if self.is_authenticated() && matches!(self.state, State::Commands) {
-                // Hand off as soon as the verb shows the command is not
-                // ours, without waiting for (or limiting) the whole line.
-                match command::leading_verb(self.core.buffered()) {
-                    Verb::Incomplete => return None,
-                    Verb::Complete(v) if command::local_after_auth(&v) => {}
-                    Verb::Complete(_) | Verb::Invalid => {
-                        self.framer.reset();
-                        self.state = State::Handoff;
-                        return Some(Event::Handoff);
-                    }
-                }
-            }
-            match self.framer.scan(self.core.buffered()) {
-                Line::Incomplete => return None,
-                Line::TooLong => {
-                    self.reply("500 5.5.6 Line too long");
-                    return Some(self.fatal("Line too long"));
-                }
-                Line::Complete(len) => {
-                    let line = Zeroizing::new(self.core.buffered()[..len].to_vec());
-                    self.core.consume(len);
-                    if let Some(ev) = self.handle(&line) {
-                        return Some(ev);
-                    }
+    fn core_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+
+    fn into_core(self) -> Core {
+        self.core
+    }
+
+    fn reading(&self) -> bool {
+        matches!(
+            self.state,
+            State::Commands | State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. }
+        )
+    }
+
+    /// Bytes fed while waiting for the TLS handshake or after the session
+    /// ended are discarded.
+    fn keeps_input(&self) -> bool {
+        !matches!(self.state, State::AwaitTls | State::Done)
+    }
+
+    const TOO_MANY: &'static str = "Too many errors";
+
+    fn fatal(&mut self, reason: &str) -> Event {
+        let line = format!("421 4.7.0 {} {reason}, closing connection", self.hostname);
+        self.push_line(&line);
+        self.state = State::Done;
+        self.core.discard();
+        self.framer.reset();
+        Event::Close
+    }
+
+    fn step(&mut self) -> Step {
+        if self.is_authenticated() && matches!(self.state, State::Commands) {
+            // Hand off as soon as the verb shows the command is not ours,
+            // without waiting for (or limiting) the whole line.
+            match command::leading_verb(self.core.buffered()) {
+                Verb::Incomplete => return Step::More,
+                Verb::Complete(v) if command::local_after_auth(&v) => {}
+                Verb::Complete(_) | Verb::Invalid => {
+                    self.framer.reset();
+                    self.state = State::Handoff;
+                    return Step::Event(Event::Handoff);
                 }
             }
         }
+        match self.core.next_line(&mut self.framer) {
+            None => Step::More,
+            Some(Err(TooLong)) => {
+                self.reply("500 5.5.6 Line too long");
+                Step::Event(self.fatal("Line too long"))
+            }
+            Some(Ok(line)) => self.handle(&line).map_or(Step::Next, Step::Event),
+        }
     }
 
-    fn take_output(&mut self) -> Vec<u8> {
-        self.core.take_output()
-    }
-
-    fn wants_input(&self) -> bool {
-        self.core.wants_input(self.reading())
-    }
-
-    /// The session is reset (the client must EHLO again), STARTTLS is no
-    /// longer advertised, AUTH is allowed.
-    fn starttls_done(&mut self) {
-        self.tls_active = true;
-        self.core.discard();
-        self.core.succeeded();
+    /// The session is reset: the client must EHLO again.
+    fn tls_started(&mut self) {
         self.framer.reset();
         self.helo = None;
         self.esmtp = false;
         if matches!(self.state, State::AwaitTls) {
             self.state = State::Commands;
         }
-    }
-
-    fn into_pending_input(self) -> Vec<u8> {
-        self.core.into_pending()
     }
 
     fn login_failed(&mut self, failure: Failure, text: &str) {
@@ -544,6 +506,7 @@ impl PreAuth for SmtpPreAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::preauth::testkit::{self, exchange, expect_login, text as s};
 
     const EHLO: &str = "250-mx.test greets client.test\r\n\
         250-PIPELINING\r\n\
@@ -573,25 +536,6 @@ mod tests {
         let mut p = machine(false);
         exchange(&mut p, b"EHLO client.test\r\n");
         p
-    }
-
-    fn s(b: &[u8]) -> String {
-        String::from_utf8_lossy(b).into_owned()
-    }
-
-    /// Feed `input`, poll until `None`, return the output.
-    fn exchange(p: &mut SmtpPreAuth, input: &[u8]) -> String {
-        p.feed(input);
-        let ev = p.poll();
-        assert!(ev.is_none(), "unexpected event {ev:?}");
-        s(&p.take_output())
-    }
-
-    fn expect_login(ev: Option<Event>) -> (String, String) {
-        match ev {
-            Some(Event::Login { username, password }) => (username.to_string(), password.to_string()),
-            other => panic!("expected Login, got {other:?}"),
-        }
     }
 
     const GMAIL_EHLO: &[&str] = &[
@@ -979,38 +923,12 @@ mod tests {
 
     #[test]
     fn ten_megabyte_line_rejected_without_buffering() {
-        let big = vec![b'A'; 10 * 1024 * 1024];
-        let mut p = machine(false);
-        p.feed(&big);
-        assert!(p.buffered_len() <= p.max_buffer());
-        assert!(p.core.buf.0.capacity() <= p.max_buffer());
-        assert!(matches!(p.poll(), Some(Event::Close)));
-        assert_eq!(
-            s(&p.take_output()),
-            "421 4.7.0 mx.test Too much input, closing connection\r\n"
+        testkit::huge_line(
+            || machine(false),
+            "421 4.7.0 mx.test Too much input, closing connection\r\n",
+            "500 5.5.6 Line too long\r\n421 4.7.0 mx.test Line too long, closing connection\r\n",
+            b"NOOP\r\n",
         );
-        let mut p = machine(false);
-        let mut fed = 0;
-        let mut closed = false;
-        for chunk in big.chunks(4096) {
-            p.feed(chunk);
-            fed += chunk.len();
-            assert!(p.buffered_len() <= 8 * 1024 + 4096);
-            if let Some(ev) = p.poll() {
-                assert!(matches!(ev, Event::Close));
-                closed = true;
-                break;
-            }
-        }
-        assert!(closed);
-        assert!(fed <= 12 * 1024);
-        assert_eq!(
-            s(&p.take_output()),
-            "500 5.5.6 Line too long\r\n421 4.7.0 mx.test Line too long, closing connection\r\n"
-        );
-        p.feed(b"NOOP\r\n");
-        assert!(p.poll().is_none());
-        assert_eq!(p.buffered_len(), 0);
         // A complete over-long line is fatal too; the maximum itself is fine.
         let mut p = machine(false);
         let mut line = b"NOOP ".to_vec();
@@ -1024,33 +942,14 @@ mod tests {
 
     #[test]
     fn too_many_bad_commands_close() {
-        let mut p = machine(false);
-        let mut out = String::new();
-        let mut closed = false;
-        for _ in 0..MAX_CONSECUTIVE_BAD + 5 {
-            p.feed(b"GARBAGE\r\n");
-            let ev = p.poll();
-            out.push_str(&s(&p.take_output()));
-            match ev {
-                None => {}
-                Some(Event::Close) => {
-                    closed = true;
-                    break;
-                }
-                Some(e) => panic!("{e:?}"),
-            }
-        }
-        assert!(closed);
-        assert_eq!(
-            out.matches("500 5.5.2 Command unrecognized\r\n").count(),
-            MAX_CONSECUTIVE_BAD as usize
+        testkit::garbage_closes(
+            || machine(false),
+            b"GARBAGE\r\n",
+            "500 5.5.2 Command unrecognized\r\n",
+            "421 4.7.0 mx.test Too many errors, closing connection\r\n",
+            b"NOOP\r\n",
         );
-        assert!(out.ends_with("421 4.7.0 mx.test Too many errors, closing connection\r\n"));
-        // A good command resets the counter; AUTH + cancel loops do not.
-        let mut p = machine(false);
-        for _ in 0..(MAX_CONSECUTIVE_BAD * 3) {
-            exchange(&mut p, b"GARBAGE\r\nNOOP\r\n");
-        }
+        // AUTH + cancel loops do not reset it.
         let mut p = greeted();
         p.feed(&b"AUTH PLAIN\r\n*\r\n".repeat(MAX_CONSECUTIVE_BAD as usize));
         assert!(matches!(p.poll(), Some(Event::Close)));
@@ -1074,56 +973,20 @@ mod tests {
     /// Minimal driver: feeds `chunks`, polls, answers events (logins fail
     /// except for user "good", which authenticates; STARTTLS completes);
     /// returns the transcript of output, events and the handed-off bytes.
-    fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> (String, Vec<String>, Vec<u8>) {
-        let mut p = SmtpPreAuth::new(cfg);
-        let mut out = s(&p.take_output());
-        let mut events = Vec::new();
-        let mut chunks = chunks.iter();
-        'outer: while let Some(c) = chunks.next() {
-            p.feed(c);
-            assert!(p.buffered_len() <= p.max_buffer());
-            loop {
-                let ev = p.poll();
-                out.push_str(&s(&p.take_output()));
-                match ev {
-                    None => break,
-                    Some(Event::Login { username, password }) => {
-                        events.push(format!("login {} {}", *username, *password));
-                        if username.as_str() == "good" {
-                            out.push_str("235 2.7.0 Authentication successful\r\n");
-                            p.authenticated(&up(GMAIL_EHLO));
-                        } else {
-                            p.refuse_login("535 5.7.8 nope");
-                        }
-                        out.push_str(&s(&p.take_output()));
-                    }
-                    Some(Event::StartTls) => {
-                        events.push("starttls".into());
-                        p.starttls_done();
-                    }
-                    Some(Event::Quit) => {
-                        events.push("quit".into());
-                        break 'outer;
-                    }
-                    Some(Event::Close) => {
-                        events.push("close".into());
-                        break 'outer;
-                    }
-                    Some(Event::Handoff) => {
-                        events.push("handoff".into());
-                        let mut rest = p.into_pending_input();
-                        for c in chunks {
-                            rest.extend_from_slice(c);
-                        }
-                        return (out, events, rest);
-                    }
-                }
-            }
-        }
-        (out, events, Vec::new())
+    fn drive(cfg: PreAuthConfig, chunks: &[&[u8]]) -> testkit::Transcript {
+        testkit::drive(SmtpPreAuth::new(cfg), chunks, answer)
     }
 
-    // base64("\0good\0pw") = AGdvb2QAcHc=
+    /// The user `good` logs in; everyone else is refused.
+    fn answer(p: &mut SmtpPreAuth, user: &str, pass: &str) -> String {
+        if user == "good" {
+            p.authenticated(&up(GMAIL_EHLO));
+        } else {
+            p.refuse_login("535 5.7.8 nope");
+        }
+        format!("login {user} {pass}")
+    }
+
     const SCRIPT: &[u8] = b"HELO a\r\n\
         AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n\
         EHLO client.test\r\n\
@@ -1162,20 +1025,6 @@ mod tests {
         for chunk in [1, 2, 3, 7, 13, 64] {
             let bytes: Vec<&[u8]> = SCRIPT.chunks(chunk).collect();
             assert_eq!(drive(cfg(false), &bytes), whole, "chunk {chunk}");
-        }
-    }
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            // xorshift64*
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
         }
     }
 
@@ -1221,63 +1070,33 @@ mod tests {
 
     #[test]
     fn random_input_random_chunking_never_panics_and_stays_bounded() {
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-        let mut stats = std::collections::HashMap::new();
         let small = PreAuthConfig {
             starttls: true,
             hostname: "mx.test".into(),
             max_line: 64,
             max_size: Some(1000),
         };
-        for round in 0..3000 {
-            let mut input = Vec::new();
-            let len = rng.below(400);
-            while input.len() < len {
-                match rng.below(10) {
-                    0 => input.push(rng.next() as u8),
-                    1..=3 => input.extend_from_slice(TOKENS[rng.below(TOKENS.len())]),
-                    _ => {
-                        let mut c = COMMANDS[rng.below(COMMANDS.len())].to_vec();
-                        if rng.below(4) == 0 {
-                            let i = rng.below(c.len());
-                            c[i] = rng.next() as u8;
-                        }
-                        input.extend_from_slice(&c);
-                    }
-                }
-            }
-            let cfg = match round % 3 {
-                0 => small.clone(),
-                1 => PreAuthConfig {
-                    starttls: false,
-                    ..small.clone()
-                },
-                _ => PreAuthConfig::default(),
-            };
-            let mut chunks = Vec::new();
-            let mut rest = &input[..];
-            while !rest.is_empty() {
-                let n = 1 + rng.below(rest.len().min(50));
-                chunks.push(&rest[..n]);
-                rest = &rest[n..];
-            }
-            let (out, events, handed) = drive(cfg.clone(), &chunks);
-            assert!(out.ends_with("\r\n"));
-            for e in &events {
-                *stats.entry(e.split(' ').next().unwrap().to_owned()).or_insert(0) += 1;
-            }
-            if events.last().map(String::as_str) == Some("handoff") {
-                assert!(input.ends_with(&handed));
-            }
-            if !cfg.starttls {
-                let again = drive(cfg.clone(), &[&input]);
-                assert_eq!((out, events, handed), again, "{input:?}");
-            }
-            let _ = command::parse_command(&input);
-            let _ = super::super::reply::find_reply(&input, 64);
-        }
-        for k in ["login", "starttls", "quit", "close", "handoff"] {
-            assert!(stats.get(k).copied().unwrap_or(0) > 5, "{k}: {stats:?}");
-        }
+        testkit::random_chunking(
+            TOKENS,
+            COMMANDS,
+            |round| {
+                let cfg = match round % 3 {
+                    0 => small.clone(),
+                    1 => PreAuthConfig {
+                        starttls: false,
+                        ..small.clone()
+                    },
+                    _ => PreAuthConfig::default(),
+                };
+                let chunk_free = !cfg.starttls;
+                (SmtpPreAuth::new(cfg), chunk_free)
+            },
+            answer,
+            &["login", "starttls", "quit", "close", "handoff"],
+            |input| {
+                let _ = command::parse_command(input);
+                let _ = super::super::reply::find_reply(input, 64);
+            },
+        );
     }
 }
