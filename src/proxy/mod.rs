@@ -276,6 +276,7 @@ async fn authorize_inner(
             tracing::warn!(account = %account.name, error = %e, "login to an account that is not ready");
             return Err(LoginFailure::new(FailureKind::Action, e.to_string()));
         }
+        Err(e @ AuthError::Busy(_)) => return Err(LoginFailure::new(FailureKind::Unavailable, e.to_string())),
         Err(e @ AuthError::Vault(_)) => {
             tracing::error!(account = %account.name, error = %e, "vault error");
             return Err(LoginFailure::new(FailureKind::Action, e.to_string()));
