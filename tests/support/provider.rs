@@ -162,6 +162,10 @@ struct State {
     device_interval: u64,
     device_lifetime: Duration,
     token_delay: Duration,
+    /// `set_default_user` was called: that user signs in whatever the login_hint.
+    forced_user: bool,
+    /// `expires_in` to advertise instead of the real lifetime (hostile values).
+    advertised_expires_in: Option<u64>,
     authorize_error: Option<String>,
     clients: HashMap<String, ClientReg>,
     codes: HashMap<String, CodeGrant>,
@@ -208,6 +212,8 @@ impl FakeProvider {
             device_interval: 1,
             device_lifetime: Duration::from_secs(600),
             token_delay: Duration::ZERO,
+            forced_user: false,
+            advertised_expires_in: None,
             authorize_error: None,
             clients,
             codes: HashMap::new(),
@@ -364,8 +370,12 @@ impl FakeProvider {
     }
 
     /// User `/authorize` approves when the request has no `login_hint`.
+    /// Once set, `/authorize` signs this user in even when the request has a
+    /// `login_hint` (a person signing in with another account).
     pub fn set_default_user(&self, user: &str) {
-        self.st().default_user = user.into();
+        let mut st = self.st();
+        st.default_user = user.into();
+        st.forced_user = true;
     }
 
     /// Registers (or replaces) a client.
@@ -412,6 +422,12 @@ impl FakeProvider {
     }
 
     /// Delay every `/token` response by `d` (default zero).
+    /// Advertise this `expires_in` in token answers (e.g. 0 or u64::MAX),
+    /// whatever the real lifetime is.
+    pub fn set_advertised_expires_in(&self, secs: Option<u64>) {
+        self.st().advertised_expires_in = secs;
+    }
+
     pub fn set_token_delay(&self, d: Duration) {
         self.st().token_delay = d;
     }
@@ -727,7 +743,7 @@ fn authorize(req: &Request, st: &mut State) -> Response {
         return Response::redirect(loc.as_str());
     }
     let user = match q.get("login_hint") {
-        Some(h) if !h.is_empty() => h.clone(),
+        Some(h) if !h.is_empty() && !st.forced_user => h.clone(),
         _ => st.default_user.clone(),
     };
     let code = random_token("code-", 24);
@@ -840,7 +856,7 @@ fn token_success(st: &State, access: &str, refresh: Option<&str>, scope: &str) -
     let mut v = json!({
         "access_token": access,
         "token_type": "Bearer",
-        "expires_in": ttl_secs(st.access_ttl),
+        "expires_in": st.advertised_expires_in.unwrap_or(ttl_secs(st.access_ttl)),
         "scope": scope,
     });
     if let Some(r) = refresh {
