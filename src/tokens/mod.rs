@@ -1033,7 +1033,7 @@ impl TokenManager {
             .unwrap()
             .map_or(now, |t| later(t, MIN_REFRESH_INTERVAL));
         let due = due.max(floor);
-        if due > now {
+        if due > SystemTime::now() {
             return due;
         }
         if acct.upkeep.swap(true, Ordering::SeqCst) {
