@@ -486,6 +486,15 @@ impl TokenManager {
             let mut slot = acct.slot.lock().await;
             self.sync(acct, &mut slot).await?;
             if self.cached(acct, &digest) && matches!(slot.state, TokenState::Active(_)) {
+                // A token only in memory (its save failed before): save it now.
+                let unsealed = match &slot.state {
+                    TokenState::Active(a) if !a.sealed => Some(a.clone()),
+                    _ => None,
+                };
+                if let Some(a) = unsealed {
+                    let next = self.seal_active(acct, &mut slot, a).await;
+                    slot.state = TokenState::Active(next);
+                }
                 *acct.last_use.lock().unwrap() = Some(now_unix());
                 return Ok(());
             }
@@ -531,8 +540,11 @@ impl TokenManager {
             Err(e) => return Err(AuthError::Vault(e.to_string())),
         };
         acct.gate.succeeded();
+        // Unlock before giving up the turn, so the next waiter with the same
+        // password finds it verified instead of running the KDF again.
+        let r = self.unlock(acct, key, digest).await;
         drop(turn);
-        self.unlock(acct, key, digest).await
+        r
     }
 
     /// The owner's password was right: open (or seal) the tokens. Any number
