@@ -172,16 +172,16 @@ pub fn change_password(
         return Err(OfflineError::NoPassword(account.to_string()));
     };
     let mut next = rec.clone();
-    let (new_verifier, new_key) = if rec.token_store == Some(StoreKind::Keyring) || rec.refresh_token.is_none() {
-        crypto::new_password(new.expose())
-    } else {
+    let sealed = rec.refresh_token.as_ref().filter(|_| rec.token_store != Some(StoreKind::Keyring));
+    let (new_verifier, new_key) = if let Some(sealed) = sealed {
         let old = old()?;
         let key = crypto::check_password(old.expose(), verifier)?.ok_or(OfflineError::WrongPassword)?;
-        let sealed = rec.refresh_token.as_ref().expect("checked above");
         let refresh = crypto::open(&key, account, sealed)?;
         let (v, k) = crypto::new_password(new.expose());
         next.refresh_token = Some(crypto::seal(&k, account, refresh.expose()));
         (v, k)
+    } else {
+        crypto::new_password(new.expose())
     };
     drop(new_key);
     next.password = Some(new_verifier);

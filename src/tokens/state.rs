@@ -104,14 +104,14 @@ impl Access {
 
     /// Still good for at least the login margin (wall clock).
     pub fn fresh(&self) -> bool {
-        let margin = REFRESH_MARGIN.min(self.lifetime() / 2);
+        let margin = REFRESH_MARGIN.min(self.lifetime().checked_div(2).unwrap_or_default());
         self.expires_at > later(SystemTime::now(), margin)
     }
 
     /// When the background refresher should renew it: a third of the
     /// lifetime before expiry, at most ten minutes before.
     pub fn renew_at(&self) -> SystemTime {
-        let early = BACKGROUND_MARGIN.min(self.lifetime().saturating_mul(2) / 3);
+        let early = BACKGROUND_MARGIN.min(self.lifetime().saturating_mul(2).checked_div(3).unwrap_or_default());
         self.expires_at.checked_sub(early).unwrap_or(self.issued_at)
     }
 }
