@@ -172,7 +172,10 @@ pub fn change_password(
         return Err(OfflineError::NoPassword(account.to_string()));
     };
     let mut next = rec.clone();
-    let sealed = rec.refresh_token.as_ref().filter(|_| rec.token_store != Some(StoreKind::Keyring));
+    let sealed = rec
+        .refresh_token
+        .as_ref()
+        .filter(|_| rec.token_store != Some(StoreKind::Keyring));
     let (new_verifier, new_key) = if let Some(sealed) = sealed {
         let old = old()?;
         let key = crypto::check_password(old.expose(), verifier)?.ok_or(OfflineError::WrongPassword)?;
