@@ -11,9 +11,10 @@ use mailproxy::audit::{Audit, Entry};
 use mailproxy::config::{Account, Config, Flow, OAuthSettings, TokenStore};
 use mailproxy::oauth::{self, flows, login::Redirect, OAuthError, Tokens};
 use mailproxy::secret::Secret;
+use mailproxy::tokens::offline::{self, Checked, OfflineError};
 use mailproxy::tokens::{self, now_unix, AccountStatus};
-use mailproxy::vault::{AccountRecord, Vault};
-use mailproxy::{crypto, keystore, server, tls};
+use mailproxy::vault::{AccountRecord, StoreKind, Vault};
+use mailproxy::{identity, keystore, server, tls};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +56,9 @@ enum Command {
     },
     /// Revoke the account's refresh token at the provider and erase every local trace.
     Revoke { account: String },
+    /// Change the account's local password (asks for the old one when the
+    /// refresh token is sealed in the vault file).
+    Passwd { account: String },
 }
 
 fn main() -> std::process::ExitCode {
@@ -100,6 +104,7 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Accounts => accounts(&config).map(|_| 0),
         Command::Check { account } => check(&config, account.as_deref()).await,
         Command::Revoke { account } => revoke(&config, &account).await.map(|_| 0),
+        Command::Passwd { account } => passwd(&config, &account).await.map(|_| 0),
     }
 }
 
@@ -171,6 +176,12 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
             return Err(e.into());
         }
     };
+    // Is the grant really this account's? Nothing is stored otherwise.
+    let tls = tls::ClientConfigs::default();
+    if let Err(e) = identity::verify(account, &tokens, &tls, config.limits.provider_timeout).await {
+        audit.record(Entry::new(&account.name, "consent", format!("refused: {e}")));
+        bail!("{e}");
+    }
     if tokens.refresh.is_none() && settings.flow != Flow::ClientCredentials {
         bail!(
             "the provider returned no refresh token, so access would end within the hour; \
@@ -299,7 +310,7 @@ fn accounts(config: &Config) -> Result<()> {
                 _ => st.state.clone(),
             },
             (None, None) => format!("needs login: run `mailproxy login {}`", a.name),
-            (None, Some(r)) if r.token_store.as_deref() == Some("keyring") => "ok (token in the OS keyring)".into(),
+            (None, Some(r)) if r.token_store == Some(StoreKind::Keyring) => "ok (token in the OS keyring)".into(),
             (None, Some(r)) if r.refresh_token.is_some() => if serving {
                 "locked"
             } else {
@@ -342,18 +353,9 @@ fn accounts(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// The refresh token of an account, from the keyring or the vault (asking
-/// for the local password). `None` when there is none.
-fn stored_refresh(account: &str, rec: &AccountRecord) -> Result<Option<(Secret, Option<crypto::VaultKey>)>> {
-    if rec.token_store.as_deref() == Some("keyring") {
-        return Ok(keystore::get(account).map_err(anyhow::Error::msg)?.map(|t| (t, None)));
-    }
-    let (Some(sealed), Some(verifier)) = (&rec.refresh_token, &rec.password) else {
-        return Ok(None);
-    };
-    let pw = read_password(account, false)?;
-    let key = crypto::check_password(pw.expose(), verifier)?.context("wrong local password")?;
-    Ok(Some((crypto::open(&key, account, sealed)?, Some(key))))
+/// Asks for the local password, as `tokens::offline` needs it.
+fn ask_password(account: &str) -> impl FnOnce() -> Result<Secret, OfflineError> + '_ {
+    move || read_password(account, false).map_err(|e| OfflineError::Input(format!("{e:#}")))
 }
 
 async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
@@ -371,45 +373,13 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
     };
     let mut worst = 0u8;
     for name in names {
-        let (account, settings) = oauth_account(config, &name)?;
-        let rec = vault.load(&account.name)?;
-        let outcome: Result<Tokens, OAuthError> = match &rec {
-            None if settings.flow != Flow::ClientCredentials => {
-                println!("{name}: needs login: run `mailproxy login {name}`");
+        let (_, settings) = oauth_account(config, &name)?;
+        match offline::check(&vault, &http, &name, settings, ask_password(&name)).await? {
+            Checked::NeedsLogin(why) => {
+                println!("{name}: needs login: {why}");
                 worst = worst.max(1);
-                continue;
             }
-            _ if settings.flow == Flow::ClientCredentials => flows::client_credentials(&http, &name, settings).await,
-            None => unreachable!("handled above"),
-            Some(r) => match stored_refresh(&name, r)? {
-                None => {
-                    println!("{name}: needs login: no refresh token stored; run `mailproxy login {name}`");
-                    worst = worst.max(1);
-                    continue;
-                }
-                Some((refresh, key)) => {
-                    let res = oauth::refresh(&http, &name, settings, &refresh).await;
-                    if let Ok(t) = &res {
-                        // Save a rotated token and the refresh time (a running serve notices).
-                        let mut r = r.clone();
-                        r.last_refresh = Some(now_unix());
-                        if let Some(s) = &t.scopes {
-                            r.scopes = s.clone();
-                        }
-                        if let Some(new) = t.refresh.as_ref().filter(|n| **n != refresh) {
-                            match &key {
-                                Some(k) => r.refresh_token = Some(crypto::seal(k, &name, new.expose())),
-                                None => keystore::set(&name, new).map_err(anyhow::Error::msg)?,
-                            }
-                        }
-                        vault.store(&r)?;
-                    }
-                    res
-                }
-            },
-        };
-        match outcome {
-            Ok(t) => {
+            Checked::Refreshed(t) => {
                 let left = t
                     .expires_at
                     .duration_since(SystemTime::now())
@@ -417,7 +387,7 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
                     .as_secs();
                 println!("{name}: ok: new access token valid for {}", human(left));
             }
-            Err(e) => {
+            Checked::Failed(e) => {
                 let code = if e.needs_login() || matches!(e, OAuthError::Provider(_)) {
                     1
                 } else {
@@ -439,6 +409,43 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
     Ok(worst)
 }
 
+async fn passwd(config: &Config, name: &str) -> Result<()> {
+    let (account, _) = oauth_account(config, name)?;
+    let name = account.name.clone();
+    let vault = Vault::open(&config.state_dir)?;
+    let audit = Audit::direct(&config.audit_log);
+    let rec = vault
+        .load(&name)?
+        .with_context(|| format!("{name} is not authorised; run `mailproxy login {name}`"))?;
+    if rec.password.is_none() {
+        bail!("{name} has no local password yet; run `mailproxy login {name}`");
+    }
+    // The old password first (on a terminal, or the first line of stdin),
+    // then the new one (the next line).
+    let old = if offline::needs_old_password(&rec) {
+        Some(read_password(&name, false)?)
+    } else {
+        None
+    };
+    let new = read_password(&name, true)?;
+    let (v, n) = (vault.clone(), name.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        offline::change_password(&v, &n, || old.ok_or(OfflineError::WrongPassword), &new)
+    })
+    .await?;
+    match r {
+        Ok(()) => {
+            audit.record(Entry::new(&name, "password_changed", "changed with mailproxy passwd"));
+            eprintln!("The local password of {name} is changed; clients must use the new one.");
+            Ok(())
+        }
+        Err(e) => {
+            audit.record(Entry::new(&name, "password_changed", format!("failed: {e}")));
+            Err(e.into())
+        }
+    }
+}
+
 async fn revoke(config: &Config, name: &str) -> Result<()> {
     let (account, settings) = oauth_account(config, name)?;
     let name = account.name.clone();
@@ -448,7 +455,7 @@ async fn revoke(config: &Config, name: &str) -> Result<()> {
     let rec = vault.load(&name)?;
     let refresh = match &rec {
         Some(r) => {
-            match stored_refresh(&name, r) {
+            match offline::stored_refresh(&name, r, ask_password(&name)) {
                 Ok(t) => t.map(|(t, _)| t),
                 Err(e) => {
                     eprintln!("cannot read the refresh token ({e:#}); erasing the local copy without revoking it at the provider");

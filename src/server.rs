@@ -161,13 +161,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let vault = Vault::open(&config.state_dir)?;
     let store = effective_store(&config).await;
     let audit = Audit::start(&config.audit_log);
-    let tokens = Arc::new(TokenManager::new(&config, vault, store, audit));
+    // One set of TLS client configs for sessions and for the identity
+    // check of new grants.
+    let tls = Arc::new(ClientConfigs::default());
+    let tokens = Arc::new(TokenManager::with_tls(&config, vault, store, audit, tls.clone()));
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(Ctx {
         config: std::sync::RwLock::new(config.clone()),
         tokens: tokens.clone(),
-        tls: Arc::new(ClientConfigs::default()),
+        tls,
         shutdown: shutdown.clone(),
         guard: Default::default(),
     });

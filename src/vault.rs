@@ -51,7 +51,31 @@ pub struct AccountRecord {
     pub last_refresh: Option<u64>,
     /// `"keyring"` when the refresh token is in the OS keyring instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_store: Option<String>,
+    pub token_store: Option<StoreKind>,
+    /// Grows by one with every write. A write based on an older record than
+    /// the one on disk is dropped (see [`Vault::store_if`]), so a `revoke` or
+    /// a new `login` always wins over a refresh that was in flight. Records
+    /// written before this field existed read as generation 0.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// Where a record's refresh token lives, when not sealed in the record.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Keyring,
+}
+
+/// What [`Vault::store_if`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Written {
+    Stored,
+    /// The record on disk is not the one the write was based on (another
+    /// process wrote or erased it meanwhile); nothing was written.
+    Stale {
+        on_disk: Option<u64>,
+    },
 }
 
 /// Identity of a record file's current content, to notice a `mailproxy
@@ -144,15 +168,65 @@ impl Vault {
         })
     }
 
-    /// Replaces the record atomically and durably.
-    pub fn store(&self, rec: &AccountRecord) -> Result<(), VaultError> {
+    /// Replaces the record atomically and durably, whatever is on disk (an
+    /// interactive `login`: the owner's word is final). The generation is
+    /// set past the one on disk, so writes based on the old record lose.
+    pub fn store(&self, rec: &AccountRecord) -> Result<u64, VaultError> {
+        let _lock = self.lock()?;
+        let on_disk = self.load(&rec.account).ok().flatten().map(|r| r.generation);
+        let mut rec = rec.clone();
+        rec.generation = on_disk.unwrap_or(0).max(rec.generation).saturating_add(1);
+        self.write(&rec)?;
+        Ok(rec.generation)
+    }
+
+    /// Writes `rec` only if the record on disk is still the one it was
+    /// based on: generation `base` (`None`: no record). `before` runs under
+    /// the same lock once the check passed (a keyring write that must not
+    /// resurrect an erased account). On success `rec.generation` is `base + 1`.
+    pub fn store_if<E: From<VaultError>>(
+        &self,
+        rec: &mut AccountRecord,
+        base: Option<u64>,
+        before: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Written, E> {
+        let _lock = self.lock()?;
+        let on_disk = self.load(&rec.account)?.map(|r| r.generation);
+        if on_disk != base {
+            return Ok(Written::Stale { on_disk });
+        }
+        before()?;
+        rec.generation = base.unwrap_or(0).saturating_add(1);
+        self.write(rec)?;
+        Ok(Written::Stored)
+    }
+
+    fn write(&self, rec: &AccountRecord) -> Result<(), VaultError> {
         let path = self.path_of(&rec.account);
         let json = serde_json::to_vec_pretty(rec).expect("records always serialize");
         write_atomic(&path, &json)
     }
 
+    /// Serialises compare-and-write across processes (`serve`, `login`,
+    /// `revoke`, `passwd`): an advisory lock on `accounts/.lock`.
+    fn lock(&self) -> Result<VaultLock, VaultError> {
+        let path = self.dir.join(".lock");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        // Released when `f` is closed.
+        f.lock().map_err(io(&path))?;
+        Ok(VaultLock(f))
+    }
+
     /// Removes the account's record; returns what was erased.
     pub fn erase(&self, account: &str) -> Result<Vec<PathBuf>, VaultError> {
+        let _lock = self.lock()?;
         let path = self.path_of(account);
         match fs::remove_file(&path) {
             Ok(()) => {
@@ -165,6 +239,10 @@ impl Vault {
     }
 }
 
+/// Held while a compare-and-write runs; dropping it closes the file and
+/// releases the lock.
+struct VaultLock(#[allow(dead_code)] File);
+
 /// A write killed before its rename leaves `.NAME.tmpPID` behind (sealed
 /// data, but litter): remove those whose writer is gone.
 fn remove_stale_temp_files(dir: &Path) {
@@ -173,6 +251,7 @@ fn remove_stale_temp_files(dir: &Path) {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(pid) = name
             .strip_prefix('.')
+            .filter(|_| name != ".lock")
             .and_then(|n| n.rsplit_once(".tmp"))
             .map(|(_, pid)| pid.to_string())
         else {
@@ -264,7 +343,9 @@ mod tests {
         v.store(&rec("a@x")).unwrap();
         let p = v.path_of("a@x");
         assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(v.load("A@x").unwrap(), Some(rec("a@x")));
+        let mut want = rec("a@x");
+        want.generation = 1;
+        assert_eq!(v.load("A@x").unwrap(), Some(want));
         let s1 = v.stamp("a@x").unwrap();
         let mut r = rec("a@x");
         r.last_refresh = Some(5);
@@ -272,7 +353,54 @@ mod tests {
         assert_ne!(v.stamp("a@x").unwrap(), s1);
         assert_eq!(v.erase("a@x").unwrap(), vec![p.clone()]);
         assert!(!p.exists());
-        assert_eq!(fs::read_dir(v.dir()).unwrap().count(), 0, "no temp files left behind");
+        let left: Vec<_> = fs::read_dir(v.dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != ".lock")
+            .collect();
+        assert!(left.is_empty(), "no temp files left behind: {left:?}");
+    }
+
+    #[test]
+    fn a_write_based_on_an_older_record_is_dropped() {
+        let t = tempfile::tempdir().unwrap();
+        let v = Vault::open(&t.path().join("s")).unwrap();
+        assert_eq!(v.store(&rec("a@x")).unwrap(), 1);
+        let mut mine = v.load("a@x").unwrap().unwrap();
+        // Another process logs in again meanwhile.
+        assert_eq!(v.store(&rec("a@x")).unwrap(), 2);
+        mine.last_refresh = Some(9);
+        let r = v.store_if::<VaultError>(&mut mine, Some(1), || Ok(())).unwrap();
+        assert_eq!(r, Written::Stale { on_disk: Some(2) });
+        assert_eq!(v.load("a@x").unwrap().unwrap().last_refresh, None);
+        // Based on the current one, it goes through.
+        let r = v.store_if::<VaultError>(&mut mine, Some(2), || Ok(())).unwrap();
+        assert_eq!((r, mine.generation), (Written::Stored, 3));
+        // Erased: a write based on the old record must not resurrect it.
+        v.erase("a@x").unwrap();
+        let mut ran = false;
+        let r = v
+            .store_if::<VaultError>(&mut mine, Some(3), || {
+                ran = true;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(r, Written::Stale { on_disk: None });
+        assert!(!ran && v.load("a@x").unwrap().is_none());
+    }
+
+    #[test]
+    fn old_records_without_a_generation_still_load() {
+        let t = tempfile::tempdir().unwrap();
+        let v = Vault::open(&t.path().join("s")).unwrap();
+        write_atomic(
+            &v.path_of("a@x"),
+            br#"{"version":1,"account":"a@x","password":null,"refresh_token":null,"scopes":[],"authorized_at":null,"last_refresh":null,"token_store":"keyring"}"#,
+        )
+        .unwrap();
+        let r = v.load("a@x").unwrap().unwrap();
+        assert_eq!((r.generation, r.token_store), (0, Some(StoreKind::Keyring)));
     }
 
     #[test]

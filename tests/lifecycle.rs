@@ -133,12 +133,12 @@ async fn on_demand_authorisation_runs_once_for_twenty_clients() {
             "{a}"
         );
     }
-    // The status page shows one pending authorisation with its link.
+    // The status page shows one pending authorisation with its local start address.
     let page = support::http::get(&format!("http://{status_addr}/status.json"))
         .unwrap()
         .text();
-    let rows: serde_json::Value = serde_json::from_str(&page).unwrap();
-    let alice = rows
+    let doc: serde_json::Value = serde_json::from_str(&page).unwrap();
+    let alice = doc["accounts"]
         .as_array()
         .unwrap()
         .iter()
@@ -146,23 +146,38 @@ async fn on_demand_authorisation_runs_once_for_twenty_clients() {
         .unwrap()
         .clone();
     assert_eq!(alice["state"], "authorizing", "{page}");
-    let url = alice["pending"]["url"].as_str().unwrap().to_string();
-    assert!(url.starts_with(&w.env.provider.auth_url()), "{url}");
+    let start = alice["pending"]["url"].as_str().unwrap().to_string();
+    assert!(
+        start.starts_with(&format!("http://{status_addr}/authorize/")),
+        "{start}"
+    );
     let html = support::http::get(&format!("http://{status_addr}/")).unwrap().text();
     assert!(html.contains("sign in") && html.contains(ALICE), "{html}");
 
-    let (status, body) = approve_in_browser(&url).await.unwrap();
+    let redirect = support::http::get(&start).unwrap();
+    assert_eq!(redirect.status, 302);
+    let (status, body) = approve_in_browser(&redirect.headers["location"]).await.unwrap();
     assert_eq!(status, 200, "{body}");
-    let t0 = Instant::now();
-    while w.env.provider.code_exchanges() < 1 {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(w.env.provider.authorize_hits(), 1, "one authorisation");
     assert_eq!(w.env.provider.code_exchanges(), 1, "one token exchange");
 
-    // The first login afterwards sets the local password.
+    // The owner sets the local password on the completion page; no client can.
+    let (_, tagged) = login_response(port, ALICE, "first pw").await;
+    assert!(tagged.starts_with("a1 NO [ALERT]"), "{tagged}");
+    let at = body.find("name=token value=\"").unwrap() + 18;
+    let token = &body[at..at + body[at..].find('"').unwrap()];
+    let redirect_uri = w.env.provider.last_authorize_request().unwrap()["redirect_uri"].clone();
+    let done = support::http::post_form(
+        &format!("{}complete", redirect_uri),
+        &[
+            ("token", token),
+            ("choice", "own"),
+            ("password", "first pw"),
+            ("repeat", "first pw"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(done.status, 200, "{}", done.text());
     let mut c = login_ok(port, ALICE, "first pw").await;
     assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
     let (_, tagged) = login_response(port, ALICE, "other pw").await;
@@ -180,7 +195,8 @@ async fn background_refresh_keeps_idle_and_new_logins_going() {
     let mut w = World::new();
     w.authorise(ALICE, ALICE_PW);
     let port = w.start();
-    w.env.provider.set_access_token_lifetime(Duration::from_secs(3));
+    // Lifetimes under 60 s are planned as 60 s: refreshed ~20 s after issue.
+    w.env.provider.set_access_token_lifetime(Duration::from_secs(60));
     w.env.provider.expire_all_access_tokens();
     let mut idle = login_ok(port, ALICE, ALICE_PW).await;
     assert!(idle.imap("s", "SELECT INBOX").await.unwrap().is_ok());
@@ -205,9 +221,9 @@ async fn background_refresh_keeps_idle_and_new_logins_going() {
     idle.send("DONE").await.unwrap();
     assert!(idle.read_imap_response("i1").await.unwrap().is_ok());
 
-    // Refreshes happened in the background (about one per 2 s), none at login.
+    // Refreshes happened in the background (one per ~20 s), none at login.
     let refreshed = w.env.provider.refreshes() - refreshes_at_start;
-    assert!(refreshed >= 10, "background refreshes in 30 s: {refreshed}");
+    assert!(refreshed >= 1, "background refreshes in 30 s: {refreshed}");
     let logs = w.logs();
     let at_login = logs
         .lines()

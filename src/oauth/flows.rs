@@ -41,6 +41,7 @@ struct TokenBody {
     expires_in: Option<Num>,
     refresh_token: Option<String>,
     scope: Option<String>,
+    id_token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -96,13 +97,14 @@ fn parse_tokens(account: &str, url: &str, status: u16, body: &[u8]) -> Result<To
                 "the token answer is not the expected JSON (access_token, expires_in)",
             )
         })?;
-        let lifetime = t.expires_in.as_ref().and_then(Num::get).unwrap_or(3600);
-        return Ok(Tokens {
-            access: Secret::new(t.access_token),
-            expires_at: SystemTime::now() + Duration::from_secs(lifetime),
-            refresh: t.refresh_token.map(Secret::new),
-            scopes: t.scope.map(|s| s.split_whitespace().map(str::to_string).collect()),
-        });
+        let mut tokens = Tokens::issued(
+            Secret::new(t.access_token),
+            t.expires_in.as_ref().and_then(Num::get),
+            t.refresh_token.map(Secret::new),
+            t.scope.map(|s| s.split_whitespace().map(str::to_string).collect()),
+        );
+        tokens.email = t.id_token.as_deref().and_then(super::id_token_email);
+        return Ok(tokens);
     }
     Err(provider_error(account, url, status, body))
 }
@@ -186,8 +188,10 @@ pub async fn device_start(http: &reqwest::Client, account: &str, s: &OAuthSettin
         user_code: d.user_code,
         device_code: Secret::new(d.device_code),
         interval: Duration::from_secs(d.interval.as_ref().and_then(Num::get).unwrap_or(5).clamp(1, 60)),
-        expires_at: Instant::now()
-            + Duration::from_secs(d.expires_in.as_ref().and_then(Num::get).unwrap_or(900).min(3600)),
+        expires_at: {
+            let left = Duration::from_secs(d.expires_in.as_ref().and_then(Num::get).unwrap_or(900).min(3600));
+            Instant::now().checked_add(left).unwrap_or_else(Instant::now)
+        },
     })
 }
 
@@ -223,7 +227,9 @@ pub async fn device_poll(
         match serde_json::from_slice::<ErrorBody>(&body).map(|e| e.error) {
             Ok(e) if e == "authorization_pending" => {}
             Ok(e) if e == "slow_down" => {
-                interval += Duration::from_secs(5);
+                interval = interval
+                    .saturating_add(Duration::from_secs(5))
+                    .min(Duration::from_secs(120));
                 on_slow_down(interval);
             }
             _ => return Err(provider_error(account, &s.token_url, status, &body)),
@@ -349,6 +355,21 @@ mod tests {
         .unwrap();
         let left = t.expires_at.duration_since(SystemTime::now()).unwrap();
         assert!(left > Duration::from_secs(100) && left <= Duration::from_secs(120));
+        // Hostile lifetimes are clamped, never overflow.
+        for (given, want) in [("0", 60), ("18446744073709551615", 86400), ("-5", 3600)] {
+            let body = format!(r#"{{"access_token":"x","expires_in":"{given}"}}"#);
+            let t = parse_tokens("a", "u", 200, body.as_bytes()).unwrap();
+            let life = t.expires_at.duration_since(t.issued_at).unwrap().as_secs();
+            assert_eq!(life, want, "{given}");
+        }
+        let t = parse_tokens(
+            "a",
+            "u",
+            200,
+            br#"{"access_token":"x","expires_in":18446744073709551615}"#,
+        )
+        .unwrap();
+        assert_eq!(t.expires_at.duration_since(t.issued_at).unwrap().as_secs(), 86400);
         let e = parse_tokens("a", "u", 200, b"<html>").unwrap_err();
         assert!(matches!(e, OAuthError::Malformed { .. }), "{e}");
         let e = parse_tokens(

@@ -100,11 +100,17 @@ impl Redirect {
                     let Ok((mut sock, _)) = listener.accept().await else {
                         continue;
                     };
-                    let Ok(Some(target)) = tokio::time::timeout(Duration::from_secs(10), read_target(&mut sock)).await
+                    let Ok(Some(request)) =
+                        tokio::time::timeout(Duration::from_secs(10), read_request(&mut sock)).await
                     else {
                         continue;
                     };
-                    let (p, query) = target.split_once('?').unwrap_or((&target, ""));
+                    let local = listener.local_addr().ok();
+                    if !local.is_some_and(|l| request.host_is(l)) {
+                        let _ = respond(&mut sock, "421 Misdirected Request", "Not this listener's address.").await;
+                        continue;
+                    }
+                    let (p, query) = (request.path(), request.query());
                     if p != path {
                         let _ = respond(&mut sock, "404 Not Found", "Not the mailproxy redirect.").await;
                         continue;
@@ -145,14 +151,14 @@ impl Redirect {
     }
 }
 
-enum Callback {
+pub(crate) enum Callback {
     Code(Secret),
     Failed(OAuthError),
     /// A stray or forged request (wrong `state`): ignored, we keep waiting.
     Ignore(&'static str),
 }
 
-fn callback(account: &str, req: &AuthRequest, query: &str) -> Callback {
+pub(crate) fn callback(account: &str, req: &AuthRequest, query: &str) -> Callback {
     let mut code = None;
     let mut state = None;
     let mut error = None;
@@ -178,23 +184,144 @@ fn callback(account: &str, req: &AuthRequest, query: &str) -> Callback {
     }
 }
 
-pub(crate) async fn read_target(sock: &mut tokio::net::TcpStream) -> Option<String> {
+/// One HTTP/1.1 request as the loopback listeners need it (no keep-alive,
+/// bounded head and body).
+pub struct HttpRequest {
+    pub method: String,
+    pub target: String,
+    headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+
+    pub fn query(&self) -> &str {
+        self.target.split_once('?').map(|(_, q)| q).unwrap_or("")
+    }
+
+    /// The `Host` header names this listener's own loopback address (a
+    /// browser tricked by DNS rebinding sends the attacker's name instead).
+    pub fn host_is(&self, local: std::net::SocketAddr) -> bool {
+        let Some(host) = self.header("host") else { return false };
+        let port = local.port();
+        let ok = [
+            format!("127.0.0.1:{port}"),
+            format!("localhost:{port}"),
+            format!("[::1]:{port}"),
+        ];
+        let ip = match local.ip() {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+            v4 => format!("{v4}:{port}"),
+        };
+        ok.iter()
+            .chain(std::iter::once(&ip))
+            .any(|h| h.eq_ignore_ascii_case(host.trim()))
+    }
+
+    /// A POST another site's page made the browser send: an `Origin` that is
+    /// not this listener, or `Sec-Fetch-Site` other than same-origin.
+    pub fn cross_origin(&self, local: std::net::SocketAddr) -> bool {
+        if let Some(site) = self.header("sec-fetch-site") {
+            if !matches!(site.trim(), "same-origin" | "none") {
+                return true;
+            }
+        }
+        match self.header("origin") {
+            None => false,
+            Some(o) => {
+                let host = o.trim().strip_prefix("http://").unwrap_or("");
+                let fake = HttpRequest {
+                    method: String::new(),
+                    target: String::new(),
+                    headers: vec![("host".into(), host.to_string())],
+                    body: vec![],
+                };
+                !fake.host_is(local)
+            }
+        }
+    }
+
+    /// The form fields of a urlencoded POST body.
+    pub fn form(&self) -> Vec<(String, Secret)> {
+        url::form_urlencoded::parse(&self.body)
+            .map(|(k, v)| (k.into_owned(), Secret::new(v.into_owned())))
+            .collect()
+    }
+}
+
+/// Reads one request: head up to 16 KiB, body up to 16 KiB (Content-Length).
+pub async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<HttpRequest> {
+    const MAX: usize = 16 * 1024;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
         let n = sock.read(&mut chunk).await.ok()?;
-        if n == 0 || buf.len() + n > 16 * 1024 {
+        if n == 0 || buf.len().saturating_add(n) > MAX {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let mut parts = lines.next()?.split(' ');
+    let (method, target) = (parts.next()?.to_string(), parts.next()?.to_string());
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut req = HttpRequest {
+        method,
+        target,
+        headers,
+        body: buf[end.saturating_add(4)..].to_vec(),
+    };
+    let len: usize = req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if len > MAX {
+        return None;
     }
-    let line = buf.split(|b| *b == b'\n').next()?;
-    let line = std::str::from_utf8(line).ok()?.trim_end();
-    let mut parts = line.split(' ');
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some(target)) => Some(target.to_string()),
-        _ => None,
+    while req.body.len() < len {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        req.body.extend_from_slice(&chunk[..n]);
     }
+    req.body.truncate(len);
+    Some(req)
+}
+
+/// Writes a whole response and closes. `extra` are more header lines.
+pub async fn respond_raw(
+    sock: &mut tokio::net::TcpStream,
+    status: &str,
+    content_type: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\nX-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\nX-Content-Type-Options: nosniff\r\n",
+        body.len()
+    );
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body).await?;
+    sock.shutdown().await
 }
 
 pub(crate) async fn respond(sock: &mut tokio::net::TcpStream, status: &str, text: &str) -> std::io::Result<()> {
@@ -202,11 +329,5 @@ pub(crate) async fn respond(sock: &mut tokio::net::TcpStream, status: &str, text
         "<!doctype html><meta charset=utf-8><title>mailproxy</title><p>{}</p>\n",
         text.replace('&', "&amp;").replace('<', "&lt;")
     );
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n",
-        body.len()
-    );
-    sock.write_all(head.as_bytes()).await?;
-    sock.write_all(body.as_bytes()).await?;
-    sock.shutdown().await
+    respond_raw(sock, status, "text/html; charset=utf-8", &[], body.as_bytes()).await
 }

@@ -1,6 +1,11 @@
 //! Talking to the OAuth 2.0 provider: the authorisation-code grant with PKCE,
 //! refresh, and decoding of its errors. What to do with the tokens (when to
 //! refresh, where to keep them) lives in `tokens`.
+//!
+//! Every provider-given lifetime passes through [`lifetime`] and every
+//! expiry through [`expiry`]: a hostile or broken `expires_in` (0, or
+//! 18446744073709551615) can neither overflow time arithmetic nor make the
+//! refresher hammer the token endpoint.
 
 pub mod errors;
 pub mod flows;
@@ -8,7 +13,6 @@ pub mod login;
 
 use std::time::{Duration, SystemTime};
 
-use oauth2::basic::BasicClient;
 use oauth2::{
     AuthType, AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, PkceCodeChallenge, PkceCodeVerifier,
     RedirectUrl, RequestTokenError, Scope, TokenResponse, TokenUrl,
@@ -21,7 +25,29 @@ pub use errors::{explain, Explanation};
 /// Largest token-endpoint answer we read; real ones are a few KiB.
 pub(crate) const MAX_BODY: usize = 256 * 1024;
 /// When the provider omits `expires_in`, assume the common one hour.
-const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// Shorter lifetimes are treated as this: nothing real is shorter, and a
+/// zero would mean refreshing without pause.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
+/// Longer lifetimes are treated as this (refreshing daily costs nothing).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The lifetime to plan with for a provider's `expires_in` (seconds).
+#[deny(clippy::arithmetic_side_effects)]
+pub fn lifetime(expires_in: Option<u64>) -> Duration {
+    expires_in
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_LIFETIME)
+        .clamp(MIN_LIFETIME, MAX_LIFETIME)
+}
+
+/// `from + d`, saturating far in the future instead of panicking.
+#[deny(clippy::arithmetic_side_effects)]
+pub fn expiry(from: SystemTime, d: Duration) -> SystemTime {
+    from.checked_add(d)
+        .or_else(|| from.checked_add(MAX_LIFETIME))
+        .unwrap_or(from)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OAuthError {
@@ -54,10 +80,48 @@ impl OAuthError {
 #[derive(Debug)]
 pub struct Tokens {
     pub access: Secret,
+    /// When the answer arrived; `expires_at` is at most [`MAX_LIFETIME`] later.
+    pub issued_at: SystemTime,
     pub expires_at: SystemTime,
     /// A new refresh token, when the provider sent one (rotation).
     pub refresh: Option<Secret>,
     pub scopes: Option<Vec<String>>,
+    /// The `email` claim of an `id_token`, when the provider sent one.
+    pub email: Option<String>,
+}
+
+impl Tokens {
+    /// Tokens issued now with the provider's `expires_in` (clamped).
+    #[deny(clippy::arithmetic_side_effects)]
+    pub fn issued(
+        access: Secret,
+        expires_in: Option<u64>,
+        refresh: Option<Secret>,
+        scopes: Option<Vec<String>>,
+    ) -> Tokens {
+        let now = SystemTime::now();
+        Tokens {
+            access,
+            issued_at: now,
+            expires_at: expiry(now, lifetime(expires_in)),
+            refresh,
+            scopes,
+            email: None,
+        }
+    }
+}
+
+/// The `email` claim of an OpenID Connect `id_token`. Not verified: it only
+/// makes an identity mismatch easier to explain; the check that counts is
+/// the login at the account's own server (`identity`).
+pub fn id_token_email(id_token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = id_token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("email")?.as_str().map(str::to_string)
 }
 
 /// The HTTP client for provider calls: no redirects (a token endpoint that
@@ -172,20 +236,42 @@ fn convert(account: &str, url: &str, e: TokenErr) -> OAuthError {
     }
 }
 
-fn tokens(r: &oauth2::basic::BasicTokenResponse) -> Tokens {
-    let lifetime = r.expires_in().unwrap_or(DEFAULT_LIFETIME);
-    Tokens {
-        access: Secret::new(r.access_token().secret().clone()),
-        expires_at: SystemTime::now() + lifetime,
-        refresh: r.refresh_token().map(|t| Secret::new(t.secret().clone())),
-        scopes: r.scopes().map(|s| s.iter().map(|s| s.to_string()).collect()),
-    }
+/// The one extra field of a token answer mailproxy reads: an OpenID
+/// Connect `id_token`, which names who signed in (see `identity`).
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+struct IdTokenField {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_token: Option<String>,
+}
+
+impl oauth2::ExtraTokenFields for IdTokenField {}
+
+type TokenAnswer = oauth2::StandardTokenResponse<IdTokenField, oauth2::basic::BasicTokenType>;
+
+/// oauth2's basic client, but keeping the `id_token`.
+type OAuthClient = oauth2::Client<
+    oauth2::basic::BasicErrorResponse,
+    TokenAnswer,
+    oauth2::basic::BasicTokenIntrospectionResponse,
+    oauth2::StandardRevocableToken,
+    oauth2::basic::BasicRevocationErrorResponse,
+>;
+
+fn tokens(r: &TokenAnswer) -> Tokens {
+    let mut t = Tokens::issued(
+        Secret::new(r.access_token().secret().clone()),
+        r.expires_in().map(|d| d.as_secs()),
+        r.refresh_token().map(|t| Secret::new(t.secret().clone())),
+        r.scopes().map(|s| s.iter().map(|s| s.to_string()).collect()),
+    );
+    t.email = r.extra_fields().id_token.as_deref().and_then(id_token_email);
+    t
 }
 
 macro_rules! client {
     ($s:expr) => {{
         let s: &OAuthSettings = $s;
-        let mut c = BasicClient::new(ClientId::new(s.client_id.clone()))
+        let mut c = OAuthClient::new(ClientId::new(s.client_id.clone()))
             .set_auth_type(AuthType::RequestBody)
             .set_token_uri(
                 TokenUrl::new(s.token_url.clone()).map_err(|e| OAuthError::Config(format!("token_url: {e}")))?,

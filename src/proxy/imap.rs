@@ -2,9 +2,8 @@
 //! and a minimal IMAP client towards the upstream, just enough to reach the
 //! authenticated state.
 
-use super::route::Target;
 use super::session::Protocol;
-use super::upstream::{Conn, Dialer, UpstreamError, MAX_RESPONSE};
+use super::upstream::{Conn, Dialer, Server, UpstreamError, MAX_RESPONSE};
 use super::upstream_auth::{error_ack, oauth_initial_response, Exchange, UpstreamLogin};
 use crate::config::{Limits, Mechanism};
 use crate::endpoint::Security;
@@ -71,8 +70,8 @@ pub(crate) struct ImapUpstream {
 impl UpstreamLogin for ImapUpstream {
     type Success = LoggedIn;
 
-    async fn connect(d: &Dialer<'_>, target: &Target, _: Option<&str>) -> Result<Self, UpstreamError> {
-        let c = Conn::connect(d, &target.server).await?;
+    async fn connect(d: &Dialer<'_>, server: &Server, _: Option<&str>) -> Result<Self, UpstreamError> {
+        let c = Conn::connect(d, server).await?;
         let mut me = ImapUpstream {
             c,
             caps: Vec::new(),
@@ -90,7 +89,7 @@ impl UpstreamLogin for ImapUpstream {
                     .protocol_error(format!("sent an unexpected greeting ({:?})", g.status)))
             }
         }
-        if target.server.endpoint.security == Security::StartTls {
+        if server.endpoint.security == Security::StartTls {
             let (_, tagged) = me.command("STARTTLS").await?;
             if tagged.status != Status::Ok {
                 return Err(me.c.protocol_error(format!("refused STARTTLS: {}", tagged.text)));
@@ -112,13 +111,11 @@ impl UpstreamLogin for ImapUpstream {
         Ok(me)
     }
 
-    async fn oauth(
-        &mut self,
-        target: &Target,
+    async fn oauth(&mut self, user: &str,
         token: &Secret,
         mechanism: Mechanism,
     ) -> Result<Exchange<LoggedIn>, UpstreamError> {
-        let (name, ir) = oauth_initial_response(target, token, mechanism);
+        let (name, ir) = oauth_initial_response(&self.c.endpoint, user, token, mechanism);
         let tag = self.tag();
         if has_capability(&self.caps, "SASL-IR") {
             let line = Secret::new(format!("{tag} AUTHENTICATE {name} {}\r\n", ir.as_str()));

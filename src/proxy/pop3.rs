@@ -1,9 +1,8 @@
 //! POP3 in the session driver: the pre-login machine on the client side and
 //! a minimal POP3 client towards the upstream.
 
-use super::route::Target;
 use super::session::Protocol;
-use super::upstream::{Conn, Dialer, UpstreamError, MAX_RESPONSE};
+use super::upstream::{Conn, Dialer, Server, UpstreamError, MAX_RESPONSE};
 use super::upstream_auth::{error_ack, oauth_initial_response, Exchange, UpstreamLogin};
 use crate::config::{Limits, Mechanism};
 use crate::endpoint::Security;
@@ -41,15 +40,15 @@ pub(crate) struct Pop3Upstream {
 impl UpstreamLogin for Pop3Upstream {
     type Success = ();
 
-    async fn connect(d: &Dialer<'_>, target: &Target, _: Option<&str>) -> Result<Self, UpstreamError> {
+    async fn connect(d: &Dialer<'_>, server: &Server, _: Option<&str>) -> Result<Self, UpstreamError> {
         let mut me = Pop3Upstream {
-            c: Conn::connect(d, &target.server).await?,
+            c: Conn::connect(d, server).await?,
         };
         let g = me.status("the greeting").await?;
         if !g.ok {
             return Err(me.c.protocol_error(format!("refused the connection: {}", g.describe())));
         }
-        if target.server.endpoint.security == Security::StartTls {
+        if server.endpoint.security == Security::StartTls {
             me.c.send(b"STLS\r\n").await?;
             let r = me.status("STLS").await?;
             if !r.ok {
@@ -61,13 +60,11 @@ impl UpstreamLogin for Pop3Upstream {
     }
 
     /// `AUTH XOAUTH2` in two steps: Microsoft wants the token after the `+`.
-    async fn oauth(
-        &mut self,
-        target: &Target,
+    async fn oauth(&mut self, user: &str,
         token: &Secret,
         mechanism: Mechanism,
     ) -> Result<Exchange<()>, UpstreamError> {
-        let (name, ir) = oauth_initial_response(target, token, mechanism);
+        let (name, ir) = oauth_initial_response(&self.c.endpoint, user, token, mechanism);
         self.c.send(format!("AUTH {name}\r\n").as_bytes()).await?;
         if let Response::Status(s) = self.read().await? {
             return Ok(Exchange::Unsupported(format!(

@@ -94,6 +94,7 @@ pub(crate) async fn resolve(
             tracing::warn!(account = %account.name, error = %e, "login to an account that is not ready");
             return Err(LoginFailure::new(Failure::Action, e.to_string()));
         }
+        Err(e @ AuthError::Busy(_)) => return Err(LoginFailure::new(Failure::Unavailable, e.to_string())),
         Err(e @ AuthError::Vault(_)) => {
             tracing::error!(account = %account.name, error = %e, "vault error");
             return Err(LoginFailure::new(Failure::Action, e.to_string()));
@@ -128,23 +129,17 @@ fn endpoint_for(account: &Account, protocol: Protocol) -> Result<crate::endpoint
 }
 
 /// The account has no usable token: start (or join) its authorisation and
-/// tell the client what a person has to do.
+/// tell the client what a person has to do. The client is only ever shown
+/// the local start address (or the status page), never the provider's URL
+/// with its `state`: whoever holds that could finish the sign-in.
 async fn on_demand(ctx: &Ctx, tokens: &Arc<AccountTokens>) -> LoginFailure {
     let name = tokens.name().to_string();
     match ctx.tokens.start_authorization(tokens).await {
-        Ok(Some(_)) | Err(TokenError::Pending { .. }) => {
-            let status = ctx.tokens.status(tokens).await;
-            let how = match (ctx.tokens.status_url(), &status.pending) {
-                (Some(url), Some(p)) => match &p.user_code {
-                    Some(code) => format!("open {url} (or {}) and enter the code {code}, then log in again", p.url),
-                    None => format!("open {url} in a browser on this machine and sign in, then log in again"),
-                },
-                (None, Some(p)) => describe_pending(p),
-                _ => format!("run `mailproxy login {name}`"),
-            };
-            LoginFailure::new(Failure::Action, format!("{name} is not authorised yet: {how}"))
-        }
-        Ok(None) => LoginFailure::new(Failure::Unavailable, format!("{name} is now authorised; log in again")),
+        Ok(Some(p)) | Err(TokenError::Pending { pending: p, .. }) => LoginFailure::new(
+            Failure::Action,
+            format!("{name} is not authorised yet: {}", describe_pending(&p)),
+        ),
+        Ok(None) => LoginFailure::new(Failure::Unavailable, format!("{name} is busy; log in again")),
         Err(e) => token_failure(&name, e),
     }
 }

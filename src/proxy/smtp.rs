@@ -3,9 +3,8 @@
 //! and POP3, the hand-off comes at the client's first transaction command,
 //! not at the login.
 
-use super::route::Target;
 use super::session::Protocol;
-use super::upstream::{Conn, Dialer, UpstreamError, MAX_RESPONSE};
+use super::upstream::{Conn, Dialer, Server, UpstreamError, MAX_RESPONSE};
 use super::upstream_auth::{error_ack, oauth_initial_response, Exchange, UpstreamLogin};
 use crate::config::{Limits, Mechanism};
 use crate::endpoint::Security;
@@ -49,13 +48,13 @@ impl UpstreamLogin for SmtpUpstream {
     type Success = Vec<String>;
 
     /// Greeting, EHLO (again after STARTTLS), keeping the keywords.
-    async fn connect(d: &Dialer<'_>, target: &Target, client_name: Option<&str>) -> Result<Self, UpstreamError> {
+    async fn connect(d: &Dialer<'_>, server: &Server, client_name: Option<&str>) -> Result<Self, UpstreamError> {
         let name = client_name
             .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
             .unwrap_or("localhost")
             .to_string();
         let mut me = SmtpUpstream {
-            c: Conn::connect(d, &target.server).await?,
+            c: Conn::connect(d, server).await?,
             keywords: Vec::new(),
         };
         let greeting = me.read().await?;
@@ -68,7 +67,7 @@ impl UpstreamLogin for SmtpUpstream {
         if ehlo.code != 250 {
             return Err(me.c.protocol_error(format!("refused EHLO: {}", ehlo.one_line())));
         }
-        if target.server.endpoint.security == Security::StartTls {
+        if server.endpoint.security == Security::StartTls {
             let r = me.command("STARTTLS").await?;
             if r.code != 220 {
                 return Err(me.c.protocol_error(format!("refused STARTTLS: {}", r.one_line())));
@@ -86,13 +85,11 @@ impl UpstreamLogin for SmtpUpstream {
         Ok(me)
     }
 
-    async fn oauth(
-        &mut self,
-        target: &Target,
+    async fn oauth(&mut self, user: &str,
         token: &Secret,
         mechanism: Mechanism,
     ) -> Result<Exchange<Vec<String>>, UpstreamError> {
-        let (name, ir) = oauth_initial_response(target, token, mechanism);
+        let (name, ir) = oauth_initial_response(&self.c.endpoint, user, token, mechanism);
         let line = Secret::new(format!("AUTH {name} {}\r\n", ir.as_str()));
         self.c.send(line.expose().as_bytes()).await?;
         let mut r = self.read().await?;

@@ -16,7 +16,8 @@
 use std::sync::Arc;
 
 use super::route::{Credential, Target};
-use super::upstream::{Conn, Dialer, UpstreamError};
+use super::upstream::{Conn, Dialer, Server, UpstreamError};
+use crate::endpoint::Endpoint;
 use super::Ctx;
 use crate::config::Mechanism;
 use crate::preauth::Failure;
@@ -41,12 +42,12 @@ pub(crate) trait UpstreamLogin: Sized {
     /// Connects, reads the greeting, does STARTTLS when the URL says so and
     /// learns the capabilities. `client_name` is what the client called
     /// itself (SMTP EHLO), when it did.
-    async fn connect(d: &Dialer<'_>, target: &Target, client_name: Option<&str>) -> Result<Self, UpstreamError>;
+    async fn connect(d: &Dialer<'_>, server: &Server, client_name: Option<&str>) -> Result<Self, UpstreamError>;
 
-    /// SASL XOAUTH2 / OAUTHBEARER with `token` for `target.user`.
+    /// SASL XOAUTH2 / OAUTHBEARER with `token` for `user`.
     async fn oauth(
         &mut self,
-        target: &Target,
+        user: &str,
         token: &Secret,
         mechanism: Mechanism,
     ) -> Result<Exchange<Self::Success>, UpstreamError>;
@@ -128,7 +129,7 @@ async fn attempt<C: UpstreamLogin>(
     target: &Target,
     client_name: Option<&str>,
 ) -> Result<(C, C::Success), LoginFailure> {
-    let mut client = C::connect(&dialer(ctx), target, client_name).await?;
+    let mut client = C::connect(&dialer(ctx), &target.server, client_name).await?;
     let success = match &target.credential {
         Credential::Password(pw) => match client.password(&target.user, pw).await? {
             Exchange::Accepted(s) => s,
@@ -155,7 +156,7 @@ async fn with_fresh_token<C: UpstreamLogin>(
 ) -> Result<C::Success, LoginFailure> {
     let mut retried = false;
     loop {
-        match client.oauth(target, &token, mechanism).await? {
+        match client.oauth(&target.user, &token, mechanism).await? {
             Exchange::Accepted(s) => return Ok(s),
             Exchange::Unsupported(reason) => return Err(Outcome::Unsupported { reason }.into()),
             Exchange::Rejected(reason) if retried => return Err(Outcome::Rejected { reason }.into()),
@@ -175,16 +176,16 @@ async fn with_fresh_token<C: UpstreamLogin>(
 
 /// The SASL initial response for an OAuth login (XOAUTH2 or OAUTHBEARER).
 pub(crate) fn oauth_initial_response(
-    target: &Target,
+    ep: &Endpoint,
+    user: &str,
     token: &Secret,
     mechanism: Mechanism,
 ) -> (&'static str, zeroize::Zeroizing<String>) {
-    let ep = &target.server.endpoint;
     match mechanism {
-        Mechanism::Xoauth2 => ("XOAUTH2", sasl::xoauth2(&target.user, token.expose())),
+        Mechanism::Xoauth2 => ("XOAUTH2", sasl::xoauth2(user, token.expose())),
         Mechanism::Oauthbearer => (
             "OAUTHBEARER",
-            sasl::oauthbearer(&target.user, token.expose(), &ep.host, ep.port),
+            sasl::oauthbearer(user, token.expose(), &ep.host, ep.port),
         ),
     }
 }

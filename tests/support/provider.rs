@@ -162,6 +162,10 @@ struct State {
     device_interval: u64,
     device_lifetime: Duration,
     token_delay: Duration,
+    /// `set_default_user` was called: that user signs in whatever the login_hint.
+    forced_user: bool,
+    /// `expires_in` to advertise instead of the real lifetime (hostile values).
+    advertised_expires_in: Option<u64>,
     authorize_error: Option<String>,
     clients: HashMap<String, ClientReg>,
     codes: HashMap<String, CodeGrant>,
@@ -208,6 +212,8 @@ impl FakeProvider {
             device_interval: 1,
             device_lifetime: Duration::from_secs(600),
             token_delay: Duration::ZERO,
+            forced_user: false,
+            advertised_expires_in: None,
             authorize_error: None,
             clients,
             codes: HashMap::new(),
@@ -364,8 +370,12 @@ impl FakeProvider {
     }
 
     /// User `/authorize` approves when the request has no `login_hint`.
+    /// Once set, `/authorize` signs this user in even when the request has a
+    /// `login_hint` (a person signing in with another account).
     pub fn set_default_user(&self, user: &str) {
-        self.st().default_user = user.into();
+        let mut st = self.st();
+        st.default_user = user.into();
+        st.forced_user = true;
     }
 
     /// Registers (or replaces) a client.
@@ -412,6 +422,12 @@ impl FakeProvider {
     }
 
     /// Delay every `/token` response by `d` (default zero).
+    /// Advertise this `expires_in` in token answers (e.g. 0 or u64::MAX),
+    /// whatever the real lifetime is.
+    pub fn set_advertised_expires_in(&self, secs: Option<u64>) {
+        self.st().advertised_expires_in = secs;
+    }
+
     pub fn set_token_delay(&self, d: Duration) {
         self.st().token_delay = d;
     }
@@ -727,7 +743,7 @@ fn authorize(req: &Request, st: &mut State) -> Response {
         return Response::redirect(loc.as_str());
     }
     let user = match q.get("login_hint") {
-        Some(h) if !h.is_empty() => h.clone(),
+        Some(h) if !h.is_empty() && !st.forced_user => h.clone(),
         _ => st.default_user.clone(),
     };
     let code = random_token("code-", 24);
@@ -840,13 +856,29 @@ fn token_success(st: &State, access: &str, refresh: Option<&str>, scope: &str) -
     let mut v = json!({
         "access_token": access,
         "token_type": "Bearer",
-        "expires_in": ttl_secs(st.access_ttl),
+        "expires_in": st.advertised_expires_in.unwrap_or(ttl_secs(st.access_ttl)),
         "scope": scope,
     });
     if let Some(r) = refresh {
         v["refresh_token"] = json!(r);
     }
     Response::json(200, &v)
+}
+
+/// Like an OpenID Connect provider, a grant made by a person also names who
+/// signed in: an (unsigned, test-only) `id_token` with the `email` claim.
+fn with_id_token(mut r: Response, user: &str) -> Response {
+    let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let jwt = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(json!({"email": user, "sub": user}))
+    );
+    if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&r.body) {
+        v["id_token"] = json!(jwt);
+        r = Response::json(200, &v);
+    }
+    r
 }
 
 fn token(req: &Request, st: &mut State) -> Response {
@@ -910,7 +942,7 @@ fn token(req: &Request, st: &mut State) -> Response {
             let refresh = new_refresh(st, &g.user, &g.scope, &client.client_id);
             let access = new_access(st, &g.user, &g.scope, &client.client_id, Some(refresh.clone()));
             st.code_exchanges += 1;
-            token_success(st, &access, Some(&refresh), &g.scope)
+            with_id_token(token_success(st, &access, Some(&refresh), &g.scope), &g.user)
         }
         "refresh_token" => {
             let rt = f("refresh_token").to_string();
@@ -973,7 +1005,7 @@ fn token(req: &Request, st: &mut State) -> Response {
                     st.devices.get_mut(&dc).unwrap().redeemed = true;
                     let refresh = new_refresh(st, &user, &d.scope, &client.client_id);
                     let access = new_access(st, &user, &d.scope, &client.client_id, Some(refresh.clone()));
-                    token_success(st, &access, Some(&refresh), &d.scope)
+                    with_id_token(token_success(st, &access, Some(&refresh), &d.scope), &user)
                 }
             }
         }

@@ -1,0 +1,443 @@
+//! The owner model and the local web pages, end to end: only the owner sets
+//! a local password; clients, the log and the status page never see the
+//! provider's URL or `state`; the pages answer only their own loopback
+//! address and refuse cross-origin POSTs; a grant for someone else is
+//! refused.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use support::http;
+use support::mailproxy::run;
+use support::provider;
+use support::world::*;
+use support::LineConn;
+
+async fn login_response(port: u16, user: &str, pw: &str) -> String {
+    let mut c = LineConn::plain(port).await.unwrap();
+    let g = c.read_line().await.unwrap();
+    assert!(g.starts_with("* OK"), "{g}");
+    c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\""))
+        .await
+        .unwrap()
+        .tagged
+}
+
+fn with_status_page(w: &World) {
+    let cfg = std::fs::read_to_string(w.dir.config_path())
+        .unwrap()
+        .replace("[server]\n", "[server]\nstatus_listen = \"127.0.0.1:0\"\n");
+    w.dir.write_config(&cfg);
+}
+
+fn status_addr(w: &World) -> String {
+    w.proxy
+        .as_ref()
+        .unwrap()
+        .stdout()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening status ").map(str::to_string))
+        .expect("status listener")
+}
+
+/// A raw request with exactly the headers given (the test client always
+/// sends the URL's own Host).
+fn raw(addr: &str, head: &str, body: &str) -> u16 {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!(
+            "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+fn host_port(url: &str) -> String {
+    let u = url::Url::parse(url).unwrap();
+    format!("{}:{}", u.host_str().unwrap(), u.port().unwrap())
+}
+
+fn field<'a>(html: &'a str, name: &str) -> &'a str {
+    let at = html.find(&format!("name={name} value=\"")).expect(name);
+    let rest = &html[at + name.len() + 13..];
+    &rest[..rest.find('"').unwrap()]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_finishes_on_demand_in_a_browser_and_no_client_sets_the_password() {
+    let mut w = World::new();
+    with_status_page(&w);
+    let port = w.start();
+    let status = status_addr(&w);
+    let auth_url = w.env.provider.auth_url();
+
+    // Any client: an ALERT with the local start address, never the provider's URL or state.
+    let first = login_response(port, ALICE, "a client's guess").await;
+    assert!(first.starts_with("a1 NO [ALERT]"), "{first}");
+    assert!(!first.contains(&auth_url) && !first.contains("state="), "{first}");
+    assert!(first.contains(&format!("http://{status}/")), "{first}");
+
+    let json = http::get(&format!("http://{status}/status.json")).unwrap().text();
+    let html = http::get(&format!("http://{status}/")).unwrap().text();
+    for page in [&json, &html] {
+        assert!(!page.contains(&auth_url) && !page.contains("state="), "{page}");
+    }
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let alice = doc["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["account"] == ALICE)
+        .unwrap();
+    assert_eq!(alice["state"], "authorizing", "{json}");
+    assert!(doc["kdf"]["runs"].is_u64(), "{json}");
+    let start = alice["pending"]["url"].as_str().unwrap().to_string();
+    assert!(start.starts_with(&format!("http://{status}/authorize/")), "{start}");
+    assert!(
+        !w.logs().contains(&auth_url),
+        "the log names the local start address only"
+    );
+
+    // Foreign Host (DNS rebinding) and cross-origin POSTs are refused.
+    let path = &start[start.find("/authorize").unwrap()..];
+    assert_eq!(
+        raw(
+            &status,
+            &format!("GET {path} HTTP/1.1\r\nHost: evil.example:80\r\n"),
+            ""
+        ),
+        421
+    );
+    assert_eq!(
+        raw(&status, "GET /status.json HTTP/1.1\r\nHost: evil.example\r\n", ""),
+        421
+    );
+    assert_eq!(
+        raw(
+            &status,
+            &format!("POST / HTTP/1.1\r\nHost: {status}\r\nOrigin: http://evil.example\r\n"),
+            "x=1"
+        ),
+        403
+    );
+
+    // Each visit to the start address redirects to the provider with a fresh state.
+    let a = http::get(&start).unwrap();
+    let b = http::get(&start).unwrap();
+    assert_eq!((a.status, b.status), (302, 302));
+    let (la, lb) = (a.headers["location"].clone(), b.headers["location"].clone());
+    assert!(la.starts_with(&auth_url) && la != lb, "{la} {lb}");
+    // The older state no longer works: approving it is refused by the redirect listener.
+    let (code, body) = provider::approve_in_browser(&la).await.unwrap();
+    assert_eq!(code, 400, "{body}");
+    // The latest one lands on the completion page.
+    let (code, page) = provider::approve_in_browser(&lb).await.unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("/complete") && page.contains("generated"), "{page}");
+    // A second callback, even with the right state, is not accepted.
+    let (code, _) = provider::approve_in_browser(&lb).await.unwrap();
+    assert_eq!(code, 400);
+
+    // Until the owner sets the password, no client gets in, whatever it sends.
+    for pw in ["a client's guess", ALICE_PW, ""] {
+        let r = login_response(port, ALICE, pw).await;
+        assert!(r.starts_with("a1 NO [ALERT]") && r.contains("no local password"), "{r}");
+    }
+
+    let redirect = w.env.provider.last_authorize_request().unwrap()["redirect_uri"].clone();
+    let redirect_host = host_port(&redirect);
+    let token = field(&page, "token").to_string();
+    let form = format!("token={token}&choice=own&password=alice+local+pw&repeat=alice+local+pw");
+    assert_eq!(
+        raw(&redirect_host, "GET / HTTP/1.1\r\nHost: rebind.example\r\n", ""),
+        421,
+        "the redirect listener checks Host too"
+    );
+    let cross = format!("POST /complete HTTP/1.1\r\nHost: {redirect_host}\r\nOrigin: http://evil.example\r\nContent-Type: application/x-www-form-urlencoded\r\n");
+    assert_eq!(raw(&redirect_host, &cross, &form), 403);
+    let wrong_token = form.replace(&token, "forged");
+    let post = format!("POST /complete HTTP/1.1\r\nHost: {redirect_host}\r\nOrigin: http://{redirect_host}\r\nContent-Type: application/x-www-form-urlencoded\r\n");
+    assert_eq!(raw(&redirect_host, &post, &wrong_token), 403);
+    assert_eq!(raw(&redirect_host, &post, &form), 200);
+
+    let ok = login_response(port, ALICE, ALICE_PW).await;
+    assert!(ok.starts_with("a1 OK"), "{ok}");
+    let no = login_response(port, ALICE, "a client's guess").await;
+    assert!(no.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{no}");
+    let audit = std::fs::read_to_string(w.dir.state_dir().join("audit.log")).unwrap();
+    assert!(
+        audit.contains("password_set") && audit.contains("completion page"),
+        "{audit}"
+    );
+    assert!(!w.logs().contains(&token), "the completion token is not logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_credentials_account_is_unusable_until_mailproxy_login() {
+    const APP: &str = "app@example.org";
+    let mut w = World::with(|env, _| {
+        format!(
+            "[accounts.\"{APP}\"]\nprovider = \"custom\"\nflow = \"client_credentials\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nscopes = [\"https://mail.example.org/.default\"]\nimap = \"imaps://localhost:{}\"\nca_file = \"{}\"\n",
+            env.provider.auth_url(),
+            env.provider.token_url(),
+            provider::CLIENT_ID,
+            provider::CLIENT_SECRET,
+            env.dovecot.imaps_port,
+            env.dovecot.ca_pem_path().display()
+        )
+    });
+    w.env.provider.set_default_user(APP);
+    let port = w.start();
+    for _ in 0..3 {
+        let r = login_response(port, APP, "any local process").await;
+        assert!(r.starts_with("a1 NO [ALERT]") && r.contains("mailproxy login"), "{r}");
+    }
+    assert_eq!(w.env.provider.token_requests("client_credentials"), 0, "{}", w.logs());
+    let (code, _, err) = run(&w.dir, &["login", APP], "app pw\n");
+    assert_eq!(code, 0, "{err}");
+    let t0 = Instant::now();
+    loop {
+        let r = login_response(port, APP, "app pw").await;
+        if r.starts_with("a1 OK") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = login_response(port, APP, "any local process").await;
+    assert!(r.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwd_changes_the_local_password() {
+    let mut w = World::new();
+    w.authorise(ALICE, "old pw");
+    let (code, out, err) = run(&w.dir, &["passwd", ALICE], "wrong\nnew pw\n");
+    assert_ne!(code, 0, "{out}{err}");
+    let (code, out, err) = run(&w.dir, &["passwd", ALICE], "old pw\nnew pw\n");
+    assert_eq!(code, 0, "{out}{err}");
+    let port = w.start();
+    assert!(login_response(port, ALICE, "new pw").await.starts_with("a1 OK"));
+    assert!(login_response(port, ALICE, "old pw").await.starts_with("a1 NO"));
+    let audit = std::fs::read_to_string(w.dir.state_dir().join("audit.log")).unwrap();
+    assert!(audit.contains("password_changed"), "{audit}");
+}
+
+/// Needs the real `identity::verify` (a login at the account's server with
+/// the new token); with the stub it fails at the exit status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailproxy_login_refuses_a_grant_for_another_user() {
+    let w = World::new();
+    w.env.provider.set_default_user("mallory@example.org");
+    let (st, err) = w.dir.login(ALICE, ALICE_PW);
+    assert!(!st.success(), "a grant for mallory was accepted for alice: {err}");
+    assert!(err.contains("mallory@example.org") && err.contains(ALICE), "{err}");
+    assert!(
+        !w.dir
+            .state_dir()
+            .join("accounts")
+            .join(format!("{ALICE}.json"))
+            .exists(),
+        "nothing stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_during_a_slow_refresh_leaves_the_account_erased() {
+    let mut w = World::new();
+    // No revocation endpoint: the in-flight refresh succeeds at the provider,
+    // and only the local record decides.
+    let cfg = std::fs::read_to_string(w.dir.config_path()).unwrap();
+    let cfg: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("revoke_url"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    w.dir.write_config(&cfg);
+    w.authorise(ALICE, ALICE_PW);
+    w.env.provider.set_rotate_refresh_tokens(true);
+    let port = w.start();
+    w.env.provider.set_token_delay(Duration::from_secs(3));
+    // The first login after the start unlocks and refreshes (slowly).
+    let slow = tokio::spawn(async move { login_response(port, ALICE, ALICE_PW).await });
+    let t0 = Instant::now();
+    while w.env.provider.token_requests("refresh_token") == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dir_config = w.dir.config_path();
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(support::mailproxy::BIN)
+            .args(["--config", dir_config.to_str().unwrap(), "revoke", ALICE])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}{err}");
+    let vault_file = w.dir.state_dir().join("accounts").join(format!("{ALICE}.json"));
+    assert!(!vault_file.exists());
+    let _ = slow.await.unwrap();
+    w.env.provider.set_token_delay(Duration::ZERO);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !vault_file.exists(),
+        "the refresh wrote the revoked account back:\n{}",
+        w.logs()
+    );
+    let r = login_response(port, ALICE, ALICE_PW).await;
+    assert!(r.starts_with("a1 NO"), "{r}");
+}
+
+/// Twenty clients at once right after a restart, then twenty more: all get
+/// in (one KDF), with the file vault and with the keyring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_first_logins_after_a_restart() {
+    let user = format!("burst{}@example.org", std::process::id());
+    for store in ["file", "keyring"] {
+        let u = user.clone();
+        let mut w = World::with(move |env, _| {
+            support::mailproxy::oauth_account(
+                &u,
+                &env.provider,
+                &env.dovecot,
+                &format!("imaps://localhost:{}", env.dovecot.imaps_port),
+            )
+        });
+        let cfg = std::fs::read_to_string(w.dir.config_path())
+            .unwrap()
+            .replace("[server]\n", &format!("[server]\ntoken_store = \"{store}\"\n"));
+        w.dir.write_config(&cfg);
+        w.authorise(&user, "burst pw");
+        w.start();
+        let port = w.restart();
+        for round in 0..2 {
+            let tasks: Vec<_> = (0..20)
+                .map(|_| {
+                    let u = user.clone();
+                    tokio::spawn(async move { login_response(port, &u, "burst pw").await })
+                })
+                .collect();
+            for t in tasks {
+                let r = t.await.unwrap();
+                assert!(r.starts_with("a1 OK"), "{store} round {round}: {r}\n{}", w.logs());
+            }
+        }
+        let _ = run(&w.dir, &["revoke", &user], "burst pw\n");
+    }
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    // Fields 14 and 15 (utime, stime), counted from the state field (3).
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Two hundred connections guessing for fifteen seconds cost a few
+/// CPU-seconds (one KDF per failure delay), and the owner still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guessing_flood_is_cheap_and_the_owner_still_logs_in() {
+    let mut w = World::new();
+    with_status_page(&w);
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    let status = status_addr(&w);
+    assert!(login_response(port, ALICE, ALICE_PW).await.starts_with("a1 OK"));
+    let pid = w.proxy.as_ref().unwrap().pid();
+    let cpu0 = cpu_seconds(pid);
+    let stop = Instant::now() + Duration::from_secs(15);
+    let guessers: Vec<_> = (0..200)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while Instant::now() < stop {
+                    let Ok(mut c) = LineConn::plain(port).await else {
+                        continue;
+                    };
+                    if c.read_line().await.is_err() {
+                        continue;
+                    }
+                    while Instant::now() < stop {
+                        n += 1;
+                        let Ok(r) = c.imap("g", &format!("LOGIN \"{ALICE}\" \"guess {i} {n}\"")).await else {
+                            break;
+                        };
+                        assert!(!r.tagged.starts_with("g OK"), "{}", r.tagged);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let t0 = Instant::now();
+    let owner = login_response(port, ALICE, ALICE_PW).await;
+    assert!(owner.starts_with("a1 OK"), "{owner}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(17),
+        "owner waited {:?}",
+        t0.elapsed()
+    );
+    let kdf = http::get(&format!("http://{status}/status.json")).unwrap().json()["kdf"].clone();
+    for g in guessers {
+        g.abort();
+        let _ = g.await;
+    }
+    let cpu = cpu_seconds(pid) - cpu0;
+    let runs = kdf["runs"].as_u64().unwrap();
+    assert!(runs <= 20, "KDF runs during the flood: {kdf}");
+    assert!(cpu < 6.0, "the flood cost {cpu:.1} CPU-seconds ({kdf})");
+}
+
+/// Provider lifetimes of u64::MAX and 0: no panic, no storm, and background
+/// refresh keeps working for another account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_token_lifetimes_neither_panic_nor_storm() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    w.authorise(CAROL, "carol pw");
+    let port = w.start();
+    w.env.provider.set_advertised_expires_in(Some(u64::MAX));
+    let r = login_response(port, ALICE, ALICE_PW).await;
+    assert!(r.starts_with("a1 OK"), "{r}");
+    w.env.provider.set_advertised_expires_in(Some(0));
+    let r = login_response(port, CAROL, "carol pw").await;
+    assert!(r.starts_with("a1 OK"), "{r}");
+    let before = w.env.provider.total_token_requests();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let storm = w.env.provider.total_token_requests() - before;
+    assert!(storm <= 1, "{storm} token requests in 4 s");
+    assert!(w.proxy.as_mut().unwrap().is_running());
+    // carol's 0 s token is planned as 60 s: refreshed in the background after ~20 s.
+    w.env.provider.set_advertised_expires_in(None);
+    let refreshed = w.env.provider.refreshes();
+    let t0 = Instant::now();
+    while w.env.provider.refreshes() == refreshed {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "no background refresh\n{}",
+            w.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!w.logs().contains("panicked"), "{}", w.logs());
+    let r = login_response(port, ALICE, ALICE_PW).await;
+    assert!(r.starts_with("a1 OK"), "{r}");
+}
