@@ -1,5 +1,8 @@
 //! The configuration file: TOML, strict (`deny_unknown_fields`), and every
 //! error names the file, the line and the key so a person can fix it at once.
+//!
+//! `raw` is what the file says, `parse` turns it into a checked [`Config`]
+//! one section at a time (no I/O).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -9,10 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use toml::Spanned;
 
-use crate::endpoint::{is_loopback_host, Endpoint, Protocol, Security};
+use crate::endpoint::{Endpoint, Protocol};
 use crate::secret::Secret;
+
+mod parse;
+mod raw;
 
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -33,105 +38,6 @@ impl fmt::Display for ConfigError {
         }
         write!(f, ": {}", self.message)
     }
-}
-
-// ---------------------------------------------------------------------------
-// What the file says (raw), then what mailproxy uses (resolved).
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    server: RawServer,
-    imap: Option<RawListener>,
-    smtp: Option<RawListener>,
-    pop3: Option<RawListener>,
-    #[serde(default)]
-    limits: RawLimits,
-    #[serde(default)]
-    accounts: BTreeMap<String, Spanned<RawAccount>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    state_dir: Option<PathBuf>,
-    ca_file: Option<PathBuf>,
-    #[serde(default)]
-    token_store: TokenStore,
-    status_listen: Option<Spanned<String>>,
-    on_reauth_needed: Option<String>,
-    audit_log: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListener {
-    listen: Spanned<String>,
-    fallback: Option<Spanned<String>>,
-    #[serde(default)]
-    tls: LocalTls,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    #[serde(default)]
-    allow_insecure_remote: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    preauth_timeout: Option<u64>,
-    connect_timeout: Option<u64>,
-    max_connections: Option<usize>,
-    max_connections_per_ip: Option<usize>,
-    max_line: Option<usize>,
-    login_failure_delay_max: Option<f64>,
-    provider_timeout: Option<u64>,
-}
-
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum ProviderName {
-    Google,
-    Microsoft,
-    Custom,
-    Password,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAccount {
-    provider: ProviderName,
-    tenant: Option<String>,
-    client_id: Option<String>,
-    client_secret: Option<Secret>,
-    auth_url: Option<String>,
-    token_url: Option<String>,
-    device_url: Option<String>,
-    revoke_url: Option<String>,
-    redirect_uri: Option<String>,
-    scopes: Option<Vec<String>>,
-    username: Option<String>,
-    imap: Option<Spanned<String>>,
-    smtp: Option<Spanned<String>>,
-    pop3: Option<Spanned<String>>,
-    ca_file: Option<PathBuf>,
-    #[serde(default)]
-    allow_plaintext: bool,
-    #[serde(default)]
-    insecure_skip_verify: bool,
-    #[serde(default)]
-    mechanism: Mechanism,
-    #[serde(default)]
-    flow: Flow,
-    client_certificate: Option<PathBuf>,
-    client_key: Option<PathBuf>,
-    #[serde(default = "yes")]
-    on_demand: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// Where refresh tokens are kept.
@@ -346,18 +252,6 @@ pub const MS_POP_SCOPE: &str = "https://outlook.office.com/POP.AccessAsUser.All"
 pub const MS_SMTP_SCOPE: &str = "https://outlook.office.com/SMTP.Send";
 pub const MS_APP_SCOPE: &str = "https://outlook.office365.com/.default";
 
-fn default_server(provider: ProviderName, p: Protocol) -> Option<&'static str> {
-    match (provider, p) {
-        (ProviderName::Google, Protocol::Imap) => Some("imaps://imap.gmail.com:993"),
-        (ProviderName::Google, Protocol::Smtp) => Some("smtps://smtp.gmail.com:465"),
-        (ProviderName::Google, Protocol::Pop3) => Some("pop3s://pop.gmail.com:995"),
-        (ProviderName::Microsoft, Protocol::Imap) => Some("imaps://outlook.office365.com:993"),
-        (ProviderName::Microsoft, Protocol::Smtp) => Some("smtp+starttls://smtp.office365.com:587"),
-        (ProviderName::Microsoft, Protocol::Pop3) => Some("pop3s://outlook.office365.com:995"),
-        _ => None,
-    }
-}
-
 // ---------------------------------------------------------------------------
 
 impl Config {
@@ -379,374 +273,10 @@ impl Config {
         Config::parse(&text, path)
     }
 
+    /// Parses config text without touching the file system (`path` is for
+    /// errors and relative paths).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let err = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| ConfigError {
-            path: path.to_owned(),
-            line: span.map(|s| line_of(text, s.start)),
-            key,
-            message,
-        };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            // toml's message names the key ("unknown field `x`, expected ...");
-            // the span gives the line.
-            err(e.span(), None, e.message().trim().to_string())
-        })?;
-
-        let state_dir = raw
-            .server
-            .state_dir
-            .map(|p| resolve(path, &p))
-            .unwrap_or_else(|| xdg_dir("XDG_STATE_HOME", ".local/state").join("mailproxy"));
-
-        let server_ca = raw.server.ca_file.as_ref().map(|p| resolve(path, p));
-        let status_listen = match &raw.server.status_listen {
-            None => None,
-            Some(s) => Some(s.get_ref().parse::<SocketAddr>().map_err(|_| {
-                err(
-                    Some(s.span()),
-                    Some("server.status_listen".into()),
-                    format!("`{}` is not an address like 127.0.0.1:8025", s.get_ref()),
-                )
-            })?),
-        };
-        if let Some(a) = status_listen {
-            if !a.ip().is_loopback() {
-                return Err(err(
-                    raw.server.status_listen.as_ref().map(|s| s.span()),
-                    Some("server.status_listen".into()),
-                    "the status page shows authorisation links: it listens on loopback only".into(),
-                ));
-            }
-        }
-        let audit_log = raw
-            .server
-            .audit_log
-            .as_ref()
-            .map(|p| resolve(path, p))
-            .unwrap_or_else(|| state_dir.join("audit.log"));
-        let mut listeners = Vec::new();
-        for (protocol, l) in [
-            (Protocol::Imap, raw.imap),
-            (Protocol::Smtp, raw.smtp),
-            (Protocol::Pop3, raw.pop3),
-        ] {
-            let Some(l) = l else {
-                listeners.push(None);
-                continue;
-            };
-            let section = protocol.name();
-            let listen: SocketAddr = l.listen.get_ref().parse().map_err(|_| {
-                err(
-                    Some(l.listen.span()),
-                    Some(format!("{section}.listen")),
-                    format!("`{}` is not an address like 127.0.0.1:1143", l.listen.get_ref()),
-                )
-            })?;
-            let fallback = match &l.fallback {
-                None => None,
-                Some(f) => Some(
-                    Endpoint::parse(f.get_ref(), protocol)
-                        .map_err(|m| err(Some(f.span()), Some(format!("{section}.fallback")), m))?,
-                ),
-            };
-            if let Some(f) = &fallback {
-                if f.security == Security::Plain && !f.is_loopback() {
-                    return Err(err(
-                        l.fallback.as_ref().map(|f| f.span()),
-                        Some(format!("{section}.fallback")),
-                        format!("`{f}` would send passwords unencrypted to a remote host; use {section}s:// or {section}+starttls://"),
-                    ));
-                }
-            }
-            if l.tls == LocalTls::None && !listen.ip().is_loopback() && !l.allow_insecure_remote {
-                return Err(err(
-                    Some(l.listen.span()),
-                    Some(format!("{section}.listen")),
-                    format!(
-                        "{listen} is reachable from other machines but the listener has no TLS, so passwords would cross the network in the clear; \
-                         set tls = \"implicit\" or \"starttls\", or allow_insecure_remote = true if you really mean it"
-                    ),
-                ));
-            }
-            if l.cert.is_some() != l.key.is_some() {
-                return Err(err(
-                    Some(l.listen.span()),
-                    Some(format!("{section}.cert")),
-                    "cert and key must be given together".into(),
-                ));
-            }
-            listeners.push(Some(Listener {
-                protocol,
-                listen,
-                fallback,
-                tls: l.tls,
-                cert: l.cert.map(|p| resolve(path, &p)),
-                key: l.key.map(|p| resolve(path, &p)),
-            }));
-        }
-        let mut listeners = listeners.into_iter();
-        let (imap, smtp, pop3) = (
-            listeners.next().flatten(),
-            listeners.next().flatten(),
-            listeners.next().flatten(),
-        );
-
-        let d = Limits::default();
-        let rl = raw.limits;
-        let limits = Limits {
-            preauth_timeout: rl.preauth_timeout.map(Duration::from_secs).unwrap_or(d.preauth_timeout),
-            connect_timeout: rl.connect_timeout.map(Duration::from_secs).unwrap_or(d.connect_timeout),
-            max_connections: rl.max_connections.unwrap_or(d.max_connections),
-            max_connections_per_ip: rl.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
-            max_line: rl.max_line.unwrap_or(d.max_line).clamp(1024, 1 << 20),
-            login_failure_delay_max: rl
-                .login_failure_delay_max
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(|s| Duration::from_secs_f64(s.min(3600.0)))
-                .unwrap_or(d.login_failure_delay_max),
-            provider_timeout: rl
-                .provider_timeout
-                .map(|s| Duration::from_secs(s.max(1)))
-                .unwrap_or(d.provider_timeout),
-        };
-
-        let mut accounts = BTreeMap::new();
-        for (name, acct) in raw.accounts {
-            let span = acct.span();
-            let a = acct.into_inner();
-            let key = |k: &str| Some(format!("accounts.\"{name}\".{k}"));
-            let e = |k: &str, m: String| err(Some(span.clone()), key(k), m);
-            if name.trim().is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return Err(e(
-                    "",
-                    "an account name must be a login name without spaces or control characters".into(),
-                ));
-            }
-
-            let mut endpoints = Vec::new();
-            for (p, raw_url) in [
-                (Protocol::Imap, &a.imap),
-                (Protocol::Smtp, &a.smtp),
-                (Protocol::Pop3, &a.pop3),
-            ] {
-                let url = match raw_url {
-                    Some(u) => {
-                        Some(Endpoint::parse(u.get_ref(), p).map_err(|m| err(Some(u.span()), key(p.name()), m))?)
-                    }
-                    None => {
-                        default_server(a.provider, p).map(|u| Endpoint::parse(u, p).expect("preset URLs are valid"))
-                    }
-                };
-                if let Some(ep) = &url {
-                    if ep.security == Security::Plain && !is_loopback_host(&ep.host) && !a.allow_plaintext {
-                        return Err(err(
-                            raw_url.as_ref().map(|u| u.span()),
-                            key(p.name()),
-                            format!(
-                                "`{ep}` is plaintext to a remote host: credentials would cross the network unencrypted; \
-                                 use {0}s:// or {0}+starttls://, or set allow_plaintext = true for this account",
-                                p.name()
-                            ),
-                        ));
-                    }
-                }
-                endpoints.push(url);
-            }
-            if endpoints.iter().all(Option::is_none) {
-                return Err(e(
-                    "imap",
-                    "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)".into(),
-                ));
-            }
-
-            let oauth_only = [
-                ("tenant", a.tenant.is_some()),
-                ("client_id", a.client_id.is_some()),
-                ("client_secret", a.client_secret.is_some()),
-                ("auth_url", a.auth_url.is_some()),
-                ("token_url", a.token_url.is_some()),
-                ("device_url", a.device_url.is_some()),
-                ("revoke_url", a.revoke_url.is_some()),
-                ("redirect_uri", a.redirect_uri.is_some()),
-                ("scopes", a.scopes.is_some()),
-                ("client_certificate", a.client_certificate.is_some()),
-                ("client_key", a.client_key.is_some()),
-                ("flow", a.flow != Flow::AuthorizationCode),
-            ];
-            let auth = match a.provider {
-                ProviderName::Password => {
-                    if let Some((k, _)) = oauth_only.iter().find(|(_, set)| *set) {
-                        return Err(e(k, "provider = \"password\" passes the client's own password through; OAuth settings do not apply".into()));
-                    }
-                    AccountAuth::Password
-                }
-                p => {
-                    let client_id = a.client_id.clone().filter(|c| !c.is_empty()).ok_or_else(|| {
-                        e(
-                            "client_id",
-                            "an OAuth account needs the client_id of its app registration".into(),
-                        )
-                    })?;
-                    if a.tenant.is_some() && p != ProviderName::Microsoft {
-                        return Err(e("tenant", "tenant only applies to provider = \"microsoft\"".into()));
-                    }
-                    let mut auth_params = Vec::new();
-                    let (auth_url, token_url, device_url, revoke_url, scopes, kind) = match p {
-                        ProviderName::Google => {
-                            auth_params.push(("access_type".into(), "offline".into()));
-                            auth_params.push(("prompt".into(), "consent".into()));
-                            (
-                                GOOGLE_AUTH_URL.to_string(),
-                                GOOGLE_TOKEN_URL.to_string(),
-                                Some(GOOGLE_DEVICE_URL.to_string()),
-                                Some(GOOGLE_REVOKE_URL.to_string()),
-                                vec![GOOGLE_MAIL_SCOPE.to_string()],
-                                ProviderKind::Google,
-                            )
-                        }
-                        ProviderName::Microsoft => {
-                            let tenant = a.tenant.clone().unwrap_or_else(|| "common".into());
-                            if tenant.is_empty()
-                                || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c))
-                            {
-                                return Err(e("tenant", format!("`{tenant}` is not a tenant: use common, organizations, consumers, a tenant ID or a domain")));
-                            }
-                            let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
-                            // Only the scopes of the protocols this account can be used for.
-                            let mut scopes = Vec::new();
-                            if endpoints[0].is_some() && imap.is_some() {
-                                scopes.push(MS_IMAP_SCOPE.to_string());
-                            }
-                            if endpoints[1].is_some() && smtp.is_some() {
-                                scopes.push(MS_SMTP_SCOPE.to_string());
-                            }
-                            if endpoints[2].is_some() && pop3.is_some() {
-                                scopes.push(MS_POP_SCOPE.to_string());
-                            }
-                            if scopes.is_empty() {
-                                scopes.push(MS_IMAP_SCOPE.to_string());
-                            }
-                            if a.flow == Flow::ClientCredentials {
-                                // App-only access takes the resource's .default scope.
-                                scopes = vec![MS_APP_SCOPE.to_string()];
-                            } else {
-                                scopes.push("offline_access".into());
-                            }
-                            (
-                                format!("{base}/authorize"),
-                                format!("{base}/token"),
-                                Some(format!("{base}/devicecode")),
-                                None,
-                                scopes,
-                                ProviderKind::Microsoft,
-                            )
-                        }
-                        _ => {
-                            let auth_url = a
-                                .auth_url
-                                .clone()
-                                .ok_or_else(|| e("auth_url", "a custom provider needs auth_url".into()))?;
-                            let token_url = a
-                                .token_url
-                                .clone()
-                                .ok_or_else(|| e("token_url", "a custom provider needs token_url".into()))?;
-                            let scopes = a.scopes.clone().ok_or_else(|| {
-                                e(
-                                    "scopes",
-                                    "a custom provider needs scopes, e.g. scopes = [\"mail\"]".into(),
-                                )
-                            })?;
-                            (
-                                auth_url,
-                                token_url,
-                                a.device_url.clone(),
-                                a.revoke_url.clone(),
-                                scopes,
-                                ProviderKind::Custom,
-                            )
-                        }
-                    };
-                    let o = OAuthSettings {
-                        provider: kind,
-                        client_id,
-                        client_secret: a.client_secret.clone(),
-                        auth_url: a.auth_url.clone().unwrap_or(auth_url),
-                        token_url: a.token_url.clone().unwrap_or(token_url),
-                        device_url: a.device_url.clone().or(device_url),
-                        revoke_url: a.revoke_url.clone().or(revoke_url),
-                        redirect_uri: a.redirect_uri.clone(),
-                        scopes: a.scopes.clone().unwrap_or(scopes),
-                        flow: a.flow,
-                        client_certificate: a.client_certificate.as_ref().map(|p| resolve(path, p)),
-                        client_key: a.client_key.as_ref().map(|p| resolve(path, p)),
-                        on_demand: a.on_demand,
-                        auth_params,
-                    };
-                    match o.flow {
-                        Flow::Device if o.device_url.is_none() => {
-                            return Err(e("device_url", "flow = \"device\" needs device_url".into()));
-                        }
-                        Flow::ClientCredentials => {
-                            if o.client_certificate.is_some() != o.client_key.is_some() {
-                                return Err(e("client_key", "client_certificate and client_key go together".into()));
-                            }
-                            if o.client_secret.is_none() && o.client_certificate.is_none() {
-                                return Err(e(
-                                    "client_secret",
-                                    "flow = \"client_credentials\" needs client_secret, or client_certificate and client_key".into(),
-                                ));
-                            }
-                        }
-                        _ => {}
-                    }
-                    for (k, u) in [
-                        ("auth_url", Some(&o.auth_url)),
-                        ("token_url", Some(&o.token_url)),
-                        ("device_url", o.device_url.as_ref()),
-                        ("revoke_url", o.revoke_url.as_ref()),
-                        ("redirect_uri", o.redirect_uri.as_ref()),
-                    ] {
-                        if let Some(u) = u {
-                            check_http_url(u).map_err(|m| e(k, m))?;
-                        }
-                    }
-                    AccountAuth::OAuth(Box::new(o))
-                }
-            };
-            let mut endpoints = endpoints.into_iter();
-            let account = Account {
-                username: a.username.clone().unwrap_or_else(|| name.clone()),
-                name: name.clone(),
-                auth,
-                imap: endpoints.next().flatten(),
-                smtp: endpoints.next().flatten(),
-                pop3: endpoints.next().flatten(),
-                ca_file: a.ca_file.map(|p| resolve(path, &p)).or_else(|| server_ca.clone()),
-                mechanism: a.mechanism,
-                insecure_skip_verify: a.insecure_skip_verify,
-            };
-            if accounts.insert(name.to_lowercase(), Arc::new(account)).is_some() {
-                return Err(e(
-                    "",
-                    "two accounts differ only in upper/lower case; login names are matched without case".into(),
-                ));
-            }
-        }
-
-        Ok(Config {
-            path: path.to_owned(),
-            state_dir,
-            token_store: raw.server.token_store,
-            status_listen,
-            on_reauth_needed: raw.server.on_reauth_needed.clone(),
-            audit_log,
-            ca_file: server_ca,
-            imap,
-            smtp,
-            pop3,
-            limits,
-            accounts,
-        })
+        parse::parse(text, path)
     }
 
     pub fn account(&self, login: &str) -> Option<&Arc<Account>> {
@@ -790,25 +320,6 @@ fn check_mode(path: &Path, text: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
-}
-
-/// Endpoints must be https, except on loopback (a local identity provider or a test).
-fn check_http_url(u: &str) -> Result<(), String> {
-    let url = url::Url::parse(u).map_err(|e| format!("`{u}` is not a URL: {e}"))?;
-    let local = url.host_str().map(is_loopback_host).unwrap_or(false);
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if local => Ok(()),
-        s => Err(format!("`{u}` must be an https:// URL (got {s}://)")),
-    }
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
 }
 
 /// Relative paths in the config are relative to the config file.
@@ -950,5 +461,16 @@ imap = "imaps://legacy.example:993"
         parse(&format!("{base}token_url = \"http://127.0.0.1:9/t\"\n")).unwrap();
         let e = parse(&format!("{base}token_url = \"http://id.example.org/t\"\n")).unwrap_err();
         assert!(e.to_string().contains("token_url"), "{e}");
+    }
+
+    #[test]
+    fn account_level_errors_name_the_account() {
+        let e = parse(
+            "[accounts.\"a@b\"]\nprovider = \"password\"\nimap = \"imaps://x\"\n\
+             [accounts.\"A@B\"]\nprovider = \"password\"\nimap = \"imaps://x\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("accounts.\"a@b\""), "{e}");
+        assert!(e.message.contains("upper/lower case"), "{e}");
     }
 }
