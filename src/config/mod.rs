@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::endpoint::{Endpoint, Protocol};
 use crate::secret::Secret;
@@ -40,8 +40,10 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Where refresh tokens are kept.
-#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Where refresh tokens are kept. Serialised in lower case (`"file"`,
+/// `"keyring"`), the same spelling as in the config, so account records can
+/// store it as this type too.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenStore {
     /// Sealed in the account's vault file under a key derived from the local
@@ -52,6 +54,22 @@ pub enum TokenStore {
     /// In the OS keyring (Secret Service, kernel keyutils, macOS Keychain,
     /// Windows Credential Manager): accounts are usable right after start.
     Keyring,
+}
+
+impl TokenStore {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenStore::File => "file",
+            TokenStore::Keyring => "keyring",
+        }
+    }
+}
+
+impl fmt::Display for TokenStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How an OAuth account is authorised.
@@ -461,6 +479,20 @@ imap = "imaps://legacy.example:993"
         parse(&format!("{base}token_url = \"http://127.0.0.1:9/t\"\n")).unwrap();
         let e = parse(&format!("{base}token_url = \"http://id.example.org/t\"\n")).unwrap_err();
         assert!(e.to_string().contains("token_url"), "{e}");
+    }
+
+    #[test]
+    fn token_store_is_a_lowercase_serde_enum() {
+        assert_eq!(serde_json::to_string(&TokenStore::Keyring).unwrap(), "\"keyring\"");
+        assert_eq!(serde_json::to_string(&TokenStore::File).unwrap(), "\"file\"");
+        let back: Option<TokenStore> = serde_json::from_str("\"keyring\"").unwrap();
+        assert_eq!(back, Some(TokenStore::Keyring));
+        assert!(serde_json::from_str::<TokenStore>("\"Keyring\"").is_err());
+        assert_eq!(
+            parse("[server]\ntoken_store = \"keyring\"\n").unwrap().token_store,
+            TokenStore::Keyring
+        );
+        assert_eq!(TokenStore::Keyring.to_string(), "keyring");
     }
 
     #[test]
