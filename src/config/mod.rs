@@ -2,7 +2,8 @@
 //! error names the file, the line and the key so a person can fix it at once.
 //!
 //! `raw` is what the file says, `parse` turns it into a checked [`Config`]
-//! one section at a time (no I/O).
+//! one section at a time (no I/O), `files` judges the file and the key files
+//! it names on disk.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::endpoint::{Endpoint, Protocol};
 use crate::secret::Secret;
 
+mod files;
 mod parse;
 mod raw;
 
@@ -280,15 +282,16 @@ impl Config {
             .join("config.toml")
     }
 
+    /// Reads, parses and checks the config file, and the key files it names.
+    /// The file must belong to this user (or root) and no other user may
+    /// change it (it decides where passwords go); when it holds a secret, no
+    /// other user may read it either.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            path: path.to_owned(),
-            line: None,
-            key: None,
-            message: format!("cannot read the config file: {e}"),
-        })?;
-        check_mode(path, &text)?;
-        Config::parse(&text, path)
+        let (text, file) = files::read_config(path)?;
+        let config = Config::parse(&text, path)?;
+        files::check_secrets_private(path, file, &config)?;
+        files::check_key_files(&config)?;
+        Ok(config)
     }
 
     /// Parses config text without touching the file system (`path` is for
@@ -306,38 +309,63 @@ impl Config {
             .into_iter()
             .flatten()
     }
-}
 
-/// Other users must not be able to change the config (it names the servers
-/// passwords go to), nor read it when it holds a client secret.
-fn check_mode(path: &Path, text: &str) -> Result<(), ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::metadata(path) else {
-        return Ok(());
-    };
-    let mode = meta.permissions().mode() & 0o777;
-    let refuse = |message: String| {
-        Err(ConfigError {
-            path: path.to_owned(),
-            line: None,
-            key: None,
-            message,
-        })
-    };
-    if mode & 0o022 != 0 {
-        return refuse(format!(
-            "other users can change this file (mode {mode:o}); run: chmod go-w {}",
-            path.display()
-        ));
+    /// The keys holding a secret, e.g. `accounts."a@b".client_secret`: such
+    /// a config must not be readable by other users.
+    pub fn secret_keys(&self) -> Vec<String> {
+        // Exhaustive patterns on purpose: a new field does not compile until
+        // it is sorted into secret or not.
+        let Config {
+            path: _,
+            state_dir: _,
+            token_store: _,
+            status_listen: _,
+            on_reauth_needed: _,
+            audit_log: _,
+            ca_file: _,
+            imap: _,
+            smtp: _,
+            pop3: _,
+            limits: _,
+            accounts,
+        } = self;
+        let mut keys = Vec::new();
+        for a in accounts.values() {
+            let Account {
+                name,
+                username: _,
+                auth,
+                imap: _,
+                smtp: _,
+                pop3: _,
+                ca_file: _,
+                insecure_skip_verify: _,
+                mechanism: _,
+            } = &**a;
+            let AccountAuth::OAuth(o) = auth else { continue };
+            let OAuthSettings {
+                provider: _,
+                client_id: _,
+                client_secret,
+                auth_url: _,
+                token_url: _,
+                device_url: _,
+                revoke_url: _,
+                redirect_uri: _,
+                scopes: _,
+                flow: _,
+                // A path: the key itself is checked where it lives.
+                client_certificate: _,
+                client_key: _,
+                on_demand: _,
+                auth_params: _,
+            } = &**o;
+            if client_secret.is_some() {
+                keys.push(format!("accounts.\"{name}\".client_secret"));
+            }
+        }
+        keys
     }
-    let has_secret = text.lines().any(|l| l.trim_start().starts_with("client_secret"));
-    if has_secret && mode & 0o044 != 0 {
-        return refuse(format!(
-            "it holds a client_secret and other users can read it (mode {mode:o}); run: chmod 600 {}",
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 /// Relative paths in the config are relative to the config file.
@@ -419,11 +447,18 @@ imap = "imaps://legacy.example:993"
         std::fs::write(&p, EXAMPLE).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Config::load(&p).unwrap_err().to_string();
-        assert!(e.contains("chmod 600") && e.contains("client_secret"), "{e}");
+        assert!(
+            e.contains(&format!("chmod 600 {}", p.display())) && e.contains("client_secret"),
+            "{e}"
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         Config::load(&p).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o620)).unwrap();
-        assert!(Config::load(&p).unwrap_err().to_string().contains("chmod go-w"));
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("change") && e.contains(&format!("chmod 600 {}", p.display())),
+            "{e}"
+        );
         // Without secrets, a world-readable config is fine.
         std::fs::write(&p, "[imap]\nlisten = \"127.0.0.1:1143\"\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -479,6 +514,45 @@ imap = "imaps://legacy.example:993"
         parse(&format!("{base}token_url = \"http://127.0.0.1:9/t\"\n")).unwrap();
         let e = parse(&format!("{base}token_url = \"http://id.example.org/t\"\n")).unwrap_err();
         assert!(e.to_string().contains("token_url"), "{e}");
+    }
+
+    /// Every TOML spelling of a client secret counts, not only a line that
+    /// starts with `client_secret`.
+    #[test]
+    fn secrets_found_in_any_spelling() {
+        use std::os::unix::fs::PermissionsExt;
+        let head = "[imap]\nlisten = \"127.0.0.1:1143\"\n";
+        let acct = "provider = \"google\"\nclient_id = \"id\"\n";
+        let spellings = [
+            // Quoted keys.
+            format!("{head}[accounts.\"a@b\"]\n{acct}\"client_secret\" = \"x\"\n"),
+            format!("{head}[accounts.\"a@b\"]\n{acct}'client_secret' = \"x\"\n"),
+            format!("{head}[accounts.\"a@b\"]\n{acct}\"client\\u005fsecret\" = \"x\"\n"),
+            // Inline tables.
+            format!("accounts = {{ \"a@b\" = {{ provider = \"google\", client_id = \"id\", client_secret = \"x\" }} }}\n{head}"),
+            format!("{head}[accounts]\n\"a@b\" = {{ provider = \"google\", client_id = \"id\", \"client_secret\" = \"x\" }}\n"),
+            // Dotted keys, at the top level and in a table.
+            format!("accounts.\"a@b\".provider = \"google\"\naccounts.\"a@b\".client_id = \"id\"\naccounts.\"a@b\".client_secret = \"x\"\n{head}"),
+            format!("{head}[accounts]\n\"a@b\".provider = \"google\"\n\"a@b\".client_id = \"id\"\n\"a@b\" . client_secret = \"x\"\n"),
+            // Multi-line value.
+            format!("{head}[accounts.\"a@b\"]\n{acct}client_secret = '''\nx'''\n"),
+        ];
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("c.toml");
+        for text in &spellings {
+            let c = parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(c.secret_keys(), ["accounts.\"a@b\".client_secret"], "{text}");
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let e = Config::load(&p).unwrap_err().to_string();
+            assert!(e.contains(&format!("chmod 600 {}", p.display())), "{text}\n{e}");
+            assert!(!e.contains("\"x\""), "the error shows no secret: {e}");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Config::load(&p).unwrap();
+        }
+        // The word alone is no secret.
+        let c = parse(&format!("{head}[server]\non_reauth_needed = \"echo client_secret\"\n")).unwrap();
+        assert!(c.secret_keys().is_empty());
     }
 
     #[test]
