@@ -167,7 +167,10 @@ impl Default for Limits {
             preauth_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(20),
             max_connections: 4096,
-            max_connections_per_ip: 4096,
+            // One address rarely needs more than a few dozen sessions (a
+            // client with many folders, a NAT'd office); one address must
+            // not be able to take every slot of a listener.
+            max_connections_per_ip: 256,
             max_line: 8192,
             login_failure_delay_max: Duration::from_secs(15),
             provider_timeout: Duration::from_secs(30),
@@ -553,6 +556,15 @@ imap = "imaps://legacy.example:993"
         // The word alone is no secret.
         let c = parse(&format!("{head}[server]\non_reauth_needed = \"echo client_secret\"\n")).unwrap();
         assert!(c.secret_keys().is_empty());
+    }
+
+    #[test]
+    fn limits_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.limits.max_connections_per_ip, 256);
+        assert_eq!(c.limits.max_connections, 4096);
+        let c = parse("[limits]\nmax_connections_per_ip = 5000\n").unwrap();
+        assert_eq!(c.limits.max_connections_per_ip, 5000);
     }
 
     #[test]
