@@ -3,7 +3,7 @@
 //!
 //! `raw` is what the file says, `parse` turns it into a checked [`Config`]
 //! one section at a time (no I/O), `files` judges the file and the key files
-//! it names on disk.
+//! it names on disk, and `reload` says what a SIGHUP cannot change.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,6 +20,9 @@ use crate::secret::Secret;
 mod files;
 mod parse;
 mod raw;
+mod reload;
+
+pub use reload::restart_needed;
 
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
