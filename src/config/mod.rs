@@ -85,6 +85,7 @@ pub enum Flow {
     #[default]
     AuthorizationCode,
     /// RFC 8628: a code typed in on another device (headless machines).
+    /// Not for Google: its device flow does not grant the Gmail scope.
     Device,
     /// App-only access (Microsoft 365): no user, no refresh token.
     ClientCredentials,
@@ -263,12 +264,27 @@ pub struct OAuthSettings {
     pub auth_params: Vec<(String, String)>,
 }
 
+impl OAuthSettings {
+    /// Why `account` cannot be authorised with the device flow, or `None`
+    /// if it can. The config refuses `flow = "device"` with this sentence;
+    /// `mailproxy login --device` should refuse with the same one.
+    pub fn device_flow_refusal(&self, account: &str) -> Option<String> {
+        (self.provider == ProviderKind::Google).then(|| {
+            format!(
+                "Google's device flow does not accept the Gmail scope ({GOOGLE_MAIL_SCOPE}), so it cannot authorise mail access. \
+                 Use the browser flow (the default) instead; on a headless machine, set redirect_uri = \"http://127.0.0.1:8765/\" \
+                 for this account, connect with `ssh -L 8765:127.0.0.1:8765 HOST`, run `mailproxy login {account} --no-browser` \
+                 in that session and open the URL it prints in your local browser"
+            )
+        })
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Provider presets: the real endpoints and the smallest scopes that work.
 
 pub const GOOGLE_AUTH_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
 pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
-pub const GOOGLE_DEVICE_URL: &str = "https://oauth2.googleapis.com/device/code";
 pub const GOOGLE_REVOKE_URL: &str = "https://oauth2.googleapis.com/revoke";
 /// Gmail has one scope for IMAP, POP3 and SMTP alike.
 pub const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
@@ -559,6 +575,45 @@ imap = "imaps://legacy.example:993"
         // The word alone is no secret.
         let c = parse(&format!("{head}[server]\non_reauth_needed = \"echo client_secret\"\n")).unwrap();
         assert!(c.secret_keys().is_empty());
+    }
+
+    #[test]
+    fn google_device_flow_refused_with_the_alternative() {
+        let e = parse("[accounts.\"a@gmail.com\"]\nprovider = \"google\"\nclient_id = \"id\"\nflow = \"device\"\n")
+            .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("accounts.\"a@gmail.com\".flow"));
+        assert_eq!(e.line, Some(1));
+        for part in [
+            "Google's device flow does not accept the Gmail scope (https://mail.google.com/)",
+            "ssh -L 8765:127.0.0.1:8765 HOST",
+            "redirect_uri = \"http://127.0.0.1:8765/\"",
+            "mailproxy login a@gmail.com --no-browser",
+        ] {
+            assert!(e.message.contains(part), "{part}: {e}");
+        }
+        // An explicit device_url does not make it work either.
+        parse(
+            "[accounts.\"a@gmail.com\"]\nprovider = \"google\"\nclient_id = \"id\"\nflow = \"device\"\n\
+             device_url = \"https://oauth2.googleapis.com/device/code\"\n",
+        )
+        .unwrap_err();
+        // The same sentence for `mailproxy login --device` on a browser-flow account.
+        let c = parse(EXAMPLE).unwrap();
+        let google = c.account("alice@gmail.com").unwrap().oauth().unwrap();
+        let why = google.device_flow_refusal("alice@gmail.com").unwrap();
+        assert!(why.contains("mailproxy login alice@gmail.com --no-browser"), "{why}");
+        assert_eq!(google.device_url, None);
+        let ms = c.account("bob@contoso.com").unwrap().oauth().unwrap();
+        assert_eq!(ms.device_flow_refusal("bob@contoso.com"), None);
+        // Microsoft and custom providers keep the device flow.
+        parse("[accounts.\"b@contoso.com\"]\nprovider = \"microsoft\"\nclient_id = \"id\"\nflow = \"device\"\n")
+            .unwrap();
+        parse(
+            "[accounts.\"c@example.org\"]\nprovider = \"custom\"\nclient_id = \"id\"\nflow = \"device\"\n\
+             auth_url = \"https://id.example.org/a\"\ntoken_url = \"https://id.example.org/t\"\n\
+             device_url = \"https://id.example.org/d\"\nscopes = [\"mail\"]\nimap = \"imaps://mail.example.org\"\n",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -415,13 +415,14 @@ fn oauth(at: &At, a: &RawAccount, has_server: [bool; 3], ctx: &AccountContext) -
 }
 
 /// Google: one scope for all of Gmail, and `access_type=offline` plus
-/// `prompt=consent`, without which no refresh token is handed out.
+/// `prompt=consent`, without which no refresh token is handed out. No
+/// device endpoint: Google's device flow does not accept the Gmail scope.
 fn google_preset() -> Preset {
     Preset {
         kind: ProviderKind::Google,
         auth_url: GOOGLE_AUTH_URL.into(),
         token_url: GOOGLE_TOKEN_URL.into(),
-        device_url: Some(GOOGLE_DEVICE_URL.into()),
+        device_url: None,
         revoke_url: Some(GOOGLE_REVOKE_URL.into()),
         scopes: vec![GOOGLE_MAIL_SCOPE.into()],
         auth_params: vec![
@@ -503,6 +504,9 @@ fn custom_preset(at: &At, a: &RawAccount) -> Result<Preset, ConfigError> {
 fn check_flow(at: &At, o: &OAuthSettings) -> Result<(), ConfigError> {
     match o.flow {
         Flow::Device => {
+            if let Some(why) = o.device_flow_refusal(at.name) {
+                return Err(at.err("flow", why));
+            }
             if o.device_url.is_none() {
                 return Err(at.err("device_url", "flow = \"device\" needs device_url"));
             }
