@@ -61,3 +61,92 @@ pub fn check_crlf_lines(out: &[u8]) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Reads `stream` the way the proxy reads an upstream before login
+/// (`proxy::client::Client::read`): the bytes arrive in `chunks`, and after
+/// each one `framer` is asked for complete frames at the start of the
+/// buffer, which are consumed, until it wants more.
+///
+/// Checks on every answer:
+/// * a frame is `0 < len <= buffered`, and it is the frame (and value) the
+///   framer finds in the whole rest of the stream: what is read must not
+///   depend on how the network cut the bytes;
+/// * an error is also an error on the whole rest of the stream;
+/// * asking for more holds at most `bound` bytes (the proxy's memory bound).
+///
+/// `each` sees every frame with its bytes; returning `false` stops the
+/// reading (as the proxy stops on a BYE or a refused greeting).
+pub fn read_frames<T, E>(
+    stream: &[u8],
+    chunks: &[&[u8]],
+    bound: usize,
+    mut framer: impl FnMut(&[u8]) -> Result<Option<(usize, T)>, E>,
+    mut each: impl FnMut(&[u8], T) -> bool,
+) where
+    T: PartialEq + std::fmt::Debug,
+{
+    let mut consumed = 0;
+    let mut fed = 0;
+    for c in chunks {
+        fed += c.len();
+        loop {
+            let buf = &stream[consumed..fed];
+            match framer(buf) {
+                Ok(Some((len, v))) => {
+                    assert!(
+                        len > 0 && len <= buf.len(),
+                        "frame length {len} of {} buffered",
+                        buf.len()
+                    );
+                    match framer(&stream[consumed..]) {
+                        Ok(Some((whole_len, whole))) => {
+                            assert_eq!(
+                                (len, &v),
+                                (whole_len, &whole),
+                                "the frame depends on how the bytes arrived"
+                            )
+                        }
+                        Ok(None) => panic!("a frame found in a prefix is incomplete in the whole stream"),
+                        Err(_) => panic!("a frame found in a prefix is an error in the whole stream"),
+                    }
+                    let frame = &stream[consumed..consumed + len];
+                    consumed += len;
+                    if !each(frame, v) {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    assert!(
+                        buf.len() <= bound,
+                        "{} bytes buffered waiting for a frame (bound {bound})",
+                        buf.len()
+                    );
+                    break;
+                }
+                Err(_) => {
+                    assert!(
+                        framer(&stream[consumed..]).is_err(),
+                        "an error in a prefix is not one in the whole stream"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What the proxy makes of an XOAUTH2/OAUTHBEARER failure challenge: a
+/// sentence for the client and the log. It must be non-empty, equal its
+/// `Display`, and carry no control character (no line break to inject into
+/// a reply or a log line) that the challenge's raw scope did not bring.
+pub fn check_challenge(c: &mailproxy::sasl::OAuthChallenge) {
+    let e = c.explain();
+    assert!(!e.is_empty());
+    assert_eq!(e, c.to_string());
+    if e.chars().any(char::is_control) {
+        assert!(
+            c.scope.as_deref().unwrap_or("").chars().any(char::is_control),
+            "control character from the status in {e:?}"
+        );
+    }
+}

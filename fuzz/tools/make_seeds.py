@@ -115,7 +115,7 @@ SASL = [
     b"",
 ]
 
-# ---------------------------------------------------------------- config (from src/config.rs tests)
+# ---------------------------------------------------------------- config (from src/config/ tests)
 CONFIGS = [
     b'''
 [server]
@@ -230,6 +230,61 @@ POP3_SERVER = (b"+OK Gpop ready for requests from 1.2.3.4\r\n"
                b"+ eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==\r\n"
                b"-ERR [AUTH] Username and password not accepted.\r\n-ERR [SYS/TEMP] try later\r\n+OK Welcome.\r\n")
 
+# ---------------------------------------------------------------- upstreams before login
+IMAP_UPSTREAM = [
+    # Gmail: greeting, CAPABILITY, the XOAUTH2 failure challenge, NO.
+    (b"* OK Gimap ready for requests from 1.2.3.4 abcdef\r\n"
+     b"* CAPABILITY IMAP4rev1 UNSELECT IDLE NAMESPACE QUOTA ID XLIST CHILDREN X-GM-EXT-1 XYZZY SASL-IR AUTH=XOAUTH2 AUTH=PLAIN AUTH=PLAIN-CLIENTTOKEN AUTH=OAUTHBEARER\r\n"
+     b"a0 OK Thats all she wrote! abcdef\r\n"
+     b"+ eyJzdGF0dXMiOiI0MDAiLCJzY2hlbWVzIjoiQmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xlLmNvbS8ifQ==\r\n"
+     b"a1 NO [AUTHENTICATIONFAILED] Invalid credentials (Failure)\r\n"),
+    # Dovecot: capabilities in the greeting, success with a CAPABILITY code.
+    (b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN] Dovecot (Ubuntu) ready.\r\n"
+     b"a1 OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n"),
+    # Outlook, then an untagged response with literals before the tagged answer.
+    (b"* OK The Microsoft Exchange IMAP4 service is ready. [TQBXADIAUABSADAAMgBDAEEAMAAwADEAMQAuAGUAdQByAHAAcgBkADAAMgAuAHAAcgBvAGQALgBvAHUAdABsAG8AbwBrAC4AYwBvAG0A]\r\n"
+     b'* ID ("name" {8}\r\nExchange "version" {3+}\r\n15.)\r\n'
+     b"+ \r\n"
+     b"a1 OK AUTHENTICATE completed.\r\n"),
+    b"* BYE Autologout; idle for too long\r\n",
+    b"* PREAUTH IMAP4rev1 server logged in as Smith\r\n",
+    b"* OK ready\r\n* 1 FETCH (BODY[] {99999999999999999999}\r\n",
+    b"* OK ready\r\n* OK [ALERT] {5}\r\nhello\r\n\r\na1 BAD \xff\r\n",
+]
+SMTP_UPSTREAM = [
+    SMTP_SERVER,
+    (b"220 smtp.office365.com Microsoft ESMTP MAIL Service ready\r\n"
+     b"250-SN4PR0501CA0054.outlook.office365.com Hello [1.2.3.4]\r\n250-SIZE 157286400\r\n250-PIPELINING\r\n"
+     b"250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n250-STARTTLS\r\n250-8BITMIME\r\n250-BINARYMIME\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"
+     b"220 2.0.0 SMTP server ready\r\n"
+     b"250-AUTH=LOGIN XOAUTH2\r\n250 AUTH LOGIN XOAUTH2\r\n"
+     b"334 VXNlcm5hbWU6\r\n"
+     b"535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.\r\n"),
+    b"421 4.7.0 Try again later, closing connection.\r\n",
+    b"250-x\r\n251 y\r\n",
+]
+POP3_UPSTREAM = [
+    POP3_SERVER,
+    (b"+OK The Microsoft Exchange POP3 service is ready.\r\n"
+     b"+OK\r\nTOP\r\nUIDL\r\nSASL PLAIN XOAUTH2\r\nUSER\r\n..dot\r\n.\r\n"
+     b"+ \r\n-ERR Authentication failure: unknown user name or bad password.\r\n"),
+    b"-ERR [SYS/PERM] go away\r\n",
+]
+CHALLENGES = [
+    b'{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}',
+    b'{"status":"401","schemes":"bearer mac","scope":"https://mail.google.com/"}',
+    b'{"status":"invalid_token","scope":"example_scope","openid-configuration":"https://example.com/.well-known/openid-configuration"}',
+    b'{"status":401}',
+    b'{"status":4.01e2}',
+    b'{"status":"insufficient_scope","scope":"mail"}',
+    b'{"status":"invalid_request"}',
+    b'{"status":"x\\u0000\\n","scope":"a\\r\\nb"}',
+    b'{"status":null}',
+    b'[{"status":"400"}]',
+    b'{"status":"400","status":"401"}',
+    b'"400"',
+]
+
 def write(target, items):
     d = os.path.join(ROOT, target)
     shutil.rmtree(d, ignore_errors=True)
@@ -270,6 +325,16 @@ def main():
           [bytes([0x81, 0x80, 7]) + SMTP_CLIENT, bytes([0x03, 40, 9]) + SMTP_LOGIN])
     write("pop3", [bytes([0x80, 0x80, i]) + x for i, x in enumerate([POP3_CLIENT, POP3_SERVER])] +
           [bytes([0x81, 0x80, 7]) + POP3_CLIENT, bytes([0x01, 40, 9]) + POP3_CLIENT])
+
+    # upstream targets: [max][seed] stream
+    write("imap_upstream", [bytes([0x80, i]) + x for i, x in enumerate(IMAP_UPSTREAM)] +
+          [bytes([0x10, 9]) + IMAP_UPSTREAM[2], bytes([0x02, 3]) + IMAP_UPSTREAM[0]])
+    write("smtp_upstream", [bytes([0x80, i]) + x for i, x in enumerate(SMTP_UPSTREAM)] +
+          [bytes([0x08, 7]) + SMTP_UPSTREAM[0]])
+    write("pop3_upstream", [bytes([0x80, i]) + x for i, x in enumerate(POP3_UPSTREAM)] +
+          [bytes([0x04, 7]) + POP3_UPSTREAM[0]])
+    # sasl_challenge: [selector] json
+    write("sasl_challenge", [bytes([i % 4]) + c for i, c in enumerate(CHALLENGES)])
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,559 @@
+//! From the raw file to a checked [`Config`], one function per section.
+//! Pure (no file system access), so it can be fuzzed and unit-tested; the
+//! checks that need the file system live in `files`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::{ProviderName, RawAccount, RawConfig, RawLimits, RawListener, RawServer};
+use super::*;
+use crate::endpoint::{is_loopback_host, Endpoint, Protocol, Security};
+
+/// The text being parsed and where it came from, for errors and relative paths.
+struct Source<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Source<'_> {
+    fn err(&self, span: Option<Range<usize>>, key: Option<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: self.path.to_owned(),
+            line: span.map(|s| line_of(self.text, s.start)),
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// Relative paths in the config are relative to the config file.
+    fn resolve(&self, p: &Path) -> PathBuf {
+        resolve(self.path, p)
+    }
+}
+
+/// `[server]` after checking; becomes part of [`Config`].
+struct Server {
+    state_dir: PathBuf,
+    ca_file: Option<PathBuf>,
+    token_store: TokenStore,
+    status_listen: Option<SocketAddr>,
+    on_reauth_needed: Option<String>,
+    audit_log: PathBuf,
+}
+
+/// What an account's settings depend on outside its own table.
+struct AccountContext<'a> {
+    /// `[server] ca_file`, the default for every account.
+    server_ca: Option<&'a Path>,
+    /// Which listeners are configured (IMAP, SMTP, POP3): Microsoft accounts
+    /// ask only for the scopes of protocols that can actually be used.
+    listening: [bool; 3],
+}
+
+pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let src = Source { text, path };
+    // toml's message names the key ("unknown field `x`, expected ..."); the
+    // span gives the line. Only the message is used: toml's full Display
+    // quotes the source line, which may hold a secret.
+    let raw: RawConfig = toml::from_str(text).map_err(|e| src.err(e.span(), None, e.message().trim().to_string()))?;
+
+    let server = server(&src, raw.server)?;
+    let imap = raw.imap.map(|l| listener(&src, Protocol::Imap, l)).transpose()?;
+    let smtp = raw.smtp.map(|l| listener(&src, Protocol::Smtp, l)).transpose()?;
+    let pop3 = raw.pop3.map(|l| listener(&src, Protocol::Pop3, l)).transpose()?;
+    let limits = limits(raw.limits);
+    let ctx = AccountContext {
+        server_ca: server.ca_file.as_deref(),
+        listening: [imap.is_some(), smtp.is_some(), pop3.is_some()],
+    };
+    let accounts = accounts(&src, raw.accounts, &ctx)?;
+
+    Ok(Config {
+        path: path.to_owned(),
+        state_dir: server.state_dir,
+        token_store: server.token_store,
+        status_listen: server.status_listen,
+        on_reauth_needed: server.on_reauth_needed,
+        audit_log: server.audit_log,
+        ca_file: server.ca_file,
+        imap,
+        smtp,
+        pop3,
+        limits,
+        accounts,
+    })
+}
+
+/// `[server]`: paths get their defaults, and the status page must stay on
+/// loopback because it shows authorisation links.
+fn server(src: &Source, raw: RawServer) -> Result<Server, ConfigError> {
+    let state_dir = raw
+        .state_dir
+        .map(|p| src.resolve(&p))
+        .unwrap_or_else(|| xdg_dir("XDG_STATE_HOME", ".local/state").join("mailproxy"));
+    let status_listen = match &raw.status_listen {
+        None => None,
+        Some(s) => {
+            let key = || Some("server.status_listen".to_string());
+            let addr = s.get_ref().parse::<SocketAddr>().map_err(|_| {
+                src.err(
+                    Some(s.span()),
+                    key(),
+                    format!("`{}` is not an address like 127.0.0.1:8025", s.get_ref()),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(src.err(
+                    Some(s.span()),
+                    key(),
+                    "the status page shows authorisation links: it listens on loopback only",
+                ));
+            }
+            Some(addr)
+        }
+    };
+    let audit_log = raw
+        .audit_log
+        .map(|p| src.resolve(&p))
+        .unwrap_or_else(|| state_dir.join("audit.log"));
+    Ok(Server {
+        ca_file: raw.ca_file.map(|p| src.resolve(&p)),
+        token_store: raw.token_store,
+        on_reauth_needed: raw.on_reauth_needed,
+        state_dir,
+        status_listen,
+        audit_log,
+    })
+}
+
+/// `[imap]`, `[smtp]` or `[pop3]`: passwords must not cross the network in
+/// the clear, neither from clients to a remote listener nor to a fallback.
+fn listener(src: &Source, protocol: Protocol, l: RawListener) -> Result<Listener, ConfigError> {
+    let section = protocol.name();
+    let key = |k: &str| Some(format!("{section}.{k}"));
+    let listen: SocketAddr = l.listen.get_ref().parse().map_err(|_| {
+        src.err(
+            Some(l.listen.span()),
+            key("listen"),
+            format!("`{}` is not an address like 127.0.0.1:1143", l.listen.get_ref()),
+        )
+    })?;
+    let fallback = match &l.fallback {
+        None => None,
+        Some(f) => {
+            let ep = Endpoint::parse(f.get_ref(), protocol).map_err(|m| src.err(Some(f.span()), key("fallback"), m))?;
+            if ep.security == Security::Plain && !ep.is_loopback() {
+                return Err(src.err(
+                    Some(f.span()),
+                    key("fallback"),
+                    format!("`{ep}` would send passwords unencrypted to a remote host; use {section}s:// or {section}+starttls://"),
+                ));
+            }
+            Some(ep)
+        }
+    };
+    if l.tls == LocalTls::None && !listen.ip().is_loopback() && !l.allow_insecure_remote {
+        return Err(src.err(
+            Some(l.listen.span()),
+            key("listen"),
+            format!(
+                "{listen} is reachable from other machines but the listener has no TLS, so passwords would cross the network in the clear; \
+                 set tls = \"implicit\" or \"starttls\", or allow_insecure_remote = true if you really mean it"
+            ),
+        ));
+    }
+    if l.cert.is_some() != l.key.is_some() {
+        return Err(src.err(
+            Some(l.listen.span()),
+            key("cert"),
+            "cert and key must be given together",
+        ));
+    }
+    Ok(Listener {
+        protocol,
+        listen,
+        fallback,
+        tls: l.tls,
+        cert: l.cert.map(|p| src.resolve(&p)),
+        key: l.key.map(|p| src.resolve(&p)),
+    })
+}
+
+/// `[limits]`: defaults for what is missing; values outside what makes sense
+/// are clamped rather than refused, so a limit can never disable itself.
+fn limits(rl: RawLimits) -> Limits {
+    let d = Limits::default();
+    Limits {
+        preauth_timeout: rl.preauth_timeout.map(Duration::from_secs).unwrap_or(d.preauth_timeout),
+        connect_timeout: rl.connect_timeout.map(Duration::from_secs).unwrap_or(d.connect_timeout),
+        max_connections: rl.max_connections.unwrap_or(d.max_connections),
+        max_connections_per_ip: rl.max_connections_per_ip.unwrap_or(d.max_connections_per_ip),
+        max_line: rl.max_line.unwrap_or(d.max_line).clamp(1024, 1 << 20),
+        login_failure_delay_max: rl
+            .login_failure_delay_max
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(3600.0)))
+            .unwrap_or(d.login_failure_delay_max),
+        provider_timeout: rl
+            .provider_timeout
+            .map(|s| Duration::from_secs(s.max(1)))
+            .unwrap_or(d.provider_timeout),
+    }
+}
+
+/// `[accounts]`: every account, keyed by its lower-cased login name because
+/// clients' login names are matched without regard to case.
+fn accounts(
+    src: &Source,
+    raw: BTreeMap<String, Spanned<RawAccount>>,
+    ctx: &AccountContext,
+) -> Result<BTreeMap<String, Arc<Account>>, ConfigError> {
+    let mut accounts = BTreeMap::new();
+    for (name, a) in raw {
+        let at = At {
+            src,
+            name: &name,
+            span: a.span(),
+        };
+        let account = account(&at, a.into_inner(), ctx)?;
+        if accounts.insert(name.to_lowercase(), Arc::new(account)).is_some() {
+            return Err(at.err(
+                "",
+                "two accounts differ only in upper/lower case; login names are matched without case",
+            ));
+        }
+    }
+    Ok(accounts)
+}
+
+/// One account's table, for errors: `accounts."NAME".KEY` at the table's line.
+struct At<'a> {
+    src: &'a Source<'a>,
+    name: &'a str,
+    span: Range<usize>,
+}
+
+impl At<'_> {
+    fn key(&self, k: &str) -> Option<String> {
+        Some(if k.is_empty() {
+            format!("accounts.\"{}\"", self.name)
+        } else {
+            format!("accounts.\"{}\".{k}", self.name)
+        })
+    }
+
+    fn err(&self, k: &str, message: impl Into<String>) -> ConfigError {
+        self.src.err(Some(self.span.clone()), self.key(k), message)
+    }
+
+    fn err_at(&self, span: Option<Range<usize>>, k: &str, message: impl Into<String>) -> ConfigError {
+        self.src.err(span.or(Some(self.span.clone())), self.key(k), message)
+    }
+}
+
+/// `[accounts."NAME"]`: servers, then how it authenticates.
+fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, ConfigError> {
+    let name = at.name;
+    if name.trim().is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(at.err(
+            "",
+            "an account name must be a login name without spaces or control characters",
+        ));
+    }
+    let [imap, smtp, pop3] = servers(at, &a)?;
+    let has_server = [imap.is_some(), smtp.is_some(), pop3.is_some()];
+    let auth = match a.provider {
+        ProviderName::Password => {
+            password_only(at, &a)?;
+            AccountAuth::Password
+        }
+        _ => AccountAuth::OAuth(Box::new(oauth(at, &a, has_server, ctx)?)),
+    };
+    Ok(Account {
+        username: a.username.clone().unwrap_or_else(|| name.to_owned()),
+        name: name.to_owned(),
+        auth,
+        imap,
+        smtp,
+        pop3,
+        ca_file: a
+            .ca_file
+            .as_ref()
+            .map(|p| at.src.resolve(p))
+            .or_else(|| ctx.server_ca.map(Path::to_owned)),
+        mechanism: a.mechanism,
+        insecure_skip_verify: a.insecure_skip_verify,
+    })
+}
+
+/// The account's IMAP, SMTP and POP3 servers (presets fill what is not
+/// given); plaintext to a remote host needs `allow_plaintext`.
+fn servers(at: &At, a: &RawAccount) -> Result<[Option<Endpoint>; 3], ConfigError> {
+    let mut out = [None, None, None];
+    for (slot, (p, raw_url)) in out.iter_mut().zip([
+        (Protocol::Imap, &a.imap),
+        (Protocol::Smtp, &a.smtp),
+        (Protocol::Pop3, &a.pop3),
+    ]) {
+        let url = match raw_url {
+            Some(u) => Some(Endpoint::parse(u.get_ref(), p).map_err(|m| at.err_at(Some(u.span()), p.name(), m))?),
+            None => default_server(a.provider, p).map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
+        };
+        if let Some(ep) = &url {
+            if ep.security == Security::Plain && !is_loopback_host(&ep.host) && !a.allow_plaintext {
+                return Err(at.err_at(
+                    raw_url.as_ref().map(|u| u.span()),
+                    p.name(),
+                    format!(
+                        "`{ep}` is plaintext to a remote host: credentials would cross the network unencrypted; \
+                         use {0}s:// or {0}+starttls://, or set allow_plaintext = true for this account",
+                        p.name()
+                    ),
+                ));
+            }
+        }
+        *slot = url;
+    }
+    if out.iter().all(Option::is_none) {
+        return Err(at.err(
+            "imap",
+            "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)",
+        ));
+    }
+    Ok(out)
+}
+
+/// A passthrough account takes no OAuth setting: one would be silently ignored.
+fn password_only(at: &At, a: &RawAccount) -> Result<(), ConfigError> {
+    let oauth_only = [
+        ("tenant", a.tenant.is_some()),
+        ("client_id", a.client_id.is_some()),
+        ("client_secret", a.client_secret.is_some()),
+        ("auth_url", a.auth_url.is_some()),
+        ("token_url", a.token_url.is_some()),
+        ("device_url", a.device_url.is_some()),
+        ("revoke_url", a.revoke_url.is_some()),
+        ("redirect_uri", a.redirect_uri.is_some()),
+        ("scopes", a.scopes.is_some()),
+        ("client_certificate", a.client_certificate.is_some()),
+        ("client_key", a.client_key.is_some()),
+        ("flow", a.flow != Flow::AuthorizationCode),
+    ];
+    match oauth_only.iter().find(|(_, set)| *set) {
+        Some((k, _)) => Err(at.err(
+            k,
+            "provider = \"password\" passes the client's own password through; OAuth settings do not apply",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Endpoints and scopes a provider preset supplies; the account may
+/// override each of them.
+struct Preset {
+    kind: ProviderKind,
+    auth_url: String,
+    token_url: String,
+    device_url: Option<String>,
+    revoke_url: Option<String>,
+    scopes: Vec<String>,
+    auth_params: Vec<(String, String)>,
+}
+
+/// An OAuth account's settings: the preset, the account's overrides, then
+/// what each flow needs.
+fn oauth(at: &At, a: &RawAccount, has_server: [bool; 3], ctx: &AccountContext) -> Result<OAuthSettings, ConfigError> {
+    let client_id = a.client_id.clone().filter(|c| !c.is_empty()).ok_or_else(|| {
+        at.err(
+            "client_id",
+            "an OAuth account needs the client_id of its app registration",
+        )
+    })?;
+    if a.tenant.is_some() && a.provider != ProviderName::Microsoft {
+        return Err(at.err("tenant", "tenant only applies to provider = \"microsoft\""));
+    }
+    let preset = match a.provider {
+        ProviderName::Google => google_preset(),
+        ProviderName::Microsoft => microsoft_preset(at, a, has_server, ctx)?,
+        _ => custom_preset(at, a)?,
+    };
+    let o = OAuthSettings {
+        provider: preset.kind,
+        client_id,
+        client_secret: a.client_secret.clone(),
+        auth_url: a.auth_url.clone().unwrap_or(preset.auth_url),
+        token_url: a.token_url.clone().unwrap_or(preset.token_url),
+        device_url: a.device_url.clone().or(preset.device_url),
+        revoke_url: a.revoke_url.clone().or(preset.revoke_url),
+        redirect_uri: a.redirect_uri.clone(),
+        scopes: a.scopes.clone().unwrap_or(preset.scopes),
+        flow: a.flow,
+        client_certificate: a.client_certificate.as_ref().map(|p| at.src.resolve(p)),
+        client_key: a.client_key.as_ref().map(|p| at.src.resolve(p)),
+        on_demand: a.on_demand,
+        auth_params: preset.auth_params,
+    };
+    check_flow(at, &o)?;
+    for (k, u) in [
+        ("auth_url", Some(&o.auth_url)),
+        ("token_url", Some(&o.token_url)),
+        ("device_url", o.device_url.as_ref()),
+        ("revoke_url", o.revoke_url.as_ref()),
+        ("redirect_uri", o.redirect_uri.as_ref()),
+    ] {
+        if let Some(u) = u {
+            check_http_url(u).map_err(|m| at.err(k, m))?;
+        }
+    }
+    Ok(o)
+}
+
+/// Google: one scope for all of Gmail, and `access_type=offline` plus
+/// `prompt=consent`, without which no refresh token is handed out. No
+/// device endpoint: Google's device flow does not accept the Gmail scope.
+fn google_preset() -> Preset {
+    Preset {
+        kind: ProviderKind::Google,
+        auth_url: GOOGLE_AUTH_URL.into(),
+        token_url: GOOGLE_TOKEN_URL.into(),
+        device_url: None,
+        revoke_url: Some(GOOGLE_REVOKE_URL.into()),
+        scopes: vec![GOOGLE_MAIL_SCOPE.into()],
+        auth_params: vec![
+            ("access_type".into(), "offline".into()),
+            ("prompt".into(), "consent".into()),
+        ],
+    }
+}
+
+/// Microsoft: endpoints under the tenant, and only the scopes of protocols
+/// that the account has a server for and mailproxy listens on (consent
+/// screens ask for less, and tenants may allow only some).
+fn microsoft_preset(
+    at: &At,
+    a: &RawAccount,
+    has_server: [bool; 3],
+    ctx: &AccountContext,
+) -> Result<Preset, ConfigError> {
+    let tenant = a.tenant.clone().unwrap_or_else(|| "common".into());
+    if tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)) {
+        return Err(at.err(
+            "tenant",
+            format!("`{tenant}` is not a tenant: use common, organizations, consumers, a tenant ID or a domain"),
+        ));
+    }
+    let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
+    let mut scopes: Vec<String> = [MS_IMAP_SCOPE, MS_SMTP_SCOPE, MS_POP_SCOPE]
+        .into_iter()
+        .zip(has_server.into_iter().zip(ctx.listening))
+        .filter(|(_, (server, listening))| *server && *listening)
+        .map(|(s, _)| s.to_string())
+        .collect();
+    if scopes.is_empty() {
+        scopes.push(MS_IMAP_SCOPE.to_string());
+    }
+    if a.flow == Flow::ClientCredentials {
+        // App-only access takes the resource's .default scope.
+        scopes = vec![MS_APP_SCOPE.to_string()];
+    } else {
+        scopes.push("offline_access".into());
+    }
+    Ok(Preset {
+        kind: ProviderKind::Microsoft,
+        auth_url: format!("{base}/authorize"),
+        token_url: format!("{base}/token"),
+        device_url: Some(format!("{base}/devicecode")),
+        revoke_url: None,
+        scopes,
+        auth_params: Vec::new(),
+    })
+}
+
+/// A custom provider has no preset: the endpoints and scopes are required.
+fn custom_preset(at: &At, a: &RawAccount) -> Result<Preset, ConfigError> {
+    let auth_url = a
+        .auth_url
+        .clone()
+        .ok_or_else(|| at.err("auth_url", "a custom provider needs auth_url"))?;
+    let token_url = a
+        .token_url
+        .clone()
+        .ok_or_else(|| at.err("token_url", "a custom provider needs token_url"))?;
+    let scopes = a
+        .scopes
+        .clone()
+        .ok_or_else(|| at.err("scopes", "a custom provider needs scopes, e.g. scopes = [\"mail\"]"))?;
+    Ok(Preset {
+        kind: ProviderKind::Custom,
+        auth_url,
+        token_url,
+        device_url: a.device_url.clone(),
+        revoke_url: a.revoke_url.clone(),
+        scopes,
+        auth_params: Vec::new(),
+    })
+}
+
+/// What each flow needs, refused at load rather than at the first login.
+fn check_flow(at: &At, o: &OAuthSettings) -> Result<(), ConfigError> {
+    match o.flow {
+        Flow::Device => {
+            if let Some(why) = o.device_flow_refusal(at.name) {
+                return Err(at.err("flow", why));
+            }
+            if o.device_url.is_none() {
+                return Err(at.err("device_url", "flow = \"device\" needs device_url"));
+            }
+        }
+        Flow::ClientCredentials => {
+            if o.client_certificate.is_some() != o.client_key.is_some() {
+                return Err(at.err("client_key", "client_certificate and client_key go together"));
+            }
+            if o.client_secret.is_none() && o.client_certificate.is_none() {
+                return Err(at.err(
+                    "client_secret",
+                    "flow = \"client_credentials\" needs client_secret, or client_certificate and client_key",
+                ));
+            }
+        }
+        Flow::AuthorizationCode => {}
+    }
+    Ok(())
+}
+
+/// Endpoints must be https, except on loopback (a local identity provider or a test).
+fn check_http_url(u: &str) -> Result<(), String> {
+    let url = url::Url::parse(u).map_err(|e| format!("`{u}` is not a URL: {e}"))?;
+    let local = url.host_str().map(is_loopback_host).unwrap_or(false);
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if local => Ok(()),
+        s => Err(format!("`{u}` must be an https:// URL (got {s}://)")),
+    }
+}
+
+fn default_server(provider: ProviderName, p: Protocol) -> Option<&'static str> {
+    match (provider, p) {
+        (ProviderName::Google, Protocol::Imap) => Some("imaps://imap.gmail.com:993"),
+        (ProviderName::Google, Protocol::Smtp) => Some("smtps://smtp.gmail.com:465"),
+        (ProviderName::Google, Protocol::Pop3) => Some("pop3s://pop.gmail.com:995"),
+        (ProviderName::Microsoft, Protocol::Imap) => Some("imaps://outlook.office365.com:993"),
+        (ProviderName::Microsoft, Protocol::Smtp) => Some("smtp+starttls://smtp.office365.com:587"),
+        (ProviderName::Microsoft, Protocol::Pop3) => Some("pop3s://outlook.office365.com:995"),
+        _ => None,
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}

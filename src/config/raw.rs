@@ -1,0 +1,107 @@
+//! What the file says, before any checking: serde shapes of each section.
+//! `deny_unknown_fields` everywhere, so a typo is an error with a line.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Flow, LocalTls, Mechanism, TokenStore};
+use crate::secret::Secret;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub imap: Option<RawListener>,
+    pub smtp: Option<RawListener>,
+    pub pop3: Option<RawListener>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub accounts: BTreeMap<String, Spanned<RawAccount>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub state_dir: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub token_store: TokenStore,
+    pub status_listen: Option<Spanned<String>>,
+    pub on_reauth_needed: Option<String>,
+    pub audit_log: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    pub listen: Spanned<String>,
+    pub fallback: Option<Spanned<String>>,
+    #[serde(default)]
+    pub tls: LocalTls,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_insecure_remote: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub preauth_timeout: Option<u64>,
+    pub connect_timeout: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub max_line: Option<usize>,
+    pub login_failure_delay_max: Option<f64>,
+    pub provider_timeout: Option<u64>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum ProviderName {
+    Google,
+    Microsoft,
+    Custom,
+    Password,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccount {
+    pub provider: ProviderName,
+    pub tenant: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret>,
+    pub auth_url: Option<String>,
+    pub token_url: Option<String>,
+    pub device_url: Option<String>,
+    pub revoke_url: Option<String>,
+    pub redirect_uri: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub username: Option<String>,
+    pub imap: Option<Spanned<String>>,
+    pub smtp: Option<Spanned<String>>,
+    pub pop3: Option<Spanned<String>>,
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub allow_plaintext: bool,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    #[serde(default)]
+    pub mechanism: Mechanism,
+    #[serde(default)]
+    pub flow: Flow,
+    pub client_certificate: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    #[serde(default = "yes")]
+    pub on_demand: bool,
+}
+
+fn yes() -> bool {
+    true
+}
