@@ -106,9 +106,11 @@ async fn attempt<C: UpstreamLogin>(
     tokens: &Tokens,
 ) -> Result<Exchange<()>, UpstreamError> {
     let mut c = C::connect(d, server, None).await?;
-    Ok(match c.oauth(&account.username, &tokens.access, account.mechanism).await? {
-        Exchange::Accepted(_) => Exchange::Accepted(()),
-        Exchange::Rejected(why) => Exchange::Rejected(why),
-        Exchange::Unsupported(why) => Exchange::Unsupported(why),
-    })
+    Ok(
+        match c.oauth(&account.username, &tokens.access, account.mechanism).await? {
+            Exchange::Accepted(_) => Exchange::Accepted(()),
+            Exchange::Rejected(why) => Exchange::Rejected(why),
+            Exchange::Unsupported(why) => Exchange::Unsupported(why),
+        },
+    )
 }

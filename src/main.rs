@@ -120,6 +120,11 @@ fn oauth_account<'a>(config: &'a Config, name: &str) -> Result<(&'a Account, &'a
 
 async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeout: u64) -> Result<()> {
     let (account, settings) = oauth_account(&config, name)?;
+    if device {
+        if let Some(why) = settings.device_flow_refusal(&account.name) {
+            bail!(why);
+        }
+    }
     let vault = Vault::open(&config.state_dir)?;
     let audit = Audit::direct(&config.audit_log);
     let password = read_password(&account.name, true)?;

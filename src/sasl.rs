@@ -193,16 +193,19 @@ pub fn decode_error_challenge(b64: &[u8]) -> Option<OAuthChallenge> {
 }
 
 impl OAuthChallenge {
-    /// A sentence a person can act on.
+    /// A sentence a person can act on, on one line: the server's own words
+    /// in it (scope, status) can break neither a log line nor a reply.
     pub fn explain(&self) -> String {
         let relogin = "run `mailproxy login ACCOUNT` if this persists";
         let scope = self
             .scope
             .as_deref()
-            .filter(|s| !s.is_empty())
+            .map(|s| crate::text::one_line(s).chars().take(200).collect::<String>())
+            .filter(|s| !s.trim().is_empty())
             .map(|s| format!(" (required scope: {s})"))
             .unwrap_or_default();
-        match self.status.trim() {
+        let status = crate::text::one_line(self.status.trim());
+        match status.as_str() {
             "401" | "invalid_token" => format!("the server rejected the access token (expired or revoked); {relogin}"),
             "400" => format!(
                 "the server rejected the OAuth login (status 400: usually an expired or revoked \
@@ -217,7 +220,10 @@ impl OAuthChallenge {
                 "the server says the OAuth request was malformed (invalid_request); check the \
                  configured username{scope}"
             ),
-            other => format!("the server rejected the OAuth login (status {other:?}){scope}; {relogin}"),
+            other => format!(
+                "the server rejected the OAuth login (status {:?}){scope}; {relogin}",
+                other.chars().take(40).collect::<String>()
+            ),
         }
     }
 }

@@ -339,7 +339,7 @@ fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
             }
         }
     }
-    let fixed = restart_needed(&old, &new);
+    let fixed = crate::config::restart_needed(&old, &new);
     if !fixed.is_empty() {
         tracing::warn!(settings = %fixed.join(", "), "these changes take effect at the next restart");
     }
@@ -349,26 +349,6 @@ fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
     let changed = ctx.tokens.reload(&new);
     *ctx.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     tracing::info!(changed_accounts = ?changed, "configuration reloaded");
-}
-
-/// Settings that differ between `old` and `new` but cannot change while
-/// serving: the sockets are bound and the stores open.
-fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
-    let mut v = Vec::new();
-    let key = |c: &Config| c.listeners().map(|l| (l.protocol, l.listen, l.tls)).collect::<Vec<_>>();
-    if key(old) != key(new) {
-        v.push("listener addresses and tls modes".to_string());
-    }
-    if old.state_dir != new.state_dir {
-        v.push("state_dir".into());
-    }
-    if old.token_store != new.token_store {
-        v.push("token_store".into());
-    }
-    if old.status_listen != new.status_listen {
-        v.push("status_listen".into());
-    }
-    v
 }
 
 /// The keyring is probed once at start; when it does not work, `serve` says

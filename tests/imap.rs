@@ -226,21 +226,17 @@ async fn expired_token_is_refreshed_and_parallel_logins_refresh_once() {
     assert_eq!(p.refreshes(), r0 + 2);
     assert!(c.imap("a2", "SELECT INBOX").await.unwrap().is_ok());
 
-    // Short lifetimes: the proxy renews tokens in the background, with no client
-    // logging in, and rotated refresh tokens keep working.
+    // A provider that hands out very short lifetimes: the lifetime counts as
+    // at least a minute (no refresh storm), and when the server refuses the
+    // token that died earlier, one refresh and a retry keep logins working.
     p.set_access_token_lifetime(Duration::from_secs(2));
     p.expire_all_access_tokens();
     drop(login(port, ALICE, ALICE_PW).await);
     let before = p.refreshes();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(
-        p.refreshes() >= before + 2,
-        "background refreshes: {} -> {}\n{}",
-        before,
-        p.refreshes(),
-        w.logs()
-    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(p.refreshes(), before, "no background refresh storm\n{}", w.logs());
     drop(login(port, ALICE, ALICE_PW).await);
+    assert_eq!(p.refreshes(), before + 1, "the dead token is refreshed once");
 
     // Twenty clients at once, cold start: exactly one refresh.
     p.set_access_token_lifetime(Duration::from_secs(3600));

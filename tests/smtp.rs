@@ -463,7 +463,13 @@ async fn expired_token_is_refreshed_and_upstream_refusal_is_a_535_sentence() {
         )
     });
     w.authorise(ALICE, ALICE_PW);
+    // The identity check refuses a grant that is not the account's, so dave
+    // is authorised as himself and only then sent upstream as someone else.
+    let cfg = std::fs::read_to_string(w.dir.config_path()).unwrap();
+    w.dir
+        .write_config(&cfg.replace("username = \"someone-else@example.org\"\n", ""));
     w.authorise(DAVE, DAVE_PW);
+    w.dir.write_config(&cfg);
     w.start();
     let port = w.smtp_port();
     let p = &w.env.provider;

@@ -26,12 +26,13 @@ mod common;
 
 use common::{check_crlf_lines, Rng};
 use libfuzzer_sys::fuzz_target;
-use mailproxy::imap::preauth::{Event, PreAuth, PreAuthConfig, FEED_SLACK};
+use mailproxy::imap::preauth::{Event, ImapPreAuth, PreAuthConfig, FEED_SLACK};
+use mailproxy::preauth::PreAuth;
 
 const CODES: &[&str] = &["", "AUTHENTICATIONFAILED", "UNAVAILABLE", "a]b[c", "X\r\n* OK", " \t", "ALERT\0"];
 const TEXTS: &[&str] = &["", "Invalid credentials", "bad\r\n* OK injected", "\u{85}\u{2028}x", "   ", "\0\x1b[31m"];
 
-fn out(p: &mut PreAuth, first: &mut bool) {
+fn out(p: &mut ImapPreAuth, first: &mut bool) {
     let o = p.take_output();
     if let Err(e) = check_crlf_lines(&o) {
         panic!("{e}");
@@ -42,7 +43,7 @@ fn out(p: &mut PreAuth, first: &mut bool) {
     }
 }
 
-fn bounded(p: &PreAuth) {
+fn bounded(p: &ImapPreAuth) {
     assert!(p.buffered_len() <= p.max_buffer(), "{} > {}", p.buffered_len(), p.max_buffer());
 }
 
@@ -63,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
     let mut rng = Rng::new(hdr);
     let max_chunk = [1, 3, 16, 100, 8192][rng.below(5)].min(FEED_SLACK);
 
-    let mut p = PreAuth::new(cfg);
+    let mut p = ImapPreAuth::new(cfg);
     let mut first = true;
     out(&mut p, &mut first);
     let mut tls_done = !cfg.starttls;
@@ -90,8 +91,9 @@ fuzz_target!(|data: &[u8]| {
             out(&mut p, &mut first);
             match ev {
                 None => break,
-                Some(Event::Login { tag, .. }) => {
+                Some(Event::Login { .. }) => {
                     assert!(tls_done, "Login event before STARTTLS completed");
+                    let tag = p.login_tag().expect("a login is outstanding").to_string();
                     assert!(!tag.is_empty());
                     // Outstanding: nothing happens.
                     assert!(!p.wants_input());
@@ -107,7 +109,7 @@ fuzz_target!(|data: &[u8]| {
                     let text = TEXTS[rng.below(TEXTS.len())];
                     // Usually the event's tag; sometimes a hostile one.
                     let t = if rng.chance(4) { "a\r\nb c" } else { tag.as_str() };
-                    p.login_failed(t, code, text);
+                    p.refuse_login(t, code, text);
                     bounded(&p);
                     let o = p.take_output();
                     if let Err(e) = check_crlf_lines(&o) {
@@ -115,8 +117,7 @@ fuzz_target!(|data: &[u8]| {
                     }
                     assert_eq!(o.iter().filter(|&&b| b == b'\n').count(), 1, "login_failed must write one line");
                 }
-                Some(Event::StartTls { tag }) => {
-                    assert!(!tag.is_empty());
+                Some(Event::StartTls) => {
                     assert!(!tls_done, "STARTTLS accepted twice / without TLS configured");
                     assert_eq!(p.buffered_len(), 0, "pipelined plaintext kept after STARTTLS");
                     assert!(!p.wants_input());
@@ -135,7 +136,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(p.buffered_len(), 0);
                     out(&mut p, &mut first);
                 }
-                Some(Event::Logout) | Some(Event::Close) => {
+                Some(Event::Quit) | Some(Event::Close) => {
                     assert_eq!(p.buffered_len(), 0, "input kept after the session ended");
                     assert!(!p.wants_input());
                     // Inert afterwards.
@@ -147,6 +148,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(p.buffered_len(), 0);
                     break 'outer;
                 }
+                Some(Event::Handoff) => panic!("IMAP hands off at the login, never later"),
             }
         }
     }

@@ -1,5 +1,5 @@
 //! What an IMAP server sends before login, read the way the proxy reads it:
-//! whole responses framed over `imap::response::find_line` (a line plus any
+//! whole responses framed by `imap::response::frame` (a line plus any
 //! literals it announces and the line parts after them), the greeting
 //! through `parse_greeting`, every later response through `parse_response`,
 //! the OAuth failure challenge of a continuation through
@@ -8,7 +8,7 @@
 //!
 //! Input: `[max byte] [seed byte] stream...`. The stream arrives in random
 //! chunks (the seed picks them); `max` stands in for the proxy's response
-//! bound (`proxy::client::MAX_RESPONSE`, 64 KiB) so that the limits are
+//! bound (`proxy::upstream::MAX_RESPONSE`, 64 KiB) so that the limits are
 //! reachable.
 //!
 //! Invariants:
@@ -28,35 +28,9 @@ mod common;
 use common::{check_challenge, read_frames, Rng};
 use libfuzzer_sys::fuzz_target;
 use mailproxy::imap::response::{
-    find_line, has_capability, parse_greeting, parse_response, retag_line, Response, ResponseError, Status,
+    frame, has_capability, parse_greeting, parse_response, retag_line, Response, Status,
 };
 use mailproxy::sasl::decode_error_challenge;
-
-/// The proxy's response framing (`frame` in `src/proxy/imap.rs`, mirrored
-/// here because it is private there): one line, and while it announces a
-/// literal, the literal and the next line, all within `max`.
-fn frame(buf: &[u8], max: usize) -> Result<Option<(usize, Vec<u8>)>, ResponseError> {
-    let mut at = 0;
-    loop {
-        let Some(info) = find_line(&buf[at..], max)? else {
-            return Ok(None);
-        };
-        let end = at + info.len;
-        match info.literal {
-            None => return Ok(Some((end, buf[..end].to_vec()))),
-            Some(n) => {
-                at = usize::try_from(n)
-                    .ok()
-                    .and_then(|n| end.checked_add(n))
-                    .filter(|at| *at <= max)
-                    .ok_or(ResponseError::LiteralTooLarge)?;
-                if at > buf.len() {
-                    return Ok(None);
-                }
-            }
-        }
-    }
-}
 
 fn check_caps(caps: &[String]) {
     for c in caps {
@@ -120,8 +94,8 @@ fuzz_target!(|data: &[u8]| {
     let max_chunk = [1, 7, 64, 4096][rng.below(4)];
     let chunks = common::chunks(stream, &mut rng, max_chunk);
 
-    // A line after a literal may itself be up to `max` long.
-    let bound = 2 * max + 2;
+    // The whole response, its line ends included, stays within `max`.
+    let bound = max + 2;
     let mut first = true;
     read_frames(
         stream,

@@ -17,13 +17,14 @@ mod common;
 use common::{check_crlf_lines, Rng};
 use libfuzzer_sys::fuzz_target;
 use mailproxy::pop3::command::parse_command;
-use mailproxy::pop3::preauth::{Event, PreAuth, PreAuthConfig};
+use mailproxy::pop3::preauth::{Event, Pop3PreAuth, PreAuthConfig};
+use mailproxy::preauth::PreAuth;
 use mailproxy::pop3::response::{find_line, find_multiline, parse_response, sasl_mechanisms, Response};
 
 const CODES: &[&str] = &["", "AUTH", "SYS/TEMP", "IN-USE", "a]b[c\r\n"];
 const TEXTS: &[&str] = &["", "Invalid credentials", "bad\r\n+OK injected", "\u{85}x", "\0\x1b"];
 
-fn out(p: &mut PreAuth) {
+fn out(p: &mut Pop3PreAuth) {
     if let Err(e) = check_crlf_lines(&p.take_output()) {
         panic!("{e}");
     }
@@ -64,7 +65,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut rng = Rng::new(hdr);
     let max_chunk = [1, 3, 16, 100, 8192][rng.below(5)];
-    let mut p = PreAuth::new(cfg);
+    let mut p = Pop3PreAuth::new(cfg);
     out(&mut p);
     let mut tls_done = !cfg.starttls;
     let mut fed = Vec::new();
@@ -94,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
                         assert!(fed.ends_with(&pending), "pending input is not a suffix of the fed bytes");
                         return;
                     }
-                    p.login_failed_code(CODES[rng.below(CODES.len())], TEXTS[rng.below(TEXTS.len())]);
+                    p.refuse_login(CODES[rng.below(CODES.len())], TEXTS[rng.below(TEXTS.len())]);
                     let o = p.take_output();
                     if let Err(e) = check_crlf_lines(&o) {
                         panic!("login_failed: {e}");
@@ -123,6 +124,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!(p.take_output().is_empty());
                     break 'outer;
                 }
+                Some(Event::Handoff) => panic!("POP3 hands off at the login, never later"),
             }
         }
     }

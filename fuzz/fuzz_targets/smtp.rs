@@ -17,13 +17,14 @@ mod common;
 use common::{check_crlf_lines, Rng};
 use libfuzzer_sys::fuzz_target;
 use mailproxy::smtp::command::{leading_verb, parse_command};
-use mailproxy::smtp::preauth::{Event, PreAuth, PreAuthConfig};
+use mailproxy::smtp::preauth::{Event, PreAuthConfig, SmtpPreAuth};
+use mailproxy::preauth::PreAuth;
 use mailproxy::smtp::reply::{ehlo_keywords, find_reply};
 
 const REPLIES: &[&str] = &["", "535 5.7.8 Username and Password not accepted", "454 4.7.0 Try again\r\n250 OK", "x\0y", "5", "599"];
 const EHLO: &[&str] = &["SIZE 35882577", "8BITMIME", "AUTH LOGIN PLAIN XOAUTH2", "STARTTLS", "PIPELINING", "CHUNKING", "SMTPUTF8", "X\r\nINJ"];
 
-fn out(p: &mut PreAuth) {
+fn out(p: &mut SmtpPreAuth) {
     if let Err(e) = check_crlf_lines(&p.take_output()) {
         panic!("{e}");
     }
@@ -59,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut rng = Rng::new(hdr);
     let max_chunk = [1, 3, 16, 100, 8192][rng.below(5)];
-    let mut p = PreAuth::new(cfg.clone());
+    let mut p = SmtpPreAuth::new(cfg.clone());
     out(&mut p);
     let mut tls_done = !cfg.starttls;
     let mut fed = Vec::new();
@@ -85,7 +86,7 @@ fuzz_target!(|data: &[u8]| {
                     assert!(p.poll().is_none());
                     assert!(p.take_output().is_empty(), "output while a login is outstanding");
                     if rng.chance(2) {
-                        p.login_failed(REPLIES[rng.below(REPLIES.len())]);
+                        p.refuse_login(REPLIES[rng.below(REPLIES.len())]);
                         let o = p.take_output();
                         if let Err(e) = check_crlf_lines(&o) {
                             panic!("login_failed: {e}");

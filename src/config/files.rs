@@ -30,8 +30,7 @@ impl FileFacts {
 }
 
 fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    crate::sys::euid()
 }
 
 fn refuse(path: &Path, key: Option<String>, message: String) -> ConfigError {

@@ -119,6 +119,34 @@ pub struct LineInfo {
     pub literal: Option<u64>,
 }
 
+/// One complete server response at the start of `buf`: a line, plus any
+/// literals it announces and the line parts that follow them, `max` bytes
+/// at most in all. Returns its length and bytes; `Ok(None)`: incomplete.
+pub fn frame(buf: &[u8], max: usize) -> Result<Option<(usize, Vec<u8>)>, ResponseError> {
+    let mut at = 0;
+    loop {
+        // Each line part may use only what is left of the whole bound, so
+        // the verdict does not depend on how the bytes arrived.
+        let Some(info) = find_line(&buf[at..], max.saturating_sub(at))? else {
+            return Ok(None);
+        };
+        let end = at + info.len;
+        match info.literal {
+            None => return Ok(Some((end, buf[..end].to_vec()))),
+            Some(n) => {
+                at = usize::try_from(n)
+                    .ok()
+                    .and_then(|n| end.checked_add(n))
+                    .filter(|at| *at <= max)
+                    .ok_or(ResponseError::LiteralTooLarge)?;
+                if at > buf.len() {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
 /// Find the first complete line in `buf`. `Ok(None)`: incomplete (read more).
 /// Errors if no line terminator appears within `max_line` bytes, or a
 /// literal size does not fit in a `u64`.

@@ -8,7 +8,7 @@ use super::upstream_auth::{error_ack, oauth_initial_response, Exchange, Upstream
 use crate::config::{Limits, Mechanism};
 use crate::endpoint::Security;
 use crate::imap::preauth::{ImapPreAuth, LoggedIn, PreAuthConfig};
-use crate::imap::response::{self, has_capability, Response, ResponseError, Status, StatusResponse};
+use crate::imap::response::{self, has_capability, Response, Status, StatusResponse};
 use crate::sasl;
 use crate::secret::Secret;
 
@@ -33,31 +33,6 @@ impl Protocol for Imap {
 
     fn refusal(why: &str) -> String {
         format!("* BYE [UNAVAILABLE] {why}\r\n")
-    }
-}
-
-/// One complete server response at the start of `buf`: a line, plus any
-/// literals it announces and the line parts that follow them.
-fn frame(buf: &[u8]) -> Result<Option<(usize, Vec<u8>)>, ResponseError> {
-    let mut at = 0;
-    loop {
-        let Some(info) = response::find_line(&buf[at..], MAX_RESPONSE)? else {
-            return Ok(None);
-        };
-        let end = at + info.len;
-        match info.literal {
-            None => return Ok(Some((end, buf[..end].to_vec()))),
-            Some(n) => {
-                at = usize::try_from(n)
-                    .ok()
-                    .and_then(|n| end.checked_add(n))
-                    .filter(|at| *at <= MAX_RESPONSE)
-                    .ok_or(ResponseError::LiteralTooLarge)?;
-                if at > buf.len() {
-                    return Ok(None);
-                }
-            }
-        }
     }
 }
 
@@ -111,7 +86,9 @@ impl UpstreamLogin for ImapUpstream {
         Ok(me)
     }
 
-    async fn oauth(&mut self, user: &str,
+    async fn oauth(
+        &mut self,
+        user: &str,
         token: &Secret,
         mechanism: Mechanism,
     ) -> Result<Exchange<LoggedIn>, UpstreamError> {
@@ -182,7 +159,7 @@ impl UpstreamLogin for ImapUpstream {
 
 impl ImapUpstream {
     async fn read(&mut self) -> Result<Vec<u8>, UpstreamError> {
-        self.c.read(frame).await
+        self.c.read(|b| response::frame(b, MAX_RESPONSE)).await
     }
 
     fn tag(&mut self) -> String {

@@ -60,10 +60,7 @@ impl UpstreamLogin for Pop3Upstream {
     }
 
     /// `AUTH XOAUTH2` in two steps: Microsoft wants the token after the `+`.
-    async fn oauth(&mut self, user: &str,
-        token: &Secret,
-        mechanism: Mechanism,
-    ) -> Result<Exchange<()>, UpstreamError> {
+    async fn oauth(&mut self, user: &str, token: &Secret, mechanism: Mechanism) -> Result<Exchange<()>, UpstreamError> {
         let (name, ir) = oauth_initial_response(&self.c.endpoint, user, token, mechanism);
         self.c.send(format!("AUTH {name}\r\n").as_bytes()).await?;
         if let Response::Status(s) = self.read().await? {

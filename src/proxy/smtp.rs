@@ -85,7 +85,9 @@ impl UpstreamLogin for SmtpUpstream {
         Ok(me)
     }
 
-    async fn oauth(&mut self, user: &str,
+    async fn oauth(
+        &mut self,
+        user: &str,
         token: &Secret,
         mechanism: Mechanism,
     ) -> Result<Exchange<Vec<String>>, UpstreamError> {

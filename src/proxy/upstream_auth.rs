@@ -17,9 +17,9 @@ use std::sync::Arc;
 
 use super::route::{Credential, Target};
 use super::upstream::{Conn, Dialer, Server, UpstreamError};
-use crate::endpoint::Endpoint;
 use super::Ctx;
 use crate::config::Mechanism;
+use crate::endpoint::Endpoint;
 use crate::preauth::Failure;
 use crate::sasl;
 use crate::secret::Secret;
