@@ -72,7 +72,7 @@ pub async fn verify(
             tracing::info!(account = %account.name, upstream = %server.endpoint, "the new grant logs in as the account");
             Ok(())
         }
-        Ok(Exchange::Rejected(why)) | Ok(Exchange::Unsupported(why)) => Err(IdentityError::Mismatch(match signed_in {
+        Ok(Exchange::Rejected(why) | Exchange::Unsupported(why)) => Err(IdentityError::Mismatch(match signed_in {
             Some(email) if !email.eq_ignore_ascii_case(user) => format!(
                 "you signed in as {email}, but this account is {user}: nothing was stored; \
                  sign in again as {user} (in a private browser window if the provider remembers the other account)"

@@ -145,7 +145,7 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
             tokio::time::timeout(
                 timeout,
                 flows::device_poll(&http, &account.name, settings, &d, |i| {
-                    eprintln!("the provider asked to poll more slowly; now every {} s", i.as_secs())
+                    eprintln!("the provider asked to poll more slowly; now every {} s", i.as_secs());
                 }),
             )
             .await

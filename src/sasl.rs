@@ -78,9 +78,8 @@ pub fn decode_plain(b64: &[u8]) -> Result<(Zeroizing<String>, Zeroizing<String>)
     }
     let raw = decode_base64_secret(b64)?;
     let mut parts = raw.split(|&b| b == 0);
-    let (authzid, authcid, passwd) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(z), Some(c), Some(p)) => (z, c, p),
-        _ => return Err(SaslError::Malformed("expected authzid NUL authcid NUL password")),
+    let (Some(authzid), Some(authcid), Some(passwd)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(SaslError::Malformed("expected authzid NUL authcid NUL password"));
     };
     if parts.next().is_some() {
         return Err(SaslError::Malformed("too many NUL separators"));

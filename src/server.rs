@@ -59,7 +59,7 @@ struct IpSlot<'a>(&'a PerIp, IpAddr);
 
 impl PerIp {
     fn enter(&self, ip: IpAddr, max: usize) -> Option<IpSlot<'_>> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = m.entry(ip).or_insert(0);
         if *n >= max {
             return None;
@@ -71,7 +71,7 @@ impl PerIp {
 
 impl Drop for IpSlot<'_> {
     fn drop(&mut self) {
-        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.0 .0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(n) = m.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {
@@ -344,10 +344,10 @@ fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
         tracing::warn!(settings = %fixed.join(", "), "these changes take effect at the next restart");
     }
     for (l, a) in acceptors {
-        *l.acceptor.write().unwrap_or_else(|p| p.into_inner()) = a;
+        *l.acceptor.write().unwrap_or_else(std::sync::PoisonError::into_inner) = a;
     }
     let changed = ctx.tokens.reload(&new);
-    *ctx.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+    *ctx.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
     tracing::info!(changed_accounts = ?changed, "configuration reloaded");
 }
 
@@ -435,7 +435,11 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStre
         return;
     };
     tracing::debug!("accepted");
-    let acceptor = l.acceptor.read().unwrap_or_else(|p| p.into_inner()).clone();
+    let acceptor = l
+        .acceptor
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let client = match (&acceptor, l.tls_mode) {
         (Some(acc), LocalTls::Implicit) => {
             match tokio::time::timeout(ctx.config().limits.preauth_timeout, acc.accept(tcp)).await {

@@ -163,7 +163,7 @@ impl Vault {
         let m = fs::metadata(self.path_of(account)).ok()?;
         Some(Stamp {
             ino: m.ino(),
-            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
             len: m.len(),
         })
     }

@@ -23,7 +23,7 @@ fn only_errors(proto: &str, lines: &[String]) -> bool {
         "imap" => {
             let mut w = l.split_whitespace();
             let _tag = w.next();
-            matches!(w.next(), Some("BAD") | Some("NO") | Some("BYE")) || l.starts_with("+ ")
+            matches!(w.next(), Some("BAD" | "NO" | "BYE")) || l.starts_with("+ ")
         }
         "smtp" => l.starts_with('4') || l.starts_with('5'),
         _ => l.starts_with("-ERR"),
@@ -364,7 +364,7 @@ async fn failed_login_round(port: u16, tasks: usize, per_task: usize, real_every
                         c = Some(imap_connect(port).await);
                     }
                     let conn = c.as_mut().unwrap();
-                    let user = if (t * per_task + i) % real_every == 0 {
+                    let user = if (t * per_task + i).is_multiple_of(real_every) {
                         ALICE.to_string()
                     } else {
                         format!("guess{t}-{i}@example.org")

@@ -26,7 +26,10 @@ fn ehlo_keywords(reply: &[String]) -> Vec<String> {
 
 fn assert_received(m: &ReceivedMessage, from: &str, to: &[&str], data: &[u8]) {
     assert_eq!(m.mail_from, from);
-    assert_eq!(m.rcpt_to, to.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        m.rcpt_to,
+        to.iter().map(std::string::ToString::to_string).collect::<Vec<_>>()
+    );
     let got = m.data_without_trace();
     assert!(
         got == data,

@@ -308,7 +308,7 @@ fn servers(at: &At, a: &RawAccount) -> Result<[Option<Endpoint>; 3], ConfigError
         if let Some(ep) = &url {
             if ep.security == Security::Plain && !is_loopback_host(&ep.host) && !a.allow_plaintext {
                 return Err(at.err_at(
-                    raw_url.as_ref().map(|u| u.span()),
+                    raw_url.as_ref().map(toml::Spanned::span),
                     p.name(),
                     format!(
                         "`{ep}` is plaintext to a remote host: credentials would cross the network unencrypted; \

@@ -98,7 +98,7 @@ pub fn has_capability(caps: &[String], name: &str) -> bool {
 fn split_caps(s: &str) -> Vec<String> {
     s.split(' ')
         .filter(|a| !a.is_empty())
-        .map(|a| a.to_ascii_uppercase())
+        .map(str::to_ascii_uppercase)
         .collect()
 }
 
@@ -337,7 +337,7 @@ mod tests {
     use super::*;
 
     fn caps(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
+        v.iter().map(std::string::ToString::to_string).collect()
     }
 
     #[test]

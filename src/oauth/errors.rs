@@ -24,9 +24,9 @@ pub fn explain(account: &str, error: &str, description: Option<&str>) -> Explana
             "Microsoft rejected the redirect URI: it does not match the app registration; add it under Authentication > Mobile and desktop applications (e.g. http://localhost) or set redirect_uri for {account}"), false),
         Some("AADSTS65001") => ("AADSTS65001", format!(
             "the user or an administrator has not consented to the app's mail scopes; {login} and accept the consent screen"), true),
-        Some("AADSTS70008") | Some("AADSTS700082") => (aadsts.as_deref().unwrap_or_default(), format!(
+        Some("AADSTS70008" | "AADSTS700082") => (aadsts.as_deref().unwrap_or_default(), format!(
             "the refresh token expired after a period of inactivity; {login} to authorise again"), true),
-        Some("AADSTS50076") | Some("AADSTS50079") => ("AADSTS50076", format!(
+        Some("AADSTS50076" | "AADSTS50079") => ("AADSTS50076", format!(
             "the tenant now requires multi-factor authentication for this account; {login} and complete the MFA prompt"), true),
         Some("AADSTS50020") => ("AADSTS50020", format!(
             "the account is not in the tenant the app signs in to; set tenant = \"common\" (or the account's own tenant) for {account} and run `mailproxy login {account}`"), true),
@@ -42,7 +42,7 @@ pub fn explain(account: &str, error: &str, description: Option<&str>) -> Explana
             "the tenant's sign-in frequency policy ended the session; {login} to sign in again"), true),
         Some("AADSTS7000215") => ("AADSTS7000215", format!(
             "the client secret is wrong or expired; create a new secret in the app registration and update client_secret for {account}"), false),
-        Some("AADSTS50173") | Some("AADSTS50133") => (aadsts.as_deref().unwrap_or_default(), format!(
+        Some("AADSTS50173" | "AADSTS50133") => (aadsts.as_deref().unwrap_or_default(), format!(
             "the grant was revoked because the password changed; {login}"), true),
         _ => match error {
             "invalid_grant" => ("invalid_grant", format!(
@@ -80,7 +80,7 @@ fn aadsts_code(description: &str) -> Option<String> {
     let start = description.find("AADSTS")?;
     let digits: String = description[start + 6..]
         .chars()
-        .take_while(|c| c.is_ascii_digit())
+        .take_while(char::is_ascii_digit)
         .collect();
     (!digits.is_empty()).then(|| format!("AADSTS{digits}"))
 }

@@ -81,7 +81,7 @@ impl LoginGuard {
     /// answering it.
     pub fn failed(&self, ip: IpAddr, cap: Duration) -> Duration {
         let now = Instant::now();
-        let mut m = self.nets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.nets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if m.len() >= MAX_TRACKED {
             m.retain(|_, (_, last)| now.duration_since(*last) < FORGET);
         }
@@ -98,13 +98,16 @@ impl LoginGuard {
     }
 
     pub fn succeeded(&self, ip: IpAddr) {
-        self.nets.lock().unwrap_or_else(|p| p.into_inner()).remove(&network(ip));
+        self.nets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&network(ip));
     }
 
     /// Waits for this name's turn at the upstream and its failure delay.
     pub(crate) async fn passthrough_turn(&self, name: &str) -> Result<Turn, Busy> {
         let gate = {
-            let mut m = self.names.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if m.len() >= MAX_TRACKED {
                 m.retain(|_, g| Arc::strong_count(g) > 1 || g.failures.lock().map(|f| f.0 > 0).unwrap_or(true));
             }
@@ -117,7 +120,11 @@ impl LoginGuard {
         let turn = gate.turn.clone().lock_owned().await;
         gate.waiting.fetch_sub(1, Ordering::AcqRel);
         // Re-checked with the turn in hand: a failure just before us counts.
-        let not_before = gate.failures.lock().unwrap_or_else(|p| p.into_inner()).1;
+        let not_before = gate
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1;
         if let Some(t) = not_before {
             tokio::time::sleep_until(t.into()).await;
         }
@@ -129,13 +136,21 @@ impl Turn {
     /// The upstream refused the credentials: the next attempt for this name
     /// waits longer.
     pub(crate) fn failed(&self, cap: Duration) {
-        let mut f = self.gate.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self
+            .gate
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f.0 = f.0.saturating_add(1);
         f.1 = Instant::now().checked_add(schedule(f.0, cap));
     }
 
     pub(crate) fn succeeded(&self) {
-        *self.gate.failures.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
+        *self
+            .gate
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (0, None);
     }
 }
 

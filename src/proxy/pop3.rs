@@ -84,7 +84,7 @@ impl UpstreamLogin for Pop3Upstream {
         }
         let why = challenge
             .as_ref()
-            .map(|c| c.explain())
+            .map(super::super::sasl::OAuthChallenge::explain)
             .unwrap_or_else(|| format!("the server said: {}", s.describe()));
         self.refused(&s, why)
     }

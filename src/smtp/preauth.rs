@@ -380,7 +380,7 @@ impl SmtpPreAuth {
     fn sasl_error(&mut self, e: SaslError) {
         match e {
             SaslError::AuthzidMismatch => {
-                self.reply("535 5.7.8 Authorization identity must be empty or equal to the user name")
+                self.reply("535 5.7.8 Authorization identity must be empty or equal to the user name");
             }
             e => self.reply(&format!("501 5.5.2 Invalid AUTH response: {e}")),
         }
@@ -549,7 +549,7 @@ mod tests {
     ];
 
     fn up(k: &[&str]) -> Vec<String> {
-        k.iter().map(|s| s.to_string()).collect()
+        k.iter().map(std::string::ToString::to_string).collect()
     }
 
     #[test]

@@ -422,7 +422,7 @@ impl TokenManager {
             Some(r) if r.token_store == Some(StoreKind::Keyring) => {
                 let name = acct.account.name.clone();
                 let got = blocking(move || keystore::get(&name)).await.map_err(AuthError::Vault)?;
-                tracing::debug!(account = %acct.account.name, found = ?got.as_ref().map(|t| t.is_some()), "refresh token looked up in the OS keyring");
+                tracing::debug!(account = %acct.account.name, found = ?got.as_ref().map(std::option::Option::is_some), "refresh token looked up in the OS keyring");
                 match got {
                     Ok(Some(t)) => {
                         let refresh = Some(t);
@@ -853,7 +853,7 @@ impl TokenManager {
                 let (me, a, id) = (self.clone(), acct.clone(), flight.id);
                 tokio::spawn(async move {
                     let r = flows::device_poll(&me.http, a.name(), &a.settings, &d, |i| {
-                        tracing::info!(interval_s = i.as_secs(), "the provider asked to poll more slowly")
+                        tracing::info!(interval_s = i.as_secs(), "the provider asked to poll more slowly");
                     })
                     .await;
                     me.finish_authorization(&a, id, r).await;

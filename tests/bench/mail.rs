@@ -458,7 +458,7 @@ fn cpu_probe(w: &World, master: Option<u32>) -> CpuProbe {
         me: proc_cpu_secs(std::process::id()),
         proxy: proc_cpu_secs(w.proxy().pid()),
         dovecot: dovecot_cpu_secs(master),
-        sink: w.sink.as_ref().map(|s| s.cpu_secs()).unwrap_or(0.0),
+        sink: w.sink.as_ref().map(CountSink::cpu_secs).unwrap_or(0.0),
     }
 }
 

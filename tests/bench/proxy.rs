@@ -20,6 +20,9 @@
 //! The client is raw bytes over tokio with large buffers: literals are
 //! counted, not copied, so the client is not what limits throughput.
 
+// The benchmark reads clock ticks and thread ids through libc.
+#![allow(unsafe_code)]
+
 #[path = "../support/mod.rs"]
 mod support;
 
@@ -486,7 +489,7 @@ impl World {
         // Dovecot relays submissions to a counting sink (the harness's own
         // sink, started by Env too, then gets nothing).
         let sink = o.smtp.then(mail::CountSink::start);
-        let relay = sink.as_ref().map(|s| s.port());
+        let relay = sink.as_ref().map(mail::CountSink::port);
         let env = Env::start_with(&[], |opts: &mut DovecotOptions| {
             opts.extra_config = DOVECOT_EXTRA.to_string();
             if relay.is_some() {
@@ -1172,7 +1175,9 @@ fn print_report(
 ) {
     let total = START.get().map(Instant::elapsed).unwrap_or_default();
     let mut misses = 0;
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(std::num::NonZero::get)
+        .unwrap_or(0);
     let dovecot = std::process::Command::new(support::dovecot::DOVECOT_BIN)
         .arg("--version")
         .output()
@@ -1450,7 +1455,11 @@ async fn run(o: Opts) -> io::Result<()> {
     let (fetch, login, conc, mem, mailr) = match sections.await {
         Ok(r) => r,
         Err(e) => {
-            let logs = w.proxy.as_ref().map(|p| p.logs()).unwrap_or_default();
+            let logs = w
+                .proxy
+                .as_ref()
+                .map(support::mailproxy::Proxy::logs)
+                .unwrap_or_default();
             let tail: Vec<&str> = logs.lines().rev().take(30).collect();
             eprintln!("--- last mailproxy log lines ---");
             for l in tail.iter().rev() {
@@ -1467,7 +1476,11 @@ async fn run(o: Opts) -> io::Result<()> {
     };
     print_report(&o, mailbox, &fetch, &login, &conc, &mem, &mailr);
     // The proxy's own log, if something went wrong there, helps; keep it short.
-    let logs = w.proxy.as_ref().map(|p| p.logs()).unwrap_or_default();
+    let logs = w
+        .proxy
+        .as_ref()
+        .map(support::mailproxy::Proxy::logs)
+        .unwrap_or_default();
     let errors: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("ERROR") || l.contains("WARN"))

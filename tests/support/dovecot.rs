@@ -440,7 +440,11 @@ submission_relay_ssl = no
         let md = self.maildir(user);
         ["new", "cur"]
             .iter()
-            .map(|d| std::fs::read_dir(md.join(d)).map(|r| r.count()).unwrap_or(0))
+            .map(|d| {
+                std::fs::read_dir(md.join(d))
+                    .map(std::iter::Iterator::count)
+                    .unwrap_or(0)
+            })
             .sum()
     }
 

@@ -85,7 +85,10 @@ impl Rig {
     }
 
     pub fn logs(&self) -> String {
-        self.proxy.as_ref().map(|p| p.logs()).unwrap_or_default()
+        self.proxy
+            .as_ref()
+            .map(super::mailproxy::Proxy::logs)
+            .unwrap_or_default()
     }
 
     pub fn rss_kib(&self) -> u64 {
@@ -265,7 +268,7 @@ pub async fn read_until_close<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, deadl
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, rd.read(&mut buf)).await {
             Err(_) => return (out, false),
-            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(0) | Err(_)) => return (out, true),
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
         }
     }

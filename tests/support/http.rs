@@ -40,7 +40,9 @@ impl Request {
 
     /// Header value by case-insensitive name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(|s| s.as_str())
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(std::string::String::as_str)
     }
 
     /// Credentials from an `Authorization: Basic` header. Per RFC 6749 §2.3.1 both

@@ -83,8 +83,8 @@ impl TestCa {
 
     fn leaf(&self, name: &str, names: &[&str], not_before: (i32, u8, u8), not_after: (i32, u8, u8)) -> PemPair {
         let key = KeyPair::generate().expect("generate leaf key");
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("leaf params");
+        let mut params = CertificateParams::new(names.iter().map(std::string::ToString::to_string).collect::<Vec<_>>())
+            .expect("leaf params");
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, names.first().copied().unwrap_or("localhost"));
         params.distinguished_name = dn;
@@ -106,7 +106,13 @@ impl TestCa {
 /// A self-signed `localhost` leaf that no test client trusts.
 pub fn self_signed_leaf(dir: &Path, name: &str) -> PemPair {
     let key = KeyPair::generate().expect("generate key");
-    let params = CertificateParams::new(SERVER_NAMES.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let params = CertificateParams::new(
+        SERVER_NAMES
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
     let cert = params.self_signed(&key).expect("self-sign");
     write_pair(dir, name, cert.pem(), key.serialize_pem())
 }

@@ -42,7 +42,7 @@ pub fn spawn_tied_to_process(mut cmd: Command, signal: libc::c_int) -> io::Resul
             Mutex::new(tx)
         })
         .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     let (rtx, rrx) = mpsc::channel();
     tx.send((cmd, rtx))

@@ -91,7 +91,7 @@ impl ClientReg {
         match url::Url::parse(uri) {
             Ok(u) => {
                 u.scheme() == "http"
-                    && matches!(u.host_str(), Some("127.0.0.1") | Some("localhost") | Some("[::1]"))
+                    && matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"))
                     && u.fragment().is_none()
             }
             Err(_) => false,
@@ -273,7 +273,7 @@ impl FakeProvider {
     }
 
     fn st(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     // ---- addresses ----
@@ -391,7 +391,7 @@ impl FakeProvider {
     /// Make `/authorize` redirect back with `?error=<code>&state=...` (e.g. `access_denied`);
     /// `None` restores normal approval.
     pub fn set_authorize_error(&self, error: Option<&str>) {
-        self.st().authorize_error = error.map(|s| s.to_string());
+        self.st().authorize_error = error.map(std::string::ToString::to_string);
     }
 
     /// All refresh tokens issued so far become invalid (`invalid_grant` on use).
@@ -685,7 +685,7 @@ async fn serve_conn(mut sock: tokio::net::TcpStream, st: Arc<Mutex<State>>, base
 }
 
 fn lock(st: &Arc<Mutex<State>>) -> MutexGuard<'_, State> {
-    st.lock().unwrap_or_else(|e| e.into_inner())
+    st.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn route(req: &Request, st: &Arc<Mutex<State>>, base: &str) -> Response {
@@ -700,7 +700,7 @@ async fn route(req: &Request, st: &Arc<Mutex<State>>, base: &str) -> Response {
         }
         ("POST", "/device") => device(req, &mut lock(st), base),
         ("GET", "/device/verify") => Response::html(200, "Enter the code shown on your device."),
-        ("POST", "/introspect") | ("GET", "/introspect") => introspect(req, &mut lock(st)),
+        ("POST" | "GET", "/introspect") => introspect(req, &mut lock(st)),
         ("POST", "/revoke") => revoke(req, &mut lock(st)),
         (_, "/authorize" | "/token" | "/device" | "/revoke") => Response::html(405, "method not allowed"),
         _ => Response::html(404, "not found"),
@@ -711,7 +711,7 @@ fn authorize(req: &Request, st: &mut State) -> Response {
     st.authorize_hits += 1;
     let q = &req.query;
     st.last_authorize = Some(q.clone());
-    let get = |k: &str| q.get(k).map(|s| s.as_str()).unwrap_or("");
+    let get = |k: &str| q.get(k).map(std::string::String::as_str).unwrap_or("");
     let Some(client) = st.clients.get(get("client_id")).cloned() else {
         return Response::html(400, "invalid_client: unknown client_id");
     };
@@ -894,7 +894,7 @@ fn token(req: &Request, st: &mut State) -> Response {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let f = |k: &str| form.get(k).map(|s| s.as_str()).unwrap_or("");
+    let f = |k: &str| form.get(k).map(std::string::String::as_str).unwrap_or("");
     match grant.as_str() {
         "authorization_code" => {
             let code = f("code");

@@ -29,7 +29,7 @@ impl ReceivedMessage {
     pub fn data_without_trace(&self) -> Vec<u8> {
         let mut rest: &[u8] = &self.data;
         loop {
-            let lower = rest.iter().take(12).map(|b| b.to_ascii_lowercase()).collect::<Vec<_>>();
+            let lower = rest.iter().take(12).map(u8::to_ascii_lowercase).collect::<Vec<_>>();
             if !(lower.starts_with(b"received:") || lower.starts_with(b"return-path:")) {
                 return rest.to_vec();
             }
@@ -39,7 +39,7 @@ impl ReceivedMessage {
                     Some(p) => rest = &rest[p + 1..],
                     None => return Vec::new(),
                 }
-                if !matches!(rest.first(), Some(b' ') | Some(b'\t')) {
+                if !matches!(rest.first(), Some(b' ' | b'\t')) {
                     break;
                 }
             }

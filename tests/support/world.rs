@@ -80,7 +80,10 @@ impl World {
     }
 
     pub fn logs(&self) -> String {
-        self.proxy.as_ref().map(|p| p.logs()).unwrap_or_default()
+        self.proxy
+            .as_ref()
+            .map(super::mailproxy::Proxy::logs)
+            .unwrap_or_default()
     }
 
     /// Lines Dovecot logged for its login processes (each upstream connection leaves some).
@@ -99,7 +102,7 @@ impl World {
 pub fn assert_no_secrets(logs: &str, env: &Env, passwords: &[&str]) {
     let mut secrets = env.provider.all_secrets();
     secrets.push(super::provider::CLIENT_SECRET.to_string());
-    secrets.extend(passwords.iter().map(|p| p.to_string()));
+    secrets.extend(passwords.iter().map(std::string::ToString::to_string));
     for s in &secrets {
         assert!(
             !logs.contains(s.as_str()),

@@ -150,7 +150,10 @@ impl MailWorld {
     }
 
     pub fn logs(&self) -> String {
-        self.proxy.as_ref().map(|p| p.logs()).unwrap_or_default()
+        self.proxy
+            .as_ref()
+            .map(super::mailproxy::Proxy::logs)
+            .unwrap_or_default()
     }
 
     /// Lines Dovecot logged for a login service (`submission-login`, `pop3-login`):
@@ -224,7 +227,7 @@ pub fn big_message(from: &str, to: &str, size: usize) -> Vec<u8> {
     .into_bytes();
     let mut i = 0u64;
     while m.len() < size {
-        let line = if i % 97 == 0 {
+        let line = if i.is_multiple_of(97) {
             format!(".{i:075}\r\n")
         } else {
             format!("{i:076}\r\n")
