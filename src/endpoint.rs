@@ -46,12 +46,32 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+/// Why a server URL was refused; each says what a valid one looks like.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    #[error("`{url}` is not a server URL like `{protocol}s://host:port`")]
+    NotUrl { url: String, protocol: Protocol },
+    #[error("unknown scheme `{scheme}://` for {protocol}: use {protocol}s:// (implicit TLS), {protocol}+starttls:// or {protocol}:// (plaintext)")]
+    Scheme { scheme: String, protocol: Protocol },
+    #[error("`{0}` must be just scheme://host:port, without user, path or query")]
+    Extra(String),
+    #[error("`{0}`: cannot read host and port")]
+    HostPort(String),
+    #[error("`{url}`: bad port `{port}`")]
+    Port { url: String, port: String },
+    #[error("`{0}`: missing host")]
+    NoHost(String),
+    #[error("`{url}`: `{host}` is not a host name or address")]
+    Host { url: String, host: String },
+}
+
 impl Endpoint {
     /// Parses `scheme://host[:port]`, checking that the scheme belongs to `protocol`.
-    pub fn parse(s: &str, protocol: Protocol) -> Result<Endpoint, String> {
-        let (scheme, rest) = s
-            .split_once("://")
-            .ok_or_else(|| format!("`{s}` is not a server URL like `{}s://host:port`", protocol.name()))?;
+    pub fn parse(s: &str, protocol: Protocol) -> Result<Endpoint, EndpointError> {
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| EndpointError::NotUrl {
+            url: s.to_string(),
+            protocol,
+        })?;
         let (security, default_port) = match (protocol, scheme.to_ascii_lowercase().as_str()) {
             (Protocol::Imap, "imaps") => (Security::Tls, 993),
             (Protocol::Imap, "imap+starttls") => (Security::StartTls, 143),
@@ -63,35 +83,39 @@ impl Endpoint {
             (Protocol::Pop3, "pop3+starttls") => (Security::StartTls, 110),
             (Protocol::Pop3, "pop3") => (Security::Plain, 110),
             _ => {
-                let p = protocol.name();
-                return Err(format!(
-                    "unknown scheme `{scheme}://` for {p}: use {p}s:// (implicit TLS), {p}+starttls:// or {p}:// (plaintext)"
-                ));
+                return Err(EndpointError::Scheme {
+                    scheme: scheme.to_string(),
+                    protocol,
+                })
             }
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.is_empty() || rest.contains('/') || rest.contains('@') || rest.contains('?') {
-            return Err(format!(
-                "`{s}` must be just scheme://host:port, without user, path or query"
-            ));
+            return Err(EndpointError::Extra(s.to_string()));
         }
-        let (host, port) = split_host_port(rest).ok_or_else(|| format!("`{s}`: cannot read host and port"))?;
+        let (host, port) = split_host_port(rest).ok_or_else(|| EndpointError::HostPort(s.to_string()))?;
         let port = match port {
             None => default_port,
             Some(p) => p
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| format!("`{s}`: bad port `{p}`"))?,
+                .ok_or_else(|| EndpointError::Port {
+                    url: s.to_string(),
+                    port: p.to_string(),
+                })?,
         };
         if host.is_empty() {
-            return Err(format!("`{s}`: missing host"));
+            return Err(EndpointError::NoHost(s.to_string()));
         }
         if host
             .chars()
             .any(|c| c.is_whitespace() || c.is_control() || "[]\"'<>\\{}|^`%".contains(c))
         {
-            return Err(format!("`{s}`: `{host}` is not a host name or address"));
+            return Err(EndpointError::Host {
+                url: s.to_string(),
+                host: host.to_string(),
+            });
         }
         Ok(Endpoint {
             protocol,
@@ -187,12 +211,11 @@ mod tests {
 
     #[test]
     fn rejects_wrong_protocol_and_junk() {
-        assert!(Endpoint::parse("smtps://x:465", Protocol::Imap)
-            .unwrap_err()
-            .contains("unknown scheme"));
-        assert!(Endpoint::parse("imaps://x:99999", Protocol::Imap)
-            .unwrap_err()
-            .contains("bad port"));
+        let e = Endpoint::parse("smtps://x:465", Protocol::Imap).unwrap_err();
+        assert!(matches!(e, EndpointError::Scheme { .. }));
+        assert!(e.to_string().contains("unknown scheme `smtps://` for imap"), "{e}");
+        let e = Endpoint::parse("imaps://x:99999", Protocol::Imap).unwrap_err();
+        assert_eq!(e.to_string(), "`imaps://x:99999`: bad port `99999`");
         assert!(Endpoint::parse("imaps://u@x:993", Protocol::Imap).is_err());
         assert!(Endpoint::parse("x:993", Protocol::Imap).is_err());
         assert!(Endpoint::parse("imaps://:993", Protocol::Imap).is_err());

@@ -13,17 +13,30 @@
 
 use crate::secret::Secret;
 
+#[derive(Debug, thiserror::Error)]
+pub enum KeystoreError {
+    #[error("kernel keyutils: {0}")]
+    Kernel(String),
+    #[error("the OS keyring: {0}")]
+    Platform(String),
+    #[error("the token stored in the keyring is not UTF-8")]
+    NotUtf8,
+    #[error("the keyring did not return what was stored")]
+    Mismatch,
+}
+
 #[cfg(target_os = "linux")]
 mod imp {
     use linux_keyutils::{Key, KeyError, KeyRing, KeyRingIdentifier};
 
+    use super::KeystoreError;
     use crate::secret::Secret;
 
-    fn describe(e: KeyError) -> String {
-        format!("kernel keyutils: {e:?}")
+    fn describe(e: KeyError) -> KeystoreError {
+        KeystoreError::Kernel(format!("{e:?}"))
     }
 
-    fn user_ring() -> Result<KeyRing, String> {
+    fn user_ring() -> Result<KeyRing, KeystoreError> {
         KeyRing::from_special_id(KeyRingIdentifier::User, true).map_err(describe)
     }
 
@@ -31,7 +44,7 @@ mod imp {
         format!("mailproxy:{}", account.to_lowercase())
     }
 
-    fn find(ring: &KeyRing, account: &str) -> Result<Option<Key>, String> {
+    fn find(ring: &KeyRing, account: &str) -> Result<Option<Key>, KeystoreError> {
         match ring.search(&description(account)) {
             Ok(k) => Ok(Some(k)),
             // A revoked or expired entry is as good as none.
@@ -40,17 +53,17 @@ mod imp {
         }
     }
 
-    pub fn get(account: &str) -> Result<Option<Secret>, String> {
+    pub fn get(account: &str) -> Result<Option<Secret>, KeystoreError> {
         let ring = user_ring()?;
         let Some(key) = find(&ring, account)? else {
             return Ok(None);
         };
         let bytes = zeroize::Zeroizing::new(key.read_to_vec().map_err(describe)?);
-        let s = std::str::from_utf8(&bytes).map_err(|_| "the stored token is not UTF-8".to_string())?;
+        let s = std::str::from_utf8(&bytes).map_err(|_| KeystoreError::NotUtf8)?;
         Ok(Some(Secret::new(s)))
     }
 
-    pub fn set(account: &str, token: &Secret) -> Result<(), String> {
+    pub fn set(account: &str, token: &Secret) -> Result<(), KeystoreError> {
         let ring = user_ring()?;
         // add_key replaces the payload of an existing key with the same description.
         let key = ring
@@ -62,7 +75,7 @@ mod imp {
         Ok(())
     }
 
-    pub fn delete(account: &str) -> Result<bool, String> {
+    pub fn delete(account: &str) -> Result<bool, KeystoreError> {
         let ring = user_ring()?;
         let Some(key) = find(&ring, account)? else {
             return Ok(false);
@@ -74,57 +87,62 @@ mod imp {
 
 #[cfg(not(target_os = "linux"))]
 mod imp {
+    use super::KeystoreError;
     use crate::secret::Secret;
 
     const SERVICE: &str = "mailproxy";
 
-    fn entry(account: &str) -> Result<keyring::Entry, String> {
-        keyring::Entry::new(SERVICE, &account.to_lowercase()).map_err(|e| e.to_string())
+    fn platform(e: keyring::Error) -> KeystoreError {
+        KeystoreError::Platform(e.to_string())
     }
 
-    pub fn get(account: &str) -> Result<Option<Secret>, String> {
+    fn entry(account: &str) -> Result<keyring::Entry, KeystoreError> {
+        keyring::Entry::new(SERVICE, &account.to_lowercase()).map_err(platform)
+    }
+
+    pub fn get(account: &str) -> Result<Option<Secret>, KeystoreError> {
         match entry(account)?.get_password() {
             Ok(s) => Ok(Some(Secret::new(s))),
             Err(keyring::Error::NoEntry) => Ok(None),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(platform(e)),
         }
     }
 
-    pub fn set(account: &str, token: &Secret) -> Result<(), String> {
-        entry(account)?.set_password(token.expose()).map_err(|e| e.to_string())
+    pub fn set(account: &str, token: &Secret) -> Result<(), KeystoreError> {
+        entry(account)?.set_password(token.expose()).map_err(platform)
     }
 
-    pub fn delete(account: &str) -> Result<bool, String> {
+    pub fn delete(account: &str) -> Result<bool, KeystoreError> {
         match entry(account)?.delete_credential() {
             Ok(()) => Ok(true),
             Err(keyring::Error::NoEntry) => Ok(false),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(platform(e)),
         }
     }
 }
 
 /// Whether the keyring works at all: writes, reads back and deletes a probe.
-pub fn probe() -> Result<(), String> {
+pub fn probe() -> Result<(), KeystoreError> {
     const PROBE: &str = "mailproxy-probe";
     set(PROBE, &Secret::new("probe"))?;
     let back = get(PROBE)?;
     let _ = delete(PROBE);
     match back {
         Some(s) if s.expose() == "probe" => Ok(()),
-        _ => Err("the keyring did not return what was stored".into()),
+        _ => Err(KeystoreError::Mismatch),
     }
 }
 
-pub fn get(account: &str) -> Result<Option<Secret>, String> {
+pub fn get(account: &str) -> Result<Option<Secret>, KeystoreError> {
     imp::get(account)
 }
 
-pub fn set(account: &str, token: &Secret) -> Result<(), String> {
+pub fn set(account: &str, token: &Secret) -> Result<(), KeystoreError> {
     imp::set(account, token)
 }
 
 /// Returns whether there was an entry to delete.
-pub fn delete(account: &str) -> Result<bool, String> {
+pub fn delete(account: &str) -> Result<bool, KeystoreError> {
     imp::delete(account)
 }
 

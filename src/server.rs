@@ -357,10 +357,11 @@ async fn effective_store(config: &Config) -> TokenStore {
     if config.token_store != TokenStore::Keyring {
         return TokenStore::File;
     }
-    let probe = tokio::task::spawn_blocking(keystore::probe)
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
-    match probe {
+    let probe = tokio::task::spawn_blocking(keystore::probe).await;
+    match probe
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
         Ok(()) => {
             tracing::info!("refresh tokens are kept in the OS keyring");
             TokenStore::Keyring

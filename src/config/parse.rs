@@ -147,7 +147,8 @@ fn listener(src: &Source, protocol: Protocol, l: RawListener) -> Result<Listener
     let fallback = match &l.fallback {
         None => None,
         Some(f) => {
-            let ep = Endpoint::parse(f.get_ref(), protocol).map_err(|m| src.err(Some(f.span()), key("fallback"), m))?;
+            let ep = Endpoint::parse(f.get_ref(), protocol)
+                .map_err(|m| src.err(Some(f.span()), key("fallback"), m.to_string()))?;
             if ep.security == Security::Plain && !ep.is_loopback() {
                 return Err(src.err(
                     Some(f.span()),
@@ -302,7 +303,9 @@ fn servers(at: &At, a: &RawAccount) -> Result<[Option<Endpoint>; 3], ConfigError
         (Protocol::Pop3, &a.pop3),
     ]) {
         let url = match raw_url {
-            Some(u) => Some(Endpoint::parse(u.get_ref(), p).map_err(|m| at.err_at(Some(u.span()), p.name(), m))?),
+            Some(u) => {
+                Some(Endpoint::parse(u.get_ref(), p).map_err(|m| at.err_at(Some(u.span()), p.name(), m.to_string()))?)
+            }
             None => default_server(a.provider, p).map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
         };
         if let Some(ep) = &url {

@@ -248,6 +248,8 @@ enum SaveError {
     Vault(#[from] VaultError),
     #[error("{0}")]
     Other(String),
+    #[error(transparent)]
+    Keyring(#[from] crate::keystore::KeystoreError),
     /// Another process wrote or erased the record meanwhile; it wins.
     #[error("the account was changed by another mailproxy command meanwhile")]
     Stale,
@@ -630,7 +632,7 @@ impl TokenManager {
         let vault = self.vault.clone();
         let (written, rec, stamp) = blocking(move || {
             let written = vault.store_if::<SaveError>(&mut rec, base, || match &keyring_token {
-                Some(t) => keystore::set(&rec_name(&name), t).map_err(SaveError::Other),
+                Some(t) => keystore::set(&rec_name(&name), t).map_err(SaveError::Keyring),
                 None => Ok(()),
             })?;
             let stamp = vault.stamp(&name);

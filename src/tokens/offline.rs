@@ -19,8 +19,8 @@ pub enum OfflineError {
     Vault(#[from] VaultError),
     #[error("{0}")]
     Crypto(#[from] crypto::CryptoError),
-    #[error("the OS keyring: {0}")]
-    Keyring(String),
+    #[error(transparent)]
+    Keyring(#[from] crate::keystore::KeystoreError),
     #[error("wrong local password")]
     WrongPassword,
     #[error("{0} has no local password yet; run `mailproxy login {0}`")]
