@@ -941,24 +941,20 @@ mod tests {
 
     #[test]
     fn random_input_random_chunking_never_panics_and_stays_bounded() {
-        let small = PreAuthConfig {
-            starttls: true,
-            max_line: 64,
-            max_literal: 32,
-        };
         testkit::random_chunking(
             TOKENS,
             COMMANDS,
-            |round| {
-                let cfg = match round % 3 {
-                    0 => small,
-                    1 => PreAuthConfig {
-                        starttls: false,
-                        ..small
-                    },
-                    _ => PreAuthConfig::default(),
+            |small, starttls| {
+                let base = if small {
+                    PreAuthConfig {
+                        starttls: true,
+                        max_line: 64,
+                        max_literal: 32,
+                    }
+                } else {
+                    PreAuthConfig::default()
                 };
-                (ImapPreAuth::new(cfg), !cfg.starttls)
+                ImapPreAuth::new(PreAuthConfig { starttls, ..base })
             },
             refuse,
             &["login", "starttls", "quit", "close"],

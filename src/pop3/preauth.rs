@@ -698,23 +698,19 @@ mod tests {
 
     #[test]
     fn random_input_random_chunking_never_panics_and_stays_bounded() {
-        let small = PreAuthConfig {
-            starttls: true,
-            max_line: 64,
-        };
         testkit::random_chunking(
             TOKENS,
             COMMANDS,
-            |round| {
-                let cfg = match round % 3 {
-                    0 => small,
-                    1 => PreAuthConfig {
-                        starttls: false,
-                        ..small
-                    },
-                    _ => PreAuthConfig::default(),
+            |small, starttls| {
+                let base = if small {
+                    PreAuthConfig {
+                        starttls: true,
+                        max_line: 64,
+                    }
+                } else {
+                    PreAuthConfig::default()
                 };
-                (Pop3PreAuth::new(cfg), !cfg.starttls)
+                Pop3PreAuth::new(PreAuthConfig { starttls, ..base })
             },
             refuse,
             &["login", "starttls", "quit", "close"],

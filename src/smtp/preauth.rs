@@ -1070,26 +1070,21 @@ mod tests {
 
     #[test]
     fn random_input_random_chunking_never_panics_and_stays_bounded() {
-        let small = PreAuthConfig {
-            starttls: true,
-            hostname: "mx.test".into(),
-            max_line: 64,
-            max_size: Some(1000),
-        };
         testkit::random_chunking(
             TOKENS,
             COMMANDS,
-            |round| {
-                let cfg = match round % 3 {
-                    0 => small.clone(),
-                    1 => PreAuthConfig {
-                        starttls: false,
-                        ..small.clone()
-                    },
-                    _ => PreAuthConfig::default(),
+            |small, starttls| {
+                let base = if small {
+                    PreAuthConfig {
+                        starttls: true,
+                        hostname: "mx.test".into(),
+                        max_line: 64,
+                        max_size: Some(1000),
+                    }
+                } else {
+                    PreAuthConfig::default()
                 };
-                let chunk_free = !cfg.starttls;
-                (SmtpPreAuth::new(cfg), chunk_free)
+                SmtpPreAuth::new(PreAuthConfig { starttls, ..base })
             },
             answer,
             &["login", "starttls", "quit", "close", "handoff"],
