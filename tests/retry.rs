@@ -36,7 +36,10 @@ async fn login(rig: &Rig, proto: Proto, user: &str, pw: &str) -> (LineConn, Stri
         Proto::Imap => {
             let mut c = imap_connect(port).await;
             let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
-            assert!(r.lines.is_empty() || r.is_ok(), "untagged lines before a refusal: {r:?}");
+            assert!(
+                r.lines.is_empty() || r.is_ok(),
+                "untagged lines before a refusal: {r:?}"
+            );
             (c, r.tagged)
         }
         Proto::Smtp => {
@@ -44,7 +47,9 @@ async fn login(rig: &Rig, proto: Proto, user: &str, pw: &str) -> (LineConn, Stri
             c.send("EHLO client.example.org").await.unwrap();
             let ehlo = c.read_smtp_reply().await.unwrap();
             assert!(ehlo.last().unwrap().starts_with("250 "), "{ehlo:?}");
-            c.send(&format!("AUTH PLAIN {}", client::plain_b64(user, pw))).await.unwrap();
+            c.send(&format!("AUTH PLAIN {}", client::plain_b64(user, pw)))
+                .await
+                .unwrap();
             let r = c.read_smtp_reply().await.unwrap();
             assert_eq!(r.len(), 1, "a one-line answer to AUTH: {r:?}");
             (c, r[0].clone())
@@ -164,7 +169,11 @@ async fn rejected_token_is_refreshed_once(proto: Proto) {
         "{proto:?}: exactly one refresh for the rejected token\n{}",
         tail(&rig.logs(), 30)
     );
-    assert!(rig.proxy().wait_log("refreshing and retrying once"), "{}", tail(&rig.logs(), 30));
+    assert!(
+        rig.proxy().wait_log("refreshing and retrying once"),
+        "{}",
+        tail(&rig.logs(), 30)
+    );
     assert_eq!(retries_logged(&rig), 1, "{}", tail(&rig.logs(), 30));
     // The new token is kept.
     login_ok(&rig, proto).await;
@@ -315,7 +324,10 @@ async fn missing_mechanism_is_never_retried(proto: Proto) {
         );
         match proto {
             Proto::Imap => assert!(answer.contains("AUTHENTICATE XOAUTH2"), "{answer}"),
-            Proto::Smtp => assert!(answer.contains("504 5.5.4 Unrecognized authentication type"), "{answer}"),
+            Proto::Smtp => assert!(
+                answer.contains("504 5.5.4 Unrecognized authentication type"),
+                "{answer}"
+            ),
             Proto::Pop3 => assert!(answer.contains("AUTH XOAUTH2"), "{answer}"),
         }
         assert_eq!(

@@ -597,11 +597,15 @@ async fn without_oauth(proto: Proto, sock: TcpStream, tally: Tally) {
         let (answer, done) = match proto {
             Proto::Imap if rest.starts_with("AUTHENTICATE") || rest.starts_with("LOGIN") => {
                 tally.logins.fetch_add(1, Ordering::SeqCst);
-                (format!("{first} NO [CANNOT] Unsupported authentication mechanism\r\n"), false)
+                (
+                    format!("{first} NO [CANNOT] Unsupported authentication mechanism\r\n"),
+                    false,
+                )
             }
-            Proto::Imap if rest.starts_with("CAPABILITY") => {
-                (format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{first} OK done\r\n"), false)
-            }
+            Proto::Imap if rest.starts_with("CAPABILITY") => (
+                format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{first} OK done\r\n"),
+                false,
+            ),
             Proto::Imap if rest.starts_with("LOGOUT") => (format!("* BYE bye\r\n{first} OK done\r\n"), true),
             Proto::Imap => (format!("{first} BAD unknown command\r\n"), false),
             Proto::Smtp if first_up == "EHLO" || first_up == "HELO" => (
@@ -650,9 +654,7 @@ async fn flood(proto: Proto, sock: TcpStream, tally: Tally) {
         Proto::Smtp => (
             b"220 flood.example.org ESMTP flood ready\r\n",
             true,
-            format!("250-flood {}\r\n", "x".repeat(180))
-                .repeat(300)
-                .into_bytes(),
+            format!("250-flood {}\r\n", "x".repeat(180)).repeat(300).into_bytes(),
         ),
         Proto::Pop3 => (b"+OK flood ready\r\n", true, vec![b'x'; 64 * 1024]),
     };
@@ -772,7 +774,10 @@ impl RssSampler {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        RssSampler { peak, _task: Task(task) }
+        RssSampler {
+            peak,
+            _task: Task(task),
+        }
     }
 
     pub fn peak(&self) -> u64 {
