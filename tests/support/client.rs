@@ -96,6 +96,14 @@ impl LineConn {
         })
     }
 
+    /// A plain connection already made (e.g. from a chosen source address).
+    pub fn from_tcp(tcp: TcpStream) -> LineConn {
+        let _ = tcp.set_nodelay(true);
+        LineConn {
+            inner: BufReader::new(Stream::Plain(tcp)),
+        }
+    }
+
     /// Implicit TLS to `127.0.0.1:port`, verifying the certificate for `server_name`.
     pub async fn tls(port: u16, config: Arc<rustls::ClientConfig>, server_name: &str) -> std::io::Result<LineConn> {
         let tcp = TcpStream::connect(("127.0.0.1", port)).await?;

@@ -315,6 +315,21 @@ pub enum FakeUpstream {
     /// A minimal IMAP server: greets, accepts any LOGIN/AUTHENTICATE, then
     /// resets the connection (RST) at the first command after it.
     ResetsAfterLogin,
+    /// A server that does not offer OAuth: IMAP greets without SASL-IR and
+    /// answers `AUTHENTICATE` with a tagged `NO`; SMTP answers `AUTH` with
+    /// `504 5.5.4`; POP3 answers `AUTH` with `-ERR`.
+    WithoutOauth(Proto, Tally),
+    /// Greets, then never stops talking before login: IMAP untagged
+    /// `* OK flood …` lines from the greeting on; SMTP a `250-` reply to
+    /// EHLO that never ends; POP3 a line after the first command that never
+    /// ends.
+    Flood(Proto, Tally),
+    /// Sends its greeting one byte a second and never finishes it.
+    Drip(Proto),
+    /// Records every byte it receives; greets and refuses every login.
+    Recording(Proto, Tally),
+    /// Counts connections and relays each to `127.0.0.1:PORT` (a real server).
+    Forward(u16, Tally),
 }
 
 /// Listens on a free loopback port, serving every connection as `kind`.
@@ -334,6 +349,21 @@ pub async fn fake_upstream(kind: FakeUpstream) -> (u16, Task) {
                 }
                 FakeUpstream::ResetsAfterLogin => {
                     tokio::spawn(reset_after_login(sock));
+                }
+                FakeUpstream::WithoutOauth(p, t) => {
+                    tokio::spawn(without_oauth(p, sock, t));
+                }
+                FakeUpstream::Flood(p, t) => {
+                    tokio::spawn(flood(p, sock, t));
+                }
+                FakeUpstream::Drip(p) => {
+                    tokio::spawn(drip(p, sock));
+                }
+                FakeUpstream::Recording(p, t) => {
+                    tokio::spawn(recording(p, sock, t));
+                }
+                FakeUpstream::Forward(to, t) => {
+                    tokio::spawn(forward(to, sock, t));
                 }
             }
         }
@@ -382,4 +412,389 @@ pub fn noise(seed: u64, n: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
+}
+
+// ---- more rigs and fake upstreams (retry policy and hostile peers) ----
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+impl Rig {
+    /// Like [`Rig::new`], with more keys in each listener's table:
+    /// `listener(env, "imap")` is appended to `[imap]` (e.g. a `fallback`).
+    pub fn with_listeners(
+        limits: &str,
+        listener: impl Fn(&Env, &str) -> String,
+        extra: impl FnOnce(&Env) -> String,
+    ) -> Rig {
+        let rig = Rig::new(limits, extra);
+        let mut cfg = rig.config();
+        for proto in ["imap", "smtp", "pop3"] {
+            let head = format!("[{proto}]\nlisten = \"127.0.0.1:0\"\n");
+            let more = listener(&rig.env, proto);
+            assert!(cfg.contains(&head), "no [{proto}] table in the rig config");
+            cfg = cfg.replacen(&head, &format!("{head}{more}"), 1);
+        }
+        rig.dir.write_config(&cfg);
+        rig
+    }
+
+    /// The config file as it is now.
+    pub fn config(&self) -> String {
+        std::fs::read_to_string(self.dir.config_path()).expect("rig config")
+    }
+
+    /// Rewrites the config file (the running proxy sees it at SIGHUP or restart).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let cfg = edit(self.config());
+        self.dir.write_config(&cfg);
+    }
+
+    /// This rig, with its proxy log checked for secrets when it drops.
+    pub fn checked(self, passwords: &[&str]) -> CheckedRig {
+        CheckedRig {
+            rig: self,
+            passwords: passwords.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+}
+
+/// A [`Rig`] whose proxy log must hold no secret when it drops (every token,
+/// code and verifier the provider issued, the client secret, alice's and
+/// bob's passwords and the given ones), as `World` and `MailWorld` check.
+pub struct CheckedRig {
+    rig: Rig,
+    passwords: Vec<String>,
+}
+
+impl std::ops::Deref for CheckedRig {
+    type Target = Rig;
+    fn deref(&self) -> &Rig {
+        &self.rig
+    }
+}
+
+impl std::ops::DerefMut for CheckedRig {
+    fn deref_mut(&mut self) -> &mut Rig {
+        &mut self.rig
+    }
+}
+
+impl Drop for CheckedRig {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(p) = &self.rig.proxy {
+            let mut pws: Vec<&str> = vec![ALICE_PW, BOB_PW];
+            pws.extend(self.passwords.iter().map(String::as_str));
+            super::world::assert_no_secrets(&p.logs(), &self.rig.env, &pws);
+        }
+    }
+}
+
+/// The three protocols, for fakes and tests that run once per protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Imap,
+    Smtp,
+    Pop3,
+}
+
+impl Proto {
+    pub const ALL: [Proto; 3] = [Proto::Imap, Proto::Smtp, Proto::Pop3];
+
+    /// The config and URL scheme name: `imap`, `smtp`, `pop3`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Imap => "imap",
+            Proto::Smtp => "smtp",
+            Proto::Pop3 => "pop3",
+        }
+    }
+
+    /// A plaintext loopback URL for a fake server on `port`.
+    pub fn url(self, port: u16) -> String {
+        format!("{}://127.0.0.1:{port}", self.name())
+    }
+
+    /// This protocol's listener port on `rig`'s proxy.
+    pub fn port(self, rig: &Rig) -> u16 {
+        match self {
+            Proto::Imap => rig.imap_port(),
+            Proto::Smtp => rig.smtp_port(),
+            Proto::Pop3 => rig.pop3_port(),
+        }
+    }
+}
+
+/// What a fake upstream saw and did, shared with the test.
+#[derive(Clone, Default)]
+pub struct Tally {
+    connections: Arc<AtomicUsize>,
+    logins: Arc<AtomicUsize>,
+    sent: Arc<AtomicU64>,
+    received: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Tally {
+    /// Connections accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Login attempts (AUTHENTICATE / AUTH / LOGIN / USER) received.
+    pub fn logins(&self) -> usize {
+        self.logins.load(Ordering::SeqCst)
+    }
+
+    /// Bytes written to the proxy (and accepted by the socket).
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Every byte received, in arrival order (all connections).
+    pub fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+
+    fn connected(&self) {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn record(&self, bytes: &[u8]) {
+        self.received.lock().unwrap().extend_from_slice(bytes);
+    }
+}
+
+/// The first word of a command line, and the rest upper-cased.
+fn split_command(line: &[u8]) -> (String, String) {
+    let s = String::from_utf8_lossy(line);
+    let s = s.trim_end_matches(['\r', '\n']);
+    let (first, rest) = s.split_once(' ').unwrap_or((s, ""));
+    (first.to_string(), rest.to_ascii_uppercase())
+}
+
+async fn without_oauth(proto: Proto, sock: TcpStream, tally: Tally) {
+    use tokio::io::AsyncBufReadExt;
+    tally.connected();
+    let (rd, mut wr) = sock.into_split();
+    let mut rd = tokio::io::BufReader::new(rd);
+    let greeting: &[u8] = match proto {
+        Proto::Imap => b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN LITERAL+] fake server without OAuth\r\n",
+        Proto::Smtp => b"220 fake.example.org ESMTP fake server without OAuth\r\n",
+        Proto::Pop3 => b"+OK fake server without OAuth\r\n",
+    };
+    if wr.write_all(greeting).await.is_err() {
+        return;
+    }
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if rd.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        tally.record(&line);
+        let (first, rest) = split_command(&line);
+        let first_up = first.to_ascii_uppercase();
+        let (answer, done) = match proto {
+            Proto::Imap if rest.starts_with("AUTHENTICATE") || rest.starts_with("LOGIN") => {
+                tally.logins.fetch_add(1, Ordering::SeqCst);
+                (
+                    format!("{first} NO [CANNOT] Unsupported authentication mechanism\r\n"),
+                    false,
+                )
+            }
+            Proto::Imap if rest.starts_with("CAPABILITY") => (
+                format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n{first} OK done\r\n"),
+                false,
+            ),
+            Proto::Imap if rest.starts_with("LOGOUT") => (format!("* BYE bye\r\n{first} OK done\r\n"), true),
+            Proto::Imap => (format!("{first} BAD unknown command\r\n"), false),
+            Proto::Smtp if first_up == "EHLO" || first_up == "HELO" => (
+                "250-fake.example.org\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n".to_string(),
+                false,
+            ),
+            Proto::Smtp if first_up == "AUTH" => {
+                tally.logins.fetch_add(1, Ordering::SeqCst);
+                ("504 5.5.4 Unrecognized authentication type\r\n".to_string(), false)
+            }
+            Proto::Smtp if first_up == "QUIT" => ("221 2.0.0 Bye\r\n".to_string(), true),
+            Proto::Smtp => ("502 5.5.2 unknown command\r\n".to_string(), false),
+            Proto::Pop3 if first_up == "AUTH" => {
+                tally.logins.fetch_add(1, Ordering::SeqCst);
+                ("-ERR Unsupported authentication mechanism\r\n".to_string(), false)
+            }
+            Proto::Pop3 if first_up == "CAPA" => ("+OK\r\nUSER\r\nSASL PLAIN\r\n.\r\n".to_string(), false),
+            Proto::Pop3 if first_up == "QUIT" => ("+OK bye\r\n".to_string(), true),
+            Proto::Pop3 => ("-ERR unknown command\r\n".to_string(), false),
+        };
+        if wr.write_all(answer.as_bytes()).await.is_err() || done {
+            return;
+        }
+    }
+}
+
+/// Writes `block` again and again until the peer stops taking it.
+async fn stream_forever(wr: &mut tokio::net::tcp::OwnedWriteHalf, block: &[u8], tally: &Tally) {
+    while wr.write_all(block).await.is_ok() {
+        tally.sent.fetch_add(block.len() as u64, Ordering::SeqCst);
+    }
+}
+
+async fn flood(proto: Proto, sock: TcpStream, tally: Tally) {
+    use tokio::io::AsyncBufReadExt;
+    tally.connected();
+    let (rd, mut wr) = sock.into_split();
+    let mut rd = tokio::io::BufReader::new(rd);
+    let line = format!("* OK flood {}\r\n", "x".repeat(180));
+    let (greeting, wait_for_command, block): (&[u8], bool, Vec<u8>) = match proto {
+        Proto::Imap => (
+            b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN LITERAL+] flood ready\r\n",
+            false,
+            line.repeat(64 * 1024 / line.len()).into_bytes(),
+        ),
+        Proto::Smtp => (
+            b"220 flood.example.org ESMTP flood ready\r\n",
+            true,
+            format!("250-flood {}\r\n", "x".repeat(180)).repeat(300).into_bytes(),
+        ),
+        Proto::Pop3 => (b"+OK flood ready\r\n", true, vec![b'x'; 64 * 1024]),
+    };
+    if wr.write_all(greeting).await.is_err() {
+        return;
+    }
+    tally.sent.fetch_add(greeting.len() as u64, Ordering::SeqCst);
+    if wait_for_command {
+        let mut l = Vec::new();
+        if rd.read_until(b'\n', &mut l).await.unwrap_or(0) == 0 {
+            return;
+        }
+        tally.record(&l);
+        tally.logins.fetch_add(1, Ordering::SeqCst);
+        if proto == Proto::Pop3 {
+            // The answer's line starts and never ends.
+            if wr.write_all(b"+OK ").await.is_err() {
+                return;
+            }
+        }
+    }
+    // Drain whatever the proxy sends meanwhile, so it never blocks on us.
+    let drain = tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    stream_forever(&mut wr, &block, &tally).await;
+    drain.abort();
+}
+
+async fn drip(proto: Proto, mut sock: TcpStream) {
+    let start: &[u8] = match proto {
+        Proto::Imap => b"* OK ",
+        Proto::Smtp => b"220 ",
+        Proto::Pop3 => b"+OK ",
+    };
+    for b in start.iter().chain(b"slowly, ".iter()).chain(std::iter::repeat(&b'.')) {
+        if sock.write_all(&[*b]).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn recording(proto: Proto, sock: TcpStream, tally: Tally) {
+    use tokio::io::AsyncBufReadExt;
+    tally.connected();
+    let (rd, mut wr) = sock.into_split();
+    let mut rd = tokio::io::BufReader::new(rd);
+    let greeting: &[u8] = match proto {
+        Proto::Imap => b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN LITERAL+] recorder ready\r\n",
+        Proto::Smtp => b"220 recorder.example.org ESMTP recorder ready\r\n",
+        Proto::Pop3 => b"+OK recorder ready\r\n",
+    };
+    if wr.write_all(greeting).await.is_err() {
+        return;
+    }
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        // Everything is recorded, a last line without its end too.
+        let n = rd.read_until(b'\n', &mut line).await.unwrap_or(0);
+        tally.record(&line);
+        if n == 0 || !line.ends_with(b"\n") {
+            return;
+        }
+        let (first, _) = split_command(&line);
+        let first_up = first.to_ascii_uppercase();
+        let answer = match proto {
+            Proto::Imap if line.ends_with(b"}\r\n") && !line.ends_with(b"+}\r\n") => "+ go ahead\r\n".to_string(),
+            Proto::Imap => {
+                tally.logins.fetch_add(1, Ordering::SeqCst);
+                format!("{first} NO [AUTHENTICATIONFAILED] the recorder refuses everything\r\n")
+            }
+            Proto::Smtp if first_up == "EHLO" || first_up == "HELO" => {
+                "250-recorder.example.org\r\n250 AUTH PLAIN LOGIN\r\n".to_string()
+            }
+            Proto::Smtp => {
+                tally.logins.fetch_add(1, Ordering::SeqCst);
+                "535 5.7.8 the recorder refuses everything\r\n".to_string()
+            }
+            Proto::Pop3 if first_up == "USER" => "+OK\r\n".to_string(),
+            Proto::Pop3 => {
+                tally.logins.fetch_add(1, Ordering::SeqCst);
+                "-ERR [AUTH] the recorder refuses everything\r\n".to_string()
+            }
+        };
+        if wr.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn forward(to: u16, mut sock: TcpStream, tally: Tally) {
+    tally.connected();
+    let Ok(mut up) = TcpStream::connect(("127.0.0.1", to)).await else {
+        return;
+    };
+    let _ = up.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut sock, &mut up).await;
+}
+
+/// Samples `pid`'s resident memory every 50 ms until dropped; `peak()` is
+/// the largest value seen (KiB).
+pub struct RssSampler {
+    peak: Arc<AtomicU64>,
+    _task: Task,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> RssSampler {
+        let peak = Arc::new(AtomicU64::new(0));
+        let p2 = peak.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                p2.fetch_max(rss_kib_of(pid), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        RssSampler {
+            peak,
+            _task: Task(task),
+        }
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::SeqCst)
+    }
+}
+
+/// Resident memory of process `pid` in KiB (0 when it is gone).
+pub fn rss_kib_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
