@@ -78,9 +78,10 @@ pub async fn verify(
                  sign in again as {user} (in a private browser window if the provider remembers the other account)"
             ),
             _ => format!(
-                "the new authorisation does not log in as {user} at {}: {why}; nothing was stored. \
+                "the new authorisation does not log in as {user} at {}: {}; nothing was stored. \
                  Sign in as {user}, or check that the account's username is right",
-                server.endpoint
+                server.endpoint,
+                crate::sasl::for_account(&why, &account.name)
             ),
         })),
         Err(e) => match signed_in {

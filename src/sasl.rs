@@ -191,6 +191,16 @@ pub fn decode_error_challenge(b64: &[u8]) -> Option<OAuthChallenge> {
     })
 }
 
+/// Where a challenge's sentence names the account: the protocol clients
+/// decode challenges without knowing the account, and the login policy,
+/// which does, fills it in with [`for_account`].
+pub const ACCOUNT: &str = "ACCOUNT";
+
+/// `text` with the [`ACCOUNT`] placeholder replaced by the account's name.
+pub fn for_account(text: &str, account: &str) -> String {
+    text.replace("`mailproxy login ACCOUNT`", &format!("`mailproxy login {account}`"))
+}
+
 impl OAuthChallenge {
     /// A sentence a person can act on, on one line: the server's own words
     /// in it (scope, status) can break neither a log line nor a reply.

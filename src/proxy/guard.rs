@@ -66,6 +66,15 @@ pub(crate) struct Turn {
     _turn: tokio::sync::OwnedMutexGuard<()>,
 }
 
+/// One attempt waiting for a name's turn.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Too many attempts already wait for this name.
 #[derive(Debug)]
 pub(crate) struct Busy;
@@ -117,8 +126,11 @@ impl LoginGuard {
             gate.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(Busy);
         }
+        // Counted as waiting until the turn comes, or until the attempt is
+        // abandoned (its client left): a dropped wait must not leak a slot.
+        let waiting = Waiting(&gate.waiting);
         let turn = gate.turn.clone().lock_owned().await;
-        gate.waiting.fetch_sub(1, Ordering::AcqRel);
+        drop(waiting);
         // Re-checked with the turn in hand: a failure just before us counts.
         let not_before = gate
             .failures
@@ -215,5 +227,18 @@ mod tests {
             started.elapsed() >= Duration::from_millis(250),
             "the failure delay is waited out"
         );
+    }
+
+    #[tokio::test]
+    async fn abandoned_waits_free_their_place() {
+        let g = Arc::new(LoginGuard::default());
+        let held = g.passthrough_turn("carol@example.org").await.expect("free");
+        for _ in 0..(MAX_WAITING * 3) {
+            // A client that leaves while waiting: its wait is dropped.
+            let wait = g.passthrough_turn("carol@example.org");
+            assert!(tokio::time::timeout(Duration::from_millis(5), wait).await.is_err());
+        }
+        drop(held);
+        assert!(g.passthrough_turn("carol@example.org").await.is_ok());
     }
 }

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Instrument;
 
 use super::upstream::Conn;
 use super::upstream_auth::{self, LoginFailure, UpstreamLogin};
@@ -60,10 +61,18 @@ pub(crate) async fn run<P: Protocol>(
         match event {
             Some(Event::Login { username, password }) => {
                 let login = username.to_string();
-                tracing::Span::current().record("login", escaped(&login).as_str());
                 let name = pre.client_name().map(str::to_owned);
-                match log_in::<P>(ctx, listener, peer, &login, Secret::from(password), name.as_deref()).await {
+                // Each attempt logs under its own span: a connection may try
+                // several names, and each line must name the one it is about.
+                let attempt = log_in::<P>(ctx, listener, peer, &login, Secret::from(password), name.as_deref())
+                    .instrument(tracing::info_span!("login", login = %escaped(&login)));
+                let Some(outcome) = while_client_stays(&mut client, &mut pre, &mut buf, attempt).await else {
+                    tracing::info!(login = %escaped(&login), "the client left during its login; abandoned");
+                    return Ok(());
+                };
+                match outcome {
                     Ok((conn, success)) => {
+                        tracing::Span::current().record("login", escaped(&login).as_str());
                         tracing::info!(upstream = %conn.endpoint, "logged in");
                         let now = pre.login_succeeded(success);
                         upstream = Some(conn);
@@ -72,7 +81,7 @@ pub(crate) async fn run<P: Protocol>(
                         }
                     }
                     Err(f) => {
-                        tracing::info!(reason = %f.text, "login refused");
+                        tracing::info!(login = %escaped(&login), reason = %f.text, "login refused");
                         pre.login_failed(f.kind, &f.text);
                     }
                 }
@@ -102,6 +111,28 @@ pub(crate) async fn run<P: Protocol>(
                 };
                 pre.feed(&buf[..n]);
             }
+        }
+    }
+}
+
+/// Runs `attempt` while watching the client: bytes it pipelines meanwhile
+/// go to the machine (which keeps them for after the login, within its
+/// bound), and if it leaves, the attempt is dropped — a guesser that gives
+/// up must not leave queued attempts behind to reach the upstream later.
+async fn while_client_stays<M: PreAuth, T>(
+    client: &mut Stream,
+    pre: &mut M,
+    buf: &mut [u8],
+    attempt: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(attempt);
+    loop {
+        tokio::select! {
+            r = &mut attempt => return Some(r),
+            n = client.read(buf), if pre.buffered_len() < pre.max_buffer() => match n {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => pre.feed(&buf[..n]),
+            },
         }
     }
 }

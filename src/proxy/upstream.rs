@@ -181,7 +181,9 @@ impl Conn {
         mut frame: impl FnMut(&[u8]) -> Result<Option<(usize, T)>, E>,
     ) -> Result<T, UpstreamError> {
         loop {
-            if let Some((len, v)) = frame(&self.buf).map_err(|e| self.err(format!("sent garbage: {e}")))? {
+            if let Some((len, v)) = frame(&self.buf)
+                .map_err(|e| self.err(format!("sent a response that cannot be used before login ({e})")))?
+            {
                 self.buf.drain(..len);
                 return Ok(v);
             }
