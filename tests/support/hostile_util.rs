@@ -454,7 +454,7 @@ impl Rig {
     pub fn checked(self, passwords: &[&str]) -> CheckedRig {
         CheckedRig {
             rig: self,
-            passwords: passwords.iter().map(|p| p.to_string()).collect(),
+            passwords: passwords.iter().map(std::string::ToString::to_string).collect(),
         }
     }
 }
