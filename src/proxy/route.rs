@@ -146,10 +146,10 @@ async fn on_demand(ctx: &Ctx, tokens: &Arc<AccountTokens>) -> LoginFailure {
 
 /// No access token could be had: a person must act, or it is temporary.
 pub(crate) fn token_failure(account: &str, e: TokenError) -> LoginFailure {
-    let kind = match &e {
-        TokenError::OAuth(o) if o.is_transient() => Failure::Unavailable,
-        TokenError::Vault(_) => Failure::Unavailable,
-        _ => Failure::Action,
+    let kind = if e.is_transient() {
+        Failure::Unavailable
+    } else {
+        Failure::Action
     };
     tracing::warn!(account = %account, error = %e, "no access token");
     LoginFailure::new(kind, e.to_string())

@@ -164,6 +164,25 @@ pub enum TokenError {
     Identity(#[from] identity::IdentityError),
 }
 
+impl TokenError {
+    /// Worth trying again later without anyone acting: the provider or the
+    /// store had trouble, or the account's grant could not be checked yet.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            TokenError::OAuth(o) => o.is_transient(),
+            TokenError::Vault(_) => true,
+            TokenError::Identity(identity::IdentityError::Unavailable(_)) => true,
+            _ => false,
+        }
+    }
+
+    /// A person must act (authorise, finish a pending sign-in, fix the
+    /// app registration) before this account works again.
+    pub fn needs_person(&self) -> bool {
+        !self.is_transient()
+    }
+}
+
 pub fn describe_pending(p: &Pending) -> String {
     match &p.user_code {
         Some(code) => format!("open {} and enter the code {code}, then log in again", p.url),

@@ -157,7 +157,21 @@ impl Proxy {
 
     /// Starts `serve` and waits until every configured listener is bound.
     pub fn start_env(dir: &ProxyDir, env: &[(&str, &str)]) -> Proxy {
-        let mut cmd = Command::new(BIN);
+        Self::start_wrapped(dir, env, &[])
+    }
+
+    /// Like [`Proxy::start_env`], run through `wrapper` (a program and its
+    /// first arguments, e.g. a shell that lowers a limit, then execs the
+    /// binary with the rest).
+    pub fn start_wrapped(dir: &ProxyDir, env: &[(&str, &str)], wrapper: &[&str]) -> Proxy {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.args(["--config", dir.config_path().to_str().unwrap(), "serve"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
