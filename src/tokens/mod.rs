@@ -1078,7 +1078,13 @@ impl TokenManager {
             let (me2, a2) = (me.clone(), a.clone());
             let work = tokio::spawn(async move {
                 let mut slot = a2.slot.lock().await;
-                if matches!(slot.state, TokenState::Active(_)) {
+                // Still due now that the slot is ours? A login may have
+                // refreshed meanwhile: one refresh per need, never two.
+                let due = match &slot.state {
+                    TokenState::Active(x) => x.access.as_ref().is_none_or(|t| t.renew_at() <= SystemTime::now()),
+                    _ => false,
+                };
+                if due {
                     let r = me2.refresh_locked(&a2, &mut slot).await;
                     if let Err(e) = r {
                         tracing::info!(account = %a2.account.name, error = %e, "background refresh failed");
