@@ -250,7 +250,48 @@ async fn render(tokens: &TokenManager, store: &dyn RecordStore) -> String {
     METRICS.store_up.set(i64::from(matches!(up, Ok(Ok(())))));
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
+    to_text_format(&out)
+}
+
+/// OpenMetrics (what the encoder writes) to the Prometheus text format
+/// 0.0.4 that `/metrics` serves: counters' HELP and TYPE name the `_total`
+/// series, and there is no `# EOF`.
+fn to_text_format(open_metrics: &str) -> String {
+    let counters: Vec<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = counters.iter().find_map(|c| {
+            for prefix in ["# HELP ", "# TYPE "] {
+                if let Some(rest) = line.strip_prefix(prefix).and_then(|r| r.strip_prefix(c)) {
+                    if rest.starts_with(' ') {
+                        return Some(format!("{prefix}{c}_total{rest}"));
+                    }
+                }
+            }
+            None
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_described_under_their_total_name() {
+        let om = "# HELP x_logins Logins.\n# TYPE x_logins counter\nx_logins_total{a=\"b\"} 1\n# HELP x_open Open.\n# TYPE x_open gauge\nx_open 0\n# EOF\n";
+        assert_eq!(
+            super::to_text_format(om),
+            "# HELP x_logins_total Logins.\n# TYPE x_logins_total counter\nx_logins_total{a=\"b\"} 1\n# HELP x_open Open.\n# TYPE x_open gauge\nx_open 0\n"
+        );
+    }
 }
 
 /// `/metrics`, `/healthz` (the process answers) and `/readyz` (listeners

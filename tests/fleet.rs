@@ -79,6 +79,9 @@ impl Drop for Fleet {
             assert_no_secrets(&p.logs(), &self.env, &[ALICE_PW, "new pw"]);
         }
         // Nothing in the clear in the database either.
+        if self.pg.psql("SELECT to_regclass('mailproxy_accounts') IS NOT NULL") != "t" {
+            return;
+        }
         let rows = self
             .pg
             .psql("SELECT coalesce(string_agg(record::text, ' '), '') FROM mailproxy_accounts");
@@ -234,4 +237,142 @@ async fn kill_9_of_the_instance_refreshing_leaves_the_other_able_to_refresh() {
     let a = f.start(0);
     drop(login(a).await);
     assert_eq!(f.env.provider.refreshes(), r0 + 1, "{}", f.logs());
+}
+
+/// `GET path` on the metrics listener: (status line, body).
+async fn http_get(addr: &str, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+/// The value of one sample, e.g. `mailproxy_logins_total{protocol="imap",…}`.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened_and_pass_promtool() {
+    let promtool = std::path::Path::new("/usr/bin/promtool");
+    assert!(
+        promtool.exists(),
+        "promtool is missing: run scripts/test (it installs prometheus)"
+    );
+    let mut f = Fleet::new("metrics_listen = \"127.0.0.1:0\"\n");
+    let (st, err) = f.dirs[0].login(ALICE, ALICE_PW);
+    assert!(st.success(), "{err}");
+    let port = f.start(0);
+    let addr = f.proxies[0]
+        .as_ref()
+        .unwrap()
+        .stdout()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
+        .expect("the metrics listener is announced");
+
+    let (status, body) = http_get(&addr, "/healthz").await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok\n"));
+    let (status, _) = http_get(&addr, "/readyz").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let (_, before) = http_get(&addr, "/metrics").await;
+    assert_eq!(
+        sample(&before, "mailproxy_sessions_open{protocol=\"imap\"}"),
+        Some(0.0),
+        "{before}"
+    );
+
+    // One good login that fetches, one wrong password.
+    let mut c = login(port).await;
+    let r = c.imap("f", "FETCH 1:* (FLAGS)").await.unwrap();
+    assert!(r.tagged.starts_with("f "), "{r:?}");
+    let (_, during) = http_get(&addr, "/metrics").await;
+    assert_eq!(
+        sample(&during, "mailproxy_sessions_open{protocol=\"imap\"}"),
+        Some(1.0),
+        "{during}"
+    );
+    c.imap("z", "LOGOUT").await.unwrap();
+    drop(c);
+    let (_, tagged) = try_login(port, "wrong").await;
+    assert!(tagged.starts_with("a1 NO"), "{tagged}");
+
+    let t0 = Instant::now();
+    let body = loop {
+        let (_, body) = http_get(&addr, "/metrics").await;
+        let closed = sample(&body, "mailproxy_sessions_open{protocol=\"imap\"}") == Some(0.0)
+            && sample(
+                &body,
+                "mailproxy_relayed_bytes_total{protocol=\"imap\",direction=\"up\"}",
+            )
+            .is_some();
+        if closed || t0.elapsed() > Duration::from_secs(5) {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let get = |s: &str| sample(&body, s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
+    assert_eq!(
+        get("mailproxy_logins_total{protocol=\"imap\",outcome=\"ok\",reason=\"none\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("mailproxy_logins_total{protocol=\"imap\",outcome=\"failed\",reason=\"credentials\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("mailproxy_connections_total{protocol=\"imap\",outcome=\"accepted\"}"),
+        2.0
+    );
+    assert_eq!(
+        get("mailproxy_connections_total{protocol=\"imap\",outcome=\"relayed\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("mailproxy_refreshes_total{provider=\"custom\",outcome=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(get("mailproxy_sessions_open{protocol=\"imap\"}"), 0.0);
+    // What went up after the login, byte for byte.
+    let up = ["s SELECT INBOX\r\n", "f FETCH 1:* (FLAGS)\r\n", "z LOGOUT\r\n"];
+    assert_eq!(
+        get("mailproxy_relayed_bytes_total{protocol=\"imap\",direction=\"up\"}"),
+        up.iter().map(|l| l.len()).sum::<usize>() as f64
+    );
+    assert!(get("mailproxy_relayed_bytes_total{protocol=\"imap\",direction=\"down\"}") > 0.0);
+    let left = get(&format!("mailproxy_token_expiry_seconds{{account=\"{ALICE}\"}}"));
+    assert!(left > 3000.0 && left <= 3600.0, "{left}");
+    assert!(get("mailproxy_kdf_runs") >= 2.0, "two password checks ran the KDF");
+    assert_eq!(get("mailproxy_token_store_up"), 1.0);
+
+    // The exposition is valid for Prometheus.
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The store going away makes the instance not ready.
+    drop(std::mem::replace(&mut f.pg, Postgres::start()));
+    let (status, body) = http_get(&addr, "/readyz").await;
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+    assert!(body.contains("PostgreSQL is not reachable"), "{body}");
 }

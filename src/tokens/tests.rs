@@ -234,7 +234,10 @@ async fn erase_during_refresh_is_not_undone() {
         let mut slot = acct.slot.lock().await;
         let _ = tm.refresh_locked(&acct, &mut slot).await;
     }
-    assert!(Vault::open(&config.state_dir).unwrap().load(ACCOUNT).unwrap().is_none(), "resurrected");
+    assert!(
+        Vault::open(&config.state_dir).unwrap().load(ACCOUNT).unwrap().is_none(),
+        "resurrected"
+    );
     assert_eq!(state_name(&tm, &acct).await, "needs login");
 }
 
