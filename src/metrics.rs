@@ -282,18 +282,6 @@ fn to_text_format(open_metrics: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn counters_are_described_under_their_total_name() {
-        let om = "# HELP x_logins Logins.\n# TYPE x_logins counter\nx_logins_total{a=\"b\"} 1\n# HELP x_open Open.\n# TYPE x_open gauge\nx_open 0\n# EOF\n";
-        assert_eq!(
-            super::to_text_format(om),
-            "# HELP x_logins_total Logins.\n# TYPE x_logins_total counter\nx_logins_total{a=\"b\"} 1\n# HELP x_open Open.\n# TYPE x_open gauge\nx_open 0\n"
-        );
-    }
-}
-
 /// `/metrics`, `/healthz` (the process answers) and `/readyz` (listeners
 /// bound and the token store reachable: 503 otherwise).
 pub async fn serve(
@@ -360,5 +348,17 @@ pub async fn serve(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_described_under_their_total_name() {
+        let om = "# HELP x_logins Logins.\n# TYPE x_logins counter\nx_logins_total{a=\"b\"} 1\n# HELP x_open Open.\n# TYPE x_open gauge\nx_open 0\n# EOF\n";
+        assert_eq!(
+            super::to_text_format(om),
+            "# HELP x_logins_total Logins.\n# TYPE x_logins_total counter\nx_logins_total{a=\"b\"} 1\n# HELP x_open Open.\n# TYPE x_open gauge\nx_open 0\n"
+        );
     }
 }
