@@ -47,6 +47,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     StoreKey(#[from] crate::store::StoreKeyError),
+    #[error("[{0}] proxy_protocol = true: this build does not read PROXY headers yet; remove the setting (and send-proxy-v2 at the balancer)")]
+    ProxyProtocol(Protocol),
     #[error("cannot listen on {addr} for metrics: {source}")]
     MetricsBind {
         addr: std::net::SocketAddr,
@@ -212,6 +214,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let tracker = TaskTracker::new();
     let mut listeners = Vec::new();
     for l in config.listeners() {
+        if l.proxy.is_some() {
+            return Err(ServeError::ProxyProtocol(l.protocol));
+        }
         if l.tls != LocalTls::None && (l.cert.is_none() || l.key.is_none()) {
             let dir = config.state_dir.join("certs");
             std::fs::create_dir_all(&dir).map_err(|source| ServeError::CertDir {
