@@ -12,9 +12,9 @@ use mailproxy::config::{Account, Config, Flow, OAuthSettings, TokenStore};
 use mailproxy::oauth::{self, flows, login::Redirect, OAuthError, Tokens};
 use mailproxy::secret::Secret;
 use mailproxy::tokens::offline::{self, Checked, OfflineError};
-use mailproxy::tokens::{self, now_unix, AccountStatus};
+use mailproxy::tokens::{now_unix, AccountStatus};
 use mailproxy::vault::{AccountRecord, StoreKind, Vault};
-use mailproxy::{identity, keystore, server, tls};
+use mailproxy::{identity, keystore, server, store, tls};
 
 #[derive(Parser)]
 #[command(
@@ -101,7 +101,7 @@ async fn run(cli: Cli) -> Result<u8> {
             no_browser,
             timeout,
         } => login(config, &account, device, no_browser, timeout).await.map(|_| 0),
-        Command::Accounts => accounts(&config).map(|_| 0),
+        Command::Accounts => accounts(&config).await.map(|_| 0),
         Command::Check { account } => check(&config, account.as_deref()).await,
         Command::Revoke { account } => revoke(&config, &account).await.map(|_| 0),
         Command::Passwd { account } => passwd(&config, &account).await.map(|_| 0),
@@ -125,7 +125,9 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
             bail!(why);
         }
     }
-    let vault = Vault::open(&config.state_dir)?;
+    Vault::open(&config.state_dir)?;
+    let records = store::open(&config).await?;
+    let store_key = store::store_key(&config)?;
     let audit = Audit::direct(&config.audit_log);
     let password = read_password(&account.name, true)?;
     let http = oauth::http_client(config.limits.provider_timeout);
@@ -194,11 +196,12 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
         );
     }
     let scopes = tokens.scopes.clone().unwrap_or_else(|| settings.scopes.clone());
-    let (v, n, s, store) = (vault.clone(), account.name.clone(), scopes.clone(), config.token_store);
-    let where_ = tokio::task::spawn_blocking(move || {
-        tokens::store_authorisation(&v, store, &n, &password, tokens.refresh.as_ref(), s)
+    let (n, s, store) = (account.name.clone(), scopes.clone(), config.token_store);
+    let (rec, where_) = tokio::task::spawn_blocking(move || {
+        offline::authorisation_record(store, store_key.as_ref(), &n, &password, tokens.refresh.as_ref(), s)
     })
-    .await??;
+    .await?;
+    records.store(&rec).await?;
     audit.record(Entry::new(&account.name, "consent", "authorised").scopes(&scopes));
     eprintln!(
         "Authorised {} (scopes: {}); the refresh token is kept in {where_}.\n\
@@ -287,8 +290,8 @@ fn human(s: u64) -> String {
     }
 }
 
-fn accounts(config: &Config) -> Result<()> {
-    let vault = Vault::open(&config.state_dir)?;
+async fn accounts(config: &Config) -> Result<()> {
+    let records = store::open(config).await?;
     let live = live_status(config);
     let serving = !live.is_empty();
     let mut rows = vec![[
@@ -307,7 +310,7 @@ fn accounts(config: &Config) -> Result<()> {
             rows.push([&a.name, "password", "-", "passthrough", "-", "-", "-", "-"].map(String::from));
             continue;
         };
-        let rec: Option<AccountRecord> = vault.load(&a.name)?;
+        let rec: Option<AccountRecord> = records.load(&a.name).await?;
         let st = live.iter().find(|r| r.account.eq_ignore_ascii_case(&a.name));
         let state = match (st, &rec) {
             (Some(st), _) => match &st.detail {
@@ -316,6 +319,7 @@ fn accounts(config: &Config) -> Result<()> {
             },
             (None, None) => format!("needs login: run `mailproxy login {}`", a.name),
             (None, Some(r)) if r.token_store == Some(StoreKind::Keyring) => "ok (token in the OS keyring)".into(),
+            (None, Some(r)) if r.token_store == Some(StoreKind::StoreKey) => "ok (sealed with the store key)".into(),
             (None, Some(r)) if r.refresh_token.is_some() => if serving {
                 "locked"
             } else {
@@ -364,7 +368,8 @@ fn ask_password(account: &str) -> impl FnOnce() -> Result<Secret, OfflineError> 
 }
 
 async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
-    let vault = Vault::open(&config.state_dir)?;
+    let records = store::open(config).await?;
+    let store_key = store::store_key(config)?;
     let audit = Audit::direct(&config.audit_log);
     let http = oauth::http_client(config.limits.provider_timeout);
     let names: Vec<String> = match only {
@@ -379,7 +384,16 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
     let mut worst = 0u8;
     for name in names {
         let (_, settings) = oauth_account(config, &name)?;
-        match offline::check(&vault, &http, &name, settings, ask_password(&name)).await? {
+        match offline::check(
+            &*records,
+            store_key.as_ref(),
+            &http,
+            &name,
+            settings,
+            ask_password(&name),
+        )
+        .await?
+        {
             Checked::NeedsLogin(why) => {
                 println!("{name}: needs login: {why}");
                 worst = worst.max(1);
@@ -417,10 +431,11 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
 async fn passwd(config: &Config, name: &str) -> Result<()> {
     let (account, _) = oauth_account(config, name)?;
     let name = account.name.clone();
-    let vault = Vault::open(&config.state_dir)?;
+    let records = store::open(config).await?;
     let audit = Audit::direct(&config.audit_log);
-    let rec = vault
-        .load(&name)?
+    let rec = records
+        .load(&name)
+        .await?
         .with_context(|| format!("{name} is not authorised; run `mailproxy login {name}`"))?;
     if rec.password.is_none() {
         bail!("{name} has no local password yet; run `mailproxy login {name}`");
@@ -433,11 +448,7 @@ async fn passwd(config: &Config, name: &str) -> Result<()> {
         None
     };
     let new = read_password(&name, true)?;
-    let (v, n) = (vault.clone(), name.clone());
-    let r = tokio::task::spawn_blocking(move || {
-        offline::change_password(&v, &n, || old.ok_or(OfflineError::WrongPassword), &new)
-    })
-    .await?;
+    let r = offline::change_password(&*records, &name, move || old.ok_or(OfflineError::WrongPassword), &new).await;
     match r {
         Ok(()) => {
             audit.record(Entry::new(&name, "password_changed", "changed with mailproxy passwd"));
@@ -454,13 +465,14 @@ async fn passwd(config: &Config, name: &str) -> Result<()> {
 async fn revoke(config: &Config, name: &str) -> Result<()> {
     let (account, settings) = oauth_account(config, name)?;
     let name = account.name.clone();
-    let vault = Vault::open(&config.state_dir)?;
+    let records = store::open(config).await?;
+    let store_key = store::store_key(config)?;
     let audit = Audit::direct(&config.audit_log);
     let http = oauth::http_client(config.limits.provider_timeout);
-    let rec = vault.load(&name)?;
+    let rec = records.load(&name).await?;
     let refresh = match &rec {
         Some(r) => {
-            match offline::stored_refresh(&name, r, ask_password(&name)) {
+            match offline::stored_refresh(&name, r, store_key.as_ref(), ask_password(&name)) {
                 Ok(t) => t.map(|(t, _)| t),
                 Err(e) => {
                     eprintln!("cannot read the refresh token ({e:#}); erasing the local copy without revoking it at the provider");
@@ -494,10 +506,9 @@ async fn revoke(config: &Config, name: &str) -> Result<()> {
         None => println!("no refresh token was stored; nothing to revoke at the provider"),
     }
     let mut erased = Vec::new();
-    for p in vault.erase(&name)? {
+    for p in records.erase(&name).await? {
         erased.push(format!(
-            "{} (local password verifier, sealed refresh token, scopes, timestamps)",
-            p.display()
+            "{p} (local password verifier, sealed refresh token, scopes, timestamps)"
         ));
     }
     match keystore::delete(&name) {

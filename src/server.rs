@@ -43,6 +43,17 @@ pub enum ServeError {
     Signals(std::io::Error),
     #[error(transparent)]
     Vault(#[from] VaultError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    StoreKey(#[from] crate::store::StoreKeyError),
+    #[error("[{0}] proxy_protocol = true: this build does not read PROXY headers yet; remove the setting (and send-proxy-v2 at the balancer)")]
+    ProxyProtocol(Protocol),
+    #[error("cannot listen on {addr} for metrics: {source}")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{which}: {source}")]
     Tls { which: String, source: TlsError },
     #[error("{}: {source}", .dir.display())]
@@ -158,13 +169,35 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Ok(None) => tracing::info!("no open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
-    let vault = Vault::open(&config.state_dir)?;
+    Vault::open(&config.state_dir)?;
     let store = effective_store(&config).await;
+    let records = crate::store::open(&config).await?;
+    let store_key = crate::store::store_key(&config)?;
+    if store_key.is_some() {
+        tracing::info!("refresh tokens are sealed under the store key");
+    }
     let audit = Audit::start(&config.audit_log);
     // One set of TLS client configs for sessions and for the identity
     // check of new grants.
     let tls = Arc::new(ClientConfigs::default());
-    let tokens = Arc::new(TokenManager::with_tls(&config, vault, store, audit, tls.clone()));
+    let tokens = Arc::new(TokenManager::with_records(
+        &config,
+        records.clone(),
+        store,
+        store_key,
+        audit,
+        tls.clone(),
+    ));
+    if let Some(changes) = records.changes() {
+        // Another instance changed an account: look again now.
+        let t = tokens.clone();
+        tokio::spawn(async move {
+            loop {
+                changes.notified().await;
+                t.changed.notify_one();
+            }
+        });
+    }
     let config = Arc::new(config);
     let shutdown = CancellationToken::new();
     let ctx = Arc::new(Ctx {
@@ -181,6 +214,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let tracker = TaskTracker::new();
     let mut listeners = Vec::new();
     for l in config.listeners() {
+        if l.proxy.is_some() {
+            return Err(ServeError::ProxyProtocol(l.protocol));
+        }
         if l.tls != LocalTls::None && (l.cert.is_none() || l.key.is_none()) {
             let dir = config.state_dir.join("certs");
             std::fs::create_dir_all(&dir).map_err(|source| ServeError::CertDir {
@@ -221,6 +257,25 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     if listeners.is_empty() {
         return Err(ServeError::NoListener(config.path.clone()));
     }
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(addr) = config.fleet.metrics_listen {
+        let sock = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::MetricsBind { addr, source })?;
+        let addr = sock
+            .local_addr()
+            .map_err(|source| ServeError::MetricsBind { addr, source })?;
+        println!("listening metrics {addr}");
+        let protocols = listeners.iter().map(|(_, l)| l.protocol).collect();
+        tracker.spawn(crate::metrics::serve(
+            sock,
+            tokens.clone(),
+            records.clone(),
+            ready.clone(),
+            protocols,
+            shutdown.clone(),
+        ));
+    }
     if let Some(addr) = config.status_listen {
         let sock = TcpListener::bind(addr)
             .await
@@ -236,6 +291,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let _ = std::io::stdout().flush();
 
     tracker.spawn(refresher(tokens.clone(), config.state_dir.clone(), shutdown.clone()));
+    ready.store(true, Ordering::SeqCst);
 
     let ids = Arc::new(AtomicU64::new(1));
     let tracker_listeners: Vec<Arc<ListenerCtx>> = listeners.iter().map(|(_, l)| l.clone()).collect();
@@ -354,6 +410,10 @@ fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
 /// The keyring is probed once at start; when it does not work, `serve` says
 /// so and which store it uses instead.
 async fn effective_store(config: &Config) -> TokenStore {
+    if config.token_store == TokenStore::Postgres {
+        tracing::info!("account records are kept in PostgreSQL, shared with other instances");
+        return TokenStore::Postgres;
+    }
     if config.token_store != TokenStore::Keyring {
         return TokenStore::File;
     }
@@ -419,11 +479,13 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStre
     net::tune(&tcp);
     let limits = ctx.config().limits.clone();
     let Some(_slot) = l.enter(limits.max_connections) else {
+        crate::metrics::connection(l.protocol, "refused");
         tracing::warn!(max = limits.max_connections, "connection limit reached; refusing");
         refuse::<P>(tcp, "too many connections").await;
         return;
     };
     let Some(_ip_slot) = l.per_ip.enter(ip, limits.max_connections_per_ip) else {
+        crate::metrics::connection(l.protocol, "refused");
         tracing::warn!(
             max = limits.max_connections_per_ip,
             "per-address connection limit reached; refusing"
@@ -436,6 +498,8 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStre
         return;
     };
     tracing::debug!("accepted");
+    crate::metrics::connection(l.protocol, "accepted");
+    let _open = crate::metrics::session_open(l.protocol);
     let acceptor = l
         .acceptor
         .read()

@@ -58,6 +58,20 @@ pub struct AccountRecord {
     /// written before this field existed read as generation 0.
     #[serde(default)]
     pub generation: u64,
+    /// The current access token, sealed like the refresh token: only in the
+    /// shared store, so an instance uses what another just refreshed
+    /// instead of refreshing again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<SealedAccess>,
+}
+
+/// An access token shared between instances, and its lifetime (unix seconds).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SealedAccess {
+    pub token: Sealed,
+    pub issued_at: u64,
+    pub expires_at: u64,
 }
 
 /// Where a record's refresh token lives, when not sealed in the record.
@@ -65,6 +79,10 @@ pub struct AccountRecord {
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     Keyring,
+    /// Sealed in the record under the store key (`store_key_file`), not
+    /// under the local password's key.
+    #[serde(rename = "store_key")]
+    StoreKey,
 }
 
 /// What [`Vault::store_if`] did.

@@ -18,10 +18,12 @@ use crate::endpoint::{Endpoint, Protocol};
 use crate::secret::Secret;
 
 mod files;
+mod fleet;
 mod parse;
 mod raw;
 mod reload;
 
+pub use fleet::{Fleet, ProxyProtocol, TrustedNet};
 pub use reload::restart_needed;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,8 @@ pub enum TokenStore {
     /// In the OS keyring (Secret Service, kernel keyutils, macOS Keychain,
     /// Windows Credential Manager): accounts are usable right after start.
     Keyring,
+    /// Records in PostgreSQL, shared by several instances (`database_url`).
+    Postgres,
 }
 
 impl TokenStore {
@@ -67,6 +71,7 @@ impl TokenStore {
         match self {
             TokenStore::File => "file",
             TokenStore::Keyring => "keyring",
+            TokenStore::Postgres => "postgres",
         }
     }
 }
@@ -139,6 +144,8 @@ pub struct Config {
     pub limits: Limits,
     /// Keyed by the lower-cased login name.
     pub accounts: BTreeMap<String, Arc<Account>>,
+    /// Several instances: the shared store, the store key, metrics.
+    pub fleet: Fleet,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +156,8 @@ pub struct Listener {
     pub tls: LocalTls,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// PROXY protocol v2 from these balancers (`proxy_protocol = true`).
+    pub proxy: Option<ProxyProtocol>,
 }
 
 #[derive(Debug, Clone)]
@@ -350,8 +359,9 @@ impl Config {
             pop3: _,
             limits: _,
             accounts,
+            fleet,
         } = self;
-        let mut keys = Vec::new();
+        let mut keys = fleet.secret_keys();
         for a in accounts.values() {
             let Account {
                 name,

@@ -16,13 +16,18 @@ use super::*;
 use crate::endpoint::{is_loopback_host, Endpoint, Protocol, Security};
 
 /// The text being parsed and where it came from, for errors and relative paths.
-struct Source<'a> {
+pub(super) struct Source<'a> {
     text: &'a str,
     path: &'a Path,
 }
 
 impl Source<'_> {
-    fn err(&self, span: Option<Range<usize>>, key: Option<String>, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: Option<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             path: self.path.to_owned(),
             line: span.map(|s| line_of(self.text, s.start)),
@@ -32,7 +37,7 @@ impl Source<'_> {
     }
 
     /// Relative paths in the config are relative to the config file.
-    fn resolve(&self, p: &Path) -> PathBuf {
+    pub(super) fn resolve(&self, p: &Path) -> PathBuf {
         resolve(self.path, p)
     }
 }
@@ -63,6 +68,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     // quotes the source line, which may hold a secret.
     let raw: RawConfig = toml::from_str(text).map_err(|e| src.err(e.span(), None, e.message().trim().to_string()))?;
 
+    let fleet = super::fleet::server(&src, &raw.server)?;
     let server = server(&src, raw.server)?;
     let imap = raw.imap.map(|l| listener(&src, Protocol::Imap, l)).transpose()?;
     let smtp = raw.smtp.map(|l| listener(&src, Protocol::Smtp, l)).transpose()?;
@@ -87,6 +93,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         pop3,
         limits,
         accounts,
+        fleet,
     })
 }
 
@@ -181,6 +188,7 @@ fn listener(src: &Source, protocol: Protocol, l: RawListener) -> Result<Listener
         listen,
         fallback,
         tls: l.tls,
+        proxy: super::fleet::proxy_protocol(src, protocol, &l)?,
         cert: l.cert.map(|p| src.resolve(&p)),
         key: l.key.map(|p| src.resolve(&p)),
     })

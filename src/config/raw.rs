@@ -34,6 +34,10 @@ pub(super) struct RawServer {
     pub status_listen: Option<Spanned<String>>,
     pub on_reauth_needed: Option<String>,
     pub audit_log: Option<PathBuf>,
+    /// `token_store = "postgres"`: where the database is (may hold a password).
+    pub database_url: Option<Spanned<Secret>>,
+    pub store_key_file: Option<PathBuf>,
+    pub metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -47,6 +51,9 @@ pub(super) struct RawListener {
     pub key: Option<PathBuf>,
     #[serde(default)]
     pub allow_insecure_remote: bool,
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    pub proxy_trusted: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -45,6 +45,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     if old.status_listen != new.status_listen {
         changed.push("server.status_listen".into());
     }
+    changed.extend(super::fleet::restart_needed(old, new));
     changed
 }
 

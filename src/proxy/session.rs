@@ -77,7 +77,7 @@ pub(crate) async fn run<P: Protocol>(
                         let now = pre.login_succeeded(success);
                         upstream = Some(conn);
                         if now {
-                            return hand_off(ctx, client, pre, upstream).await;
+                            return hand_off(ctx, listener, client, pre, upstream).await;
                         }
                     }
                     Err(f) => {
@@ -86,7 +86,7 @@ pub(crate) async fn run<P: Protocol>(
                     }
                 }
             }
-            Some(Event::Handoff) => return hand_off(ctx, client, pre, upstream).await,
+            Some(Event::Handoff) => return hand_off(ctx, listener, client, pre, upstream).await,
             Some(Event::StartTls) => {
                 let Some(tls_client) = start_tls(ctx, client, tls).await else {
                     return Ok(());
@@ -156,6 +156,7 @@ async fn log_in<P: Protocol>(
     } else {
         routed::<P>(ctx, listener, login, password, client_name, cap).await
     };
+    crate::metrics::login(listener.protocol, r.as_ref().err().map(|f| f.kind));
     match &r {
         Ok(_) => ctx.guard.succeeded(peer),
         Err(f) if f.kind == Failure::Credentials => {
@@ -203,7 +204,13 @@ async fn routed<P: Protocol>(
 /// The login is done: what the machine still holds for the client (its
 /// answer to the login) and what the upstream sent past it go to the
 /// client, what the client pipelined goes upstream, then bytes flow.
-async fn hand_off<M: PreAuth>(ctx: &Ctx, client: Stream, mut pre: M, upstream: Option<Conn>) -> std::io::Result<()> {
+async fn hand_off<M: PreAuth>(
+    ctx: &Ctx,
+    listener: &Listener,
+    client: Stream,
+    mut pre: M,
+    upstream: Option<Conn>,
+) -> std::io::Result<()> {
     let Some(up) = upstream else {
         return Ok(()); // a machine hands off only after a successful login
     };
@@ -211,7 +218,9 @@ async fn hand_off<M: PreAuth>(ctx: &Ctx, client: Stream, mut pre: M, upstream: O
     to_client.extend_from_slice(&up.buf);
     let to_upstream = pre.into_pending_input();
     tracing::info!(upstream = %up.endpoint, "relaying");
+    crate::metrics::connection(listener.protocol, "relayed");
     let (sent, received) = relay::relay(client, up.stream, to_upstream, to_client, &ctx.shutdown).await?;
+    crate::metrics::relayed(listener.protocol, sent, received);
     tracing::info!(bytes_up = sent, bytes_down = received, "session ended");
     Ok(())
 }

@@ -34,6 +34,7 @@
 pub mod authorize;
 pub mod gate;
 pub mod offline;
+mod shared;
 pub(crate) mod state;
 
 use std::collections::HashMap;
@@ -53,8 +54,9 @@ use crate::identity;
 use crate::keystore;
 use crate::oauth::{self, flows, login::Redirect, OAuthError, Tokens};
 use crate::secret::Secret;
+use crate::store::{RecordStore, StoreError, Version};
 use crate::tls::ClientConfigs;
-use crate::vault::{AccountRecord, Stamp, StoreKind, Vault, VaultError, Written};
+use crate::vault::{AccountRecord, StoreKind, Vault, Written};
 use authorize::{BrowserFlow, DeviceShown, Flight};
 pub use gate::KdfStatus;
 use gate::{Gate, KdfStats};
@@ -76,8 +78,8 @@ pub struct Pending {
 struct Slot {
     state: TokenState,
     record: Option<AccountRecord>,
-    /// What the record file looked like when we last read or wrote it.
-    stamp: Option<Stamp>,
+    /// What the record looked like when we last read or wrote it.
+    stamp: Option<Version>,
     loaded: bool,
     /// The vault key, once the owner's password was given.
     key: Option<VaultKey>,
@@ -221,7 +223,9 @@ pub(crate) enum Finished {
 }
 
 pub struct TokenManager {
-    vault: Vault,
+    records: Arc<dyn RecordStore>,
+    /// Seals refresh tokens instead of the local password's key, when set.
+    store_key: Option<VaultKey>,
     pub(crate) http: reqwest::Client,
     tls: Arc<ClientConfigs>,
     identity_timeout: RwLock<Duration>,
@@ -264,7 +268,7 @@ fn new_record(account: &str) -> AccountRecord {
 #[derive(Debug, thiserror::Error)]
 enum SaveError {
     #[error("{0}")]
-    Vault(#[from] VaultError),
+    Store(#[from] StoreError),
     #[error("{0}")]
     Other(String),
     #[error(transparent)]
@@ -289,10 +293,24 @@ impl TokenManager {
         audit: Audit,
         tls: Arc<ClientConfigs>,
     ) -> TokenManager {
+        Self::with_records(config, Arc::new(vault), store, None, audit, tls)
+    }
+
+    /// Over any record store (the file vault or the shared database), with
+    /// the store key when one is configured.
+    pub fn with_records(
+        config: &Config,
+        records: Arc<dyn RecordStore>,
+        store: TokenStore,
+        store_key: Option<VaultKey>,
+        audit: Audit,
+        tls: Arc<ClientConfigs>,
+    ) -> TokenManager {
         let mut pepper = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut pepper);
         let tm = TokenManager {
-            vault,
+            records,
+            store_key,
             http: oauth::http_client(config.limits.provider_timeout),
             tls,
             identity_timeout: RwLock::new(config.limits.provider_timeout),
@@ -399,16 +417,25 @@ impl TokenManager {
     /// Re-reads the record when the file changed under us, and computes the
     /// state it implies. Slot locked.
     async fn sync(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<(), AuthError> {
-        let (vault, name) = (self.vault.clone(), acct.account.name.clone());
-        let stamp = blocking(move || vault.stamp(&name)).await.map_err(AuthError::Vault)?;
+        let name = &acct.account.name;
+        let vault = |e: StoreError| AuthError::Vault(e.to_string());
+        let stamp = self.records.version(name).await.map_err(vault)?;
         if slot.loaded && stamp == slot.stamp {
             return Ok(());
         }
-        let (vault, name) = (self.vault.clone(), acct.account.name.clone());
-        let record = blocking(move || vault.load(&name))
-            .await
-            .map_err(AuthError::Vault)?
-            .map_err(|e| AuthError::Vault(e.to_string()))?;
+        let record = self.records.load(name).await.map_err(vault)?;
+        self.adopt(acct, slot, record, stamp).await
+    }
+
+    /// Takes `record` as what is stored now and computes the state it
+    /// implies. Slot locked.
+    async fn adopt(
+        &self,
+        acct: &AccountTokens,
+        slot: &mut Slot,
+        record: Option<AccountRecord>,
+        stamp: Option<Version>,
+    ) -> Result<(), AuthError> {
         let had_record = slot.record.is_some();
         slot.loaded = true;
         slot.stamp = stamp;
@@ -440,6 +467,25 @@ impl TokenManager {
             None => TokenState::NeedsLogin {
                 why: "it has not been authorised yet".into(),
             },
+            Some(r) if r.token_store == Some(StoreKind::StoreKey) => {
+                match (&r.refresh_token, &self.store_key) {
+                    (Some(sealed), Some(k)) => match crypto::open(k, &acct.account.name, sealed) {
+                        Ok(t) => {
+                            let refresh = Some(t);
+                            TokenState::Active(Active::new(refresh.clone(), old_access(&refresh), true))
+                        }
+                        Err(e) => TokenState::NeedsLogin {
+                            why: format!("its refresh token cannot be opened with the store key ({e})"),
+                        },
+                    },
+                    (Some(_), None) => TokenState::NeedsLogin {
+                        why: "its refresh token is sealed under a store key this instance does not have (set store_key_file or MAILPROXY_STORE_KEY)".into(),
+                    },
+                    (None, _) => TokenState::NeedsLogin {
+                        why: format!("it has no refresh token; run `mailproxy login {}`", acct.account.name),
+                    },
+                }
+            }
             Some(r) if r.token_store == Some(StoreKind::Keyring) => {
                 let name = acct.account.name.clone();
                 let got = blocking(move || keystore::get(&name)).await.map_err(AuthError::Vault)?;
@@ -483,6 +529,7 @@ impl TokenManager {
                 },
             },
         };
+        let next = self.shared_access(acct, slot, record.as_ref(), next);
         slot.record = record;
         slot.state = next;
         Ok(())
@@ -583,7 +630,10 @@ impl TokenManager {
             (TokenState::Locked, _) => {
                 let sealed = slot.record.as_ref().and_then(|r| r.refresh_token.clone());
                 match sealed.map(|s| crypto::open(&key, &name, &s)) {
-                    Some(Ok(refresh)) => Some(TokenState::Active(Active::new(Some(refresh), None, true))),
+                    Some(Ok(refresh)) => {
+                        let next = TokenState::Active(Active::new(Some(refresh), None, true));
+                        Some(self.shared_access(acct, &slot, slot.record.as_ref(), next))
+                    }
                     Some(Err(e)) => return Err(AuthError::Vault(e.to_string())),
                     None => return Err(AuthError::NotAuthorised(name)),
                 }
@@ -639,6 +689,9 @@ impl TokenManager {
                 rec.refresh_token = None;
                 rec.token_store = Some(StoreKind::Keyring);
                 keyring_token = Some(refresh.clone());
+            } else if let Some(key) = &self.store_key {
+                rec.refresh_token = Some(crypto::seal(key, &name, refresh.expose()));
+                rec.token_store = Some(StoreKind::StoreKey);
             } else {
                 let Some(key) = &slot.key else {
                     return Err(SaveError::Other("no key to seal the refresh token yet".into()));
@@ -648,17 +701,12 @@ impl TokenManager {
             }
         }
         let base = slot.record.as_ref().map(|r| r.generation);
-        let vault = self.vault.clone();
-        let (written, rec, stamp) = blocking(move || {
-            let written = vault.store_if::<SaveError>(&mut rec, base, || match &keyring_token {
-                Some(t) => keystore::set(&rec_name(&name), t).map_err(SaveError::Keyring),
-                None => Ok(()),
-            })?;
-            let stamp = vault.stamp(&name);
-            Ok::<_, SaveError>((written, rec, stamp))
-        })
-        .await
-        .map_err(SaveError::Other)??;
+        let before: crate::store::Before = Box::new(move || match &keyring_token {
+            Some(t) => keystore::set(&rec_name(&name), t).map_err(|e| e.to_string()),
+            None => Ok(()),
+        });
+        let written = self.records.store_if(&mut rec, base, before).await?;
+        let stamp = self.records.version(&acct.account.name).await.ok().flatten();
         match written {
             Written::Stored => {
                 slot.record = Some(rec);
@@ -706,6 +754,9 @@ impl TokenManager {
 
     /// Refreshes now. Slot locked; state is Active.
     async fn refresh_locked(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<Secret, TokenError> {
+        if self.records.shared() {
+            return self.refresh_shared(acct, slot).await;
+        }
         let name = acct.account.name.clone();
         let TokenState::Active(before) = &slot.state else {
             return Err(TokenError::Locked(name));

@@ -9,6 +9,7 @@ use crate::crypto::{self, VaultKey};
 use crate::keystore;
 use crate::oauth::{self, flows, OAuthError, Tokens};
 use crate::secret::Secret;
+use crate::store::{RecordStore, StoreError};
 use crate::vault::{AccountRecord, StoreKind, Vault, VaultError, Written};
 
 use super::now_unix;
@@ -17,6 +18,8 @@ use super::now_unix;
 pub enum OfflineError {
     #[error("{0}")]
     Vault(#[from] VaultError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
     #[error("{0}")]
     Crypto(#[from] crypto::CryptoError),
     #[error(transparent)]
@@ -44,6 +47,22 @@ pub fn store_authorisation(
     refresh: Option<&Secret>,
     scopes: Vec<String>,
 ) -> Result<&'static str, VaultError> {
+    let (rec, where_) = authorisation_record(store, None, account, password, refresh, scopes);
+    vault.store(&rec)?;
+    Ok(where_)
+}
+
+/// The record `mailproxy login` stores, and where its refresh token went:
+/// the keyring, sealed under the store key, or sealed under the key the
+/// local password yields. Blocking (a KDF run, maybe a keyring call).
+pub fn authorisation_record(
+    store: TokenStore,
+    store_key: Option<&VaultKey>,
+    account: &str,
+    password: &Secret,
+    refresh: Option<&Secret>,
+    scopes: Vec<String>,
+) -> (AccountRecord, &'static str) {
     let (verifier, key) = crypto::new_password(password.expose());
     let mut rec = AccountRecord {
         version: 1,
@@ -67,14 +86,24 @@ pub fn store_authorisation(
         if in_keyring {
             rec.token_store = Some(StoreKind::Keyring);
             where_ = "the OS keyring";
+        } else if let Some(k) = store_key {
+            rec.refresh_token = Some(crypto::seal(k, account, refresh.expose()));
+            rec.token_store = Some(StoreKind::StoreKey);
+            where_ = if store == TokenStore::Postgres {
+                "PostgreSQL (sealed with the store key)"
+            } else {
+                "the vault file (sealed with the store key)"
+            };
+        } else if store == TokenStore::Postgres {
+            rec.refresh_token = Some(crypto::seal(&key, account, refresh.expose()));
+            where_ = "PostgreSQL (sealed with a key derived from the local password)";
         } else {
             rec.refresh_token = Some(crypto::seal(&key, account, refresh.expose()));
         }
     } else {
         where_ = "nowhere (client credentials need no refresh token)";
     }
-    vault.store(&rec)?;
-    Ok(where_)
+    (rec, where_)
 }
 
 /// The refresh token of an account, from the keyring or the vault (asking
@@ -83,8 +112,17 @@ pub fn store_authorisation(
 pub fn stored_refresh(
     account: &str,
     rec: &AccountRecord,
+    store_key: Option<&VaultKey>,
     password: impl FnOnce() -> Result<Secret, OfflineError>,
 ) -> Result<Option<(Secret, Option<VaultKey>)>, OfflineError> {
+    if rec.token_store == Some(StoreKind::StoreKey) {
+        let (Some(sealed), Some(k)) = (&rec.refresh_token, store_key) else {
+            return Err(OfflineError::Input(format!(
+                "the refresh token of {account} is sealed under a store key: set store_key_file or MAILPROXY_STORE_KEY"
+            )));
+        };
+        return Ok(Some((crypto::open(k, account, sealed)?, Some(k.clone()))));
+    }
     if rec.token_store == Some(StoreKind::Keyring) {
         return Ok(keystore::get(account)
             .map_err(OfflineError::Keyring)?
@@ -108,13 +146,19 @@ pub enum Checked {
 /// `mailproxy check`: refreshes now and saves a rotated token (unless the
 /// record changed meanwhile).
 pub async fn check(
-    vault: &Vault,
+    records: &dyn RecordStore,
+    store_key: Option<&VaultKey>,
     http: &reqwest::Client,
     account: &str,
     settings: &OAuthSettings,
     password: impl FnOnce() -> Result<Secret, OfflineError>,
 ) -> Result<Checked, OfflineError> {
-    let rec = vault.load(account)?;
+    // With a shared store, no instance refreshes this account meanwhile.
+    let lock = records.refresh_lock(account).await?;
+    let rec = match &lock {
+        Some(l) => l.record().cloned(),
+        None => records.load(account).await?,
+    };
     if settings.flow == crate::config::Flow::ClientCredentials {
         if rec.as_ref().is_none_or(|r| r.password.is_none()) {
             return Ok(Checked::NeedsLogin(format!("run `mailproxy login {account}`")));
@@ -127,7 +171,7 @@ pub async fn check(
     let Some(r) = rec else {
         return Ok(Checked::NeedsLogin(format!("run `mailproxy login {account}`")));
     };
-    let Some((refresh, key)) = stored_refresh(account, &r, password)? else {
+    let Some((refresh, key)) = stored_refresh(account, &r, store_key, password)? else {
         return Ok(Checked::NeedsLogin(format!(
             "no refresh token stored; run `mailproxy login {account}`"
         )));
@@ -146,10 +190,23 @@ pub async fn check(
     if let (Some(new), Some(k)) = (&rotated, &key) {
         next.refresh_token = Some(crypto::seal(k, account, new.expose()));
     }
-    let written = vault.store_if::<OfflineError>(&mut next, Some(r.generation), || match (&rotated, &key) {
-        (Some(new), None) => keystore::set(account, new).map_err(OfflineError::Keyring),
-        _ => Ok(()),
-    })?;
+    // The shared access token was made by the old one; instances refresh anew.
+    next.access = None;
+    let written = match lock {
+        Some(l) => l.commit(&mut next).await?,
+        None => {
+            let keyring = match (&rotated, &key) {
+                (Some(new), None) => Some(new.clone()),
+                _ => None,
+            };
+            let name = account.to_string();
+            let before: crate::store::Before = Box::new(move || match &keyring {
+                Some(new) => keystore::set(&name, new).map_err(|e| format!("the OS keyring: {e}")),
+                None => Ok(()),
+            });
+            records.store_if(&mut next, Some(r.generation), before).await?
+        }
+    };
     if let Written::Stale { .. } = written {
         return Err(OfflineError::Stale(account.to_string()));
     }
@@ -159,23 +216,42 @@ pub async fn check(
 /// `mailproxy passwd`: a new local password. For the file store the refresh
 /// token is re-sealed under the new key, which needs the old password; for
 /// the keyring store only the verifier changes. Blocking (two KDF runs).
-pub fn change_password(
-    vault: &Vault,
+pub async fn change_password(
+    records: &dyn RecordStore,
     account: &str,
-    old: impl FnOnce() -> Result<Secret, OfflineError>,
+    old: impl FnOnce() -> Result<Secret, OfflineError> + Send + 'static,
     new: &Secret,
 ) -> Result<(), OfflineError> {
-    let rec = vault
-        .load(account)?
+    let rec = records
+        .load(account)
+        .await?
         .ok_or_else(|| OfflineError::NotAuthorised(account.to_string()))?;
+    let (a, n, r) = (account.to_string(), new.clone(), rec.clone());
+    let mut next = tokio::task::spawn_blocking(move || reseal(&a, &r, old, &n))
+        .await
+        .map_err(|e| OfflineError::Input(format!("a background task failed: {e}")))??;
+    match records
+        .store_if(&mut next, Some(rec.generation), Box::new(|| Ok(())))
+        .await?
+    {
+        Written::Stored => Ok(()),
+        Written::Stale { .. } => Err(OfflineError::Stale(account.to_string())),
+    }
+}
+
+/// The record with a new verifier, and the refresh token re-sealed under
+/// the new password's key when it was sealed under the old one's. Blocking.
+fn reseal(
+    account: &str,
+    rec: &AccountRecord,
+    old: impl FnOnce() -> Result<Secret, OfflineError>,
+    new: &Secret,
+) -> Result<AccountRecord, OfflineError> {
     let Some(verifier) = &rec.password else {
         return Err(OfflineError::NoPassword(account.to_string()));
     };
     let mut next = rec.clone();
-    let sealed = rec
-        .refresh_token
-        .as_ref()
-        .filter(|_| rec.token_store != Some(StoreKind::Keyring));
+    let sealed = rec.refresh_token.as_ref().filter(|_| rec.token_store.is_none());
     let (new_verifier, new_key) = if let Some(sealed) = sealed {
         let old = old()?;
         let key = crypto::check_password(old.expose(), verifier)?.ok_or(OfflineError::WrongPassword)?;
@@ -188,13 +264,12 @@ pub fn change_password(
     };
     drop(new_key);
     next.password = Some(new_verifier);
-    match vault.store_if::<OfflineError>(&mut next, Some(rec.generation), || Ok(()))? {
-        Written::Stored => Ok(()),
-        Written::Stale { .. } => Err(OfflineError::Stale(account.to_string())),
-    }
+    // Sealed under the old key: instances must not use it any more.
+    next.access = None;
+    Ok(next)
 }
 
 /// Whether `passwd` needs the old password for this record.
 pub fn needs_old_password(rec: &AccountRecord) -> bool {
-    rec.token_store != Some(StoreKind::Keyring) && rec.refresh_token.is_some()
+    rec.token_store.is_none() && rec.refresh_token.is_some()
 }

@@ -124,7 +124,7 @@ async fn no_client_sets_a_password() {
         .await
         .unwrap();
     tm.authenticate(&acct, &Secret::new("owner pw")).await.unwrap();
-    let rec = tm.vault.load(ACCOUNT).unwrap().unwrap();
+    let rec = Vault::open(&config.state_dir).unwrap().load(ACCOUNT).unwrap().unwrap();
     assert!(rec.password.is_some() && rec.refresh_token.is_some());
 }
 
@@ -138,8 +138,8 @@ async fn a_failed_write_keeps_the_rotated_token_in_memory() {
     tm.authenticate(&acct, &Secret::new("pw")).await.unwrap();
     // The write's temporary file cannot be created (a directory is in the
     // way; a read-only directory would not stop root).
-    let blocker = tm
-        .vault
+    let blocker = Vault::open(&config.state_dir)
+        .unwrap()
         .dir()
         .join(format!(".{ACCOUNT}.json.tmp{}", std::process::id()));
     std::fs::create_dir(&blocker).unwrap();
@@ -228,13 +228,16 @@ async fn erase_during_refresh_is_not_undone() {
     let acct = tm.get(ACCOUNT).unwrap();
     tm.authenticate(&acct, &Secret::new("pw")).await.unwrap();
     // Another process erases the record after our last look at it.
-    tm.vault.erase(ACCOUNT).unwrap();
+    Vault::open(&config.state_dir).unwrap().erase(ACCOUNT).unwrap();
     {
         // Pretend the erase happened while the request was in flight.
         let mut slot = acct.slot.lock().await;
         let _ = tm.refresh_locked(&acct, &mut slot).await;
     }
-    assert!(tm.vault.load(ACCOUNT).unwrap().is_none(), "resurrected");
+    assert!(
+        Vault::open(&config.state_dir).unwrap().load(ACCOUNT).unwrap().is_none(),
+        "resurrected"
+    );
     assert_eq!(state_name(&tm, &acct).await, "needs login");
 }
 

@@ -9,6 +9,7 @@
 //! - [`client`]: raw line-protocol client (TCP/TLS/STARTTLS, IMAP literals, SASL strings).
 //! - [`process`]: spawn child processes that die with the test process.
 //! - [`http`]: minimal HTTP/1.1 server parsing and a blocking test client.
+//! - [`postgres`]: private PostgreSQL for the shared token store.
 #![allow(dead_code, unused_imports)]
 // The harness signals child processes through libc; mailproxy itself has
 // no unsafe code (the crate denies it).
@@ -20,6 +21,7 @@ pub mod hostile_util;
 pub mod http;
 pub mod mailproxy;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod provider;
 pub mod smtp_sink;

@@ -162,6 +162,10 @@ struct State {
     device_interval: u64,
     device_lifetime: Duration,
     token_delay: Duration,
+    /// A delayed token request whose client hung up meanwhile is dropped
+    /// unprocessed (the client died before the provider acted).
+    drop_abandoned: bool,
+    abandoned: u64,
     /// `set_default_user` was called: that user signs in whatever the login_hint.
     forced_user: bool,
     /// `expires_in` to advertise instead of the real lifetime (hostile values).
@@ -212,6 +216,8 @@ impl FakeProvider {
             device_interval: 1,
             device_lifetime: Duration::from_secs(600),
             token_delay: Duration::ZERO,
+            drop_abandoned: false,
+            abandoned: 0,
             forced_user: false,
             advertised_expires_in: None,
             authorize_error: None,
@@ -426,6 +432,17 @@ impl FakeProvider {
     /// whatever the real lifetime is.
     pub fn set_advertised_expires_in(&self, secs: Option<u64>) {
         self.st().advertised_expires_in = secs;
+    }
+
+    /// With a token delay: a client that hangs up before the delay is over
+    /// gets its request dropped, not processed (see [`Self::abandoned`]).
+    pub fn set_drop_abandoned_token_requests(&self, on: bool) {
+        self.st().drop_abandoned = on;
+    }
+
+    /// Token requests dropped because their client hung up during the delay.
+    pub fn abandoned(&self) -> u64 {
+        self.st().abandoned
     }
 
     pub fn set_token_delay(&self, d: Duration) {
@@ -679,6 +696,28 @@ async fn serve_conn(mut sock: tokio::net::TcpStream, st: Arc<Mutex<State>>, base
     let Some(req) = http::read_request(rd).await else {
         return;
     };
+    let (delay, drop_abandoned) = {
+        let s = lock(&st);
+        (s.token_delay, s.drop_abandoned)
+    };
+    if req.method == "POST" && req.path == "/token" && drop_abandoned && !delay.is_zero() {
+        let end = tokio::time::Instant::now() + delay;
+        let mut b = [0u8; 1];
+        tokio::select! {
+            _ = tokio::time::sleep_until(end) => {}
+            r = wr.as_ref().peek(&mut b) => {
+                if matches!(r, Ok(0) | Err(_)) {
+                    lock(&st).abandoned += 1;
+                    return;
+                }
+                tokio::time::sleep_until(end).await;
+            }
+        }
+        let resp = token(&req, &mut lock(&st));
+        let _ = wr.write_all(&resp.to_bytes()).await;
+        let _ = wr.shutdown().await;
+        return;
+    }
     let resp = route(&req, &st, &base).await;
     let _ = wr.write_all(&resp.to_bytes()).await;
     let _ = wr.shutdown().await;

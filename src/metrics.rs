@@ -1,0 +1,364 @@
+//! Prometheus metrics (`[server] metrics_listen`), `/healthz` and `/readyz`.
+//!
+//! The counters live in one process-wide registry, so each hook where
+//! something happens is one line (`metrics::login(…)`); gauges that
+//! describe state (token expiry, KDF queue) are read at scrape time.
+//! No label carries a secret: account names, protocols, providers and
+//! outcome words only.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::OAuthSettings;
+use crate::endpoint::Protocol;
+use crate::oauth::login::{read_request, respond, respond_raw};
+use crate::preauth::Failure;
+use crate::store::RecordStore;
+use crate::tokens::TokenManager;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum Proto {
+    imap,
+    smtp,
+    pop3,
+}
+
+impl From<Protocol> for Proto {
+    fn from(p: Protocol) -> Proto {
+        match p {
+            Protocol::Imap => Proto::imap,
+            Protocol::Smtp => Proto::smtp,
+            Protocol::Pop3 => Proto::pop3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnLabels {
+    protocol: Proto,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoginLabels {
+    protocol: Proto,
+    outcome: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefreshLabels {
+    provider: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtoLabels {
+    protocol: Proto,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    protocol: Proto,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountLabels {
+    account: String,
+}
+
+struct Metrics {
+    registry: Registry,
+    connections: Family<ConnLabels, Counter>,
+    logins: Family<LoginLabels, Counter>,
+    refreshes: Family<RefreshLabels, Counter>,
+    sessions: Family<ProtoLabels, Gauge>,
+    bytes: Family<BytesLabels, Counter>,
+    expiry: Family<AccountLabels, Gauge>,
+    kdf_waiting: Gauge,
+    kdf_in_flight: Gauge,
+    kdf_runs: Gauge,
+    store_up: Gauge,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::with_prefix("mailproxy");
+    let m = Metrics {
+        registry: Registry::default(),
+        connections: Family::default(),
+        logins: Family::default(),
+        refreshes: Family::default(),
+        sessions: Family::default(),
+        bytes: Family::default(),
+        expiry: Family::default(),
+        kdf_waiting: Gauge::default(),
+        kdf_in_flight: Gauge::default(),
+        kdf_runs: Gauge::default(),
+        store_up: Gauge::default(),
+    };
+    registry.register(
+        "connections",
+        "Client connections by protocol and outcome (accepted, refused, proxy_refused, relayed)",
+        m.connections.clone(),
+    );
+    registry.register(
+        "logins",
+        "Client logins by protocol, outcome (ok, failed) and failure class",
+        m.logins.clone(),
+    );
+    registry.register(
+        "refreshes",
+        "Token refreshes by provider and outcome (ok, shared = another instance's token used, failed, needs_login, store_unavailable)",
+        m.refreshes.clone(),
+    );
+    registry.register("sessions_open", "Client sessions open now", m.sessions.clone());
+    registry.register(
+        "relayed_bytes",
+        "Bytes relayed after login, by protocol and direction (up = to the server)",
+        m.bytes.clone(),
+    );
+    registry.register(
+        "token_expiry_seconds",
+        "Seconds until each account's access token expires (negative: expired)",
+        m.expiry.clone(),
+    );
+    registry.register(
+        "kdf_waiting",
+        "Password checks waiting for their turn",
+        m.kdf_waiting.clone(),
+    );
+    registry.register(
+        "kdf_in_flight",
+        "Password KDF runs in progress",
+        m.kdf_in_flight.clone(),
+    );
+    registry.register("kdf_runs", "Password KDF runs since start", m.kdf_runs.clone());
+    registry.register(
+        "token_store_up",
+        "1 when the token store answered the last check",
+        m.store_up.clone(),
+    );
+    Metrics { registry, ..m }
+});
+
+pub fn connection(p: Protocol, outcome: &'static str) {
+    METRICS
+        .connections
+        .get_or_create(&ConnLabels {
+            protocol: p.into(),
+            outcome,
+        })
+        .inc();
+}
+
+/// A login's outcome: `None` = success, else its failure class.
+pub fn login(p: Protocol, failure: Option<Failure>) {
+    let (outcome, reason) = match failure {
+        None => ("ok", "none"),
+        Some(Failure::Credentials) => ("failed", "credentials"),
+        Some(Failure::Action) => ("failed", "action_needed"),
+        Some(Failure::Unavailable) => ("failed", "unavailable"),
+    };
+    METRICS
+        .logins
+        .get_or_create(&LoginLabels {
+            protocol: p.into(),
+            outcome,
+            reason,
+        })
+        .inc();
+}
+
+pub fn refresh(s: &OAuthSettings, outcome: &'static str) {
+    METRICS
+        .refreshes
+        .get_or_create(&RefreshLabels {
+            provider: s.provider.name(),
+            outcome,
+        })
+        .inc();
+}
+
+pub fn relayed(p: Protocol, up: u64, down: u64) {
+    let by = |direction| BytesLabels {
+        protocol: p.into(),
+        direction,
+    };
+    METRICS.bytes.get_or_create(&by("up")).inc_by(up);
+    METRICS.bytes.get_or_create(&by("down")).inc_by(down);
+}
+
+/// Counts an open session while alive.
+pub struct SessionOpen(Protocol);
+
+pub fn session_open(p: Protocol) -> SessionOpen {
+    METRICS
+        .sessions
+        .get_or_create(&ProtoLabels { protocol: p.into() })
+        .inc();
+    SessionOpen(p)
+}
+
+impl Drop for SessionOpen {
+    fn drop(&mut self) {
+        METRICS
+            .sessions
+            .get_or_create(&ProtoLabels {
+                protocol: self.0.into(),
+            })
+            .dec();
+    }
+}
+
+/// Makes sure every family has its protocols present from the start, so
+/// dashboards see zeros rather than nothing.
+fn touch(protocols: &[Protocol]) {
+    for p in protocols {
+        let _ = METRICS.sessions.get_or_create(&ProtoLabels { protocol: (*p).into() });
+    }
+}
+
+/// The state gauges, then the text exposition.
+async fn render(tokens: &TokenManager, store: &dyn RecordStore) -> String {
+    let kdf = tokens.kdf_status();
+    METRICS.kdf_waiting.set(kdf.waiting as i64);
+    METRICS.kdf_in_flight.set(kdf.in_flight as i64);
+    METRICS.kdf_runs.set(kdf.runs as i64);
+    let now = crate::tokens::now_unix() as i64;
+    METRICS.expiry.clear();
+    for acct in tokens.all() {
+        let st = tokens.status(&acct).await;
+        if let Some(exp) = st.access_expires {
+            METRICS
+                .expiry
+                .get_or_create(&AccountLabels { account: st.account })
+                .set(exp as i64 - now);
+        }
+    }
+    let up = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
+    METRICS.store_up.set(i64::from(matches!(up, Ok(Ok(())))));
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
+    to_text_format(&out)
+}
+
+/// OpenMetrics (what the encoder writes) to the Prometheus text format
+/// 0.0.4 that `/metrics` serves: counters' HELP and TYPE name the `_total`
+/// series, and there is no `# EOF`.
+fn to_text_format(open_metrics: &str) -> String {
+    let counters: Vec<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = counters.iter().find_map(|c| {
+            for prefix in ["# HELP ", "# TYPE "] {
+                if let Some(rest) = line.strip_prefix(prefix).and_then(|r| r.strip_prefix(c)) {
+                    if rest.starts_with(' ') {
+                        return Some(format!("{prefix}{c}_total{rest}"));
+                    }
+                }
+            }
+            None
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// `/metrics`, `/healthz` (the process answers) and `/readyz` (listeners
+/// bound and the token store reachable: 503 otherwise).
+pub async fn serve(
+    sock: TcpListener,
+    tokens: Arc<TokenManager>,
+    store: Arc<dyn RecordStore>,
+    ready: Arc<AtomicBool>,
+    protocols: Vec<Protocol>,
+    shutdown: CancellationToken,
+) {
+    touch(&protocols);
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
+    loop {
+        let mut s = tokio::select! {
+            r = sock.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+            _ = shutdown.cancelled() => return,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (tokens, store, ready) = (tokens.clone(), store.clone(), ready.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Ok(Some(req)) = tokio::time::timeout(Duration::from_secs(10), read_request(&mut s)).await else {
+                return;
+            };
+            if req.method != "GET" {
+                let _ = respond(&mut s, "405 Method Not Allowed", "Method not allowed.").await;
+                return;
+            }
+            match req.path() {
+                "/metrics" => {
+                    let body = render(&tokens, &*store).await;
+                    let _ = respond_raw(
+                        &mut s,
+                        "200 OK",
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        &[],
+                        body.as_bytes(),
+                    )
+                    .await;
+                }
+                "/healthz" => {
+                    let _ = respond_raw(&mut s, "200 OK", "text/plain", &[], b"ok\n").await;
+                }
+                "/readyz" => {
+                    let listening = ready.load(Ordering::SeqCst);
+                    let store_ok = matches!(
+                        tokio::time::timeout(Duration::from_secs(2), store.ping()).await,
+                        Ok(Ok(()))
+                    );
+                    let (status, body) = match (listening, store_ok) {
+                        (true, true) => ("200 OK", "ready\n".to_string()),
+                        (false, _) => ("503 Service Unavailable", "listeners not bound yet\n".into()),
+                        (true, false) => (
+                            "503 Service Unavailable",
+                            format!("{} is not reachable\n", store.describe()),
+                        ),
+                    };
+                    let _ = respond_raw(&mut s, status, "text/plain", &[], body.as_bytes()).await;
+                }
+                _ => {
+                    let _ = respond(&mut s, "404 Not Found", "Not found.").await;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_described_under_their_total_name() {
+        let om = "# HELP x_logins Logins.\n# TYPE x_logins counter\nx_logins_total{a=\"b\"} 1\n# HELP x_open Open.\n# TYPE x_open gauge\nx_open 0\n# EOF\n";
+        assert_eq!(
+            super::to_text_format(om),
+            "# HELP x_logins_total Logins.\n# TYPE x_logins_total counter\nx_logins_total{a=\"b\"} 1\n# HELP x_open Open.\n# TYPE x_open gauge\nx_open 0\n"
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! Where account records live, behind one seam: the file vault (one
+//! machine) or PostgreSQL (several instances sharing the accounts).
+//!
+//! Both keep the same rules: every write is a compare-and-write on the
+//! record's generation, and a crash leaves the old or the new record. The
+//! shared store adds a per-account refresh lock held across the provider
+//! request, so instances never refresh one token twice at once.
+
+pub mod postgres;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::{Config, TokenStore};
+use crate::crypto::VaultKey;
+use crate::vault::{AccountRecord, Stamp, Vault, VaultError, Written};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error("the token database: {0}")]
+    Database(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a record looked like when it was last read or written: a change
+/// means it must be read again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    File(Stamp),
+    Row(u64),
+}
+
+/// Runs under the store's lock once the compare passed (a keyring write that
+/// must not resurrect an erased account).
+pub type Before = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+#[async_trait]
+pub trait RecordStore: Send + Sync {
+    /// For messages: "the vault file", "PostgreSQL".
+    fn describe(&self) -> &'static str;
+    /// Several instances share these records: refresh under [`Self::refresh_lock`].
+    fn shared(&self) -> bool;
+    async fn load(&self, account: &str) -> Result<Option<AccountRecord>, StoreError>;
+    async fn version(&self, account: &str) -> Result<Option<Version>, StoreError>;
+    /// Replaces the record whatever is stored (the owner's `login`); returns
+    /// the new generation, past the stored one.
+    async fn store(&self, rec: &AccountRecord) -> Result<u64, StoreError>;
+    /// Writes `rec` only if the stored record is still generation `base`.
+    async fn store_if(&self, rec: &mut AccountRecord, base: Option<u64>, before: Before)
+        -> Result<Written, StoreError>;
+    /// Removes the record; returns descriptions of what was erased.
+    async fn erase(&self, account: &str) -> Result<Vec<String>, StoreError>;
+    /// The cross-instance single flight: `None` when one process is all
+    /// there is (the in-process account lock suffices).
+    async fn refresh_lock(&self, account: &str) -> Result<Option<Box<dyn RefreshLock>>, StoreError>;
+    /// Reachable (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Wakes when another instance changed a record (LISTEN/NOTIFY).
+    fn changes(&self) -> Option<Arc<tokio::sync::Notify>> {
+        None
+    }
+}
+
+/// Held while one instance refreshes an account: everyone else waits. The
+/// record was read under the lock; `commit` writes the next one and releases
+/// it; dropping it without a commit releases it and writes nothing.
+#[async_trait]
+pub trait RefreshLock: Send {
+    fn record(&self) -> Option<&AccountRecord>;
+    async fn commit(self: Box<Self>, rec: &mut AccountRecord) -> Result<Written, StoreError>;
+}
+
+/// Runs blocking vault work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Other(format!("a background task failed: {e}")))?
+}
+
+#[async_trait]
+impl RecordStore for Vault {
+    fn describe(&self) -> &'static str {
+        "the vault file"
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    async fn load(&self, account: &str) -> Result<Option<AccountRecord>, StoreError> {
+        let (v, a) = (self.clone(), account.to_string());
+        blocking(move || Ok(Vault::load(&v, &a)?)).await
+    }
+
+    async fn version(&self, account: &str) -> Result<Option<Version>, StoreError> {
+        let (v, a) = (self.clone(), account.to_string());
+        blocking(move || Ok(v.stamp(&a).map(Version::File))).await
+    }
+
+    async fn store(&self, rec: &AccountRecord) -> Result<u64, StoreError> {
+        let (v, r) = (self.clone(), rec.clone());
+        blocking(move || Ok(Vault::store(&v, &r)?)).await
+    }
+
+    async fn store_if(
+        &self,
+        rec: &mut AccountRecord,
+        base: Option<u64>,
+        before: Before,
+    ) -> Result<Written, StoreError> {
+        let (v, mut r) = (self.clone(), rec.clone());
+        let (written, r) = blocking(move || {
+            let w = Vault::store_if::<StoreError>(&v, &mut r, base, || before().map_err(StoreError::Other))?;
+            Ok((w, r))
+        })
+        .await?;
+        *rec = r;
+        Ok(written)
+    }
+
+    async fn erase(&self, account: &str) -> Result<Vec<String>, StoreError> {
+        let (v, a) = (self.clone(), account.to_string());
+        blocking(move || {
+            Ok(Vault::erase(&v, &a)?
+                .into_iter()
+                .map(|p| p.display().to_string())
+                .collect())
+        })
+        .await
+    }
+
+    async fn refresh_lock(&self, _account: &str) -> Result<Option<Box<dyn RefreshLock>>, StoreError> {
+        Ok(None)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// The store the config names: the file vault under `state_dir` (file and
+/// keyring stores), or the database.
+pub async fn open(config: &Config) -> Result<Arc<dyn RecordStore>, StoreError> {
+    if config.token_store == TokenStore::Postgres {
+        let url = match &config.fleet.database_url {
+            Some(u) => u.clone(),
+            None => match std::env::var("MAILPROXY_DATABASE_URL") {
+                Ok(u) if !u.is_empty() => crate::secret::Secret::new(u),
+                _ => {
+                    return Err(StoreError::Database(format!(
+                        "token_store = \"postgres\" needs [server] database_url in {} or MAILPROXY_DATABASE_URL",
+                        config.path.display()
+                    )))
+                }
+            },
+        };
+        let pg = postgres::PgStore::connect(&url).await?;
+        return Ok(Arc::new(pg));
+    }
+    Ok(Arc::new(Vault::open(&config.state_dir)?))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreKeyError {
+    #[error("{path}: {why}")]
+    File { path: String, why: String },
+    #[error("MAILPROXY_STORE_KEY: {0}")]
+    Env(String),
+}
+
+/// The store key (`store_key_file`, else `MAILPROXY_STORE_KEY`): 32 random
+/// bytes, as base64 or 64 hex digits, e.g. from `openssl rand -base64 32`.
+/// `None` when neither is set: refresh tokens are sealed under a key derived
+/// from each local password.
+pub fn store_key(config: &Config) -> Result<Option<VaultKey>, StoreKeyError> {
+    if let Some(p) = &config.fleet.store_key_file {
+        let file = |why: String| StoreKeyError::File {
+            path: p.display().to_string(),
+            why,
+        };
+        check_key_file(p).map_err(file)?;
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(p).map_err(|e| file(e.to_string()))?);
+        return decode_key(&text).map(Some).map_err(file);
+    }
+    match std::env::var("MAILPROXY_STORE_KEY") {
+        Ok(v) if !v.is_empty() => {
+            let v = zeroize::Zeroizing::new(v);
+            decode_key(&v).map(Some).map_err(StoreKeyError::Env)
+        }
+        _ => Ok(None),
+    }
+}
+
+fn check_key_file(p: &Path) -> Result<(), String> {
+    crate::vault::check_private(p, 0o600).map_err(|e| e.to_string())
+}
+
+fn decode_key(text: &str) -> Result<VaultKey, String> {
+    use base64::Engine;
+    let t = text.trim();
+    let bytes = zeroize::Zeroizing::new(if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (0..32)
+            .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).unwrap_or(0))
+            .collect::<Vec<u8>>()
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(t)
+            .map_err(|_| "the store key is neither base64 nor 64 hex digits".to_string())?
+    });
+    VaultKey::from_bytes(&bytes).ok_or_else(|| {
+        format!(
+            "the store key must be 32 bytes (it has {}); make one with: head -c 32 /dev/urandom | base64",
+            bytes.len()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_keys_are_32_bytes_in_base64_or_hex() {
+        assert!(decode_key(&"ab".repeat(32)).is_ok());
+        assert!(decode_key("  AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n").is_ok());
+        let e = decode_key("AAAA").map(|_| ()).unwrap_err();
+        assert!(e.contains("must be 32 bytes (it has 3)"), "{e}");
+        assert!(decode_key("not a key!").is_err());
+    }
+}

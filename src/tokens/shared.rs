@@ -1,0 +1,222 @@
+//! The token lifecycle over a store that several instances share
+//! (`token_store = "postgres"`).
+//!
+//! A refresh runs under the store's per-account lock: the record is read
+//! again under it, and when another instance refreshed meanwhile its tokens
+//! are used instead of refreshing again. Otherwise the provider is asked,
+//! and the next record — the rotated refresh token and the new access token,
+//! both sealed — is committed before the access token is handed out. A crash
+//! before the commit leaves the old record; another instance then refreshes
+//! with the old token.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::state::{unix, Access, Active, TokenState};
+use super::{now_unix, AccountTokens, Slot, TokenError, TokenManager};
+use crate::audit::Entry;
+use crate::crypto::{self, VaultKey};
+use crate::oauth::{self, flows, OAuthError};
+use crate::secret::Secret;
+use crate::store::Version;
+use crate::vault::{AccountRecord, SealedAccess, StoreKind, Written};
+
+/// What a sealed access token is bound to: never interchangeable with the
+/// account's sealed refresh token.
+fn access_binding(account: &str) -> String {
+    format!("{account}\0access token")
+}
+
+impl TokenManager {
+    /// The key the account's tokens are sealed under in `record`.
+    fn sealing_key<'a>(&'a self, slot: &'a Slot, record: Option<&AccountRecord>) -> Option<&'a VaultKey> {
+        match record.and_then(|r| r.token_store) {
+            Some(StoreKind::StoreKey) => self.store_key.as_ref(),
+            Some(StoreKind::Keyring) => None,
+            None => slot.key.as_ref(),
+        }
+    }
+
+    /// An access token another instance stored, when it outlives the one
+    /// `next` holds. Only the shared store has them.
+    pub(super) fn shared_access(
+        &self,
+        acct: &AccountTokens,
+        slot: &Slot,
+        record: Option<&AccountRecord>,
+        next: TokenState,
+    ) -> TokenState {
+        let TokenState::Active(mut a) = next else {
+            return next;
+        };
+        let (Some(sa), Some(key)) = (record.and_then(|r| r.access.as_ref()), self.sealing_key(slot, record)) else {
+            return TokenState::Active(a);
+        };
+        let at = |s: u64| UNIX_EPOCH.checked_add(Duration::from_secs(s)).unwrap_or(UNIX_EPOCH);
+        let newer = a.access.as_ref().is_none_or(|x| unix(x.expires_at) < sa.expires_at);
+        if newer && sa.expires_at > now_unix() {
+            if let Ok(token) = crypto::open(key, &access_binding(&acct.account.name), &sa.token) {
+                a.access = Some(Access {
+                    token,
+                    issued_at: at(sa.issued_at),
+                    expires_at: at(sa.expires_at),
+                });
+            }
+        }
+        TokenState::Active(a)
+    }
+
+    /// `refresh_locked` for the shared store. Slot locked; state is Active.
+    pub(super) async fn refresh_shared(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<Secret, TokenError> {
+        let name = acct.account.name.clone();
+        let lock = match self.records.refresh_lock(&name).await {
+            Ok(Some(l)) => Some(l),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(account = %name, error = %e, "cannot take the account's refresh lock");
+                if let TokenState::Active(a) = &slot.state {
+                    slot.state = TokenState::Active(a.failed(SystemTime::now(), e.to_string()));
+                }
+                crate::metrics::refresh(&acct.settings, "store_unavailable");
+                return Err(TokenError::Vault(e.to_string()));
+            }
+        };
+        // Another instance may have refreshed, or a command changed the
+        // account, since we last read it: what is stored now counts.
+        let fresh = lock.as_ref().and_then(|l| l.record().cloned());
+        let base = slot.record.as_ref().map(|r| r.generation);
+        if lock.is_some() && fresh.as_ref().map(|r| r.generation) != base {
+            let stamp = fresh.as_ref().map(|r| Version::Row(r.generation));
+            self.adopt(acct, slot, fresh, stamp)
+                .await
+                .map_err(|e| TokenError::Vault(e.to_string()))?;
+            slot.loaded = true;
+            match &slot.state {
+                TokenState::Active(a) => {
+                    if let Some(x) = a.access.as_ref().filter(|x| x.fresh()) {
+                        tracing::info!(account = %name, "another instance refreshed meanwhile; using its token");
+                        crate::metrics::refresh(&acct.settings, "shared");
+                        return Ok(x.token.clone());
+                    }
+                }
+                TokenState::NeedsLogin { why } => {
+                    return Err(TokenError::NeedsLogin {
+                        account: name,
+                        why: why.clone(),
+                    })
+                }
+                TokenState::Authorizing(f) => {
+                    return Err(TokenError::Pending {
+                        account: name,
+                        pending: f.pending.clone(),
+                    })
+                }
+                TokenState::Locked => return Err(TokenError::Locked(name)),
+            }
+        }
+        let TokenState::Active(before) = &slot.state else {
+            return Err(TokenError::Locked(name));
+        };
+        let before = before.clone();
+        let result = match &before.refresh {
+            Some(r) => oauth::refresh(&self.http, &name, &acct.settings, r).await,
+            None => flows::client_credentials(&self.http, &name, &acct.settings).await,
+        };
+        let t = match result {
+            Ok(t) => t,
+            Err(e) => {
+                // The lock goes with nothing written: the stored token stays.
+                drop(lock);
+                return Err(self.refresh_failed(acct, slot, &before, e));
+            }
+        };
+        let rotated = t.refresh.clone().filter(|r| Some(r) != before.refresh.as_ref());
+        let mut next = Active::new(
+            rotated.clone().or(before.refresh.clone()),
+            Some(Access::new(&t)),
+            before.sealed,
+        );
+        let mut failure = None;
+        let key = self.sealing_key(slot, slot.record.as_ref()).cloned();
+        match (lock, key, slot.record.clone()) {
+            (Some(lock), Some(key), Some(mut rec)) if before.sealed => {
+                rec.last_refresh = Some(now_unix());
+                if let Some(s) = &t.scopes {
+                    rec.scopes = s.clone();
+                }
+                if let Some(r) = &rotated {
+                    rec.refresh_token = Some(crypto::seal(&key, &name, r.expose()));
+                }
+                rec.access = Some(SealedAccess {
+                    token: crypto::seal(&key, &access_binding(&name), t.access.expose()),
+                    issued_at: unix(t.issued_at),
+                    expires_at: unix(t.expires_at),
+                });
+                match lock.commit(&mut rec).await {
+                    Ok(Written::Stored) => {
+                        slot.stamp = Some(Version::Row(rec.generation));
+                        slot.record = Some(rec);
+                        slot.loaded = true;
+                    }
+                    Ok(Written::Stale { on_disk }) => {
+                        tracing::warn!(account = %name, based_on = ?base, stored = ?on_disk, "dropped a refresh: the account was changed meanwhile");
+                        slot.loaded = false;
+                        let _ = self.sync(acct, slot).await;
+                        return Err(match &slot.state {
+                            TokenState::Active(_) => {
+                                TokenError::Vault("the account changed meanwhile; log in again".into())
+                            }
+                            _ => TokenError::NeedsLogin {
+                                account: name,
+                                why: "it was changed by another mailproxy command meanwhile".into(),
+                            },
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(account = %name, error = %e, "cannot save the account record after a refresh");
+                        if rotated.is_some() {
+                            next.sealed = false;
+                            failure = Some(TokenError::Vault(e.to_string()));
+                        }
+                    }
+                }
+            }
+            _ if rotated.is_some() => {
+                // Nothing to seal it with yet: kept in memory, saved later.
+                next.sealed = false;
+            }
+            _ => {}
+        }
+        let expires_in = t
+            .expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .as_secs();
+        tracing::info!(account = %name, expires_in_s = expires_in, rotated = rotated.is_some(), "access token refreshed");
+        crate::metrics::refresh(&acct.settings, "ok");
+        slot.state = TokenState::Active(next);
+        self.changed.notify_one();
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(t.access),
+        }
+    }
+
+    /// A refresh the provider refused or could not answer. Slot locked.
+    fn refresh_failed(&self, acct: &AccountTokens, slot: &mut Slot, before: &Active, e: OAuthError) -> TokenError {
+        let name = &acct.account.name;
+        tracing::warn!(account = %name, error = %e, "token refresh failed");
+        let code = match &e {
+            OAuthError::Provider(x) => x.code.clone(),
+            _ => "unavailable".into(),
+        };
+        crate::metrics::refresh(&acct.settings, if e.needs_login() { "needs_login" } else { "failed" });
+        self.audit
+            .record(Entry::new(name, "refresh_failed", format!("{code}: {e}")));
+        if e.needs_login() {
+            self.needs_login(acct, slot, e.to_string());
+        } else {
+            slot.state = TokenState::Active(before.failed(SystemTime::now(), e.to_string()));
+        }
+        e.into()
+    }
+}

@@ -1,0 +1,378 @@
+//! Several instances on one shared token store: a private PostgreSQL, two
+//! real `mailproxy serve` processes on it, the fake provider rotating
+//! refresh tokens, and a private Dovecot. Single flight across instances,
+//! changes that propagate, and a crash in the middle of a refresh.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::mailproxy::{oauth_account, run, Proxy, ProxyDir};
+use support::postgres::Postgres;
+use support::world::{assert_no_secrets, ALICE, ALICE_PW};
+use support::{require_dovecot, Env, LineConn};
+
+/// PostgreSQL, Dovecot, the provider and two proxy directories whose
+/// configs share the database (each instance has its own state_dir).
+struct Fleet {
+    env: Env,
+    pg: Postgres,
+    dirs: [ProxyDir; 2],
+    proxies: [Option<Proxy>; 2],
+}
+
+impl Fleet {
+    fn new(extra_server: &str) -> Fleet {
+        require_dovecot();
+        let pg = Postgres::start();
+        let env = Env::start(&[]);
+        let dirs = [ProxyDir::new(), ProxyDir::new()];
+        for d in &dirs {
+            let mut cfg = d.header();
+            cfg = cfg.replace(
+                "[server]\n",
+                &format!(
+                    "[server]\ntoken_store = \"postgres\"\ndatabase_url = \"{}\"\nca_file = \"{}\"\n{extra_server}",
+                    pg.url(),
+                    env.dovecot.ca_pem_path().display()
+                ),
+            );
+            cfg += &oauth_account(
+                ALICE,
+                &env.provider,
+                &env.dovecot,
+                &format!("imaps://localhost:{}", env.dovecot.imaps_port),
+            );
+            d.write_config(&cfg);
+        }
+        Fleet {
+            env,
+            pg,
+            dirs,
+            proxies: [None, None],
+        }
+    }
+
+    fn start(&mut self, i: usize) -> u16 {
+        let p = Proxy::start(&self.dirs[i]);
+        let port = p.imap_port();
+        self.proxies[i] = Some(p);
+        port
+    }
+
+    fn logs(&self) -> String {
+        self.proxies
+            .iter()
+            .flatten()
+            .map(|p| p.logs())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        for p in self.proxies.iter().flatten() {
+            assert_no_secrets(&p.logs(), &self.env, &[ALICE_PW, "new pw"]);
+        }
+        // Nothing in the clear in the database either.
+        if self.pg.psql("SELECT to_regclass('mailproxy_accounts') IS NOT NULL") != "t" {
+            return;
+        }
+        let rows = self
+            .pg
+            .psql("SELECT coalesce(string_agg(record::text, ' '), '') FROM mailproxy_accounts");
+        assert_no_secrets(&rows, &self.env, &[ALICE_PW, "new pw"]);
+    }
+}
+
+async fn try_login(port: u16, pw: &str) -> (LineConn, String) {
+    let mut c = LineConn::plain(port).await.unwrap();
+    let g = c.read_line().await.unwrap();
+    assert!(g.starts_with("* OK"), "{g}");
+    let r = c.imap("a1", &format!("LOGIN \"{ALICE}\" \"{pw}\"")).await.unwrap();
+    (c, r.tagged)
+}
+
+async fn login(port: u16) -> LineConn {
+    let (mut c, tagged) = try_login(port, ALICE_PW).await;
+    assert!(tagged.starts_with("a1 OK"), "LOGIN: {tagged}");
+    let r = c.imap("s", "SELECT INBOX").await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_logins_on_two_instances_refresh_once_and_both_use_the_rotated_token() {
+    let mut f = Fleet::new("");
+    f.env.provider.set_rotate_refresh_tokens(true);
+    let (st, err) = f.dirs[0].login(ALICE, ALICE_PW);
+    assert!(st.success(), "{err}");
+    assert!(err.contains("PostgreSQL"), "{err}");
+    let a = f.start(0);
+    let b = f.start(1);
+    let p = &f.env.provider;
+
+    // The first login on A refreshes; B then uses the token A stored.
+    let r0 = p.refreshes();
+    drop(login(a).await);
+    drop(login(b).await);
+    assert_eq!(p.refreshes(), r0 + 1, "B used A's token\n{}", f.logs());
+
+    // The server stops accepting it: twenty logins split across both.
+    p.expire_all_access_tokens();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(async move { drop(login(if i % 2 == 0 { a } else { b }).await) }))
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        p.refreshes(),
+        r0 + 2,
+        "one refresh for twenty logins on two instances\n{}",
+        f.logs()
+    );
+
+    // The rotated token is what both use next: a refresh on B (with the
+    // token A rotated; the old one is dead at the provider), then A uses
+    // B's result without refreshing.
+    p.expire_all_access_tokens();
+    drop(login(b).await);
+    drop(login(a).await);
+    assert_eq!(p.refreshes(), r0 + 3, "{}", f.logs());
+    assert_eq!(
+        f.pg.psql("SELECT version FROM mailproxy_schema ORDER BY version"),
+        "1",
+        "the schema is migrated once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwd_and_revoke_on_one_instance_take_effect_on_the_other() {
+    let mut f = Fleet::new("");
+    let (st, err) = f.dirs[0].login(ALICE, ALICE_PW);
+    assert!(st.success(), "{err}");
+    let _a = f.start(0);
+    let b = f.start(1);
+    drop(login(b).await);
+
+    // A new local password set through instance A's config.
+    let (code, _, err) = run(&f.dirs[0], &["passwd", ALICE], &format!("{ALICE_PW}\nnew pw\n"));
+    assert_eq!(code, 0, "{err}");
+    let t0 = Instant::now();
+    loop {
+        let (_, tagged) = try_login(b, ALICE_PW).await;
+        if tagged.starts_with("a1 NO") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "B still takes the old password: {tagged}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, tagged) = try_login(b, "new pw").await;
+    assert!(tagged.starts_with("a1 OK"), "{tagged}\n{}", f.logs());
+
+    // Revoked through A: B refuses within two seconds.
+    let (code, out, err) = run(&f.dirs[0], &["revoke", ALICE], "new pw\n");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("in PostgreSQL"), "{out}");
+    let t0 = Instant::now();
+    loop {
+        let (_, tagged) = try_login(b, "new pw").await;
+        if tagged.starts_with("a1 NO") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "B still logs in after revoke: {tagged}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(f.pg.psql("SELECT count(*) FROM mailproxy_accounts"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_instance_refreshing_leaves_the_other_able_to_refresh() {
+    let mut f = Fleet::new("");
+    f.env.provider.set_rotate_refresh_tokens(true);
+    let (st, err) = f.dirs[0].login(ALICE, ALICE_PW);
+    assert!(st.success(), "{err}");
+    let a = f.start(0);
+    let b = f.start(1);
+    drop(login(a).await);
+    drop(login(b).await);
+    let p = &f.env.provider;
+    let r0 = p.refreshes();
+
+    // A's refresh hangs at the provider while it holds the account's lock.
+    p.set_drop_abandoned_token_requests(true);
+    p.set_token_delay(Duration::from_secs(20));
+    p.expire_all_access_tokens();
+    let on_a = tokio::spawn(try_login(a, ALICE_PW));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // B waits for A's lock.
+    let on_b = tokio::spawn(async move { login(b).await });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!on_b.is_finished(), "B waits while A refreshes");
+    p.set_token_delay(Duration::ZERO);
+    f.proxies[0].as_ref().unwrap().signal(libc::SIGKILL);
+    let _ = on_a.await;
+
+    // A died before the provider answered: its lock is gone with it, B
+    // refreshes with the stored token, and nothing was lost.
+    let c = tokio::time::timeout(Duration::from_secs(20), on_b)
+        .await
+        .expect("B finishes once A is gone")
+        .unwrap();
+    drop(c);
+    assert_eq!(p.abandoned(), 1, "A's request never reached the provider's logic");
+    assert_eq!(p.refreshes(), r0 + 1, "{}", f.logs());
+    // A restarted finds the account as B left it.
+    let a = f.start(0);
+    drop(login(a).await);
+    assert_eq!(f.env.provider.refreshes(), r0 + 1, "{}", f.logs());
+}
+
+/// `GET path` on the metrics listener: (status line, body).
+async fn http_get(addr: &str, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+}
+
+/// The value of one sample, e.g. `mailproxy_logins_total{protocol="imap",…}`.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened_and_pass_promtool() {
+    let promtool = std::path::Path::new("/usr/bin/promtool");
+    assert!(
+        promtool.exists(),
+        "promtool is missing: run scripts/test (it installs prometheus)"
+    );
+    let mut f = Fleet::new("metrics_listen = \"127.0.0.1:0\"\n");
+    let (st, err) = f.dirs[0].login(ALICE, ALICE_PW);
+    assert!(st.success(), "{err}");
+    let port = f.start(0);
+    let addr = f.proxies[0]
+        .as_ref()
+        .unwrap()
+        .stdout()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
+        .expect("the metrics listener is announced");
+
+    let (status, body) = http_get(&addr, "/healthz").await;
+    assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok\n"));
+    let (status, _) = http_get(&addr, "/readyz").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let (_, before) = http_get(&addr, "/metrics").await;
+    assert_eq!(
+        sample(&before, "mailproxy_sessions_open{protocol=\"imap\"}"),
+        Some(0.0),
+        "{before}"
+    );
+
+    // One good login that fetches, one wrong password.
+    let mut c = login(port).await;
+    let r = c.imap("f", "FETCH 1:* (FLAGS)").await.unwrap();
+    assert!(r.tagged.starts_with("f "), "{r:?}");
+    let (_, during) = http_get(&addr, "/metrics").await;
+    assert_eq!(
+        sample(&during, "mailproxy_sessions_open{protocol=\"imap\"}"),
+        Some(1.0),
+        "{during}"
+    );
+    c.imap("z", "LOGOUT").await.unwrap();
+    drop(c);
+    let (_, tagged) = try_login(port, "wrong").await;
+    assert!(tagged.starts_with("a1 NO"), "{tagged}");
+
+    let t0 = Instant::now();
+    let body = loop {
+        let (_, body) = http_get(&addr, "/metrics").await;
+        let closed = sample(&body, "mailproxy_sessions_open{protocol=\"imap\"}") == Some(0.0)
+            && sample(
+                &body,
+                "mailproxy_relayed_bytes_total{protocol=\"imap\",direction=\"up\"}",
+            )
+            .is_some();
+        if closed || t0.elapsed() > Duration::from_secs(5) {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let get = |s: &str| sample(&body, s).unwrap_or_else(|| panic!("no {s} in\n{body}"));
+    assert_eq!(
+        get("mailproxy_logins_total{protocol=\"imap\",outcome=\"ok\",reason=\"none\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("mailproxy_logins_total{protocol=\"imap\",outcome=\"failed\",reason=\"credentials\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("mailproxy_connections_total{protocol=\"imap\",outcome=\"accepted\"}"),
+        2.0
+    );
+    assert_eq!(
+        get("mailproxy_connections_total{protocol=\"imap\",outcome=\"relayed\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("mailproxy_refreshes_total{provider=\"custom\",outcome=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(get("mailproxy_sessions_open{protocol=\"imap\"}"), 0.0);
+    // What went up after the login, byte for byte.
+    let up = ["s SELECT INBOX\r\n", "f FETCH 1:* (FLAGS)\r\n", "z LOGOUT\r\n"];
+    assert_eq!(
+        get("mailproxy_relayed_bytes_total{protocol=\"imap\",direction=\"up\"}"),
+        up.iter().map(|l| l.len()).sum::<usize>() as f64
+    );
+    assert!(get("mailproxy_relayed_bytes_total{protocol=\"imap\",direction=\"down\"}") > 0.0);
+    let left = get(&format!("mailproxy_token_expiry_seconds{{account=\"{ALICE}\"}}"));
+    assert!(left > 3000.0 && left <= 3600.0, "{left}");
+    assert!(get("mailproxy_kdf_runs") >= 2.0, "two password checks ran the KDF");
+    assert_eq!(get("mailproxy_token_store_up"), 1.0);
+
+    // The exposition is valid for Prometheus.
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The store going away makes the instance not ready.
+    drop(std::mem::replace(&mut f.pg, Postgres::start()));
+    let (status, body) = http_get(&addr, "/readyz").await;
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+    assert!(body.contains("PostgreSQL is not reachable"), "{body}");
+}
