@@ -26,6 +26,7 @@ pub mod secret;
 pub mod server;
 pub mod smtp;
 pub(crate) mod status;
+pub(crate) mod status_page;
 pub(crate) mod sys;
 pub mod text;
 pub mod tls;

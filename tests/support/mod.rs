@@ -6,11 +6,13 @@
 //!   oauth2 passdb introspects tokens at the fake provider.
 //! - [`pki`]: test CA and leaf certificates (valid, expired, self-signed).
 //! - [`smtp_sink`]: SMTP server that stores what Dovecot's submission relays.
+//! - [`chromium`]: private headless Chromium driven over the DevTools protocol.
 //! - [`client`]: raw line-protocol client (TCP/TLS/STARTTLS, IMAP literals, SASL strings).
 //! - [`process`]: spawn child processes that die with the test process.
 //! - [`http`]: minimal HTTP/1.1 server parsing and a blocking test client.
 #![allow(dead_code, unused_imports)]
 
+pub mod chromium;
 pub mod client;
 pub mod dovecot;
 pub mod hostile_util;
