@@ -281,6 +281,23 @@ mod tests {
     }
 
     #[test]
+    fn a_device_code_is_shown_large_with_its_address() {
+        let mut r = row("authorizing");
+        r.flow = "device".into();
+        r.device = Some(crate::tokens::authorize::DeviceShown {
+            verification_uri: "https://example.org/device".into(),
+            user_code: "WDJB-MJHT".into(),
+        });
+        let h = page(&[r], &KdfStatus::default(), 0);
+        assert!(h.contains("<p class=code>WDJB-MJHT</p>"), "{h}");
+        assert!(
+            h.contains("<a href=\"https://example.org/device\" rel=noreferrer>"),
+            "{h}"
+        );
+        assert!(!h.contains("<button"), "{h}");
+    }
+
+    #[test]
     fn no_button_when_the_owner_must_act() {
         let mut r = row("needs login");
         r.detail = Some("it has not been authorised yet".into());

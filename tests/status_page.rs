@@ -17,6 +17,7 @@ use support::world::*;
 use support::LineConn;
 
 const DAVE: &str = "dave@example.org";
+const ERIN: &str = "erin@example.org";
 
 async fn login_response(port: u16, user: &str, pw: &str) -> String {
     let mut c = LineConn::plain(port).await.unwrap();
@@ -106,6 +107,12 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
             &format!("imaps://localhost:{}", env.dovecot.imaps_port),
         )
         .replace("client_id =", "on_demand = false\nclient_id =")
+            + &oauth_account(
+                ERIN,
+                &env.provider,
+                &env.dovecot,
+                &format!("imaps://localhost:{}", env.dovecot.imaps_port),
+            )
     });
     let cfg = std::fs::read_to_string(w.dir.config_path())
         .unwrap()
@@ -191,6 +198,10 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
     assert!(d.text.contains(&format!("mailproxy login {DAVE}")), "{d:?}");
     assert!(d.buttons.is_empty(), "{d:?}");
 
+    let e = &seen[ERIN];
+    assert_eq!(e.state, "needs login", "{e:?}");
+    assert_eq!(e.buttons, ["Start sign-in"], "{e:?}");
+
     // The button: the provider (which approves at once), then the
     // completion page, where the owner takes the generated password.
     let (b, generated, after) = tokio::task::spawn_blocking(move || {
@@ -218,9 +229,26 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
     assert!(r.starts_with("a1 OK"), "{r}");
     assert!(!w.logs().contains(&generated), "the generated password is not logged");
 
+    // "Start sign-in" starts an on-demand authorisation and sends the
+    // browser that pressed it to the provider.
+    let origin = format!("http://{status}");
+    let start = format!("http://{status}/authorize/{ERIN}");
+    let r = http::request("POST", &start, &[("Origin", &origin)], b"").unwrap();
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert!(r.headers["location"].starts_with(&auth_url), "{:?}", r.headers);
+    let json = http::get(&format!("http://{status}/status.json")).unwrap().json();
+    let erin = json["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["account"] == ERIN)
+        .unwrap()
+        .clone();
+    assert_eq!(erin["state"], "authorizing", "{json}");
+
     // A POST for an account the page cannot start says why; a foreign origin is refused.
     let start = format!("http://{status}/authorize/{DAVE}");
-    let r = http::request("POST", &start, &[("Origin", &format!("http://{status}"))], b"").unwrap();
+    let r = http::request("POST", &start, &[("Origin", &origin)], b"").unwrap();
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("on-demand authorisation is off"), "{}", r.text());
     let r = http::request("POST", &start, &[("Origin", "http://evil.example")], b"").unwrap();
