@@ -27,6 +27,7 @@ pub mod secret;
 pub mod server;
 pub mod smtp;
 pub(crate) mod status;
+pub(crate) mod status_page;
 pub mod store;
 pub(crate) mod sys;
 pub mod text;

@@ -1,5 +1,7 @@
 //! The `mailproxy` command line.
 
+mod cli_wait;
+
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -132,22 +134,29 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
     let password = read_password(&account.name, true)?;
     let http = oauth::http_client(config.limits.provider_timeout);
     let timeout = Duration::from_secs(timeout);
+    // Until the grant is checked, Ctrl-C cancels and nothing is stored.
+    let (a, n) = (audit.clone(), account.name.clone());
+    let cancel = cli_wait::CancelOnCtrlC::arm(&account.name, move || {
+        a.record(Entry::new(&n, "consent", "cancelled with Ctrl-C"));
+    })?;
 
     let result: Result<Tokens, OAuthError> = match (settings.flow, device) {
         (Flow::ClientCredentials, _) => flows::client_credentials(&http, &account.name, settings).await,
         (Flow::Device, _) | (_, true) => {
             let d = flows::device_start(&http, &account.name, settings).await?;
+            let (uri, complete) = (&d.verification_uri, d.verification_uri_complete.as_deref());
             eprintln!(
-                "To authorise {}, open {} on any device and enter the code {}\n",
-                account.name, d.verification_uri, d.user_code
+                "{}",
+                cli_wait::device_instructions(&account.name, uri, &d.user_code, complete)
             );
-            if let Some(c) = &d.verification_uri_complete {
-                eprintln!("(or open {c})\n");
-            }
+            let waiting = cli_wait::Waiting::start("waiting for the code to be entered", timeout);
             tokio::time::timeout(
                 timeout,
                 flows::device_poll(&http, &account.name, settings, &d, |i| {
-                    eprintln!("the provider asked to poll more slowly; now every {} s", i.as_secs());
+                    waiting.say(&format!(
+                        "the provider asked to poll more slowly; now every {} s",
+                        i.as_secs()
+                    ));
                 }),
             )
             .await
@@ -170,7 +179,11 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
             if !no_browser {
                 open_browser(&req.url);
             }
-            match redirect.wait(&account.name, &req, timeout).await {
+            let waiting = matches!(redirect, Redirect::Loopback { .. })
+                .then(|| cli_wait::Waiting::start("waiting for the sign-in in the browser", timeout));
+            let code = redirect.wait(&account.name, &req, timeout).await;
+            drop(waiting);
+            match code {
                 Ok(code) => oauth::exchange_code(&http, &account.name, settings, req, code.expose()).await,
                 Err(e) => Err(e),
             }
@@ -189,6 +202,7 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
         audit.record(Entry::new(&account.name, "consent", format!("refused: {e}")));
         bail!("{e}");
     }
+    drop(cancel);
     if tokens.refresh.is_none() && settings.flow != Flow::ClientCredentials {
         bail!(
             "the provider returned no refresh token, so access would end within the hour; \

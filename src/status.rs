@@ -7,7 +7,9 @@
 //!
 //! Never on this page: the provider's authorisation URL or its `state`.
 //! `/authorize/ACCOUNT` answers each visit with a 302 to the provider with a
-//! fresh `state`, for the browser that visits only.
+//! fresh `state`, for the browser that visits only; a same-origin POST there
+//! (the page's buttons) first starts the account's on-demand authorisation
+//! when none is pending. The HTML is in [`crate::status_page`].
 
 use std::sync::Arc;
 
@@ -15,8 +17,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::oauth::login::{read_request, respond, respond_raw};
+use crate::status_page;
 use crate::tokens::authorize::{account_of_start_path, MAX_HTTP_CONNECTIONS, REQUEST_TIMEOUT};
-use crate::tokens::{AccountStatus, TokenManager};
+use crate::tokens::{now_unix, TokenManager};
 
 pub async fn serve(sock: TcpListener, tokens: Arc<TokenManager>, shutdown: CancellationToken) {
     let Ok(local) = sock.local_addr() else { return };
@@ -44,6 +47,15 @@ pub async fn serve(sock: TcpListener, tokens: Arc<TokenManager>, shutdown: Cance
                 let _ = respond(&mut s, "403 Forbidden", "Cross-origin request refused.").await;
                 return;
             }
+            if req.method == "POST" {
+                match account_of_start_path(req.path()) {
+                    Some(account) => start_from_page(&mut s, &tokens, &account).await,
+                    None => {
+                        let _ = respond(&mut s, "404 Not Found", "Not found.").await;
+                    }
+                }
+                return;
+            }
             if req.method != "GET" {
                 let _ = respond(&mut s, "405 Method Not Allowed", "Method not allowed.").await;
                 return;
@@ -68,7 +80,7 @@ pub async fn serve(sock: TcpListener, tokens: Arc<TokenManager>, shutdown: Cance
             for a in tokens.all() {
                 rows.push(tokens.status(&a).await);
             }
-            let (ctype, body) = match req.path() {
+            let (ctype, body, extra) = match req.path() {
                 "/status.json" => (
                     "application/json",
                     serde_json::to_string_pretty(&serde_json::json!({
@@ -76,49 +88,42 @@ pub async fn serve(sock: TcpListener, tokens: Arc<TokenManager>, shutdown: Cance
                         "kdf": tokens.kdf_status(),
                     }))
                     .unwrap_or_default(),
+                    vec![],
                 ),
-                "/" => ("text/html; charset=utf-8", page(&rows)),
+                "/" => (
+                    "text/html; charset=utf-8",
+                    status_page::page(&rows, &tokens.kdf_status(), now_unix()),
+                    vec![("Content-Security-Policy", status_page::CONTENT_SECURITY_POLICY)],
+                ),
                 _ => {
                     let _ = respond(&mut s, "404 Not Found", "Not found.").await;
                     return;
                 }
             };
-            let _ = respond_raw(&mut s, "200 OK", ctype, &[], body.as_bytes()).await;
+            let _ = respond_raw(&mut s, "200 OK", ctype, &extra, body.as_bytes()).await;
         });
     }
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn page(rows: &[AccountStatus]) -> String {
-    let mut h = String::from(
-        "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=10><title>mailproxy</title>\
-         <h1>mailproxy accounts</h1><table border=1 cellpadding=4><tr><th>account<th>provider<th>flow<th>state<th>what to do</tr>",
-    );
-    for r in rows {
-        let todo = match (&r.device, &r.pending) {
-            (Some(d), _) => format!(
-                "open <a href=\"{0}\" rel=noreferrer>{0}</a> and enter <b>{1}</b>",
-                esc(&d.verification_uri),
-                esc(&d.user_code)
-            ),
-            (None, Some(p)) => format!("<a href=\"{}\">sign in</a>", esc(&p.url)),
-            (None, None) => esc(r.detail.as_deref().unwrap_or("")),
-        };
-        h.push_str(&format!(
-            "<tr><td>{}<td>{}<td>{}<td>{}<td>{}</tr>",
-            esc(&r.account),
-            esc(&r.provider),
-            esc(&r.flow),
-            esc(&r.state),
-            todo
-        ));
+/// A button on the page (a same-origin POST to the start address): starts
+/// the account's on-demand authorisation if none is pending, then sends
+/// this browser on to the provider (browser flow) or back to the page,
+/// which shows the device code. What went wrong is said in a sentence.
+async fn start_from_page(s: &mut tokio::net::TcpStream, tokens: &Arc<TokenManager>, account: &str) {
+    let Some(acct) = tokens.get(account) else {
+        let _ = respond(s, "404 Not Found", "No OAuth account of that name.").await;
+        return;
+    };
+    match tokens.start_authorization(&acct).await {
+        Ok(Some(_)) => {
+            tracing::info!(account = %acct.name(), "authorisation started from the status page");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let _ = respond(s, "409 Conflict", &format!("mailproxy: {e}")).await;
+            return;
+        }
     }
-    h.push_str("</table>\n");
-    h
+    let to = tokens.start_redirect(account).await.unwrap_or_else(|| "/".to_string());
+    let _ = respond_raw(s, "303 See Other", "text/plain", &[("Location", &to)], b"").await;
 }

@@ -64,7 +64,7 @@ impl Fleet {
         self.proxies
             .iter()
             .flatten()
-            .map(|p| p.logs())
+            .map(support::mailproxy::Proxy::logs)
             .collect::<Vec<_>>()
             .join("\n----\n")
     }

@@ -87,8 +87,16 @@ fn a_readable_client_key_file_is_refused() {
     let dir = ProxyDir::new();
     let key = dir.path().join("app.key");
     let cert = dir.path().join("app.pem");
-    write_mode(&key, "-----BEGIN PRIVATE KEY-----\nnot really\n-----END PRIVATE KEY-----\n", 0o644);
-    write_mode(&cert, "-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n", 0o644);
+    write_mode(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nnot really\n-----END PRIVATE KEY-----\n",
+        0o644,
+    );
+    write_mode(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot really\n-----END CERTIFICATE-----\n",
+        0o644,
+    );
     dir.write_config(&format!(
         "{}[accounts.\"svc@example.org\"]\nprovider = \"microsoft\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"00000000-0000-0000-0000-000000000001\"\nflow = \"client_credentials\"\nclient_certificate = \"{}\"\nclient_key = \"{}\"\n",
         dir.header(),
@@ -97,7 +105,10 @@ fn a_readable_client_key_file_is_refused() {
     ));
     let (code, _, err) = run(&dir, &["accounts"], "");
     assert_ne!(code, 0, "accepted a readable key file");
-    assert!(err.contains(key.to_str().unwrap()) && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains(key.to_str().unwrap()) && err.contains("chmod 600"),
+        "{err}"
+    );
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (code, _, err) = run(&dir, &["accounts"], "");
     assert!(

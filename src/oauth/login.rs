@@ -304,6 +304,10 @@ pub async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<HttpReques
 }
 
 /// Writes a whole response and closes. `extra` are more header lines.
+/// `Referrer-Policy: same-origin`: nothing of our addresses reaches other
+/// sites, and a browser still sends our own `Origin` on the pages' POSTs
+/// (under `no-referrer` it sends `Origin: null`, which the cross-origin check
+/// must refuse).
 pub async fn respond_raw(
     sock: &mut tokio::net::TcpStream,
     status: &str,
@@ -312,7 +316,7 @@ pub async fn respond_raw(
     body: &[u8],
 ) -> std::io::Result<()> {
     let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\nX-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\nX-Content-Type-Options: nosniff\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\nX-Frame-Options: DENY\r\nReferrer-Policy: same-origin\r\nX-Content-Type-Options: nosniff\r\n",
         body.len()
     );
     for (k, v) in extra {

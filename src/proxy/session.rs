@@ -54,6 +54,8 @@ pub(crate) async fn run<P: Protocol>(
     let mut pre = P::machine(&config.limits, tls.is_some() && !client.is_tls());
     let deadline = Instant::now() + config.limits.preauth_timeout.saturating_mul(4);
     let mut upstream: Option<Conn> = None;
+    // Counts this session on its OAuth account's status until it ends.
+    let mut _counted = None;
     let mut buf = vec![0u8; 4096];
     loop {
         let event = pre.poll();
@@ -74,6 +76,7 @@ pub(crate) async fn run<P: Protocol>(
                     Ok((conn, success)) => {
                         tracing::Span::current().record("login", escaped(&login).as_str());
                         tracing::info!(upstream = %conn.endpoint, "logged in");
+                        _counted = ctx.tokens.get(&login).map(|a| a.session_opened());
                         let now = pre.login_succeeded(success);
                         upstream = Some(conn);
                         if now {

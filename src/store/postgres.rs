@@ -82,7 +82,7 @@ impl Cache {
         if !self.listening.load(Ordering::SeqCst) {
             return None;
         }
-        let m = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.get(account)
             .filter(|(_, at)| at.elapsed() < CACHE_FOR)
             .map(|(v, _)| *v)
@@ -92,13 +92,13 @@ impl Cache {
         if self.epoch.load(Ordering::SeqCst) != epoch {
             return;
         }
-        let mut m = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         m.insert(account.to_string(), (v, Instant::now()));
     }
 
     fn forget(&self, account: Option<&str>) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        let mut m = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match account {
             Some(a) => {
                 m.remove(a);

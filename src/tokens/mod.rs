@@ -34,11 +34,12 @@
 pub mod authorize;
 pub mod gate;
 pub mod offline;
+pub mod sessions;
 mod shared;
 pub(crate) mod state;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -61,6 +62,7 @@ use authorize::{BrowserFlow, DeviceShown, Flight};
 pub use gate::KdfStatus;
 use gate::{Gate, KdfStats};
 pub use offline::store_authorisation;
+pub use sessions::SessionOpen;
 use state::{later, unix, Access, Active, TokenState};
 pub use state::{BACKGROUND_MARGIN, KEEPALIVE, MIN_REFRESH_INTERVAL, REFRESH_MARGIN};
 
@@ -100,6 +102,8 @@ pub struct AccountTokens {
     last_attempt: SyncMutex<Option<SystemTime>>,
     /// The last status computed, for when the slot is busy (a slow refresh).
     last_status: SyncMutex<Option<AccountStatus>>,
+    /// Client sessions logged in to this account right now (status page).
+    sessions: Arc<AtomicUsize>,
 }
 
 impl AccountTokens {
@@ -122,11 +126,17 @@ impl AccountTokens {
             upkeep: AtomicBool::new(false),
             last_attempt: SyncMutex::new(None),
             last_status: SyncMutex::new(None),
+            sessions: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     pub fn name(&self) -> &str {
         &self.account.name
+    }
+
+    /// Counts one logged-in client session until the guard is dropped.
+    pub fn session_opened(&self) -> SessionOpen {
+        SessionOpen::new(self.sessions.clone())
     }
 
     fn forget_password(&self) {
@@ -212,6 +222,18 @@ pub struct AccountStatus {
     pub last_refresh: Option<u64>,
     pub last_use: Option<u64>,
     pub scopes: Vec<String>,
+    /// When `serve` refreshes the access token next (unix seconds).
+    #[serde(default)]
+    pub next_refresh: Option<u64>,
+    /// The last refresh failure, decoded, while it is being retried.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Client sessions logged in to the account right now.
+    #[serde(default)]
+    pub sessions: u64,
+    /// The status page can start an authorisation for it (on demand).
+    #[serde(default)]
+    pub can_start: bool,
 }
 
 /// How an authorisation ended, for the page the browser shows.
@@ -1155,21 +1177,7 @@ impl TokenManager {
     async fn upkeep_due(&self, acct: &AccountTokens) -> Option<SystemTime> {
         let mut slot = acct.slot.lock().await;
         self.sync(acct, &mut slot).await.ok()?;
-        let TokenState::Active(a) = &slot.state else {
-            return None;
-        };
-        let due = match &a.access {
-            Some(x) => {
-                let keepalive = slot
-                    .record
-                    .as_ref()
-                    .and_then(|r| r.last_refresh)
-                    .map(state::keepalive_due);
-                keepalive.map_or(x.renew_at(), |k| k.min(x.renew_at()))
-            }
-            None => SystemTime::now(),
-        };
-        Some(a.retry_at.map_or(due, |r| r.max(due)))
+        planned_refresh(&slot)
     }
 
     pub async fn status(&self, acct: &AccountTokens) -> AccountStatus {
@@ -1233,10 +1241,44 @@ impl TokenManager {
             last_refresh: slot.record.as_ref().and_then(|r| r.last_refresh),
             last_use: *acct.last_use.lock().unwrap(),
             scopes: slot.record.as_ref().map(|r| r.scopes.clone()).unwrap_or_default(),
+            next_refresh: planned_refresh(&slot).filter(|_| has_password).map(unix),
+            last_error: match &slot.state {
+                TokenState::Active(a) => a.last_error.clone(),
+                _ => None,
+            },
+            sessions: acct.sessions.load(Ordering::Relaxed) as u64,
+            can_start: matches!(slot.state, TokenState::NeedsLogin { .. })
+                && acct.settings.on_demand
+                && match acct.settings.flow {
+                    Flow::AuthorizationCode => true,
+                    Flow::Device => has_password,
+                    Flow::ClientCredentials => false,
+                },
         };
         *acct.last_status.lock().unwrap() = Some(st.clone());
         st
     }
+}
+
+/// When an active account's access token is refreshed next in the
+/// background: before it expires, at least every 30 days, never before a
+/// backoff ends. `None` when the account is not active.
+fn planned_refresh(slot: &Slot) -> Option<SystemTime> {
+    let TokenState::Active(a) = &slot.state else {
+        return None;
+    };
+    let due = match &a.access {
+        Some(x) => {
+            let keepalive = slot
+                .record
+                .as_ref()
+                .and_then(|r| r.last_refresh)
+                .map(state::keepalive_due);
+            keepalive.map_or(x.renew_at(), |k| k.min(x.renew_at()))
+        }
+        None => SystemTime::now(),
+    };
+    Some(a.retry_at.map_or(due, |r| r.max(due)))
 }
 
 /// The keyring entry's name (the account name, as the keystore expects it).

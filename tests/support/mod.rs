@@ -6,6 +6,7 @@
 //!   oauth2 passdb introspects tokens at the fake provider.
 //! - [`pki`]: test CA and leaf certificates (valid, expired, self-signed).
 //! - [`smtp_sink`]: SMTP server that stores what Dovecot's submission relays.
+//! - [`chromium`]: private headless Chromium driven over the DevTools protocol.
 //! - [`client`]: raw line-protocol client (TCP/TLS/STARTTLS, IMAP literals, SASL strings).
 //! - [`process`]: spawn child processes that die with the test process.
 //! - [`http`]: minimal HTTP/1.1 server parsing and a blocking test client.
@@ -15,6 +16,7 @@
 // no unsafe code (the crate denies it).
 #![allow(unsafe_code)]
 
+pub mod chromium;
 pub mod client;
 pub mod dovecot;
 pub mod hostile_util;
