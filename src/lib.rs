@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod endpoint;
 pub mod identity;

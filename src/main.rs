@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 
 use mailproxy::audit::{Audit, Entry};
 use mailproxy::config::{Account, Config, Flow, OAuthSettings, TokenStore};
-use mailproxy::oauth::{self, flows, login::Redirect, OAuthError, Tokens};
+use mailproxy::control::{self, Reply, Request};
+use mailproxy::oauth::{self, flows, OAuthError};
 use mailproxy::secret::Secret;
 use mailproxy::tokens::offline::{self, Checked, OfflineError};
 use mailproxy::tokens::{self, now_unix, AccountStatus};
@@ -100,11 +101,106 @@ async fn run(cli: Cli) -> Result<u8> {
             device,
             no_browser,
             timeout,
-        } => login(config, &account, device, no_browser, timeout).await.map(|_| 0),
-        Command::Accounts => accounts(&config).map(|_| 0),
-        Command::Check { account } => check(&config, account.as_deref()).await,
-        Command::Revoke { account } => revoke(&config, &account).await.map(|_| 0),
-        Command::Passwd { account } => passwd(&config, &account).await.map(|_| 0),
+        } => {
+            let paste = config
+                .account(&account)
+                .and_then(|a| a.oauth())
+                .is_some_and(control::grant::needs_paste);
+            let req = Request::Login {
+                account: account.clone(),
+                device,
+                timeout,
+            };
+            if !paste {
+                if let Some(code) = via_serve(&config, req, &account, no_browser, |_| {}).await? {
+                    return Ok(code);
+                }
+            }
+            login(config, &account, device, no_browser, timeout).await.map(|_| 0)
+        }
+        Command::Accounts => {
+            let mut rows = None;
+            let served = via_serve(&config, Request::Accounts, "", true, |r| {
+                if let Reply::Accounts { rows: r } = r {
+                    rows = Some(r);
+                }
+            })
+            .await?;
+            let live = match served {
+                Some(_) => rows.unwrap_or_default(),
+                None => live_status(&config),
+            };
+            accounts(&config, live).map(|_| 0)
+        }
+        Command::Check { account } => {
+            let req = Request::Check {
+                account: account.clone(),
+            };
+            let served = via_serve(&config, req, account.as_deref().unwrap_or(""), true, |r| {
+                if let Reply::Checked { rows } = r {
+                    for row in rows {
+                        println!("{}", row.line());
+                    }
+                }
+            })
+            .await?;
+            match served {
+                Some(code) => Ok(code),
+                None => check(&config, account.as_deref()).await,
+            }
+        }
+        Command::Revoke { account } => {
+            let req = Request::Revoke {
+                account: account.clone(),
+            };
+            match via_serve(&config, req, &account, true, |_| {}).await? {
+                Some(code) => Ok(code),
+                None => revoke(&config, &account).await.map(|_| 0),
+            }
+        }
+        Command::Passwd { account } => {
+            let req = Request::Passwd {
+                account: account.clone(),
+            };
+            match via_serve(&config, req, &account, true, |_| {}).await? {
+                Some(code) => Ok(code),
+                None => passwd(&config, &account).await.map(|_| 0),
+            }
+        }
+    }
+}
+
+/// Runs `req` through the running `serve` (its control socket); `None`
+/// when no serve runs with this config's state directory. Passwords it
+/// asks for are read like the offline commands read them.
+async fn via_serve(
+    config: &Config,
+    req: Request,
+    account: &str,
+    no_browser: bool,
+    mut data: impl FnMut(Reply),
+) -> Result<Option<u8>> {
+    let Some(mut c) = control::client::Client::connect(&config.state_dir).await? else {
+        return Ok(None);
+    };
+    c.send(&req).await?;
+    loop {
+        match c.next().await? {
+            Reply::Say { text, stdout: true } => println!("{text}"),
+            Reply::Say { text, stdout: false } => eprintln!("{text}"),
+            Reply::Open { url } => {
+                if !no_browser {
+                    open_browser(&url);
+                }
+            }
+            Reply::Ask { new } => {
+                let pw = read_password(account, new)?;
+                c.answer(&pw).await?;
+            }
+            Reply::Done { code } => return Ok(Some(code)),
+            Reply::Error { message } => bail!(message),
+            other => data(other),
+        }
     }
 }
 
@@ -131,49 +227,12 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
     let http = oauth::http_client(config.limits.provider_timeout);
     let timeout = Duration::from_secs(timeout);
 
-    let result: Result<Tokens, OAuthError> = match (settings.flow, device) {
-        (Flow::ClientCredentials, _) => flows::client_credentials(&http, &account.name, settings).await,
-        (Flow::Device, _) | (_, true) => {
-            let d = flows::device_start(&http, &account.name, settings).await?;
-            eprintln!(
-                "To authorise {}, open {} on any device and enter the code {}\n",
-                account.name, d.verification_uri, d.user_code
-            );
-            if let Some(c) = &d.verification_uri_complete {
-                eprintln!("(or open {c})\n");
-            }
-            tokio::time::timeout(
-                timeout,
-                flows::device_poll(&http, &account.name, settings, &d, |i| {
-                    eprintln!("the provider asked to poll more slowly; now every {} s", i.as_secs())
-                }),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(OAuthError::Config(format!(
-                    "not approved within {} s",
-                    timeout.as_secs()
-                )))
-            })
-        }
-        (Flow::AuthorizationCode, false) => {
-            let redirect = Redirect::bind(settings)
-                .await
-                .context("cannot receive the provider's redirect")?;
-            let req = oauth::authorization_request(&account.name, settings, redirect.uri())?;
-            eprintln!(
-                "To authorise {}, open this address in a browser and sign in:\n\n  {}\n",
-                account.name, req.url
-            );
-            if !no_browser {
-                open_browser(&req.url);
-            }
-            match redirect.wait(&account.name, &req, timeout).await {
-                Ok(code) => oauth::exchange_code(&http, &account.name, settings, req, code.expose()).await,
-                Err(e) => Err(e),
-            }
-        }
+    let tell = move |n: control::grant::Notice| match n {
+        control::grant::Notice::Say(text) => eprintln!("{text}"),
+        control::grant::Notice::Open(url) if !no_browser => open_browser(&url),
+        control::grant::Notice::Open(_) => {}
     };
+    let result = control::grant::obtain(&http, account, settings, device, timeout, &tell).await;
     let tokens = match result {
         Ok(t) => t,
         Err(e) => {
@@ -188,10 +247,7 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
         bail!("{e}");
     }
     if tokens.refresh.is_none() && settings.flow != Flow::ClientCredentials {
-        bail!(
-            "the provider returned no refresh token, so access would end within the hour; \
-             check that the app registration allows offline access (Microsoft: the offline_access scope; Google: a Desktop app client)"
-        );
+        bail!(control::grant::NO_REFRESH_TOKEN);
     }
     let scopes = tokens.scopes.clone().unwrap_or_else(|| settings.scopes.clone());
     let (v, n, s, store) = (vault.clone(), account.name.clone(), scopes.clone(), config.token_store);
@@ -272,24 +328,14 @@ fn when(t: Option<u64>) -> String {
     let Some(t) = t else { return "-".into() };
     let now = now_unix();
     if t > now {
-        format!("in {}", human(t - now))
+        format!("in {}", control::human_secs(t - now))
     } else {
-        format!("{} ago", human(now - t))
+        format!("{} ago", control::human_secs(now - t))
     }
 }
 
-fn human(s: u64) -> String {
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
-    }
-}
-
-fn accounts(config: &Config) -> Result<()> {
+fn accounts(config: &Config, live: Vec<AccountStatus>) -> Result<()> {
     let vault = Vault::open(&config.state_dir)?;
-    let live = live_status(config);
     let serving = !live.is_empty();
     let mut rows = vec![[
         "ACCOUNT",
@@ -390,7 +436,7 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
                     .duration_since(SystemTime::now())
                     .unwrap_or_default()
                     .as_secs();
-                println!("{name}: ok: new access token valid for {}", human(left));
+                println!("{name}: ok: new access token valid for {}", control::human_secs(left));
             }
             Checked::Failed(e) => {
                 let code = if e.needs_login() || matches!(e, OAuthError::Provider(_)) {

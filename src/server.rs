@@ -49,6 +49,8 @@ pub enum ServeError {
     CertDir { dir: PathBuf, source: std::io::Error },
     #[error("{} configures no listener: add [imap] listen = \"127.0.0.1:1143\"", .0.display())]
     NoListener(PathBuf),
+    #[error("the control socket: {0}")]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// Per-address connection counts, for the per-client cap.
@@ -159,6 +161,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let vault = Vault::open(&config.state_dir)?;
+    let control = crate::control::server::bind(&config.state_dir)?;
     let store = effective_store(&config).await;
     let audit = Audit::start(&config.audit_log);
     // One set of TLS client configs for sessions and for the identity
@@ -232,6 +235,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tokens.set_status_url(Some(format!("http://{addr}/")));
         tracker.spawn(crate::status::serve(sock, tokens.clone(), shutdown.clone()));
     }
+    let (control_sock, control_path) = control;
+    tracker.spawn(crate::control::server::serve(
+        control_sock,
+        control_path,
+        ctx.clone(),
+        shutdown.clone(),
+    ));
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
