@@ -25,6 +25,7 @@ pub(crate) mod proxy;
 pub mod sasl;
 pub mod secret;
 pub mod server;
+pub mod setup;
 pub mod smtp;
 pub(crate) mod status;
 pub(crate) mod sys;

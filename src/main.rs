@@ -15,7 +15,7 @@ use mailproxy::secret::Secret;
 use mailproxy::tokens::offline::{self, Checked, OfflineError};
 use mailproxy::tokens::{self, now_unix, AccountStatus};
 use mailproxy::vault::{AccountRecord, StoreKind, Vault};
-use mailproxy::{identity, keystore, server, tls};
+use mailproxy::{identity, keystore, server, setup, tls};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +60,60 @@ enum Command {
     /// Change the account's local password (asks for the old one when the
     /// refresh token is sealed in the vault file).
     Passwd { account: String },
+    /// Add an account: writes (or extends) the config, then runs `login`.
+    Add(Box<AddArgs>),
+}
+
+/// `mailproxy add`: what is not given is detected or asked for.
+#[derive(clap::Args)]
+struct AddArgs {
+    /// The mail address (the login name clients will use).
+    address: String,
+    /// The provider [default: detected from the domain and its MX records].
+    #[arg(long, value_enum)]
+    provider: Option<setup::Provider>,
+    /// The app registration's client id.
+    #[arg(long)]
+    client_id: Option<String>,
+    /// The app registration's client secret (Google desktop clients have one).
+    #[arg(long)]
+    client_secret: Option<String>,
+    /// Microsoft tenant: common, organizations, consumers, a tenant id or domain.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// IMAP server URL, e.g. imaps://mail.example.org:993 (presets fill it for google and microsoft).
+    #[arg(long)]
+    imap: Option<String>,
+    /// SMTP server URL, e.g. smtps://mail.example.org:465.
+    #[arg(long)]
+    smtp: Option<String>,
+    /// POP3 server URL, e.g. pop3s://mail.example.org:995.
+    #[arg(long)]
+    pop3: Option<String>,
+    /// Authorisation endpoint (custom providers).
+    #[arg(long)]
+    auth_url: Option<String>,
+    /// Token endpoint (custom providers).
+    #[arg(long)]
+    token_url: Option<String>,
+    /// Device-authorisation endpoint (custom providers, optional).
+    #[arg(long)]
+    device_url: Option<String>,
+    /// Revocation endpoint (custom providers, optional).
+    #[arg(long)]
+    revoke_url: Option<String>,
+    /// Scopes, comma-separated (custom providers).
+    #[arg(long, value_delimiter = ',')]
+    scopes: Vec<String>,
+    /// Extra PEM trust anchor for this account's servers.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Only write the config; run `mailproxy login ADDRESS` later.
+    #[arg(long)]
+    no_login: bool,
+    /// Print the sign-in address only; do not try to open a browser.
+    #[arg(long)]
+    no_browser: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,15 +147,29 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<u8> {
     let path = cli.config.unwrap_or_else(Config::default_path);
+    if let Command::Add(a) = cli.command {
+        return add(&path, *a).await;
+    }
+    if !path.exists() {
+        bail!(
+            "there is no config at {}: run `mailproxy add YOUR@ADDRESS` to create one (or name another with --config)",
+            path.display()
+        );
+    }
     let config = Config::load(&path)?;
     match cli.command {
-        Command::Serve => server::serve(config).await.map(|_| 0).map_err(Into::into),
+        Command::Add(_) => unreachable!("handled above"),
+        Command::Serve => {
+            refuse_placeholders(&config, None)?;
+            server::serve(config).await.map(|_| 0).map_err(Into::into)
+        }
         Command::Login {
             account,
             device,
             no_browser,
             timeout,
         } => {
+            refuse_placeholders(&config, Some(&account))?;
             let paste = config
                 .account(&account)
                 .and_then(|a| a.oauth())
@@ -168,6 +236,103 @@ async fn run(cli: Cli) -> Result<u8> {
             }
         }
     }
+}
+
+/// The example config's placeholder client ids lead only to a provider's
+/// error page: refuse them with a sentence (every account for `serve`, the
+/// one being logged in otherwise).
+fn refuse_placeholders(config: &Config, only: Option<&str>) -> Result<()> {
+    for a in config.accounts.values() {
+        if only.is_some_and(|n| !a.name.eq_ignore_ascii_case(n)) {
+            continue;
+        }
+        if let Some(s) = a.oauth().filter(|s| setup::is_placeholder(&s.client_id)) {
+            bail!(
+                "{}: accounts.\"{}\".client_id is the placeholder `{}`: register an app with the provider and put its client id there (`mailproxy add {}` prints the steps), or remove the account",
+                config.path.display(),
+                a.name,
+                s.client_id,
+                a.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `mailproxy add`: write the config, then log in (through a running
+/// serve after it reloaded the config, else directly).
+async fn add(path: &std::path::Path, a: AddArgs) -> Result<u8> {
+    let opts = setup::AddOptions {
+        address: a.address,
+        provider: a.provider,
+        client_id: a.client_id,
+        client_secret: a.client_secret,
+        tenant: a.tenant,
+        imap: a.imap,
+        smtp: a.smtp,
+        pop3: a.pop3,
+        auth_url: a.auth_url,
+        token_url: a.token_url,
+        device_url: a.device_url,
+        revoke_url: a.revoke_url,
+        scopes: a.scopes,
+        ca_file: a.ca_file,
+    };
+    let mut ask = |question: &str| -> Result<Option<String>, setup::SetupError> {
+        eprint!("{question}: ");
+        let mut line = String::new();
+        let n = std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| setup::SetupError::Input(format!("reading the answer: {e}")))?;
+        if !std::io::stdin().is_terminal() {
+            eprintln!();
+        }
+        Ok((n > 0).then(|| line.trim().to_string()))
+    };
+    let added = setup::add(path, opts, &mut ask, &mut std::io::stderr())?;
+    let name = added.account;
+    let next_steps = format!(
+        "Next: `mailproxy service install` runs the proxy in the background (or run `mailproxy serve`).\n\
+         Mail clients connect to IMAP 127.0.0.1:1143 and SMTP 127.0.0.1:1587 with the user name {name} and the local password."
+    );
+    if added.provider == setup::Provider::Password {
+        eprintln!("{name} passes the client's own password through: nothing to authorise.\n{next_steps}");
+        return Ok(0);
+    }
+    if a.no_login {
+        eprintln!("Authorise it with `mailproxy login {name}`.\n{next_steps}");
+        return Ok(0);
+    }
+    let config = Config::load(path)?;
+    // A running serve must know the account before it can log it in.
+    if via_serve(&config, Request::Reload, &name, true, |_| {})
+        .await?
+        .is_some()
+    {
+        eprintln!("The running mailproxy serve reloaded its config.");
+    }
+    let req = Request::Login {
+        account: name.clone(),
+        device: false,
+        timeout: 300,
+    };
+    let paste = config
+        .account(&name)
+        .and_then(|a| a.oauth())
+        .is_some_and(control::grant::needs_paste);
+    let served = if paste {
+        None
+    } else {
+        via_serve(&config, req, &name, a.no_browser, |_| {}).await?
+    };
+    match served {
+        Some(0) => {}
+        Some(code) => return Ok(code),
+        None => login(config, &name, false, a.no_browser, 300).await?,
+    }
+    eprintln!("{next_steps}");
+    Ok(0)
 }
 
 /// Runs `req` through the running `serve` (its control socket); `None`

@@ -236,10 +236,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracker.spawn(crate::status::serve(sock, tokens.clone(), shutdown.clone()));
     }
     let (control_sock, control_path) = control;
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
     tracker.spawn(crate::control::server::serve(
         control_sock,
         control_path,
         ctx.clone(),
+        reload_tx,
         shutdown.clone(),
     ));
     use std::io::Write;
@@ -285,7 +287,12 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&ctx, &live),
+            _ = hup.recv() => {
+                let _ = reload(&ctx, &live);
+            }
+            Some(done) = reload_rx.recv() => {
+                let _ = crate::control::server::Reloaded::send(done, reload(&ctx, &live));
+            }
         }
     }
     tracing::info!("shutting down");
@@ -320,18 +327,18 @@ fn check_ca_files(ctx: &Ctx, config: &Config) -> Result<(), ServeError> {
 /// one stays in force; sessions in progress keep their snapshot. What can
 /// change live does (fallback, certificates, limits, accounts); what cannot
 /// (listen addresses, TLS modes, `state_dir`) is named in a warning.
-fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
+fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) -> Result<(), String> {
     let old = ctx.config();
     let new = match Config::load(&old.path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
-            return;
+            return Err(e.to_string());
         }
     };
     if let Err(e) = check_ca_files(ctx, &new) {
         tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
-        return;
+        return Err(e.to_string());
     }
     let mut acceptors = Vec::new();
     for l in listeners {
@@ -345,7 +352,7 @@ fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
             Ok(a) => acceptors.push((l.clone(), a)),
             Err(e) => {
                 tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
-                return;
+                return Err(e.to_string());
             }
         }
     }
@@ -359,6 +366,7 @@ fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
     let changed = ctx.tokens.reload(&new);
     *ctx.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     tracing::info!(changed_accounts = ?changed, "configuration reloaded");
+    Ok(())
 }
 
 /// The keyring is probed once at start; when it does not work, `serve` says

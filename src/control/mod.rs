@@ -58,6 +58,8 @@ pub enum Request {
     Revoke {
         account: String,
     },
+    /// Re-read the config, as SIGHUP does (`mailproxy add` uses it).
+    Reload,
 }
 
 /// One line `serve` sends back.

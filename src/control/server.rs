@@ -43,8 +43,24 @@ pub(crate) fn bind(state_dir: &Path) -> Result<(UnixListener, PathBuf), ControlE
     Ok((listener, path))
 }
 
+/// A reload asked through the socket: `serve`'s main loop runs it (the
+/// same as SIGHUP) and answers here.
+pub(crate) struct Reloaded(tokio::sync::oneshot::Sender<Result<(), String>>);
+
+impl Reloaded {
+    pub(crate) fn send(self, r: Result<(), String>) -> Result<(), Result<(), String>> {
+        self.0.send(r)
+    }
+}
+
 /// Answers commands until shutdown, then removes the socket.
-pub(crate) async fn serve(listener: UnixListener, path: PathBuf, ctx: Arc<Ctx>, shutdown: CancellationToken) {
+pub(crate) async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    ctx: Arc<Ctx>,
+    reload: mpsc::Sender<Reloaded>,
+    shutdown: CancellationToken,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     let me = crate::sys::euid();
     loop {
@@ -77,9 +93,9 @@ pub(crate) async fn serve(listener: UnixListener, path: PathBuf, ctx: Arc<Ctx>, 
             .await;
             continue;
         };
-        let ctx = ctx.clone();
+        let (ctx, reload) = (ctx.clone(), reload.clone());
         tokio::spawn(async move {
-            handle(ctx, stream).await;
+            handle(ctx, reload, stream).await;
             drop(permit);
         });
     }
@@ -134,7 +150,7 @@ impl Conn {
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, stream: UnixStream) {
+async fn handle(ctx: Arc<Ctx>, reload: mpsc::Sender<Reloaded>, stream: UnixStream) {
     let (r, mut w) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(async move {
@@ -161,7 +177,7 @@ async fn handle(ctx: Arc<Ctx>, stream: UnixStream) {
             },
             Ok(req) => {
                 tracing::debug!(command = ?req, "control socket request");
-                match run(&ctx, &mut conn, req).await {
+                match run(&ctx, &reload, &mut conn, req).await {
                     Ok(code) => Reply::Done { code },
                     Err(message) => Reply::Error { message },
                 }
@@ -192,10 +208,22 @@ fn live(ctx: &Ctx, name: &str) -> Result<Arc<AccountTokens>, String> {
     })
 }
 
-async fn run(ctx: &Arc<Ctx>, conn: &mut Conn, req: Request) -> Result<u8, String> {
+async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, req: Request) -> Result<u8, String> {
     let config = ctx.config();
     let tokens = &ctx.tokens;
     match req {
+        Request::Reload => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            reload
+                .send(Reloaded(tx))
+                .await
+                .map_err(|_| "serve is shutting down".to_string())?;
+            match rx.await {
+                Ok(Ok(())) => Ok(0),
+                Ok(Err(e)) => Err(format!("the config was not reloaded: {e}")),
+                Err(_) => Err("serve is shutting down".into()),
+            }
+        }
         Request::Accounts => {
             let mut rows = Vec::new();
             for a in tokens.all() {
