@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use mailproxy::audit::{Audit, Entry};
 use mailproxy::config::{Account, Config, Flow, OAuthSettings, TokenStore};
@@ -62,6 +62,41 @@ enum Command {
     Passwd { account: String },
     /// Add an account: writes (or extends) the config, then runs `login`.
     Add(Box<AddArgs>),
+    /// Run `serve` as a systemd user service (Linux) or a launchd agent (macOS).
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    Completions { shell: CompletionShell },
+    /// Print the man page (roff) on stdout; `scripts/man` writes it to a file.
+    #[command(hide = true)]
+    Manpage,
+}
+
+/// The shells `completions` writes for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Write the unit for this config and start it (or print how).
+    Install {
+        /// Only print the unit; write nothing.
+        #[arg(long)]
+        print: bool,
+        /// With --print: the unit the Debian package ships (default config and state paths).
+        #[arg(long, requires = "print", hide = true)]
+        packaged: bool,
+    },
+    /// Stop the service and remove its unit.
+    Uninstall,
+    /// Is the unit installed, is the service running? Exit status 0 = running, 3 = not.
+    Status,
 }
 
 /// `mailproxy add`: what is not given is detected or asked for.
@@ -123,14 +158,20 @@ fn main() -> std::process::ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
+    // Under systemd the journal stamps each line itself: no second timestamp.
+    let journal = mailproxy::notify::journal();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(!journal && std::io::stderr().is_terminal());
+    if journal {
+        logs.without_time().init();
+    } else {
+        logs.init();
+    }
     tls::install_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -147,8 +188,36 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<u8> {
     let path = cli.config.unwrap_or_else(Config::default_path);
-    if let Command::Add(a) = cli.command {
-        return add(&path, *a).await;
+    match cli.command {
+        Command::Add(a) => return add(&path, *a).await,
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "mailproxy", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Command::Manpage => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            return Ok(0);
+        }
+        Command::Service {
+            action: ServiceAction::Install { packaged: true, .. },
+        } => {
+            print!("{}", mailproxy::service::packaged_unit());
+            return Ok(0);
+        }
+        Command::Service {
+            action: ServiceAction::Uninstall,
+        } => {
+            for l in mailproxy::service::uninstall()? {
+                println!("{l}");
+            }
+            return Ok(0);
+        }
+        _ => {}
     }
     if !path.exists() {
         bail!(
@@ -158,7 +227,8 @@ async fn run(cli: Cli) -> Result<u8> {
     }
     let config = Config::load(&path)?;
     match cli.command {
-        Command::Add(_) => unreachable!("handled above"),
+        Command::Add(_) | Command::Completions { .. } | Command::Manpage => unreachable!("handled above"),
+        Command::Service { action } => service(&config, action).await,
         Command::Serve => {
             refuse_placeholders(&config, None)?;
             server::serve(config).await.map(|_| 0).map_err(Into::into)
@@ -234,6 +304,43 @@ async fn run(cli: Cli) -> Result<u8> {
                 Some(code) => Ok(code),
                 None => passwd(&config, &account).await.map(|_| 0),
             }
+        }
+    }
+}
+
+async fn service(config: &Config, action: ServiceAction) -> Result<u8> {
+    use mailproxy::service;
+    let exe = std::env::current_exe().context("where is this mailproxy binary?")?;
+    match action {
+        ServiceAction::Install { print: true, .. } => {
+            print!("{}", service::systemd_unit(&exe, config));
+            Ok(0)
+        }
+        ServiceAction::Install { print: false, .. } => {
+            refuse_placeholders(config, None)?;
+            // The sandbox lets serve write only its state directory: it must exist.
+            Vault::open(&config.state_dir)?;
+            for l in service::install(&exe, config)? {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        ServiceAction::Uninstall => unreachable!("handled before the config is read"),
+        ServiceAction::Status => {
+            let (_, lines) = service::status();
+            for l in lines {
+                println!("{l}");
+            }
+            let serving = control::client::Client::connect(&config.state_dir).await?.is_some();
+            println!(
+                "serve: {}",
+                if serving {
+                    "running (its control socket answers)"
+                } else {
+                    "not running"
+                }
+            );
+            Ok(if serving { 0 } else { 3 })
         }
     }
 }

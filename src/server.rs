@@ -246,6 +246,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     ));
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    crate::notify::notify("READY=1\nSTATUS=listening");
 
     tracker.spawn(refresher(tokens.clone(), config.state_dir.clone(), shutdown.clone()));
 
@@ -288,14 +289,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                let _ = reload(&ctx, &live);
+                crate::notify::notify("RELOADING=1");
+                let r = reload(&ctx, &live);
+                crate::notify::notify(&reloaded_status(&r));
             }
             Some(done) = reload_rx.recv() => {
-                let _ = crate::control::server::Reloaded::send(done, reload(&ctx, &live));
+                crate::notify::notify("RELOADING=1");
+                let r = reload(&ctx, &live);
+                crate::notify::notify(&reloaded_status(&r));
+                let _ = crate::control::server::Reloaded::send(done, r);
             }
         }
     }
     tracing::info!("shutting down");
+    crate::notify::notify("STOPPING=1");
     shutdown.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
@@ -305,6 +312,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!("some sessions did not end within 10 s; exiting anyway");
     }
     Ok(())
+}
+
+/// What the service manager hears after a reload: ready again either way
+/// (a broken config leaves the running one in force).
+fn reloaded_status(r: &Result<(), String>) -> String {
+    match r {
+        Ok(()) => "READY=1\nSTATUS=listening; configuration reloaded".into(),
+        Err(e) => format!(
+            "READY=1\nSTATUS=listening; reload failed, the running configuration stays in force: {}",
+            crate::text::one_line(e)
+        ),
+    }
 }
 
 fn check_ca_files(ctx: &Ctx, config: &Config) -> Result<(), ServeError> {
