@@ -10,6 +10,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod endpoint;
 pub mod identity;
@@ -18,6 +19,7 @@ pub mod keystore;
 mod linebuf;
 pub(crate) mod metrics;
 pub(crate) mod net;
+pub mod notify;
 pub mod oauth;
 pub mod pop3;
 pub mod preauth;
@@ -25,6 +27,8 @@ pub(crate) mod proxy;
 pub mod sasl;
 pub mod secret;
 pub mod server;
+pub mod service;
+pub mod setup;
 pub mod smtp;
 pub(crate) mod status;
 pub(crate) mod status_page;

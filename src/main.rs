@@ -7,16 +7,17 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use mailproxy::audit::{Audit, Entry};
 use mailproxy::config::{Account, Config, Flow, OAuthSettings, TokenStore};
-use mailproxy::oauth::{self, flows, login::Redirect, OAuthError, Tokens};
+use mailproxy::control::{self, Reply, Request};
+use mailproxy::oauth::{self, flows, OAuthError};
 use mailproxy::secret::Secret;
 use mailproxy::tokens::offline::{self, Checked, OfflineError};
 use mailproxy::tokens::{now_unix, AccountStatus};
 use mailproxy::vault::{AccountRecord, StoreKind, Vault};
-use mailproxy::{identity, keystore, server, store, tls};
+use mailproxy::{identity, keystore, server, setup, store, tls};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +62,95 @@ enum Command {
     /// Change the account's local password (asks for the old one when the
     /// refresh token is sealed in the vault file).
     Passwd { account: String },
+    /// Add an account: writes (or extends) the config, then runs `login`.
+    Add(Box<AddArgs>),
+    /// Run `serve` as a systemd user service (Linux) or a launchd agent (macOS).
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    Completions { shell: CompletionShell },
+    /// Print the man page (roff) on stdout; `scripts/man` writes it to a file.
+    #[command(hide = true)]
+    Manpage,
+}
+
+/// The shells `completions` writes for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Write the unit for this config and start it (or print how).
+    Install {
+        /// Only print the unit; write nothing.
+        #[arg(long)]
+        print: bool,
+        /// With --print: the unit the Debian package ships (default config and state paths).
+        #[arg(long, requires = "print", hide = true)]
+        packaged: bool,
+    },
+    /// Stop the service and remove its unit.
+    Uninstall,
+    /// Is the unit installed, is the service running? Exit status 0 = running, 3 = not.
+    Status,
+}
+
+/// `mailproxy add`: what is not given is detected or asked for.
+#[derive(clap::Args)]
+struct AddArgs {
+    /// The mail address (the login name clients will use).
+    address: String,
+    /// The provider [default: detected from the domain and its MX records].
+    #[arg(long, value_enum)]
+    provider: Option<setup::Provider>,
+    /// The app registration's client id.
+    #[arg(long)]
+    client_id: Option<String>,
+    /// The app registration's client secret (Google desktop clients have one).
+    #[arg(long)]
+    client_secret: Option<String>,
+    /// Microsoft tenant: common, organizations, consumers, a tenant id or domain.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// IMAP server URL, e.g. imaps://mail.example.org:993 (presets fill it for google and microsoft).
+    #[arg(long)]
+    imap: Option<String>,
+    /// SMTP server URL, e.g. smtps://mail.example.org:465.
+    #[arg(long)]
+    smtp: Option<String>,
+    /// POP3 server URL, e.g. pop3s://mail.example.org:995.
+    #[arg(long)]
+    pop3: Option<String>,
+    /// Authorisation endpoint (custom providers).
+    #[arg(long)]
+    auth_url: Option<String>,
+    /// Token endpoint (custom providers).
+    #[arg(long)]
+    token_url: Option<String>,
+    /// Device-authorisation endpoint (custom providers, optional).
+    #[arg(long)]
+    device_url: Option<String>,
+    /// Revocation endpoint (custom providers, optional).
+    #[arg(long)]
+    revoke_url: Option<String>,
+    /// Scopes, comma-separated (custom providers).
+    #[arg(long, value_delimiter = ',')]
+    scopes: Vec<String>,
+    /// Extra PEM trust anchor for this account's servers.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Only write the config; run `mailproxy login ADDRESS` later.
+    #[arg(long)]
+    no_login: bool,
+    /// Print the sign-in address only; do not try to open a browser.
+    #[arg(long)]
+    no_browser: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,14 +160,20 @@ fn main() -> std::process::ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
+    // Under systemd the journal stamps each line itself: no second timestamp.
+    let journal = mailproxy::notify::journal();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_ansi(!journal && std::io::stderr().is_terminal());
+    if journal {
+        logs.without_time().init();
+    } else {
+        logs.init();
+    }
     tls::install_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -94,19 +190,291 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> Result<u8> {
     let path = cli.config.unwrap_or_else(Config::default_path);
+    match cli.command {
+        Command::Add(a) => return add(&path, *a).await,
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "mailproxy", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Command::Manpage => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            return Ok(0);
+        }
+        Command::Service {
+            action: ServiceAction::Install { packaged: true, .. },
+        } => {
+            print!("{}", mailproxy::service::packaged_unit());
+            return Ok(0);
+        }
+        Command::Service {
+            action: ServiceAction::Uninstall,
+        } => {
+            for l in mailproxy::service::uninstall()? {
+                println!("{l}");
+            }
+            return Ok(0);
+        }
+        _ => {}
+    }
+    if !path.exists() {
+        bail!(
+            "there is no config at {}: run `mailproxy add YOUR@ADDRESS` to create one (or name another with --config)",
+            path.display()
+        );
+    }
     let config = Config::load(&path)?;
     match cli.command {
-        Command::Serve => server::serve(config).await.map(|_| 0).map_err(Into::into),
+        Command::Add(_) | Command::Completions { .. } | Command::Manpage => unreachable!("handled above"),
+        Command::Service { action } => service(&config, action).await,
+        Command::Serve => {
+            refuse_placeholders(&config, None)?;
+            server::serve(config).await.map(|_| 0).map_err(Into::into)
+        }
         Command::Login {
             account,
             device,
             no_browser,
             timeout,
-        } => login(config, &account, device, no_browser, timeout).await.map(|_| 0),
-        Command::Accounts => accounts(&config).await.map(|_| 0),
-        Command::Check { account } => check(&config, account.as_deref()).await,
-        Command::Revoke { account } => revoke(&config, &account).await.map(|_| 0),
-        Command::Passwd { account } => passwd(&config, &account).await.map(|_| 0),
+        } => {
+            refuse_placeholders(&config, Some(&account))?;
+            let paste = config
+                .account(&account)
+                .and_then(|a| a.oauth())
+                .is_some_and(control::grant::needs_paste);
+            let req = Request::Login {
+                account: account.clone(),
+                device,
+                timeout,
+            };
+            if !paste {
+                if let Some(code) = via_serve(&config, req, &account, no_browser, |_| {}).await? {
+                    return Ok(code);
+                }
+            }
+            login(config, &account, device, no_browser, timeout).await.map(|_| 0)
+        }
+        Command::Accounts => {
+            let mut rows = None;
+            let served = via_serve(&config, Request::Accounts, "", true, |r| {
+                if let Reply::Accounts { rows: r } = r {
+                    rows = Some(r);
+                }
+            })
+            .await?;
+            let live = match served {
+                Some(_) => rows.unwrap_or_default(),
+                None => live_status(&config),
+            };
+            accounts(&config, live).await.map(|_| 0)
+        }
+        Command::Check { account } => {
+            let req = Request::Check {
+                account: account.clone(),
+            };
+            let served = via_serve(&config, req, account.as_deref().unwrap_or(""), true, |r| {
+                if let Reply::Checked { rows } = r {
+                    for row in rows {
+                        println!("{}", row.line());
+                    }
+                }
+            })
+            .await?;
+            match served {
+                Some(code) => Ok(code),
+                None => check(&config, account.as_deref()).await,
+            }
+        }
+        Command::Revoke { account } => {
+            let req = Request::Revoke {
+                account: account.clone(),
+            };
+            match via_serve(&config, req, &account, true, |_| {}).await? {
+                Some(code) => Ok(code),
+                None => revoke(&config, &account).await.map(|_| 0),
+            }
+        }
+        Command::Passwd { account } => {
+            let req = Request::Passwd {
+                account: account.clone(),
+            };
+            match via_serve(&config, req, &account, true, |_| {}).await? {
+                Some(code) => Ok(code),
+                None => passwd(&config, &account).await.map(|_| 0),
+            }
+        }
+    }
+}
+
+async fn service(config: &Config, action: ServiceAction) -> Result<u8> {
+    use mailproxy::service;
+    let exe = std::env::current_exe().context("where is this mailproxy binary?")?;
+    match action {
+        ServiceAction::Install { print: true, .. } => {
+            print!("{}", service::systemd_unit(&exe, config));
+            Ok(0)
+        }
+        ServiceAction::Install { print: false, .. } => {
+            refuse_placeholders(config, None)?;
+            // The sandbox lets serve write only its state directory: it must exist.
+            Vault::open(&config.state_dir)?;
+            for l in service::install(&exe, config)? {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        ServiceAction::Uninstall => unreachable!("handled before the config is read"),
+        ServiceAction::Status => {
+            let (_, lines) = service::status();
+            for l in lines {
+                println!("{l}");
+            }
+            let serving = control::client::Client::connect(&config.state_dir).await?.is_some();
+            println!(
+                "serve: {}",
+                if serving {
+                    "running (its control socket answers)"
+                } else {
+                    "not running"
+                }
+            );
+            Ok(if serving { 0 } else { 3 })
+        }
+    }
+}
+
+/// The example config's placeholder client ids lead only to a provider's
+/// error page: refuse them with a sentence (every account for `serve`, the
+/// one being logged in otherwise).
+fn refuse_placeholders(config: &Config, only: Option<&str>) -> Result<()> {
+    for a in config.accounts.values() {
+        if only.is_some_and(|n| !a.name.eq_ignore_ascii_case(n)) {
+            continue;
+        }
+        if let Some(s) = a.oauth().filter(|s| setup::is_placeholder(&s.client_id)) {
+            bail!(
+                "{}: accounts.\"{}\".client_id is the placeholder `{}`: register an app with the provider and put its client id there (`mailproxy add {}` prints the steps), or remove the account",
+                config.path.display(),
+                a.name,
+                s.client_id,
+                a.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `mailproxy add`: write the config, then log in (through a running
+/// serve after it reloaded the config, else directly).
+async fn add(path: &std::path::Path, a: AddArgs) -> Result<u8> {
+    let opts = setup::AddOptions {
+        address: a.address,
+        provider: a.provider,
+        client_id: a.client_id,
+        client_secret: a.client_secret,
+        tenant: a.tenant,
+        imap: a.imap,
+        smtp: a.smtp,
+        pop3: a.pop3,
+        auth_url: a.auth_url,
+        token_url: a.token_url,
+        device_url: a.device_url,
+        revoke_url: a.revoke_url,
+        scopes: a.scopes,
+        ca_file: a.ca_file,
+    };
+    let mut ask = |question: &str| -> Result<Option<String>, setup::SetupError> {
+        eprint!("{question}: ");
+        let mut line = String::new();
+        let n = std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| setup::SetupError::Input(format!("reading the answer: {e}")))?;
+        if !std::io::stdin().is_terminal() {
+            eprintln!();
+        }
+        Ok((n > 0).then(|| line.trim().to_string()))
+    };
+    let added = setup::add(path, opts, &mut ask, &mut std::io::stderr())?;
+    let name = added.account;
+    let next_steps = format!(
+        "Next: `mailproxy service install` runs the proxy in the background (or run `mailproxy serve`).\n\
+         Mail clients connect to IMAP 127.0.0.1:1143 and SMTP 127.0.0.1:1587 with the user name {name} and the local password."
+    );
+    if added.provider == setup::Provider::Password {
+        eprintln!("{name} passes the client's own password through: nothing to authorise.\n{next_steps}");
+        return Ok(0);
+    }
+    if a.no_login {
+        eprintln!("Authorise it with `mailproxy login {name}`.\n{next_steps}");
+        return Ok(0);
+    }
+    let config = Config::load(path)?;
+    // A running serve must know the account before it can log it in.
+    if via_serve(&config, Request::Reload, &name, true, |_| {})
+        .await?
+        .is_some()
+    {
+        eprintln!("The running mailproxy serve reloaded its config.");
+    }
+    let req = Request::Login {
+        account: name.clone(),
+        device: false,
+        timeout: 300,
+    };
+    let paste = config
+        .account(&name)
+        .and_then(|a| a.oauth())
+        .is_some_and(control::grant::needs_paste);
+    let served = if paste {
+        None
+    } else {
+        via_serve(&config, req, &name, a.no_browser, |_| {}).await?
+    };
+    match served {
+        Some(0) => {}
+        Some(code) => return Ok(code),
+        None => login(config, &name, false, a.no_browser, 300).await?,
+    }
+    eprintln!("{next_steps}");
+    Ok(0)
+}
+
+/// Runs `req` through the running `serve` (its control socket); `None`
+/// when no serve runs with this config's state directory. Passwords it
+/// asks for are read like the offline commands read them.
+async fn via_serve(
+    config: &Config,
+    req: Request,
+    account: &str,
+    no_browser: bool,
+    mut data: impl FnMut(Reply),
+) -> Result<Option<u8>> {
+    let Some(mut c) = control::client::Client::connect(&config.state_dir).await? else {
+        return Ok(None);
+    };
+    c.send(&req).await?;
+    loop {
+        match c.next().await? {
+            Reply::Say { text, stdout: true } => println!("{text}"),
+            Reply::Say { text, stdout: false } => eprintln!("{text}"),
+            Reply::Open { url } => {
+                if !no_browser {
+                    open_browser(&url);
+                }
+            }
+            Reply::Ask { new } => {
+                let pw = read_password(account, new)?;
+                c.answer(&pw).await?;
+            }
+            Reply::Done { code } => return Ok(Some(code)),
+            Reply::Error { message } => bail!(message),
+            other => data(other),
+        }
     }
 }
 
@@ -140,55 +508,34 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
         a.record(Entry::new(&n, "consent", "cancelled with Ctrl-C"));
     })?;
 
-    let result: Result<Tokens, OAuthError> = match (settings.flow, device) {
-        (Flow::ClientCredentials, _) => flows::client_credentials(&http, &account.name, settings).await,
-        (Flow::Device, _) | (_, true) => {
-            let d = flows::device_start(&http, &account.name, settings).await?;
-            let (uri, complete) = (&d.verification_uri, d.verification_uri_complete.as_deref());
-            eprintln!(
-                "{}",
-                cli_wait::device_instructions(&account.name, uri, &d.user_code, complete)
-            );
-            let waiting = cli_wait::Waiting::start("waiting for the code to be entered", timeout);
-            tokio::time::timeout(
-                timeout,
-                flows::device_poll(&http, &account.name, settings, &d, |i| {
-                    waiting.say(&format!(
-                        "the provider asked to poll more slowly; now every {} s",
-                        i.as_secs()
-                    ));
-                }),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(OAuthError::Config(format!(
-                    "not approved within {} s",
-                    timeout.as_secs()
-                )))
-            })
-        }
-        (Flow::AuthorizationCode, false) => {
-            let redirect = Redirect::bind(settings)
-                .await
-                .context("cannot receive the provider's redirect")?;
-            let req = oauth::authorization_request(&account.name, settings, redirect.uri())?;
-            eprintln!(
-                "To authorise {}, open this address in a browser and sign in:\n\n  {}\n",
-                account.name, req.url
-            );
-            if !no_browser {
-                open_browser(&req.url);
+    let spinner = std::sync::Mutex::new(None::<cli_wait::Waiting>);
+    let who = account.name.clone();
+    let tell = |n: control::grant::Notice| {
+        let mut spin = spinner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match n {
+            control::grant::Notice::Open(url) => {
+                if !no_browser {
+                    open_browser(&url);
+                }
             }
-            let waiting = matches!(redirect, Redirect::Loopback { .. })
-                .then(|| cli_wait::Waiting::start("waiting for the sign-in in the browser", timeout));
-            let code = redirect.wait(&account.name, &req, timeout).await;
-            drop(waiting);
-            match code {
-                Ok(code) => oauth::exchange_code(&http, &account.name, settings, req, code.expose()).await,
-                Err(e) => Err(e),
+            control::grant::Notice::Waiting(what) => *spin = Some(cli_wait::Waiting::start(what, timeout)),
+            control::grant::Notice::Device { uri, code, complete } => {
+                eprintln!(
+                    "{}",
+                    cli_wait::device_instructions(&who, &uri, &code, complete.as_deref())
+                );
+            }
+            other => {
+                let text = other.text(&who).unwrap_or_default();
+                match spin.as_ref() {
+                    Some(w) => w.say(&text),
+                    None => eprintln!("{text}"),
+                }
             }
         }
     };
+    let result = control::grant::obtain(&http, account, settings, device, timeout, &tell).await;
+    drop(spinner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
     let tokens = match result {
         Ok(t) => t,
         Err(e) => {
@@ -204,10 +551,7 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
     }
     drop(cancel);
     if tokens.refresh.is_none() && settings.flow != Flow::ClientCredentials {
-        bail!(
-            "the provider returned no refresh token, so access would end within the hour; \
-             check that the app registration allows offline access (Microsoft: the offline_access scope; Google: a Desktop app client)"
-        );
+        bail!(control::grant::NO_REFRESH_TOKEN);
     }
     let scopes = tokens.scopes.clone().unwrap_or_else(|| settings.scopes.clone());
     let (n, s, store) = (account.name.clone(), scopes.clone(), config.token_store);
@@ -289,24 +633,14 @@ fn when(t: Option<u64>) -> String {
     let Some(t) = t else { return "-".into() };
     let now = now_unix();
     if t > now {
-        format!("in {}", human(t - now))
+        format!("in {}", control::human_secs(t - now))
     } else {
-        format!("{} ago", human(now - t))
+        format!("{} ago", control::human_secs(now - t))
     }
 }
 
-fn human(s: u64) -> String {
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h", s / 3600),
-        _ => format!("{}d", s / 86400),
-    }
-}
-
-async fn accounts(config: &Config) -> Result<()> {
+async fn accounts(config: &Config, live: Vec<AccountStatus>) -> Result<()> {
     let records = store::open(config).await?;
-    let live = live_status(config);
     let serving = !live.is_empty();
     let mut rows = vec![[
         "ACCOUNT",
@@ -418,7 +752,7 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
                     .duration_since(SystemTime::now())
                     .unwrap_or_default()
                     .as_secs();
-                println!("{name}: ok: new access token valid for {}", human(left));
+                println!("{name}: ok: new access token valid for {}", control::human_secs(left));
             }
             Checked::Failed(e) => {
                 let code = if e.needs_login() || matches!(e, OAuthError::Provider(_)) {

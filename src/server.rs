@@ -60,6 +60,8 @@ pub enum ServeError {
     CertDir { dir: PathBuf, source: std::io::Error },
     #[error("{} configures no listener: add [imap] listen = \"127.0.0.1:1143\"", .0.display())]
     NoListener(PathBuf),
+    #[error("the control socket: {0}")]
+    Control(#[from] crate::control::ControlError),
 }
 
 /// Per-address connection counts, for the per-client cap.
@@ -170,6 +172,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     Vault::open(&config.state_dir)?;
+    let control = crate::control::server::bind(&config.state_dir)?;
     let store = effective_store(&config).await;
     let records = crate::store::open(&config).await?;
     let store_key = crate::store::store_key(&config)?;
@@ -287,8 +290,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tokens.set_status_url(Some(format!("http://{addr}/")));
         tracker.spawn(crate::status::serve(sock, tokens.clone(), shutdown.clone()));
     }
+    let (control_sock, control_path) = control;
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
+    tracker.spawn(crate::control::server::serve(
+        control_sock,
+        control_path,
+        ctx.clone(),
+        reload_tx,
+        shutdown.clone(),
+    ));
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    crate::notify::notify("READY=1\nSTATUS=listening");
 
     tracker.spawn(refresher(tokens.clone(), config.state_dir.clone(), shutdown.clone()));
     ready.store(true, Ordering::SeqCst);
@@ -331,10 +344,21 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&ctx, &live),
+            _ = hup.recv() => {
+                crate::notify::notify("RELOADING=1");
+                let r = reload(&ctx, &live);
+                crate::notify::notify(&reloaded_status(&r));
+            }
+            Some(done) = reload_rx.recv() => {
+                crate::notify::notify("RELOADING=1");
+                let r = reload(&ctx, &live);
+                crate::notify::notify(&reloaded_status(&r));
+                let _ = crate::control::server::Reloaded::send(done, r);
+            }
         }
     }
     tracing::info!("shutting down");
+    crate::notify::notify("STOPPING=1");
     shutdown.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
@@ -344,6 +368,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         tracing::warn!("some sessions did not end within 10 s; exiting anyway");
     }
     Ok(())
+}
+
+/// What the service manager hears after a reload: ready again either way
+/// (a broken config leaves the running one in force).
+fn reloaded_status(r: &Result<(), String>) -> String {
+    match r {
+        Ok(()) => "READY=1\nSTATUS=listening; configuration reloaded".into(),
+        Err(e) => format!(
+            "READY=1\nSTATUS=listening; reload failed, the running configuration stays in force: {}",
+            crate::text::one_line(e)
+        ),
+    }
 }
 
 fn check_ca_files(ctx: &Ctx, config: &Config) -> Result<(), ServeError> {
@@ -366,18 +402,18 @@ fn check_ca_files(ctx: &Ctx, config: &Config) -> Result<(), ServeError> {
 /// one stays in force; sessions in progress keep their snapshot. What can
 /// change live does (fallback, certificates, limits, accounts); what cannot
 /// (listen addresses, TLS modes, `state_dir`) is named in a warning.
-fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
+fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) -> Result<(), String> {
     let old = ctx.config();
     let new = match Config::load(&old.path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
-            return;
+            return Err(e.to_string());
         }
     };
     if let Err(e) = check_ca_files(ctx, &new) {
         tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
-        return;
+        return Err(e.to_string());
     }
     let mut acceptors = Vec::new();
     for l in listeners {
@@ -391,7 +427,7 @@ fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
             Ok(a) => acceptors.push((l.clone(), a)),
             Err(e) => {
                 tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
-                return;
+                return Err(e.to_string());
             }
         }
     }
@@ -405,6 +441,7 @@ fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) {
     let changed = ctx.tokens.reload(&new);
     *ctx.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
     tracing::info!(changed_accounts = ?changed, "configuration reloaded");
+    Ok(())
 }
 
 /// The keyring is probed once at start; when it does not work, `serve` says

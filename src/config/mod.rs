@@ -409,7 +409,8 @@ fn resolve(config_path: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn xdg_dir(var: &str, fallback: &str) -> PathBuf {
+/// `$VAR`, else `~/FALLBACK` (the XDG base directories).
+pub fn xdg_dir(var: &str, fallback: &str) -> PathBuf {
     match std::env::var_os(var) {
         Some(v) if !v.is_empty() => PathBuf::from(v),
         _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(fallback),

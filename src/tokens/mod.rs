@@ -33,6 +33,7 @@
 
 pub mod authorize;
 pub mod gate;
+pub mod live;
 pub mod offline;
 pub mod sessions;
 mod shared;
