@@ -132,7 +132,9 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
     let timeout = Duration::from_secs(timeout);
 
     let result: Result<Tokens, OAuthError> = match (settings.flow, device) {
-        (Flow::ClientCredentials, _) => flows::client_credentials(&http, &account.name, settings).await,
+        (Flow::ClientCredentials | Flow::ServiceAccount, _) => {
+            flows::app_token(&http, &account.name, &account.username, settings).await
+        }
         (Flow::Device, _) | (_, true) => {
             let d = flows::device_start(&http, &account.name, settings).await?;
             eprintln!(
@@ -187,7 +189,7 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
         audit.record(Entry::new(&account.name, "consent", format!("refused: {e}")));
         bail!("{e}");
     }
-    if tokens.refresh.is_none() && settings.flow != Flow::ClientCredentials {
+    if tokens.refresh.is_none() && !settings.flow.app_only() {
         bail!(
             "the provider returned no refresh token, so access would end within the hour; \
              check that the app registration allows offline access (Microsoft: the offline_access scope; Google: a Desktop app client)"
@@ -322,7 +324,7 @@ fn accounts(config: &Config) -> Result<()> {
                 "locked (serve not running)"
             }
             .into(),
-            (None, Some(_)) if s.flow == Flow::ClientCredentials => "ok".into(),
+            (None, Some(_)) if s.flow.app_only() => "ok".into(),
             (None, Some(_)) => format!("needs login: run `mailproxy login {}`", a.name),
         };
         let scopes = rec
@@ -379,7 +381,11 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
     let mut worst = 0u8;
     for name in names {
         let (_, settings) = oauth_account(config, &name)?;
-        match offline::check(&vault, &http, &name, settings, ask_password(&name)).await? {
+        let mailbox = config
+            .account(&name)
+            .map(|a| a.username.clone())
+            .unwrap_or_else(|| name.clone());
+        match offline::check(&vault, &http, &name, &mailbox, settings, ask_password(&name)).await? {
             Checked::NeedsLogin(why) => {
                 println!("{name}: needs login: {why}");
                 worst = worst.max(1);
@@ -488,8 +494,8 @@ async fn revoke(config: &Config, name: &str) -> Result<()> {
                 audit.record(Entry::new(&name, "revoked", format!("failed: {e}")));
             }
         },
-        None if settings.flow == Flow::ClientCredentials => {
-            println!("nothing to revoke at the provider: client credentials have no refresh token");
+        None if settings.flow.app_only() => {
+            println!("nothing to revoke at the provider: an app-only account has no refresh token");
         }
         None => println!("no refresh token was stored; nothing to revoke at the provider"),
     }

@@ -364,7 +364,7 @@ async fn failed_login_round(port: u16, tasks: usize, per_task: usize, real_every
                         c = Some(imap_connect(port).await);
                     }
                     let conn = c.as_mut().unwrap();
-                    let user = if (t * per_task + i) % real_every == 0 {
+                    let user = if (t * per_task + i).is_multiple_of(real_every) {
                         ALICE.to_string()
                     } else {
                         format!("guess{t}-{i}@example.org")

@@ -89,6 +89,10 @@ pub enum Flow {
     Device,
     /// App-only access (Microsoft 365): no user, no refresh token.
     ClientCredentials,
+    /// Google Workspace domain-wide delegation: a JWT bearer grant (RFC
+    /// 7523) signed with the service account's key, `sub` the mailbox; no
+    /// refresh token.
+    ServiceAccount,
 }
 
 impl Flow {
@@ -97,7 +101,14 @@ impl Flow {
             Flow::AuthorizationCode => "browser",
             Flow::Device => "device",
             Flow::ClientCredentials => "client_credentials",
+            Flow::ServiceAccount => "service_account",
         }
+    }
+
+    /// No user signs in and there is no refresh token: a token is asked for
+    /// whenever one is needed, once the owner set the local password.
+    pub fn app_only(self) -> bool {
+        matches!(self, Flow::ClientCredentials | Flow::ServiceAccount)
     }
 }
 
@@ -256,6 +267,8 @@ pub struct OAuthSettings {
     /// assertion instead of a client secret (client credentials flow).
     pub client_certificate: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// Google's JSON key of a service account (`flow = "service_account"`).
+    pub service_account_key: Option<PathBuf>,
     /// Start an authorisation when a client logs in to an account without a
     /// usable token.
     pub on_demand: bool,
@@ -379,6 +392,7 @@ impl Config {
                 // A path: the key itself is checked where it lives.
                 client_certificate: _,
                 client_key: _,
+                service_account_key: _,
                 on_demand: _,
                 auth_params: _,
             } = &**o;
@@ -614,6 +628,33 @@ imap = "imaps://legacy.example:993"
              device_url = \"https://id.example.org/d\"\nscopes = [\"mail\"]\nimap = \"imaps://mail.example.org\"\n",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn service_account_flow_needs_its_key_and_no_client_id() {
+        let base = "[accounts.\"a@example.com\"]\nprovider = \"google\"\nflow = \"service_account\"\n";
+        let c = parse(&format!("{base}service_account_key = \"sa.json\"\n")).unwrap();
+        let o = c.account("a@example.com").unwrap().oauth().unwrap().clone();
+        assert_eq!(
+            o.service_account_key.as_deref(),
+            Some(Path::new("/etc/mailproxy/sa.json"))
+        );
+        assert_eq!(o.scopes, vec![GOOGLE_MAIL_SCOPE]);
+        assert!(o.flow.app_only());
+        let e = parse(base).unwrap_err();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("accounts.\"a@example.com\".service_account_key"),
+            "{e}"
+        );
+        let e = parse("[accounts.\"a@b\"]\nprovider = \"google\"\nclient_id = \"x\"\nservice_account_key = \"k\"\n")
+            .unwrap_err();
+        assert!(e.message.contains("only applies to flow = \"service_account\""), "{e}");
+        let e = parse(
+            "[accounts.\"a@b\"]\nprovider = \"microsoft\"\nflow = \"service_account\"\nservice_account_key = \"k\"\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("client_credentials"), "{e}");
     }
 
     #[test]

@@ -343,6 +343,7 @@ fn password_only(at: &At, a: &RawAccount) -> Result<(), ConfigError> {
         ("scopes", a.scopes.is_some()),
         ("client_certificate", a.client_certificate.is_some()),
         ("client_key", a.client_key.is_some()),
+        ("service_account_key", a.service_account_key.is_some()),
         ("flow", a.flow != Flow::AuthorizationCode),
     ];
     match oauth_only.iter().find(|(_, set)| *set) {
@@ -369,12 +370,17 @@ struct Preset {
 /// An OAuth account's settings: the preset, the account's overrides, then
 /// what each flow needs.
 fn oauth(at: &At, a: &RawAccount, has_server: [bool; 3], ctx: &AccountContext) -> Result<OAuthSettings, ConfigError> {
-    let client_id = a.client_id.clone().filter(|c| !c.is_empty()).ok_or_else(|| {
-        at.err(
-            "client_id",
-            "an OAuth account needs the client_id of its app registration",
-        )
-    })?;
+    // A service account is named by its key file; it needs no client_id.
+    let client_id = match a.client_id.clone().filter(|c| !c.is_empty()) {
+        Some(id) => id,
+        None if a.flow == Flow::ServiceAccount => String::new(),
+        None => {
+            return Err(at.err(
+                "client_id",
+                "an OAuth account needs the client_id of its app registration",
+            ))
+        }
+    };
     if a.tenant.is_some() && a.provider != ProviderName::Microsoft {
         return Err(at.err("tenant", "tenant only applies to provider = \"microsoft\""));
     }
@@ -396,6 +402,7 @@ fn oauth(at: &At, a: &RawAccount, has_server: [bool; 3], ctx: &AccountContext) -
         flow: a.flow,
         client_certificate: a.client_certificate.as_ref().map(|p| at.src.resolve(p)),
         client_key: a.client_key.as_ref().map(|p| at.src.resolve(p)),
+        service_account_key: a.service_account_key.as_ref().map(|p| at.src.resolve(p)),
         on_demand: a.on_demand,
         auth_params: preset.auth_params,
     };
@@ -522,7 +529,27 @@ fn check_flow(at: &At, o: &OAuthSettings) -> Result<(), ConfigError> {
                 ));
             }
         }
+        Flow::ServiceAccount => {
+            if o.provider == ProviderKind::Microsoft {
+                return Err(at.err(
+                    "flow",
+                    "service accounts are Google Workspace's; for Microsoft 365 app-only access use flow = \"client_credentials\"",
+                ));
+            }
+            if o.service_account_key.is_none() {
+                return Err(at.err(
+                    "service_account_key",
+                    "flow = \"service_account\" needs service_account_key = \"FILE\": the JSON key Google issues for the service account",
+                ));
+            }
+        }
         Flow::AuthorizationCode => {}
+    }
+    if o.flow != Flow::ServiceAccount && o.service_account_key.is_some() {
+        return Err(at.err(
+            "service_account_key",
+            "service_account_key only applies to flow = \"service_account\"",
+        ));
     }
     Ok(())
 }

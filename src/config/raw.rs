@@ -98,6 +98,7 @@ pub(super) struct RawAccount {
     pub flow: Flow,
     pub client_certificate: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    pub service_account_key: Option<PathBuf>,
     #[serde(default = "yes")]
     pub on_demand: bool,
 }

@@ -10,6 +10,7 @@
 pub mod errors;
 pub mod flows;
 pub mod login;
+pub mod service_account;
 
 use std::time::{Duration, SystemTime};
 

@@ -449,8 +449,8 @@ impl TokenManager {
                     }
                 },
                 (Some(_), None) => TokenState::Locked,
-                // Client credentials: usable once `mailproxy login` set the password.
-                (None, _) if acct.settings.flow == Flow::ClientCredentials && r.password.is_some() => {
+                // Client credentials, service accounts: usable once `mailproxy login` set the password.
+                (None, _) if acct.settings.flow.app_only() && r.password.is_some() => {
                     TokenState::Active(Active::new(None, old_access(&None), true))
                 }
                 (None, _) if in_progress && !had_record => return Ok(()),
@@ -692,7 +692,7 @@ impl TokenManager {
         let before = before.clone();
         let result = match &before.refresh {
             Some(r) => oauth::refresh(&self.http, &name, &acct.settings, r).await,
-            None => flows::client_credentials(&self.http, &name, &acct.settings).await,
+            None => flows::app_token(&self.http, &name, &acct.account.username, &acct.settings).await,
         };
         let t = match result {
             Ok(t) => t,
@@ -839,7 +839,9 @@ impl TokenManager {
         let has_password = slot.record.as_ref().is_some_and(|r| r.password.is_some());
         let s = &acct.settings;
         let flight = match s.flow {
-            Flow::ClientCredentials => return Err(by_owner("a client-credentials account is set up by its owner")),
+            Flow::ClientCredentials | Flow::ServiceAccount => {
+                return Err(by_owner("an app-only account is set up by its owner"))
+            }
             Flow::Device if !has_password => return Err(by_owner("it has no local password yet")),
             Flow::Device => {
                 let d = flows::device_start(&self.http, &name, s).await?;

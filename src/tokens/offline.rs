@@ -71,7 +71,7 @@ pub fn store_authorisation(
             rec.refresh_token = Some(crypto::seal(&key, account, refresh.expose()));
         }
     } else {
-        where_ = "nowhere (client credentials need no refresh token)";
+        where_ = "nowhere (client credentials need no refresh token, nor do service accounts)";
     }
     vault.store(&rec)?;
     Ok(where_)
@@ -111,15 +111,16 @@ pub async fn check(
     vault: &Vault,
     http: &reqwest::Client,
     account: &str,
+    mailbox: &str,
     settings: &OAuthSettings,
     password: impl FnOnce() -> Result<Secret, OfflineError>,
 ) -> Result<Checked, OfflineError> {
     let rec = vault.load(account)?;
-    if settings.flow == crate::config::Flow::ClientCredentials {
+    if settings.flow.app_only() {
         if rec.as_ref().is_none_or(|r| r.password.is_none()) {
             return Ok(Checked::NeedsLogin(format!("run `mailproxy login {account}`")));
         }
-        return Ok(match flows::client_credentials(http, account, settings).await {
+        return Ok(match flows::app_token(http, account, mailbox, settings).await {
             Ok(t) => Checked::Refreshed(t),
             Err(e) => Checked::Failed(e),
         });

@@ -224,7 +224,7 @@ pub fn big_message(from: &str, to: &str, size: usize) -> Vec<u8> {
     .into_bytes();
     let mut i = 0u64;
     while m.len() < size {
-        let line = if i % 97 == 0 {
+        let line = if i.is_multiple_of(97) {
             format!(".{i:075}\r\n")
         } else {
             format!("{i:076}\r\n")

@@ -1,0 +1,146 @@
+//! Provider coverage beyond the happy path, end to end with the real binary
+//! and the private Dovecot: Google Workspace service accounts, domain-wide
+//! accounts, shared mailboxes through another account's grant, the
+//! seven-day Google hint, HTTP proxies for provider calls, and IPv6.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use support::mailproxy::run;
+use support::provider;
+use support::world::*;
+use support::LineConn;
+
+async fn login_response(port: u16, user: &str, pw: &str) -> (LineConn, String) {
+    let mut c = LineConn::plain(port).await.unwrap();
+    let g = c.read_line().await.unwrap();
+    assert!(g.starts_with("* OK"), "{g}");
+    let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
+    (c, r.tagged)
+}
+
+async fn login_ok(port: u16, user: &str, pw: &str) -> LineConn {
+    let (c, tagged) = login_response(port, user, pw).await;
+    assert!(tagged.starts_with("a1 OK"), "LOGIN {user}: {tagged}");
+    c
+}
+
+const SERVICE_ACCOUNT: &str = "mailproxy@test-project.iam.gserviceaccount.com";
+
+/// A service account key as Google issues it (JSON with a PKCS#8 PEM RSA
+/// key), written 0600; returns its path and the public key (PKCS#1 DER).
+fn service_account_key(dir: &Path) -> (PathBuf, Vec<u8>, String) {
+    let pem_path = dir.join("sa.pem");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&pem_path)
+        .output()
+        .expect("openssl (run scripts/test to install the test dependencies)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = std::process::Command::new("openssl")
+        .args(["rsa", "-RSAPublicKey_out", "-outform", "DER", "-in"])
+        .arg(&pem_path)
+        .output()
+        .unwrap();
+    assert!(public.status.success());
+    let pem = std::fs::read_to_string(&pem_path).unwrap();
+    std::fs::remove_file(&pem_path).unwrap();
+    let json = serde_json::json!({
+        "type": "service_account",
+        "project_id": "test-project",
+        "private_key_id": "0123456789abcdef",
+        "private_key": pem,
+        "client_email": SERVICE_ACCOUNT,
+        "client_id": "100000000000000000001",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    });
+    let path = dir.join("service-account.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A line of the key's base64, to look for in logs.
+    let probe = pem.lines().nth(3).unwrap().to_string();
+    (path, public.stdout, probe)
+}
+
+/// The settings of a service-account account or domain entry at the fake provider.
+fn service_account_settings(env: &support::Env, key: &Path) -> String {
+    let d = &env.dovecot;
+    format!(
+        "provider = \"custom\"\nflow = \"service_account\"\nservice_account_key = \"{}\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nscopes = [\"https://mail.google.com/\"]\nimap = \"imaps://localhost:{}\"\nca_file = \"{}\"\n\n",
+        key.display(),
+        env.provider.auth_url(),
+        env.provider.token_url(),
+        d.imaps_port,
+        d.ca_pem_path().display()
+    )
+}
+
+const DAVE: &str = "dave@example.org";
+const ERIN: &str = "erin@example.org";
+
+/// One service account acts for two mailboxes: each assertion names its
+/// own `sub`, each mailbox has its own local password and token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_serves_two_mailboxes() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public, probe) = service_account_key(keys.path());
+    let k = key.clone();
+    let mut w = World::with(move |env, _| {
+        let s = service_account_settings(env, &k);
+        format!("[accounts.\"{DAVE}\"]\n{s}[accounts.\"{ERIN}\"]\n{s}")
+    });
+    w.env.provider.register_service_account(SERVICE_ACCOUNT, public);
+
+    // The key is a secret: refused while others can read it.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = run(&w.dir, &["accounts"], "");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("service_account_key") && err.contains(&format!("chmod 600 {}", key.display())),
+        "{err}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    for (who, pw) in [(DAVE, "dave local pw"), (ERIN, "erin local pw")] {
+        let (code, _, err) = run(&w.dir, &["login", who], &format!("{pw}\n"));
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("nor do service accounts"), "{err}");
+        let form = w.env.provider.last_token_request().unwrap();
+        assert_eq!(form["grant_type"], provider::JWT_BEARER_GRANT, "{form:?}");
+        assert!(!form.contains_key("client_secret") && !form.contains_key("refresh_token"));
+    }
+    assert_eq!(w.env.provider.jwt_bearer_subjects(), [DAVE, ERIN]);
+    let (code, out, _) = run(&w.dir, &["accounts"], "");
+    assert_eq!(code, 0);
+    for who in [DAVE, ERIN] {
+        let row = out.lines().find(|l| l.starts_with(who)).unwrap();
+        assert!(row.contains("service_account") && row.contains(" ok"), "{out}");
+    }
+
+    let port = w.start();
+    let mut dave = login_ok(port, DAVE, "dave local pw").await;
+    let mut erin = login_ok(port, ERIN, "erin local pw").await;
+    for c in [&mut dave, &mut erin] {
+        assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    }
+    // Each session is its own mailbox upstream (Dovecot took each token as its sub).
+    let log = w.env.dovecot.log();
+    for who in [DAVE, ERIN] {
+        assert!(log.contains(&format!("user=<{who}>")), "{log}");
+    }
+    let (_, no) = login_response(port, DAVE, "erin local pw").await;
+    assert!(no.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{no}");
+    assert_eq!(w.env.provider.jwt_bearer_subjects(), [DAVE, ERIN, DAVE, ERIN]);
+    assert!(!w.logs().contains(&probe), "the private key is not logged");
+    let (code, out, _) = run(&w.dir, &["check", ERIN], "");
+    assert_eq!(code, 0, "{out}");
+}
