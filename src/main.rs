@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
@@ -108,18 +109,34 @@ async fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-fn oauth_account<'a>(config: &'a Config, name: &str) -> Result<(&'a Account, &'a OAuthSettings)> {
+/// The account `name` selects (its own entry or a domain entry's mailbox).
+fn oauth_account(config: &Config, name: &str) -> Result<(Arc<Account>, OAuthSettings)> {
     let account = config
-        .account(name)
+        .lookup(name)
         .with_context(|| format!("{} has no account `{name}`", config.path.display()))?;
-    let Some(settings) = account.oauth() else {
+    let Some(settings) = account.oauth().cloned() else {
         bail!("{name} uses provider = \"password\": the client's own password goes upstream, there is no token");
     };
     Ok((account, settings))
 }
 
+/// The OAuth accounts `accounts` and `check` go through: explicit ones, and
+/// the mailboxes of domain entries that have a record.
+fn known_accounts(config: &Config, vault: &Vault) -> Vec<Arc<Account>> {
+    let mut v: Vec<Arc<Account>> = config.accounts.values().cloned().collect();
+    if !config.domains.is_empty() {
+        for name in vault.account_names() {
+            if config.account(&name).is_none() {
+                v.extend(config.lookup(&name).filter(|a| a.domain_entry.is_some()));
+            }
+        }
+    }
+    v
+}
+
 async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeout: u64) -> Result<()> {
     let (account, settings) = oauth_account(&config, name)?;
+    let (account, settings) = (&*account, &settings);
     if device {
         if let Some(why) = settings.device_flow_refusal(&account.name) {
             bail!(why);
@@ -304,7 +321,26 @@ fn accounts(config: &Config) -> Result<()> {
         "SCOPES",
     ]
     .map(String::from)];
-    for a in config.accounts.values() {
+    for d in config.domains.values() {
+        let (provider, flow) = match d.oauth() {
+            Some(s) => (s.provider.name(), s.flow.name()),
+            None => ("password", "-"),
+        };
+        rows.push([
+            d.name.clone(),
+            provider.into(),
+            flow.into(),
+            format!(
+                "domain entry: every address @{} without an entry of its own",
+                d.name.trim_start_matches('@')
+            ),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ]);
+    }
+    for a in known_accounts(config, &vault).iter() {
         let Some(s) = a.oauth() else {
             rows.push([&a.name, "password", "-", "passthrough", "-", "-", "-", "-"].map(String::from));
             continue;
@@ -371,21 +407,16 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
     let http = oauth::http_client(config.limits.provider_timeout);
     let names: Vec<String> = match only {
         Some(n) => vec![oauth_account(config, n)?.0.name.clone()],
-        None => config
-            .accounts
-            .values()
+        None => known_accounts(config, &vault)
+            .iter()
             .filter(|a| a.oauth().is_some())
             .map(|a| a.name.clone())
             .collect(),
     };
     let mut worst = 0u8;
     for name in names {
-        let (_, settings) = oauth_account(config, &name)?;
-        let mailbox = config
-            .account(&name)
-            .map(|a| a.username.clone())
-            .unwrap_or_else(|| name.clone());
-        match offline::check(&vault, &http, &name, &mailbox, settings, ask_password(&name)).await? {
+        let (account, settings) = oauth_account(config, &name)?;
+        match offline::check(&vault, &http, &name, &account.username, &settings, ask_password(&name)).await? {
             Checked::NeedsLogin(why) => {
                 println!("{name}: needs login: {why}");
                 worst = worst.max(1);
@@ -459,6 +490,7 @@ async fn passwd(config: &Config, name: &str) -> Result<()> {
 
 async fn revoke(config: &Config, name: &str) -> Result<()> {
     let (account, settings) = oauth_account(config, name)?;
+    let settings = &settings;
     let name = account.name.clone();
     let vault = Vault::open(&config.state_dir)?;
     let audit = Audit::direct(&config.audit_log);

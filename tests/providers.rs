@@ -144,3 +144,70 @@ async fn a_service_account_serves_two_mailboxes() {
     let (code, out, _) = run(&w.dir, &["check", ERIN], "");
     assert_eq!(code, 0, "{out}");
 }
+
+/// `[accounts."@example.org"]` serves a mailbox without an entry of its
+/// own once its owner set it up; explicit entries win; `login`, `passwd`,
+/// `accounts`, `check` and `revoke` all take the mailbox's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_entry_serves_a_mailbox_without_its_own_entry() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public, _) = service_account_key(keys.path());
+    let k = key.clone();
+    let mut w =
+        World::with(move |env, _| format!("[accounts.\"@example.org\"]\n{}", service_account_settings(env, &k)));
+    w.env.provider.register_service_account(SERVICE_ACCOUNT, public);
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+
+    // Not set up yet: refused with what its owner does, and nothing asked at the provider.
+    let (_, r) = login_response(port, DAVE, "a guess").await;
+    assert!(
+        r.starts_with("a1 NO [ALERT]") && r.contains(&format!("mailproxy login {DAVE}")),
+        "{r}"
+    );
+    for not_an_address in ["@example.org", "da..ve@example.org", "dave@other.example"] {
+        let (_, r) = login_response(port, not_an_address, "x").await;
+        assert!(r.starts_with("a1 NO"), "{r}");
+    }
+    assert!(w.env.provider.jwt_bearer_subjects().is_empty());
+
+    let (code, _, err) = run(&w.dir, &["login", "Dave@Example.org"], "dave pw\n");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(w.env.provider.jwt_bearer_subjects(), [DAVE]);
+    // The running proxy takes it up without a restart.
+    let mut c = login_ok(port, DAVE, "dave pw").await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    // The explicit entry wins: alice's own browser grant, no assertion for her.
+    let mut a = login_ok(port, ALICE, ALICE_PW).await;
+    assert!(a.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    assert!(!w.env.provider.jwt_bearer_subjects().contains(&ALICE.to_string()));
+    // Passthrough bob keeps his own entry too.
+    let (_, r) = login_response(port, BOB, BOB_PW).await;
+    assert!(r.starts_with("a1 OK"), "{r}");
+
+    let (code, out, _) = run(&w.dir, &["accounts"], "");
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("@example.org") && l.contains("domain entry")),
+        "{out}"
+    );
+    let row = out.lines().find(|l| l.starts_with(DAVE)).expect("dave listed");
+    assert!(row.contains("service_account") && row.contains(" ok"), "{out}");
+    assert!(!out.contains("da..ve"), "{out}");
+
+    let (code, out, err) = run(&w.dir, &["check", DAVE], "");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("{DAVE}: ok")), "{out}");
+    let (code, _, err) = run(&w.dir, &["passwd", DAVE], "new dave pw\n");
+    assert_eq!(code, 0, "{err}");
+    let (_, r) = login_response(port, DAVE, "dave pw").await;
+    assert!(r.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r}");
+    drop(login_ok(port, DAVE, "new dave pw").await);
+
+    let (code, out, err) = run(&w.dir, &["revoke", DAVE], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("erased"), "{out}");
+    let (_, r) = login_response(port, DAVE, "new dave pw").await;
+    assert!(r.starts_with("a1 NO"), "{r}");
+}

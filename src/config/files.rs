@@ -98,7 +98,7 @@ fn judge_secrets(path: &Path, f: FileFacts, secret_keys: &[String]) -> Result<()
 /// by others; a service account key must also be one Google issues.
 pub(super) fn check_key_files(config: &Config) -> Result<(), ConfigError> {
     let me = euid();
-    for a in config.accounts.values() {
+    for a in config.entries() {
         let Some(o) = a.oauth() else { continue };
         for (field, path) in [
             ("client_key", o.client_key.as_deref()),

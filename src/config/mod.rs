@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::endpoint::{Endpoint, Protocol};
 use crate::secret::Secret;
 
+pub mod domain;
 mod files;
 mod parse;
 mod raw;
@@ -150,6 +151,10 @@ pub struct Config {
     pub limits: Limits,
     /// Keyed by the lower-cased login name.
     pub accounts: BTreeMap<String, Arc<Account>>,
+    /// Domain entries (`[accounts."@example.com"]`), keyed by the
+    /// lower-cased domain: the template of every mailbox in the domain
+    /// without an entry of its own (see [`Config::lookup`]).
+    pub domains: BTreeMap<String, Arc<Account>>,
 }
 
 #[derive(Debug, Clone)]
@@ -193,7 +198,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Account {
     /// The login name clients use, as written in the config.
     pub name: String,
@@ -208,6 +213,8 @@ pub struct Account {
     /// connection). Only for a test server you control.
     pub insecure_skip_verify: bool,
     pub mechanism: Mechanism,
+    /// The domain entry (`@example.com`) this mailbox was made from.
+    pub domain_entry: Option<String>,
 }
 
 impl Account {
@@ -227,7 +234,7 @@ impl Account {
     }
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AccountAuth {
     /// Passthrough: the client's own credentials go upstream unchanged.
     Password,
@@ -335,8 +342,23 @@ impl Config {
         parse::parse(text, path)
     }
 
+    /// The explicit entry of `login` only; logins use [`Config::lookup`].
     pub fn account(&self, login: &str) -> Option<&Arc<Account>> {
         self.accounts.get(&login.to_lowercase())
+    }
+
+    /// The account a login name selects: its own entry, else a mailbox of
+    /// a domain entry when it is a valid address in that domain.
+    pub fn lookup(&self, login: &str) -> Option<Arc<Account>> {
+        match self.account(login) {
+            Some(a) => Some(a.clone()),
+            None => domain::mailbox(&self.domains, login),
+        }
+    }
+
+    /// Every entry of the file: explicit accounts and domain entries.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<Account>> {
+        self.accounts.values().chain(self.domains.values())
     }
 
     pub fn listeners(&self) -> impl Iterator<Item = &Listener> {
@@ -363,9 +385,10 @@ impl Config {
             pop3: _,
             limits: _,
             accounts,
+            domains,
         } = self;
         let mut keys = Vec::new();
-        for a in accounts.values() {
+        for a in accounts.values().chain(domains.values()) {
             let Account {
                 name,
                 username: _,
@@ -376,6 +399,7 @@ impl Config {
                 ca_file: _,
                 insecure_skip_verify: _,
                 mechanism: _,
+                domain_entry: _,
             } = &**a;
             let AccountAuth::OAuth(o) = auth else { continue };
             let OAuthSettings {

@@ -72,7 +72,13 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         server_ca: server.ca_file.as_deref(),
         listening: [imap.is_some(), smtp.is_some(), pop3.is_some()],
     };
-    let accounts = accounts(&src, raw.accounts, &ctx)?;
+    let (domains, accounts): (BTreeMap<_, _>, BTreeMap<_, _>) = accounts(&src, raw.accounts, &ctx)?
+        .into_iter()
+        .partition(|(k, _)| domain::is_domain_entry(k));
+    let domains = domains
+        .into_iter()
+        .map(|(k, a)| (k.trim_start_matches('@').to_string(), a))
+        .collect();
 
     Ok(Config {
         path: path.to_owned(),
@@ -87,6 +93,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         pop3,
         limits,
         accounts,
+        domains,
     })
 }
 
@@ -221,7 +228,17 @@ fn accounts(
             name: &name,
             span: a.span(),
         };
-        let account = account(&at, a.into_inner(), ctx)?;
+        let a = a.into_inner();
+        if domain::is_domain_entry(&name) {
+            domain::check_entry_name(&name).map_err(|m| at.err("", m))?;
+            if a.username.is_some() {
+                return Err(at.err(
+                    "username",
+                    "a domain entry serves many mailboxes: each one's user name is its own address",
+                ));
+            }
+        }
+        let account = account(&at, a, ctx)?;
         if accounts.insert(name.to_lowercase(), Arc::new(account)).is_some() {
             return Err(at.err(
                 "",
@@ -289,6 +306,7 @@ fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, Conf
             .or_else(|| ctx.server_ca.map(Path::to_owned)),
         mechanism: a.mechanism,
         insecure_skip_verify: a.insecure_skip_verify,
+        domain_entry: None,
     })
 }
 

@@ -47,7 +47,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::audit::{Audit, Entry};
-use crate::config::{Account, Config, Flow, OAuthSettings, TokenStore};
+use crate::config::{self, Account, Config, Flow, OAuthSettings, TokenStore};
 use crate::crypto::{self, VaultKey};
 use crate::identity;
 use crate::keystore;
@@ -207,6 +207,8 @@ pub struct TokenManager {
     tls: Arc<ClientConfigs>,
     identity_timeout: RwLock<Duration>,
     accounts: RwLock<HashMap<String, Arc<AccountTokens>>>,
+    /// Domain entries: their mailboxes join `accounts` when first used.
+    domains: RwLock<std::collections::BTreeMap<String, Arc<Account>>>,
     /// Per-process random key for the verified-password digests.
     pepper: [u8; 32],
     store: TokenStore,
@@ -276,6 +278,7 @@ impl TokenManager {
             tls,
             identity_timeout: RwLock::new(config.limits.provider_timeout),
             accounts: RwLock::new(HashMap::new()),
+            domains: RwLock::new(Default::default()),
             pepper,
             store,
             audit,
@@ -308,12 +311,33 @@ impl TokenManager {
                 }
             }
         }
+        // Mailboxes of domain entries: kept while their entry is unchanged;
+        // those with a record on disk are known from the start.
+        for (k, old) in map.iter() {
+            if !next.contains_key(k) && config.lookup(k).is_some_and(|a| *a == *old.account) {
+                next.insert(k.clone(), old.clone());
+            }
+        }
+        if !config.domains.is_empty() {
+            for name in self.vault.account_names() {
+                let k = name.to_lowercase();
+                if next.contains_key(&k) || config.account(&k).is_some() {
+                    continue;
+                }
+                if let Some(a) = config::domain::mailbox(&config.domains, &k) {
+                    if let Some(settings) = a.oauth().cloned() {
+                        next.insert(k, Arc::new(AccountTokens::new(a, settings)));
+                    }
+                }
+            }
+        }
         for k in map.keys() {
             if !next.contains_key(k) {
                 changed.push(k.clone());
             }
         }
         *map = next;
+        *self.domains.write().unwrap() = config.domains.clone();
         *self.hook.write().unwrap() = config.on_reauth_needed.clone();
         *self.delay_cap.write().unwrap() = config.limits.login_failure_delay_max;
         *self.identity_timeout.write().unwrap() = config.limits.provider_timeout;
@@ -329,8 +353,25 @@ impl TokenManager {
         self.status_url.read().unwrap().clone()
     }
 
+    /// The tokens of `login`'s OAuth account. A mailbox of a domain entry
+    /// joins on first use, but only once its owner set it up (it has a
+    /// record on disk): no client can make entries appear.
     pub fn get(&self, login: &str) -> Option<Arc<AccountTokens>> {
-        self.accounts.read().unwrap().get(&login.to_lowercase()).cloned()
+        let key = login.to_lowercase();
+        if let Some(t) = self.accounts.read().unwrap().get(&key) {
+            return Some(t.clone());
+        }
+        let account = config::domain::mailbox(&self.domains.read().unwrap(), &key)?;
+        let settings = account.oauth()?.clone();
+        self.vault.stamp(&account.name)?;
+        let mut map = self.accounts.write().unwrap();
+        let t = map
+            .entry(key)
+            .or_insert_with(|| Arc::new(AccountTokens::new(account, settings)))
+            .clone();
+        drop(map);
+        self.changed.notify_one();
+        Some(t)
     }
 
     pub fn all(&self) -> Vec<Arc<AccountTokens>> {
