@@ -144,6 +144,9 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
     }
     let vault = Vault::open(&config.state_dir)?;
     let audit = Audit::direct(&config.audit_log);
+    if let Some(owner) = &account.token_from {
+        return login_shared(&config, account, owner, &vault, &audit).await;
+    }
     let password = read_password(&account.name, true)?;
     let http = oauth::http_client(config.limits.provider_timeout);
     let timeout = Duration::from_secs(timeout);
@@ -225,6 +228,37 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
         account.name,
         scopes.join(" "),
         account.name
+    );
+    Ok(())
+}
+
+/// `mailproxy login` of a shared mailbox (`token_from`): only its own local
+/// password is set; the grant, checked when its owner was authorised, is
+/// the other account's.
+async fn login_shared(config: &Config, account: &Account, owner: &str, vault: &Vault, audit: &Audit) -> Result<()> {
+    let owner_name = config
+        .lookup(owner)
+        .map(|a| a.name.clone())
+        .unwrap_or_else(|| owner.into());
+    if vault.load(&owner_name)?.is_none() {
+        bail!(
+            "{} uses the grant of {owner_name}, which is not authorised yet; run `mailproxy login {owner_name}` first",
+            account.name
+        );
+    }
+    let password = read_password(&account.name, true)?;
+    let (v, n, store) = (vault.clone(), account.name.clone(), config.token_store);
+    tokio::task::spawn_blocking(move || tokens::store_authorisation(&v, store, &n, &password, None, Vec::new()))
+        .await??;
+    audit.record(Entry::new(
+        &account.name,
+        "password_set",
+        format!("set with mailproxy login; uses the grant of {owner_name}"),
+    ));
+    eprintln!(
+        "{} uses the grant of {owner_name} and logs in upstream as {}.\n\
+         Configure your mail client with user name {} and the local password you chose.",
+        account.name, account.username, account.name
     );
     Ok(())
 }
@@ -360,6 +394,9 @@ fn accounts(config: &Config) -> Result<()> {
                 "locked (serve not running)"
             }
             .into(),
+            (None, Some(_)) if a.token_from.is_some() => {
+                format!("ok (uses the grant of {})", a.token_from.as_deref().unwrap_or_default())
+            }
             (None, Some(_)) if s.flow.app_only() => "ok".into(),
             (None, Some(_)) => format!("needs login: run `mailproxy login {}`", a.name),
         };
@@ -416,6 +453,16 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
     let mut worst = 0u8;
     for name in names {
         let (account, settings) = oauth_account(config, &name)?;
+        if let Some(owner) = &account.token_from {
+            match vault.load(&name)? {
+                Some(_) => println!("{name}: ok: uses the grant of {owner} (checked with it)"),
+                None => {
+                    println!("{name}: needs login: run `mailproxy login {name}`");
+                    worst = worst.max(1);
+                }
+            }
+            continue;
+        }
         match offline::check(&vault, &http, &name, &account.username, &settings, ask_password(&name)).await? {
             Checked::NeedsLogin(why) => {
                 println!("{name}: needs login: {why}");
@@ -526,6 +573,10 @@ async fn revoke(config: &Config, name: &str) -> Result<()> {
                 audit.record(Entry::new(&name, "revoked", format!("failed: {e}")));
             }
         },
+        None if account.token_from.is_some() => println!(
+            "nothing to revoke at the provider: {name} uses the grant of {}; revoke that account to end the grant",
+            account.token_from.as_deref().unwrap_or_default()
+        ),
         None if settings.flow.app_only() => {
             println!("nothing to revoke at the provider: an app-only account has no refresh token");
         }

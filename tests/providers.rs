@@ -211,3 +211,68 @@ async fn a_domain_entry_serves_a_mailbox_without_its_own_entry() {
     let (_, r) = login_response(port, DAVE, "new dave pw").await;
     assert!(r.starts_with("a1 NO"), "{r}");
 }
+
+const GRACE: &str = "grace@example.org";
+const GRACE_PW: &str = "grace local pw";
+const SHARED: &str = "shared@example.org";
+const SHARED_PW: &str = "shared local pw";
+
+/// `token_from`: the shared mailbox has its own local password and logs in
+/// upstream as itself with the delegate's token (what the recording
+/// upstream saw); Exchange's "not connected" refusal is decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_mailbox_uses_the_delegates_grant() {
+    let rec = support::recording_imap::RecordingImap::start();
+    let rec_port = rec.port;
+    let mut w = World::with(move |env, _| {
+        let d = &env.dovecot;
+        format!(
+            "{}[accounts.\"{SHARED}\"]\ntoken_from = \"{GRACE}\"\nimap = \"imap://127.0.0.1:{rec_port}\"\n",
+            support::mailproxy::oauth_account(GRACE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port))
+        )
+    });
+    let (code, _, err) = run(&w.dir, &["login", SHARED], &format!("{SHARED_PW}\n"));
+    assert_ne!(code, 0);
+    assert!(err.contains(&format!("run `mailproxy login {GRACE}` first")), "{err}");
+    // The grant's own account is checked at its own server, as itself.
+    w.authorise(GRACE, GRACE_PW);
+    let (code, _, err) = run(&w.dir, &["login", SHARED], &format!("{SHARED_PW}\n"));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("uses the grant of {GRACE}")), "{err}");
+    assert!(rec.logins().is_empty(), "nothing was checked with the shared name");
+    let (code, out, _) = run(&w.dir, &["accounts"], "");
+    assert_eq!(code, 0);
+    let row = out.lines().find(|l| l.starts_with(SHARED)).unwrap();
+    assert!(row.contains(&format!("uses the grant of {GRACE}")), "{out}");
+
+    let port = w.start();
+    // With the file store the grant is sealed under grace's password: locked until she logs in.
+    let (_, r) = login_response(port, SHARED, SHARED_PW).await;
+    assert!(
+        r.starts_with("a1 NO") && r.contains(&format!("{GRACE} is locked")),
+        "{r}"
+    );
+    drop(login_ok(port, GRACE, GRACE_PW).await);
+    let (_, r) = login_response(port, SHARED, GRACE_PW).await;
+    assert!(
+        r.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
+        "its own password, not grace's: {r}"
+    );
+    let mut c = login_ok(port, SHARED, SHARED_PW).await;
+    assert!(c.imap("n", "NOOP").await.unwrap().is_ok());
+    let logins = rec.logins();
+    assert_eq!(logins.len(), 1, "{logins:?}");
+    assert_eq!(logins[0].0, SHARED);
+    assert!(
+        w.env.provider.access_tokens_of(GRACE).contains(&logins[0].1),
+        "the token is grace's"
+    );
+
+    rec.refuse_with("User is authenticated but not connected.");
+    let (_, r) = login_response(port, SHARED, SHARED_PW).await;
+    assert!(
+        r.starts_with("a1 NO") && r.contains(&format!("Add-MailboxPermission -Identity {SHARED}")),
+        "{r}"
+    );
+    assert!(rec.logins().iter().all(|(u, _)| u == SHARED));
+}

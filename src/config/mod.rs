@@ -215,6 +215,10 @@ pub struct Account {
     pub mechanism: Mechanism,
     /// The domain entry (`@example.com`) this mailbox was made from.
     pub domain_entry: Option<String>,
+    /// The account whose grant this one uses (lower-cased name): a shared
+    /// or delegated mailbox logs in upstream as `username` with that
+    /// account's token, behind a local password of its own.
+    pub token_from: Option<String>,
 }
 
 impl Account {
@@ -400,6 +404,7 @@ impl Config {
                 insecure_skip_verify: _,
                 mechanism: _,
                 domain_entry: _,
+                token_from: _,
             } = &**a;
             let AccountAuth::OAuth(o) = auth else { continue };
             let OAuthSettings {
@@ -679,6 +684,48 @@ imap = "imaps://legacy.example:993"
         )
         .unwrap_err();
         assert!(e.message.contains("client_credentials"), "{e}");
+    }
+
+    #[test]
+    fn token_from_shares_the_owners_grant() {
+        let c = parse(&format!(
+            "{EXAMPLE}[accounts.\"shared@contoso.com\"]\ntoken_from = \"Bob@contoso.com\"\n"
+        ))
+        .unwrap();
+        let shared = c.account("shared@contoso.com").unwrap();
+        let bob = c.account("bob@contoso.com").unwrap();
+        assert_eq!(shared.token_from.as_deref(), Some("bob@contoso.com"));
+        assert_eq!(shared.username, "shared@contoso.com");
+        assert_eq!(shared.auth, bob.auth);
+        assert_eq!(shared.imap, bob.imap);
+        for (extra, key, says) in [
+            ("token_from = \"nobody@x\"\n", "token_from", "not an account"),
+            (
+                "token_from = \"dave@legacy.example\"\n",
+                "token_from",
+                "no grant of its own",
+            ),
+            (
+                "token_from = \"bob@contoso.com\"\nclient_id = \"x\"\n",
+                "client_id",
+                "grant and app registration",
+            ),
+            (
+                "token_from = \"bob@contoso.com\"\nprovider = \"microsoft\"\n",
+                "provider",
+                "leave provider out",
+            ),
+        ] {
+            let e = parse(&format!("{EXAMPLE}[accounts.\"s@contoso.com\"]\n{extra}")).unwrap_err();
+            assert_eq!(
+                e.key.as_deref(),
+                Some(&*format!("accounts.\"s@contoso.com\".{key}")),
+                "{e}"
+            );
+            assert!(e.message.contains(says), "{e}");
+        }
+        let e = parse("[accounts.\"a@b\"]\nimap = \"imaps://x\"\n").unwrap_err();
+        assert!(e.message.contains("missing provider"), "{e}");
     }
 
     #[test]

@@ -222,7 +222,9 @@ fn accounts(
     ctx: &AccountContext,
 ) -> Result<BTreeMap<String, Arc<Account>>, ConfigError> {
     let mut accounts = BTreeMap::new();
-    for (name, a) in raw {
+    // Accounts with a grant of their own first: `token_from` names one of them.
+    let (shared, own): (Vec<_>, Vec<_>) = raw.into_iter().partition(|(_, a)| a.get_ref().token_from.is_some());
+    for (name, a) in own.into_iter().chain(shared) {
         let at = At {
             src,
             name: &name,
@@ -238,7 +240,10 @@ fn accounts(
                 ));
             }
         }
-        let account = account(&at, a, ctx)?;
+        let account = match a.token_from.clone() {
+            Some(from) => shared_account(&at, a, &from, &accounts, ctx)?,
+            None => account(&at, a, ctx)?,
+        };
         if accounts.insert(name.to_lowercase(), Arc::new(account)).is_some() {
             return Err(at.err(
                 "",
@@ -274,8 +279,7 @@ impl At<'_> {
     }
 }
 
-/// `[accounts."NAME"]`: servers, then how it authenticates.
-fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, ConfigError> {
+fn check_name(at: &At) -> Result<(), ConfigError> {
     let name = at.name;
     if name.trim().is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(at.err(
@@ -283,14 +287,109 @@ fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, Conf
             "an account name must be a login name without spaces or control characters",
         ));
     }
-    let [imap, smtp, pop3] = servers(at, &a)?;
+    Ok(())
+}
+
+fn need_a_server(at: &At, servers: [&Option<Endpoint>; 3]) -> Result<(), ConfigError> {
+    if servers.iter().all(|s| s.is_none()) {
+        return Err(at.err(
+            "imap",
+            "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)",
+        ));
+    }
+    Ok(())
+}
+
+/// `token_from = "OWNER"`: a shared or delegated mailbox. It has a local
+/// password of its own, logs in upstream as its `username`, and uses the
+/// grant (and so the app registration and provider) of `OWNER`; servers
+/// default to the owner's.
+fn shared_account(
+    at: &At,
+    a: RawAccount,
+    from: &str,
+    accounts: &BTreeMap<String, Arc<Account>>,
+    ctx: &AccountContext,
+) -> Result<Account, ConfigError> {
+    check_name(at)?;
+    let key = "token_from";
+    if domain::is_domain_entry(at.name) {
+        return Err(at.err(key, "a domain entry cannot use another account's grant"));
+    }
+    if a.provider.is_some() {
+        return Err(at.err(
+            "provider",
+            format!("token_from uses the provider and app registration of {from}; leave provider out"),
+        ));
+    }
+    password_only(
+        at,
+        &a,
+        &format!("token_from uses the grant and app registration of {from}"),
+    )?;
+    let owner = accounts.get(&from.to_lowercase()).ok_or_else(|| {
+        at.err(
+            key,
+            format!(
+                "`{from}` is not an account of this file: token_from names the account whose grant this mailbox uses"
+            ),
+        )
+    })?;
+    if owner.oauth().is_none() || owner.token_from.is_some() {
+        return Err(at.err(
+            key,
+            format!("{from} has no grant of its own to share: token_from names an OAuth account without token_from"),
+        ));
+    }
+    let [imap, smtp, pop3] = servers(at, &a, None)?;
+    let (imap, smtp, pop3) = if imap.is_none() && smtp.is_none() && pop3.is_none() {
+        (owner.imap.clone(), owner.smtp.clone(), owner.pop3.clone())
+    } else {
+        (imap, smtp, pop3)
+    };
+    Ok(Account {
+        username: a.username.clone().unwrap_or_else(|| at.name.to_owned()),
+        name: at.name.to_owned(),
+        auth: owner.auth.clone(),
+        imap,
+        smtp,
+        pop3,
+        ca_file: a
+            .ca_file
+            .as_ref()
+            .map(|p| at.src.resolve(p))
+            .or_else(|| owner.ca_file.clone())
+            .or_else(|| ctx.server_ca.map(Path::to_owned)),
+        mechanism: a.mechanism,
+        insecure_skip_verify: a.insecure_skip_verify,
+        domain_entry: None,
+        token_from: Some(owner.name.to_lowercase()),
+    })
+}
+
+/// `[accounts."NAME"]`: servers, then how it authenticates.
+fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, ConfigError> {
+    let name = at.name;
+    check_name(at)?;
+    let Some(provider) = a.provider else {
+        return Err(at.err(
+            "provider",
+            "missing provider: set provider = \"google\", \"microsoft\", \"custom\" or \"password\" (or token_from = \"ACCOUNT\")",
+        ));
+    };
+    let [imap, smtp, pop3] = servers(at, &a, Some(provider))?;
+    need_a_server(at, [&imap, &smtp, &pop3])?;
     let has_server = [imap.is_some(), smtp.is_some(), pop3.is_some()];
-    let auth = match a.provider {
+    let auth = match provider {
         ProviderName::Password => {
-            password_only(at, &a)?;
+            password_only(
+                at,
+                &a,
+                "provider = \"password\" passes the client's own password through",
+            )?;
             AccountAuth::Password
         }
-        _ => AccountAuth::OAuth(Box::new(oauth(at, &a, has_server, ctx)?)),
+        _ => AccountAuth::OAuth(Box::new(oauth(at, &a, provider, has_server, ctx)?)),
     };
     Ok(Account {
         username: a.username.clone().unwrap_or_else(|| name.to_owned()),
@@ -307,12 +406,13 @@ fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, Conf
         mechanism: a.mechanism,
         insecure_skip_verify: a.insecure_skip_verify,
         domain_entry: None,
+        token_from: None,
     })
 }
 
 /// The account's IMAP, SMTP and POP3 servers (presets fill what is not
 /// given); plaintext to a remote host needs `allow_plaintext`.
-fn servers(at: &At, a: &RawAccount) -> Result<[Option<Endpoint>; 3], ConfigError> {
+fn servers(at: &At, a: &RawAccount, provider: Option<ProviderName>) -> Result<[Option<Endpoint>; 3], ConfigError> {
     let mut out = [None, None, None];
     for (slot, (p, raw_url)) in out.iter_mut().zip([
         (Protocol::Imap, &a.imap),
@@ -321,7 +421,9 @@ fn servers(at: &At, a: &RawAccount) -> Result<[Option<Endpoint>; 3], ConfigError
     ]) {
         let url = match raw_url {
             Some(u) => Some(Endpoint::parse(u.get_ref(), p).map_err(|m| at.err_at(Some(u.span()), p.name(), m))?),
-            None => default_server(a.provider, p).map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
+            None => provider
+                .and_then(|pr| default_server(pr, p))
+                .map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
         };
         if let Some(ep) = &url {
             if ep.security == Security::Plain && !is_loopback_host(&ep.host) && !a.allow_plaintext {
@@ -338,17 +440,12 @@ fn servers(at: &At, a: &RawAccount) -> Result<[Option<Endpoint>; 3], ConfigError
         }
         *slot = url;
     }
-    if out.iter().all(Option::is_none) {
-        return Err(at.err(
-            "imap",
-            "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)",
-        ));
-    }
     Ok(out)
 }
 
-/// A passthrough account takes no OAuth setting: one would be silently ignored.
-fn password_only(at: &At, a: &RawAccount) -> Result<(), ConfigError> {
+/// A passthrough account (and one with `token_from`) takes no OAuth
+/// setting: one would be silently ignored. `why` says why not.
+fn password_only(at: &At, a: &RawAccount, why: &str) -> Result<(), ConfigError> {
     let oauth_only = [
         ("tenant", a.tenant.is_some()),
         ("client_id", a.client_id.is_some()),
@@ -365,10 +462,7 @@ fn password_only(at: &At, a: &RawAccount) -> Result<(), ConfigError> {
         ("flow", a.flow != Flow::AuthorizationCode),
     ];
     match oauth_only.iter().find(|(_, set)| *set) {
-        Some((k, _)) => Err(at.err(
-            k,
-            "provider = \"password\" passes the client's own password through; OAuth settings do not apply",
-        )),
+        Some((k, _)) => Err(at.err(k, format!("{why}; OAuth settings do not apply"))),
         None => Ok(()),
     }
 }
@@ -387,7 +481,13 @@ struct Preset {
 
 /// An OAuth account's settings: the preset, the account's overrides, then
 /// what each flow needs.
-fn oauth(at: &At, a: &RawAccount, has_server: [bool; 3], ctx: &AccountContext) -> Result<OAuthSettings, ConfigError> {
+fn oauth(
+    at: &At,
+    a: &RawAccount,
+    provider: ProviderName,
+    has_server: [bool; 3],
+    ctx: &AccountContext,
+) -> Result<OAuthSettings, ConfigError> {
     // A service account is named by its key file; it needs no client_id.
     let client_id = match a.client_id.clone().filter(|c| !c.is_empty()) {
         Some(id) => id,
@@ -399,10 +499,10 @@ fn oauth(at: &At, a: &RawAccount, has_server: [bool; 3], ctx: &AccountContext) -
             ))
         }
     };
-    if a.tenant.is_some() && a.provider != ProviderName::Microsoft {
+    if a.tenant.is_some() && provider != ProviderName::Microsoft {
         return Err(at.err("tenant", "tenant only applies to provider = \"microsoft\""));
     }
-    let preset = match a.provider {
+    let preset = match provider {
         ProviderName::Google => google_preset(),
         ProviderName::Microsoft => microsoft_preset(at, a, has_server, ctx)?,
         _ => custom_preset(at, a)?,

@@ -73,7 +73,10 @@ pub(super) enum ProviderName {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAccount {
-    pub provider: ProviderName,
+    /// Required, except with `token_from` (the grant's account decides).
+    pub provider: Option<ProviderName>,
+    /// Use the grant of this other account (shared and delegated mailboxes).
+    pub token_from: Option<String>,
     pub tenant: Option<String>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,

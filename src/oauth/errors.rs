@@ -75,6 +75,24 @@ pub fn explain(account: &str, error: &str, description: Option<&str>) -> Explana
     }
 }
 
+/// Exchange Online's answer when the token is good but its user may not
+/// open the mailbox named in `user=`.
+const EXCHANGE_NOT_CONNECTED: &str = "User is authenticated but not connected";
+
+/// An upstream server's refusal of an OAuth login, with what to do when
+/// the server is known to mean something more specific.
+pub fn upstream_rejection(user: &str, reason: String) -> String {
+    if reason.contains(EXCHANGE_NOT_CONNECTED) {
+        return format!(
+            "{reason} (Exchange accepted the token, but its user may not open the mailbox {user}: an Exchange \
+             administrator grants it with `Add-MailboxPermission -Identity {user} -User DELEGATE -AccessRights FullAccess` \
+             (for sending as {user} also `Add-RecipientPermission -Identity {user} -Trustee DELEGATE -AccessRights SendAs`; \
+             for an app's service principal, `Add-MailboxPermission` with its object id); changes can take an hour to apply)"
+        );
+    }
+    reason
+}
+
 /// `AADSTS70008: The provided ...` → `AADSTS70008`.
 fn aadsts_code(description: &str) -> Option<String> {
     let start = description.find("AADSTS")?;
@@ -183,6 +201,22 @@ mod tests {
             assert!(e.sentence.contains("a@b") || !login, "{code}: {}", e.sentence);
             assert!(!e.sentence.contains('\n'));
         }
+    }
+
+    #[test]
+    fn exchange_not_connected_names_the_missing_permission() {
+        let s = upstream_rejection(
+            "shared@contoso.com",
+            "User is authenticated but not connected.".to_string(),
+        );
+        assert!(
+            s.contains("Add-MailboxPermission -Identity shared@contoso.com") && s.contains("FullAccess"),
+            "{s}"
+        );
+        assert_eq!(
+            upstream_rejection("a@b", "AUTHENTICATE failed.".into()),
+            "AUTHENTICATE failed."
+        );
     }
 
     #[test]

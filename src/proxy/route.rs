@@ -113,7 +113,13 @@ pub(crate) async fn resolve(
     }
     let token = match ctx.tokens.access_token(&tokens).await {
         Ok(t) => t,
-        Err(TokenError::NeedsLogin { .. }) => return Err(on_demand(ctx, &tokens).await),
+        // A shared mailbox's grant is its owner's: that one is authorised.
+        Err(e @ TokenError::NeedsLogin { .. }) => {
+            return Err(match ctx.tokens.grant_of(&tokens) {
+                Ok(grant) => on_demand(ctx, &grant).await,
+                Err(_) => token_failure(&account.name, e),
+            })
+        }
         Err(e) => return Err(token_failure(&account.name, e)),
     };
     Ok(Target {

@@ -159,7 +159,10 @@ async fn with_fresh_token<C: UpstreamLogin>(
         match client.oauth(&target.user, &token, mechanism).await? {
             Exchange::Accepted(s) => return Ok(s),
             Exchange::Unsupported(reason) => return Err(Outcome::Unsupported { reason }.into()),
-            Exchange::Rejected(reason) if retried => return Err(Outcome::Rejected { reason }.into()),
+            Exchange::Rejected(reason) if retried => {
+                let reason = crate::oauth::errors::upstream_rejection(&target.user, reason);
+                return Err(Outcome::Rejected { reason }.into());
+            }
             Exchange::Rejected(reason) => {
                 tracing::info!(%reason, "upstream rejected the access token; refreshing and retrying once");
                 retried = true;

@@ -491,7 +491,9 @@ impl TokenManager {
                 },
                 (Some(_), None) => TokenState::Locked,
                 // Client credentials, service accounts: usable once `mailproxy login` set the password.
-                (None, _) if acct.settings.flow.app_only() && r.password.is_some() => {
+                (None, _)
+                    if (acct.settings.flow.app_only() || acct.account.token_from.is_some()) && r.password.is_some() =>
+                {
                     TokenState::Active(Active::new(None, old_access(&None), true))
                 }
                 (None, _) if in_progress && !had_record => return Ok(()),
@@ -695,9 +697,34 @@ impl TokenManager {
         }
     }
 
+    /// The account whose grant `acct` uses: itself, or its `token_from`.
+    pub fn grant_of(&self, acct: &Arc<AccountTokens>) -> Result<Arc<AccountTokens>, TokenError> {
+        match &acct.account.token_from {
+            None => Ok(acct.clone()),
+            Some(owner) => self.get(owner).ok_or_else(|| TokenError::NeedsLogin {
+                account: owner.clone(),
+                why: format!("{} uses its grant, but it is not in the config", acct.account.name),
+            }),
+        }
+    }
+
     /// An access token with enough life left, refreshing first when needed
-    /// (one refresh per account at a time).
+    /// (one refresh per account at a time). A `token_from` account gets its
+    /// grant owner's token.
     pub async fn access_token(&self, acct: &AccountTokens) -> Result<Secret, TokenError> {
+        if let Some(owner) = &acct.account.token_from {
+            let Some(grant) = self.get(owner) else {
+                return Err(TokenError::NeedsLogin {
+                    account: owner.clone(),
+                    why: format!("{} uses its grant, but it is not in the config", acct.account.name),
+                });
+            };
+            return self.own_access_token(&grant).await;
+        }
+        self.own_access_token(acct).await
+    }
+
+    async fn own_access_token(&self, acct: &AccountTokens) -> Result<Secret, TokenError> {
         let mut slot = acct.slot.lock().await;
         let _ = self.sync(acct, &mut slot).await;
         let name = acct.account.name.clone();
@@ -819,6 +846,17 @@ impl TokenManager {
 
     /// The upstream rejected `token`: forget it so the next call refreshes.
     pub async fn reject(&self, acct: &AccountTokens, token: &Secret) {
+        let grant = match &acct.account.token_from {
+            Some(owner) => match self.get(owner) {
+                Some(g) => g,
+                None => return,
+            },
+            None => return self.reject_own(acct, token).await,
+        };
+        self.reject_own(&grant, token).await
+    }
+
+    async fn reject_own(&self, acct: &AccountTokens, token: &Secret) {
         let mut slot = acct.slot.lock().await;
         if let TokenState::Active(a) = &slot.state {
             if a.access.as_ref().is_some_and(|x| x.token == *token) {
@@ -874,6 +912,9 @@ impl TokenManager {
             account: name.clone(),
             why: format!("{why}; its owner runs `mailproxy login {name}`"),
         };
+        if let Some(owner) = &acct.account.token_from {
+            return Err(by_owner(&format!("it uses the grant of {owner}")));
+        }
         if !acct.settings.on_demand {
             return Err(by_owner("on-demand authorisation is off for it"));
         }
@@ -1118,6 +1159,9 @@ impl TokenManager {
 
     /// When the account's next background refresh is due; `None`: nothing to do.
     async fn upkeep_due(&self, acct: &AccountTokens) -> Option<SystemTime> {
+        if acct.account.token_from.is_some() {
+            return None; // its grant's account is kept up
+        }
         let mut slot = acct.slot.lock().await;
         self.sync(acct, &mut slot).await.ok()?;
         let TokenState::Active(a) = &slot.state else {

@@ -19,6 +19,7 @@ pub mod mailproxy;
 pub mod pki;
 pub mod process;
 pub mod provider;
+pub mod recording_imap;
 pub mod smtp_sink;
 pub mod world;
 pub mod world_mail;
