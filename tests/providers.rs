@@ -276,3 +276,76 @@ async fn a_shared_mailbox_uses_the_delegates_grant() {
     );
     assert!(rec.logins().iter().all(|(u, _)| u == SHARED));
 }
+
+/// Moves the record's `authorized_at` back by `days` (the grant's age).
+fn age_grant(w: &World, account: &str, days: u64) {
+    let path = w.dir.state_dir().join("accounts").join(format!("{account}.json"));
+    let mut rec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let at = rec["authorized_at"].as_u64().unwrap();
+    rec["authorized_at"] = serde_json::json!(at - days * 86400 - 600);
+    std::fs::write(&path, rec.to_string()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A Google refresh token that dies seven days after consent: `check`, the
+/// log and the audit trail say the app is in Testing status and how to
+/// publish it; a grant that dies at another age is just "revoked or expired".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seven_day_google_death_names_the_testing_status() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    w.env.provider.expire_refresh_tokens_like_google();
+    let (code, out, _) = run(&w.dir, &["check", ALICE], &format!("{ALICE_PW}\n"));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("no longer accepts the refresh token") && !out.contains("Testing"),
+        "{out}"
+    );
+
+    age_grant(&w, ALICE, 7);
+    let (code, out, _) = run(&w.dir, &["check", ALICE], &format!("{ALICE_PW}\n"));
+    assert_eq!(code, 1, "{out}");
+    for part in [
+        "Testing status",
+        "Publish app",
+        "no verification is needed",
+        &format!("mailproxy login {ALICE}"),
+    ] {
+        assert!(out.contains(part), "{part}: {out}");
+    }
+    let audit_path = w.dir.state_dir().join("audit.log");
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    assert!(audit.lines().last().unwrap().contains("Testing status"), "{audit}");
+
+    // The running proxy says the same when its refresh fails.
+    let port = w.start();
+    let (_, r) = login_response(port, ALICE, ALICE_PW).await;
+    assert!(r.starts_with("a1 NO"), "{r}");
+    assert!(w.proxy.as_ref().unwrap().wait_log("Testing status"), "{}", w.logs());
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    let serve_lines: Vec<&str> = audit.lines().filter(|l| l.contains("needs_login")).collect();
+    assert!(serve_lines.iter().any(|l| l.contains("Testing status")), "{audit}");
+}
+
+/// Google's device flow cannot grant the Gmail scope: refused at config
+/// load and for `login --device`, with the ssh -L alternative.
+#[test]
+fn the_device_flow_is_refused_for_google() {
+    let dir = support::mailproxy::ProxyDir::new();
+    let google = "[accounts.\"g@gmail.com\"]\nprovider = \"google\"\nclient_id = \"id\"\n";
+    dir.write_config(&format!("{}{google}flow = \"device\"\n", dir.header()));
+    let (code, _, err) = run(&dir, &["accounts"], "");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("accounts.\"g@gmail.com\".flow") && err.contains("ssh -L 8765:127.0.0.1:8765 HOST"),
+        "{err}"
+    );
+    dir.write_config(&format!("{}{google}", dir.header()));
+    let (code, _, err) = run(&dir, &["login", "g@gmail.com", "--device"], "pw\n");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("Google's device flow does not accept the Gmail scope")
+            && err.contains("mailproxy login g@gmail.com --no-browser"),
+        "{err}"
+    );
+}

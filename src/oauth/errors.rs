@@ -13,6 +13,31 @@ pub struct Explanation {
     pub sentence: String,
     /// The refresh token is dead: only a new authorisation helps.
     pub needs_login: bool,
+    /// Google's "Token has been expired or revoked.": when the grant is
+    /// about seven days old, the app is in *Testing* status (see
+    /// [`testing_status_hint`]).
+    pub google_expired: bool,
+}
+
+/// Google's description of a dead refresh token.
+const GOOGLE_EXPIRED: &str = "Token has been expired or revoked";
+/// Refresh tokens of a Google app in *Testing* status live seven days.
+const TESTING_LIFETIME: u64 = 7 * 86400;
+
+/// When a Google refresh token died about seven days after consent, the
+/// sentence that says why (the OAuth app is in *Testing* status) and how
+/// to publish it. `authorized_at` and `now` are Unix seconds.
+pub fn testing_status_hint(account: &str, authorized_at: Option<u64>, now: u64) -> Option<String> {
+    let age = now.checked_sub(authorized_at?)?;
+    let window = TESTING_LIFETIME - 12 * 3600..=TESTING_LIFETIME + 86400;
+    window.contains(&age).then(|| {
+        format!(
+            "Google ended the grant of {account} seven days after consent: the OAuth app is in Testing status, where refresh tokens \
+             last 7 days. Publish it (Google Cloud console > APIs & Services > OAuth consent screen > Audience > Publish app; \
+             for personal use no verification is needed, Google only shows an unverified-app warning at sign-in), \
+             then run `mailproxy login {account}` once more"
+        )
+    })
 }
 
 /// Decodes an OAuth error response for `account`.
@@ -72,6 +97,7 @@ pub fn explain(account: &str, error: &str, description: Option<&str>) -> Explana
         code: code.to_string(),
         sentence,
         needs_login,
+        google_expired: error == "invalid_grant" && description.is_some_and(|d| d.starts_with(GOOGLE_EXPIRED)),
     }
 }
 
@@ -217,6 +243,31 @@ mod tests {
             upstream_rejection("a@b", "AUTHENTICATE failed.".into()),
             "AUTHENTICATE failed."
         );
+    }
+
+    #[test]
+    fn seven_day_google_death_says_testing_status() {
+        let e = explain(
+            "a@gmail.com",
+            "invalid_grant",
+            Some("Token has been expired or revoked."),
+        );
+        assert!(e.google_expired && e.needs_login);
+        let now = 1_800_000_000;
+        let hint = testing_status_hint("a@gmail.com", Some(now - 7 * 86400 - 300), now).unwrap();
+        assert!(
+            hint.contains("Testing status")
+                && hint.contains("Publish app")
+                && hint.contains("mailproxy login a@gmail.com"),
+            "{hint}"
+        );
+        assert!(!hint.contains('\n'));
+        // A grant of a day, or of a month: revoked, not the Testing limit.
+        assert_eq!(testing_status_hint("a", Some(now - 86400), now), None);
+        assert_eq!(testing_status_hint("a", Some(now - 30 * 86400), now), None);
+        assert_eq!(testing_status_hint("a", None, now), None);
+        assert_eq!(testing_status_hint("a", Some(now + 10), now), None);
+        assert!(!explain("a", "invalid_grant", Some("AADSTS70008: x")).google_expired);
     }
 
     #[test]

@@ -70,6 +70,25 @@ impl OAuthError {
         matches!(self, OAuthError::Provider(e) if e.needs_login)
     }
 
+    /// The same error, saying so when a Google grant died because its app
+    /// is in *Testing* status (about seven days after `authorized_at`).
+    pub fn with_grant_age(self, account: &str, authorized_at: Option<u64>) -> OAuthError {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match self {
+            OAuthError::Provider(mut x) if x.google_expired => {
+                if let Some(hint) = errors::testing_status_hint(account, authorized_at, now) {
+                    x.code = format!("{} (app in Testing status)", x.code);
+                    x.sentence = hint;
+                }
+                OAuthError::Provider(x)
+            }
+            other => other,
+        }
+    }
+
     /// Worth retrying later: network trouble, 5xx, or an answer that is not
     /// OAuth at all (captive portals, proxies, a provider having a bad day).
     pub fn is_transient(&self) -> bool {

@@ -762,7 +762,8 @@ impl TokenManager {
             Some(r) => oauth::refresh(&self.http, &name, &acct.settings, r).await,
             None => flows::app_token(&self.http, &name, &acct.account.username, &acct.settings).await,
         };
-        let t = match result {
+        let authorized_at = slot.record.as_ref().and_then(|r| r.authorized_at);
+        let t = match result.map_err(|e| e.with_grant_age(&name, authorized_at)) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(account = %name, error = %e, "token refresh failed");

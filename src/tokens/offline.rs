@@ -135,7 +135,7 @@ pub async fn check(
     };
     let t = match oauth::refresh(http, account, settings, &refresh).await {
         Ok(t) => t,
-        Err(e) => return Ok(Checked::Failed(e)),
+        Err(e) => return Ok(Checked::Failed(e.with_grant_age(account, r.authorized_at))),
     };
     // Save a rotated token and the refresh time (a running serve notices).
     let mut next = r.clone();
