@@ -148,7 +148,7 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
         return login_shared(&config, account, owner, &vault, &audit).await;
     }
     let password = read_password(&account.name, true)?;
-    let http = oauth::http_client(config.limits.provider_timeout);
+    let http = oauth::http_client_for(&config)?;
     let timeout = Duration::from_secs(timeout);
 
     let result: Result<Tokens, OAuthError> = match (settings.flow, device) {
@@ -441,7 +441,7 @@ fn ask_password(account: &str) -> impl FnOnce() -> Result<Secret, OfflineError> 
 async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
     let vault = Vault::open(&config.state_dir)?;
     let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client(config.limits.provider_timeout);
+    let http = oauth::http_client_for(config)?;
     let names: Vec<String> = match only {
         Some(n) => vec![oauth_account(config, n)?.0.name.clone()],
         None => known_accounts(config, &vault)
@@ -541,7 +541,7 @@ async fn revoke(config: &Config, name: &str) -> Result<()> {
     let name = account.name.clone();
     let vault = Vault::open(&config.state_dir)?;
     let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client(config.limits.provider_timeout);
+    let http = oauth::http_client_for(config)?;
     let rec = vault.load(&name)?;
     let refresh = match &rec {
         Some(r) => {

@@ -349,3 +349,50 @@ fn the_device_flow_is_refused_for_google() {
         "{err}"
     );
 }
+
+/// Provider calls go through `[server] http_proxy`, or through the proxy
+/// `HTTP_PROXY` names (unless `NO_PROXY` exempts the host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_requests_go_through_the_http_proxy() {
+    use support::http_proxy::HttpProxy;
+    use support::mailproxy::Proxy;
+    let configured = HttpProxy::start();
+    let mut w = World::new();
+    let plain = std::fs::read_to_string(w.dir.config_path()).unwrap();
+    w.dir.write_config(&plain.replace(
+        "[server]\n",
+        &format!("[server]\nhttp_proxy = \"{}\"\n", configured.url()),
+    ));
+    let token_request = format!("POST {}", w.env.provider.token_url());
+    w.authorise(ALICE, ALICE_PW);
+    assert!(
+        configured.requests().contains(&token_request),
+        "{:?}",
+        configured.requests()
+    );
+    let (code, out, _) = run(&w.dir, &["check", ALICE], &format!("{ALICE_PW}\n"));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(configured.requests().iter().filter(|r| **r == token_request).count(), 2);
+
+    // From the environment, for serve.
+    w.dir.write_config(&plain);
+    let from_env = HttpProxy::start();
+    let url = from_env.url();
+    w.proxy = Some(Proxy::start_env(&w.dir, &[("HTTP_PROXY", &url)]));
+    let port = w.proxy.as_ref().unwrap().imap_port();
+    let refreshes = w.env.provider.refreshes();
+    drop(login_ok(port, ALICE, ALICE_PW).await);
+    assert_eq!(w.env.provider.refreshes(), refreshes + 1);
+    assert_eq!(from_env.requests(), std::slice::from_ref(&token_request));
+
+    // NO_PROXY exempts the provider's host.
+    w.proxy.take().unwrap().stop();
+    w.proxy = Some(Proxy::start_env(
+        &w.dir,
+        &[("HTTP_PROXY", &url), ("NO_PROXY", "127.0.0.1")],
+    ));
+    let port = w.proxy.as_ref().unwrap().imap_port();
+    drop(login_ok(port, ALICE, ALICE_PW).await);
+    assert_eq!(w.env.provider.refreshes(), refreshes + 2);
+    assert_eq!(from_env.requests().len(), 1, "{:?}", from_env.requests());
+}

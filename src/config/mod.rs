@@ -145,6 +145,10 @@ pub struct Config {
     pub audit_log: PathBuf,
     /// Extra trust anchors for every upstream (fallback included).
     pub ca_file: Option<PathBuf>,
+    /// Proxy for every call to an OAuth provider (`http://host:port`, with
+    /// optional `user:password@`); without it `HTTPS_PROXY`, `HTTP_PROXY`
+    /// and `NO_PROXY` from the environment count.
+    pub http_proxy: Option<Secret>,
     pub imap: Option<Listener>,
     pub smtp: Option<Listener>,
     pub pop3: Option<Listener>,
@@ -384,6 +388,7 @@ impl Config {
             on_reauth_needed: _,
             audit_log: _,
             ca_file: _,
+            http_proxy,
             imap: _,
             smtp: _,
             pop3: _,
@@ -392,6 +397,14 @@ impl Config {
             domains,
         } = self;
         let mut keys = Vec::new();
+        // A proxy URL may carry the proxy's password.
+        if http_proxy
+            .as_ref()
+            .and_then(|p| url::Url::parse(p.expose()).ok())
+            .is_some_and(|u| u.password().is_some())
+        {
+            keys.push("server.http_proxy".to_string());
+        }
         for a in accounts.values().chain(domains.values()) {
             let Account {
                 name,
@@ -726,6 +739,22 @@ imap = "imaps://legacy.example:993"
         }
         let e = parse("[accounts.\"a@b\"]\nimap = \"imaps://x\"\n").unwrap_err();
         assert!(e.message.contains("missing provider"), "{e}");
+    }
+
+    #[test]
+    fn http_proxy_is_checked_and_its_password_is_a_secret() {
+        let c = parse("[server]\nhttp_proxy = \"http://proxy.example:3128\"\n").unwrap();
+        assert_eq!(c.http_proxy.as_ref().unwrap().expose(), "http://proxy.example:3128");
+        assert!(c.secret_keys().is_empty());
+        let c = parse("[server]\nhttp_proxy = \"http://u:pw@proxy.example:3128\"\n").unwrap();
+        assert_eq!(c.secret_keys(), ["server.http_proxy"]);
+        for bad in ["proxy.example:3128", "ftp://proxy.example", "http://"] {
+            let e = parse(&format!("[server]\nhttp_proxy = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("server.http_proxy"), "{bad}: {e}");
+            assert_eq!(e.line, Some(2), "{e}");
+        }
+        let e = parse("[server]\nhttp_proxy = \"ftp://u:hunter2@p\"\n").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 
     #[test]

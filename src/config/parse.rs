@@ -45,6 +45,7 @@ struct Server {
     status_listen: Option<SocketAddr>,
     on_reauth_needed: Option<String>,
     audit_log: PathBuf,
+    http_proxy: Option<Secret>,
 }
 
 /// What an account's settings depend on outside its own table.
@@ -88,6 +89,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         on_reauth_needed: server.on_reauth_needed,
         audit_log: server.audit_log,
         ca_file: server.ca_file,
+        http_proxy: server.http_proxy,
         imap,
         smtp,
         pop3,
@@ -129,7 +131,29 @@ fn server(src: &Source, raw: RawServer) -> Result<Server, ConfigError> {
         .audit_log
         .map(|p| src.resolve(&p))
         .unwrap_or_else(|| state_dir.join("audit.log"));
+    let http_proxy = match &raw.http_proxy {
+        None => None,
+        Some(p) => {
+            // The value may hold the proxy's password: errors do not quote it.
+            let bad = |why: &str| {
+                src.err(
+                    Some(p.span()),
+                    Some("server.http_proxy".into()),
+                    format!("{why}; write it as \"http://host:port\" (or https://, optionally with user:password@)"),
+                )
+            };
+            let url = url::Url::parse(p.get_ref()).map_err(|_| bad("not a URL"))?;
+            if !matches!(url.scheme(), "http" | "https")
+                || url.host_str().is_none_or(str::is_empty)
+                || reqwest::Proxy::all(p.get_ref().as_str()).is_err()
+            {
+                return Err(bad("not an http:// or https:// proxy address"));
+            }
+            Some(Secret::new(p.get_ref().clone()))
+        }
+    };
     Ok(Server {
+        http_proxy,
         ca_file: raw.ca_file.map(|p| src.resolve(&p)),
         token_store: raw.token_store,
         on_reauth_needed: raw.on_reauth_needed,

@@ -34,6 +34,7 @@ pub(super) struct RawServer {
     pub status_listen: Option<Spanned<String>>,
     pub on_reauth_needed: Option<String>,
     pub audit_log: Option<PathBuf>,
+    pub http_proxy: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

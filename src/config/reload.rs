@@ -45,6 +45,10 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     if old.status_listen != new.status_listen {
         changed.push("server.status_listen".into());
     }
+    // The provider client is built once, at start.
+    if old.http_proxy != new.http_proxy {
+        changed.push("server.http_proxy".into());
+    }
     changed
 }
 

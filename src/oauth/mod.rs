@@ -144,14 +144,33 @@ pub fn id_token_email(id_token: &str) -> Option<String> {
     v.get("email")?.as_str().map(str::to_string)
 }
 
-/// The HTTP client for provider calls: no redirects (a token endpoint that
-/// redirects is misconfigured or hostile), bounded connect and total time.
-pub fn http_client(timeout: Duration) -> reqwest::Client {
+/// The HTTP client for provider calls with the config's proxy: `[server]
+/// http_proxy` when set (`NO_PROXY` still exempts hosts), else whatever
+/// `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` say.
+pub fn http_client_for(config: &crate::config::Config) -> Result<reqwest::Client, OAuthError> {
+    let mut b = client_builder(config.limits.provider_timeout);
+    if let Some(p) = &config.http_proxy {
+        let proxy = reqwest::Proxy::all(p.expose())
+            .map_err(|_| OAuthError::Config("[server] http_proxy is not a proxy address".into()))?
+            .no_proxy(reqwest::NoProxy::from_env());
+        b = b.proxy(proxy);
+    }
+    b.build()
+        .map_err(|e| OAuthError::Config(format!("cannot set up the HTTP client: {}", describe_reqwest(&e))))
+}
+
+fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
         .timeout(timeout)
         .user_agent(concat!("mailproxy/", env!("CARGO_PKG_VERSION")))
+}
+
+/// The HTTP client for provider calls: no redirects (a token endpoint that
+/// redirects is misconfigured or hostile), bounded connect and total time.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    client_builder(timeout)
         .build()
         .expect("the HTTP client configuration is static and valid")
 }

@@ -274,7 +274,12 @@ impl TokenManager {
         rand::rngs::OsRng.fill_bytes(&mut pepper);
         let tm = TokenManager {
             vault,
-            http: oauth::http_client(config.limits.provider_timeout),
+            // The proxy address was checked at config load; were it refused
+            // here anyway, say so and go direct rather than not start.
+            http: oauth::http_client_for(config).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "provider calls go without the configured proxy");
+                oauth::http_client(config.limits.provider_timeout)
+            }),
             tls,
             identity_timeout: RwLock::new(config.limits.provider_timeout),
             accounts: RwLock::new(HashMap::new()),

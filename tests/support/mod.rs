@@ -15,6 +15,7 @@ pub mod client;
 pub mod dovecot;
 pub mod hostile_util;
 pub mod http;
+pub mod http_proxy;
 pub mod mailproxy;
 pub mod pki;
 pub mod process;
