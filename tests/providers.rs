@@ -396,3 +396,59 @@ async fn token_requests_go_through_the_http_proxy() {
     assert_eq!(w.env.provider.refreshes(), refreshes + 2);
     assert_eq!(from_env.requests().len(), 1, "{:?}", from_env.requests());
 }
+
+/// A whole session over IPv6: the listener on `[::1]`, the upstream
+/// `imaps://[::1]:PORT` (its certificate names ::1), the identity check at
+/// `mailproxy login` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_over_ipv6_loopback() {
+    if let Err(e) = std::net::TcpListener::bind("[::1]:0") {
+        panic!(
+            "this machine has no IPv6 loopback ([::1]: {e}); the IPv6 test needs it: \
+             enable it with `sysctl net.ipv6.conf.lo.disable_ipv6=0` (containers: run with IPv6 enabled), then run scripts/test"
+        );
+    }
+    support::require_dovecot();
+    let env = support::Env::start_with(&[], |o| {
+        o.extra_config = "service imap-login {\n  inet_listener imaps {\n    address = 127.0.0.1, ::1\n  }\n}\n".into()
+    });
+    let over_v6 = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("imap-login:") && l.contains("rip=::1") && l.contains("TLS"))
+            .count()
+    };
+    let dir = support::mailproxy::ProxyDir::new();
+    let d = &env.dovecot;
+    let mut cfg = dir.header().replace("listen = \"127.0.0.1:0\"", "listen = \"[::1]:0\"");
+    cfg += &support::mailproxy::oauth_account(ALICE, &env.provider, d, &format!("imaps://[::1]:{}", d.imaps_port));
+    dir.write_config(&cfg);
+    let (st, err) = dir.login(ALICE, ALICE_PW);
+    assert!(st.success(), "{err}");
+    assert_eq!(
+        over_v6(&d.log()),
+        1,
+        "the identity check logged in over ::1:\n{}",
+        d.log()
+    );
+    let proxy = support::mailproxy::Proxy::start(&dir);
+    let addr = proxy.imap.unwrap();
+    assert_eq!(
+        addr.ip(),
+        std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        "{addr}"
+    );
+    let mut c = LineConn::plain_addr(addr).await.unwrap();
+    assert!(c.read_line().await.unwrap().starts_with("* OK"));
+    let r = c
+        .imap("a1", &format!("LOGIN \"{ALICE}\" \"{ALICE_PW}\""))
+        .await
+        .unwrap();
+    assert!(r.is_ok(), "{}", r.tagged);
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    assert_eq!(over_v6(&d.log()), 2, "the session came over ::1 with TLS:\n{}", d.log());
+    assert!(
+        proxy.logs().contains("imaps://[::1]:"),
+        "the log names the IPv6 upstream"
+    );
+    assert_no_secrets(&proxy.logs(), &env, &[ALICE_PW]);
+}
