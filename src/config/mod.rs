@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::endpoint::{Endpoint, Protocol};
 use crate::secret::Secret;
 
+pub mod cloud;
 pub mod domain;
 mod files;
 mod parse;

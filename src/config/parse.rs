@@ -446,7 +446,7 @@ fn servers(at: &At, a: &RawAccount, provider: Option<ProviderName>) -> Result<[O
         let url = match raw_url {
             Some(u) => Some(Endpoint::parse(u.get_ref(), p).map_err(|m| at.err_at(Some(u.span()), p.name(), m))?),
             None => provider
-                .and_then(|pr| default_server(pr, p))
+                .and_then(|pr| default_server(pr, a.cloud.unwrap_or_default(), p))
                 .map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
         };
         if let Some(ep) = &url {
@@ -472,6 +472,7 @@ fn servers(at: &At, a: &RawAccount, provider: Option<ProviderName>) -> Result<[O
 fn password_only(at: &At, a: &RawAccount, why: &str) -> Result<(), ConfigError> {
     let oauth_only = [
         ("tenant", a.tenant.is_some()),
+        ("cloud", a.cloud.is_some()),
         ("client_id", a.client_id.is_some()),
         ("client_secret", a.client_secret.is_some()),
         ("auth_url", a.auth_url.is_some()),
@@ -525,6 +526,9 @@ fn oauth(
     };
     if a.tenant.is_some() && provider != ProviderName::Microsoft {
         return Err(at.err("tenant", "tenant only applies to provider = \"microsoft\""));
+    }
+    if a.cloud.is_some() && provider != ProviderName::Microsoft {
+        return Err(at.err("cloud", "cloud only applies to provider = \"microsoft\""));
     }
     let preset = match provider {
         ProviderName::Google => google_preset(),
@@ -597,19 +601,22 @@ fn microsoft_preset(
             format!("`{tenant}` is not a tenant: use common, organizations, consumers, a tenant ID or a domain"),
         ));
     }
-    let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
-    let mut scopes: Vec<String> = [MS_IMAP_SCOPE, MS_SMTP_SCOPE, MS_POP_SCOPE]
+    let cloud = a.cloud.unwrap_or_default().endpoints();
+    let base = format!("{}/{tenant}/oauth2/v2.0", cloud.login);
+    let [imap_scope, ..] = cloud.scopes.clone();
+    let mut scopes: Vec<String> = cloud
+        .scopes
         .into_iter()
         .zip(has_server.into_iter().zip(ctx.listening))
         .filter(|(_, (server, listening))| *server && *listening)
-        .map(|(s, _)| s.to_string())
+        .map(|(s, _)| s)
         .collect();
     if scopes.is_empty() {
-        scopes.push(MS_IMAP_SCOPE.to_string());
+        scopes.push(imap_scope);
     }
     if a.flow == Flow::ClientCredentials {
         // App-only access takes the resource's .default scope.
-        scopes = vec![MS_APP_SCOPE.to_string()];
+        scopes = vec![cloud.app_scope];
     } else {
         scopes.push("offline_access".into());
     }
@@ -707,14 +714,15 @@ fn check_http_url(u: &str) -> Result<(), String> {
     }
 }
 
-fn default_server(provider: ProviderName, p: Protocol) -> Option<&'static str> {
+fn default_server(provider: ProviderName, cloud: cloud::Cloud, p: Protocol) -> Option<&'static str> {
+    let ms = cloud.endpoints();
     match (provider, p) {
         (ProviderName::Google, Protocol::Imap) => Some("imaps://imap.gmail.com:993"),
         (ProviderName::Google, Protocol::Smtp) => Some("smtps://smtp.gmail.com:465"),
         (ProviderName::Google, Protocol::Pop3) => Some("pop3s://pop.gmail.com:995"),
-        (ProviderName::Microsoft, Protocol::Imap) => Some("imaps://outlook.office365.com:993"),
-        (ProviderName::Microsoft, Protocol::Smtp) => Some("smtp+starttls://smtp.office365.com:587"),
-        (ProviderName::Microsoft, Protocol::Pop3) => Some("pop3s://outlook.office365.com:995"),
+        (ProviderName::Microsoft, Protocol::Imap) => Some(ms.imap),
+        (ProviderName::Microsoft, Protocol::Smtp) => Some(ms.smtp),
+        (ProviderName::Microsoft, Protocol::Pop3) => Some(ms.pop3),
         _ => None,
     }
 }

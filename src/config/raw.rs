@@ -79,6 +79,7 @@ pub(super) struct RawAccount {
     /// Use the grant of this other account (shared and delegated mailboxes).
     pub token_from: Option<String>,
     pub tenant: Option<String>,
+    pub cloud: Option<super::cloud::Cloud>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub auth_url: Option<String>,
