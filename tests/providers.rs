@@ -322,9 +322,19 @@ async fn a_seven_day_google_death_names_the_testing_status() {
     let (_, r) = login_response(port, ALICE, ALICE_PW).await;
     assert!(r.starts_with("a1 NO"), "{r}");
     assert!(w.proxy.as_ref().unwrap().wait_log("Testing status"), "{}", w.logs());
-    let audit = std::fs::read_to_string(&audit_path).unwrap();
-    let serve_lines: Vec<&str> = audit.lines().filter(|l| l.contains("needs_login")).collect();
-    assert!(serve_lines.iter().any(|l| l.contains("Testing status")), "{audit}");
+    // The audit trail is written behind the log: wait for its needs_login entry.
+    let t0 = std::time::Instant::now();
+    loop {
+        let audit = std::fs::read_to_string(&audit_path).unwrap();
+        if audit
+            .lines()
+            .any(|l| l.contains("\"needs_login\"") && l.contains("Testing status"))
+        {
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{audit}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Google's device flow cannot grant the Gmail scope: refused at config
