@@ -462,3 +462,29 @@ async fn a_session_over_ipv6_loopback() {
     );
     assert_no_secrets(&proxy.logs(), &env, &[ALICE_PW]);
 }
+
+/// An `https://` token endpoint behind `HTTPS_PROXY`: the refresh is
+/// tunnelled with `CONNECT` (and TLS to the provider runs through it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_token_request_is_tunnelled_with_connect() {
+    use support::http_proxy::{HttpProxy, TlsFront};
+    use support::mailproxy::Proxy;
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let front = TlsFront::start(w.env.provider.addr());
+    let cfg = std::fs::read_to_string(w.dir.config_path()).unwrap();
+    let https = format!("https://localhost:{}/token", front.port);
+    w.dir.write_config(&cfg.replace(&w.env.provider.token_url(), &https));
+    let proxy = HttpProxy::start();
+    let (url, ca) = (proxy.url(), front.ca_path.display().to_string());
+    w.proxy = Some(Proxy::start_env(
+        &w.dir,
+        &[("HTTPS_PROXY", &url), ("SSL_CERT_FILE", &ca)],
+    ));
+    let port = w.proxy.as_ref().unwrap().imap_port();
+    let refreshes = w.env.provider.refreshes();
+    let mut c = login_ok(port, ALICE, ALICE_PW).await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    assert_eq!(w.env.provider.refreshes(), refreshes + 1);
+    assert_eq!(proxy.requests(), [format!("CONNECT localhost:{}", front.port)]);
+}

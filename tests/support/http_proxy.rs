@@ -118,3 +118,51 @@ fn relay(client: TcpStream, seen: Arc<Mutex<Vec<String>>>) {
     let _ = client_w.shutdown(Shutdown::Both);
     let _ = t.join();
 }
+
+/// TLS in front of a plain HTTP server (the fake provider), so that an
+/// `https://localhost:PORT/…` URL reaches it: what a client behind a proxy
+/// tunnels to with `CONNECT`. Its certificate comes from the test CA.
+pub struct TlsFront {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    pub ca_path: std::path::PathBuf,
+}
+
+impl TlsFront {
+    pub fn start(backend: std::net::SocketAddr) -> TlsFront {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = super::pki::TestCa::new(dir.path());
+        let leaf = ca.server_leaf("front");
+        let acceptor = tokio_rustls::TlsAcceptor::from(super::pki::server_config(&leaf));
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(l).unwrap();
+                loop {
+                    let Ok((sock, _)) = l.accept().await else { continue };
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut tls) = acceptor.accept(sock).await else {
+                            return;
+                        };
+                        let Ok(mut back) = tokio::net::TcpStream::connect(backend).await else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+                    });
+                }
+            });
+        });
+        TlsFront {
+            port,
+            ca_path: ca.cert_path().to_owned(),
+            _dir: dir,
+        }
+    }
+}
