@@ -740,6 +740,12 @@ imap = "imaps://legacy.example:993"
         }
         let e = parse("[accounts.\"a@b\"]\nimap = \"imaps://x\"\n").unwrap_err();
         assert!(e.message.contains("missing provider"), "{e}");
+        let e = parse(&format!(
+            "{EXAMPLE}[accounts.\"@contoso.com\"]\nprovider = \"microsoft\"\nclient_id = \"id\"\n\
+             [accounts.\"s@contoso.com\"]\ntoken_from = \"@contoso.com\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("no grant of its own"), "{e}");
     }
 
     #[test]

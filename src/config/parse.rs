@@ -359,7 +359,7 @@ fn shared_account(
             ),
         )
     })?;
-    if owner.oauth().is_none() || owner.token_from.is_some() {
+    if owner.oauth().is_none() || owner.token_from.is_some() || domain::is_domain_entry(&owner.name) {
         return Err(at.err(
             key,
             format!("{from} has no grant of its own to share: token_from names an OAuth account without token_from"),
