@@ -4,13 +4,14 @@ mod cli_wait;
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use mailproxy::audit::{Audit, Entry};
-use mailproxy::config::{Account, Config, Flow, OAuthSettings, TokenStore};
+use mailproxy::config::{Account, Config, OAuthSettings, TokenStore};
 use mailproxy::control::{self, Reply, Request};
 use mailproxy::oauth::{self, flows, OAuthError};
 use mailproxy::secret::Secret;
@@ -478,18 +479,34 @@ async fn via_serve(
     }
 }
 
-fn oauth_account<'a>(config: &'a Config, name: &str) -> Result<(&'a Account, &'a OAuthSettings)> {
+/// The account `name` selects (its own entry or a domain entry's mailbox).
+fn oauth_account(config: &Config, name: &str) -> Result<(Arc<Account>, OAuthSettings)> {
     let account = config
-        .account(name)
+        .lookup(name)
         .with_context(|| format!("{} has no account `{name}`", config.path.display()))?;
-    let Some(settings) = account.oauth() else {
+    let Some(settings) = account.oauth().cloned() else {
         bail!("{name} uses provider = \"password\": the client's own password goes upstream, there is no token");
     };
     Ok((account, settings))
 }
 
+/// The OAuth accounts `accounts` and `check` go through: explicit ones, and
+/// the mailboxes of domain entries that have a record.
+fn known_accounts(config: &Config, records: &dyn store::RecordStore) -> Vec<Arc<Account>> {
+    let mut v: Vec<Arc<Account>> = config.accounts.values().cloned().collect();
+    if !config.domains.is_empty() {
+        for name in records.names_now() {
+            if config.account(&name).is_none() {
+                v.extend(config.lookup(&name).filter(|a| a.domain_entry.is_some()));
+            }
+        }
+    }
+    v
+}
+
 async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeout: u64) -> Result<()> {
     let (account, settings) = oauth_account(&config, name)?;
+    let (account, settings) = (&*account, &settings);
     if device {
         if let Some(why) = settings.device_flow_refusal(&account.name) {
             bail!(why);
@@ -499,8 +516,11 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
     let records = store::open(&config).await?;
     let store_key = store::store_key(&config)?;
     let audit = Audit::direct(&config.audit_log);
+    if let Some(owner) = &account.token_from {
+        return login_shared(&config, account, owner, &*records, store_key.as_ref(), &audit).await;
+    }
     let password = read_password(&account.name, true)?;
-    let http = oauth::http_client(config.limits.provider_timeout);
+    let http = oauth::http_client_for(&config)?;
     let timeout = Duration::from_secs(timeout);
     // Until the grant is checked, Ctrl-C cancels and nothing is stored.
     let (a, n) = (audit.clone(), account.name.clone());
@@ -550,7 +570,7 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
         bail!("{e}");
     }
     drop(cancel);
-    if tokens.refresh.is_none() && settings.flow != Flow::ClientCredentials {
+    if tokens.refresh.is_none() && !settings.flow.app_only() {
         bail!(control::grant::NO_REFRESH_TOKEN);
     }
     let scopes = tokens.scopes.clone().unwrap_or_else(|| settings.scopes.clone());
@@ -567,6 +587,47 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
         account.name,
         scopes.join(" "),
         account.name
+    );
+    Ok(())
+}
+
+/// `mailproxy login` of a shared mailbox (`token_from`): only its own local
+/// password is set; the grant, checked when its owner was authorised, is
+/// the other account's.
+async fn login_shared(
+    config: &Config,
+    account: &Account,
+    owner: &str,
+    records: &dyn store::RecordStore,
+    store_key: Option<&mailproxy::crypto::VaultKey>,
+    audit: &Audit,
+) -> Result<()> {
+    let owner_name = config
+        .lookup(owner)
+        .map(|a| a.name.clone())
+        .unwrap_or_else(|| owner.into());
+    if records.load(&owner_name).await?.is_none() {
+        bail!(
+            "{} uses the grant of {owner_name}, which is not authorised yet; run `mailproxy login {owner_name}` first",
+            account.name
+        );
+    }
+    let password = read_password(&account.name, true)?;
+    let (n, store, key) = (account.name.clone(), config.token_store, store_key.cloned());
+    let (rec, _) = tokio::task::spawn_blocking(move || {
+        offline::authorisation_record(store, key.as_ref(), &n, &password, None, Vec::new())
+    })
+    .await?;
+    records.store(&rec).await?;
+    audit.record(Entry::new(
+        &account.name,
+        "password_set",
+        format!("set with mailproxy login; uses the grant of {owner_name}"),
+    ));
+    eprintln!(
+        "{} uses the grant of {owner_name} and logs in upstream as {}.\n\
+         Configure your mail client with user name {} and the local password you chose.",
+        account.name, account.username, account.name
     );
     Ok(())
 }
@@ -653,7 +714,26 @@ async fn accounts(config: &Config, live: Vec<AccountStatus>) -> Result<()> {
         "SCOPES",
     ]
     .map(String::from)];
-    for a in config.accounts.values() {
+    for d in config.domains.values() {
+        let (provider, flow) = match d.oauth() {
+            Some(s) => (s.provider.name(), s.flow.name()),
+            None => ("password", "-"),
+        };
+        rows.push([
+            d.name.clone(),
+            provider.into(),
+            flow.into(),
+            format!(
+                "domain entry: every address @{} without an entry of its own",
+                d.name.trim_start_matches('@')
+            ),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ]);
+    }
+    for a in known_accounts(config, &*records).iter() {
         let Some(s) = a.oauth() else {
             rows.push([&a.name, "password", "-", "passthrough", "-", "-", "-", "-"].map(String::from));
             continue;
@@ -674,7 +754,10 @@ async fn accounts(config: &Config, live: Vec<AccountStatus>) -> Result<()> {
                 "locked (serve not running)"
             }
             .into(),
-            (None, Some(_)) if s.flow == Flow::ClientCredentials => "ok".into(),
+            (None, Some(_)) if a.token_from.is_some() => {
+                format!("ok (uses the grant of {})", a.token_from.as_deref().unwrap_or_default())
+            }
+            (None, Some(_)) if s.flow.app_only() => "ok".into(),
             (None, Some(_)) => format!("needs login: run `mailproxy login {}`", a.name),
         };
         let scopes = rec
@@ -719,25 +802,35 @@ async fn check(config: &Config, only: Option<&str>) -> Result<u8> {
     let records = store::open(config).await?;
     let store_key = store::store_key(config)?;
     let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client(config.limits.provider_timeout);
+    let http = oauth::http_client_for(config)?;
     let names: Vec<String> = match only {
         Some(n) => vec![oauth_account(config, n)?.0.name.clone()],
-        None => config
-            .accounts
-            .values()
+        None => known_accounts(config, &*records)
+            .iter()
             .filter(|a| a.oauth().is_some())
             .map(|a| a.name.clone())
             .collect(),
     };
     let mut worst = 0u8;
     for name in names {
-        let (_, settings) = oauth_account(config, &name)?;
+        let (account, settings) = oauth_account(config, &name)?;
+        if let Some(owner) = &account.token_from {
+            match records.load(&name).await? {
+                Some(_) => println!("{name}: ok: uses the grant of {owner} (checked with it)"),
+                None => {
+                    println!("{name}: needs login: run `mailproxy login {name}`");
+                    worst = worst.max(1);
+                }
+            }
+            continue;
+        }
         match offline::check(
             &*records,
             store_key.as_ref(),
             &http,
             &name,
-            settings,
+            &account.username,
+            &settings,
             ask_password(&name),
         )
         .await?
@@ -812,11 +905,12 @@ async fn passwd(config: &Config, name: &str) -> Result<()> {
 
 async fn revoke(config: &Config, name: &str) -> Result<()> {
     let (account, settings) = oauth_account(config, name)?;
+    let settings = &settings;
     let name = account.name.clone();
     let records = store::open(config).await?;
     let store_key = store::store_key(config)?;
     let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client(config.limits.provider_timeout);
+    let http = oauth::http_client_for(config)?;
     let rec = records.load(&name).await?;
     let refresh = match &rec {
         Some(r) => {
@@ -848,8 +942,12 @@ async fn revoke(config: &Config, name: &str) -> Result<()> {
                 audit.record(Entry::new(&name, "revoked", format!("failed: {e}")));
             }
         },
-        None if settings.flow == Flow::ClientCredentials => {
-            println!("nothing to revoke at the provider: client credentials have no refresh token");
+        None if account.token_from.is_some() => println!(
+            "nothing to revoke at the provider: {name} uses the grant of {}; revoke that account to end the grant",
+            account.token_from.as_deref().unwrap_or_default()
+        ),
+        None if settings.flow.app_only() => {
+            println!("nothing to revoke at the provider: an app-only account has no refresh token");
         }
         None => println!("no refresh token was stored; nothing to revoke at the provider"),
     }

@@ -389,7 +389,7 @@ fn check_ca_files(ctx: &Ctx, config: &Config) -> Result<(), ServeError> {
             which: "[server] ca_file".into(),
             source,
         })?;
-    for a in config.accounts.values() {
+    for a in config.entries() {
         ctx.tls.get(a.ca_file.as_deref()).map_err(|source| ServeError::Tls {
             which: format!("account {}", a.name),
             source,

@@ -177,6 +177,27 @@ impl Vault {
         Ok(Some(rec))
     }
 
+    /// The account names of every record on disk (unreadable ones are
+    /// left out: `load` reports them when the account is used).
+    pub fn account_names(&self) -> Vec<String> {
+        #[derive(serde::Deserialize)]
+        struct Name {
+            account: String,
+        }
+        let Ok(dir) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = dir
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| fs::read(e.path()).ok())
+            .filter_map(|t| serde_json::from_slice::<Name>(&t).ok())
+            .map(|n| n.account)
+            .collect();
+        names.sort();
+        names
+    }
+
     pub fn stamp(&self, account: &str) -> Option<Stamp> {
         let m = fs::metadata(self.path_of(account)).ok()?;
         Some(Stamp {

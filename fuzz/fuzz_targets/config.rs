@@ -22,12 +22,17 @@ fuzz_target!(|data: &[u8]| {
                 assert!(cfg.account(&acct.name).is_some());
                 assert!(acct.imap.is_some() || acct.smtp.is_some() || acct.pop3.is_some());
                 if let Some(o) = acct.oauth() {
-                    assert!(!o.client_id.is_empty());
+                    // Service accounts are named by their key file instead.
+                    assert!(!o.client_id.is_empty() || o.flow == mailproxy::config::Flow::ServiceAccount);
                     if let Some(s) = &o.client_secret {
                         // Secrets are redacted in Debug.
                         assert_eq!(format!("{s:?}"), "<redacted>");
                     }
                 }
+            }
+            for (domain, entry) in &cfg.domains {
+                assert_eq!(format!("@{domain}"), entry.name.to_lowercase());
+                assert!(cfg.account(&entry.name).is_none());
             }
             for l in cfg.listeners() {
                 let _ = l.listen.port();

@@ -93,23 +93,32 @@ fn judge_secrets(path: &Path, f: FileFacts, secret_keys: &[String]) -> Result<()
     ))
 }
 
-/// Every `client_key` (the private key that signs client assertions) must
-/// exist, belong to this user and be unreadable by others.
+/// Every `client_key` (the private key that signs client assertions) and
+/// `service_account_key` must exist, belong to this user and be unreadable
+/// by others; a service account key must also be one Google issues.
 pub(super) fn check_key_files(config: &Config) -> Result<(), ConfigError> {
     let me = euid();
-    for a in config.accounts.values() {
-        let Some(key_path) = a.oauth().and_then(|o| o.client_key.as_deref()) else {
-            continue;
-        };
-        let key = Some(format!("accounts.\"{}\".client_key", a.name));
-        let facts = File::open(key_path).and_then(|f| FileFacts::of(&f)).map_err(|e| {
-            refuse(
-                &config.path,
-                key.clone(),
-                format!("cannot read {}: {e}", key_path.display()),
-            )
-        })?;
-        judge_key_file(key_path, facts, me).map_err(|m| refuse(&config.path, key, m))?;
+    for a in config.entries() {
+        let Some(o) = a.oauth() else { continue };
+        for (field, path) in [
+            ("client_key", o.client_key.as_deref()),
+            ("service_account_key", o.service_account_key.as_deref()),
+        ] {
+            let Some(key_path) = path else { continue };
+            let key = Some(format!("accounts.\"{}\".{field}", a.name));
+            let facts = File::open(key_path).and_then(|f| FileFacts::of(&f)).map_err(|e| {
+                refuse(
+                    &config.path,
+                    key.clone(),
+                    format!("cannot read {}: {e}", key_path.display()),
+                )
+            })?;
+            judge_key_file(key_path, facts, me).map_err(|m| refuse(&config.path, key.clone(), m))?;
+            if field == "service_account_key" {
+                crate::oauth::service_account::ServiceAccountKey::load(key_path)
+                    .map_err(|m| refuse(&config.path, key, m))?;
+            }
+        }
     }
     Ok(())
 }

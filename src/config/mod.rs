@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::endpoint::{Endpoint, Protocol};
 use crate::secret::Secret;
 
+pub mod cloud;
+pub mod domain;
 mod files;
 mod fleet;
 mod parse;
@@ -94,6 +96,10 @@ pub enum Flow {
     Device,
     /// App-only access (Microsoft 365): no user, no refresh token.
     ClientCredentials,
+    /// Google Workspace domain-wide delegation: a JWT bearer grant (RFC
+    /// 7523) signed with the service account's key, `sub` the mailbox; no
+    /// refresh token.
+    ServiceAccount,
 }
 
 impl Flow {
@@ -102,7 +108,14 @@ impl Flow {
             Flow::AuthorizationCode => "browser",
             Flow::Device => "device",
             Flow::ClientCredentials => "client_credentials",
+            Flow::ServiceAccount => "service_account",
         }
+    }
+
+    /// No user signs in and there is no refresh token: a token is asked for
+    /// whenever one is needed, once the owner set the local password.
+    pub fn app_only(self) -> bool {
+        matches!(self, Flow::ClientCredentials | Flow::ServiceAccount)
     }
 }
 
@@ -138,6 +151,10 @@ pub struct Config {
     pub audit_log: PathBuf,
     /// Extra trust anchors for every upstream (fallback included).
     pub ca_file: Option<PathBuf>,
+    /// Proxy for every call to an OAuth provider (`http://host:port`, with
+    /// optional `user:password@`); without it `HTTPS_PROXY`, `HTTP_PROXY`
+    /// and `NO_PROXY` from the environment count.
+    pub http_proxy: Option<Secret>,
     pub imap: Option<Listener>,
     pub smtp: Option<Listener>,
     pub pop3: Option<Listener>,
@@ -146,6 +163,10 @@ pub struct Config {
     pub accounts: BTreeMap<String, Arc<Account>>,
     /// Several instances: the shared store, the store key, metrics.
     pub fleet: Fleet,
+    /// Domain entries (`[accounts."@example.com"]`), keyed by the
+    /// lower-cased domain: the template of every mailbox in the domain
+    /// without an entry of its own (see [`Config::lookup`]).
+    pub domains: BTreeMap<String, Arc<Account>>,
 }
 
 #[derive(Debug, Clone)]
@@ -191,7 +212,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Account {
     /// The login name clients use, as written in the config.
     pub name: String,
@@ -206,6 +227,12 @@ pub struct Account {
     /// connection). Only for a test server you control.
     pub insecure_skip_verify: bool,
     pub mechanism: Mechanism,
+    /// The domain entry (`@example.com`) this mailbox was made from.
+    pub domain_entry: Option<String>,
+    /// The account whose grant this one uses (lower-cased name): a shared
+    /// or delegated mailbox logs in upstream as `username` with that
+    /// account's token, behind a local password of its own.
+    pub token_from: Option<String>,
 }
 
 impl Account {
@@ -225,7 +252,7 @@ impl Account {
     }
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AccountAuth {
     /// Passthrough: the client's own credentials go upstream unchanged.
     Password,
@@ -265,6 +292,8 @@ pub struct OAuthSettings {
     /// assertion instead of a client secret (client credentials flow).
     pub client_certificate: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// Google's JSON key of a service account (`flow = "service_account"`).
+    pub service_account_key: Option<PathBuf>,
     /// Start an authorisation when a client logs in to an account without a
     /// usable token.
     pub on_demand: bool,
@@ -331,8 +360,23 @@ impl Config {
         parse::parse(text, path)
     }
 
+    /// The explicit entry of `login` only; logins use [`Config::lookup`].
     pub fn account(&self, login: &str) -> Option<&Arc<Account>> {
         self.accounts.get(&login.to_lowercase())
+    }
+
+    /// The account a login name selects: its own entry, else a mailbox of
+    /// a domain entry when it is a valid address in that domain.
+    pub fn lookup(&self, login: &str) -> Option<Arc<Account>> {
+        match self.account(login) {
+            Some(a) => Some(a.clone()),
+            None => domain::mailbox(&self.domains, login),
+        }
+    }
+
+    /// Every entry of the file: explicit accounts and domain entries.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<Account>> {
+        self.accounts.values().chain(self.domains.values())
     }
 
     pub fn listeners(&self) -> impl Iterator<Item = &Listener> {
@@ -354,15 +398,25 @@ impl Config {
             on_reauth_needed: _,
             audit_log: _,
             ca_file: _,
+            http_proxy,
             imap: _,
             smtp: _,
             pop3: _,
             limits: _,
             accounts,
             fleet,
+            domains,
         } = self;
         let mut keys = fleet.secret_keys();
-        for a in accounts.values() {
+        // A proxy URL may carry the proxy's password.
+        if http_proxy
+            .as_ref()
+            .and_then(|p| url::Url::parse(p.expose()).ok())
+            .is_some_and(|u| u.password().is_some())
+        {
+            keys.push("server.http_proxy".to_string());
+        }
+        for a in accounts.values().chain(domains.values()) {
             let Account {
                 name,
                 username: _,
@@ -373,6 +427,8 @@ impl Config {
                 ca_file: _,
                 insecure_skip_verify: _,
                 mechanism: _,
+                domain_entry: _,
+                token_from: _,
             } = &**a;
             let AccountAuth::OAuth(o) = auth else { continue };
             let OAuthSettings {
@@ -389,6 +445,7 @@ impl Config {
                 // A path: the key itself is checked where it lives.
                 client_certificate: _,
                 client_key: _,
+                service_account_key: _,
                 on_demand: _,
                 auth_params: _,
             } = &**o;
@@ -625,6 +682,97 @@ imap = "imaps://legacy.example:993"
              device_url = \"https://id.example.org/d\"\nscopes = [\"mail\"]\nimap = \"imaps://mail.example.org\"\n",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn service_account_flow_needs_its_key_and_no_client_id() {
+        let base = "[accounts.\"a@example.com\"]\nprovider = \"google\"\nflow = \"service_account\"\n";
+        let c = parse(&format!("{base}service_account_key = \"sa.json\"\n")).unwrap();
+        let o = c.account("a@example.com").unwrap().oauth().unwrap().clone();
+        assert_eq!(
+            o.service_account_key.as_deref(),
+            Some(Path::new("/etc/mailproxy/sa.json"))
+        );
+        assert_eq!(o.scopes, vec![GOOGLE_MAIL_SCOPE]);
+        assert!(o.flow.app_only());
+        let e = parse(base).unwrap_err();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("accounts.\"a@example.com\".service_account_key"),
+            "{e}"
+        );
+        let e = parse("[accounts.\"a@b\"]\nprovider = \"google\"\nclient_id = \"x\"\nservice_account_key = \"k\"\n")
+            .unwrap_err();
+        assert!(e.message.contains("only applies to flow = \"service_account\""), "{e}");
+        let e = parse(
+            "[accounts.\"a@b\"]\nprovider = \"microsoft\"\nflow = \"service_account\"\nservice_account_key = \"k\"\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("client_credentials"), "{e}");
+    }
+
+    #[test]
+    fn token_from_shares_the_owners_grant() {
+        let c = parse(&format!(
+            "{EXAMPLE}[accounts.\"shared@contoso.com\"]\ntoken_from = \"Bob@contoso.com\"\n"
+        ))
+        .unwrap();
+        let shared = c.account("shared@contoso.com").unwrap();
+        let bob = c.account("bob@contoso.com").unwrap();
+        assert_eq!(shared.token_from.as_deref(), Some("bob@contoso.com"));
+        assert_eq!(shared.username, "shared@contoso.com");
+        assert_eq!(shared.auth, bob.auth);
+        assert_eq!(shared.imap, bob.imap);
+        for (extra, key, says) in [
+            ("token_from = \"nobody@x\"\n", "token_from", "not an account"),
+            (
+                "token_from = \"dave@legacy.example\"\n",
+                "token_from",
+                "no grant of its own",
+            ),
+            (
+                "token_from = \"bob@contoso.com\"\nclient_id = \"x\"\n",
+                "client_id",
+                "grant and app registration",
+            ),
+            (
+                "token_from = \"bob@contoso.com\"\nprovider = \"microsoft\"\n",
+                "provider",
+                "leave provider out",
+            ),
+        ] {
+            let e = parse(&format!("{EXAMPLE}[accounts.\"s@contoso.com\"]\n{extra}")).unwrap_err();
+            assert_eq!(
+                e.key.as_deref(),
+                Some(&*format!("accounts.\"s@contoso.com\".{key}")),
+                "{e}"
+            );
+            assert!(e.message.contains(says), "{e}");
+        }
+        let e = parse("[accounts.\"a@b\"]\nimap = \"imaps://x\"\n").unwrap_err();
+        assert!(e.message.contains("missing provider"), "{e}");
+        let e = parse(&format!(
+            "{EXAMPLE}[accounts.\"@contoso.com\"]\nprovider = \"microsoft\"\nclient_id = \"id\"\n\
+             [accounts.\"s@contoso.com\"]\ntoken_from = \"@contoso.com\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("no grant of its own"), "{e}");
+    }
+
+    #[test]
+    fn http_proxy_is_checked_and_its_password_is_a_secret() {
+        let c = parse("[server]\nhttp_proxy = \"http://proxy.example:3128\"\n").unwrap();
+        assert_eq!(c.http_proxy.as_ref().unwrap().expose(), "http://proxy.example:3128");
+        assert!(c.secret_keys().is_empty());
+        let c = parse("[server]\nhttp_proxy = \"http://u:pw@proxy.example:3128\"\n").unwrap();
+        assert_eq!(c.secret_keys(), ["server.http_proxy"]);
+        for bad in ["proxy.example:3128", "ftp://proxy.example", "http://"] {
+            let e = parse(&format!("[server]\nhttp_proxy = \"{bad}\"\n")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("server.http_proxy"), "{bad}: {e}");
+            assert_eq!(e.line, Some(2), "{e}");
+        }
+        let e = parse("[server]\nhttp_proxy = \"ftp://u:hunter2@p\"\n").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 
     #[test]

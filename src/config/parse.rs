@@ -50,6 +50,7 @@ struct Server {
     status_listen: Option<SocketAddr>,
     on_reauth_needed: Option<String>,
     audit_log: PathBuf,
+    http_proxy: Option<Secret>,
 }
 
 /// What an account's settings depend on outside its own table.
@@ -78,7 +79,13 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         server_ca: server.ca_file.as_deref(),
         listening: [imap.is_some(), smtp.is_some(), pop3.is_some()],
     };
-    let accounts = accounts(&src, raw.accounts, &ctx)?;
+    let (domains, accounts): (BTreeMap<_, _>, BTreeMap<_, _>) = accounts(&src, raw.accounts, &ctx)?
+        .into_iter()
+        .partition(|(k, _)| domain::is_domain_entry(k));
+    let domains = domains
+        .into_iter()
+        .map(|(k, a)| (k.trim_start_matches('@').to_string(), a))
+        .collect();
 
     Ok(Config {
         path: path.to_owned(),
@@ -88,12 +95,14 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         on_reauth_needed: server.on_reauth_needed,
         audit_log: server.audit_log,
         ca_file: server.ca_file,
+        http_proxy: server.http_proxy,
         imap,
         smtp,
         pop3,
         limits,
         accounts,
         fleet,
+        domains,
     })
 }
 
@@ -129,7 +138,29 @@ fn server(src: &Source, raw: RawServer) -> Result<Server, ConfigError> {
         .audit_log
         .map(|p| src.resolve(&p))
         .unwrap_or_else(|| state_dir.join("audit.log"));
+    let http_proxy = match &raw.http_proxy {
+        None => None,
+        Some(p) => {
+            // The value may hold the proxy's password: errors do not quote it.
+            let bad = |why: &str| {
+                src.err(
+                    Some(p.span()),
+                    Some("server.http_proxy".into()),
+                    format!("{why}; write it as \"http://host:port\" (or https://, optionally with user:password@)"),
+                )
+            };
+            let url = url::Url::parse(p.get_ref()).map_err(|_| bad("not a URL"))?;
+            if !matches!(url.scheme(), "http" | "https")
+                || url.host_str().is_none_or(str::is_empty)
+                || reqwest::Proxy::all(p.get_ref().as_str()).is_err()
+            {
+                return Err(bad("not an http:// or https:// proxy address"));
+            }
+            Some(Secret::new(p.get_ref().clone()))
+        }
+    };
     Ok(Server {
+        http_proxy,
         ca_file: raw.ca_file.map(|p| src.resolve(&p)),
         token_store: raw.token_store,
         on_reauth_needed: raw.on_reauth_needed,
@@ -224,13 +255,28 @@ fn accounts(
     ctx: &AccountContext,
 ) -> Result<BTreeMap<String, Arc<Account>>, ConfigError> {
     let mut accounts = BTreeMap::new();
-    for (name, a) in raw {
+    // Accounts with a grant of their own first: `token_from` names one of them.
+    let (shared, own): (Vec<_>, Vec<_>) = raw.into_iter().partition(|(_, a)| a.get_ref().token_from.is_some());
+    for (name, a) in own.into_iter().chain(shared) {
         let at = At {
             src,
             name: &name,
             span: a.span(),
         };
-        let account = account(&at, a.into_inner(), ctx)?;
+        let a = a.into_inner();
+        if domain::is_domain_entry(&name) {
+            domain::check_entry_name(&name).map_err(|m| at.err("", m))?;
+            if a.username.is_some() {
+                return Err(at.err(
+                    "username",
+                    "a domain entry serves many mailboxes: each one's user name is its own address",
+                ));
+            }
+        }
+        let account = match a.token_from.clone() {
+            Some(from) => shared_account(&at, a, &from, &accounts, ctx)?,
+            None => account(&at, a, ctx)?,
+        };
         if accounts.insert(name.to_lowercase(), Arc::new(account)).is_some() {
             return Err(at.err(
                 "",
@@ -266,8 +312,7 @@ impl At<'_> {
     }
 }
 
-/// `[accounts."NAME"]`: servers, then how it authenticates.
-fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, ConfigError> {
+fn check_name(at: &At) -> Result<(), ConfigError> {
     let name = at.name;
     if name.trim().is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(at.err(
@@ -275,14 +320,109 @@ fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, Conf
             "an account name must be a login name without spaces or control characters",
         ));
     }
-    let [imap, smtp, pop3] = servers(at, &a)?;
+    Ok(())
+}
+
+fn need_a_server(at: &At, servers: [&Option<Endpoint>; 3]) -> Result<(), ConfigError> {
+    if servers.iter().all(|s| s.is_none()) {
+        return Err(at.err(
+            "imap",
+            "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)",
+        ));
+    }
+    Ok(())
+}
+
+/// `token_from = "OWNER"`: a shared or delegated mailbox. It has a local
+/// password of its own, logs in upstream as its `username`, and uses the
+/// grant (and so the app registration and provider) of `OWNER`; servers
+/// default to the owner's.
+fn shared_account(
+    at: &At,
+    a: RawAccount,
+    from: &str,
+    accounts: &BTreeMap<String, Arc<Account>>,
+    ctx: &AccountContext,
+) -> Result<Account, ConfigError> {
+    check_name(at)?;
+    let key = "token_from";
+    if domain::is_domain_entry(at.name) {
+        return Err(at.err(key, "a domain entry cannot use another account's grant"));
+    }
+    if a.provider.is_some() {
+        return Err(at.err(
+            "provider",
+            format!("token_from uses the provider and app registration of {from}; leave provider out"),
+        ));
+    }
+    password_only(
+        at,
+        &a,
+        &format!("token_from uses the grant and app registration of {from}"),
+    )?;
+    let owner = accounts.get(&from.to_lowercase()).ok_or_else(|| {
+        at.err(
+            key,
+            format!(
+                "`{from}` is not an account of this file: token_from names the account whose grant this mailbox uses"
+            ),
+        )
+    })?;
+    if owner.oauth().is_none() || owner.token_from.is_some() || domain::is_domain_entry(&owner.name) {
+        return Err(at.err(
+            key,
+            format!("{from} has no grant of its own to share: token_from names an OAuth account without token_from"),
+        ));
+    }
+    let [imap, smtp, pop3] = servers(at, &a, None)?;
+    let (imap, smtp, pop3) = if imap.is_none() && smtp.is_none() && pop3.is_none() {
+        (owner.imap.clone(), owner.smtp.clone(), owner.pop3.clone())
+    } else {
+        (imap, smtp, pop3)
+    };
+    Ok(Account {
+        username: a.username.clone().unwrap_or_else(|| at.name.to_owned()),
+        name: at.name.to_owned(),
+        auth: owner.auth.clone(),
+        imap,
+        smtp,
+        pop3,
+        ca_file: a
+            .ca_file
+            .as_ref()
+            .map(|p| at.src.resolve(p))
+            .or_else(|| owner.ca_file.clone())
+            .or_else(|| ctx.server_ca.map(Path::to_owned)),
+        mechanism: a.mechanism,
+        insecure_skip_verify: a.insecure_skip_verify,
+        domain_entry: None,
+        token_from: Some(owner.name.to_lowercase()),
+    })
+}
+
+/// `[accounts."NAME"]`: servers, then how it authenticates.
+fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, ConfigError> {
+    let name = at.name;
+    check_name(at)?;
+    let Some(provider) = a.provider else {
+        return Err(at.err(
+            "provider",
+            "missing provider: set provider = \"google\", \"microsoft\", \"custom\" or \"password\" (or token_from = \"ACCOUNT\")",
+        ));
+    };
+    let [imap, smtp, pop3] = servers(at, &a, Some(provider))?;
+    need_a_server(at, [&imap, &smtp, &pop3])?;
     let has_server = [imap.is_some(), smtp.is_some(), pop3.is_some()];
-    let auth = match a.provider {
+    let auth = match provider {
         ProviderName::Password => {
-            password_only(at, &a)?;
+            password_only(
+                at,
+                &a,
+                "provider = \"password\" passes the client's own password through",
+            )?;
             AccountAuth::Password
         }
-        _ => AccountAuth::OAuth(Box::new(oauth(at, &a, has_server, ctx)?)),
+        _ => AccountAuth::OAuth(Box::new(oauth(at, &a, provider, has_server, ctx)?)),
     };
     Ok(Account {
         username: a.username.clone().unwrap_or_else(|| name.to_owned()),
@@ -298,12 +438,14 @@ fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, Conf
             .or_else(|| ctx.server_ca.map(Path::to_owned)),
         mechanism: a.mechanism,
         insecure_skip_verify: a.insecure_skip_verify,
+        domain_entry: None,
+        token_from: None,
     })
 }
 
 /// The account's IMAP, SMTP and POP3 servers (presets fill what is not
 /// given); plaintext to a remote host needs `allow_plaintext`.
-fn servers(at: &At, a: &RawAccount) -> Result<[Option<Endpoint>; 3], ConfigError> {
+fn servers(at: &At, a: &RawAccount, provider: Option<ProviderName>) -> Result<[Option<Endpoint>; 3], ConfigError> {
     let mut out = [None, None, None];
     for (slot, (p, raw_url)) in out.iter_mut().zip([
         (Protocol::Imap, &a.imap),
@@ -314,7 +456,9 @@ fn servers(at: &At, a: &RawAccount) -> Result<[Option<Endpoint>; 3], ConfigError
             Some(u) => {
                 Some(Endpoint::parse(u.get_ref(), p).map_err(|m| at.err_at(Some(u.span()), p.name(), m.to_string()))?)
             }
-            None => default_server(a.provider, p).map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
+            None => provider
+                .and_then(|pr| default_server(pr, a.cloud.unwrap_or_default(), p))
+                .map(|u| Endpoint::parse(u, p).expect("preset URLs are valid")),
         };
         if let Some(ep) = &url {
             if ep.security == Security::Plain && !is_loopback_host(&ep.host) && !a.allow_plaintext {
@@ -331,19 +475,15 @@ fn servers(at: &At, a: &RawAccount) -> Result<[Option<Endpoint>; 3], ConfigError
         }
         *slot = url;
     }
-    if out.iter().all(Option::is_none) {
-        return Err(at.err(
-            "imap",
-            "the account names no server: set imap = \"imaps://host:993\" (or smtp, pop3)",
-        ));
-    }
     Ok(out)
 }
 
-/// A passthrough account takes no OAuth setting: one would be silently ignored.
-fn password_only(at: &At, a: &RawAccount) -> Result<(), ConfigError> {
+/// A passthrough account (and one with `token_from`) takes no OAuth
+/// setting: one would be silently ignored. `why` says why not.
+fn password_only(at: &At, a: &RawAccount, why: &str) -> Result<(), ConfigError> {
     let oauth_only = [
         ("tenant", a.tenant.is_some()),
+        ("cloud", a.cloud.is_some()),
         ("client_id", a.client_id.is_some()),
         ("client_secret", a.client_secret.is_some()),
         ("auth_url", a.auth_url.is_some()),
@@ -354,13 +494,11 @@ fn password_only(at: &At, a: &RawAccount) -> Result<(), ConfigError> {
         ("scopes", a.scopes.is_some()),
         ("client_certificate", a.client_certificate.is_some()),
         ("client_key", a.client_key.is_some()),
+        ("service_account_key", a.service_account_key.is_some()),
         ("flow", a.flow != Flow::AuthorizationCode),
     ];
     match oauth_only.iter().find(|(_, set)| *set) {
-        Some((k, _)) => Err(at.err(
-            k,
-            "provider = \"password\" passes the client's own password through; OAuth settings do not apply",
-        )),
+        Some((k, _)) => Err(at.err(k, format!("{why}; OAuth settings do not apply"))),
         None => Ok(()),
     }
 }
@@ -379,17 +517,31 @@ struct Preset {
 
 /// An OAuth account's settings: the preset, the account's overrides, then
 /// what each flow needs.
-fn oauth(at: &At, a: &RawAccount, has_server: [bool; 3], ctx: &AccountContext) -> Result<OAuthSettings, ConfigError> {
-    let client_id = a.client_id.clone().filter(|c| !c.is_empty()).ok_or_else(|| {
-        at.err(
-            "client_id",
-            "an OAuth account needs the client_id of its app registration",
-        )
-    })?;
-    if a.tenant.is_some() && a.provider != ProviderName::Microsoft {
+fn oauth(
+    at: &At,
+    a: &RawAccount,
+    provider: ProviderName,
+    has_server: [bool; 3],
+    ctx: &AccountContext,
+) -> Result<OAuthSettings, ConfigError> {
+    // A service account is named by its key file; it needs no client_id.
+    let client_id = match a.client_id.clone().filter(|c| !c.is_empty()) {
+        Some(id) => id,
+        None if a.flow == Flow::ServiceAccount => String::new(),
+        None => {
+            return Err(at.err(
+                "client_id",
+                "an OAuth account needs the client_id of its app registration",
+            ))
+        }
+    };
+    if a.tenant.is_some() && provider != ProviderName::Microsoft {
         return Err(at.err("tenant", "tenant only applies to provider = \"microsoft\""));
     }
-    let preset = match a.provider {
+    if a.cloud.is_some() && provider != ProviderName::Microsoft {
+        return Err(at.err("cloud", "cloud only applies to provider = \"microsoft\""));
+    }
+    let preset = match provider {
         ProviderName::Google => google_preset(),
         ProviderName::Microsoft => microsoft_preset(at, a, has_server, ctx)?,
         _ => custom_preset(at, a)?,
@@ -407,6 +559,7 @@ fn oauth(at: &At, a: &RawAccount, has_server: [bool; 3], ctx: &AccountContext) -
         flow: a.flow,
         client_certificate: a.client_certificate.as_ref().map(|p| at.src.resolve(p)),
         client_key: a.client_key.as_ref().map(|p| at.src.resolve(p)),
+        service_account_key: a.service_account_key.as_ref().map(|p| at.src.resolve(p)),
         on_demand: a.on_demand,
         auth_params: preset.auth_params,
     };
@@ -459,19 +612,22 @@ fn microsoft_preset(
             format!("`{tenant}` is not a tenant: use common, organizations, consumers, a tenant ID or a domain"),
         ));
     }
-    let base = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0");
-    let mut scopes: Vec<String> = [MS_IMAP_SCOPE, MS_SMTP_SCOPE, MS_POP_SCOPE]
+    let cloud = a.cloud.unwrap_or_default().endpoints();
+    let base = format!("{}/{tenant}/oauth2/v2.0", cloud.login);
+    let [imap_scope, ..] = cloud.scopes.clone();
+    let mut scopes: Vec<String> = cloud
+        .scopes
         .into_iter()
         .zip(has_server.into_iter().zip(ctx.listening))
         .filter(|(_, (server, listening))| *server && *listening)
-        .map(|(s, _)| s.to_string())
+        .map(|(s, _)| s)
         .collect();
     if scopes.is_empty() {
-        scopes.push(MS_IMAP_SCOPE.to_string());
+        scopes.push(imap_scope);
     }
     if a.flow == Flow::ClientCredentials {
         // App-only access takes the resource's .default scope.
-        scopes = vec![MS_APP_SCOPE.to_string()];
+        scopes = vec![cloud.app_scope];
     } else {
         scopes.push("offline_access".into());
     }
@@ -533,7 +689,27 @@ fn check_flow(at: &At, o: &OAuthSettings) -> Result<(), ConfigError> {
                 ));
             }
         }
+        Flow::ServiceAccount => {
+            if o.provider == ProviderKind::Microsoft {
+                return Err(at.err(
+                    "flow",
+                    "service accounts are Google Workspace's; for Microsoft 365 app-only access use flow = \"client_credentials\"",
+                ));
+            }
+            if o.service_account_key.is_none() {
+                return Err(at.err(
+                    "service_account_key",
+                    "flow = \"service_account\" needs service_account_key = \"FILE\": the JSON key Google issues for the service account",
+                ));
+            }
+        }
         Flow::AuthorizationCode => {}
+    }
+    if o.flow != Flow::ServiceAccount && o.service_account_key.is_some() {
+        return Err(at.err(
+            "service_account_key",
+            "service_account_key only applies to flow = \"service_account\"",
+        ));
     }
     Ok(())
 }
@@ -549,14 +725,15 @@ fn check_http_url(u: &str) -> Result<(), String> {
     }
 }
 
-fn default_server(provider: ProviderName, p: Protocol) -> Option<&'static str> {
+fn default_server(provider: ProviderName, cloud: cloud::Cloud, p: Protocol) -> Option<&'static str> {
+    let ms = cloud.endpoints();
     match (provider, p) {
         (ProviderName::Google, Protocol::Imap) => Some("imaps://imap.gmail.com:993"),
         (ProviderName::Google, Protocol::Smtp) => Some("smtps://smtp.gmail.com:465"),
         (ProviderName::Google, Protocol::Pop3) => Some("pop3s://pop.gmail.com:995"),
-        (ProviderName::Microsoft, Protocol::Imap) => Some("imaps://outlook.office365.com:993"),
-        (ProviderName::Microsoft, Protocol::Smtp) => Some("smtp+starttls://smtp.office365.com:587"),
-        (ProviderName::Microsoft, Protocol::Pop3) => Some("pop3s://outlook.office365.com:995"),
+        (ProviderName::Microsoft, Protocol::Imap) => Some(ms.imap),
+        (ProviderName::Microsoft, Protocol::Smtp) => Some(ms.smtp),
+        (ProviderName::Microsoft, Protocol::Pop3) => Some(ms.pop3),
         _ => None,
     }
 }

@@ -38,6 +38,7 @@ pub(super) struct RawServer {
     pub database_url: Option<Spanned<Secret>>,
     pub store_key_file: Option<PathBuf>,
     pub metrics_listen: Option<Spanned<String>>,
+    pub http_proxy: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -80,8 +81,12 @@ pub(super) enum ProviderName {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAccount {
-    pub provider: ProviderName,
+    /// Required, except with `token_from` (the grant's account decides).
+    pub provider: Option<ProviderName>,
+    /// Use the grant of this other account (shared and delegated mailboxes).
+    pub token_from: Option<String>,
     pub tenant: Option<String>,
+    pub cloud: Option<super::cloud::Cloud>,
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub auth_url: Option<String>,
@@ -105,6 +110,7 @@ pub(super) struct RawAccount {
     pub flow: Flow,
     pub client_certificate: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    pub service_account_key: Option<PathBuf>,
     #[serde(default = "yes")]
     pub on_demand: bool,
 }

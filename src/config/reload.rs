@@ -46,6 +46,10 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         changed.push("server.status_listen".into());
     }
     changed.extend(super::fleet::restart_needed(old, new));
+    // The provider client is built once, at start.
+    if old.http_proxy != new.http_proxy {
+        changed.push("server.http_proxy".into());
+    }
     changed
 }
 

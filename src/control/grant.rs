@@ -70,7 +70,9 @@ pub async fn obtain(
         }
     }
     match (settings.flow, device) {
-        (Flow::ClientCredentials, _) => flows::client_credentials(http, &account.name, settings).await,
+        (Flow::ClientCredentials | Flow::ServiceAccount, _) => {
+            flows::app_token(http, &account.name, &account.username, settings).await
+        }
         (Flow::Device, _) | (_, true) => {
             let d = flows::device_start(http, &account.name, settings).await?;
             tell(Notice::Device {

@@ -13,6 +13,31 @@ pub struct Explanation {
     pub sentence: String,
     /// The refresh token is dead: only a new authorisation helps.
     pub needs_login: bool,
+    /// Google's "Token has been expired or revoked.": when the grant is
+    /// about seven days old, the app is in *Testing* status (see
+    /// [`testing_status_hint`]).
+    pub google_expired: bool,
+}
+
+/// Google's description of a dead refresh token.
+const GOOGLE_EXPIRED: &str = "Token has been expired or revoked";
+/// Refresh tokens of a Google app in *Testing* status live seven days.
+const TESTING_LIFETIME: u64 = 7 * 86400;
+
+/// When a Google refresh token died about seven days after consent, the
+/// sentence that says why (the OAuth app is in *Testing* status) and how
+/// to publish it. `authorized_at` and `now` are Unix seconds.
+pub fn testing_status_hint(account: &str, authorized_at: Option<u64>, now: u64) -> Option<String> {
+    let age = now.checked_sub(authorized_at?)?;
+    let window = TESTING_LIFETIME - 12 * 3600..=TESTING_LIFETIME + 86400;
+    window.contains(&age).then(|| {
+        format!(
+            "Google ended the grant of {account} seven days after consent: the OAuth app is in Testing status, where refresh tokens \
+             last 7 days. Publish it (Google Cloud console > APIs & Services > OAuth consent screen > Audience > Publish app; \
+             for personal use no verification is needed, Google only shows an unverified-app warning at sign-in), \
+             then run `mailproxy login {account}` once more"
+        )
+    })
 }
 
 /// Decodes an OAuth error response for `account`.
@@ -72,7 +97,26 @@ pub fn explain(account: &str, error: &str, description: Option<&str>) -> Explana
         code: code.to_string(),
         sentence,
         needs_login,
+        google_expired: error == "invalid_grant" && description.is_some_and(|d| d.starts_with(GOOGLE_EXPIRED)),
     }
+}
+
+/// Exchange Online's answer when the token is good but its user may not
+/// open the mailbox named in `user=`.
+const EXCHANGE_NOT_CONNECTED: &str = "User is authenticated but not connected";
+
+/// An upstream server's refusal of an OAuth login, with what to do when
+/// the server is known to mean something more specific.
+pub fn upstream_rejection(user: &str, reason: String) -> String {
+    if reason.contains(EXCHANGE_NOT_CONNECTED) {
+        return format!(
+            "{reason} (Exchange accepted the token, but its user may not open the mailbox {user}: an Exchange \
+             administrator grants it with `Add-MailboxPermission -Identity {user} -User DELEGATE -AccessRights FullAccess` \
+             (for sending as {user} also `Add-RecipientPermission -Identity {user} -Trustee DELEGATE -AccessRights SendAs`; \
+             for an app's service principal, `Add-MailboxPermission` with its object id); changes can take an hour to apply)"
+        );
+    }
+    reason
 }
 
 /// `AADSTS70008: The provided ...` → `AADSTS70008`.
@@ -183,6 +227,47 @@ mod tests {
             assert!(e.sentence.contains("a@b") || !login, "{code}: {}", e.sentence);
             assert!(!e.sentence.contains('\n'));
         }
+    }
+
+    #[test]
+    fn exchange_not_connected_names_the_missing_permission() {
+        let s = upstream_rejection(
+            "shared@contoso.com",
+            "User is authenticated but not connected.".to_string(),
+        );
+        assert!(
+            s.contains("Add-MailboxPermission -Identity shared@contoso.com") && s.contains("FullAccess"),
+            "{s}"
+        );
+        assert_eq!(
+            upstream_rejection("a@b", "AUTHENTICATE failed.".into()),
+            "AUTHENTICATE failed."
+        );
+    }
+
+    #[test]
+    fn seven_day_google_death_says_testing_status() {
+        let e = explain(
+            "a@gmail.com",
+            "invalid_grant",
+            Some("Token has been expired or revoked."),
+        );
+        assert!(e.google_expired && e.needs_login);
+        let now = 1_800_000_000;
+        let hint = testing_status_hint("a@gmail.com", Some(now - 7 * 86400 - 300), now).unwrap();
+        assert!(
+            hint.contains("Testing status")
+                && hint.contains("Publish app")
+                && hint.contains("mailproxy login a@gmail.com"),
+            "{hint}"
+        );
+        assert!(!hint.contains('\n'));
+        // A grant of a day, or of a month: revoked, not the Testing limit.
+        assert_eq!(testing_status_hint("a", Some(now - 86400), now), None);
+        assert_eq!(testing_status_hint("a", Some(now - 30 * 86400), now), None);
+        assert_eq!(testing_status_hint("a", None, now), None);
+        assert_eq!(testing_status_hint("a", Some(now + 10), now), None);
+        assert!(!explain("a", "invalid_grant", Some("AADSTS70008: x")).google_expired);
     }
 
     #[test]

@@ -89,7 +89,7 @@ fn malformed(url: &str, what: &str) -> OAuthError {
     }
 }
 
-fn parse_tokens(account: &str, url: &str, status: u16, body: &[u8]) -> Result<Tokens, OAuthError> {
+pub(super) fn parse_tokens(account: &str, url: &str, status: u16, body: &[u8]) -> Result<Tokens, OAuthError> {
     if status == 200 {
         let t: TokenBody = serde_json::from_slice(body).map_err(|_| {
             malformed(
@@ -123,7 +123,11 @@ fn client_auth<'a>(s: &'a OAuthSettings, form: &mut Vec<(&'a str, String)>) {
     }
 }
 
-async fn post_owned(http: &reqwest::Client, url: &str, form: &[(&str, String)]) -> Result<(u16, Vec<u8>), OAuthError> {
+pub(super) async fn post_owned(
+    http: &reqwest::Client,
+    url: &str,
+    form: &[(&str, String)],
+) -> Result<(u16, Vec<u8>), OAuthError> {
     let borrowed: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
     post(http, url, &borrowed).await
 }
@@ -292,6 +296,11 @@ pub fn client_assertion(client_id: &str, audience: &str, cert: &Path, key: &Path
         B64URL.encode(header.to_string()),
         B64URL.encode(claims.to_string())
     );
+    sign_rs256(&pair, signing_input)
+}
+
+/// `signing_input.signature`, RS256 (RSASSA-PKCS1-v1_5 with SHA-256).
+pub(super) fn sign_rs256(pair: &ring::signature::RsaKeyPair, signing_input: String) -> Result<Secret, OAuthError> {
     let mut sig = vec![0u8; pair.public().modulus_len()];
     pair.sign(
         &ring::signature::RSA_PKCS1_SHA256,
@@ -299,8 +308,22 @@ pub fn client_assertion(client_id: &str, audience: &str, cert: &Path, key: &Path
         signing_input.as_bytes(),
         &mut sig,
     )
-    .map_err(|_| OAuthError::Config("signing the client assertion failed".into()))?;
+    .map_err(|_| OAuthError::Config("signing the JWT assertion failed".into()))?;
     Ok(Secret::new(format!("{signing_input}.{}", B64URL.encode(sig))))
+}
+
+/// A token for an app-only account (no refresh token): client credentials,
+/// or a service account acting for `mailbox`.
+pub async fn app_token(
+    http: &reqwest::Client,
+    account: &str,
+    mailbox: &str,
+    s: &OAuthSettings,
+) -> Result<Tokens, OAuthError> {
+    match s.flow {
+        crate::config::Flow::ServiceAccount => super::service_account::token(http, account, mailbox, s).await,
+        _ => client_credentials(http, account, s).await,
+    }
 }
 
 /// Outcome of asking the provider to revoke a refresh token.

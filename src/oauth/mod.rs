@@ -10,6 +10,7 @@
 pub mod errors;
 pub mod flows;
 pub mod login;
+pub mod service_account;
 
 use std::time::{Duration, SystemTime};
 
@@ -69,6 +70,25 @@ impl OAuthError {
         matches!(self, OAuthError::Provider(e) if e.needs_login)
     }
 
+    /// The same error, saying so when a Google grant died because its app
+    /// is in *Testing* status (about seven days after `authorized_at`).
+    pub fn with_grant_age(self, account: &str, authorized_at: Option<u64>) -> OAuthError {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match self {
+            OAuthError::Provider(mut x) if x.google_expired => {
+                if let Some(hint) = errors::testing_status_hint(account, authorized_at, now) {
+                    x.code = format!("{} (app in Testing status)", x.code);
+                    x.sentence = hint;
+                }
+                OAuthError::Provider(x)
+            }
+            other => other,
+        }
+    }
+
     /// Worth retrying later: network trouble, 5xx, or an answer that is not
     /// OAuth at all (captive portals, proxies, a provider having a bad day).
     pub fn is_transient(&self) -> bool {
@@ -124,14 +144,33 @@ pub fn id_token_email(id_token: &str) -> Option<String> {
     v.get("email")?.as_str().map(str::to_string)
 }
 
-/// The HTTP client for provider calls: no redirects (a token endpoint that
-/// redirects is misconfigured or hostile), bounded connect and total time.
-pub fn http_client(timeout: Duration) -> reqwest::Client {
+/// The HTTP client for provider calls with the config's proxy: `[server]
+/// http_proxy` when set (`NO_PROXY` still exempts hosts), else whatever
+/// `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` say.
+pub fn http_client_for(config: &crate::config::Config) -> Result<reqwest::Client, OAuthError> {
+    let mut b = client_builder(config.limits.provider_timeout);
+    if let Some(p) = &config.http_proxy {
+        let proxy = reqwest::Proxy::all(p.expose())
+            .map_err(|_| OAuthError::Config("[server] http_proxy is not a proxy address".into()))?
+            .no_proxy(reqwest::NoProxy::from_env());
+        b = b.proxy(proxy);
+    }
+    b.build()
+        .map_err(|e| OAuthError::Config(format!("cannot set up the HTTP client: {}", describe_reqwest(&e))))
+}
+
+fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(10))
         .timeout(timeout)
         .user_agent(concat!("mailproxy/", env!("CARGO_PKG_VERSION")))
+}
+
+/// The HTTP client for provider calls: no redirects (a token endpoint that
+/// redirects is misconfigured or hostile), bounded connect and total time.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    client_builder(timeout)
         .build()
         .expect("the HTTP client configuration is static and valid")
 }

@@ -52,7 +52,7 @@ pub(crate) async fn resolve(
 ) -> Result<Target, LoginFailure> {
     let protocol = listener.protocol;
     let config = ctx.config();
-    let Some(account) = config.account(login) else {
+    let Some(account) = config.lookup(login) else {
         return match &listener.fallback {
             Some(fb) => Ok(Target {
                 server: Server {
@@ -70,12 +70,23 @@ pub(crate) async fn resolve(
         };
     };
     let server = Server {
-        endpoint: endpoint_for(account, protocol)?,
+        endpoint: endpoint_for(&account, protocol)?,
         ca_file: account.ca_file.clone(),
         insecure: account.insecure_skip_verify,
     };
     let user = account.username.clone();
     let Some(tokens) = ctx.tokens.get(login) else {
+        if account.oauth().is_some() {
+            // A mailbox of a domain entry that its owner has not set up.
+            tracing::info!(account = %account.name, "login to a mailbox that is not set up");
+            return Err(LoginFailure::new(
+                Failure::Action,
+                format!(
+                    "{0} has no local password yet: its owner runs `mailproxy login {0}` on this machine",
+                    account.name
+                ),
+            ));
+        }
         // A passthrough account.
         return Ok(Target {
             server,
@@ -102,7 +113,13 @@ pub(crate) async fn resolve(
     }
     let token = match ctx.tokens.access_token(&tokens).await {
         Ok(t) => t,
-        Err(TokenError::NeedsLogin { .. }) => return Err(on_demand(ctx, &tokens).await),
+        // A shared mailbox's grant is its owner's: that one is authorised.
+        Err(e @ TokenError::NeedsLogin { .. }) => {
+            return Err(match ctx.tokens.grant_of(&tokens) {
+                Ok(grant) => on_demand(ctx, &grant).await,
+                Err(_) => token_failure(&account.name, e),
+            })
+        }
         Err(e) => return Err(token_failure(&account.name, e)),
     };
     Ok(Target {

@@ -160,10 +160,9 @@ async fn with_fresh_token<C: UpstreamLogin>(
             Exchange::Accepted(s) => return Ok(s),
             Exchange::Unsupported(reason) => return Err(Outcome::Unsupported { reason }.into()),
             Exchange::Rejected(reason) if retried => {
-                return Err(Outcome::Rejected {
-                    reason: sasl::for_account(&reason, account.name()),
-                }
-                .into())
+                let reason = sasl::for_account(&reason, account.name());
+                let reason = crate::oauth::errors::upstream_rejection(&target.user, reason);
+                return Err(Outcome::Rejected { reason }.into());
             }
             Exchange::Rejected(reason) => {
                 tracing::info!(%reason, "upstream rejected the access token; refreshing and retrying once");

@@ -61,6 +61,20 @@ pub trait RecordStore: Send + Sync {
     /// Reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
     /// Wakes when another instance changed a record (LISTEN/NOTIFY).
+    /// Accounts with a record, as far as the store can tell at once (no
+    /// waiting): the file vault lists its directory; a shared store has no
+    /// such cheap answer and says none, so domain-entry mailboxes are taken
+    /// up only from the file vault.
+    fn names_now(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Whether `account` has a record, answered at once (see [`Self::names_now`]).
+    fn has_record_now(&self, account: &str) -> bool {
+        let _ = account;
+        false
+    }
+
     fn changes(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }
@@ -88,6 +102,14 @@ async fn blocking<T: Send + 'static>(
 impl RecordStore for Vault {
     fn describe(&self) -> &'static str {
         "the vault file"
+    }
+
+    fn names_now(&self) -> Vec<String> {
+        self.account_names()
+    }
+
+    fn has_record_now(&self, account: &str) -> bool {
+        self.stamp(account).is_some()
     }
 
     fn shared(&self) -> bool {

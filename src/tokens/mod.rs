@@ -50,7 +50,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::audit::{Audit, Entry};
-use crate::config::{Account, Config, Flow, OAuthSettings, TokenStore};
+use crate::config::{self, Account, Config, Flow, OAuthSettings, TokenStore};
 use crate::crypto::{self, VaultKey};
 use crate::identity;
 use crate::keystore;
@@ -253,6 +253,8 @@ pub struct TokenManager {
     tls: Arc<ClientConfigs>,
     identity_timeout: RwLock<Duration>,
     accounts: RwLock<HashMap<String, Arc<AccountTokens>>>,
+    /// Domain entries: their mailboxes join `accounts` when first used.
+    domains: RwLock<std::collections::BTreeMap<String, Arc<Account>>>,
     /// Per-process random key for the verified-password digests.
     pepper: [u8; 32],
     store: TokenStore,
@@ -334,10 +336,16 @@ impl TokenManager {
         let tm = TokenManager {
             records,
             store_key,
-            http: oauth::http_client(config.limits.provider_timeout),
+            // The proxy address was checked at config load; were it refused
+            // here anyway, say so and go direct rather than not start.
+            http: oauth::http_client_for(config).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "provider calls go without the configured proxy");
+                oauth::http_client(config.limits.provider_timeout)
+            }),
             tls,
             identity_timeout: RwLock::new(config.limits.provider_timeout),
             accounts: RwLock::new(HashMap::new()),
+            domains: RwLock::new(Default::default()),
             pepper,
             store,
             audit,
@@ -370,12 +378,33 @@ impl TokenManager {
                 }
             }
         }
+        // Mailboxes of domain entries: kept while their entry is unchanged;
+        // those with a record on disk are known from the start.
+        for (k, old) in map.iter() {
+            if !next.contains_key(k) && config.lookup(k).is_some_and(|a| *a == *old.account) {
+                next.insert(k.clone(), old.clone());
+            }
+        }
+        if !config.domains.is_empty() {
+            for name in self.records.names_now() {
+                let k = name.to_lowercase();
+                if next.contains_key(&k) || config.account(&k).is_some() {
+                    continue;
+                }
+                if let Some(a) = config::domain::mailbox(&config.domains, &k) {
+                    if let Some(settings) = a.oauth().cloned() {
+                        next.insert(k, Arc::new(AccountTokens::new(a, settings)));
+                    }
+                }
+            }
+        }
         for k in map.keys() {
             if !next.contains_key(k) {
                 changed.push(k.clone());
             }
         }
         *map = next;
+        *self.domains.write().unwrap() = config.domains.clone();
         *self.hook.write().unwrap() = config.on_reauth_needed.clone();
         *self.delay_cap.write().unwrap() = config.limits.login_failure_delay_max;
         *self.identity_timeout.write().unwrap() = config.limits.provider_timeout;
@@ -391,8 +420,27 @@ impl TokenManager {
         self.status_url.read().unwrap().clone()
     }
 
+    /// The tokens of `login`'s OAuth account. A mailbox of a domain entry
+    /// joins on first use, but only once its owner set it up (it has a
+    /// record on disk): no client can make entries appear.
     pub fn get(&self, login: &str) -> Option<Arc<AccountTokens>> {
-        self.accounts.read().unwrap().get(&login.to_lowercase()).cloned()
+        let key = login.to_lowercase();
+        if let Some(t) = self.accounts.read().unwrap().get(&key) {
+            return Some(t.clone());
+        }
+        let account = config::domain::mailbox(&self.domains.read().unwrap(), &key)?;
+        let settings = account.oauth()?.clone();
+        if !self.records.has_record_now(&account.name) {
+            return None;
+        }
+        let mut map = self.accounts.write().unwrap();
+        let t = map
+            .entry(key)
+            .or_insert_with(|| Arc::new(AccountTokens::new(account, settings)))
+            .clone();
+        drop(map);
+        self.changed.notify_one();
+        Some(t)
     }
 
     pub fn all(&self) -> Vec<Arc<AccountTokens>> {
@@ -539,8 +587,10 @@ impl TokenManager {
                     }
                 },
                 (Some(_), None) => TokenState::Locked,
-                // Client credentials: usable once `mailproxy login` set the password.
-                (None, _) if acct.settings.flow == Flow::ClientCredentials && r.password.is_some() => {
+                // Client credentials, service accounts: usable once `mailproxy login` set the password.
+                (None, _)
+                    if (acct.settings.flow.app_only() || acct.account.token_from.is_some()) && r.password.is_some() =>
+                {
                     TokenState::Active(Active::new(None, old_access(&None), true))
                 }
                 (None, _) if in_progress && !had_record => return Ok(()),
@@ -746,9 +796,34 @@ impl TokenManager {
         }
     }
 
+    /// The account whose grant `acct` uses: itself, or its `token_from`.
+    pub fn grant_of(&self, acct: &Arc<AccountTokens>) -> Result<Arc<AccountTokens>, TokenError> {
+        match &acct.account.token_from {
+            None => Ok(acct.clone()),
+            Some(owner) => self.get(owner).ok_or_else(|| TokenError::NeedsLogin {
+                account: owner.clone(),
+                why: format!("{} uses its grant, but it is not in the config", acct.account.name),
+            }),
+        }
+    }
+
     /// An access token with enough life left, refreshing first when needed
-    /// (one refresh per account at a time).
+    /// (one refresh per account at a time). A `token_from` account gets its
+    /// grant owner's token.
     pub async fn access_token(&self, acct: &AccountTokens) -> Result<Secret, TokenError> {
+        if let Some(owner) = &acct.account.token_from {
+            let Some(grant) = self.get(owner) else {
+                return Err(TokenError::NeedsLogin {
+                    account: owner.clone(),
+                    why: format!("{} uses its grant, but it is not in the config", acct.account.name),
+                });
+            };
+            return self.own_access_token(&grant).await;
+        }
+        self.own_access_token(acct).await
+    }
+
+    async fn own_access_token(&self, acct: &AccountTokens) -> Result<Secret, TokenError> {
         let mut slot = acct.slot.lock().await;
         let _ = self.sync(acct, &mut slot).await;
         let name = acct.account.name.clone();
@@ -787,9 +862,10 @@ impl TokenManager {
         let before = before.clone();
         let result = match &before.refresh {
             Some(r) => oauth::refresh(&self.http, &name, &acct.settings, r).await,
-            None => flows::client_credentials(&self.http, &name, &acct.settings).await,
+            None => flows::app_token(&self.http, &name, &acct.account.username, &acct.settings).await,
         };
-        let t = match result {
+        let authorized_at = slot.record.as_ref().and_then(|r| r.authorized_at);
+        let t = match result.map_err(|e| e.with_grant_age(&name, authorized_at)) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(account = %name, error = %e, "token refresh failed");
@@ -873,6 +949,17 @@ impl TokenManager {
 
     /// The upstream rejected `token`: forget it so the next call refreshes.
     pub async fn reject(&self, acct: &AccountTokens, token: &Secret) {
+        let grant = match &acct.account.token_from {
+            Some(owner) => match self.get(owner) {
+                Some(g) => g,
+                None => return,
+            },
+            None => return self.reject_own(acct, token).await,
+        };
+        self.reject_own(&grant, token).await;
+    }
+
+    async fn reject_own(&self, acct: &AccountTokens, token: &Secret) {
         let mut slot = acct.slot.lock().await;
         if let TokenState::Active(a) = &slot.state {
             if a.access.as_ref().is_some_and(|x| x.token == *token) {
@@ -928,13 +1015,18 @@ impl TokenManager {
             account: name.clone(),
             why: format!("{why}; its owner runs `mailproxy login {name}`"),
         };
+        if let Some(owner) = &acct.account.token_from {
+            return Err(by_owner(&format!("it uses the grant of {owner}")));
+        }
         if !acct.settings.on_demand {
             return Err(by_owner("on-demand authorisation is off for it"));
         }
         let has_password = slot.record.as_ref().is_some_and(|r| r.password.is_some());
         let s = &acct.settings;
         let flight = match s.flow {
-            Flow::ClientCredentials => return Err(by_owner("a client-credentials account is set up by its owner")),
+            Flow::ClientCredentials | Flow::ServiceAccount => {
+                return Err(by_owner("an app-only account is set up by its owner"))
+            }
             Flow::Device if !has_password => return Err(by_owner("it has no local password yet")),
             Flow::Device => {
                 let d = flows::device_start(&self.http, &name, s).await?;
@@ -1176,6 +1268,9 @@ impl TokenManager {
 
     /// When the account's next background refresh is due; `None`: nothing to do.
     async fn upkeep_due(&self, acct: &AccountTokens) -> Option<SystemTime> {
+        if acct.account.token_from.is_some() {
+            return None; // its grant's account is kept up
+        }
         let mut slot = acct.slot.lock().await;
         self.sync(acct, &mut slot).await.ok()?;
         planned_refresh(&slot)
@@ -1253,7 +1348,7 @@ impl TokenManager {
                 && match acct.settings.flow {
                     Flow::AuthorizationCode => true,
                     Flow::Device => has_password,
-                    Flow::ClientCredentials => false,
+                    Flow::ClientCredentials | Flow::ServiceAccount => false,
                 },
         };
         *acct.last_status.lock().unwrap() = Some(st.clone());

@@ -101,7 +101,7 @@ pub fn authorisation_record(
             rec.refresh_token = Some(crypto::seal(&key, account, refresh.expose()));
         }
     } else {
-        where_ = "nowhere (client credentials need no refresh token)";
+        where_ = "nowhere (client credentials need no refresh token, nor do service accounts)";
     }
     (rec, where_)
 }
@@ -150,6 +150,7 @@ pub async fn check(
     store_key: Option<&VaultKey>,
     http: &reqwest::Client,
     account: &str,
+    mailbox: &str,
     settings: &OAuthSettings,
     password: impl FnOnce() -> Result<Secret, OfflineError>,
 ) -> Result<Checked, OfflineError> {
@@ -159,11 +160,11 @@ pub async fn check(
         Some(l) => l.record().cloned(),
         None => records.load(account).await?,
     };
-    if settings.flow == crate::config::Flow::ClientCredentials {
+    if settings.flow.app_only() {
         if rec.as_ref().is_none_or(|r| r.password.is_none()) {
             return Ok(Checked::NeedsLogin(format!("run `mailproxy login {account}`")));
         }
-        return Ok(match flows::client_credentials(http, account, settings).await {
+        return Ok(match flows::app_token(http, account, mailbox, settings).await {
             Ok(t) => Checked::Refreshed(t),
             Err(e) => Checked::Failed(e),
         });
@@ -178,7 +179,7 @@ pub async fn check(
     };
     let t = match oauth::refresh(http, account, settings, &refresh).await {
         Ok(t) => t,
-        Err(e) => return Ok(Checked::Failed(e)),
+        Err(e) => return Ok(Checked::Failed(e.with_grant_age(account, r.authorized_at))),
     };
     // Save a rotated token and the refresh time (a running serve notices).
     let mut next = r.clone();

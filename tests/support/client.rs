@@ -104,6 +104,15 @@ impl LineConn {
         }
     }
 
+    /// Plain TCP to `addr` (e.g. `[::1]:port`).
+    pub async fn plain_addr(addr: std::net::SocketAddr) -> std::io::Result<LineConn> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        Ok(LineConn {
+            inner: BufReader::new(Stream::Plain(tcp)),
+        })
+    }
+
     /// Implicit TLS to `127.0.0.1:port`, verifying the certificate for `server_name`.
     pub async fn tls(port: u16, config: Arc<rustls::ClientConfig>, server_name: &str) -> std::io::Result<LineConn> {
         let tcp = TcpStream::connect(("127.0.0.1", port)).await?;

@@ -11,8 +11,8 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose,
 };
 
-/// Names every server leaf is valid for.
-pub const SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1"];
+/// Names every server leaf is valid for (IP addresses become IP SANs).
+pub const SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1", "::1"];
 
 /// A certificate + private key pair as PEM text, plus the files they were written to.
 #[derive(Clone, Debug)]

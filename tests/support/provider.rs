@@ -31,6 +31,11 @@ pub const DEFAULT_USER: &str = "alice@example.org";
 pub const DEFAULT_SCOPE: &str = "https://mail.example.org/ offline_access";
 /// Grant type name of the device flow.
 pub const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// RFC 7523 §2.1 JWT bearer grant (Google service accounts).
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// Google's `error_description` for a refresh token that died (revoked, or
+/// seven days after consent while the app is in *Testing* status).
+pub const GOOGLE_EXPIRED: &str = "Token has been expired or revoked.";
 
 /// A registered OAuth client.
 #[derive(Clone, Debug)]
@@ -178,6 +183,11 @@ struct State {
     devices: HashMap<String, DeviceGrant>,
     inject: VecDeque<Injected>,
     slow_down_polls: u32,
+    /// Service accounts (`iss` of JWT bearer assertions) and their RSA
+    /// public keys (PKCS#1 DER).
+    service_accounts: HashMap<String, Vec<u8>>,
+    /// `error_description` for dead refresh tokens instead of Microsoft's AADSTS70008.
+    dead_refresh_description: Option<String>,
     // Observability.
     token_requests: HashMap<String, u64>,
     refreshes: u64,
@@ -186,6 +196,8 @@ struct State {
     introspections: u64,
     device_authorizations: u64,
     revocations: Vec<(String, Option<String>)>,
+    /// `sub` of every JWT bearer grant that got a token, in order.
+    jwt_subjects: Vec<String>,
     token_forms: Vec<HashMap<String, String>>,
     last_authorize: Option<HashMap<String, String>>,
     last_token_headers: Option<HashMap<String, String>>,
@@ -228,6 +240,9 @@ impl FakeProvider {
             devices: HashMap::new(),
             inject: VecDeque::new(),
             slow_down_polls: 0,
+            service_accounts: HashMap::new(),
+            dead_refresh_description: None,
+            jwt_subjects: Vec::new(),
             token_requests: HashMap::new(),
             refreshes: 0,
             code_exchanges: 0,
@@ -305,6 +320,7 @@ impl FakeProvider {
                 "refresh_token",
                 "device_code",
                 "client_assertion",
+                "assertion",
             ] {
                 if let Some(val) = form.get(k) {
                     v.push(val.clone());
@@ -457,6 +473,38 @@ impl FakeProvider {
     /// Lifetime of new device codes (default 600 s); past it polls get `expired_token`.
     pub fn set_device_code_lifetime(&self, d: Duration) {
         self.st().device_lifetime = d;
+    }
+
+    /// Registers a service account: JWT bearer assertions with `iss` =
+    /// `email` must be signed (RS256) by this RSA public key (PKCS#1 DER).
+    pub fn register_service_account(&self, email: &str, rsa_public_pkcs1_der: Vec<u8>) {
+        self.st().service_accounts.insert(email.into(), rsa_public_pkcs1_der);
+    }
+
+    /// Every refresh token issued so far dies the way Google's do seven days
+    /// after consent for an app in *Testing* status: `invalid_grant`,
+    /// "Token has been expired or revoked."
+    pub fn expire_refresh_tokens_like_google(&self) {
+        let mut st = self.st();
+        st.dead_refresh_description = Some(GOOGLE_EXPIRED.into());
+        for r in st.refresh.values_mut() {
+            r.valid = false;
+        }
+    }
+
+    /// The mailboxes (`sub`) JWT bearer grants were issued for, in order.
+    pub fn jwt_bearer_subjects(&self) -> Vec<String> {
+        self.st().jwt_subjects.clone()
+    }
+
+    /// The access tokens issued for `user` so far.
+    pub fn access_tokens_of(&self, user: &str) -> Vec<String> {
+        self.st()
+            .access
+            .iter()
+            .filter(|(_, a)| a.user == user)
+            .map(|(t, _)| t.clone())
+            .collect()
     }
 
     /// The next `n` device-code polls get `slow_down`.
@@ -891,6 +939,63 @@ fn verify_assertion(form: &HashMap<String, String>, st: &State) -> Result<Client
     Ok(client.clone())
 }
 
+/// RFC 7523 §2.1 and §3, as Google does it for service accounts: an RS256
+/// assertion by a registered service account (`iss`), for the mailbox in
+/// `sub`, with `scope`, `aud` the token endpoint, `iat`/`exp` at most an
+/// hour apart and not expired. The access token is `sub`'s; no refresh token.
+fn jwt_bearer(form: &HashMap<String, String>, st: &mut State) -> Response {
+    let bad = |why: &str| oauth_error(400, "invalid_grant", &format!("Invalid JWT: {why}"));
+    let Some(jwt) = form.get("assertion") else {
+        return oauth_error(400, "invalid_request", "assertion missing.");
+    };
+    let parts: Vec<&str> = jwt.split('.').collect();
+    if parts.len() != 3 {
+        return bad("not a JWT");
+    }
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (Ok(header), Ok(claims), Ok(sig)) = (b64.decode(parts[0]), b64.decode(parts[1]), b64.decode(parts[2])) else {
+        return bad("bad base64url");
+    };
+    let header: serde_json::Value = serde_json::from_slice(&header).unwrap_or_default();
+    let claims: serde_json::Value = serde_json::from_slice(&claims).unwrap_or_default();
+    if header["alg"] != "RS256" {
+        return bad("alg must be RS256");
+    }
+    let iss = claims["iss"].as_str().unwrap_or_default();
+    let Some(key) = st.service_accounts.get(iss) else {
+        return oauth_error(401, "invalid_client", "The OAuth client was not found.");
+    };
+    let public = ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, key);
+    if public
+        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .is_err()
+    {
+        return bad("Invalid JWT Signature.");
+    }
+    if !claims["aud"].as_str().unwrap_or_default().ends_with("/token") {
+        return bad("aud is not the token endpoint");
+    }
+    let (iat, exp) = (claims["iat"].as_u64().unwrap_or(0), claims["exp"].as_u64().unwrap_or(0));
+    let now = unix_now();
+    if exp < now || exp < iat || exp - iat > 3600 || iat > now + 60 {
+        return bad("Token must be a short-lived token (60 minutes) and in a reasonable timeframe.");
+    }
+    let Some(sub) = claims["sub"].as_str().filter(|s| s.contains('@')) else {
+        return oauth_error(
+            401,
+            "unauthorized_client",
+            "Client is unauthorized to retrieve access tokens using this method, or client not authorized for any of the scopes requested.",
+        );
+    };
+    let Some(scope) = claims["scope"].as_str().filter(|s| !s.is_empty()).map(str::to_string) else {
+        return oauth_error(400, "invalid_scope", "Empty or missing scope not allowed.");
+    };
+    let (sub, iss) = (sub.to_string(), iss.to_string());
+    st.jwt_subjects.push(sub.clone());
+    let access = new_access(st, &sub, &scope, &iss, None);
+    token_success(st, &access, None, &scope)
+}
+
 fn token_success(st: &State, access: &str, refresh: Option<&str>, scope: &str) -> Response {
     let mut v = json!({
         "access_token": access,
@@ -928,6 +1033,10 @@ fn token(req: &Request, st: &mut State) -> Response {
     st.last_token_headers = Some(req.headers.clone());
     if let Some(inj) = st.inject.pop_front() {
         return Response::raw(inj.status, "application/json", inj.body);
+    }
+    // A service account authenticates by its signed assertion alone.
+    if grant == JWT_BEARER_GRANT {
+        return jwt_bearer(&form, st);
     }
     let client = match authenticate_client(req, &form, st) {
         Ok(c) => c,
@@ -989,11 +1098,11 @@ fn token(req: &Request, st: &mut State) -> Response {
                 return oauth_error(400, "invalid_grant", "Unknown refresh token.");
             };
             if !r.valid {
-                return oauth_error(
-                    400,
-                    "invalid_grant",
-                    "AADSTS70008: The provided authorization code or refresh token has expired due to inactivity.",
-                );
+                let why = st.dead_refresh_description.clone().unwrap_or_else(|| {
+                    "AADSTS70008: The provided authorization code or refresh token has expired due to inactivity."
+                        .into()
+                });
+                return oauth_error(400, "invalid_grant", &why);
             }
             if r.client_id != client.client_id {
                 return oauth_error(400, "invalid_grant", "Refresh token was issued to another client.");
