@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use mailproxy::audit::{Audit, Entry};
-use mailproxy::config::{Account, Config, OAuthSettings, TokenStore};
+use mailproxy::config::{Account, Config, Flow, OAuthSettings, TokenStore};
 use mailproxy::control::{self, Reply, Request};
 use mailproxy::oauth::{self, flows, OAuthError};
 use mailproxy::secret::Secret;
@@ -252,7 +252,7 @@ async fn run(cli: Cli) -> Result<u8> {
                 device,
                 timeout,
             };
-            if !paste {
+            if !paste && serve_handles(&config, &account) {
                 if let Some(code) = via_serve(&config, req, &account, no_browser, |_| {}).await? {
                     return Ok(code);
                 }
@@ -277,14 +277,18 @@ async fn run(cli: Cli) -> Result<u8> {
             let req = Request::Check {
                 account: account.clone(),
             };
-            let served = via_serve(&config, req, account.as_deref().unwrap_or(""), true, |r| {
-                if let Reply::Checked { rows } = r {
-                    for row in rows {
-                        println!("{}", row.line());
+            let served = if account.as_deref().is_none_or(|a| serve_handles(&config, a)) {
+                via_serve(&config, req, account.as_deref().unwrap_or(""), true, |r| {
+                    if let Reply::Checked { rows } = r {
+                        for row in rows {
+                            println!("{}", row.line());
+                        }
                     }
-                }
-            })
-            .await?;
+                })
+                .await?
+            } else {
+                None
+            };
             match served {
                 Some(code) => Ok(code),
                 None => check(&config, account.as_deref()).await,
@@ -294,7 +298,11 @@ async fn run(cli: Cli) -> Result<u8> {
             let req = Request::Revoke {
                 account: account.clone(),
             };
-            match via_serve(&config, req, &account, true, |_| {}).await? {
+            let served = match serve_handles(&config, &account) {
+                true => via_serve(&config, req, &account, true, |_| {}).await?,
+                false => None,
+            };
+            match served {
                 Some(code) => Ok(code),
                 None => revoke(&config, &account).await.map(|_| 0),
             }
@@ -303,12 +311,25 @@ async fn run(cli: Cli) -> Result<u8> {
             let req = Request::Passwd {
                 account: account.clone(),
             };
-            match via_serve(&config, req, &account, true, |_| {}).await? {
+            let served = match serve_handles(&config, &account) {
+                true => via_serve(&config, req, &account, true, |_| {}).await?,
+                false => None,
+            };
+            match served {
                 Some(code) => Ok(code),
                 None => passwd(&config, &account).await.map(|_| 0),
             }
         }
     }
+}
+
+/// Whether a running `serve` does this command's work itself. A mailbox of
+/// a domain entry (taken up by serve only once it has a record) and an
+/// account that borrows another's grant (`token_from`: only its local
+/// password is set) are done by the command itself; a running serve picks
+/// the new record up at the account's next use.
+fn serve_handles(config: &Config, account: &str) -> bool {
+    config.account(account).is_some_and(|a| a.token_from.is_none())
 }
 
 async fn service(config: &Config, action: ServiceAction) -> Result<u8> {
@@ -356,7 +377,9 @@ fn refuse_placeholders(config: &Config, only: Option<&str>) -> Result<()> {
         if only.is_some_and(|n| !a.name.eq_ignore_ascii_case(n)) {
             continue;
         }
-        if let Some(s) = a.oauth().filter(|s| setup::is_placeholder(&s.client_id)) {
+        // Service accounts have no client id: their key file names the app.
+        let placeholder = |s: &&OAuthSettings| s.flow != Flow::ServiceAccount && setup::is_placeholder(&s.client_id);
+        if let Some(s) = a.oauth().filter(placeholder) {
             bail!(
                 "{}: accounts.\"{}\".client_id is the placeholder `{}`: register an app with the provider and put its client id there (`mailproxy add {}` prints the steps), or remove the account",
                 config.path.display(),

@@ -694,6 +694,10 @@ async fn provider_faults() {
     for n in names {
         rig.authorise(n, "p local pw");
     }
+    // `mailproxy login` went through the running serve, which now holds a
+    // fresh access token for each: make the server refuse those, so each
+    // case's login must go back to the token endpoint.
+    rig.env.provider.expire_all_access_tokens();
     let vault = rig.vault();
     let port = rig.imap_port();
     let file = |n: &str| format!("{n}.json");

@@ -192,7 +192,7 @@ async fn handle(ctx: Arc<Ctx>, reload: mpsc::Sender<Reloaded>, stream: UnixStrea
 /// The OAuth account `name` of the running config, or a sentence.
 fn oauth_account(config: &Config, name: &str) -> Result<(Arc<Account>, OAuthSettings), String> {
     let account = config
-        .account(name)
+        .lookup(name)
         .ok_or_else(|| format!("{} has no account `{name}`", config.path.display()))?;
     let Some(s) = account.oauth() else {
         return Err(format!(
