@@ -22,6 +22,7 @@ use crate::proxy::pop3::Pop3;
 use crate::proxy::session::{self, Protocol as SessionProtocol};
 use crate::proxy::smtp::Smtp;
 use crate::proxy::Ctx;
+use crate::proxy_protocol::{self, Header};
 use crate::tls::{self, ClientConfigs, TlsError};
 use crate::tokens::TokenManager;
 use crate::vault::{Vault, VaultError};
@@ -47,8 +48,6 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     StoreKey(#[from] crate::store::StoreKeyError),
-    #[error("[{0}] proxy_protocol = true: this build does not read PROXY headers yet; remove the setting (and send-proxy-v2 at the balancer)")]
-    ProxyProtocol(Protocol),
     #[error("cannot listen on {addr} for metrics: {source}")]
     MetricsBind {
         addr: std::net::SocketAddr,
@@ -217,9 +216,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let tracker = TaskTracker::new();
     let mut listeners = Vec::new();
     for l in config.listeners() {
-        if l.proxy.is_some() {
-            return Err(ServeError::ProxyProtocol(l.protocol));
-        }
         if l.tls != LocalTls::None && (l.cert.is_none() || l.key.is_none()) {
             let dir = config.state_dir.join("certs");
             std::fs::create_dir_all(&dir).map_err(|source| ServeError::CertDir {
@@ -326,7 +322,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 };
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let (ctx, lctx) = (ctx.clone(), lctx.clone());
-                let span = tracing::info_span!("conn", id, proto = %lctx.protocol, peer = %peer, login = tracing::field::Empty);
+                let span = tracing::info_span!("conn", id, proto = %lctx.protocol, peer = %peer, client = tracing::field::Empty, login = tracing::field::Empty);
                 let session = async move {
                     match lctx.protocol {
                         Protocol::Imap => connection::<Imap>(&ctx, &lctx, tcp, peer.ip()).await,
@@ -512,9 +508,32 @@ async fn refresher(tokens: Arc<TokenManager>, state_dir: std::path::PathBuf, shu
     }
 }
 
-async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStream, ip: IpAddr) {
+async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: TcpStream, ip: IpAddr) {
     net::tune(&tcp);
     let limits = ctx.config().limits.clone();
+    // Behind a balancer: the client is who its PROXY header names, and only
+    // the trusted balancers may say so.
+    let proxy = l.settings(ctx).and_then(|s| s.proxy);
+    let ip = match proxy {
+        None => ip,
+        Some(pp) if !pp.trusts(ip) => {
+            crate::metrics::connection(l.protocol, "refused");
+            tracing::warn!("refusing a connection from an address that is not a trusted balancer (proxy_trusted)");
+            return;
+        }
+        Some(_) => match read_proxy_header(&mut tcp, limits.preauth_timeout).await {
+            Ok(Header::Proxied { source, .. }) => {
+                tracing::Span::current().record("client", tracing::field::display(source));
+                source.ip()
+            }
+            Ok(Header::Local) => ip,
+            Err(why) => {
+                crate::metrics::connection(l.protocol, "refused");
+                tracing::warn!(reason = %why, "refusing a connection without a valid PROXY header");
+                return;
+            }
+        },
+    };
     let Some(_slot) = l.enter(limits.max_connections) else {
         crate::metrics::connection(l.protocol, "refused");
         tracing::warn!(max = limits.max_connections, "connection limit reached; refusing");
@@ -563,6 +582,39 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, tcp: TcpStre
     if let Err(e) = session::run::<P>(ctx, &settings, client, starttls, ip).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
+}
+
+/// The PROXY v2 header at the start of a balancer's connection, read
+/// exactly (never a byte of the client's own stream) within `timeout`.
+async fn read_proxy_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Header, String> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut prefix = [0u8; proxy_protocol::PREFIX_LEN];
+        let mut got = 0;
+        while got < prefix.len() {
+            let n = tcp.read(&mut prefix[got..]).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("the connection closed before its PROXY header".to_string());
+            }
+            got += n;
+            // Refuse at the first byte that cannot start a header, rather
+            // than wait for bytes a client without one will never send.
+            let sig = got.min(proxy_protocol::SIGNATURE.len());
+            if prefix[..sig] != proxy_protocol::SIGNATURE[..sig] {
+                return Err(proxy_protocol::ProxyHeaderError::NoSignature.to_string());
+            }
+        }
+        let len = proxy_protocol::header_len(&prefix).map_err(|e| e.to_string())?;
+        let mut header = prefix.to_vec();
+        header.resize(len, 0);
+        tcp.read_exact(&mut header[proxy_protocol::PREFIX_LEN..])
+            .await
+            .map_err(|e| e.to_string())?;
+        proxy_protocol::parse(&header).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("no PROXY header within {} s", timeout.as_secs())))
 }
 
 async fn refuse<P: SessionProtocol>(mut tcp: TcpStream, why: &str) {
