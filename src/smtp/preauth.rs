@@ -310,7 +310,7 @@ impl SmtpPreAuth {
         };
         match cmd {
             Command::Ehlo { domain } => {
-                let mut lines = vec![format!("{} greets {domain}", self.hostname)];
+                let mut lines = vec![format!("{} greets {}", self.hostname, one_line(&domain))];
                 lines.extend(self.ehlo_keywords());
                 self.multiline(250, &lines);
                 self.helo = Some(domain);
