@@ -41,6 +41,45 @@ pub fn chunks<'a>(data: &'a [u8], rng: &mut Rng, max: usize) -> Vec<&'a [u8]> {
     out
 }
 
+/// The input of the upstream targets, `[max byte] [seed byte] stream...`.
+pub struct Upstream<'a> {
+    /// The second header byte, to seed further streams from.
+    pub seed: u8,
+    pub stream: &'a [u8],
+    /// Stands in for the proxy's response bound: 64 KiB when the first byte's
+    /// high bit is set, else small enough that the limits are reachable.
+    pub max: usize,
+    pub max_chunk: usize,
+    /// `stream` cut the way the header bytes pick.
+    pub chunks: Vec<&'a [u8]>,
+}
+
+impl<'a> Upstream<'a> {
+    /// `None` for an input too short to hold the header. A small `max` is
+    /// `least + 8 * byte`.
+    pub fn parse(data: &'a [u8], least: usize) -> Option<Self> {
+        if data.len() < 2 {
+            return None;
+        }
+        let (hdr, stream) = data.split_at(2);
+        let max = if hdr[0] & 0x80 != 0 {
+            65536
+        } else {
+            least + 8 * usize::from(hdr[0])
+        };
+        let mut rng = Rng::new(hdr);
+        let max_chunk = [1, 7, 64, 4096][rng.below(4)];
+        let chunks = chunks(stream, &mut rng, max_chunk);
+        Some(Upstream {
+            seed: hdr[1],
+            stream,
+            max,
+            max_chunk,
+            chunks,
+        })
+    }
+}
+
 /// Every line ends in CRLF, there is no bare CR or LF, no other control
 /// character, and the bytes are UTF-8. Returns a description of the problem.
 pub fn check_crlf_lines(out: &[u8]) -> Result<(), String> {

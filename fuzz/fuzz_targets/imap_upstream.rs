@@ -25,7 +25,7 @@
 #[path = "common.rs"]
 mod common;
 
-use common::{check_challenge, read_frames, Rng};
+use common::{check_challenge, read_frames, Upstream};
 use libfuzzer_sys::fuzz_target;
 use mailproxy::imap::response::{
     frame, has_capability, parse_greeting, parse_response, retag_line, Response, Status,
@@ -81,18 +81,9 @@ fn check_response(frame: &[u8], r: &Response) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 2 {
+    let Some(Upstream { stream, max, chunks, .. }) = Upstream::parse(data, 16) else {
         return;
-    }
-    let (hdr, stream) = data.split_at(2);
-    let max = if hdr[0] & 0x80 != 0 {
-        65536
-    } else {
-        16 + 8 * usize::from(hdr[0])
     };
-    let mut rng = Rng::new(hdr);
-    let max_chunk = [1, 7, 64, 4096][rng.below(4)];
-    let chunks = common::chunks(stream, &mut rng, max_chunk);
 
     // The whole response, its line ends included, stays within `max`.
     let bound = max + 2;

@@ -22,7 +22,7 @@
 #[path = "common.rs"]
 mod common;
 
-use common::{check_challenge, read_frames, Rng};
+use common::{check_challenge, read_frames, Rng, Upstream};
 use libfuzzer_sys::fuzz_target;
 use mailproxy::pop3::response::{find_line, find_multiline, has_capability, parse_response, sasl_mechanisms, Response};
 
@@ -65,18 +65,9 @@ fn check_capa(lines: &[String]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 2 {
+    let Some(Upstream { seed, stream, max, max_chunk, chunks }) = Upstream::parse(data, 8) else {
         return;
-    }
-    let (hdr, stream) = data.split_at(2);
-    let max = if hdr[0] & 0x80 != 0 {
-        65536
-    } else {
-        8 + 8 * usize::from(hdr[0])
     };
-    let mut rng = Rng::new(hdr);
-    let max_chunk = [1, 7, 64, 4096][rng.below(4)];
-    let chunks = common::chunks(stream, &mut rng, max_chunk);
 
     // Line by line, as the proxy reads the greeting and each answer. After
     // an `+OK` line the rest of the stream is also read as a CAPA body.
@@ -109,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
 
     for from in capa_from {
         let rest = &stream[from..];
-        let mut rng = Rng::new(&[hdr[1], from as u8]);
+        let mut rng = Rng::new(&[seed, from as u8]);
         let chunks = common::chunks(rest, &mut rng, max_chunk);
         read_frames(
             rest,

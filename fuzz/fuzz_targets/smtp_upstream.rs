@@ -24,7 +24,7 @@
 #[path = "common.rs"]
 mod common;
 
-use common::{check_challenge, read_frames, Rng};
+use common::{check_challenge, read_frames, Upstream};
 use libfuzzer_sys::fuzz_target;
 use mailproxy::sasl::decode_login_prompt;
 use mailproxy::smtp::reply::{ehlo_keywords, find_reply, has_auth_mechanism, has_keyword, keyword_params, Reply};
@@ -104,18 +104,9 @@ fn check_reply(bytes: &[u8], r: &Reply) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if data.len() < 2 {
+    let Some(Upstream { stream, max, chunks, .. }) = Upstream::parse(data, 8) else {
         return;
-    }
-    let (hdr, stream) = data.split_at(2);
-    let max = if hdr[0] & 0x80 != 0 {
-        65536
-    } else {
-        8 + 8 * usize::from(hdr[0])
     };
-    let mut rng = Rng::new(hdr);
-    let max_chunk = [1, 7, 64, 4096][rng.below(4)];
-    let chunks = common::chunks(stream, &mut rng, max_chunk);
     read_frames(
         stream,
         &chunks,
