@@ -303,6 +303,57 @@ enum SaveError {
     Stale,
 }
 
+/// A refresh's answer on its way into the account's state.
+struct Refreshed {
+    tokens: Tokens,
+    /// The provider's new refresh token, when it differs from the old one.
+    rotated: Option<Secret>,
+    next: Active,
+    /// A rotated token that could not be saved.
+    failure: Option<TokenError>,
+}
+
+impl Refreshed {
+    fn new(before: &Active, tokens: Tokens) -> Refreshed {
+        let rotated = tokens.refresh.clone().filter(|r| Some(r) != before.refresh.as_ref());
+        let next = Active::new(
+            rotated.clone().or(before.refresh.clone()),
+            Some(Access::new(&tokens)),
+            before.sealed,
+        );
+        Refreshed {
+            tokens,
+            rotated,
+            next,
+            failure: None,
+        }
+    }
+
+    /// The new record could not be saved. After a rotation the stored token
+    /// is dead: the new one is kept in memory, to be saved later, and the
+    /// refresh reports the failure.
+    fn save_failed(&mut self, account: &str, e: impl std::fmt::Display) {
+        tracing::error!(account = %account, error = %e, "cannot save the account record after a refresh");
+        if self.rotated.is_some() {
+            self.next.sealed = false;
+            self.failure = Some(TokenError::Vault(e.to_string()));
+        }
+    }
+}
+
+/// A refresh whose save lost: `revoke`, a new `login` or another command
+/// changed the account meanwhile, and what is stored now (already in `slot`)
+/// counts.
+fn changed_meanwhile(slot: &Slot, account: String) -> TokenError {
+    match &slot.state {
+        TokenState::Active(_) => TokenError::Vault("the account changed meanwhile; log in again".into()),
+        _ => TokenError::NeedsLogin {
+            account,
+            why: "it was changed by another mailproxy command meanwhile".into(),
+        },
+    }
+}
+
 impl TokenManager {
     /// `store` is the store actually in use (the keyring may have been found
     /// unavailable at start, see `server`).
@@ -884,55 +935,38 @@ impl TokenManager {
             }
         };
         // Save a rotated refresh token before anything uses the new access token.
-        let rotated = t.refresh.clone().filter(|r| Some(r) != before.refresh.as_ref());
-        let mut next = Active::new(
-            rotated.clone().or(before.refresh.clone()),
-            Some(Access::new(&t)),
-            before.sealed,
-        );
-        let mut failure = None;
+        let mut done = Refreshed::new(&before, t);
         if before.sealed && slot.record.is_some() {
             let mut rec = slot.record.clone().unwrap_or_else(|| new_record(&name));
             rec.last_refresh = Some(now_unix());
-            if let Some(s) = &t.scopes {
+            if let Some(s) = &done.tokens.scopes {
                 rec.scopes = s.clone();
             }
-            match self.save(acct, slot, rec, rotated.as_ref()).await {
+            match self.save(acct, slot, rec, done.rotated.as_ref()).await {
                 Ok(()) => {}
-                Err(SaveError::Stale) => {
-                    // `revoke` or a new `login` won: what is on disk now counts.
-                    return Err(match &slot.state {
-                        TokenState::Active(_) => {
-                            TokenError::Vault("the account changed meanwhile; log in again".into())
-                        }
-                        _ => TokenError::NeedsLogin {
-                            account: name,
-                            why: "it was changed by another mailproxy command meanwhile".into(),
-                        },
-                    });
-                }
-                Err(e) => {
-                    tracing::error!(account = %name, error = %e, "cannot save the account record after a refresh");
-                    if rotated.is_some() {
-                        // The old token on disk is dead now: keep the new one in memory.
-                        next.sealed = false;
-                        failure = Some(TokenError::Vault(e.to_string()));
-                    }
-                }
+                Err(SaveError::Stale) => return Err(changed_meanwhile(slot, name)),
+                Err(e) => done.save_failed(&name, e),
             }
         }
-        let expires_in = t
+        self.keep_refreshed(slot, &name, done)
+    }
+
+    /// The last step of a refresh, saved or not: the new tokens become the
+    /// account's state, and a failed save of a rotated token is the answer.
+    fn keep_refreshed(&self, slot: &mut Slot, name: &str, done: Refreshed) -> Result<Secret, TokenError> {
+        let expires_in = done
+            .tokens
             .expires_at
             .duration_since(SystemTime::now())
             .unwrap_or_default()
             .as_secs();
-        tracing::info!(account = %name, expires_in_s = expires_in, rotated = rotated.is_some(), "access token refreshed");
-        slot.state = TokenState::Active(next);
+        tracing::info!(account = %name, expires_in_s = expires_in, rotated = done.rotated.is_some(), "access token refreshed");
+        slot.state = TokenState::Active(done.next);
         // The background refresher plans its next wake-up from this token.
         self.changed.notify_one();
-        match failure {
+        match done.failure {
             Some(e) => Err(e),
-            None => Ok(t.access),
+            None => Ok(done.tokens.access),
         }
     }
 

@@ -12,7 +12,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::state::{unix, Access, Active, TokenState};
-use super::{now_unix, AccountTokens, Slot, TokenError, TokenManager};
+use super::{changed_meanwhile, now_unix, AccountTokens, Refreshed, Slot, TokenError, TokenManager};
 use crate::audit::Entry;
 use crate::crypto::{self, VaultKey};
 use crate::oauth::{self, flows, OAuthError};
@@ -129,21 +129,16 @@ impl TokenManager {
                 return Err(self.refresh_failed(acct, slot, &before, e));
             }
         };
-        let rotated = t.refresh.clone().filter(|r| Some(r) != before.refresh.as_ref());
-        let mut next = Active::new(
-            rotated.clone().or(before.refresh.clone()),
-            Some(Access::new(&t)),
-            before.sealed,
-        );
-        let mut failure = None;
+        let mut done = Refreshed::new(&before, t);
         let key = self.sealing_key(slot, slot.record.as_ref()).cloned();
         match (lock, key, slot.record.clone()) {
             (Some(lock), Some(key), Some(mut rec)) if before.sealed => {
+                let t = &done.tokens;
                 rec.last_refresh = Some(now_unix());
                 if let Some(s) = &t.scopes {
                     rec.scopes = s.clone();
                 }
-                if let Some(r) = &rotated {
+                if let Some(r) = &done.rotated {
                     rec.refresh_token = Some(crypto::seal(&key, &name, r.expose()));
                 }
                 rec.access = Some(SealedAccess {
@@ -161,44 +156,19 @@ impl TokenManager {
                         tracing::warn!(account = %name, based_on = ?base, stored = ?on_disk, "dropped a refresh: the account was changed meanwhile");
                         slot.loaded = false;
                         let _ = self.sync(acct, slot).await;
-                        return Err(match &slot.state {
-                            TokenState::Active(_) => {
-                                TokenError::Vault("the account changed meanwhile; log in again".into())
-                            }
-                            _ => TokenError::NeedsLogin {
-                                account: name,
-                                why: "it was changed by another mailproxy command meanwhile".into(),
-                            },
-                        });
+                        return Err(changed_meanwhile(slot, name));
                     }
-                    Err(e) => {
-                        tracing::error!(account = %name, error = %e, "cannot save the account record after a refresh");
-                        if rotated.is_some() {
-                            next.sealed = false;
-                            failure = Some(TokenError::Vault(e.to_string()));
-                        }
-                    }
+                    Err(e) => done.save_failed(&name, e),
                 }
             }
-            _ if rotated.is_some() => {
+            _ if done.rotated.is_some() => {
                 // Nothing to seal it with yet: kept in memory, saved later.
-                next.sealed = false;
+                done.next.sealed = false;
             }
             _ => {}
         }
-        let expires_in = t
-            .expires_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .as_secs();
-        tracing::info!(account = %name, expires_in_s = expires_in, rotated = rotated.is_some(), "access token refreshed");
         crate::metrics::refresh(&acct.settings, "ok");
-        slot.state = TokenState::Active(next);
-        self.changed.notify_one();
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(t.access),
-        }
+        self.keep_refreshed(slot, &name, done)
     }
 
     /// A refresh the provider refused or could not answer. Slot locked.
