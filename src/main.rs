@@ -298,11 +298,7 @@ async fn run(cli: Cli) -> Result<u8> {
             let req = Request::Revoke {
                 account: account.clone(),
             };
-            let served = match serve_handles(&config, &account) {
-                true => via_serve(&config, req, &account, true, |_| {}).await?,
-                false => None,
-            };
-            match served {
+            match handled_by_serve(&config, req, &account).await? {
                 Some(code) => Ok(code),
                 None => revoke(&config, &account).await.map(|_| 0),
             }
@@ -311,11 +307,7 @@ async fn run(cli: Cli) -> Result<u8> {
             let req = Request::Passwd {
                 account: account.clone(),
             };
-            let served = match serve_handles(&config, &account) {
-                true => via_serve(&config, req, &account, true, |_| {}).await?,
-                false => None,
-            };
-            match served {
+            match handled_by_serve(&config, req, &account).await? {
                 Some(code) => Ok(code),
                 None => passwd(&config, &account).await.map(|_| 0),
             }
@@ -330,6 +322,15 @@ async fn run(cli: Cli) -> Result<u8> {
 /// the new record up at the account's next use.
 fn serve_handles(config: &Config, account: &str) -> bool {
     config.account(account).is_some_and(|a| a.token_from.is_none())
+}
+
+/// `req` run through a running `serve` when it handles `account`, with no
+/// data replies to show; `None` when the command must do the work itself.
+async fn handled_by_serve(config: &Config, req: Request, account: &str) -> Result<Option<u8>> {
+    if !serve_handles(config, account) {
+        return Ok(None);
+    }
+    via_serve(config, req, account, true, |_| {}).await
 }
 
 async fn service(config: &Config, action: ServiceAction) -> Result<u8> {
