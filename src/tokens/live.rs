@@ -7,7 +7,6 @@ use std::time::SystemTime;
 
 use crate::audit::Entry;
 use crate::control::CheckOutcome;
-use crate::crypto;
 use crate::keystore;
 use crate::oauth::{flows, OAuthError, Tokens};
 use crate::secret::Secret;
@@ -100,11 +99,7 @@ impl TokenManager {
         t: Tokens,
     ) -> Result<&'static str, TokenError> {
         let name = acct.account.name.clone();
-        let pw = password.clone();
-        let (verifier, key) = self
-            .kdf(move || crypto::new_password(pw.expose()))
-            .await
-            .map_err(TokenError::Vault)?;
+        let (verifier, key) = self.new_password(password).await?;
         let scopes = t.scopes.clone().unwrap_or_else(|| acct.settings.scopes.clone());
         let mut slot = acct.slot.lock().await;
         let _ = self.sync(acct, &mut slot).await;

@@ -536,6 +536,15 @@ impl TokenManager {
         blocking(f).await
     }
 
+    /// A verifier and sealing key for a new local password, computed in a
+    /// KDF slot like every password check.
+    async fn new_password(&self, password: &Secret) -> Result<(crypto::PasswordVerifier, VaultKey), TokenError> {
+        let pw = password.clone();
+        self.kdf(move || crypto::new_password(pw.expose()))
+            .await
+            .map_err(TokenError::Vault)
+    }
+
     /// Re-reads the record when the file changed under us, and computes the
     /// state it implies. Slot locked.
     async fn sync(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<(), AuthError> {
@@ -1196,11 +1205,7 @@ impl TokenManager {
         password: &Secret,
     ) -> Result<(), TokenError> {
         let name = acct.account.name.clone();
-        let pw = password.clone();
-        let (verifier, key) = self
-            .kdf(move || crypto::new_password(pw.expose()))
-            .await
-            .map_err(TokenError::Vault)?;
+        let (verifier, key) = self.new_password(password).await?;
         let mut slot = acct.slot.lock().await;
         let _ = self.sync(acct, &mut slot).await;
         let active = match &slot.state {
