@@ -312,6 +312,25 @@ pub(super) fn sign_rs256(pair: &ring::signature::RsaKeyPair, signing_input: Stri
     Ok(Secret::new(format!("{signing_input}.{}", B64URL.encode(sig))))
 }
 
+/// The header and claims of a JWT from [`sign_rs256`], after checking that
+/// its signature verifies with the public half of `pkcs8` and that a
+/// tampered input does not.
+#[cfg(test)]
+pub(super) fn verify_rs256(jwt: &str, pkcs8: &[u8]) -> (serde_json::Value, serde_json::Value) {
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let pair = ring::signature::RsaKeyPair::from_pkcs8(pkcs8).unwrap();
+    let public =
+        ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, pair.public().as_ref());
+    let sig = B64URL.decode(parts[2]).unwrap();
+    public
+        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .expect("valid signature");
+    assert!(public.verify(b"tampered", &sig).is_err());
+    let json = |part: &str| -> serde_json::Value { serde_json::from_slice(&B64URL.decode(part).unwrap()).unwrap() };
+    (json(parts[0]), json(parts[1]))
+}
+
 /// A token for an app-only account (no refresh token): client credentials,
 /// or a service account acting for `mailbox`.
 pub async fn app_token(
@@ -423,27 +442,14 @@ mod tests {
             .expect("openssl");
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
         let jwt = client_assertion("cid", "https://t/token", &c, &k).unwrap();
-        let parts: Vec<&str> = jwt.expose().split('.').collect();
-        assert_eq!(parts.len(), 3);
-        let header: serde_json::Value = serde_json::from_slice(&B64URL.decode(parts[0]).unwrap()).unwrap();
+        // The signature verifies with the certificate's public key.
+        use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
+        let key = PrivatePkcs8KeyDer::from_pem_file(&k).unwrap();
+        let (header, claims) = verify_rs256(jwt.expose(), key.secret_pkcs8_der());
         assert_eq!(header["alg"], "RS256");
-        let claims: serde_json::Value = serde_json::from_slice(&B64URL.decode(parts[1]).unwrap()).unwrap();
         assert_eq!(
             (claims["aud"].as_str(), claims["iss"].as_str(), claims["sub"].as_str()),
             (Some("https://t/token"), Some("cid"), Some("cid"))
         );
-        // The signature verifies with the certificate's public key.
-        use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
-        let key = PrivatePkcs8KeyDer::from_pem_file(&k).unwrap();
-        let pair = ring::signature::RsaKeyPair::from_pkcs8(key.secret_pkcs8_der()).unwrap();
-        let public = ring::signature::UnparsedPublicKey::new(
-            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-            pair.public().as_ref(),
-        );
-        let sig = B64URL.decode(parts[2]).unwrap();
-        public
-            .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
-            .expect("valid signature");
-        assert!(public.verify(b"tampered", &sig).is_err());
     }
 }
