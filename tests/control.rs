@@ -8,15 +8,6 @@ use std::os::unix::fs::PermissionsExt;
 
 use support::mailproxy::{run, Proxy};
 use support::world::*;
-use support::LineConn;
-
-async fn login_response(port: u16, user: &str, pw: &str) -> String {
-    let mut c = LineConn::plain(port).await.unwrap();
-    let g = c.read_line().await.unwrap();
-    assert!(g.starts_with("* OK"), "{g}");
-    let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
-    r.tagged
-}
 
 /// Runs a command and checks that no secret reached its output.
 fn cmd(w: &World, args: &[&str], stdin: &str) -> (i32, String, String) {

@@ -8,27 +8,8 @@ use std::time::{Duration, Instant};
 
 use support::mailproxy::{run, Proxy};
 use support::provider::{self, approve_in_browser};
+use support::sample_message;
 use support::world::*;
-use support::{sample_message, LineConn};
-
-async fn connect(port: u16) -> LineConn {
-    let mut c = LineConn::plain(port).await.unwrap();
-    let g = c.read_line().await.unwrap();
-    assert!(g.starts_with("* OK"), "{g}");
-    c
-}
-
-async fn login_response(port: u16, user: &str, pw: &str) -> (LineConn, String) {
-    let mut c = connect(port).await;
-    let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
-    (c, r.tagged)
-}
-
-async fn login_ok(port: u16, user: &str, pw: &str) -> LineConn {
-    let (c, tagged) = login_response(port, user, pw).await;
-    assert!(tagged.starts_with("a1 OK"), "LOGIN {user}: {tagged}");
-    c
-}
 
 fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
@@ -100,7 +81,7 @@ async fn client_credentials_account() {
         "the login used the cached token"
     );
     // A wrong local password is still refused.
-    let (_, tagged) = login_response(port, APP, "nope").await;
+    let tagged = login_response(port, APP, "nope").await;
     assert!(tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{tagged}");
 }
 
@@ -120,7 +101,7 @@ async fn on_demand_authorisation_runs_once_for_twenty_clients() {
         .expect("status listener");
 
     let tasks: Vec<_> = (0..20)
-        .map(|_| tokio::spawn(async move { login_response(port, ALICE, "first pw").await.1 }))
+        .map(|_| tokio::spawn(async move { login_response(port, ALICE, "first pw").await }))
         .collect();
     let mut answers = Vec::new();
     for t in tasks {
@@ -162,7 +143,7 @@ async fn on_demand_authorisation_runs_once_for_twenty_clients() {
     assert_eq!(w.env.provider.code_exchanges(), 1, "one token exchange");
 
     // The owner sets the local password on the completion page; no client can.
-    let (_, tagged) = login_response(port, ALICE, "first pw").await;
+    let tagged = login_response(port, ALICE, "first pw").await;
     assert!(tagged.starts_with("a1 NO [ALERT]"), "{tagged}");
     let at = body.find("name=token value=\"").unwrap() + 18;
     let token = &body[at..at + body[at..].find('"').unwrap()];
@@ -180,7 +161,7 @@ async fn on_demand_authorisation_runs_once_for_twenty_clients() {
     assert_eq!(done.status, 200, "{}", done.text());
     let mut c = login_ok(port, ALICE, "first pw").await;
     assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
-    let (_, tagged) = login_response(port, ALICE, "other pw").await;
+    let tagged = login_response(port, ALICE, "other pw").await;
     assert!(tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{tagged}");
     drop(login_ok(port, ALICE, "first pw").await);
     let audit = read(&w.dir.state_dir().join("audit.log"));
@@ -268,7 +249,7 @@ async fn revoke_erases_every_trace_and_calls_the_provider() {
     assert!(!audit.contains(&revs[0].0), "no token in the audit log");
 
     // The running proxy notices without a restart: no more logins with the old state.
-    let (_, tagged) = login_response(port, ALICE, ALICE_PW).await;
+    let tagged = login_response(port, ALICE, ALICE_PW).await;
     assert!(
         tagged.starts_with("a1 NO [ALERT]") && tagged.contains("not authorised"),
         "{tagged}"
@@ -326,7 +307,7 @@ async fn decoded_provider_errors_reach_the_client_and_run_the_hook() {
     for (status, body, want) in cases {
         let port = w.restart();
         w.env.provider.fail_next_token_requests(1, status, body);
-        let (_, tagged) = login_response(port, ALICE, ALICE_PW).await;
+        let tagged = login_response(port, ALICE, ALICE_PW).await;
         assert!(tagged.starts_with("a1 NO ["), "{tagged}");
         assert!(tagged.contains(want), "{want}: {tagged}");
     }
@@ -562,7 +543,7 @@ async fn login_while_serving_takes_effect() {
     w.authorise(ALICE, ALICE_PW);
     let mut c = login_ok(port, ALICE, ALICE_PW).await;
     assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
-    let (_, tagged) = login_response(port, ALICE, "old pw").await;
+    let tagged = login_response(port, ALICE, "old pw").await;
     assert!(
         tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
         "the old password is gone: {tagged}"

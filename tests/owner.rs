@@ -15,16 +15,6 @@ use support::provider;
 use support::world::*;
 use support::LineConn;
 
-async fn login_response(port: u16, user: &str, pw: &str) -> String {
-    let mut c = LineConn::plain(port).await.unwrap();
-    let g = c.read_line().await.unwrap();
-    assert!(g.starts_with("* OK"), "{g}");
-    c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\""))
-        .await
-        .unwrap()
-        .tagged
-}
-
 fn with_status_page(w: &World) {
     let cfg = std::fs::read_to_string(w.dir.config_path())
         .unwrap()

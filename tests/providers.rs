@@ -13,20 +13,6 @@ use support::provider;
 use support::world::*;
 use support::LineConn;
 
-async fn login_response(port: u16, user: &str, pw: &str) -> (LineConn, String) {
-    let mut c = LineConn::plain(port).await.unwrap();
-    let g = c.read_line().await.unwrap();
-    assert!(g.starts_with("* OK"), "{g}");
-    let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
-    (c, r.tagged)
-}
-
-async fn login_ok(port: u16, user: &str, pw: &str) -> LineConn {
-    let (c, tagged) = login_response(port, user, pw).await;
-    assert!(tagged.starts_with("a1 OK"), "LOGIN {user}: {tagged}");
-    c
-}
-
 const SERVICE_ACCOUNT: &str = "mailproxy@test-project.iam.gserviceaccount.com";
 
 /// A service account key as Google issues it (JSON with a PKCS#8 PEM RSA
@@ -137,7 +123,7 @@ async fn a_service_account_serves_two_mailboxes() {
     for who in [DAVE, ERIN] {
         assert!(log.contains(&format!("user=<{who}>")), "{log}");
     }
-    let (_, no) = login_response(port, DAVE, "erin local pw").await;
+    let no = login_response(port, DAVE, "erin local pw").await;
     assert!(no.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{no}");
     // One assertion per mailbox at login, one more each once serve runs
     // (in whichever order its sessions and upkeep asked).
@@ -164,13 +150,13 @@ async fn a_domain_entry_serves_a_mailbox_without_its_own_entry() {
     let port = w.start();
 
     // Not set up yet: refused with what its owner does, and nothing asked at the provider.
-    let (_, r) = login_response(port, DAVE, "a guess").await;
+    let r = login_response(port, DAVE, "a guess").await;
     assert!(
         r.starts_with("a1 NO [ALERT]") && r.contains(&format!("mailproxy login {DAVE}")),
         "{r}"
     );
     for not_an_address in ["@example.org", "da..ve@example.org", "dave@other.example"] {
-        let (_, r) = login_response(port, not_an_address, "x").await;
+        let r = login_response(port, not_an_address, "x").await;
         assert!(r.starts_with("a1 NO"), "{r}");
     }
     assert!(w.env.provider.jwt_bearer_subjects().is_empty());
@@ -186,7 +172,7 @@ async fn a_domain_entry_serves_a_mailbox_without_its_own_entry() {
     assert!(a.imap("s", "SELECT INBOX").await.unwrap().is_ok());
     assert!(!w.env.provider.jwt_bearer_subjects().contains(&ALICE.to_string()));
     // Passthrough bob keeps his own entry too.
-    let (_, r) = login_response(port, BOB, BOB_PW).await;
+    let r = login_response(port, BOB, BOB_PW).await;
     assert!(r.starts_with("a1 OK"), "{r}");
 
     let (code, out, _) = run(&w.dir, &["accounts"], "");
@@ -205,14 +191,14 @@ async fn a_domain_entry_serves_a_mailbox_without_its_own_entry() {
     assert!(out.contains(&format!("{DAVE}: ok")), "{out}");
     let (code, _, err) = run(&w.dir, &["passwd", DAVE], "new dave pw\n");
     assert_eq!(code, 0, "{err}");
-    let (_, r) = login_response(port, DAVE, "dave pw").await;
+    let r = login_response(port, DAVE, "dave pw").await;
     assert!(r.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r}");
     drop(login_ok(port, DAVE, "new dave pw").await);
 
     let (code, out, err) = run(&w.dir, &["revoke", DAVE], "");
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("erased"), "{out}");
-    let (_, r) = login_response(port, DAVE, "new dave pw").await;
+    let r = login_response(port, DAVE, "new dave pw").await;
     assert!(r.starts_with("a1 NO"), "{r}");
 }
 
@@ -251,13 +237,13 @@ async fn a_shared_mailbox_uses_the_delegates_grant() {
 
     let port = w.start();
     // With the file store the grant is sealed under grace's password: locked until she logs in.
-    let (_, r) = login_response(port, SHARED, SHARED_PW).await;
+    let r = login_response(port, SHARED, SHARED_PW).await;
     assert!(
         r.starts_with("a1 NO") && r.contains(&format!("{GRACE} is locked")),
         "{r}"
     );
     drop(login_ok(port, GRACE, GRACE_PW).await);
-    let (_, r) = login_response(port, SHARED, GRACE_PW).await;
+    let r = login_response(port, SHARED, GRACE_PW).await;
     assert!(
         r.starts_with("a1 NO [AUTHENTICATIONFAILED]"),
         "its own password, not grace's: {r}"
@@ -273,7 +259,7 @@ async fn a_shared_mailbox_uses_the_delegates_grant() {
     );
 
     rec.refuse_with("User is authenticated but not connected.");
-    let (_, r) = login_response(port, SHARED, SHARED_PW).await;
+    let r = login_response(port, SHARED, SHARED_PW).await;
     assert!(
         r.starts_with("a1 NO") && r.contains(&format!("Add-MailboxPermission -Identity {SHARED}")),
         "{r}"
@@ -323,7 +309,7 @@ async fn a_seven_day_google_death_names_the_testing_status() {
 
     // The running proxy says the same when its refresh fails.
     let port = w.start();
-    let (_, r) = login_response(port, ALICE, ALICE_PW).await;
+    let r = login_response(port, ALICE, ALICE_PW).await;
     assert!(r.starts_with("a1 NO"), "{r}");
     assert!(w.proxy.as_ref().unwrap().wait_log("Testing status"), "{}", w.logs());
     // The audit trail is written behind the log: wait for its needs_login entry.

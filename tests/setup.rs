@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 
 use support::mailproxy::{Proxy, ProxyDir, BIN};
 use support::provider::{self, approve_in_browser_blocking};
-use support::world::assert_no_secrets;
-use support::{require_dovecot, Env, LineConn};
+use support::world::{assert_no_secrets, login_response};
+use support::{require_dovecot, Env};
 
 const ALICE: &str = "alice@example.org";
 const CAROL: &str = "carol@example.org";
@@ -83,16 +83,6 @@ fn custom_args<'a>(env: &'a Env, imap: &'a str, ca: &'a str) -> Vec<String> {
     .collect()
 }
 
-async fn imap_login(port: u16, user: &str, pw: &str) -> String {
-    let mut c = LineConn::plain(port).await.unwrap();
-    let g = c.read_line().await.unwrap();
-    assert!(g.starts_with("* OK"), "{g}");
-    c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\""))
-        .await
-        .unwrap()
-        .tagged
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_with_flags_writes_the_config_and_logs_in_then_add_while_serving() {
     require_dovecot();
@@ -146,7 +136,7 @@ async fn add_with_flags_writes_the_config_and_logs_in_then_add_while_serving() {
     let state_home = dir.path().join("state-home");
     let mut proxy = Proxy::start_env(&dir, &[("XDG_STATE_HOME", state_home.to_str().unwrap())]);
     let port = proxy.imap_port();
-    let t = imap_login(port, ALICE, PW).await;
+    let t = login_response(port, ALICE, PW).await;
     assert!(t.starts_with("a1 OK"), "{t}");
 
     // add while serve runs: serve reloads its config and runs the login.
@@ -159,7 +149,7 @@ async fn add_with_flags_writes_the_config_and_logs_in_then_add_while_serving() {
     assert!(err.contains(&format!("Extended {}", path.display())), "{err}");
     assert!(err.contains("reloaded its config"), "{err}");
     assert!(proxy.wait_log("command=Login"), "the login ran in serve");
-    let t = imap_login(port, CAROL, PW).await;
+    let t = login_response(port, CAROL, PW).await;
     assert!(t.starts_with("a1 OK"), "usable at once, no restart: {t}");
 
     // The same address again: refused, the file untouched.

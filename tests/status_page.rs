@@ -19,16 +19,6 @@ use support::LineConn;
 const DAVE: &str = "dave@example.org";
 const ERIN: &str = "erin@example.org";
 
-async fn login_response(port: u16, user: &str, pw: &str) -> String {
-    let mut c = LineConn::plain(port).await.unwrap();
-    let g = c.read_line().await.unwrap();
-    assert!(g.starts_with("* OK"), "{g}");
-    c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\""))
-        .await
-        .unwrap()
-        .tagged
-}
-
 /// The status listener's address, from `serve`'s stdout (read by a thread,
 /// so it may lag behind the other listeners' lines).
 fn status_addr(w: &World) -> String {

@@ -2,7 +2,7 @@
 //! config with one account of each kind.
 
 use super::mailproxy::{oauth_account, Proxy, ProxyDir};
-use super::{require_dovecot, Env};
+use super::{require_dovecot, Env, LineConn};
 
 pub const ALICE: &str = "alice@example.org";
 pub const ALICE_PW: &str = "alice local pw";
@@ -95,6 +95,28 @@ impl World {
             .filter(|l| l.contains("imap-login:"))
             .count()
     }
+}
+
+/// `a1 LOGIN` on a new plain IMAP connection to the proxy's `port`, after
+/// its `* OK` greeting: the connection and the tagged answer.
+async fn imap_login(port: u16, user: &str, pw: &str) -> (LineConn, String) {
+    let mut c = LineConn::plain(port).await.unwrap();
+    let g = c.read_line().await.unwrap();
+    assert!(g.starts_with("* OK"), "{g}");
+    let r = c.imap("a1", &format!("LOGIN \"{user}\" \"{pw}\"")).await.unwrap();
+    (c, r.tagged)
+}
+
+/// The tagged answer to `a1 LOGIN` on a new connection.
+pub async fn login_response(port: u16, user: &str, pw: &str) -> String {
+    imap_login(port, user, pw).await.1
+}
+
+/// A new connection logged in as `user`; the login must succeed.
+pub async fn login_ok(port: u16, user: &str, pw: &str) -> LineConn {
+    let (c, tagged) = imap_login(port, user, pw).await;
+    assert!(tagged.starts_with("a1 OK"), "LOGIN {user}: {tagged}");
+    c
 }
 
 /// Whatever a test did, no password, token, code, verifier or client secret
