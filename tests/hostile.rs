@@ -11,8 +11,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::hostile_util::*;
-use support::mailproxy::{oauth_account, run, BIN};
-use support::world::{ALICE, ALICE_PW, BOB, BOB_PW};
+use support::mailproxy::{run, BIN};
+use support::world::{imaps_account, ALICE, ALICE_PW, BOB, BOB_PW};
 use support::{Dovecot, DovecotOptions, LineConn, ServerCert};
 
 const MIB: u64 = 1024;
@@ -462,17 +462,7 @@ async fn ten_thousand_failed_logins() {
 async fn wrong_passwords_for_real_accounts_keep_memory_bounded() {
     let others = ["k1@example.org", "k2@example.org", "k3@example.org"];
     let (mut rig, mut base) = rig_with_baseline("login_failure_delay_max = 0.02", |env| {
-        others
-            .iter()
-            .map(|n| {
-                oauth_account(
-                    n,
-                    &env.provider,
-                    &env.dovecot,
-                    &format!("imaps://localhost:{}", env.dovecot.imaps_port),
-                )
-            })
-            .collect()
+        others.iter().map(|n| imaps_account(n, env)).collect()
     })
     .await;
     for n in others {
@@ -678,17 +668,7 @@ async fn provider_faults() {
         "pstring@example.org",
     ];
     let (mut rig, mut base) = rig_with_baseline("provider_timeout = 2", |env| {
-        names
-            .iter()
-            .map(|n| {
-                oauth_account(
-                    n,
-                    &env.provider,
-                    &env.dovecot,
-                    &format!("imaps://localhost:{}", env.dovecot.imaps_port),
-                )
-            })
-            .collect()
+        names.iter().map(|n| imaps_account(n, env)).collect()
     })
     .await;
     for n in names {

@@ -88,17 +88,9 @@ async fn client_credentials_account() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_demand_authorisation_runs_once_for_twenty_clients() {
     let mut w = World::new();
-    let cfg = read(&w.dir.config_path()).replace("[server]\n", "[server]\nstatus_listen = \"127.0.0.1:0\"\n");
-    std::fs::write(w.dir.config_path(), cfg).unwrap();
+    w.with_status_page();
     let port = w.start();
-    let status_addr = w
-        .proxy
-        .as_ref()
-        .unwrap()
-        .stdout()
-        .iter()
-        .find_map(|l| l.strip_prefix("listening status ").map(str::to_string))
-        .expect("status listener");
+    let status_addr = w.status_addr();
 
     let tasks: Vec<_> = (0..20)
         .map(|_| tokio::spawn(async move { login_response(port, ALICE, "first pw").await }))
@@ -372,16 +364,8 @@ async fn keyring_store_and_file_vault() {
     let user = format!("kr{}@example.org", std::process::id());
     for store in ["keyring", "file"] {
         let u = user.clone();
-        let mut w = World::with(move |env, _| {
-            support::mailproxy::oauth_account(
-                &u,
-                &env.provider,
-                &env.dovecot,
-                &format!("imaps://localhost:{}", env.dovecot.imaps_port),
-            )
-        });
-        let cfg = read(&w.dir.config_path()).replace("[server]\n", &format!("[server]\ntoken_store = \"{store}\"\n"));
-        std::fs::write(w.dir.config_path(), cfg).unwrap();
+        let mut w = World::with(move |env, _| imaps_account(&u, env));
+        w.server_setting(&format!("token_store = \"{store}\""));
         w.authorise(&user, "kr pw");
         let record = read(&w.dir.state_dir().join("accounts").join(format!("{user}.json")));
         if store == "keyring" {

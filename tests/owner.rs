@@ -15,23 +15,6 @@ use support::provider;
 use support::world::*;
 use support::LineConn;
 
-fn with_status_page(w: &World) {
-    let cfg = std::fs::read_to_string(w.dir.config_path())
-        .unwrap()
-        .replace("[server]\n", "[server]\nstatus_listen = \"127.0.0.1:0\"\n");
-    w.dir.write_config(&cfg);
-}
-
-fn status_addr(w: &World) -> String {
-    w.proxy
-        .as_ref()
-        .unwrap()
-        .stdout()
-        .iter()
-        .find_map(|l| l.strip_prefix("listening status ").map(str::to_string))
-        .expect("status listener")
-}
-
 /// A raw request with exactly the headers given (the test client always
 /// sends the URL's own Host).
 fn raw(addr: &str, head: &str, body: &str) -> u16 {
@@ -65,9 +48,9 @@ fn field<'a>(html: &'a str, name: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_finishes_on_demand_in_a_browser_and_no_client_sets_the_password() {
     let mut w = World::new();
-    with_status_page(&w);
+    w.with_status_page();
     let port = w.start();
-    let status = status_addr(&w);
+    let status = w.status_addr();
     let auth_url = w.env.provider.auth_url();
 
     // Any client: an ALERT with the local start address, never the provider's URL or state.
@@ -301,18 +284,8 @@ async fn twenty_concurrent_first_logins_after_a_restart() {
     let user = format!("burst{}@example.org", std::process::id());
     for store in ["file", "keyring"] {
         let u = user.clone();
-        let mut w = World::with(move |env, _| {
-            support::mailproxy::oauth_account(
-                &u,
-                &env.provider,
-                &env.dovecot,
-                &format!("imaps://localhost:{}", env.dovecot.imaps_port),
-            )
-        });
-        let cfg = std::fs::read_to_string(w.dir.config_path())
-            .unwrap()
-            .replace("[server]\n", &format!("[server]\ntoken_store = \"{store}\"\n"));
-        w.dir.write_config(&cfg);
+        let mut w = World::with(move |env, _| imaps_account(&u, env));
+        w.server_setting(&format!("token_store = \"{store}\""));
         w.authorise(&user, "burst pw");
         w.start();
         let port = w.restart();
@@ -346,10 +319,10 @@ fn cpu_seconds(pid: u32) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guessing_flood_is_cheap_and_the_owner_still_logs_in() {
     let mut w = World::new();
-    with_status_page(&w);
+    w.with_status_page();
     w.authorise(ALICE, ALICE_PW);
     let port = w.start();
-    let status = status_addr(&w);
+    let status = w.status_addr();
     assert!(login_response(port, ALICE, ALICE_PW).await.starts_with("a1 OK"));
     let pid = w.proxy.as_ref().unwrap().pid();
     let cpu0 = cpu_seconds(pid);

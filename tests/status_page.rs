@@ -12,32 +12,11 @@ use std::path::PathBuf;
 use serde_json::Value;
 use support::chromium::Chromium;
 use support::http;
-use support::mailproxy::oauth_account;
 use support::world::*;
 use support::LineConn;
 
 const DAVE: &str = "dave@example.org";
 const ERIN: &str = "erin@example.org";
-
-/// The status listener's address, from `serve`'s stdout (read by a thread,
-/// so it may lag behind the other listeners' lines).
-fn status_addr(w: &World) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let found = w
-            .proxy
-            .as_ref()
-            .unwrap()
-            .stdout()
-            .iter()
-            .find_map(|l| l.strip_prefix("listening status ").map(str::to_string));
-        if let Some(a) = found {
-            return a;
-        }
-        assert!(std::time::Instant::now() < deadline, "no status listener line");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
 
 fn screenshot_path(name: &str) -> PathBuf {
     // CARGO_TARGET_TMPDIR is target/tmp: the pictures go next to it.
@@ -90,27 +69,12 @@ fn cards(b: &mut Chromium) -> HashMap<String, Card> {
 async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
     support::chromium::require_chromium();
     let mut w = World::with(|env, _| {
-        oauth_account(
-            DAVE,
-            &env.provider,
-            &env.dovecot,
-            &format!("imaps://localhost:{}", env.dovecot.imaps_port),
-        )
-        .replace("client_id =", "on_demand = false\nclient_id =")
-            + &oauth_account(
-                ERIN,
-                &env.provider,
-                &env.dovecot,
-                &format!("imaps://localhost:{}", env.dovecot.imaps_port),
-            )
+        imaps_account(DAVE, env).replace("client_id =", "on_demand = false\nclient_id =") + &imaps_account(ERIN, env)
     });
-    let cfg = std::fs::read_to_string(w.dir.config_path())
-        .unwrap()
-        .replace("[server]\n", "[server]\nstatus_listen = \"127.0.0.1:0\"\n");
-    w.dir.write_config(&cfg);
+    w.with_status_page();
     w.authorise(ALICE, ALICE_PW);
     let port = w.start();
-    let status = status_addr(&w);
+    let status = w.status_addr();
     let home = format!("http://{status}/");
     let home2 = home.clone();
     let auth_url = w.env.provider.auth_url();

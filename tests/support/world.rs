@@ -44,7 +44,7 @@ impl World {
             "[server]\n",
             &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()),
         );
-        cfg += &oauth_account(ALICE, &env.provider, d, &format!("imaps://localhost:{}", d.imaps_port));
+        cfg += &imaps_account(ALICE, &env);
         cfg += &oauth_account(
             CAROL,
             &env.provider,
@@ -58,6 +58,39 @@ impl World {
         cfg += &extra(&env, &dir);
         dir.write_config(&cfg);
         World { env, dir, proxy: None }
+    }
+
+    /// Adds `line` to the config's `[server]` table.
+    pub fn server_setting(&self, line: &str) {
+        let cfg = std::fs::read_to_string(self.dir.config_path())
+            .unwrap()
+            .replace("[server]\n", &format!("[server]\n{line}\n"));
+        self.dir.write_config(&cfg);
+    }
+
+    /// Turns the status page on, on a free port ([`World::status_addr`]).
+    pub fn with_status_page(&self) {
+        self.server_setting("status_listen = \"127.0.0.1:0\"");
+    }
+
+    /// The status page's address, from `serve`'s stdout (read by a thread,
+    /// so it may lag behind the other listeners' lines).
+    pub fn status_addr(&self) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let found = self
+                .proxy
+                .as_ref()
+                .unwrap()
+                .stdout()
+                .iter()
+                .find_map(|l| l.strip_prefix("listening status ").map(str::to_string));
+            if let Some(a) = found {
+                return a;
+            }
+            assert!(std::time::Instant::now() < deadline, "no status listener line");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     pub fn authorise(&self, account: &str, pw: &str) {
@@ -95,6 +128,16 @@ impl World {
             .filter(|l| l.contains("imap-login:"))
             .count()
     }
+}
+
+/// An OAuth account like alice's: over imaps to the private Dovecot.
+pub fn imaps_account(name: &str, env: &Env) -> String {
+    oauth_account(
+        name,
+        &env.provider,
+        &env.dovecot,
+        &format!("imaps://localhost:{}", env.dovecot.imaps_port),
+    )
 }
 
 /// `a1 LOGIN` on a new plain IMAP connection to the proxy's `port`, after
