@@ -886,6 +886,43 @@ fn authenticate_client(req: &Request, form: &HashMap<String, String>, st: &State
     Ok(client.clone())
 }
 
+/// A compact JWT taken apart, its signature not checked yet.
+struct Jwt<'a> {
+    header: serde_json::Value,
+    claims: serde_json::Value,
+    /// What the signature covers: `header.claims`, as sent.
+    signed: &'a str,
+    sig: Vec<u8>,
+}
+
+impl<'a> Jwt<'a> {
+    /// `Err` says what is malformed.
+    fn parse(jwt: &'a str) -> Result<Jwt<'a>, &'static str> {
+        let parts: Vec<&str> = jwt.split('.').collect();
+        if parts.len() != 3 {
+            return Err("not a JWT");
+        }
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (Ok(header), Ok(claims), Ok(sig)) = (b64.decode(parts[0]), b64.decode(parts[1]), b64.decode(parts[2]))
+        else {
+            return Err("bad base64url");
+        };
+        Ok(Jwt {
+            header: serde_json::from_slice(&header).unwrap_or_default(),
+            claims: serde_json::from_slice(&claims).unwrap_or_default(),
+            signed: &jwt[..parts[0].len() + 1 + parts[1].len()],
+            sig,
+        })
+    }
+
+    /// RS256 by the key pair whose public key is `key`.
+    fn verifies(&self, key: &[u8]) -> bool {
+        ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, key)
+            .verify(self.signed.as_bytes(), &self.sig)
+            .is_ok()
+    }
+}
+
 /// RFC 7523 §3: RS256 signature by the client's registered key, `iss` and
 /// `sub` equal to the client id, `aud` the token endpoint, not expired.
 fn verify_assertion(form: &HashMap<String, String>, st: &State) -> Result<ClientReg, Response> {
@@ -899,16 +936,11 @@ fn verify_assertion(form: &HashMap<String, String>, st: &State) -> Result<Client
     let Some(jwt) = form.get("client_assertion") else {
         return bad("missing");
     };
-    let parts: Vec<&str> = jwt.split('.').collect();
-    if parts.len() != 3 {
-        return bad("not a JWT");
-    }
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let (Ok(header), Ok(claims), Ok(sig)) = (b64.decode(parts[0]), b64.decode(parts[1]), b64.decode(parts[2])) else {
-        return bad("bad base64url");
+    let jwt = match Jwt::parse(jwt) {
+        Ok(j) => j,
+        Err(why) => return bad(why),
     };
-    let header: serde_json::Value = serde_json::from_slice(&header).unwrap_or_default();
-    let claims: serde_json::Value = serde_json::from_slice(&claims).unwrap_or_default();
+    let Jwt { header, claims, .. } = &jwt;
     if header["alg"] != "RS256" || header["x5t#S256"].as_str().is_none() {
         return bad("alg must be RS256 with an x5t#S256 thumbprint");
     }
@@ -929,11 +961,7 @@ fn verify_assertion(form: &HashMap<String, String>, st: &State) -> Result<Client
     let Some(key) = &client.assertion_key else {
         return bad("no key registered for this client");
     };
-    let public = ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, key);
-    if public
-        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
-        .is_err()
-    {
+    if !jwt.verifies(key) {
         return bad("signature does not verify");
     }
     Ok(client.clone())
@@ -948,16 +976,11 @@ fn jwt_bearer(form: &HashMap<String, String>, st: &mut State) -> Response {
     let Some(jwt) = form.get("assertion") else {
         return oauth_error(400, "invalid_request", "assertion missing.");
     };
-    let parts: Vec<&str> = jwt.split('.').collect();
-    if parts.len() != 3 {
-        return bad("not a JWT");
-    }
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let (Ok(header), Ok(claims), Ok(sig)) = (b64.decode(parts[0]), b64.decode(parts[1]), b64.decode(parts[2])) else {
-        return bad("bad base64url");
+    let jwt = match Jwt::parse(jwt) {
+        Ok(j) => j,
+        Err(why) => return bad(why),
     };
-    let header: serde_json::Value = serde_json::from_slice(&header).unwrap_or_default();
-    let claims: serde_json::Value = serde_json::from_slice(&claims).unwrap_or_default();
+    let Jwt { header, claims, .. } = &jwt;
     if header["alg"] != "RS256" {
         return bad("alg must be RS256");
     }
@@ -965,11 +988,7 @@ fn jwt_bearer(form: &HashMap<String, String>, st: &mut State) -> Response {
     let Some(key) = st.service_accounts.get(iss) else {
         return oauth_error(401, "invalid_client", "The OAuth client was not found.");
     };
-    let public = ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, key);
-    if public
-        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
-        .is_err()
-    {
+    if !jwt.verifies(key) {
         return bad("Invalid JWT Signature.");
     }
     if !claims["aud"].as_str().unwrap_or_default().ends_with("/token") {
