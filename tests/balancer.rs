@@ -5,65 +5,12 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use support::haproxy::HaProxy;
 use support::hostile_util::{connect_from, first_line};
 use support::mailproxy::{Proxy, ProxyDir};
 use tokio::io::AsyncWriteExt;
-
-/// A private HAProxy forwarding `127.0.0.1:<port>` to `backend` with a
-/// PROXY v2 header; killed on drop.
-struct HaProxy {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl HaProxy {
-    fn start(backend: u16) -> HaProxy {
-        let bin = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("HAProxy is missing: run scripts/test, which installs Debian's haproxy package");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("haproxy.cfg");
-        // A small maxconn: HAProxy refuses one above the open-files limit.
-        std::fs::write(
-            &cfg,
-            format!(
-                "global\n  maxconn 64\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\n\
-                 frontend imap\n  bind 127.0.0.1:{port}\n  default_backend mailproxy\n\n\
-                 backend mailproxy\n  server mp 127.0.0.1:{backend} send-proxy-v2\n"
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new(bin);
-        cmd.args(["-db", "-f", cfg.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = support::process::spawn_tied_to_process(cmd, libc::SIGKILL).expect("start haproxy");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "haproxy did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        HaProxy { child, port, _dir: dir }
-    }
-}
-
-impl Drop for HaProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_haproxy_limits_and_logs_see_the_client() {
@@ -79,7 +26,7 @@ async fn behind_haproxy_limits_and_logs_see_the_client() {
 
     // Through the balancer from 127.0.0.2: the greeting, and the log names
     // the client, not the balancer.
-    let mut first = connect_from([127, 0, 0, 2], ha.port).await.unwrap();
+    let mut first = connect_from([127, 0, 0, 2], ha.port()).await.unwrap();
     assert!(
         first_line(&mut first, limit).await.starts_with("* OK"),
         "{}",
@@ -89,12 +36,12 @@ async fn behind_haproxy_limits_and_logs_see_the_client() {
 
     // The per-address limit (1) counts that client, not HAProxy: a second
     // connection from it is refused, one from another client is not.
-    let mut second = connect_from([127, 0, 0, 2], ha.port).await.unwrap();
+    let mut second = connect_from([127, 0, 0, 2], ha.port()).await.unwrap();
     assert_eq!(
         first_line(&mut second, limit).await,
         "* BYE [UNAVAILABLE] too many connections from your address"
     );
-    let mut other = connect_from([127, 0, 0, 3], ha.port).await.unwrap();
+    let mut other = connect_from([127, 0, 0, 3], ha.port()).await.unwrap();
     assert!(
         first_line(&mut other, limit).await.starts_with("* OK"),
         "{}",
@@ -114,9 +61,10 @@ async fn behind_haproxy_limits_and_logs_see_the_client() {
     h.extend_from_slice(&[0x21, 0x11, 0, 12, 10, 0, 0, 1, 127, 0, 0, 1, 0x9c, 0x40, 0x04, 0x77]);
     forged.write_all(&h).await.unwrap();
     assert_eq!(first_line(&mut forged, limit).await, "");
+    // The refusals are logged as the connections close: wait for the lines.
+    assert!(proxy.wait_log("without a valid PROXY header"), "{}", proxy.logs());
+    assert!(proxy.wait_log("not a trusted balancer"), "{}", proxy.logs());
     let logs = proxy.logs();
-    assert!(logs.contains("without a valid PROXY header"), "{logs}");
-    assert!(logs.contains("not a trusted balancer"), "{logs}");
     assert!(
         !logs.contains("client=10.0.0.1"),
         "a forged header was believed:\n{logs}"

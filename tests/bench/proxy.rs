@@ -16,6 +16,10 @@
 //!    pipelined per message, proxy (smtps upstream) vs direct submissions.
 //! 6. POP3 RETR 1..n of the >= 40 MiB INBOX (`mail.rs`), pipelined and
 //!    sequential, proxy (pop3s upstream) vs direct pop3s.
+//! 7. The plain path against the peers (`peers.rs`): FETCH and logins
+//!    direct, through HAProxy, nginx's mail proxy and mailproxy.
+//! 8. A fleet (`fleet.rs`): logins per second and FETCH throughput through
+//!    two instances on PostgreSQL behind HAProxy vs one instance.
 //!
 //! The client is raw bytes over tokio with large buffers: literals are
 //! counted, not copied, so the client is not what limits throughput.
@@ -41,6 +45,10 @@ const ALICE: &str = "alice@example.org";
 /// Second proxy account for the same mailbox, with a plaintext loopback upstream.
 const ALICE_PLAIN: &str = "alice-plain@example.org";
 const LOCAL_PW: &str = "bench local pw";
+/// A password user of Dovecot with the same INBOX, for the peers (which
+/// pass passwords through) and mailproxy's passthrough.
+const PEER: &str = "peer@example.org";
+const PEER_PW: &str = "peer pw";
 const SCOPE: &str = "https://mail.example.org/";
 
 // ---------------------------------------------------------------------------
@@ -54,6 +62,11 @@ struct Opts {
     memory: bool,
     smtp: bool,
     pop3: bool,
+    peers: bool,
+    fleet: bool,
+    fleet_clients: usize,
+    fleet_logins: usize,
+    fleet_sessions: usize,
     smtp_messages: usize,
     smtp_kb: usize,
     mail_runs: usize,
@@ -79,6 +92,11 @@ impl Default for Opts {
             memory: true,
             smtp: true,
             pop3: true,
+            peers: true,
+            fleet: true,
+            fleet_clients: 32,
+            fleet_logins: 2000,
+            fleet_sessions: 4,
             smtp_messages: 100,
             smtp_kb: 100,
             mail_runs: 15,
@@ -100,7 +118,7 @@ impl Default for Opts {
 const USAGE: &str = "\
 usage: scripts/bench [options]
 
-  --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3 (default: all)
+  --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3,peers,fleet (default: all)
   --mailbox-mb N      INBOX size for the FETCH and POP3 tests in MiB (default 40)
   --msg-kb N          size of each message in KiB (default 100)
   --runs N            timed FETCH runs per variant, after one warm-up (default 9)
@@ -115,6 +133,9 @@ usage: scripts/bench [options]
   --smtp-kb N         size of each SMTP message in KiB (default 100)
   --smtp-mode M       pipelined (MAIL+RCPT+DATA in one write), sequential or both (default pipelined)
   --pop3-mode M       pipelined (all RETRs in one write), sequential or both (default both)
+  --fleet-clients N   clients logging in at once in the fleet section (default 32)
+  --fleet-logins N    logins per round and variant in the fleet section (default 2000)
+  --fleet-sessions N  FETCH sessions at once in the fleet section (default 4)
 ";
 
 fn parse_args() -> Opts {
@@ -141,12 +162,7 @@ fn parse_args() -> Opts {
             }
             "--sections" => {
                 let list = val().unwrap_or_else(|| die("--sections needs a value"));
-                o.fetch = false;
-                o.login = false;
-                o.concurrent = false;
-                o.memory = false;
-                o.smtp = false;
-                o.pop3 = false;
+                o.set_sections(false);
                 for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                     match s {
                         "fetch" => o.fetch = true,
@@ -155,16 +171,11 @@ fn parse_args() -> Opts {
                         "memory" => o.memory = true,
                         "smtp" => o.smtp = true,
                         "pop3" => o.pop3 = true,
-                        "all" => {
-                            o.fetch = true;
-                            o.login = true;
-                            o.concurrent = true;
-                            o.memory = true;
-                            o.smtp = true;
-                            o.pop3 = true;
-                        }
+                        "peers" => o.peers = true,
+                        "fleet" => o.fleet = true,
+                        "all" => o.set_sections(true),
                         _ => die(&format!(
-                            "unknown section `{s}` (fetch, login, concurrent, memory, smtp, pop3)"
+                            "unknown section `{s}` (fetch, login, concurrent, memory, smtp, pop3, peers, fleet)"
                         )),
                     }
                 }
@@ -180,6 +191,9 @@ fn parse_args() -> Opts {
             "--smtp-messages" => o.smtp_messages = num(&flag, val()),
             "--mail-runs" => o.mail_runs = num(&flag, val()),
             "--smtp-kb" => o.smtp_kb = num(&flag, val()),
+            "--fleet-clients" => o.fleet_clients = num(&flag, val()),
+            "--fleet-logins" => o.fleet_logins = num(&flag, val()),
+            "--fleet-sessions" => o.fleet_sessions = num(&flag, val()),
             "--smtp-mode" | "--pop3-mode" => {
                 let v = val().unwrap_or_else(|| die(&format!("{flag} needs a value")));
                 let m = mail::Mode::parse_list(&v)
@@ -203,7 +217,27 @@ fn parse_args() -> Opts {
     o.smtp_messages = o.smtp_messages.max(1);
     o.mail_runs = o.mail_runs.max(1);
     o.smtp_kb = o.smtp_kb.max(1);
+    o.fleet_clients = o.fleet_clients.max(1);
+    o.fleet_logins = o.fleet_logins.max(1);
+    o.fleet_sessions = o.fleet_sessions.max(1);
     o
+}
+
+impl Opts {
+    fn set_sections(&mut self, on: bool) {
+        for s in [
+            &mut self.fetch,
+            &mut self.login,
+            &mut self.concurrent,
+            &mut self.memory,
+            &mut self.smtp,
+            &mut self.pop3,
+            &mut self.peers,
+            &mut self.fleet,
+        ] {
+            *s = on;
+        }
+    }
 }
 
 fn die(msg: &str) -> ! {
@@ -220,8 +254,10 @@ macro_rules! progress {
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 static START_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-// Sections 5 and 6 (SMTP, POP3); uses `progress!`, so declared after it.
+// Sections 5 to 8; they use `progress!`, so are declared after it.
+mod fleet;
 mod mail;
+mod peers;
 
 // ---------------------------------------------------------------------------
 // A fast raw IMAP client
@@ -490,7 +526,7 @@ impl World {
         // sink, started by Env too, then gets nothing).
         let sink = o.smtp.then(mail::CountSink::start);
         let relay = sink.as_ref().map(mail::CountSink::port);
-        let env = Env::start_with(&[], |opts: &mut DovecotOptions| {
+        let env = Env::start_with(&[(PEER, PEER_PW)], |opts: &mut DovecotOptions| {
             opts.extra_config = DOVECOT_EXTRA.to_string();
             if relay.is_some() {
                 opts.smtp_relay_port = relay;
@@ -498,11 +534,20 @@ impl World {
         });
         let dir = ProxyDir::new();
         let d = &env.dovecot;
-        let mut cfg = dir.header();
-        cfg = cfg.replace(
-            "[server]\n",
-            &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()),
-        );
+        let mut cfg = dir
+            .header()
+            .replace(
+                "[server]\n",
+                &format!("[server]\nca_file = \"{}\"\n", d.ca_pem_path().display()),
+            )
+            // Logins that match no account (PEER) are passed through.
+            .replace(
+                "listen = \"127.0.0.1:0\"\n",
+                &format!(
+                    "listen = \"127.0.0.1:0\"\nfallback = \"imap://127.0.0.1:{}\"\n",
+                    d.imap_port
+                ),
+            );
         cfg += "[limits]\nmax_connections = 5000\nmax_connections_per_ip = 5000\n\n";
         if o.smtp {
             cfg += "[smtp]\nlisten = \"127.0.0.1:0\"\ntls = \"none\"\n\n";
@@ -591,7 +636,7 @@ impl World {
     }
 }
 
-/// Fills both INBOXes (ALICE, ALICE_PLAIN) with the same `n` realistic text messages of about `size` bytes;
+/// Fills the INBOXes of ALICE, ALICE_PLAIN and PEER with the same `n` realistic text messages of about `size` bytes;
 /// returns the total bytes of one INBOX (what FETCH BODY[] returns, CRLF included).
 fn fill_mailbox(env: &Env, n: usize, size: usize) -> u64 {
     const WORDS: &[&str] = &[
@@ -715,6 +760,7 @@ fn fill_mailbox(env: &Env, n: usize, size: usize) -> u64 {
         total += m.len() as u64;
         env.dovecot.deliver(ALICE, &m);
         env.dovecot.deliver(ALICE_PLAIN, &m);
+        env.dovecot.deliver(PEER, &m);
     }
     total
 }
@@ -1164,15 +1210,27 @@ async fn bench_memory(w: &mut World, o: &Opts) -> io::Result<Vec<MemResult>> {
 // ---------------------------------------------------------------------------
 // Report
 
-fn print_report(
-    o: &Opts,
-    mailbox: Option<(u64, u64)>,
-    fetch: &[FetchResult],
-    login: &[LoginResult],
-    conc: &[ConcResult],
-    mem: &[MemResult],
-    mailr: &mail::MailResults,
-) {
+/// What the sections measured; empty for a section that did not run.
+struct Results {
+    fetch: Vec<FetchResult>,
+    login: Vec<LoginResult>,
+    conc: Vec<ConcResult>,
+    mem: Vec<MemResult>,
+    mail: mail::MailResults,
+    peers: Vec<peers::PeerResult>,
+    fleet: Vec<fleet::FleetResult>,
+}
+
+fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
+    let Results {
+        fetch,
+        login,
+        conc,
+        mem,
+        mail: mailr,
+        peers,
+        fleet,
+    } = r;
     let total = START.get().map(Instant::elapsed).unwrap_or_default();
     let mut misses = 0;
     let cpus = std::thread::available_parallelism()
@@ -1365,6 +1423,13 @@ fn print_report(
         println!("    proxy implicit TLS to the same pop3s port with XOAUTH2)");
         misses += mail::print_pairs(pop3, "greeting to +OK");
     }
+    let bytes = mailbox.map_or(0, |m| m.0);
+    if !peers.is_empty() {
+        misses += peers::print_peers(peers, o, bytes);
+    }
+    if !fleet.is_empty() {
+        fleet::print_fleet(fleet, o, bytes);
+    }
     println!();
     println!(
         "Targets missed: {misses}. Total bench time {:.0} s.",
@@ -1411,7 +1476,7 @@ async fn run(o: Opts) -> io::Result<()> {
     progress!("starting provider + Dovecot, running `mailproxy login` for {ALICE} and {ALICE_PLAIN}");
     let mut w = tokio::task::block_in_place(|| World::new(&o));
     let mut mailbox = None;
-    if o.fetch || o.pop3 {
+    if o.fetch || o.pop3 || o.peers || o.fleet {
         let size = o.msg_kb * 1024;
         let n = ((o.mailbox_mb * 1048576.0) / size as f64).ceil().max(1.0) as usize;
         let bytes = tokio::task::block_in_place(|| fill_mailbox(&w.env, n, size));
@@ -1440,6 +1505,14 @@ async fn run(o: Opts) -> io::Result<()> {
             (true, Some((bytes, n))) => mail::bench_pop3(&w, o.mail_runs, n, bytes, &o.pop3_modes).await?,
             _ => vec![],
         };
+        let peers = match (o.peers, mailbox) {
+            (true, Some((bytes, n))) => peers::bench_peers(&w, &o, bytes, n).await?,
+            _ => vec![],
+        };
+        let fleet = match (o.fleet, mailbox) {
+            (true, Some((bytes, n))) => fleet::bench_fleet(&w, &o, bytes, n).await?,
+            _ => vec![],
+        };
         let conc = if o.concurrent {
             tokio::task::block_in_place(|| rt_block(bench_concurrent(&mut w, &o)))?
         } else {
@@ -1450,9 +1523,17 @@ async fn run(o: Opts) -> io::Result<()> {
         } else {
             vec![]
         };
-        io::Result::Ok((fetch, login, conc, mem, mail::MailResults { smtp, pop3 }))
+        io::Result::Ok(Results {
+            fetch,
+            login,
+            conc,
+            mem,
+            mail: mail::MailResults { smtp, pop3 },
+            peers,
+            fleet,
+        })
     };
-    let (fetch, login, conc, mem, mailr) = match sections.await {
+    let results = match sections.await {
         Ok(r) => r,
         Err(e) => {
             let logs = w
@@ -1474,7 +1555,7 @@ async fn run(o: Opts) -> io::Result<()> {
             return Err(e);
         }
     };
-    print_report(&o, mailbox, &fetch, &login, &conc, &mem, &mailr);
+    print_report(&o, mailbox, &results);
     // The proxy's own log, if something went wrong there, helps; keep it short.
     let logs = w
         .proxy

@@ -11,6 +11,7 @@
 //! - [`process`]: spawn child processes that die with the test process.
 //! - [`http`]: minimal HTTP/1.1 server parsing and a blocking test client.
 //! - [`postgres`]: private PostgreSQL for the shared token store.
+//! - [`haproxy`]: private HAProxy in TCP mode in front of proxies or Dovecot.
 #![allow(dead_code, unused_imports)]
 // The harness signals child processes through libc; mailproxy itself has
 // no unsafe code (the crate denies it).
@@ -19,6 +20,7 @@
 pub mod chromium;
 pub mod client;
 pub mod dovecot;
+pub mod haproxy;
 pub mod hostile_util;
 pub mod http;
 pub mod http_proxy;
