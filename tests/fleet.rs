@@ -259,6 +259,72 @@ fn sample(body: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
 
+/// Where the first instance serves its metrics (it prints the address).
+fn metrics_addr(f: &Fleet) -> String {
+    f.proxies[0]
+        .as_ref()
+        .unwrap()
+        .stdout()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
+        .expect("the metrics listener is announced")
+}
+
+/// Waits until `series` has the value `want`; returns the last body.
+async fn wait_sample(addr: &str, series: &str, want: f64) -> String {
+    let t0 = Instant::now();
+    loop {
+        let (_, body) = http_get(addr, "/metrics").await;
+        if sample(&body, series) == Some(want) || t0.elapsed() > Duration::from_secs(5) {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Refreshes are counted by outcome whichever store holds the account, and
+/// on both a refused refresh is decoded and marks the account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_outcomes_are_counted_on_the_file_store_and_on_postgres() {
+    for store in ["file", "postgres"] {
+        let mut f = Fleet::new("metrics_listen = \"127.0.0.1:0\"\n");
+        if store == "file" {
+            let cfg = std::fs::read_to_string(f.dirs[0].config_path()).unwrap();
+            let local: Vec<&str> = cfg
+                .lines()
+                .filter(|l| !l.starts_with("token_store") && !l.starts_with("database_url"))
+                .collect();
+            f.dirs[0].write_config(&(local.join("\n") + "\n"));
+        }
+        let (st, err) = f.dirs[0].login(ALICE, ALICE_PW);
+        assert!(st.success(), "{store}: {err}");
+        assert_eq!(err.contains("PostgreSQL"), store == "postgres", "{store}: {err}");
+        let port = f.start(0);
+        let addr = metrics_addr(&f);
+        let ok = "mailproxy_refreshes_total{provider=\"custom\",outcome=\"ok\"}";
+        let needs_login = "mailproxy_refreshes_total{provider=\"custom\",outcome=\"needs_login\"}";
+
+        // serve starts without an access token: the first login refreshes.
+        drop(login(port).await);
+        let body = wait_sample(&addr, ok, 1.0).await;
+        assert_eq!(sample(&body, ok), Some(1.0), "{store}\n{body}");
+
+        // The grant is gone at the provider: the next refresh is refused.
+        f.env.provider.invalidate_all_refresh_tokens();
+        f.env.provider.expire_all_access_tokens();
+        let (_, tagged) = try_login(port, ALICE_PW).await;
+        assert!(tagged.starts_with("a1 NO"), "{store}: {tagged}");
+        let body = wait_sample(&addr, needs_login, 1.0).await;
+        assert_eq!(sample(&body, needs_login), Some(1.0), "{store}\n{body}");
+        assert_eq!(sample(&body, ok), Some(1.0), "{store}\n{body}");
+        assert!(
+            f.proxies[0].as_ref().unwrap().wait_log("token refresh failed"),
+            "{store}\n{}",
+            f.logs()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened_and_pass_promtool() {
     let promtool = std::path::Path::new("/usr/bin/promtool");
@@ -270,13 +336,7 @@ async fn metrics_count_what_happened_and_pass_promtool() {
     let (st, err) = f.dirs[0].login(ALICE, ALICE_PW);
     assert!(st.success(), "{err}");
     let port = f.start(0);
-    let addr = f.proxies[0]
-        .as_ref()
-        .unwrap()
-        .stdout()
-        .iter()
-        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
-        .expect("the metrics listener is announced");
+    let addr = metrics_addr(&f);
 
     let (status, body) = http_get(&addr, "/healthz").await;
     assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok\n"));

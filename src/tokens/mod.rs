@@ -920,28 +920,9 @@ impl TokenManager {
             return Err(TokenError::Locked(name));
         };
         let before = before.clone();
-        let result = match &before.refresh {
-            Some(r) => oauth::refresh(&self.http, &name, &acct.settings, r).await,
-            None => flows::app_token(&self.http, &name, &acct.account.username, &acct.settings).await,
-        };
-        let authorized_at = slot.record.as_ref().and_then(|r| r.authorized_at);
-        let t = match result.map_err(|e| e.with_grant_age(&name, authorized_at)) {
+        let t = match self.ask_provider(acct, slot, &before).await {
             Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(account = %name, error = %e, "token refresh failed");
-                let code = match &e {
-                    OAuthError::Provider(x) => x.code.clone(),
-                    _ => "unavailable".into(),
-                };
-                self.audit
-                    .record(Entry::new(&name, "refresh_failed", format!("{code}: {e}")));
-                if e.needs_login() {
-                    self.needs_login(acct, slot, e.to_string());
-                } else {
-                    slot.state = TokenState::Active(before.failed(SystemTime::now(), e.to_string()));
-                }
-                return Err(e.into());
-            }
+            Err(e) => return Err(self.refresh_failed(acct, slot, &before, e)),
         };
         // Save a rotated refresh token before anything uses the new access token.
         let mut done = Refreshed::new(&before, t);
@@ -957,12 +938,49 @@ impl TokenManager {
                 Err(e) => done.save_failed(&name, e),
             }
         }
-        self.keep_refreshed(slot, &name, done)
+        self.keep_refreshed(acct, slot, done)
+    }
+
+    /// New tokens from the provider, for either store: a refresh with the
+    /// refresh token, or an application grant (client credentials, service
+    /// account) for accounts without one. Errors carry the grant's age,
+    /// which explains refresh tokens that die after a fixed time.
+    async fn ask_provider(&self, acct: &AccountTokens, slot: &Slot, before: &Active) -> Result<Tokens, OAuthError> {
+        let name = &acct.account.name;
+        let result = match &before.refresh {
+            Some(r) => oauth::refresh(&self.http, name, &acct.settings, r).await,
+            None => flows::app_token(&self.http, name, &acct.account.username, &acct.settings).await,
+        };
+        let authorized_at = slot.record.as_ref().and_then(|r| r.authorized_at);
+        result.map_err(|e| e.with_grant_age(name, authorized_at))
+    }
+
+    /// A refresh the provider refused or could not answer, for either
+    /// store: logged, counted, audited, and the account marked as needing a
+    /// login or as failed for now. Slot locked.
+    fn refresh_failed(&self, acct: &AccountTokens, slot: &mut Slot, before: &Active, e: OAuthError) -> TokenError {
+        let name = &acct.account.name;
+        tracing::warn!(account = %name, error = %e, "token refresh failed");
+        let code = match &e {
+            OAuthError::Provider(x) => x.code.clone(),
+            _ => "unavailable".into(),
+        };
+        crate::metrics::refresh(&acct.settings, if e.needs_login() { "needs_login" } else { "failed" });
+        self.audit
+            .record(Entry::new(name, "refresh_failed", format!("{code}: {e}")));
+        if e.needs_login() {
+            self.needs_login(acct, slot, e.to_string());
+        } else {
+            slot.state = TokenState::Active(before.failed(SystemTime::now(), e.to_string()));
+        }
+        e.into()
     }
 
     /// The last step of a refresh, saved or not: the new tokens become the
     /// account's state, and a failed save of a rotated token is the answer.
-    fn keep_refreshed(&self, slot: &mut Slot, name: &str, done: Refreshed) -> Result<Secret, TokenError> {
+    fn keep_refreshed(&self, acct: &AccountTokens, slot: &mut Slot, done: Refreshed) -> Result<Secret, TokenError> {
+        let name = &acct.account.name;
+        crate::metrics::refresh(&acct.settings, "ok");
         let expires_in = done
             .tokens
             .expires_at

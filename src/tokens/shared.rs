@@ -11,11 +11,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::state::{unix, Access, Active, TokenState};
+use super::state::{unix, Access, TokenState};
 use super::{changed_meanwhile, now_unix, AccountTokens, Refreshed, Slot, TokenError, TokenManager};
-use crate::audit::Entry;
 use crate::crypto::{self, VaultKey};
-use crate::oauth::{self, flows, OAuthError};
+
 use crate::secret::Secret;
 use crate::store::Version;
 use crate::vault::{AccountRecord, SealedAccess, StoreKind, Written};
@@ -117,11 +116,7 @@ impl TokenManager {
             return Err(TokenError::Locked(name));
         };
         let before = before.clone();
-        let result = match &before.refresh {
-            Some(r) => oauth::refresh(&self.http, &name, &acct.settings, r).await,
-            None => flows::client_credentials(&self.http, &name, &acct.settings).await,
-        };
-        let t = match result {
+        let t = match self.ask_provider(acct, slot, &before).await {
             Ok(t) => t,
             Err(e) => {
                 // The lock goes with nothing written: the stored token stays.
@@ -167,26 +162,6 @@ impl TokenManager {
             }
             _ => {}
         }
-        crate::metrics::refresh(&acct.settings, "ok");
-        self.keep_refreshed(slot, &name, done)
-    }
-
-    /// A refresh the provider refused or could not answer. Slot locked.
-    fn refresh_failed(&self, acct: &AccountTokens, slot: &mut Slot, before: &Active, e: OAuthError) -> TokenError {
-        let name = &acct.account.name;
-        tracing::warn!(account = %name, error = %e, "token refresh failed");
-        let code = match &e {
-            OAuthError::Provider(x) => x.code.clone(),
-            _ => "unavailable".into(),
-        };
-        crate::metrics::refresh(&acct.settings, if e.needs_login() { "needs_login" } else { "failed" });
-        self.audit
-            .record(Entry::new(name, "refresh_failed", format!("{code}: {e}")));
-        if e.needs_login() {
-            self.needs_login(acct, slot, e.to_string());
-        } else {
-            slot.state = TokenState::Active(before.failed(SystemTime::now(), e.to_string()));
-        }
-        e.into()
+        self.keep_refreshed(acct, slot, done)
     }
 }
