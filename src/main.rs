@@ -606,7 +606,7 @@ async fn login(config: Config, name: &str, device: bool, no_browser: bool, timeo
     records.store(&rec).await?;
     audit.record(Entry::new(&account.name, "consent", "authorised").scopes(&scopes));
     eprintln!(
-        "Authorised {} (scopes: {}); the refresh token is kept in {where_}.\n\
+        "Authorised {} (scopes: {}); {where_}.\n\
          Configure your mail client with user name {} and the local password you chose.",
         account.name,
         scopes.join(" "),

@@ -59,7 +59,7 @@ async fn client_credentials_account() {
     w.env.provider.set_default_user(APP);
     let (code, _, err) = run(&w.dir, &["login", APP], "app local pw\n");
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("client credentials need no refresh token"), "{err}");
+    assert!(err.contains("no refresh token is kept: client credentials"), "{err}");
     let vault = read(&w.dir.state_dir().join("accounts").join(format!("{APP}.json")));
     assert!(!vault.contains("refresh_token\": {"), "{vault}");
     // No user, no refresh token: the proxy fetches the app token by itself at start.

@@ -99,7 +99,10 @@ async fn a_service_account_serves_two_mailboxes() {
     for (who, pw) in [(DAVE, "dave local pw"), (ERIN, "erin local pw")] {
         let (code, _, err) = run(&w.dir, &["login", who], &format!("{pw}\n"));
         assert_eq!(code, 0, "{err}");
-        assert!(err.contains("nor do service accounts"), "{err}");
+        assert!(
+            err.contains("no refresh token is kept: client credentials and service accounts"),
+            "{err}"
+        );
         let form = w.env.provider.last_token_request().unwrap();
         assert_eq!(form["grant_type"], provider::JWT_BEARER_GRANT, "{form:?}");
         assert!(!form.contains_key("client_secret") && !form.contains_key("refresh_token"));
@@ -275,6 +278,50 @@ fn age_grant(w: &World, account: &str, days: u64) {
     rec["authorized_at"] = serde_json::json!(at - days * 86400 - 600);
     std::fs::write(&path, rec.to_string()).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// On the shared PostgreSQL store too, a service account's tokens come from
+/// the JWT bearer grant: at `login`, and again when the server stops
+/// accepting the access token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_on_the_shared_store_uses_the_jwt_bearer_grant() {
+    let pg = support::postgres::Postgres::start();
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public, _) = service_account_key(keys.path());
+    let mut w = World::with(move |env, _| {
+        let s = service_account_settings(env, &key);
+        format!("[accounts.\"{DAVE}\"]\n{s}[accounts.\"{ERIN}\"]\n{s}")
+    });
+    w.server_setting(&format!("token_store = \"postgres\"\ndatabase_url = \"{}\"", pg.url()));
+    w.env.provider.register_service_account(SERVICE_ACCOUNT, public);
+    let (code, _, err) = run(&w.dir, &["login", DAVE], "dave local pw\n");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(pg.psql("SELECT count(*) FROM mailproxy_accounts"), "1", "{err}");
+
+    let port = w.start();
+    let mut c = login_ok(port, DAVE, "dave local pw").await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    drop(c);
+    let before = w.env.provider.jwt_bearer_subjects().len();
+    w.env.provider.expire_all_access_tokens();
+    let mut c = login_ok(port, DAVE, "dave local pw").await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok(), "{}", w.logs());
+    assert_eq!(
+        w.env.provider.jwt_bearer_subjects().len(),
+        before + 1,
+        "one new assertion for the expired token\n{}",
+        w.logs()
+    );
+    let form = w.env.provider.last_token_request().unwrap();
+    assert_eq!(form["grant_type"], provider::JWT_BEARER_GRANT, "{form:?}");
+
+    // The other mailbox's `login` while serve runs goes through serve.
+    let (code, _, err) = run(&w.dir, &["login", ERIN], "erin local pw\n");
+    assert_eq!(code, 0, "{err}\n{}", w.logs());
+    assert!(err.contains("no refresh token is kept"), "{err}");
+    let mut c = login_ok(port, ERIN, "erin local pw").await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok(), "{}", w.logs());
+    assert_eq!(pg.psql("SELECT count(*) FROM mailproxy_accounts"), "2");
 }
 
 /// A Google refresh token that dies seven days after consent: `check`, the

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::grant::{self, Notice};
 use super::{socket_path, Answer, CheckRow, ControlError, Reply, Request, MAX_LINE};
 use crate::audit::Entry;
-use crate::config::{Account, Config, Flow, OAuthSettings};
+use crate::config::{Account, Config, OAuthSettings};
 use crate::proxy::Ctx;
 use crate::secret::Secret;
 use crate::tokens::live::RevokeInput;
@@ -303,7 +303,7 @@ async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, r
                 tokens.audit(Entry::new(&name, "consent", format!("refused: {e}")));
                 return Err(e.to_string());
             }
-            if t.refresh.is_none() && settings.flow != Flow::ClientCredentials {
+            if t.refresh.is_none() && !settings.flow.app_only() {
                 return Err(grant::NO_REFRESH_TOKEN.into());
             }
             let scopes = t.scopes.clone().unwrap_or_else(|| settings.scopes.clone());
@@ -313,7 +313,7 @@ async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, r
                 .map_err(|e| e.to_string())?;
             conn.say(
                 format!(
-                    "Authorised {name} (scopes: {}); the refresh token is kept in {where_}.\n\
+                    "Authorised {name} (scopes: {}); {where_}.\n\
                      Configure your mail client with user name {name} and the local password you chose.",
                     scopes.join(" ")
                 ),

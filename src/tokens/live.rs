@@ -97,7 +97,7 @@ impl TokenManager {
         acct: &AccountTokens,
         password: &Secret,
         t: Tokens,
-    ) -> Result<&'static str, TokenError> {
+    ) -> Result<String, TokenError> {
         let name = acct.account.name.clone();
         let (verifier, key) = self.new_password(password).await?;
         let scopes = t.scopes.clone().unwrap_or_else(|| acct.settings.scopes.clone());
@@ -118,10 +118,20 @@ impl TokenManager {
             return Err(TokenError::Vault(e.to_string()));
         }
         self.cancel_flight(&slot.state);
+        let place = if self.records.shared() {
+            "PostgreSQL"
+        } else {
+            "the vault file"
+        };
+        let sealing = if self.store_key.is_some() {
+            "the store key"
+        } else {
+            "a key derived from the local password"
+        };
         let where_ = match (&t.refresh, self.keyring()) {
-            (None, _) => "nowhere (client credentials need no refresh token)",
-            (Some(_), true) => "the OS keyring",
-            (Some(_), false) => "the vault file (sealed with a key derived from the local password)",
+            (None, _) => super::NO_REFRESH_TOKEN_KEPT.to_string(),
+            (Some(_), true) => "the refresh token is kept in the OS keyring".to_string(),
+            (Some(_), false) => format!("the refresh token is kept in {place} (sealed with {sealing})"),
         };
         slot.state = TokenState::Active(Active::new(t.refresh.clone(), Some(Access::new(&t)), true));
         drop(slot);

@@ -88,6 +88,11 @@ struct Slot {
     key: Option<VaultKey>,
 }
 
+/// What `login` says is stored for an account whose grant has no refresh
+/// token, by design.
+pub const NO_REFRESH_TOKEN_KEPT: &str =
+    "no refresh token is kept: client credentials and service accounts get each access token with the application's own credentials";
+
 pub struct AccountTokens {
     pub account: Arc<Account>,
     settings: OAuthSettings,

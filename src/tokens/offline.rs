@@ -73,7 +73,7 @@ pub fn authorisation_record(
         last_refresh: Some(now_unix()),
         ..Default::default()
     };
-    let mut where_ = "the vault file (sealed with a key derived from the local password)";
+    let mut where_ = "the refresh token is kept in the vault file (sealed with a key derived from the local password)";
     if let Some(refresh) = refresh {
         let in_keyring = store == TokenStore::Keyring
             && match keystore::set(account, refresh) {
@@ -85,23 +85,23 @@ pub fn authorisation_record(
             };
         if in_keyring {
             rec.token_store = Some(StoreKind::Keyring);
-            where_ = "the OS keyring";
+            where_ = "the refresh token is kept in the OS keyring";
         } else if let Some(k) = store_key {
             rec.refresh_token = Some(crypto::seal(k, account, refresh.expose()));
             rec.token_store = Some(StoreKind::StoreKey);
             where_ = if store == TokenStore::Postgres {
-                "PostgreSQL (sealed with the store key)"
+                "the refresh token is kept in PostgreSQL (sealed with the store key)"
             } else {
-                "the vault file (sealed with the store key)"
+                "the refresh token is kept in the vault file (sealed with the store key)"
             };
         } else if store == TokenStore::Postgres {
             rec.refresh_token = Some(crypto::seal(&key, account, refresh.expose()));
-            where_ = "PostgreSQL (sealed with a key derived from the local password)";
+            where_ = "the refresh token is kept in PostgreSQL (sealed with a key derived from the local password)";
         } else {
             rec.refresh_token = Some(crypto::seal(&key, account, refresh.expose()));
         }
     } else {
-        where_ = "nowhere (client credentials need no refresh token, nor do service accounts)";
+        where_ = super::NO_REFRESH_TOKEN_KEPT;
     }
     (rec, where_)
 }
