@@ -1,15 +1,10 @@
 //! After the hand-off: bytes both ways, untouched, at the speed of a direct
 //! connection.
 
-use std::future::Future;
-
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::net::Stream;
-
-#[cfg(target_os = "linux")]
-mod splice;
 
 /// Relay buffer sizes, per direction: small while a session is interactive
 /// (thousands of idle sessions stay cheap), growing for bulk transfers (FETCH
@@ -39,22 +34,10 @@ pub async fn relay(
     }
     client.flush().await?;
     upstream.flush().await?;
-    #[cfg(target_os = "linux")]
-    if let (Stream::Plain(c), Stream::Plain(u)) = (&client, &upstream) {
-        return both_ways(splice::pump(c, u), splice::pump(u, c), shutdown).await;
-    }
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    both_ways(pump(&mut cr, &mut uw), pump(&mut ur, &mut cw), shutdown).await
-}
-
-/// Runs both directions until both end, or one ends and the other lingers
-/// past the grace period, or the proxy shuts down. Returns (up, down).
-async fn both_ways(
-    up: impl Future<Output = std::io::Result<u64>>,
-    down: impl Future<Output = std::io::Result<u64>>,
-    shutdown: &CancellationToken,
-) -> std::io::Result<(u64, u64)> {
+    let up = pump(&mut cr, &mut uw);
+    let down = pump(&mut ur, &mut cw);
     tokio::pin!(up, down);
     let grace = |r: Result<std::io::Result<u64>, _>| match r {
         Ok(Ok(n)) => n,
