@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::support::haproxy::{self, Frontend, HaProxy};
-use super::{fetch_once, login_once, median, verdict, Auth, Opts, Target, World, PEER, PEER_PW, START};
+use super::{fetch_once, login_once, median, proc_cpu_secs, verdict, Auth, Opts, Target, World, PEER, PEER_PW, START};
 
 /// nginx's mail module as Debian ships it.
 const NGINX_MAIL_MODULE: &str = "/usr/lib/nginx/modules/ngx_mail_module.so";
@@ -36,6 +36,10 @@ pub struct PeerResult {
     kind: Kind,
     fetch_mbps: Vec<f64>,
     login_ms: Vec<f64>,
+    /// CPU seconds of the relaying processes over all timed FETCHes (none
+    /// for the direct path).
+    cpu_s: f64,
+    relays: bool,
 }
 
 /// A private nginx with only its mail module: one IMAP server on a
@@ -127,6 +131,28 @@ impl Nginx {
     }
 }
 
+impl Nginx {
+    /// The master and its workers (the workers relay).
+    fn pids(&self) -> Vec<u32> {
+        let master = self.child.id();
+        let mut pids = vec![master];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(master) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         unsafe {
@@ -170,32 +196,38 @@ pub async fn bench_peers(w: &World, o: &Opts, bytes: u64, msgs: u64) -> io::Resu
             password: PEER_PW.into(),
         },
     };
+    let mp = vec![w.proxy().pid()];
     let variants = [
-        ("direct (Dovecot imap, LOGIN)", Kind::Direct, password(imap)),
-        ("HAProxy, TCP mode", Kind::Peer, password(ha.port())),
-        ("nginx mail proxy", Kind::Peer, password(nginx.port)),
+        ("direct (Dovecot imap, LOGIN)", Kind::Direct, password(imap), vec![]),
+        ("HAProxy, TCP mode", Kind::Peer, password(ha.port()), vec![ha.pid()]),
+        ("nginx mail proxy", Kind::Peer, password(nginx.port), nginx.pids()),
         (
             "mailproxy, password passed through",
             Kind::Mailproxy,
             password(w.proxy().imap_port()),
+            mp.clone(),
         ),
         (
             "mailproxy, OAuth account (XOAUTH2)",
             Kind::Mailproxy,
             w.via_proxy(false),
+            mp,
         ),
     ];
     let mut out: Vec<PeerResult> = variants
         .iter()
-        .map(|(label, kind, _)| PeerResult {
+        .map(|(label, kind, _, pids)| PeerResult {
             label: label.to_string(),
             kind: *kind,
             fetch_mbps: vec![],
             login_ms: vec![],
+            cpu_s: 0.0,
+            relays: !pids.is_empty(),
         })
         .collect();
+    let cpu = |pids: &[u32]| pids.iter().map(|p| proc_cpu_secs(*p)).sum::<f64>();
     progress!("peers: warm-up, one FETCH through each of {} variants", variants.len());
-    for (_, _, t) in &variants {
+    for (_, _, t, _) in &variants {
         fetch_once(t, bytes, msgs, None).await?;
     }
     let mb = bytes as f64 / 1e6;
@@ -203,7 +235,9 @@ pub async fn bench_peers(w: &World, o: &Opts, bytes: u64, msgs: u64) -> io::Resu
     for run in 0..o.runs {
         for k in 0..n {
             let i = (run + k) % n;
+            let c0 = cpu(&variants[i].3);
             let (el, _, _) = fetch_once(&variants[i].2, bytes, msgs, None).await?;
+            out[i].cpu_s += cpu(&variants[i].3) - c0;
             out[i].fetch_mbps.push(mb / el.as_secs_f64());
         }
         progress!(
@@ -216,7 +250,7 @@ pub async fn bench_peers(w: &World, o: &Opts, bytes: u64, msgs: u64) -> io::Resu
                 .join(" / ")
         );
     }
-    for (_, _, t) in &variants {
+    for (_, _, t, _) in &variants {
         for _ in 0..5 {
             login_once(t).await?;
         }
@@ -266,8 +300,8 @@ pub fn print_peers(results: &[PeerResult], o: &Opts, bytes: u64) -> usize {
         .map(|r| median(&r.login_ms))
         .unwrap_or(f64::NAN);
     println!(
-        "   {:<36} {:>9} {:>10} {:>12} {:>10} {:>12} {:>18}",
-        "path", "MB/s", "/ direct", "/ best peer", "login", "login adds", "target"
+        "   {:<36} {:>9} {:>10} {:>12} {:>10} {:>12} {:>11} {:>18}",
+        "path", "MB/s", "/ direct", "/ best peer", "login", "login adds", "CPU-s/GB", "target"
     );
     for r in results {
         let mbps = median(&r.fetch_mbps);
@@ -279,8 +313,14 @@ pub fn print_peers(results: &[PeerResult], o: &Opts, bytes: u64) -> usize {
         } else {
             String::new()
         };
+        let gb = bytes as f64 * r.fetch_mbps.len() as f64 / 1e9;
+        let cpu = if r.relays {
+            format!("{:.2}", r.cpu_s / gb.max(1e-9))
+        } else {
+            "-".into()
+        };
         println!(
-            "   {:<36} {:>9.1} {:>10.3} {:>12.3} {:>7.2} ms {:>+9.2} ms {judged}",
+            "   {:<36} {:>9.1} {:>10.3} {:>12.3} {:>7.2} ms {:>+9.2} ms {cpu:>11} {judged}",
             r.label,
             mbps,
             mbps / direct,
@@ -289,6 +329,7 @@ pub fn print_peers(results: &[PeerResult], o: &Opts, bytes: u64) -> usize {
             login - direct_login
         );
     }
+    println!("   (CPU-s/GB: CPU time of the relaying process(es) per GB relayed, over the timed FETCHes)");
     for r in results {
         let runs: Vec<String> = r.fetch_mbps.iter().map(|x| format!("{x:.0}")).collect();
         println!("   runs {}: [{}]", r.label, runs.join(" "));
