@@ -293,6 +293,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     touch(&protocols);
+    let Ok(local) = sock.local_addr() else { return };
     let slots = Arc::new(tokio::sync::Semaphore::new(16));
     loop {
         let mut s = tokio::select! {
@@ -308,6 +309,14 @@ pub async fn serve(
             let Ok(Some(req)) = tokio::time::timeout(Duration::from_secs(10), read_request(&mut s)).await else {
                 return;
             };
+            // On loopback, a web page could reach this through a name it
+            // rebinds to 127.0.0.1 and read the account names: only this
+            // listener's own address is answered. Elsewhere the listener is
+            // open to the network by choice, and scrapers use any name.
+            if local.ip().is_loopback() && !req.host_is(local) {
+                let _ = respond(&mut s, "421 Misdirected Request", "Not this listener's address.").await;
+                return;
+            }
             if req.method != "GET" {
                 let _ = respond(&mut s, "405 Method Not Allowed", "Method not allowed.").await;
                 return;

@@ -241,9 +241,13 @@ async fn kill_9_of_the_instance_refreshing_leaves_the_other_able_to_refresh() {
 
 /// `GET path` on the metrics listener: (status line, body).
 async fn http_get(addr: &str, path: &str) -> (String, String) {
+    http_get_host(addr, path, addr).await
+}
+
+async fn http_get_host(addr: &str, path: &str, host: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut buf = Vec::new();
@@ -340,6 +344,13 @@ async fn metrics_count_what_happened_and_pass_promtool() {
 
     let (status, body) = http_get(&addr, "/healthz").await;
     assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok\n"));
+    // A name rebound to loopback (a web page's request) is not answered.
+    let port_part = addr.rsplit(':').next().unwrap();
+    let (status, body) = http_get_host(&addr, "/metrics", &format!("rebound.example:{port_part}")).await;
+    assert_eq!(status, "HTTP/1.1 421 Misdirected Request", "{body}");
+    assert!(!body.contains(ALICE), "{body}");
+    let (status, _) = http_get_host(&addr, "/metrics", &format!("localhost:{port_part}")).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
     let (status, _) = http_get(&addr, "/readyz").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
     let (_, before) = http_get(&addr, "/metrics").await;
