@@ -88,6 +88,23 @@ struct Slot {
     key: Option<VaultKey>,
 }
 
+/// The account's access token if it is still fresh, `None` when an
+/// active account needs a refresh, or why no token can be had at all.
+fn fresh_token(state: &TokenState, name: &str) -> Result<Option<Secret>, TokenError> {
+    match state {
+        TokenState::Active(a) => Ok(a.access.as_ref().filter(|x| x.fresh()).map(|x| x.token.clone())),
+        TokenState::NeedsLogin { why } => Err(TokenError::NeedsLogin {
+            account: name.to_string(),
+            why: why.clone(),
+        }),
+        TokenState::Authorizing(f) => Err(TokenError::Pending {
+            account: name.to_string(),
+            pending: f.pending.clone(),
+        }),
+        TokenState::Locked => Err(TokenError::Locked(name.to_string())),
+    }
+}
+
 /// What `login` says is stored for an account whose grant has no refresh
 /// token, by design.
 pub const NO_REFRESH_TOKEN_KEPT: &str =
@@ -891,26 +908,8 @@ impl TokenManager {
     async fn own_access_token(&self, acct: &AccountTokens) -> Result<Secret, TokenError> {
         let mut slot = acct.slot.lock().await;
         let _ = self.sync(acct, &mut slot).await;
-        let name = acct.account.name.clone();
-        match &slot.state {
-            TokenState::NeedsLogin { why } => {
-                return Err(TokenError::NeedsLogin {
-                    account: name,
-                    why: why.clone(),
-                })
-            }
-            TokenState::Authorizing(f) => {
-                return Err(TokenError::Pending {
-                    account: name,
-                    pending: f.pending.clone(),
-                })
-            }
-            TokenState::Locked => return Err(TokenError::Locked(name)),
-            TokenState::Active(a) => {
-                if let Some(access) = a.access.as_ref().filter(|x| x.fresh()) {
-                    return Ok(access.token.clone());
-                }
-            }
+        if let Some(token) = fresh_token(&slot.state, &acct.account.name)? {
+            return Ok(token);
         }
         self.refresh_locked(acct, &mut slot).await
     }

@@ -12,9 +12,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::state::{unix, Access, TokenState};
-use super::{changed_meanwhile, now_unix, AccountTokens, Refreshed, Slot, TokenError, TokenManager};
+use super::{changed_meanwhile, fresh_token, now_unix, AccountTokens, Refreshed, Slot, TokenError, TokenManager};
 use crate::crypto::{self, VaultKey};
-
 use crate::secret::Secret;
 use crate::store::Version;
 use crate::vault::{AccountRecord, SealedAccess, StoreKind, Written};
@@ -89,27 +88,10 @@ impl TokenManager {
                 .await
                 .map_err(|e| TokenError::Vault(e.to_string()))?;
             slot.loaded = true;
-            match &slot.state {
-                TokenState::Active(a) => {
-                    if let Some(x) = a.access.as_ref().filter(|x| x.fresh()) {
-                        tracing::info!(account = %name, "another instance refreshed meanwhile; using its token");
-                        crate::metrics::refresh(&acct.settings, "shared");
-                        return Ok(x.token.clone());
-                    }
-                }
-                TokenState::NeedsLogin { why } => {
-                    return Err(TokenError::NeedsLogin {
-                        account: name,
-                        why: why.clone(),
-                    })
-                }
-                TokenState::Authorizing(f) => {
-                    return Err(TokenError::Pending {
-                        account: name,
-                        pending: f.pending.clone(),
-                    })
-                }
-                TokenState::Locked => return Err(TokenError::Locked(name)),
+            if let Some(token) = fresh_token(&slot.state, &name)? {
+                tracing::info!(account = %name, "another instance refreshed meanwhile; using its token");
+                crate::metrics::refresh(&acct.settings, "shared");
+                return Ok(token);
             }
         }
         let TokenState::Active(before) = &slot.state else {
