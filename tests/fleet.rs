@@ -32,8 +32,8 @@ impl Fleet {
             cfg = cfg.replace(
                 "[server]\n",
                 &format!(
-                    "[server]\ntoken_store = \"postgres\"\ndatabase_url = \"{}\"\nca_file = \"{}\"\n{extra_server}",
-                    pg.url(),
+                    "[server]\n{}ca_file = \"{}\"\n{extra_server}",
+                    pg.server_settings(),
                     env.dovecot.ca_pem_path().display()
                 ),
             );

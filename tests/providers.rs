@@ -292,7 +292,7 @@ async fn a_service_account_on_the_shared_store_uses_the_jwt_bearer_grant() {
         let s = service_account_settings(env, &key);
         format!("[accounts.\"{DAVE}\"]\n{s}[accounts.\"{ERIN}\"]\n{s}")
     });
-    w.server_setting(&format!("token_store = \"postgres\"\ndatabase_url = \"{}\"", pg.url()));
+    w.server_setting(pg.server_settings().trim_end());
     w.env.provider.register_service_account(SERVICE_ACCOUNT, public);
     let (code, _, err) = run(&w.dir, &["login", DAVE], "dave local pw\n");
     assert_eq!(code, 0, "{err}");

@@ -49,8 +49,8 @@ impl Fleet {
                 .replace(
                     "[server]\n",
                     &format!(
-                        "[server]\ntoken_store = \"postgres\"\ndatabase_url = \"{}\"\nca_file = \"{}\"\n",
-                        pg.url(),
+                        "[server]\n{}ca_file = \"{}\"\n",
+                        pg.server_settings(),
                         d.ca_pem_path().display()
                     ),
                 )

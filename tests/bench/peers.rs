@@ -52,13 +52,6 @@ struct Nginx {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 /// nginx's `auth_http` protocol: a request per login, answered with the
 /// server to log in to. Every login goes to `upstream`; Dovecot checks
 /// the password.
@@ -93,7 +86,7 @@ impl Nginx {
             }
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
+        let port = super::support::dovecot::free_ports(1)[0];
         let auth = auth_http(upstream);
         let d = dir.path().display();
         // proxy_buffer: the relay's buffer per direction, 16k like HAProxy's
@@ -129,26 +122,12 @@ impl Nginx {
         }
         Nginx { child, port, _dir: dir }
     }
-}
 
-impl Nginx {
     /// The master and its workers (the workers relay).
     fn pids(&self) -> Vec<u32> {
         let master = self.child.id();
-        let mut pids = vec![master];
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let ppid = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            if ppid == Some(master) {
-                pids.push(pid);
-            }
-        }
+        let mut pids = super::support::dovecot::child_pids(master);
+        pids.push(master);
         pids
     }
 }

@@ -88,7 +88,7 @@ static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
 /// `n` distinct free ports: all are held open until every one is chosen, so
 /// the kernel cannot hand out the same port twice.
-fn free_ports(n: usize) -> Vec<u16> {
+pub fn free_ports(n: usize) -> Vec<u16> {
     let held: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
@@ -521,7 +521,7 @@ impl Drop for Dovecot {
 }
 
 /// PIDs whose parent is `ppid` (from /proc/PID/stat).
-fn child_pids(ppid: u32) -> Vec<u32> {
+pub fn child_pids(ppid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;

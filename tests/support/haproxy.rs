@@ -27,13 +27,6 @@ pub fn bin() -> &'static str {
         .expect("HAProxy is missing: run scripts/install-deps, which installs Debian's haproxy package")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 impl HaProxy {
     /// One frontend in front of `backend`, with a PROXY v2 header.
     pub fn start(backend: u16) -> HaProxy {
@@ -50,7 +43,7 @@ impl HaProxy {
     /// start otherwise.
     pub fn start_with(frontends: &[Frontend], maxconn: usize) -> HaProxy {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<u16> = frontends.iter().map(|_| free_port()).collect();
+        let ports = super::dovecot::free_ports(frontends.len());
         let mut cfg = format!(
             "global\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  maxconn {maxconn}\n  \
              timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n"

@@ -101,11 +101,7 @@ impl Postgres {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::dovecot::free_ports(1)[0];
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         std::os::unix::fs::chown(dir.path().join("server.log"), Some(uid), Some(gid)).unwrap();
         let mut cmd = as_user(&bin.join("postgres"), uid, gid);
@@ -162,6 +158,11 @@ impl Postgres {
     /// `postgres://mailproxy@127.0.0.1:PORT/mailproxy`
     pub fn url(&self) -> String {
         format!("postgres://mailproxy@127.0.0.1:{}/mailproxy", self.port)
+    }
+
+    /// The `[server]` lines that keep an instance's records in this database.
+    pub fn server_settings(&self) -> String {
+        format!("token_store = \"postgres\"\ndatabase_url = \"{}\"\n", self.url())
     }
 
     /// Runs SQL with psql; returns its unaligned output.
