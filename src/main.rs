@@ -338,7 +338,7 @@ async fn service(config: &Config, action: ServiceAction) -> Result<u8> {
     let exe = std::env::current_exe().context("where is this mailproxy binary?")?;
     match action {
         ServiceAction::Install { print: true, .. } => {
-            print!("{}", service::systemd_unit(&exe, config));
+            print!("{}", service::systemd_unit(&exe, config)?);
             Ok(0)
         }
         ServiceAction::Install { print: false, .. } => {

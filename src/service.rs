@@ -19,16 +19,75 @@ pub enum ServiceError {
     Manager { cmd: String, why: String },
     #[error("{0}")]
     Unsupported(String),
+    /// A path the unit must name cannot be written in it.
+    #[error("{what} {path:?} {why}: a {manager} unit cannot name it; rename or move it")]
+    Path {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+        manager: &'static str,
+    },
 }
 
-/// A path as one systemd command-line word (quoted when it has spaces).
-fn word(p: &Path) -> String {
-    let s = p.display().to_string();
-    if s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
+/// A path the unit names, as text: absolute (the service manager does not
+/// start where this command runs), UTF-8 and without control characters
+/// (no unit syntax can carry them: systemd refuses them on a command line,
+/// XML 1.0 has no way to write most of them).
+fn unit_path_text(what: &'static str, p: &Path, manager: &'static str) -> Result<String, ServiceError> {
+    let p = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let refused = |why: String| ServiceError::Path {
+        what,
+        path: p.clone(),
+        why,
+        manager,
+    };
+    let Some(s) = p.to_str() else {
+        return Err(refused("is not valid UTF-8".into()));
+    };
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(refused(format!(
+            "contains a control character (U+{:04X})",
+            u32::from(c)
+        )));
+    }
+    Ok(s.to_string())
+}
+
+/// `%` starts a specifier everywhere systemd reads a unit: `%%` is a `%`.
+fn specifiers_escaped(s: &str) -> String {
+    s.replace('%', "%%")
+}
+
+/// Double-quoted for systemd's word splitting (systemd.syntax(7),
+/// "Quoting") when the text holds a space, a quote or a backslash; inside
+/// the quotes a backslash and a double quote are escaped with a backslash.
+/// `Exec*=` lines and path lists such as `ReadWritePaths=` split alike.
+fn quoted(s: &str) -> String {
+    if s.chars().any(|c| c == ' ' || c == '"' || c == '\'' || c == '\\') {
         format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
     } else {
-        s
+        s.to_string()
     }
+}
+
+/// One argument of an `ExecStart=` command line: specifiers escaped, `$$`
+/// for a `$` (systemd expands `$VAR` in the arguments), then quoted.
+fn exec_arg(s: &str) -> String {
+    quoted(&specifiers_escaped(s).replace('$', "$$"))
+}
+
+/// The program of an `ExecStart=` line (no quotes or backslashes: systemd
+/// refuses them there): systemd expands specifiers in it but no variables
+/// (systemd.service(5): "the first argument ... may not be a variable"), so
+/// a `$` stays as it is.
+fn exec_program(s: &str) -> String {
+    quoted(&specifiers_escaped(s))
+}
+
+/// One entry of a path list such as `ReadWritePaths=`: specifiers but no
+/// variables are expanded there.
+fn path_entry(s: &str) -> String {
+    quoted(&specifiers_escaped(s))
 }
 
 /// The directories `serve` writes: the state directory, and the audit
@@ -43,14 +102,34 @@ fn writable(config: &Config) -> Vec<PathBuf> {
     v
 }
 
-/// The systemd user unit for `serve` with this binary and config.
-pub fn systemd_unit(exe: &Path, config: &Config) -> String {
-    let rw: Vec<String> = writable(config).iter().map(|p| word(p)).collect();
-    unit_text(
-        &format!("{} --config {} serve", word(exe), word(&config.path)),
-        None,
-        &rw.join(" "),
-    )
+/// The systemd user unit for `serve` with this binary and config. Refused
+/// when a path cannot be written in it.
+pub fn systemd_unit(exe: &Path, config: &Config) -> Result<String, ServiceError> {
+    let text = |what, p: &Path| unit_path_text(what, p, "systemd");
+    let mut rw = Vec::new();
+    for (i, d) in writable(config).iter().enumerate() {
+        let what = if i == 0 {
+            "the state directory"
+        } else {
+            "the audit log's directory"
+        };
+        rw.push(path_entry(&text(what, d)?));
+    }
+    let program = text("the mailproxy binary", exe)?;
+    if program.contains(['"', '\'', '\\']) {
+        return Err(ServiceError::Path {
+            what: "the mailproxy binary",
+            path: PathBuf::from(program),
+            why: "contains a quote or a backslash, which systemd refuses in the path of a program".into(),
+            manager: "systemd",
+        });
+    }
+    let exec = format!(
+        "{} --config {} serve",
+        exec_program(&program),
+        exec_arg(&text("the config file", &config.path)?)
+    );
+    Ok(unit_text(&exec, None, &rw.join(" ")))
 }
 
 /// The unit the Debian package ships in `/usr/lib/systemd/user`: the
@@ -93,33 +172,38 @@ WantedBy=default.target
     )
 }
 
-/// The launchd agent for `serve` (macOS).
-pub fn launchd_plist(exe: &Path, config: &Config) -> String {
-    let esc = |p: &Path| {
-        p.display()
-            .to_string()
-            .replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
-    let log = esc(&config.state_dir.join("serve.log"));
-    format!(
+/// Text for a plist `<string>`: the XML markup characters as entities.
+fn xml_text(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;")
+}
+
+/// The launchd agent for `serve` (macOS). launchd runs the arguments as
+/// they are (no shell, no expansion); refused when a path cannot be
+/// written in XML.
+pub fn launchd_plist(exe: &Path, config: &Config) -> Result<String, ServiceError> {
+    let text = |what, p: &Path| unit_path_text(what, p, "launchd").map(|s| xml_text(&s));
+    let exe = text("the mailproxy binary", exe)?;
+    let cfg = text("the config file", &config.path)?;
+    let log = text("the state directory", &config.state_dir)?;
+    Ok(format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
 <plist version="1.0">
 <dict>
   <key>Label</key><string>{LAUNCHD_LABEL}</string>
   <key>ProgramArguments</key>
-  <array><string>{}</string><string>--config</string><string>{}</string><string>serve</string></array>
+  <array><string>{exe}</string><string>--config</string><string>{cfg}</string><string>serve</string></array>
   <key>RunAtLoad</key><true/>
   <key>KeepAlive</key><dict><key>SuccessfulExit</key><false/></dict>
-  <key>StandardErrorPath</key><string>{log}</string>
+  <key>StandardErrorPath</key><string>{log}/serve.log</string>
 </dict>
 </plist>
-"#,
-        esc(exe),
-        esc(&config.path)
-    )
+"#
+    ))
 }
 
 /// Where the unit goes: `$XDG_CONFIG_HOME/systemd/user/mailproxy.service`,
@@ -179,7 +263,7 @@ pub fn install(exe: &Path, config: &Config) -> Result<Vec<String>, ServiceError>
     let path = unit_path();
     let mut out = Vec::new();
     if cfg!(target_os = "macos") {
-        write_unit(&path, &launchd_plist(exe, config))?;
+        write_unit(&path, &launchd_plist(exe, config)?)?;
         out.push(format!("wrote {}", path.display()));
         let uid = crate::sys::euid();
         let target = format!("gui/{uid}");
@@ -194,7 +278,7 @@ pub fn install(exe: &Path, config: &Config) -> Result<Vec<String>, ServiceError>
             "mailproxy service knows systemd (Linux) and launchd (macOS); run `mailproxy serve` from your system's service manager".into(),
         ));
     }
-    write_unit(&path, &systemd_unit(exe, config))?;
+    write_unit(&path, &systemd_unit(exe, config)?)?;
     out.push(format!("wrote {}", path.display()));
     let cmds: [&[&str]; 2] = [
         &["systemctl", "--user", "daemon-reload"],
@@ -277,8 +361,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_with_spaces_are_quoted() {
-        assert_eq!(word(Path::new("/a/b")), "/a/b");
-        assert_eq!(word(Path::new("/a b/c\"d")), "\"/a b/c\\\"d\"");
+    fn words_are_quoted_and_escaped_for_systemd() {
+        assert_eq!(quoted("/a/b"), "/a/b");
+        assert_eq!(quoted("/a b/c\"d"), "\"/a b/c\\\"d\"");
+        assert_eq!(quoted("/a'b\\c"), "\"/a'b\\\\c\"");
+        assert_eq!(exec_arg("/h%h/$HOME"), "/h%%h/$$HOME");
+        assert_eq!(exec_program("/h%h/$x"), "/h%%h/$x");
+        assert_eq!(path_entry("/h %h/$HOME"), "\"/h %%h/$HOME\"");
+    }
+
+    fn config_at(path: &str, state: &str) -> Config {
+        Config::parse(
+            &format!("[server]\nstate_dir = \"{state}\"\n\n[imap]\nlisten = \"127.0.0.1:0\"\n"),
+            Path::new(path),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn control_characters_and_quoted_programs_are_refused() {
+        let exe = Path::new("/usr/bin/mailproxy");
+        let e = systemd_unit(exe, &config_at("/a\tb/c.toml", "/s"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "the config file \"/a\\tb/c.toml\" contains a control character (U+0009): a systemd unit cannot name it; rename or move it"
+        );
+        let e = systemd_unit(exe, &config_at("/c.toml", "/s\\u001bt"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("the state directory \"/s\\u{1b}t\" contains a control character (U+001B)"),
+            "{e}"
+        );
+        let e = launchd_plist(exe, &config_at("/a\u{7f}/c.toml", "/s"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a launchd unit cannot name it"), "{e}");
+        let e = systemd_unit(Path::new("/o'k/mailproxy"), &config_at("/c.toml", "/s"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("the mailproxy binary \"/o'k/mailproxy\" contains a quote"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_plist_escapes_markup() {
+        let p = launchd_plist(Path::new("/b<&>/mailproxy"), &config_at("/c \"'&.toml", "/s&")).unwrap();
+        assert!(
+            p.contains("<string>/b&lt;&amp;&gt;/mailproxy</string><string>--config</string><string>/c &quot;&apos;&amp;.toml</string>"),
+            "{p}"
+        );
+        assert!(p.contains("<string>/s&amp;/serve.log</string>"), "{p}");
     }
 }

@@ -42,8 +42,14 @@ fn verify_user_unit(unit: &Path, runtime: &Path) {
 /// Runs mailproxy where no user systemd can be reached (an empty runtime
 /// directory, no session bus), so nothing outside the test is touched.
 fn mailproxy(dir: &ProxyDir, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(["--config", dir.config_path().to_str().unwrap()])
+    mailproxy_at(Path::new(BIN), &dir.config_path(), dir, args)
+}
+
+/// [`mailproxy`] with this binary and config file.
+fn mailproxy_at(exe: &Path, config: &Path, dir: &ProxyDir, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(exe)
+        .arg("--config")
+        .arg(config)
         .args(args)
         .env("XDG_CONFIG_HOME", dir.path().join("xdg-config"))
         .env("XDG_RUNTIME_DIR", dir.path().join("runtime"))
@@ -139,6 +145,160 @@ fn service_install_writes_a_unit_systemd_accepts_then_status_and_uninstall() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&out.stderr).trim().is_empty());
+}
+
+/// The unit as systemd loaded it: `systemd-analyze verify` at debug level
+/// dumps it, with specifiers expanded. Returns the ExecStart command line
+/// split into its words (the dump quotes them as a shell would) and the
+/// ReadWritePaths line.
+fn loaded_unit(unit: &Path, runtime: &Path) -> (Vec<String>, String) {
+    let out = Command::new(systemd_analyze())
+        .args(["verify", "--user", "--man=no"])
+        .arg(unit)
+        .env("XDG_RUNTIME_DIR", runtime)
+        .env("SYSTEMD_LOG_LEVEL", "debug")
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        dump.lines()
+            .find_map(|l| l.trim_start().strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in the dump of {}:\n{dump}", unit.display()))
+            .to_string()
+    };
+    let command = field("Command Line: ");
+    let mut words = Vec::new();
+    let mut chars = command.chars();
+    while let Some(c) = chars.next() {
+        let mut w = String::new();
+        if c == '"' {
+            while let Some(c) = chars.next() {
+                match c {
+                    '"' => break,
+                    '\\' => w.extend(chars.next()),
+                    c => w.push(c),
+                }
+            }
+            chars.next(); // the space after the word
+        } else {
+            w.push(c);
+            w.extend(chars.by_ref().take_while(|c| *c != ' '));
+        }
+        words.push(w);
+    }
+    (words, field("ReadWritePaths: "))
+}
+
+/// A string for a TOML basic string.
+fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Paths with what systemd would read as specifiers, variables, word
+/// breaks and quotes: the unit names them exactly as they are.
+#[test]
+fn service_install_escapes_specifiers_variables_quotes_and_spaces_in_paths() {
+    let dir = ProxyDir::new();
+    let runtime = dir.path().join("runtime");
+    std::fs::create_dir_all(&runtime).unwrap();
+    let odd = dir.path().join("odd dir%h $HOME ${USER} %%");
+    let odder = odd.join("\"q\" it's a\\b");
+    let state = odder.join("state");
+    let config = odder.join("c.toml");
+    std::fs::create_dir_all(&odder).unwrap();
+    // The binary lives there too (systemd runs no program whose path holds
+    // a quote or a backslash): verify checks that ExecStart's program, as
+    // systemd reads it, exists and is executable.
+    let exe = odd.join("bin").join("mailproxy");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    if std::fs::hard_link(BIN, &exe).is_err() {
+        std::fs::copy(BIN, &exe).unwrap();
+    }
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nstate_dir = {}\n\n[imap]\nlisten = \"127.0.0.1:0\"\n",
+            toml_str(state.to_str().unwrap())
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    let (code, out, err) = mailproxy_at(&exe, &config, &dir, &["service", "install"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let unit = dir.path().join("xdg-config/systemd/user/mailproxy.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    verify_user_unit(&unit, &runtime);
+
+    let (argv, rw) = loaded_unit(&unit, &runtime);
+    // The dump shows the words before variable expansion, where systemd
+    // turns `$$` into `$` and any other `$` into a variable's value.
+    let cfg = config.to_str().unwrap();
+    assert_eq!(
+        argv,
+        [exe.to_str().unwrap(), "--config", &cfg.replace('$', "$$"), "serve"],
+        "ExecStart as systemd reads it, from\n{text}"
+    );
+    assert_eq!(rw, state.to_str().unwrap(), "ReadWritePaths from\n{text}");
+    // `--print` shows the same unit.
+    let (code, printed, _) = mailproxy_at(&exe, &config, &dir, &["service", "install", "--print"]);
+    assert_eq!(code, 0);
+    assert_eq!(printed, text);
+}
+
+/// A control character in a path the unit would name is refused, with the
+/// path (escaped) in the sentence, and nothing is written.
+#[test]
+fn service_install_refuses_a_path_with_a_control_character() {
+    let dir = ProxyDir::new();
+    std::fs::create_dir_all(dir.path().join("runtime")).unwrap();
+    let odd = dir.path().join("new\nline");
+    std::fs::create_dir_all(&odd).unwrap();
+    let config = odd.join("c.toml");
+    std::fs::write(&config, dir.header()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let shown = format!("{:?}", config.display().to_string());
+    assert!(shown.contains("new\\nline"), "{shown}");
+    for args in [&["service", "install"][..], &["service", "install", "--print"]] {
+        let (code, out, err) = mailproxy_at(Path::new(BIN), &config, &dir, args);
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(
+            err.contains(&format!(
+                "the config file {shown} contains a control character (U+000A): a systemd unit cannot name it"
+            )),
+            "{args:?}: {err}"
+        );
+        assert!(!out.contains("ExecStart"), "{args:?}: {out}");
+    }
+    assert!(!dir.path().join("xdg-config/systemd/user/mailproxy.service").exists());
+
+    // systemd runs no program whose path holds a quote or a backslash.
+    std::fs::write(dir.config_path(), dir.header()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.config_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let exe = dir.path().join("it's").join("mailproxy");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    if std::fs::hard_link(BIN, &exe).is_err() {
+        std::fs::copy(BIN, &exe).unwrap();
+    }
+    let (code, out, err) = mailproxy_at(&exe, &dir.config_path(), &dir, &["service", "install"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains(&format!(
+            "the mailproxy binary {:?} contains a quote or a backslash",
+            exe.display().to_string()
+        )),
+        "{err}"
+    );
+    assert!(!dir.path().join("xdg-config/systemd/user/mailproxy.service").exists());
 }
 
 fn recv(sock: &UnixDatagram) -> String {
