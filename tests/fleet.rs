@@ -447,3 +447,87 @@ async fn metrics_count_what_happened_and_pass_promtool() {
     assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
     assert!(body.contains("PostgreSQL is not reachable"), "{body}");
 }
+
+/// The shared store going down is a temporary failure for clients of every
+/// protocol, in a plain sentence: what went wrong goes to the log only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_store_outage_is_a_temporary_failure_in_plain_words() {
+    use support::client::plain_b64;
+    use support::world_mail::{expect_smtp, pop3_cmd, pop3_line, smtp_cmd};
+
+    let mut f = Fleet::new("");
+    let d = &f.env.dovecot;
+    // SMTP and POP3 listeners next to IMAP, and the account's servers for them.
+    let cfg = std::fs::read_to_string(f.dirs[0].config_path())
+        .unwrap()
+        .replace(
+            "[imap]\n",
+            "[smtp]\nlisten = \"127.0.0.1:0\"\ntls = \"none\"\n\n[pop3]\nlisten = \"127.0.0.1:0\"\ntls = \"none\"\n\n[imap]\n",
+        )
+        + &format!(
+            "smtp = \"smtps://localhost:{}\"\npop3 = \"pop3s://localhost:{}\"\n",
+            d.submissions_port, d.pop3s_port
+        );
+    f.dirs[0].write_config(&cfg);
+    let (st, err) = f.dirs[0].login(ALICE, ALICE_PW);
+    assert!(st.success(), "{err}");
+    let imap = f.start(0);
+    drop(login(imap).await);
+    let (smtp, pop3) = {
+        let p = f.proxies[0].as_ref().unwrap();
+        (p.smtp.unwrap().port(), p.pop3.unwrap().port())
+    };
+
+    // PostgreSQL goes away (a fresh one stands in for the harness's checks).
+    drop(std::mem::replace(&mut f.pg, Postgres::start()));
+    let said = "mailproxy cannot reach its token store right now; try again in a moment";
+    let internal = [
+        "os error",
+        "Connection refused",
+        "token database",
+        "vault",
+        "db error",
+        "connect",
+    ];
+    let plain = |proto: &str, answer: &str| {
+        for word in internal {
+            assert!(!answer.contains(word), "{proto} shows {word:?}: {answer}");
+        }
+    };
+
+    let (_, tagged) = try_login(imap, ALICE_PW).await;
+    assert_eq!(tagged, format!("a1 NO [UNAVAILABLE] {said}"), "{}", f.logs());
+    plain("IMAP", &tagged);
+
+    let mut c = LineConn::plain(smtp).await.unwrap();
+    expect_smtp(&mut c, "220").await;
+    smtp_cmd(&mut c, "EHLO client.example.org", "250").await;
+    let r = smtp_cmd(&mut c, &format!("AUTH PLAIN {}", plain_b64(ALICE, ALICE_PW)), "454").await;
+    assert_eq!(r, vec![format!("454 4.7.0 {said}")]);
+    plain("SMTP", &r[0]);
+
+    let mut c = LineConn::plain(pop3).await.unwrap();
+    assert!(pop3_line(&mut c).await.starts_with(b"+OK"));
+    assert!(pop3_cmd(&mut c, &format!("USER {ALICE}"), false)
+        .await
+        .starts_with(b"+OK"));
+    let r = String::from_utf8_lossy(&pop3_cmd(&mut c, &format!("PASS {ALICE_PW}"), false).await).into_owned();
+    assert_eq!(r, format!("-ERR [SYS/TEMP] {said}\r\n"));
+    plain("POP3", &r);
+
+    // The log says what happened, at error level, once per login.
+    let p = f.proxies[0].as_ref().unwrap();
+    assert!(p.wait_log("the token store cannot be reached"), "{}", f.logs());
+    let logs = p.logs();
+    let detail: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("the token store cannot be reached: the token database: "))
+        .collect();
+    assert_eq!(detail.len(), 3, "{logs}");
+    assert!(
+        detail
+            .iter()
+            .all(|l| l.contains("ERROR") && l.contains("Connection refused")),
+        "{logs}"
+    );
+}

@@ -106,6 +106,7 @@ pub(crate) async fn resolve(
             return Err(LoginFailure::new(Failure::Action, e.to_string()));
         }
         Err(e @ AuthError::Busy(_)) => return Err(LoginFailure::new(Failure::Unavailable, e.to_string())),
+        Err(e @ AuthError::Store(_)) => return Err(store_unreachable(&account.name, &e)),
         Err(e @ AuthError::Vault(_)) => {
             tracing::error!(account = %account.name, error = %e, "vault error");
             return Err(LoginFailure::new(Failure::Action, e.to_string()));
@@ -161,8 +162,21 @@ async fn on_demand(ctx: &Ctx, tokens: &Arc<AccountTokens>) -> LoginFailure {
     }
 }
 
+/// The token store did not answer: the client is told to try again in
+/// plain words, the log says what went wrong.
+fn store_unreachable(account: &str, e: &dyn std::fmt::Display) -> LoginFailure {
+    tracing::error!(account = %account, error = %e, "login refused for now");
+    LoginFailure::new(
+        Failure::Unavailable,
+        "mailproxy cannot reach its token store right now; try again in a moment",
+    )
+}
+
 /// No access token could be had: a person must act, or it is temporary.
 pub(crate) fn token_failure(account: &str, e: TokenError) -> LoginFailure {
+    if let TokenError::Store(_) = e {
+        return store_unreachable(account, &e);
+    }
     let kind = if e.is_transient() {
         Failure::Unavailable
     } else {

@@ -283,6 +283,6 @@ fn classify(e: TokenError) -> CheckOutcome {
         TokenError::OAuth(ref o) if o.needs_login() || matches!(o, OAuthError::Provider(_)) => {
             CheckOutcome::NeedsAction { why }
         }
-        TokenError::OAuth(_) | TokenError::Vault(_) => CheckOutcome::Temporary { why },
+        TokenError::OAuth(_) | TokenError::Vault(_) | TokenError::Store(_) => CheckOutcome::Temporary { why },
     }
 }

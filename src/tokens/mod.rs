@@ -177,6 +177,10 @@ pub enum AuthError {
     NotAuthorised(String),
     #[error("the account's vault cannot be used: {0}")]
     Vault(String),
+    /// The token store (the shared database) did not answer: temporary,
+    /// and nothing a client can act on beyond trying again.
+    #[error("the token store cannot be reached: {0}")]
+    Store(String),
     /// Too many password checks are waiting for this account (it is being
     /// guessed at); try again later. A temporary failure, no KDF was run.
     #[error("{0} is busy with other login attempts; try again in a moment")]
@@ -195,6 +199,9 @@ pub enum TokenError {
     OAuth(#[from] OAuthError),
     #[error("the refresh token could not be saved: {0}")]
     Vault(String),
+    /// The token store (the shared database) did not answer.
+    #[error("the token store cannot be reached: {0}")]
+    Store(String),
     #[error("{0}")]
     Identity(#[from] identity::IdentityError),
 }
@@ -205,7 +212,7 @@ impl TokenError {
     pub fn is_transient(&self) -> bool {
         match self {
             TokenError::OAuth(o) => o.is_transient(),
-            TokenError::Vault(_) => true,
+            TokenError::Vault(_) | TokenError::Store(_) => true,
             TokenError::Identity(identity::IdentityError::Unavailable(_)) => true,
             _ => false,
         }
@@ -571,7 +578,10 @@ impl TokenManager {
     /// state it implies. Slot locked.
     async fn sync(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<(), AuthError> {
         let name = &acct.account.name;
-        let vault = |e: StoreError| AuthError::Vault(e.to_string());
+        let vault = |e: StoreError| match e {
+            StoreError::Database(_) => AuthError::Store(e.to_string()),
+            _ => AuthError::Vault(e.to_string()),
+        };
         let stamp = self.records.version(name).await.map_err(vault)?;
         if slot.loaded && stamp == slot.stamp {
             return Ok(());

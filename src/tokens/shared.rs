@@ -75,7 +75,7 @@ impl TokenManager {
                     slot.state = TokenState::Active(a.failed(SystemTime::now(), e.to_string()));
                 }
                 crate::metrics::refresh(&acct.settings, "store_unavailable");
-                return Err(TokenError::Vault(e.to_string()));
+                return Err(TokenError::Store(e.to_string()));
             }
         };
         // Another instance may have refreshed, or a command changed the
