@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::oauth::login::{read_request, respond, respond_raw};
+use crate::oauth::login::{read_request, refuse_stranger, respond, respond_raw, visitor, Visitor};
 use crate::status_page;
 use crate::tokens::authorize::{account_of_start_path, MAX_HTTP_CONNECTIONS, REQUEST_TIMEOUT};
 use crate::tokens::{now_unix, TokenManager};
@@ -29,6 +29,14 @@ pub async fn serve(sock: TcpListener, tokens: Arc<TokenManager>, shutdown: Cance
             r = sock.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
             _ = shutdown.cancelled() => return,
         };
+        // Another local user's connection is refused before it takes a
+        // slot, so strangers cannot crowd the owner out.
+        if let Visitor::Stranger(_) = visitor(&s) {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, refuse_stranger(&mut s, "the status page")).await;
+            });
+            continue;
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             drop(s); // over the connection cap
             continue;

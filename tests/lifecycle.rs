@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::mailproxy::{run, Proxy};
-use support::provider::{self, approve_in_browser};
+use support::provider;
 use support::sample_message;
 use support::world::*;
 
@@ -127,9 +127,10 @@ async fn on_demand_authorisation_runs_once_for_twenty_clients() {
     let html = support::http::get(&format!("http://{status_addr}/")).unwrap().text();
     assert!(html.contains("sign in") && html.contains(ALICE), "{html}");
 
-    let redirect = support::http::get(&start).unwrap();
-    assert_eq!(redirect.status, 302);
-    let (status, body) = approve_in_browser(&redirect.headers["location"]).await.unwrap();
+    // The browser that visits the start address is the one that may finish.
+    let mut browser = support::http::Browser::new();
+    let (r, _) = browser.open(&start).unwrap();
+    let (status, body) = (r.status, r.text());
     assert_eq!(status, 200, "{body}");
     assert_eq!(w.env.provider.authorize_hits(), 1, "one authorisation");
     assert_eq!(w.env.provider.code_exchanges(), 1, "one token exchange");
@@ -140,16 +141,17 @@ async fn on_demand_authorisation_runs_once_for_twenty_clients() {
     let at = body.find("name=token value=\"").unwrap() + 18;
     let token = &body[at..at + body[at..].find('"').unwrap()];
     let redirect_uri = w.env.provider.last_authorize_request().unwrap()["redirect_uri"].clone();
-    let done = support::http::post_form(
-        &format!("{}complete", redirect_uri),
-        &[
-            ("token", token),
-            ("choice", "own"),
-            ("password", "first pw"),
-            ("repeat", "first pw"),
-        ],
-    )
-    .unwrap();
+    let done = browser
+        .submit(
+            &format!("{}complete", redirect_uri),
+            &[
+                ("token", token),
+                ("choice", "own"),
+                ("password", "first pw"),
+                ("repeat", "first pw"),
+            ],
+        )
+        .unwrap();
     assert_eq!(done.status, 200, "{}", done.text());
     let mut c = login_ok(port, ALICE, "first pw").await;
     assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use support::http;
 use support::mailproxy::run;
 use support::provider;
+use support::stranger::Stranger;
 use support::world::*;
 use support::LineConn;
 
@@ -103,22 +104,35 @@ async fn the_owner_finishes_on_demand_in_a_browser_and_no_client_sets_the_passwo
         403
     );
 
-    // Each visit to the start address redirects to the provider with a fresh state.
-    let a = http::get(&start).unwrap();
-    let b = http::get(&start).unwrap();
+    // The status page's start address sends the browser on to the redirect
+    // listener's own start address; each visit there redirects to the
+    // provider with a fresh state and binds that browser with a cookie.
+    let hop = http::get(&start).unwrap();
+    assert_eq!(hop.status, 302, "{}", hop.text());
+    let local_start = hop.headers["location"].clone();
+    let (mut older, mut latest) = (http::Browser::new(), http::Browser::new());
+    let a = older.send("GET", &local_start, &[], b"").unwrap();
+    let b = latest.send("GET", &local_start, &[], b"").unwrap();
     assert_eq!((a.status, b.status), (302, 302));
+    assert!(a.headers["set-cookie"].contains("HttpOnly"), "{:?}", a.headers);
     let (la, lb) = (a.headers["location"].clone(), b.headers["location"].clone());
     assert!(la.starts_with(&auth_url) && la != lb, "{la} {lb}");
     // The older state no longer works: approving it is refused by the redirect listener.
-    let (code, body) = provider::approve_in_browser(&la).await.unwrap();
+    let (r, _) = older.open(&la).unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    // The latest state, from a browser that did not visit the start address
+    // (a relayed code), is refused too.
+    let (code, body) = provider::approve_in_browser(&lb).await.unwrap();
     assert_eq!(code, 400, "{body}");
-    // The latest one lands on the completion page.
-    let (code, page) = provider::approve_in_browser(&lb).await.unwrap();
+    assert!(body.contains("not started in this browser"), "{body}");
+    // The latest one, in its own browser, lands on the completion page.
+    let (r, _) = latest.open(&lb).unwrap();
+    let (code, page) = (r.status, r.text());
     assert_eq!(code, 200, "{page}");
     assert!(page.contains("/complete") && page.contains("generated"), "{page}");
     // A second callback, even with the right state, is not accepted.
-    let (code, _) = provider::approve_in_browser(&lb).await.unwrap();
-    assert_eq!(code, 400);
+    let (r, _) = latest.open(&lb).unwrap();
+    assert_eq!(r.status, 400);
 
     // Until the owner sets the password, no client gets in, whatever it sends.
     for pw in ["a client's guess", ALICE_PW, ""] {
@@ -139,6 +153,10 @@ async fn the_owner_finishes_on_demand_in_a_browser_and_no_client_sets_the_passwo
     assert_eq!(raw(&redirect_host, &cross, &form), 403);
     let wrong_token = form.replace(&token, "forged");
     let post = format!("POST /complete HTTP/1.1\r\nHost: {redirect_host}\r\nOrigin: http://{redirect_host}\r\nContent-Type: application/x-www-form-urlencoded\r\n");
+    // The page's token alone is not enough: the browser's cookie must come too.
+    assert_eq!(raw(&redirect_host, &post, &form), 403);
+    let cookie = latest.cookies_for(&redirect).expect("the start address set a cookie");
+    let post = format!("{post}Cookie: {cookie}\r\n");
     assert_eq!(raw(&redirect_host, &post, &wrong_token), 403);
     assert_eq!(raw(&redirect_host, &post, &form), 200);
 
@@ -403,4 +421,202 @@ async fn hostile_token_lifetimes_neither_panic_nor_storm() {
     assert!(!w.logs().contains("panicked"), "{}", w.logs());
     let r = login_response(port, ALICE, ALICE_PW).await;
     assert!(r.starts_with("a1 OK"), "{r}");
+}
+
+/// Alice's account with a pinned `http://localhost:PORT/` redirect, as
+/// Microsoft registrations have it; the port.
+fn localhost_redirect(w: &World) -> u16 {
+    let port = support::dovecot::free_ports(1)[0];
+    let cfg = std::fs::read_to_string(w.dir.config_path()).unwrap().replace(
+        &format!("[accounts.\"{ALICE}\"]\n"),
+        &format!("[accounts.\"{ALICE}\"]\nredirect_uri = \"http://localhost:{port}/\"\n"),
+    );
+    w.dir.write_config(&cfg);
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_local_user_cannot_take_a_localhost_redirect_through_ipv6() {
+    let mut w = World::new();
+    let redirect_port = localhost_redirect(&w);
+    let port = w.start();
+
+    // Another user listens on [::1] at the redirect's port first: the
+    // sign-in does not start, and says why.
+    let mut squatter = Stranger::run(&["squat", &redirect_port.to_string()]);
+    assert_eq!(
+        squatter.next().unwrap()["bound"],
+        true,
+        "[::1] is free before the sign-in"
+    );
+    let first = login_response(port, ALICE, "a client's guess").await;
+    assert!(first.starts_with("a1 NO"), "{first}");
+    let said = format!("{first}\n{}", w.logs());
+    assert!(
+        said.contains(&format!("another program listens on [::1]:{redirect_port}")),
+        "the sign-in must not start while [::1]:{redirect_port} is someone else's: {first}"
+    );
+    drop(squatter);
+
+    // Once it is free, mailproxy holds both addresses: the stranger cannot bind.
+    let first = login_response(port, ALICE, "a client's guess").await;
+    assert!(first.starts_with("a1 NO [ALERT]"), "{first}");
+    let start = first[first.find("http://").unwrap()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let mut squatter = Stranger::run(&["squat", &redirect_port.to_string()]);
+    let v = squatter.next().unwrap();
+    assert_eq!(v["bound"], false, "[::1]:{redirect_port} is taken by mailproxy: {v}");
+
+    // The owner's browser (which tries ::1 first, as browsers do) reaches
+    // mailproxy and finishes.
+    let mut browser = http::Browser::new();
+    let (page, at) = browser.open(&start).unwrap();
+    assert_eq!(page.status, 200, "{at}: {}", page.text());
+    let body = page.text();
+    assert!(body.contains("/complete"), "{body}");
+    let done = browser
+        .submit(
+            &format!("http://localhost:{redirect_port}/complete"),
+            &[
+                ("token", field(&body, "token")),
+                ("choice", "own"),
+                ("password", ALICE_PW),
+                ("repeat", ALICE_PW),
+            ],
+        )
+        .unwrap();
+    assert_eq!(done.status, 200, "{}", done.text());
+    let ok = login_response(port, ALICE, ALICE_PW).await;
+    assert!(ok.starts_with("a1 OK"), "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sign_in_pages_refuse_other_local_users() {
+    let mut w = World::new();
+    w.with_status_page();
+    let port = w.start();
+    let status = w.status_addr();
+    let status_port: u16 = status.rsplit(':').next().unwrap().parse().unwrap();
+    let first = login_response(port, ALICE, "a client's guess").await;
+    assert!(first.starts_with("a1 NO [ALERT]"), "{first}");
+    let start_path = format!("/authorize/{ALICE}");
+
+    // The start button, without Origin, from another uid: no provider URL, no state.
+    let r = Stranger::request(
+        "127.0.0.1",
+        status_port,
+        &format!("POST {start_path} HTTP/1.1\r\nHost: {status}\r\nContent-Length: 0\r\n\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(!r.contains("state="), "{r}");
+    assert!(
+        w.logs().contains("refused a request from another local user"),
+        "{}",
+        w.logs()
+    );
+
+    // The owner's visit shows where the redirect listener is.
+    let hop = http::get(&format!("http://{status}{start_path}")).unwrap();
+    assert_eq!(hop.status, 302, "{}", hop.text());
+    let loc = url::Url::parse(&hop.headers["location"]).unwrap();
+    let redirect = loc
+        .query_pairs()
+        .find(|(k, _)| k == "redirect_uri")
+        .map_or_else(|| loc.clone(), |(_, v)| url::Url::parse(&v).unwrap());
+    let redirect_port = redirect.port().unwrap();
+
+    // A forged error callback from another uid changes nothing.
+    let r = Stranger::request(
+        "127.0.0.1",
+        redirect_port,
+        &format!("GET /?state=forged&error=access_denied HTTP/1.1\r\nHost: 127.0.0.1:{redirect_port}\r\n\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    // Nor does a visit to the start address there.
+    let r = Stranger::request(
+        "127.0.0.1",
+        redirect_port,
+        &format!("GET {start_path} HTTP/1.1\r\nHost: 127.0.0.1:{redirect_port}\r\n\r\n"),
+    );
+    assert!(r.starts_with("HTTP/1.1 403") && !r.contains("state="), "{r}");
+    let json = http::get(&format!("http://{status}/status.json")).unwrap().json();
+    let alice = json["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["account"] == ALICE)
+        .unwrap()
+        .clone();
+    assert_eq!(alice["state"], "authorizing", "{json}");
+
+    // Forty half-sent requests from another uid hold no slot: the owner's page still answers.
+    let mut holder = Stranger::run(&["hold", "127.0.0.1", &status_port.to_string(), "40"]);
+    assert_eq!(holder.next().unwrap()["held"], 40);
+    let t = Instant::now();
+    let r = http::get(&format!("http://{status}/status.json")).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    drop(holder);
+}
+
+#[test]
+fn login_opens_the_browser_at_the_local_start_address() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    let w = World::new();
+    // A stand-in for xdg-open that notes the address it was given.
+    let bin = w.dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let seen = w.dir.path().join("opened");
+    let opener = bin.join("xdg-open");
+    std::fs::write(&opener, format!("#!/bin/sh\necho \"$@\" > {}\n", seen.display())).unwrap();
+    std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+
+    let mut child = Command::new(support::mailproxy::BIN)
+        .args([
+            "--config",
+            w.dir.config_path().to_str().unwrap(),
+            "login",
+            ALICE,
+            "--timeout",
+            "30",
+        ])
+        .env("PATH", path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{ALICE_PW}\n").as_bytes())
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    assert!(
+        support::stranger::eventually(20, || seen.exists()
+            && std::fs::read_to_string(&seen).is_ok_and(|s| s.ends_with('\n'))),
+        "the browser was opened"
+    );
+    let url = std::fs::read_to_string(&seen).unwrap().trim().to_string();
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.contains("/authorize/"),
+        "{url}"
+    );
+    assert!(
+        !url.contains("state=") && !url.contains(&w.env.provider.auth_url()),
+        "{url}"
+    );
+    let (status, body) = provider::approve_in_browser_blocking(&url).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut rest = String::new();
+    while err.read_line(&mut rest).unwrap_or(0) > 0 {}
+    assert!(child.wait().unwrap().success(), "{rest}");
 }

@@ -42,9 +42,14 @@ fn add(dir: &ProxyDir, env: &Env, args: &[&str]) -> (i32, String) {
     let mut line = String::new();
     while stderr.read_line(&mut line).unwrap_or(0) > 0 {
         seen.push_str(&line);
-        if line.trim().starts_with(&env.provider.auth_url()) {
-            let (status, body) = approve_in_browser_blocking(line.trim()).expect("browser step");
+        let t = line.trim();
+        if t.starts_with("http://") && t.contains("/authorize/") {
+            let (status, body) = approve_in_browser_blocking(t).expect("browser step");
             assert_eq!(status, 200, "{body}");
+            assert!(
+                env.provider.authorize_hits() >= 1,
+                "the start address led to the provider"
+            );
         }
         line.clear();
     }

@@ -189,7 +189,21 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
     let start = format!("http://{status}/authorize/{ERIN}");
     let r = http::request("POST", &start, &[("Origin", &origin)], b"").unwrap();
     assert_eq!(r.status, 303, "{}", r.text());
+    // On to the redirect listener's own start address, which binds this
+    // browser and sends it to the provider.
+    let local_start = r.headers["location"].clone();
+    assert!(
+        local_start.contains("/authorize/") && !local_start.contains(status.as_str()),
+        "{local_start}"
+    );
+    let r = http::Browser::new().send("GET", &local_start, &[], b"").unwrap();
+    assert_eq!(r.status, 302, "{}", r.text());
     assert!(r.headers["location"].starts_with(&auth_url), "{:?}", r.headers);
+    assert!(
+        r.headers["set-cookie"].starts_with("mailproxy_signin_"),
+        "{:?}",
+        r.headers
+    );
     let json = http::get(&format!("http://{status}/status.json")).unwrap().json();
     let erin = json["accounts"]
         .as_array()

@@ -103,11 +103,14 @@ pub async fn obtain(
                 .await
                 .map_err(|e| OAuthError::Config(format!("cannot receive the provider's redirect: {e}")))?;
             let req = oauth::authorization_request(&account.name, settings, redirect.uri())?;
+            // The browser gets the local start address, never the provider's
+            // address with its `state` on a command line others can read.
+            let start = redirect.start_url(&account.name, &req);
             tell(Notice::Say(format!(
                 "To authorise {}, open this address in a browser and sign in:\n\n  {}\n",
-                account.name, req.url
+                account.name, start
             )));
-            tell(Notice::Open(req.url.clone()));
+            tell(Notice::Open(start));
             if matches!(redirect, Redirect::Loopback { .. }) {
                 tell(Notice::Waiting("waiting for the sign-in in the browser"));
             }

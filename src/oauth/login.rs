@@ -1,10 +1,24 @@
 //! The browser side of `mailproxy login`: a one-shot loopback HTTP listener
-//! that receives the provider's redirect with `code` and `state`.
+//! that receives the provider's redirect with `code` and `state`, and the
+//! pieces every loopback page shares.
+//!
+//! The redirect model: the redirect reaches only mailproxy. A `localhost`
+//! redirect is heard on every address `localhost` names (127.0.0.1 and
+//! ::1, one port), so no other local user can take the address a browser
+//! tries first; the sign-in does not start while any of them is taken. On
+//! Linux a loopback request from another local user is refused from its
+//! uid. And a callback counts only from the browser that visited the local
+//! start address, which set a cookie the callback must carry back: a code
+//! and `state` relayed from elsewhere get nothing.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use rand::RngCore;
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use super::{explain, AuthRequest, OAuthError};
 use crate::config::{OAuthSettings, ProviderKind};
@@ -14,13 +28,115 @@ use crate::secret::Secret;
 pub enum Redirect {
     /// We listen on loopback; the browser comes back to us.
     Loopback {
-        listener: TcpListener,
+        listener: RedirectListener,
         uri: String,
         path: String,
     },
     /// A pinned non-loopback redirect URI: the user pastes the URL the browser
     /// ended on.
     Paste { uri: String },
+}
+
+/// A redirect's loopback listener: one socket per address its host names,
+/// all on one port.
+pub struct RedirectListener {
+    v4: Option<TcpListener>,
+    v6: Option<TcpListener>,
+    port: u16,
+}
+
+/// Whether a bind failed because this machine has no such address (no IPv6
+/// loopback): then nobody else can listen there either.
+fn address_absent(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::Unsupported
+    ) || e.raw_os_error() == Some(97) // EAFNOSUPPORT
+}
+
+impl RedirectListener {
+    /// Listens on `host`'s loopback addresses at `port` (0: a free port
+    /// that is free on every address). Refuses when another program holds
+    /// any of them, since the browser may go there.
+    pub async fn bind(host: &str, port: u16) -> std::io::Result<RedirectListener> {
+        let host = host.trim_matches(['[', ']']);
+        if host.eq_ignore_ascii_case("localhost") {
+            return Self::bind_both(port).await;
+        }
+        let ip: std::net::IpAddr = host
+            .parse()
+            .map_err(|_| std::io::Error::other(format!("`{host}` is not a loopback address")))?;
+        let l = TcpListener::bind((ip, port)).await?;
+        let port = l.local_addr()?.port();
+        Ok(match ip {
+            std::net::IpAddr::V4(_) => RedirectListener {
+                v4: Some(l),
+                v6: None,
+                port,
+            },
+            std::net::IpAddr::V6(_) => RedirectListener {
+                v4: None,
+                v6: Some(l),
+                port,
+            },
+        })
+    }
+
+    async fn bind_both(port: u16) -> std::io::Result<RedirectListener> {
+        let taken = |addr: &str, port: u16, e: std::io::Error| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "another program listens on {addr}:{port}, where a browser may send the sign-in for `localhost`; \
+                     stop it or choose another port in redirect_uri ({e})"
+                ),
+            )
+        };
+        // A free port must be free on both addresses; a few tries find one.
+        for _ in 0..32 {
+            let v4 = TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+                .await
+                .map_err(|e| taken("127.0.0.1", port, e))?;
+            let got = v4.local_addr()?.port();
+            match TcpListener::bind((Ipv6Addr::LOCALHOST, got)).await {
+                Ok(v6) => {
+                    return Ok(RedirectListener {
+                        v4: Some(v4),
+                        v6: Some(v6),
+                        port: got,
+                    })
+                }
+                Err(e) if address_absent(&e) => {
+                    return Ok(RedirectListener {
+                        v4: Some(v4),
+                        v6: None,
+                        port: got,
+                    })
+                }
+                Err(e) if port == 0 && e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => return Err(taken("[::1]", got, e)),
+            }
+        }
+        Err(std::io::Error::other(
+            "found no port free on both 127.0.0.1 and ::1 for the redirect",
+        ))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The next connection on any of the addresses.
+    pub async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
+        match (&self.v4, &self.v6) {
+            (Some(a), Some(b)) => tokio::select! {
+                r = a.accept() => r,
+                r = b.accept() => r,
+            },
+            (Some(l), None) | (None, Some(l)) => l.accept().await,
+            (None, None) => std::future::pending().await,
+        }
+    }
 }
 
 impl Redirect {
@@ -30,15 +146,10 @@ impl Redirect {
             let host = url.host_str().unwrap_or("").trim_matches(['[', ']']).to_string();
             if url.scheme() == "http" && is_loopback_host(&host) {
                 let port = url.port_or_known_default().unwrap_or(80);
-                let bind_host = if host.eq_ignore_ascii_case("localhost") {
-                    "127.0.0.1".to_string()
-                } else {
-                    host
-                };
-                let listener = TcpListener::bind((bind_host.as_str(), port)).await.map_err(|e| {
+                let listener = RedirectListener::bind(&host, port).await.map_err(|e| {
                     std::io::Error::new(
                         e.kind(),
-                        format!("cannot listen on {bind_host}:{port} for the redirect_uri {u}: {e}"),
+                        format!("cannot listen on {host}:{port} for the redirect_uri {u}: {e}"),
                     )
                 })?;
                 return Ok(Redirect::Loopback {
@@ -49,19 +160,29 @@ impl Redirect {
             }
             return Ok(Redirect::Paste { uri: u.clone() });
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
         // Microsoft app registrations list `http://localhost`; any port matches it.
         let host = if s.provider == ProviderKind::Microsoft {
             "localhost"
         } else {
             "127.0.0.1"
         };
+        let listener = RedirectListener::bind(host, 0).await?;
+        let port = listener.port();
         Ok(Redirect::Loopback {
             listener,
             uri: format!("http://{host}:{port}/"),
             path: "/".into(),
         })
+    }
+
+    /// Where the person starts the sign-in: the loopback listener's own
+    /// start address (which binds the browser to the sign-in), or the
+    /// provider's address when the redirect is pasted.
+    pub fn start_url(&self, account: &str, req: &AuthRequest) -> String {
+        match self {
+            Redirect::Loopback { uri, .. } => format!("{}{}", origin(uri), start_path(account)),
+            Redirect::Paste { .. } => req.url.clone(),
+        }
     }
 
     pub fn uri(&self) -> &str {
@@ -96,23 +217,43 @@ impl Redirect {
                 }
             }
             Redirect::Loopback { listener, path, .. } => tokio::time::timeout(timeout, async {
+                let browser = BrowserBinding::new(listener.port());
                 loop {
                     let Ok((mut sock, _)) = listener.accept().await else {
                         continue;
                     };
+                    if refuse_stranger(&mut sock, "the sign-in redirect").await {
+                        continue;
+                    }
                     let Ok(Some(request)) =
                         tokio::time::timeout(Duration::from_secs(10), read_request(&mut sock)).await
                     else {
                         continue;
                     };
-                    let local = listener.local_addr().ok();
+                    let local = sock.local_addr().ok();
                     if !local.is_some_and(|l| request.host_is(l)) {
                         let _ = respond(&mut sock, "421 Misdirected Request", "Not this listener's address.").await;
                         continue;
                     }
                     let (p, query) = (request.path(), request.query());
+                    if request.method == "GET" && p == start_path(account) {
+                        let cookie = browser.issue();
+                        let _ = respond_raw(
+                            &mut sock,
+                            "302 Found",
+                            "text/plain",
+                            &[("Location", &req.url), ("Set-Cookie", &cookie)],
+                            b"",
+                        )
+                        .await;
+                        continue;
+                    }
                     if p != path {
                         let _ = respond(&mut sock, "404 Not Found", "Not the mailproxy redirect.").await;
+                        continue;
+                    }
+                    if !browser.matches(&request) {
+                        let _ = respond(&mut sock, "400 Bad Request", &format!("mailproxy: {OTHER_BROWSER}")).await;
                         continue;
                     }
                     match callback(account, req, query) {
@@ -149,6 +290,142 @@ impl Redirect {
             })?,
         }
     }
+}
+
+/// What a callback without this browser's cookie is told.
+pub(crate) const OTHER_BROWSER: &str =
+    "this sign-in was not started in this browser; open the start address again, in the browser that signs in";
+
+/// `/authorize/ACCOUNT` with the account name percent-encoded: the local
+/// start address's path.
+pub fn start_path(account: &str) -> String {
+    let mut p = String::from("/authorize/");
+    for b in account.to_lowercase().bytes() {
+        if b.is_ascii_alphanumeric() || b"@._-+".contains(&b) {
+            p.push(char::from(b));
+        } else {
+            p.push_str(&format!("%{b:02X}"));
+        }
+    }
+    p
+}
+
+/// The account a `/authorize/...` path names, if it is one.
+pub fn account_of_start_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/authorize/")?;
+    let decoded: String = url::form_urlencoded::parse(format!("a={}", rest.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())?;
+    (!decoded.is_empty()).then_some(decoded)
+}
+
+/// `http://host:port` of a URL (its scheme, host and port, no path).
+pub fn origin(uri: &str) -> String {
+    match url::Url::parse(uri) {
+        Ok(u) => u.origin().ascii_serialization(),
+        Err(_) => uri.trim_end_matches('/').to_string(),
+    }
+}
+
+fn random_token() -> String {
+    use base64::Engine;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Binds a sign-in to the browser that visited the start address: each
+/// visit sets a fresh secret cookie (older ones stop counting), and the
+/// callback and the completion page count only with it. Cookies are per
+/// host, not per port, so the name carries the listener's port.
+pub struct BrowserBinding {
+    name: String,
+    current: Mutex<Option<Secret>>,
+}
+
+impl BrowserBinding {
+    pub fn new(port: u16) -> BrowserBinding {
+        BrowserBinding {
+            name: format!("mailproxy_signin_{port}"),
+            current: Mutex::new(None),
+        }
+    }
+
+    /// A new secret for this visit; returns the `Set-Cookie` value.
+    /// `SameSite=Lax`: the provider's redirect back is a top-level
+    /// navigation, which carries it; other sites' subrequests do not.
+    pub fn issue(&self) -> String {
+        let value = random_token();
+        let header = format!("{}={value}; Path=/; HttpOnly; SameSite=Lax", self.name);
+        *lock(&self.current) = Some(Secret::new(value));
+        header
+    }
+
+    /// The request carries the latest visit's cookie.
+    pub fn matches(&self, req: &HttpRequest) -> bool {
+        let cur = lock(&self.current);
+        let Some(want) = cur.as_ref() else { return false };
+        req.cookies(&self.name)
+            .any(|v| bool::from(want.expose().as_bytes().ct_eq(v.as_bytes())))
+    }
+}
+
+/// One lock-poisoning policy for these pages: a panic elsewhere leaves the
+/// data as it was, which is still valid here.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Who is on the other end of a loopback page's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visitor {
+    /// The user who runs mailproxy.
+    Owner,
+    /// Another local user (its uid), or a peer the kernel no longer knows.
+    Stranger(Option<u32>),
+    /// Not a loopback peer, or this system cannot tell.
+    Unknown,
+}
+
+/// Asks the kernel which local user opened `sock`'s other end.
+pub fn visitor(sock: &TcpStream) -> Visitor {
+    let (Ok(local), Ok(peer)) = (sock.local_addr(), sock.peer_addr()) else {
+        return Visitor::Unknown;
+    };
+    let loopback = match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        v4 => v4.is_loopback(),
+    };
+    if !loopback {
+        return Visitor::Unknown;
+    }
+    match crate::sys::tcp_peer_uid(local, peer) {
+        Ok(Some(uid)) if uid == crate::sys::euid() => Visitor::Owner,
+        Ok(uid) => Visitor::Stranger(uid),
+        Err(e) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(error = %e, "cannot ask the kernel which user opened a loopback connection; the local pages rely on their cookies alone");
+            });
+            Visitor::Unknown
+        }
+    }
+}
+
+/// Refuses (403, then closes) a connection another local user opened to one
+/// of the owner's pages. True when refused.
+pub async fn refuse_stranger(sock: &mut TcpStream, page: &str) -> bool {
+    let Visitor::Stranger(uid) = visitor(sock) else {
+        return false;
+    };
+    tracing::warn!(peer_uid = ?uid, page, "refused a request from another local user");
+    let _ = respond(
+        sock,
+        "403 Forbidden",
+        "This page belongs to the user who runs mailproxy; other local users are refused.",
+    )
+    .await;
+    true
 }
 
 pub(crate) enum Callback {
@@ -203,6 +480,18 @@ impl HttpRequest {
 
     pub fn path(&self) -> &str {
         self.target.split('?').next().unwrap_or("")
+    }
+
+    /// The values of the cookie `name` (every `Cookie` header, every pair).
+    pub fn cookies<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
+            .flat_map(|(_, v)| v.split(';'))
+            .filter_map(move |pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then_some(v)
+            })
     }
 
     pub fn query(&self) -> &str {
@@ -260,7 +549,7 @@ impl HttpRequest {
 }
 
 /// Reads one request: head up to 16 KiB, body up to 16 KiB (Content-Length).
-pub async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<HttpRequest> {
+pub async fn read_request(sock: &mut TcpStream) -> Option<HttpRequest> {
     const MAX: usize = 16 * 1024;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];

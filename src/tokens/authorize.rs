@@ -8,7 +8,8 @@
 //! working). The redirect listener accepts exactly one valid callback; when
 //! the account has no local password yet, its answer is the completion page
 //! where the owner sets one (or takes a generated one), reachable only
-//! through that callback's one-time token.
+//! through that callback's one-time token, and only from the browser that
+//! visited the start address (its cookie, see [`crate::oauth::login`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,12 +18,15 @@ use std::time::Duration;
 
 use rand::RngCore;
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{AccountTokens, Finished, Pending, TokenManager};
 use crate::config::OAuthSettings;
-use crate::oauth::login::{callback, read_request, respond, respond_raw, Callback, HttpRequest};
+pub use crate::oauth::login::{account_of_start_path, start_path};
+use crate::oauth::login::{
+    callback, origin, read_request, refuse_stranger, respond, respond_raw, visitor, BrowserBinding, Callback,
+    HttpRequest, RedirectListener, Visitor, OTHER_BROWSER,
+};
 use crate::oauth::{self, AuthRequest, OAuthError};
 use crate::secret::Secret;
 
@@ -73,6 +77,8 @@ pub(crate) struct BrowserFlow {
     /// The request of the latest visit to the start address; a callback must
     /// carry its `state`. Taken by the one valid callback.
     current: SyncMutex<Option<AuthRequest>>,
+    /// The browser of the latest visit: only it may call back and complete.
+    browser: BrowserBinding,
     called_back: AtomicBool,
     completion: SyncMutex<Option<Completion>>,
     pub(crate) cancel: CancellationToken,
@@ -110,31 +116,16 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// `/authorize/ACCOUNT` with the account name percent-encoded.
-pub fn start_path(account: &str) -> String {
-    let mut p = String::from("/authorize/");
-    for b in account.to_lowercase().bytes() {
-        if b.is_ascii_alphanumeric() || b"@._-+".contains(&b) {
-            p.push(char::from(b));
-        } else {
-            p.push_str(&format!("%{b:02X}"));
-        }
-    }
-    p
-}
-
-/// The account a `/authorize/...` path names, if it is one.
-pub fn account_of_start_path(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/authorize/")?;
-    let decoded: String = url::form_urlencoded::parse(format!("a={}", rest.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())?;
-    (!decoded.is_empty()).then_some(decoded)
-}
-
 impl BrowserFlow {
-    pub fn new(account: &str, settings: &OAuthSettings, redirect_uri: &str, redirect_path: &str) -> BrowserFlow {
+    pub fn new(
+        account: &str,
+        settings: &OAuthSettings,
+        redirect_uri: &str,
+        redirect_path: &str,
+        port: u16,
+    ) -> BrowserFlow {
         BrowserFlow {
+            browser: BrowserBinding::new(port),
             account: account.to_string(),
             settings: settings.clone(),
             redirect_uri: redirect_uri.to_string(),
@@ -146,25 +137,39 @@ impl BrowserFlow {
         }
     }
 
-    /// A visit to the start address: a fresh request (PKCE and `state`),
-    /// replacing the previous one. `None` once the callback came.
-    pub fn visit(&self) -> Result<Option<String>, OAuthError> {
+    /// The start address on the redirect listener itself, at the redirect's
+    /// own host, so the cookie it sets comes back with the callback.
+    pub fn start_url(&self) -> String {
+        format!("{}{}", origin(&self.redirect_uri), start_path(&self.account))
+    }
+
+    /// A visit to the start address: a fresh request (PKCE and `state`) and
+    /// browser cookie, replacing the previous ones. The provider's address
+    /// and the `Set-Cookie` value; `None` once the callback came.
+    fn visit(&self) -> Result<Option<(String, String)>, OAuthError> {
         if self.called_back.load(Ordering::SeqCst) {
             return Ok(None);
         }
         let req = oauth::authorization_request(&self.account, &self.settings, &self.redirect_uri)?;
         let url = req.url.clone();
-        *self.current.lock().unwrap() = Some(req);
-        Ok(Some(url))
+        let mut cur = self.current.lock().unwrap();
+        *cur = Some(req);
+        let cookie = self.browser.issue();
+        Ok(Some((url, cookie)))
     }
 
     /// The request a callback's query belongs to, taken (exactly one valid
     /// callback per authorisation), or why it is ignored.
-    fn take_for(&self, query: &str) -> Result<(AuthRequest, Callback), &'static str> {
+    fn take_for(&self, req: &HttpRequest) -> Result<(AuthRequest, Callback), &'static str> {
+        let query = req.query();
         let mut cur = self.current.lock().unwrap();
-        let Some(req) = cur.as_ref() else {
+        let Some(auth) = cur.as_ref() else {
             return Err("this sign-in is not expected (open the start address again)");
         };
+        if !self.browser.matches(req) {
+            return Err(OTHER_BROWSER);
+        }
+        let req = auth;
         match callback(&self.account, req, query) {
             Callback::Ignore(why) => Err(why),
             outcome => {
@@ -178,13 +183,12 @@ impl BrowserFlow {
 /// Serves the redirect listener of one browser authorisation until it is
 /// finished (password set or not needed), cancelled, or timed out.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: RedirectListener,
     flow: Arc<BrowserFlow>,
     tokens: Arc<TokenManager>,
     acct: Arc<AccountTokens>,
     flight_id: u64,
 ) {
-    let Ok(local) = listener.local_addr() else { return };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
     let done = CancellationToken::new();
     let deadline = tokio::time::sleep(AUTHORIZATION_TIMEOUT);
@@ -199,6 +203,13 @@ pub(crate) async fn serve(
                 break;
             }
         };
+        // Another local user's connection is refused before it takes a slot.
+        if let Visitor::Stranger(_) = visitor(&sock) {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, refuse_stranger(&mut sock, "the sign-in redirect")).await;
+            });
+            continue;
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             drop(sock); // over the cap: closed at once
             continue;
@@ -206,6 +217,7 @@ pub(crate) async fn serve(
         let (flow, tokens, acct, done) = (flow.clone(), tokens.clone(), acct.clone(), done.clone());
         tokio::spawn(async move {
             let _permit = permit;
+            let Ok(local) = sock.local_addr() else { return };
             let Ok(Some(req)) = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&mut sock)).await else {
                 return;
             };
@@ -248,8 +260,15 @@ async fn handle(
     }
     if account_of_start_path(req.path()).is_some_and(|a| a.eq_ignore_ascii_case(&flow.account)) {
         match flow.visit() {
-            Ok(Some(url)) => {
-                let _ = respond_raw(sock, "302 Found", "text/plain", &[("Location", &url)], b"").await;
+            Ok(Some((url, cookie))) => {
+                let _ = respond_raw(
+                    sock,
+                    "302 Found",
+                    "text/plain",
+                    &[("Location", &url), ("Set-Cookie", &cookie)],
+                    b"",
+                )
+                .await;
             }
             Ok(None) => {
                 let _ = respond(sock, "410 Gone", "This authorisation has already been used.").await;
@@ -264,7 +283,7 @@ async fn handle(
         let _ = respond(sock, "404 Not Found", "Not the mailproxy redirect.").await;
         return false;
     }
-    let (auth, outcome) = match flow.take_for(req.query()) {
+    let (auth, outcome) = match flow.take_for(req) {
         Ok(x) => x,
         Err(why) => {
             let _ = respond(sock, "400 Bad Request", &format!("mailproxy: {why}")).await;
@@ -338,10 +357,11 @@ async fn complete(
     }
     let chosen = {
         let mut c = flow.completion.lock().unwrap();
-        let token_ok = match (c.as_ref(), field("token")) {
-            (Some(comp), Some(t)) => bool::from(comp.token.expose().as_bytes().ct_eq(t.expose().as_bytes())),
-            _ => false,
-        };
+        let token_ok = flow.browser.matches(req)
+            && match (c.as_ref(), field("token")) {
+                (Some(comp), Some(t)) => bool::from(comp.token.expose().as_bytes().ct_eq(t.expose().as_bytes())),
+                _ => false,
+            };
         let choice = field("choice").map(|s| s.expose().to_string());
         if !token_ok {
             Choice::Invalid

@@ -1048,17 +1048,17 @@ impl TokenManager {
     }
 
     /// The local start address of an account's browser authorisation.
-    fn start_address(&self, account: &str, redirect_port: u16) -> String {
-        let path = authorize::start_path(account);
+    fn start_address(&self, account: &str, flow: &BrowserFlow) -> String {
         match self.status_url() {
-            Some(base) => format!("{}{}", base.trim_end_matches('/'), path),
-            None => format!("http://127.0.0.1:{redirect_port}{path}"),
+            Some(base) => format!("{}{}", base.trim_end_matches('/'), authorize::start_path(account)),
+            None => flow.start_url(),
         }
     }
 
-    /// A visit to the status page's start address: where to redirect the
-    /// browser (a fresh provider request each time), if the account has a
-    /// browser authorisation in progress.
+    /// A visit to the status page's start address: where to send the
+    /// browser (the redirect listener's own start address, which binds the
+    /// browser to the sign-in), if the account has a browser authorisation
+    /// in progress.
     pub async fn start_redirect(&self, account: &str) -> Option<String> {
         let acct = self.get(account)?;
         let flow = {
@@ -1068,7 +1068,7 @@ impl TokenManager {
                 _ => return None,
             }
         };
-        flow.visit().ok().flatten()
+        Some(flow.start_url())
     }
 
     /// Starts an authorisation for an account without a usable token (never
@@ -1129,9 +1129,8 @@ impl TokenManager {
                 let Redirect::Loopback { listener, uri, path } = redirect else {
                     return Err(by_owner("its redirect_uri is not a loopback address"));
                 };
-                let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-                let flow = Arc::new(BrowserFlow::new(&name, s, &uri, &path));
-                let url = self.start_address(&name, port);
+                let flow = Arc::new(BrowserFlow::new(&name, s, &uri, &path, listener.port()));
+                let url = self.start_address(&name, &flow);
                 let flight = Flight::new(Pending { url, user_code: None }, None, Some(flow.clone()));
                 tracing::warn!(account = %name, start = %flight.pending.url, "authorisation needed: {}", describe_pending(&flight.pending));
                 tokio::spawn(authorize::serve(listener, flow, self.clone(), acct.clone(), flight.id));

@@ -234,11 +234,20 @@ pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -
     let host = u.host_str().ok_or("no host")?.to_string();
     let port = u.port_or_known_default().unwrap_or(80);
     let bare_host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<_> = (bare_host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("resolve {host}: {e}"))?
-        .collect();
-    // `localhost` may resolve to ::1 first while the listener is IPv4 only: try all.
+    // Browsers take `localhost` as ::1 first, then 127.0.0.1, whatever
+    // /etc/hosts says; other names resolve as usual.
+    let addrs: Vec<std::net::SocketAddr> = if bare_host.eq_ignore_ascii_case("localhost") {
+        vec![
+            (std::net::Ipv6Addr::LOCALHOST, port).into(),
+            (std::net::Ipv4Addr::LOCALHOST, port).into(),
+        ]
+    } else {
+        (bare_host, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("resolve {host}: {e}"))?
+            .collect()
+    };
+    // The listener may be IPv4 only: try every address.
     let mut last_err = String::from("no address");
     let mut stream = None;
     for a in addrs {
@@ -352,4 +361,97 @@ pub fn post_form_basic(url: &str, user: &str, pass: &str, pairs: &[(&str, &str)]
         ],
         encode_form(pairs).as_bytes(),
     )
+}
+
+/// A small browser for the sign-in pages: follows redirects (as a top-level
+/// navigation) and keeps cookies per host, as browsers do (not per port).
+#[derive(Default, Clone)]
+pub struct Browser {
+    jar: HashMap<String, HashMap<String, String>>,
+}
+
+impl Browser {
+    pub fn new() -> Browser {
+        Browser::default()
+    }
+
+    /// The `Cookie` header this browser sends to `url`.
+    pub fn cookies_for(&self, url: &str) -> Option<String> {
+        let host = url::Url::parse(url).ok()?.host_str()?.to_string();
+        let c = self.jar.get(&host)?;
+        (!c.is_empty()).then(|| c.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "))
+    }
+
+    fn keep(&mut self, url: &str, r: &ClientResponse) {
+        let Some(set) = r.headers.get("set-cookie") else { return };
+        let Some(host) = url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string)) else {
+            return;
+        };
+        if let Some((k, v)) = set.split(';').next().and_then(|p| p.split_once('=')) {
+            self.jar
+                .entry(host)
+                .or_default()
+                .insert(k.trim().into(), v.trim().into());
+        }
+    }
+
+    /// One request with this browser's cookies, no redirect followed.
+    pub fn send(
+        &mut self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<ClientResponse, String> {
+        let cookie = self.cookies_for(url);
+        let mut h: Vec<(&str, &str)> = headers.to_vec();
+        if let Some(c) = &cookie {
+            h.push(("Cookie", c));
+        }
+        let r = request(method, url, &h, body)?;
+        self.keep(url, &r);
+        Ok(r)
+    }
+
+    /// GET `url`, following redirects; the final response and its address.
+    pub fn open(&mut self, url: &str) -> Result<(ClientResponse, String), String> {
+        let mut at = url.to_string();
+        for _ in 0..8 {
+            let r = self.send("GET", &at, &[], b"")?;
+            if !matches!(r.status, 301 | 302 | 303 | 307) {
+                return Ok((r, at));
+            }
+            let loc = r.headers.get("location").ok_or("redirect without Location")?;
+            at = url::Url::parse(&at)
+                .and_then(|u| u.join(loc))
+                .map_err(|e| e.to_string())?
+                .to_string();
+        }
+        Err(format!("too many redirects from {url}"))
+    }
+
+    /// A same-origin form POST (the page's own button), following a redirect.
+    pub fn submit(&mut self, url: &str, pairs: &[(&str, &str)]) -> Result<ClientResponse, String> {
+        let origin = url::Url::parse(url)
+            .map_err(|e| e.to_string())?
+            .origin()
+            .ascii_serialization();
+        let r = self.send(
+            "POST",
+            url,
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Origin", &origin),
+            ],
+            encode_form(pairs).as_bytes(),
+        )?;
+        if matches!(r.status, 302 | 303) {
+            let loc = r.headers.get("location").ok_or("redirect without Location")?;
+            let to = url::Url::parse(url)
+                .and_then(|u| u.join(loc))
+                .map_err(|e| e.to_string())?;
+            return Ok(self.open(to.as_str())?.0);
+        }
+        Ok(r)
+    }
 }

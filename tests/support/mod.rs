@@ -31,6 +31,7 @@ pub mod process;
 pub mod provider;
 pub mod recording_imap;
 pub mod smtp_sink;
+pub mod stranger;
 pub mod world;
 pub mod world_mail;
 

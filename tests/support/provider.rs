@@ -654,29 +654,21 @@ impl Drop for FakeProvider {
     }
 }
 
-/// Plays the user's browser: GETs `auth_url` (no redirect following), then GETs the
-/// `Location` it redirects to (normally the loopback listener of the program under
-/// test) and returns that second response's `(status, body)`.
-pub async fn approve_in_browser(auth_url: &str) -> Result<(u16, String), String> {
-    let u = auth_url.to_string();
+/// Plays the user's browser: opens `url` (the local start address, or a
+/// provider address), follows every redirect with cookies kept, and returns
+/// the last response's `(status, body)`: normally the loopback listener's
+/// answer to the provider's redirect.
+pub async fn approve_in_browser(url: &str) -> Result<(u16, String), String> {
+    let u = url.to_string();
     tokio::task::spawn_blocking(move || approve_in_browser_blocking(&u))
         .await
         .map_err(|e| e.to_string())?
 }
 
 /// Blocking variant of [`approve_in_browser`].
-pub fn approve_in_browser_blocking(auth_url: &str) -> Result<(u16, String), String> {
-    let r = http::get(auth_url)?;
-    if r.status != 302 {
-        return Err(format!(
-            "authorize answered {} instead of a redirect: {}",
-            r.status,
-            r.text()
-        ));
-    }
-    let loc = r.headers.get("location").ok_or("redirect without Location")?.clone();
-    let r2 = http::get(&loc)?;
-    Ok((r2.status, r2.text()))
+pub fn approve_in_browser_blocking(url: &str) -> Result<(u16, String), String> {
+    let (r, _) = http::Browser::new().open(url)?;
+    Ok((r.status, r.text()))
 }
 
 /// Base64url (no padding) SHA-256 of `verifier`: the S256 PKCE challenge.
