@@ -18,6 +18,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::fmt;
+use std::ops::RangeInclusive;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
@@ -28,12 +29,87 @@ pub const DEFAULT_M_COST: u32 = 19 * 1024;
 pub const DEFAULT_T_COST: u32 = 2;
 pub const DEFAULT_P_COST: u32 = 1;
 
+/// The Argon2id costs of a password verifier: memory in KiB, passes, lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KdfParams {
+    pub m_cost: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+/// What mailproxy writes for every new local password. Every version so far
+/// has written exactly these, so every record on disk or in a database
+/// carries them unless someone edited it.
+pub const WRITTEN: KdfParams = KdfParams {
+    m_cost: DEFAULT_M_COST,
+    t_cost: DEFAULT_T_COST,
+    p_cost: DEFAULT_P_COST,
+};
+
+/// What a stored verifier may ask for: from what older versions wrote
+/// ([`WRITTEN`], the oldest setting still on disk) up to twice today's
+/// memory and a few passes and lanes more. At the top that is 38 MiB and
+/// about eight times the work of [`WRITTEN`] (~0.25 s), so a record edited
+/// by whoever can write the store (a database row needs no store key to be
+/// changed) can neither take gigabytes nor hold a KDF slot for minutes.
+/// Anything outside is refused before a KDF runs.
+pub const ACCEPTED_M_COST: RangeInclusive<u32> = WRITTEN.m_cost..=2 * WRITTEN.m_cost;
+pub const ACCEPTED_T_COST: RangeInclusive<u32> = WRITTEN.t_cost..=4;
+pub const ACCEPTED_P_COST: RangeInclusive<u32> = WRITTEN.p_cost..=4;
+
+impl KdfParams {
+    /// The first parameter outside the accepted window, if any.
+    fn refused(&self) -> Option<(&'static str, u32, RangeInclusive<u32>)> {
+        [
+            ("m_cost", self.m_cost, ACCEPTED_M_COST),
+            ("t_cost", self.t_cost, ACCEPTED_T_COST),
+            ("p_cost", self.p_cost, ACCEPTED_P_COST),
+        ]
+        .into_iter()
+        .find(|(_, v, range)| !range.contains(v))
+    }
+}
+
+/// A verifier whose Argon2id parameters mailproxy does not accept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamsRefused {
+    /// `None` when the caller did not say which account it checks.
+    pub account: Option<String>,
+    pub param: &'static str,
+    pub value: u32,
+    pub accepted: RangeInclusive<u32>,
+}
+
+impl fmt::Display for ParamsRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = if self.param == "m_cost" { " KiB" } else { "" };
+        match &self.account {
+            Some(a) => write!(f, "the password record of {a}")?,
+            None => f.write_str("the password record")?,
+        }
+        write!(
+            f,
+            " asks for Argon2id {} = {}{unit}, outside the accepted {}..={}{unit}; ",
+            self.param,
+            self.value,
+            self.accepted.start(),
+            self.accepted.end()
+        )?;
+        match &self.account {
+            Some(a) => write!(f, "set its local password again with `mailproxy login {a}`"),
+            None => f.write_str("set the local password again with `mailproxy login`"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
     #[error("the vault record is damaged: {0}")]
     Damaged(&'static str),
     #[error("the sealed token cannot be opened with this key (wrong password or tampered file)")]
     Open,
+    #[error("{0}")]
+    Params(Box<ParamsRefused>),
 }
 
 /// What the vault stores to check a local password.
@@ -45,6 +121,16 @@ pub struct PasswordVerifier {
     pub p_cost: u32,
     pub salt: String,
     pub verifier: String,
+}
+
+impl PasswordVerifier {
+    pub fn params(&self) -> KdfParams {
+        KdfParams {
+            m_cost: self.m_cost,
+            t_cost: self.t_cost,
+            p_cost: self.p_cost,
+        }
+    }
 }
 
 impl fmt::Debug for PasswordVerifier {
@@ -97,13 +183,28 @@ pub struct Sealed {
 /// per-thread arenas, so a stream of wrong passwords would grow the process
 /// by 19 MiB per blocking thread; a small pool keeps memory flat. The KDF
 /// runs are bounded (see `tokens`), so the pool rarely needs more buffers.
+/// Only buffers no larger than [`WRITTEN`] needs are kept: a larger one
+/// (a record within the accepted window but above today's setting) is
+/// freed after its run, so the pool never holds more than 2 × 19 MiB.
 static BLOCKS: std::sync::Mutex<Vec<Vec<argon2::Block>>> = std::sync::Mutex::new(Vec::new());
 const POOLED_BUFFERS: usize = 2;
+/// The most blocks a pooled buffer may hold: what [`WRITTEN`] needs (one
+/// block per KiB).
+const POOLED_BLOCKS: usize = WRITTEN.m_cost as usize;
 
-fn master(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
-    let params = Params::new(m, t, p, Some(32)).map_err(|_| CryptoError::Damaged("bad Argon2 parameters"))?;
-    let mut blocks = BLOCKS.lock().unwrap().pop().unwrap_or_default();
-    blocks.resize(params.block_count(), argon2::Block::default());
+fn pool() -> std::sync::MutexGuard<'static, Vec<Vec<argon2::Block>>> {
+    BLOCKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The Argon2id run itself, with whatever parameters it is given: callers
+/// check stored parameters first ([`check_password`]).
+fn master(password: &str, salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
+    let params = Params::new(p.m_cost, p.t_cost, p.p_cost, Some(32))
+        .map_err(|_| CryptoError::Damaged("bad Argon2 parameters"))?;
+    let need = params.block_count();
+    let poolable = need <= POOLED_BLOCKS;
+    let mut blocks = if poolable { pool().pop() } else { None }.unwrap_or_default();
+    blocks.resize(need, argon2::Block::default());
     let mut out = Zeroizing::new([0u8; 32]);
     let r = Argon2::new(Algorithm::Argon2id, Version::V0x13, params).hash_password_into_with_memory(
         password.as_bytes(),
@@ -111,15 +212,17 @@ fn master(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<Zeroizi
         &mut out[..],
         &mut blocks[..],
     );
-    // The blocks hold password-derived state: wipe before anyone reuses them.
+    // The blocks hold password-derived state: wipe before anyone reuses
+    // (or the allocator hands out) them.
     for b in blocks.iter_mut() {
         zeroize::Zeroize::zeroize(b);
     }
-    let mut pool = BLOCKS.lock().unwrap();
-    if pool.len() < POOLED_BUFFERS {
-        pool.push(blocks);
+    if poolable && blocks.capacity() <= POOLED_BLOCKS {
+        let mut pool = pool();
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(blocks);
+        }
     }
-    drop(pool);
     r.map_err(|_| CryptoError::Damaged("bad Argon2 salt"))?;
     Ok(out)
 }
@@ -138,41 +241,67 @@ fn split(master: &[u8; 32]) -> (Zeroizing<[u8; 32]>, VaultKey) {
 /// A new verifier (fresh salt) for `password`, and the vault key it unlocks.
 /// CPU- and memory-heavy: call from a blocking thread.
 pub fn new_password(password: &str) -> (PasswordVerifier, VaultKey) {
-    new_password_with(password, DEFAULT_M_COST, DEFAULT_T_COST, DEFAULT_P_COST)
+    new_password_with(password, WRITTEN)
 }
 
-pub fn new_password_with(password: &str, m: u32, t: u32, p: u32) -> (PasswordVerifier, VaultKey) {
+fn new_password_with(password: &str, p: KdfParams) -> (PasswordVerifier, VaultKey) {
     let mut salt = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut salt);
-    let mk = master(password, &salt, m, t, p).expect("default Argon2 parameters are valid");
+    let mk = master(password, &salt, p).expect("mailproxy's own Argon2 parameters are valid");
     let (verifier, key) = split(&mk);
     let v = PasswordVerifier {
         kdf: "argon2id".into(),
-        m_cost: m,
-        t_cost: t,
-        p_cost: p,
+        m_cost: p.m_cost,
+        t_cost: p.t_cost,
+        p_cost: p.p_cost,
         salt: B64.encode(salt),
         verifier: B64.encode(&verifier[..]),
     };
     (v, key)
 }
 
-/// Checks `password` in constant time; on success returns the vault key.
-/// CPU- and memory-heavy: call from a blocking thread.
-pub fn check_password(password: &str, v: &PasswordVerifier) -> Result<Option<VaultKey>, CryptoError> {
+/// Whether `account`'s stored verifier can be checked: a KDF mailproxy
+/// knows, with parameters inside the accepted window ([`ACCEPTED_M_COST`],
+/// [`ACCEPTED_T_COST`], [`ACCEPTED_P_COST`]). Cheap: call it before waiting
+/// for a KDF slot, so a refused record costs no KDF run and no slot.
+pub fn check_params(account: &str, v: &PasswordVerifier) -> Result<(), CryptoError> {
+    match params_of(v) {
+        Ok(_) => Ok(()),
+        Err(CryptoError::Params(mut p)) => {
+            p.account = Some(account.to_string());
+            Err(CryptoError::Params(p))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn params_of(v: &PasswordVerifier) -> Result<KdfParams, CryptoError> {
     if v.kdf != "argon2id" {
         return Err(CryptoError::Damaged("unknown password KDF"));
     }
-    // Refuse parameters that would let a tampered file make us allocate
-    // gigabytes or spin for minutes.
-    if v.m_cost > 1 << 21 || v.t_cost > 64 || v.p_cost > 16 {
-        return Err(CryptoError::Damaged("Argon2 parameters out of range"));
+    let p = v.params();
+    match p.refused() {
+        Some((param, value, accepted)) => Err(CryptoError::Params(Box::new(ParamsRefused {
+            account: None,
+            param,
+            value,
+            accepted,
+        }))),
+        None => Ok(p),
     }
+}
+
+/// Checks `password` in constant time; on success returns the vault key.
+/// Parameters outside the accepted window are refused without a KDF run
+/// (see [`check_params`], which names the account).
+/// CPU- and memory-heavy: call from a blocking thread.
+pub fn check_password(password: &str, v: &PasswordVerifier) -> Result<Option<VaultKey>, CryptoError> {
+    let params = params_of(v)?;
     let salt = B64.decode(&v.salt).map_err(|_| CryptoError::Damaged("bad salt"))?;
     let want = B64
         .decode(&v.verifier)
         .map_err(|_| CryptoError::Damaged("bad verifier"))?;
-    let mk = master(password, &salt, v.m_cost, v.t_cost, v.p_cost)?;
+    let mk = master(password, &salt, params)?;
     let (got, key) = split(&mk);
     if bool::from(got[..].ct_eq(&want[..])) {
         Ok(Some(key))
@@ -234,18 +363,146 @@ pub fn open(key: &VaultKey, account: &str, sealed: &Sealed) -> Result<Secret, Cr
 mod tests {
     use super::*;
 
-    // Cheap parameters keep the unit tests fast; the real ones are above.
+    // Cheap parameters keep the sealing tests fast; they never reach
+    // `check_password`, which refuses them.
     fn quick(pw: &str) -> (PasswordVerifier, VaultKey) {
-        new_password_with(pw, 64, 1, 1)
+        new_password_with(
+            pw,
+            KdfParams {
+                m_cost: 64,
+                t_cost: 1,
+                p_cost: 1,
+            },
+        )
+    }
+
+    fn kp(m_cost: u32, t_cost: u32, p_cost: u32) -> KdfParams {
+        KdfParams { m_cost, t_cost, p_cost }
+    }
+
+    /// A verifier with these parameters (only they matter for a refusal).
+    fn with(p: KdfParams) -> PasswordVerifier {
+        PasswordVerifier {
+            kdf: "argon2id".into(),
+            m_cost: p.m_cost,
+            t_cost: p.t_cost,
+            p_cost: p.p_cost,
+            salt: B64.encode([1u8; 16]),
+            verifier: B64.encode([0u8; 32]),
+        }
+    }
+
+    fn refusal(v: &PasswordVerifier) -> ParamsRefused {
+        let started = std::time::Instant::now();
+        let e = check_password("pw", v).map(|_| ()).unwrap_err();
+        // A run with 2 GiB takes seconds; a refusal allocates nothing.
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(200),
+            "refused without a KDF run"
+        );
+        match e {
+            CryptoError::Params(p) => *p,
+            e => panic!("{e}"),
+        }
     }
 
     #[test]
     fn password_round_trip_and_constant_result() {
-        let (v, key) = quick("correct horse");
+        let (v, key) = new_password("correct horse");
+        assert_eq!(v.params(), WRITTEN);
         let k2 = check_password("correct horse", &v).unwrap().expect("right password");
         assert_eq!(k2.0[..], key.0[..]);
         assert!(check_password("wrong horse", &v).unwrap().is_none());
         assert!(!v.verifier.is_empty() && B64.decode(&v.verifier).unwrap() != key.0[..].to_vec());
+    }
+
+    #[test]
+    fn a_verifier_written_by_earlier_versions_still_checks() {
+        // As every version so far wrote it (19 MiB, 2 passes, 1 lane), with
+        // a fixed salt: a change of the accepted window or of the KDF that
+        // locked out existing records would fail here.
+        let old: PasswordVerifier = serde_json::from_str(
+            r#"{"kdf":"argon2id","m_cost":19456,"t_cost":2,"p_cost":1,
+                "salt":"bWFpbHByb3h5LXYxLWthdA==",
+                "verifier":"rAJ9S9iAM8ixg8YsQViOuSrfMOBmW6LujkhbSmEdswc="}"#,
+        )
+        .unwrap();
+        check_params("a@x", &old).unwrap();
+        assert!(check_password("correct horse", &old).unwrap().is_some());
+        assert!(check_password("wrong horse", &old).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_accepted_window_holds_todays_parameters_and_its_own_edges() {
+        for p in [WRITTEN, kp(38912, 2, 1)] {
+            assert!(p.refused().is_none(), "{p:?}");
+        }
+        assert_eq!(ACCEPTED_M_COST, 19456..=38912);
+        // The top corner of the window still runs (and is not pooled).
+        let top = kp(*ACCEPTED_M_COST.end(), *ACCEPTED_T_COST.end(), *ACCEPTED_P_COST.end());
+        let (v, key) = new_password_with("top", top);
+        check_params("a@x", &v).unwrap();
+        let k2 = check_password("top", &v).unwrap().expect("right password");
+        assert_eq!(k2.0[..], key.0[..]);
+        let bottom = kp(
+            *ACCEPTED_M_COST.start(),
+            *ACCEPTED_T_COST.start(),
+            *ACCEPTED_P_COST.start(),
+        );
+        assert_eq!(bottom, WRITTEN, "the window starts at what mailproxy wrote");
+    }
+
+    #[test]
+    fn parameters_outside_the_window_are_refused_without_a_kdf_run() {
+        let cases = [
+            (kp(2_097_152, 2, 1), "m_cost", 2_097_152),
+            (kp(38913, 2, 1), "m_cost", 38913),
+            (kp(19455, 2, 1), "m_cost", 19455),
+            (kp(64, 2, 1), "m_cost", 64),
+            (kp(19456, 64, 1), "t_cost", 64),
+            (kp(19456, 5, 1), "t_cost", 5),
+            (kp(19456, 1, 1), "t_cost", 1),
+            (kp(19456, 2, 16), "p_cost", 16),
+            (kp(19456, 2, 5), "p_cost", 5),
+            (kp(u32::MAX, u32::MAX, u32::MAX), "m_cost", u32::MAX),
+        ];
+        for (params, param, value) in cases {
+            let v = with(params);
+            let r = refusal(&v);
+            assert_eq!(
+                (r.param, r.value, r.account.clone()),
+                (param, value, None),
+                "{params:?}"
+            );
+            let named = check_params("alice@example.org", &v).unwrap_err().to_string();
+            assert!(named.contains("alice@example.org"), "{named}");
+            assert!(named.contains(&format!("{param} = {value}")), "{named}");
+            let range = match param {
+                "m_cost" => "19456..=38912 KiB",
+                "t_cost" => "2..=4",
+                _ => "1..=4",
+            };
+            assert!(named.contains(range), "{named}");
+        }
+        let mut v = with(WRITTEN);
+        v.kdf = "scrypt".into();
+        assert!(matches!(check_password("pw", &v), Err(CryptoError::Damaged(_))));
+        assert!(check_params("a@x", &v).is_err());
+    }
+
+    #[test]
+    fn the_pool_keeps_no_buffer_larger_than_todays_parameters_need() {
+        let big = kp(*ACCEPTED_M_COST.end(), 2, 1);
+        for p in [WRITTEN, big, WRITTEN, big] {
+            master("pw", b"0123456789abcdef", p).unwrap();
+            let pool = pool();
+            assert!(pool.len() <= POOLED_BUFFERS);
+            assert!(
+                pool.iter().all(|b| b.capacity() <= POOLED_BLOCKS),
+                "{:?}",
+                pool.iter().map(Vec::capacity).collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]
@@ -260,12 +517,5 @@ mod tests {
         let mut t = s.clone();
         t.ciphertext = B64.encode(b"garbage-garbage-garbage");
         assert!(open(&key, "a@x", &t).is_err());
-    }
-
-    #[test]
-    fn hostile_parameters_refused() {
-        let (mut v, _) = quick("pw");
-        v.m_cost = u32::MAX;
-        assert!(check_password("pw", &v).is_err());
     }
 }

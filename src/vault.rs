@@ -41,6 +41,10 @@ pub struct AccountRecord {
     pub version: u32,
     pub account: String,
     /// Checks the local password; its Argon2id run also yields the vault key.
+    /// Loaded as stored (the record stays usable for everything else), its
+    /// parameters are checked against `crypto`'s accepted window before any
+    /// KDF runs: a file, keyring or database record edited to ask for more
+    /// is refused at the password check, naming the account.
     pub password: Option<PasswordVerifier>,
     /// The refresh token, sealed under the vault key.
     pub refresh_token: Option<Sealed>,
@@ -440,6 +444,29 @@ mod tests {
         .unwrap();
         let r = v.load("a@x").unwrap().unwrap();
         assert_eq!((r.generation, r.token_store), (0, Some(StoreKind::Keyring)));
+    }
+
+    #[test]
+    fn a_record_with_edited_kdf_parameters_loads_but_its_password_is_not_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let v = Vault::open(&t.path().join("s")).unwrap();
+        write_atomic(
+            &v.path_of("a@x"),
+            br#"{"version":1,"account":"a@x","password":{"kdf":"argon2id","m_cost":2097152,"t_cost":2,"p_cost":1,"salt":"AAAAAAAAAAAAAAAAAAAAAA==","verifier":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="},"refresh_token":null,"scopes":[],"authorized_at":null,"last_refresh":null,"token_store":"store_key"}"#,
+        )
+        .unwrap();
+        // Everything else in the record stays usable (`accounts`, `revoke`,
+        // a token sealed under the store key)...
+        let r = v.load("a@x").unwrap().unwrap();
+        assert_eq!(r.token_store, Some(StoreKind::StoreKey));
+        // ...but its password is refused before any KDF runs.
+        let e = crate::crypto::check_params("a@x", r.password.as_ref().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the password record of a@x") && e.contains("m_cost = 2097152 KiB"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 /// Attempts allowed to wait for one account's KDF while it is under attack.
 pub const MAX_WAITING: usize = 8;
 /// KDF runs in flight across all accounts (each takes 19 MiB and a core for
-/// ~30 ms): two matches `crypto`'s pool of working memory.
+/// ~30 ms with the parameters mailproxy writes, at most 38 MiB and ~0.25 s
+/// with any a stored record may ask for, see `crypto::ACCEPTED_M_COST`):
+/// two matches `crypto`'s pool of working memory.
 pub const KDF_SLOTS: usize = 2;
 
 /// Consecutive local-password failures make the next attempt wait.

@@ -742,6 +742,9 @@ impl TokenManager {
                 }
             }
         };
+        // Parameters mailproxy would not write are refused before any KDF
+        // slot or run: an edited record must not cost seconds or gigabytes.
+        crypto::check_params(&name, &verifier).map_err(|e| AuthError::Vault(e.to_string()))?;
 
         let Some(_ticket) = acct.gate.admit(&self.kdf_stats) else {
             tracing::info!(account = %name, "too many password checks waiting; refused without a check");

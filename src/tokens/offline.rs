@@ -131,6 +131,7 @@ pub fn stored_refresh(
     let (Some(sealed), Some(verifier)) = (&rec.refresh_token, &rec.password) else {
         return Ok(None);
     };
+    crypto::check_params(account, verifier)?;
     let pw = password()?;
     let key = crypto::check_password(pw.expose(), verifier)?.ok_or(OfflineError::WrongPassword)?;
     Ok(Some((crypto::open(&key, account, sealed)?, Some(key))))
@@ -254,6 +255,7 @@ fn reseal(
     let mut next = rec.clone();
     let sealed = rec.refresh_token.as_ref().filter(|_| rec.token_store.is_none());
     let (new_verifier, new_key) = if let Some(sealed) = sealed {
+        crypto::check_params(account, verifier)?;
         let old = old()?;
         let key = crypto::check_password(old.expose(), verifier)?.ok_or(OfflineError::WrongPassword)?;
         let refresh = crypto::open(&key, account, sealed)?;
