@@ -11,7 +11,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::hostile_util::*;
-use support::mailproxy::{run, BIN};
+use support::mailproxy::{run, Proxy, BIN};
 use support::world::{imaps_account, ALICE, ALICE_PW, BOB, BOB_PW};
 use support::{Dovecot, DovecotOptions, LineConn, ServerCert};
 
@@ -836,4 +836,80 @@ async fn vault_survives_kill_9_during_rotation() {
     let r = c.imap("a1", &format!("LOGIN {ALICE} \"{ALICE_PW}\"")).await.unwrap();
     assert!(r.is_ok(), "{r:?}");
     assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+}
+
+/// The `kept=N cap=M` pairs of the log lines saying the passthrough name
+/// table was full and shrunk.
+fn name_table_sweeps(logs: &str) -> Vec<(usize, usize)> {
+    let field = |l: &str, k: &str| -> usize {
+        let v = l.split(k).nth(1).unwrap_or_default();
+        let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap_or_else(|_| panic!("no {k} in {l}"))
+    };
+    logs.lines()
+        .filter(|l| l.contains("failed passthrough logins for too many names"))
+        .map(|l| (field(l, "kept="), field(l, "cap=")))
+        .collect()
+}
+
+/// Failed passthrough logins through a fallback, each with its own 7 KB
+/// login name, three per connection and every connection from a new
+/// loopback /24 (so the per-network delay never starts): the proxy keeps
+/// no client's name, and the table of names with failures stays within its
+/// cap, so memory does not grow with the number of names tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_passthrough_logins_with_unique_long_names_keep_memory_bounded() {
+    const NAME_LEN: usize = 7000;
+    const AT_ONCE: usize = 48;
+    const WARM: usize = 1000;
+    const MAIN: usize = 9000;
+    let tally = Tally::default();
+    let (up, _fake) = fake_upstream(FakeUpstream::Refusing(tally.clone())).await;
+    let mut rig = Rig::with_listeners(
+        "",
+        |_, proto| match proto {
+            "imap" => format!("fallback = \"imap://127.0.0.1:{up}\"\n"),
+            _ => String::new(),
+        },
+        |_| String::new(),
+    );
+    rig.authorise(ALICE, ALICE_PW);
+    // At info rather than trace: every attempt would log its 7 KB name.
+    rig.proxy = Some(Proxy::start_env(&rig.dir, &[("RUST_LOG", "info")]));
+    let port = rig.imap_port();
+    let mut base = Baseline::alice(port).await;
+    let vault = rig.vault();
+    let rss_start = rig.rss_kib();
+    // Warm-up at full concurrency: what 48 sessions with long lines need at
+    // their peak is reached here; the main round measures growth per name.
+    let seen = failed_long_logins(port, 0, WARM, AT_ONCE, NAME_LEN).await;
+    assert_eq!(seen.get("NO [AUTHENTICATIONFAILED]"), Some(&WARM), "{seen:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_warm = rig.rss_kib();
+    let t0 = Instant::now();
+    let seen = failed_long_logins(port, WARM, MAIN, AT_ONCE, NAME_LEN).await;
+    let took = t0.elapsed();
+    assert_eq!(seen.get("NO [AUTHENTICATIONFAILED]"), Some(&MAIN), "{seen:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_end = rig.rss_kib();
+    let sweeps = name_table_sweeps(&rig.logs());
+    eprintln!(
+        "{MAIN} failed logins with unique {NAME_LEN}-byte names in {took:?}; RSS {rss_start} KiB at start, {rss_warm} KiB after {WARM} warm-up failures, {rss_end} KiB after {MAIN} more; the name table was shrunk {} times: {:?}",
+        sweeps.len(),
+        sweeps.last()
+    );
+    assert_eq!(tally.logins(), WARM + MAIN, "every attempt reached the upstream");
+    assert!(
+        rss_end <= rss_warm + 12 * MIB,
+        "RSS grew by {} KiB over {MAIN} failed logins with unique names ({} KiB of names)",
+        rss_end.saturating_sub(rss_warm),
+        MAIN * NAME_LEN / 1024
+    );
+    // More names failed than the table holds: it was shrunk, never past its cap.
+    assert!(!sweeps.is_empty(), "{}", tail(&rig.logs(), 20));
+    for (kept, cap) in &sweeps {
+        assert!(kept <= cap, "{kept} names kept, cap {cap}");
+        assert!(*cap < WARM + MAIN, "cap {cap}");
+    }
+    rig.assert_healthy(&mut base, &vault, Some(rss_start), 48 * MIB).await;
 }

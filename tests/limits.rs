@@ -1,14 +1,20 @@
 //! The process's own limits and the config's secrets, end to end with the
 //! real binary: the open-file limit is raised at start (so a busy proxy is
-//! not capped by a low soft limit), and a config or key file other users can
-//! read is refused whatever TOML spelling holds the secret.
+//! not capped by a low soft limit), a config or key file other users can
+//! read is refused whatever TOML spelling holds the secret, and passthrough
+//! logins are held back only once guesses have been seen (many clients at
+//! once with the right password all get in).
 
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use support::hostile_util::{connect_from, fake_upstream, FakeUpstream, Rig, Tally};
 use support::mailproxy::{run, Proxy, ProxyDir};
+use support::world::{BOB, BOB_PW};
+use support::LineConn;
 use tokio::io::AsyncReadExt;
 
 fn write_mode(path: &std::path::Path, text: &str, mode: u32) {
@@ -115,4 +121,146 @@ fn a_readable_client_key_file_is_refused() {
         !(err.contains(key.to_str().unwrap()) && err.contains("chmod 600")),
         "still refused after chmod 600: {err} ({code})"
     );
+}
+
+/// Attempts the proxy lets wait for one passthrough name with recent
+/// failures (`guard::MAX_WAITING`).
+const MAX_WAITING: usize = 8;
+
+/// `clients` clients, each from its own loopback /24 (numbered from
+/// `net`), send `LOGIN user pw` at the same moment; those let in select
+/// INBOX, fetch its first message and log out. Returns each LOGIN's tagged
+/// answer.
+async fn crowd(port: u16, user: &'static str, pw: &'static str, clients: usize, net: usize) -> Vec<String> {
+    let start = Arc::new(tokio::sync::Barrier::new(clients));
+    let hs: Vec<_> = (0..clients)
+        .map(|i| {
+            let start = start.clone();
+            tokio::spawn(async move {
+                let n = net + i;
+                let from = [127, 10 + (n / 250) as u8, (n % 250) as u8 + 1, 1];
+                let mut c = LineConn::from_tcp(connect_from(from, port).await.expect("connect"));
+                let g = c.read_line().await.expect("greeting");
+                assert!(g.starts_with("* OK"), "{g}");
+                start.wait().await;
+                let r = c
+                    .imap("l", &format!("LOGIN \"{user}\" \"{pw}\""))
+                    .await
+                    .expect("LOGIN answered");
+                if r.is_ok() {
+                    let s = c.imap("s", "SELECT INBOX").await.expect("SELECT answered");
+                    assert!(s.is_ok(), "{s:?}");
+                    let f = c
+                        .imap("f", "FETCH 1 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+                        .await
+                        .expect("FETCH answered");
+                    assert!(f.is_ok() && f.literals.len() == 1, "{f:?}");
+                    let o = c.imap("o", "LOGOUT").await.expect("LOGOUT answered");
+                    assert!(o.is_ok(), "{o:?}");
+                }
+                r.tagged
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for h in hs {
+        answers.push(h.await.unwrap());
+    }
+    answers
+}
+
+/// How many answers start with `prefix`.
+fn count(answers: &[String], prefix: &str) -> usize {
+    answers.iter().filter(|a| a.starts_with(prefix)).count()
+}
+
+/// A rig whose passthrough account `name` (bob's mailbox, one message in
+/// it) is reached through a counting relay in front of Dovecot.
+async fn counted_passthrough(name: &str, limits: &str) -> (Rig, Tally, support::hostile_util::Task) {
+    let mut rig = Rig::new(limits, |_| String::new());
+    rig.env
+        .dovecot
+        .deliver(BOB, &support::sample_message("carol@example.org", BOB, "hello", "pt-1"));
+    let tally = Tally::default();
+    let (relay, task) = fake_upstream(FakeUpstream::Forward(rig.env.dovecot.imap_port, tally.clone())).await;
+    rig.edit_config(|c| {
+        format!(
+            "{c}[accounts.\"{name}\"]\nprovider = \"password\"\nusername = \"{BOB}\"\nimap = \"imap://127.0.0.1:{relay}\"\n\n"
+        )
+    });
+    rig.start();
+    (rig, tally, task)
+}
+
+/// Twenty, then sixty-four clients log in at once to one passthrough
+/// account with the right password, round after round (LOGIN, SELECT,
+/// FETCH, LOGOUT): nobody has failed, so nobody is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_correct_passthrough_logins_are_all_served() {
+    const NAME: &str = "bob-busy@example.org";
+    let (rig, tally, _relay) = counted_passthrough(NAME, "").await;
+    let port = rig.imap_port();
+    for (clients, rounds) in [(20, 8), (64, 4)] {
+        let t0 = Instant::now();
+        let before = tally.connections();
+        let mut refused = Vec::new();
+        for round in 0..rounds {
+            let answers = crowd(port, NAME, BOB_PW, clients, round * clients).await;
+            refused.extend(answers.into_iter().filter(|a| !a.starts_with("l OK")));
+        }
+        eprintln!(
+            "{clients} at once, {rounds} rounds: {} of {} logins refused in {:?}; the upstream saw {} logins",
+            refused.len(),
+            clients * rounds,
+            t0.elapsed(),
+            tally.connections() - before
+        );
+        assert!(
+            refused.is_empty(),
+            "{clients} at once: {} of {} correct logins refused, e.g. {:?}",
+            refused.len(),
+            clients * rounds,
+            refused.first()
+        );
+    }
+}
+
+/// Once the upstream has refused a password for a name, its logins take
+/// turns again: a crowd repeating one wrong password reaches the upstream
+/// a few times, not once per client, and a crowd with the right password
+/// right after is held to the same bound. Once one of them is in, a crowd
+/// with the right password all get in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_refused_password_passthrough_logins_take_turns_until_one_succeeds() {
+    const NAME: &str = "bob-guessed@example.org";
+    const CROWD: usize = 40;
+    const BUSY: &str = "l NO [UNAVAILABLE] too many logins for this user at once";
+    let (rig, tally, _relay) = counted_passthrough(NAME, "login_failure_delay_max = 0.2").await;
+    let port = rig.imap_port();
+
+    let answers = crowd(port, NAME, "wrong", CROWD, 0).await;
+    let upstream = tally.connections();
+    let refused = count(&answers, "l NO [AUTHENTICATIONFAILED]");
+    let busy = count(&answers, BUSY);
+    eprintln!("one wrong password from {CROWD} clients: {refused} refused by the upstream, {busy} turned away; the upstream saw {upstream} logins");
+    assert_eq!(refused + busy, CROWD, "{answers:?}");
+    assert!(
+        (1..=MAX_WAITING + 2).contains(&upstream),
+        "the upstream saw {upstream} logins for one wrong password"
+    );
+
+    let answers = crowd(port, NAME, BOB_PW, CROWD, CROWD).await;
+    let ok = count(&answers, "l OK");
+    let busy = count(&answers, BUSY);
+    eprintln!("then the right password from {CROWD} clients: {ok} got in, {busy} turned away");
+    assert_eq!(ok + busy, CROWD, "{answers:?}");
+    assert!(
+        (1..=MAX_WAITING + 1).contains(&ok),
+        "{ok} got in at once right after guesses"
+    );
+
+    let answers = crowd(port, NAME, BOB_PW, CROWD, 2 * CROWD).await;
+    let ok = count(&answers, "l OK");
+    eprintln!("after a success, the right password from {CROWD} clients: {ok} got in");
+    assert_eq!(ok, CROWD, "{answers:?}");
 }

@@ -36,10 +36,13 @@ pub(crate) enum Credential {
 }
 
 impl Target {
-    /// Whether the client's own credentials are passed through (their
-    /// failures are the upstream's verdict, counted by the login guard).
-    pub(crate) fn is_passthrough(&self) -> bool {
-        matches!(self.credential, Credential::Password(_))
+    /// The client's own password, when it is passed through (its failures
+    /// are the upstream's verdict, counted by the login guard).
+    pub(crate) fn passthrough_password(&self) -> Option<&Secret> {
+        match &self.credential {
+            Credential::Password(p) => Some(p),
+            Credential::Token { .. } => None,
+        }
     }
 }
 

@@ -186,9 +186,9 @@ async fn routed<P: Protocol>(
     cap: std::time::Duration,
 ) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
     let target = route::resolve(ctx, listener, login, password).await?;
-    let turn = match target.is_passthrough() {
-        false => None,
-        true => Some(ctx.guard.passthrough_turn(login).await.map_err(|_| {
+    let turn = match target.passthrough_password() {
+        None => None,
+        Some(pw) => Some(ctx.guard.passthrough_turn(login, pw.expose()).await.map_err(|_| {
             LoginFailure::new(
                 Failure::Unavailable,
                 "too many logins for this user at once; try again in a moment",
@@ -196,10 +196,12 @@ async fn routed<P: Protocol>(
         })?),
     };
     let r = upstream_auth::log_in::<P::Upstream>(ctx, target, client_name).await;
-    match (&r, &turn) {
-        (Ok(_), Some(t)) => t.succeeded(),
-        (Err(f), Some(t)) if f.kind == Failure::Credentials => t.failed(cap),
-        _ => {}
+    if let Some(t) = &turn {
+        match &r {
+            Ok(_) => t.succeeded(),
+            Err(f) if f.kind == Failure::Credentials => t.failed(cap),
+            Err(_) => t.inconclusive(),
+        }
     }
     r.map(|(c, s)| (c.into_conn(), s))
 }

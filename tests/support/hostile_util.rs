@@ -330,6 +330,11 @@ pub enum FakeUpstream {
     Recording(Proto, Tally),
     /// Counts connections and relays each to `127.0.0.1:PORT` (a real server).
     Forward(u16, Tally),
+    /// An IMAP server that reads commands of any length (literals, with or
+    /// without LITERAL+) and refuses every login the way Dovecot refuses a
+    /// wrong password, at once. (Dovecot's own login process drops a
+    /// command of a few KB as "Input buffer full", before any verdict.)
+    Refusing(Tally),
 }
 
 /// Listens on a free loopback port, serving every connection as `kind`.
@@ -364,6 +369,9 @@ pub async fn fake_upstream(kind: FakeUpstream) -> (u16, Task) {
                 }
                 FakeUpstream::Forward(to, t) => {
                     tokio::spawn(forward(to, sock, t));
+                }
+                FakeUpstream::Refusing(t) => {
+                    tokio::spawn(refusing(sock, t));
                 }
             }
         }
@@ -751,6 +759,59 @@ async fn recording(proto: Proto, sock: TcpStream, tally: Tally) {
     }
 }
 
+async fn refusing(sock: TcpStream, tally: Tally) {
+    use tokio::io::AsyncBufReadExt;
+    tally.connected();
+    let (rd, mut wr) = sock.into_split();
+    let mut rd = tokio::io::BufReader::new(rd);
+    let greeting = b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN LITERAL+] refuses every login\r\n";
+    if wr.write_all(greeting).await.is_err() {
+        return;
+    }
+    let mut line = Vec::new();
+    loop {
+        // One command: its first line names it; literals are read past.
+        let mut first = None;
+        loop {
+            line.clear();
+            if rd.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 || !line.ends_with(b"\n") {
+                return;
+            }
+            let text = String::from_utf8_lossy(&line).trim_end().to_string();
+            let literal = super::client::literal_len(&text);
+            first.get_or_insert(text.clone());
+            let Some(n) = literal else { break };
+            if !text.ends_with("+}") && wr.write_all(b"+ go ahead\r\n").await.is_err() {
+                return;
+            }
+            let mut skip = (&mut rd).take(n as u64);
+            if tokio::io::copy(&mut skip, &mut tokio::io::sink()).await.ok() != Some(n as u64) {
+                return;
+            }
+        }
+        let (tag, rest) = split_command(first.unwrap_or_default().as_bytes());
+        let (answer, done) = if rest.starts_with("LOGIN") || rest.starts_with("AUTHENTICATE") {
+            tally.logins.fetch_add(1, Ordering::SeqCst);
+            (
+                format!("{tag} NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+                false,
+            )
+        } else if rest.starts_with("CAPABILITY") {
+            (
+                format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN LITERAL+\r\n{tag} OK done\r\n"),
+                false,
+            )
+        } else if rest.starts_with("LOGOUT") {
+            (format!("* BYE bye\r\n{tag} OK done\r\n"), true)
+        } else {
+            (format!("{tag} BAD unknown command\r\n"), false)
+        };
+        if wr.write_all(answer.as_bytes()).await.is_err() || done {
+            return;
+        }
+    }
+}
+
 async fn forward(to: u16, mut sock: TcpStream, tally: Tally) {
     tally.connected();
     let Ok(mut up) = TcpStream::connect(("127.0.0.1", to)).await else {
@@ -797,4 +858,61 @@ pub fn rss_kib_of(pid: u32) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// `count` failed IMAP `LOGIN`s, `at_once` at a time, each with its own
+/// login name of `name_len` bytes (numbered from `first`), three on each
+/// connection, every connection from its own loopback /24 (127.x.y.1), so
+/// the per-network delay never starts. Returns the tagged answers seen, by
+/// their first two words after the tag (e.g. `NO [AUTHENTICATIONFAILED]`).
+pub async fn failed_long_logins(
+    port: u16,
+    first: usize,
+    count: usize,
+    at_once: usize,
+    name_len: usize,
+) -> BTreeMap<String, usize> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let hs: Vec<_> = (0..at_once)
+        .map(|_| {
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut seen = BTreeMap::<String, usize>::new();
+                loop {
+                    let start = next.fetch_add(3, Ordering::SeqCst);
+                    if start >= count {
+                        return seen;
+                    }
+                    let n = first + start;
+                    let net = n / 3;
+                    let from = [127, 1 + (net >> 8) as u8 % 250, net as u8, 1];
+                    let tcp = connect_from(from, port).await.expect("connect from a loopback source");
+                    let mut c = LineConn::from_tcp(tcp);
+                    let g = c.read_line().await.expect("greeting");
+                    assert!(g.starts_with("* OK"), "{g}");
+                    for i in n..(n + 3).min(first + count) {
+                        let mut name = format!("flood{i}-");
+                        while name.len() < name_len - "@example.org".len() {
+                            name.push_str("abcdefghij");
+                        }
+                        name.truncate(name_len - "@example.org".len());
+                        name.push_str("@example.org");
+                        let r = c
+                            .imap("f", &format!("LOGIN \"{name}\" \"wrong\""))
+                            .await
+                            .expect("answer");
+                        let kind: Vec<&str> = r.tagged.split_whitespace().skip(1).take(2).collect();
+                        *seen.entry(kind.join(" ")).or_default() += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut all = BTreeMap::new();
+    for h in hs {
+        for (k, v) in h.await.unwrap() {
+            *all.entry(k).or_default() += v;
+        }
+    }
+    all
 }
