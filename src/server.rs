@@ -13,10 +13,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::audit::Audit;
-use crate::config::{Config, Listener, LocalTls, TokenStore};
+use crate::config::{Config, Listener, LocalTls, LocalUsers, TokenStore};
 use crate::endpoint::Protocol;
 use crate::keystore;
 use crate::net::{self, Stream};
+use crate::proxy::caller::{Caller, LocalUser};
 use crate::proxy::imap::Imap;
 use crate::proxy::pop3::Pop3;
 use crate::proxy::session::{self, Protocol as SessionProtocol};
@@ -514,8 +515,9 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: Tcp
     // Behind a balancer: the client is who its PROXY header names, and only
     // the trusted balancers may say so.
     let proxy = l.settings(ctx).and_then(|s| s.proxy);
-    let ip = match proxy {
-        None => ip,
+    let direct = tcp.local_addr().ok().zip(tcp.peer_addr().ok());
+    let (ip, direct) = match proxy {
+        None => (ip, direct),
         Some(pp) if !pp.trusts(ip) => {
             crate::metrics::connection(l.protocol, "refused");
             tracing::warn!("refusing a connection from an address that is not a trusted balancer (proxy_trusted)");
@@ -524,9 +526,9 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: Tcp
         Some(_) => match read_proxy_header(&mut tcp, limits.preauth_timeout).await {
             Ok(Header::Proxied { source, .. }) => {
                 tracing::Span::current().record("client", tracing::field::display(source));
-                source.ip()
+                (source.ip(), None)
             }
-            Ok(Header::Local) => ip,
+            Ok(Header::Local) => (ip, direct),
             Err(why) => {
                 crate::metrics::connection(l.protocol, "refused");
                 tracing::warn!(reason = %why, "refusing a connection without a valid PROXY header");
@@ -534,6 +536,27 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: Tcp
             }
         },
     };
+    let caller = Caller::new(ip, direct);
+    // `[server] local_users`: other local users' programs are turned away
+    // before any work (the kernel is asked only when the setting limits).
+    let allowed = &ctx.config().local_users;
+    if *allowed != LocalUsers::Anyone {
+        if let LocalUser::Other(uid) = caller.local_user() {
+            if !allowed.admits(uid, crate::sys::euid()) {
+                crate::metrics::connection(l.protocol, "refused");
+                tracing::warn!(
+                    peer_uid = uid,
+                    "refusing a connection from a local user that local_users does not name"
+                );
+                refuse::<P>(
+                    tcp,
+                    "this mailproxy serves other local users' programs only when its owner allows them (local_users)",
+                )
+                .await;
+                return;
+            }
+        }
+    }
     let Some(_slot) = l.enter(limits.max_connections) else {
         crate::metrics::connection(l.protocol, "refused");
         tracing::warn!(max = limits.max_connections, "connection limit reached; refusing");
@@ -563,6 +586,15 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: Tcp
         .clone();
     let client = match (&acceptor, l.tls_mode) {
         (Some(acc), LocalTls::Implicit) => {
+            if crate::misconnect::plaintext_first(&tcp).await {
+                crate::misconnect::report(
+                    &settings,
+                    tcp.local_addr().ok(),
+                    crate::misconnect::Misconnect::PlaintextOnTls,
+                );
+                crate::misconnect::farewell(tcp, P::refusal(crate::misconnect::PLAINTEXT_ON_TLS).as_bytes()).await;
+                return;
+            }
             match tokio::time::timeout(ctx.config().limits.preauth_timeout, acc.accept(tcp)).await {
                 Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
                 Ok(Err(e)) => {
@@ -579,7 +611,7 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: Tcp
     } else {
         None
     };
-    if let Err(e) = session::run::<P>(ctx, &settings, client, starttls, ip).await {
+    if let Err(e) = session::run::<P>(ctx, &settings, client, starttls, caller).await {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }

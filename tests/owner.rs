@@ -620,3 +620,52 @@ fn login_opens_the_browser_at_the_local_start_address() {
     while err.read_line(&mut rest).unwrap_or(0) > 0 {}
     assert!(child.wait().unwrap().success(), "{rest}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_gets_in_during_a_flood_from_another_local_user_on_many_addresses() {
+    let mut w = World::new();
+    w.with_status_page();
+    w.authorise(ALICE, ALICE_PW);
+    // A fresh start: no password verified yet, so nothing is cached.
+    let port = w.start();
+    let status = w.status_addr();
+    let mut flood = Stranger::run(&["flood", &port.to_string(), "200", ALICE, "20"]);
+    assert_eq!(flood.next().unwrap()["started"], 200);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let t0 = Instant::now();
+    let owner = login_response(port, ALICE, ALICE_PW).await;
+    let took = t0.elapsed();
+    assert!(owner.starts_with("a1 OK"), "{owner}");
+    assert!(took < Duration::from_secs(15), "the owner waited {took:?}, past the failure-delay cap");
+    let kdf = http::get(&format!("http://{status}/status.json")).unwrap().json()["kdf"].clone();
+    let seen = flood.next().expect("the flood's summary");
+    assert_eq!(seen["ok"], 0, "{seen}");
+    assert!(seen["no"].as_u64().unwrap() + seen["busy"].as_u64().unwrap() > 200, "a real flood: {seen}");
+    // The guesses stayed bounded: one KDF per failure delay, not one per guess.
+    assert!(kdf["runs"].as_u64().unwrap() <= 25, "KDF runs during the flood: {kdf}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_users_turns_other_local_users_away_before_any_work() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    w.server_setting("local_users = \"owner\"");
+    let port = w.start();
+    let mut other = Stranger::run(&["greeting", "127.0.0.1", &port.to_string()]);
+    let line = other.next().unwrap()["line"].as_str().unwrap().to_string();
+    assert!(line.starts_with("* BYE") && line.contains("local_users"), "{line}");
+    assert!(w.logs().contains("local_users does not name"), "{}", w.logs());
+    let ok = login_response(port, ALICE, ALICE_PW).await;
+    assert!(ok.starts_with("a1 OK"), "{ok}");
+
+    // Naming the user lets its programs in.
+    drop(w.proxy.take());
+    let cfg = std::fs::read_to_string(w.dir.config_path())
+        .unwrap()
+        .replace("local_users = \"owner\"", "local_users = [\"owner\", \"nobody\"]");
+    w.dir.write_config(&cfg);
+    let port = w.start();
+    let mut other = Stranger::run(&["greeting", "127.0.0.1", &port.to_string()]);
+    let line = other.next().unwrap()["line"].as_str().unwrap().to_string();
+    assert!(line.starts_with("* OK"), "{line}");
+}

@@ -1,11 +1,12 @@
 //! Vault record JSON (`vault::AccountRecord`) and the crypto that reads it.
 //!
 //! A record file is attacker-influenced (a damaged or tampered file). Parse
-//! it as `Vault::load` does, then feed its parts to `crypto::open` and (with
-//! cheap Argon2 parameters only, to keep executions fast) to
-//! `crypto::check_password`. Invariants: no panic; a parsed record
-//! round-trips through its own serialisation; `Vault::path_of` keeps any
-//! account name inside the vault directory.
+//! it as `Vault::load` does, then feed its parts to `crypto::open` and to
+//! the password check's parameter window. Invariants: no panic; a parsed
+//! record round-trips through its own serialisation; `Vault::path_of` keeps
+//! any account name inside the vault directory; a record whose Argon2id
+//! parameters lie outside the accepted window is refused by both
+//! `check_params` and `check_password` (so without a KDF run).
 #![no_main]
 
 use std::path::{Component, PathBuf};
@@ -49,10 +50,14 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some(pv) = &rec.password {
         let _ = format!("{pv:?}");
-        // check_password bounds the parameters itself; only run the KDF
-        // when it is cheap enough for a fuzzer (<= 64 KiB, <= 2 passes).
-        if pv.m_cost <= 64 && pv.t_cost <= 2 && pv.p_cost <= 2 {
-            let _ = crypto::check_password("hunter2", pv);
+        // Inside the window a check costs a real KDF run (too slow for a
+        // fuzzer); outside it both checks must refuse before running one.
+        let inside = crypto::ACCEPTED_M_COST.contains(&pv.m_cost)
+            && crypto::ACCEPTED_T_COST.contains(&pv.t_cost)
+            && crypto::ACCEPTED_P_COST.contains(&pv.p_cost);
+        if !inside {
+            assert!(crypto::check_params(&rec.account, pv).is_err(), "{pv:?}");
+            assert!(crypto::check_password("hunter2", pv).is_err(), "{pv:?}");
         }
     }
 });

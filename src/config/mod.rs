@@ -167,6 +167,55 @@ pub struct Config {
     /// lower-cased domain: the template of every mailbox in the domain
     /// without an entry of its own (see [`Config::lookup`]).
     pub domains: BTreeMap<String, Arc<Account>>,
+    /// Which local users' programs may connect over loopback.
+    pub local_users: LocalUsers,
+}
+
+/// `[server] local_users`: the local users (by uid) whose programs may use
+/// the listeners over loopback, where the kernel can tell who connected.
+/// Clients from other machines are not local users and are not affected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LocalUsers {
+    /// Every local user (the default).
+    #[default]
+    Anyone,
+    /// The user who runs mailproxy, and these users (`names` are turned
+    /// into `uids` when the config is loaded).
+    Owner { uids: Vec<u32>, names: Vec<String> },
+}
+
+impl LocalUsers {
+    /// Whether a loopback client of `uid` may connect (`owner`: the uid
+    /// that runs mailproxy).
+    pub fn admits(&self, uid: u32, owner: u32) -> bool {
+        match self {
+            LocalUsers::Anyone => true,
+            LocalUsers::Owner { uids, .. } => uid == owner || uids.contains(&uid),
+        }
+    }
+
+    /// Looks the user names up in `passwd` (the text of /etc/passwd).
+    fn resolve(&mut self, passwd: &str) -> Result<(), String> {
+        let LocalUsers::Owner { uids, names } = self else {
+            return Ok(());
+        };
+        for name in names.drain(..) {
+            let uid = passwd.lines().find_map(|l| {
+                let mut f = l.split(':');
+                (f.next()? == name).then_some(())?;
+                f.nth(1)?.parse::<u32>().ok()
+            });
+            match uid {
+                Some(u) => uids.push(u),
+                None => {
+                    return Err(format!(
+                        "`{name}` is not a user on this machine (/etc/passwd); write a user name, a uid, \"owner\" or \"anyone\""
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -348,9 +397,16 @@ impl Config {
     /// other user may read it either.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let (text, file) = files::read_config(path)?;
-        let config = Config::parse(&text, path)?;
+        let mut config = Config::parse(&text, path)?;
         files::check_secrets_private(path, file, &config)?;
         files::check_key_files(&config)?;
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        config.local_users.resolve(&passwd).map_err(|message| ConfigError {
+            path: path.to_owned(),
+            line: None,
+            key: Some("server.local_users".into()),
+            message,
+        })?;
         Ok(config)
     }
 
@@ -406,6 +462,7 @@ impl Config {
             accounts,
             fleet,
             domains,
+            local_users: _,
         } = self;
         let mut keys = fleet.secret_keys();
         // A proxy URL may carry the proxy's password.

@@ -51,6 +51,7 @@ struct Server {
     on_reauth_needed: Option<String>,
     audit_log: PathBuf,
     http_proxy: Option<Secret>,
+    local_users: LocalUsers,
 }
 
 /// What an account's settings depend on outside its own table.
@@ -103,6 +104,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         accounts,
         fleet,
         domains,
+        local_users: server.local_users,
     })
 }
 
@@ -159,7 +161,12 @@ fn server(src: &Source, raw: RawServer) -> Result<Server, ConfigError> {
             Some(Secret::new(p.get_ref().clone()))
         }
     };
+    let local_users = match &raw.local_users {
+        None => LocalUsers::Anyone,
+        Some(v) => local_users(src, v)?,
+    };
     Ok(Server {
+        local_users,
         http_proxy,
         ca_file: raw.ca_file.map(|p| src.resolve(&p)),
         token_store: raw.token_store,
@@ -168,6 +175,39 @@ fn server(src: &Source, raw: RawServer) -> Result<Server, ConfigError> {
         status_listen,
         audit_log,
     })
+}
+
+/// `local_users = "anyone" | "owner" | ["owner", "scanner", 1001]`. User
+/// names are looked up when the config is loaded (this stays pure).
+fn local_users(src: &Source, v: &toml::Spanned<toml::Value>) -> Result<LocalUsers, ConfigError> {
+    let bad = |why: String| src.err(Some(v.span()), Some("server.local_users".into()), why);
+    match v.get_ref() {
+        toml::Value::String(s) if s == "anyone" => Ok(LocalUsers::Anyone),
+        toml::Value::String(s) if s == "owner" => Ok(LocalUsers::Owner {
+            uids: vec![],
+            names: vec![],
+        }),
+        toml::Value::String(s) => Err(bad(format!(
+            "`{s}` is neither \"anyone\" nor \"owner\"; a list names more users: [\"owner\", \"scanner\"]"
+        ))),
+        toml::Value::Array(items) => {
+            let (mut uids, mut names) = (vec![], vec![]);
+            for x in items {
+                match x {
+                    toml::Value::String(s) if s == "owner" => {}
+                    toml::Value::String(s) => names.push(s.clone()),
+                    toml::Value::Integer(n) => {
+                        uids.push(u32::try_from(*n).map_err(|_| bad(format!("{n} is not a uid")))?)
+                    }
+                    other => return Err(bad(format!("`{other}` is not a user name or uid"))),
+                }
+            }
+            Ok(LocalUsers::Owner { uids, names })
+        }
+        other => Err(bad(format!(
+            "`{other}` is not \"anyone\", \"owner\" or a list of users"
+        ))),
+    }
 }
 
 /// `[imap]`, `[smtp]` or `[pop3]`: passwords must not cross the network in

@@ -39,6 +39,8 @@ pub(super) struct RawServer {
     pub store_key_file: Option<PathBuf>,
     pub metrics_listen: Option<Spanned<String>>,
     pub http_proxy: Option<Spanned<String>>,
+    /// `"anyone"`, `"owner"`, or a list of user names and uids.
+    pub local_users: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]

@@ -349,7 +349,8 @@ async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, r
             let mut input = RevokeInput::Live;
             if tokens.is_locked(&acct).await {
                 let pw = conn.ask(false).await?;
-                if let Err(e) = tokens.authenticate(&acct, &pw).await {
+                // The control socket answers only its own uid: the owner.
+                if let Err(e) = tokens.authenticate(&acct, &pw, crate::tokens::Lane::Owner).await {
                     input = RevokeInput::EraseOnly(e.to_string());
                 }
             }

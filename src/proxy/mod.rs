@@ -7,6 +7,7 @@
 //! upstream client ([`imap`], [`smtp`], [`pop3`]) over an [`upstream`]
 //! connection; then [`relay`] copies bytes both ways.
 
+pub(crate) mod caller;
 pub(crate) mod guard;
 pub(crate) mod imap;
 pub(crate) mod pop3;

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use super::caller::Caller;
 use super::upstream::Server;
 use super::upstream_auth::LoginFailure;
 use super::Ctx;
@@ -52,6 +53,7 @@ pub(crate) async fn resolve(
     listener: &Listener,
     login: &str,
     password: Secret,
+    caller: &Caller,
 ) -> Result<Target, LoginFailure> {
     let protocol = listener.protocol;
     let config = ctx.config();
@@ -97,7 +99,7 @@ pub(crate) async fn resolve(
             credential: Credential::Password(password),
         });
     };
-    match ctx.tokens.authenticate(&tokens, &password).await {
+    match ctx.tokens.authenticate(&tokens, &password, caller.lane()).await {
         Ok(()) => {}
         Err(AuthError::NotAuthorised(_)) => return Err(on_demand(ctx, &tokens).await),
         Err(AuthError::WrongPassword) => {

@@ -7,12 +7,12 @@
 //! (greeting, commands, what it answers on success and on each failure
 //! class), its upstream client, and the few lines the driver says itself.
 
-use std::net::IpAddr;
 use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 
+use super::caller::Caller;
 use super::upstream::Conn;
 use super::upstream_auth::{self, LoginFailure, UpstreamLogin};
 use super::{relay, route, Ctx};
@@ -48,7 +48,7 @@ pub(crate) async fn run<P: Protocol>(
     listener: &Listener,
     mut client: Stream,
     tls: Option<&tokio_rustls::TlsAcceptor>,
-    peer: IpAddr,
+    caller: Caller,
 ) -> std::io::Result<()> {
     let config = ctx.config();
     let mut pre = P::machine(&config.limits, tls.is_some() && !client.is_tls());
@@ -57,6 +57,7 @@ pub(crate) async fn run<P: Protocol>(
     // Counts this session on its OAuth account's status until it ends.
     let mut _counted = None;
     let mut buf = vec![0u8; 4096];
+    let mut first_input = !client.is_tls();
     loop {
         let event = pre.poll();
         send_output(&mut client, pre.take_output()).await?;
@@ -66,7 +67,7 @@ pub(crate) async fn run<P: Protocol>(
                 let name = pre.client_name().map(str::to_owned);
                 // Each attempt logs under its own span: a connection may try
                 // several names, and each line must name the one it is about.
-                let attempt = log_in::<P>(ctx, listener, peer, &login, Secret::from(password), name.as_deref())
+                let attempt = log_in::<P>(ctx, listener, &caller, &login, Secret::from(password), name.as_deref())
                     .instrument(tracing::info_span!("login", login = %escaped(&login)));
                 let Some(outcome) = while_client_stays(&mut client, &mut pre, &mut buf, attempt).await else {
                     tracing::info!(login = %escaped(&login), "the client left during its login; abandoned");
@@ -112,6 +113,13 @@ pub(crate) async fn run<P: Protocol>(
                 let Some(n) = read_preauth::<P>(ctx, &mut client, &mut buf, deadline).await? else {
                     return Ok(());
                 };
+                // A TLS client on a listener that starts in plaintext: it
+                // took the greeting for a broken record, nothing more helps.
+                if std::mem::take(&mut first_input) && crate::misconnect::is_tls_hello(&buf[..n]) {
+                    let how = crate::misconnect::Misconnect::TlsOnPlaintext;
+                    crate::misconnect::report(listener, client.local_addr(), how);
+                    return Ok(());
+                }
                 pre.feed(&buf[..n]);
             }
         }
@@ -145,7 +153,7 @@ async fn while_client_stays<M: PreAuth, T>(
 async fn log_in<P: Protocol>(
     ctx: &Ctx,
     listener: &Listener,
-    peer: IpAddr,
+    caller: &Caller,
     login: &str,
     password: Secret,
     client_name: Option<&str>,
@@ -157,13 +165,13 @@ async fn log_in<P: Protocol>(
             "user names and passwords cannot contain CR, LF or NUL",
         ))
     } else {
-        routed::<P>(ctx, listener, login, password, client_name, cap).await
+        routed::<P>(ctx, listener, caller, login, password, client_name, cap).await
     };
     crate::metrics::login(listener.protocol, r.as_ref().err().map(|f| f.kind));
     match &r {
-        Ok(_) => ctx.guard.succeeded(peer),
+        Ok(_) => ctx.guard.succeeded(caller.ip),
         Err(f) if f.kind == Failure::Credentials => {
-            let delay = ctx.guard.failed(peer, cap);
+            let delay = ctx.guard.failed(caller.ip, cap);
             if !delay.is_zero() {
                 tracing::info!(
                     delay_ms = delay.as_millis() as u64,
@@ -180,12 +188,13 @@ async fn log_in<P: Protocol>(
 async fn routed<P: Protocol>(
     ctx: &Ctx,
     listener: &Listener,
+    caller: &Caller,
     login: &str,
     password: Secret,
     client_name: Option<&str>,
     cap: std::time::Duration,
 ) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
-    let target = route::resolve(ctx, listener, login, password).await?;
+    let target = route::resolve(ctx, listener, login, password, caller).await?;
     let turn = match target.passthrough_password() {
         None => None,
         Some(pw) => Some(ctx.guard.passthrough_turn(login, pw.expose()).await.map_err(|_| {

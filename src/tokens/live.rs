@@ -13,7 +13,7 @@ use crate::secret::Secret;
 
 use super::offline::{self, OfflineError};
 use super::state::{Access, Active, TokenState};
-use super::{describe_pending, now_unix, AccountTokens, TokenError, TokenManager};
+use super::{describe_pending, now_unix, AccountTokens, Lane, TokenError, TokenManager};
 
 /// Why a `revoke` could not use the stored refresh token.
 pub enum RevokeInput {
@@ -178,7 +178,7 @@ impl TokenManager {
             Ok(()) => {
                 self.audit(Entry::new(&name, "password_changed", "changed with mailproxy passwd"));
                 acct.forget_password();
-                let _ = self.authenticate(acct, new).await;
+                let _ = self.authenticate(acct, new, Lane::Owner).await;
             }
             Err(e) => self.audit(Entry::new(&name, "password_changed", format!("failed: {e}"))),
         }

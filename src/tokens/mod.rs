@@ -61,6 +61,7 @@ use crate::tls::ClientConfigs;
 use crate::vault::{AccountRecord, StoreKind, Vault, Written};
 use authorize::{BrowserFlow, DeviceShown, Flight};
 pub use gate::KdfStatus;
+pub use gate::Lane;
 use gate::{Gate, KdfStats};
 pub use offline::store_authorisation;
 pub use sessions::SessionOpen;
@@ -550,6 +551,25 @@ impl TokenManager {
             .is_some_and(|d| bool::from(d.ct_eq(digest)))
     }
 
+    /// The password's digest matches the one last verified and the tokens
+    /// are open: nothing more to check. A token kept only in memory (its
+    /// save failed before) is saved now.
+    async fn unlocked_by(&self, acct: &AccountTokens, slot: &mut Slot, digest: &[u8; 32]) -> bool {
+        if !(self.cached(acct, digest) && matches!(slot.state, TokenState::Active(_))) {
+            return false;
+        }
+        let unsealed = match &slot.state {
+            TokenState::Active(a) if !a.sealed => Some(a.clone()),
+            _ => None,
+        };
+        if let Some(a) = unsealed {
+            let next = self.seal_active(acct, slot, a).await;
+            slot.state = TokenState::Active(next);
+        }
+        *acct.last_use.lock().unwrap() = Some(now_unix());
+        true
+    }
+
     fn keyring(&self) -> bool {
         self.store == TokenStore::Keyring
     }
@@ -709,26 +729,19 @@ impl TokenManager {
     }
 
     /// Checks the local password of an OAuth account and unlocks its tokens.
-    /// A wrong password never gets further than this function.
-    pub async fn authenticate(&self, acct: &AccountTokens, password: &Secret) -> Result<(), AuthError> {
+    /// A wrong password never gets further than this function. `lane` says
+    /// whose attempt it is (see [`gate`]): only the owner's lane may use the
+    /// verified-password cache before taking a turn, since for anyone else
+    /// an early answer would be a guess that skipped the queue.
+    pub async fn authenticate(&self, acct: &AccountTokens, password: &Secret, lane: Lane) -> Result<(), AuthError> {
         let name = acct.account.name.clone();
         // After failures, every attempt waits first (no lock, no CPU).
-        acct.gate.wait_delay().await;
+        acct.gate.wait_delay(lane).await;
         let digest = self.digest(acct, password);
         let verifier = {
             let mut slot = acct.slot.lock().await;
             self.sync(acct, &mut slot).await?;
-            if self.cached(acct, &digest) && matches!(slot.state, TokenState::Active(_)) {
-                // A token only in memory (its save failed before): save it now.
-                let unsealed = match &slot.state {
-                    TokenState::Active(a) if !a.sealed => Some(a.clone()),
-                    _ => None,
-                };
-                if let Some(a) = unsealed {
-                    let next = self.seal_active(acct, &mut slot, a).await;
-                    slot.state = TokenState::Active(next);
-                }
-                *acct.last_use.lock().unwrap() = Some(now_unix());
+            if lane == Lane::Owner && self.unlocked_by(acct, &mut slot, &digest).await {
                 return Ok(());
             }
             match slot.record.as_ref().and_then(|r| r.password.clone()) {
@@ -746,16 +759,16 @@ impl TokenManager {
         // slot or run: an edited record must not cost seconds or gigabytes.
         crypto::check_params(&name, &verifier).map_err(|e| AuthError::Vault(e.to_string()))?;
 
-        let Some(_ticket) = acct.gate.admit(&self.kdf_stats) else {
+        let Some(_ticket) = acct.gate.admit(&self.kdf_stats, lane) else {
             tracing::info!(account = %name, "too many password checks waiting; refused without a check");
             return Err(AuthError::Busy(name));
         };
-        let turn = acct.gate.turn().await;
+        let turn = acct.gate.turn(lane).await;
         // Another login may have verified this same password while we waited.
-        if self.cached(acct, &digest) {
-            let slot = acct.slot.lock().await;
-            if matches!(slot.state, TokenState::Active(_)) {
-                *acct.last_use.lock().unwrap() = Some(now_unix());
+        {
+            let mut slot = acct.slot.lock().await;
+            if self.unlocked_by(acct, &mut slot, &digest).await {
+                acct.gate.succeeded(lane);
                 return Ok(());
             }
         }
@@ -767,7 +780,7 @@ impl TokenManager {
         let key = match checked {
             Ok(Some(key)) => key,
             Ok(None) => {
-                let delay = acct.gate.failed(*self.delay_cap.read().unwrap());
+                let delay = acct.gate.failed(lane, *self.delay_cap.read().unwrap());
                 drop(turn);
                 // Slow down this client without holding up anyone else.
                 tokio::time::sleep(delay).await;
@@ -775,7 +788,7 @@ impl TokenManager {
             }
             Err(e) => return Err(AuthError::Vault(e.to_string())),
         };
-        acct.gate.succeeded();
+        acct.gate.succeeded(lane);
         // Unlock before giving up the turn, so the next waiter with the same
         // password finds it verified instead of running the KDF again.
         let r = self.unlock(acct, key, digest).await;

@@ -88,10 +88,10 @@ async fn locked_unlock_refresh_and_wrong_password() {
     let acct = tm.get(ACCOUNT).unwrap();
     assert_eq!(state_name(&tm, &acct).await, "locked");
     assert!(matches!(
-        tm.authenticate(&acct, &Secret::new("nope")).await,
+        tm.authenticate(&acct, &Secret::new("nope"), Lane::Owner).await,
         Err(AuthError::WrongPassword)
     ));
-    tm.authenticate(&acct, &Secret::new("pw")).await.unwrap();
+    tm.authenticate(&acct, &Secret::new("pw"), Lane::Owner).await.unwrap();
     let at = tm.access_token(&acct).await.unwrap();
     assert_eq!(at.expose(), "at-0");
     // Cached: no second request.
@@ -107,7 +107,7 @@ async fn no_client_sets_a_password() {
     let tm = manager(&config, TokenStore::File);
     let acct = tm.get(ACCOUNT).unwrap();
     assert!(matches!(
-        tm.authenticate(&acct, &Secret::new("anything")).await,
+        tm.authenticate(&acct, &Secret::new("anything"), Lane::Owner).await,
         Err(AuthError::NotAuthorised(_))
     ));
     // An on-demand grant without a local password: still nobody gets in.
@@ -116,14 +116,16 @@ async fn no_client_sets_a_password() {
         slot.state = TokenState::Active(Active::new(Some(Secret::new("rt-x")), None, false));
     }
     assert!(matches!(
-        tm.authenticate(&acct, &Secret::new("anything")).await,
+        tm.authenticate(&acct, &Secret::new("anything"), Lane::Owner).await,
         Err(AuthError::NoLocalPassword(_))
     ));
     // The owner sets it (the completion page's path); then it works.
     tm.set_password_after_grant(&acct, &Secret::new("owner pw"))
         .await
         .unwrap();
-    tm.authenticate(&acct, &Secret::new("owner pw")).await.unwrap();
+    tm.authenticate(&acct, &Secret::new("owner pw"), Lane::Owner)
+        .await
+        .unwrap();
     let rec = Vault::open(&config.state_dir).unwrap().load(ACCOUNT).unwrap().unwrap();
     assert!(rec.password.is_some() && rec.refresh_token.is_some());
 }
@@ -135,7 +137,7 @@ async fn a_failed_write_keeps_the_rotated_token_in_memory() {
     authorise(&config, TokenStore::File, "pw", "rt-start");
     let tm = manager(&config, TokenStore::File);
     let acct = tm.get(ACCOUNT).unwrap();
-    tm.authenticate(&acct, &Secret::new("pw")).await.unwrap();
+    tm.authenticate(&acct, &Secret::new("pw"), Lane::Owner).await.unwrap();
     // The write's temporary file cannot be created (a directory is in the
     // way; a read-only directory would not stop root).
     let blocker = Vault::open(&config.state_dir)
@@ -159,7 +161,7 @@ async fn a_failed_write_keeps_the_rotated_token_in_memory() {
     }
     std::fs::remove_dir(&blocker).unwrap();
     // The next unlock saves it.
-    tm.authenticate(&acct, &Secret::new("pw")).await.unwrap();
+    tm.authenticate(&acct, &Secret::new("pw"), Lane::Owner).await.unwrap();
     let slot = acct.slot.lock().await;
     let TokenState::Active(a) = &slot.state else {
         panic!("not active")
@@ -192,7 +194,7 @@ async fn twenty_first_logins(store: &str) {
             .map(|_| {
                 let (tm, acct) = (tm.clone(), acct.clone());
                 tokio::spawn(async move {
-                    tm.authenticate(&acct, &Secret::new("pw")).await?;
+                    tm.authenticate(&acct, &Secret::new("pw"), Lane::Owner).await?;
                     tm.access_token(&acct)
                         .await
                         .map_err(|e| AuthError::Vault(e.to_string()))?;
@@ -226,7 +228,7 @@ async fn erase_during_refresh_is_not_undone() {
     authorise(&config, TokenStore::File, "pw", "rt-start");
     let tm = manager(&config, TokenStore::File);
     let acct = tm.get(ACCOUNT).unwrap();
-    tm.authenticate(&acct, &Secret::new("pw")).await.unwrap();
+    tm.authenticate(&acct, &Secret::new("pw"), Lane::Owner).await.unwrap();
     // Another process erases the record after our last look at it.
     Vault::open(&config.state_dir).unwrap().erase(ACCOUNT).unwrap();
     {
@@ -251,7 +253,7 @@ async fn maintain_survives_and_plans_sanely() {
     // Locked: nothing to do for a while.
     let next = tm.maintain(&acct).await;
     assert!(next > SystemTime::now());
-    tm.authenticate(&acct, &Secret::new("pw")).await.unwrap();
+    tm.authenticate(&acct, &Secret::new("pw"), Lane::Owner).await.unwrap();
     // Active without an access token: refreshed in the background.
     let _ = tm.maintain(&acct).await;
     let t0 = std::time::Instant::now();

@@ -64,6 +64,49 @@ elif mode == "request":
     host, port, raw = sys.argv[2], int(sys.argv[3]), sys.argv[4].encode()
     out = answer(host, port, raw)
     say(status=out.split("\r\n")[0], body=out[-300:])
+elif mode == "greeting":
+    # Connects to a mail listener and prints its first line.
+    host, port = sys.argv[2], int(sys.argv[3])
+    s = socket.create_connection((host, port), timeout=10)
+    say(line=s.makefile("rb").readline().decode(errors="replace").rstrip("\r\n"))
+elif mode == "flood":
+    # N connections from 127.0.0.0-127.0.3.255 guess an IMAP account's
+    # password for the given seconds, then print what they were told.
+    import threading
+    port, n, account, secs = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+    stop = time.time() + secs
+    seen = {"ok": 0, "no": 0, "busy": 0, "other": 0}
+    lock = threading.Lock()
+    def guesser(i):
+        src = "127.0.%d.%d" % ((i // 250) % 4, 2 + i % 250)
+        k = 0
+        while time.time() < stop:
+            try:
+                s = socket.socket()
+                s.settimeout(30)
+                s.bind((src, 0))
+                s.connect(("127.0.0.1", port))
+                f = s.makefile("rb")
+                f.readline()
+                while time.time() < stop:
+                    k += 1
+                    s.sendall(('g LOGIN "%s" "guess %d %d"\r\n' % (account, i, k)).encode())
+                    line = f.readline().decode(errors="replace")
+                    if not line:
+                        break
+                    kind = "ok" if line.startswith("g OK") else "busy" if "busy" in line else "no" if line.startswith("g NO") else "other"
+                    with lock:
+                        seen[kind] += 1
+                s.close()
+            except OSError:
+                time.sleep(0.05)
+    threads = [threading.Thread(target=guesser, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    say(started=n)
+    for t in threads:
+        t.join(secs + 40)
+    say(**seen)
 elif mode == "hold":
     # Opens N connections and sends half a request on each, then waits.
     host, port, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
