@@ -18,6 +18,7 @@ pub mod imap;
 pub mod keystore;
 mod linebuf;
 pub(crate) mod metrics;
+pub(crate) mod misconnect;
 pub(crate) mod net;
 pub mod notify;
 pub mod oauth;

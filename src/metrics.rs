@@ -74,6 +74,12 @@ struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MisconnectLabels {
+    listener: Proto,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AccountLabels {
     account: String,
 }
@@ -85,6 +91,7 @@ struct Metrics {
     refreshes: Family<RefreshLabels, Counter>,
     sessions: Family<ProtoLabels, Gauge>,
     bytes: Family<BytesLabels, Counter>,
+    misconnects: Family<MisconnectLabels, Counter>,
     expiry: Family<AccountLabels, Gauge>,
     kdf_waiting: Gauge,
     kdf_in_flight: Gauge,
@@ -101,6 +108,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         refreshes: Family::default(),
         sessions: Family::default(),
         bytes: Family::default(),
+        misconnects: Family::default(),
         expiry: Family::default(),
         kdf_waiting: Gauge::default(),
         kdf_in_flight: Gauge::default(),
@@ -127,6 +135,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "relayed_bytes",
         "Bytes relayed after login, by protocol and direction (up = to the server)",
         m.bytes.clone(),
+    );
+    registry.register(
+        "misconnects",
+        "Clients that connected the wrong way, closed with a warning in the log, by listener and kind (tls_on_plaintext: a TLS handshake on a plaintext or STARTTLS listener; plaintext_on_tls: plaintext, or silence, on an implicit-TLS listener)",
+        m.misconnects.clone(),
     );
     registry.register(
         "token_expiry_seconds",
@@ -199,6 +212,18 @@ pub fn relayed(p: Protocol, up: u64, down: u64) {
     METRICS.bytes.get_or_create(&by("down")).inc_by(down);
 }
 
+/// A client that connected the wrong way (`kind`: a
+/// [`crate::misconnect::Misconnect::kind`]).
+pub fn misconnect(p: Protocol, kind: &'static str) {
+    METRICS
+        .misconnects
+        .get_or_create(&MisconnectLabels {
+            listener: p.into(),
+            kind,
+        })
+        .inc();
+}
+
 /// Counts an open session while alive.
 pub struct SessionOpen(Protocol);
 
@@ -226,6 +251,12 @@ impl Drop for SessionOpen {
 fn touch(protocols: &[Protocol]) {
     for p in protocols {
         let _ = METRICS.sessions.get_or_create(&ProtoLabels { protocol: (*p).into() });
+        for kind in ["tls_on_plaintext", "plaintext_on_tls"] {
+            let _ = METRICS.misconnects.get_or_create(&MisconnectLabels {
+                listener: (*p).into(),
+                kind,
+            });
+        }
     }
 }
 

@@ -23,6 +23,16 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         !matches!(self, Stream::Plain(_))
     }
+
+    /// The local address of the connection.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Stream::Plain(s) => s.local_addr(),
+            Stream::ClientTls(s) => s.get_ref().0.local_addr(),
+            Stream::ServerTls(s) => s.get_ref().0.local_addr(),
+        }
+        .ok()
+    }
 }
 
 macro_rules! delegate {

@@ -167,6 +167,101 @@ async fn login_forms_literals_and_authenticate_plain() {
     assert!(r.is_ok() && r.lines[0].starts_with("* ID ("), "{r:?}");
 }
 
+/// The address `serve` announced for its metrics.
+fn metrics_addr(w: &World) -> String {
+    w.proxy
+        .as_ref()
+        .unwrap()
+        .stdout()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
+        .expect("the metrics listener is announced")
+}
+
+/// A TLS client (its real ClientHello) on the plaintext listener gets the
+/// greeting it cannot read, as before; then mailproxy closes, says in one
+/// warning which listener, which client and what to change, and counts it.
+/// Clients that speak IMAP are served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_on_the_plaintext_listener_is_named_in_the_log_and_counted() {
+    let mut w = World::new();
+    w.server_setting("metrics_listen = \"127.0.0.1:0\"");
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    let addr = metrics_addr(&w);
+    let metrics = move || support::http::get(&format!("http://{addr}/metrics")).unwrap().text();
+    let series = "mailproxy_misconnects_total{listener=\"imap\",kind=\"tls_on_plaintext\"}";
+    assert_eq!(client::metric(&metrics(), series), Some(0.0));
+
+    let hello = client::tls_client_hello(w.env.dovecot.tls_client_config());
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    tcp.write_all(&hello).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let (got, closed) = client::read_to_close(&mut tcp, Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(closed && t0.elapsed() < Duration::from_secs(2), "{text:?}");
+    assert_eq!(text.lines().count(), 1, "only the greeting: {text:?}");
+    assert!(text.starts_with("* OK [CAPABILITY"), "{text:?}");
+
+    let p = w.proxy.as_ref().unwrap();
+    assert!(
+        p.wait_log("a client sent a TLS handshake to a plaintext listener"),
+        "{}",
+        p.logs()
+    );
+    let logs = p.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("a client sent a TLS handshake"))
+        .unwrap();
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(line.contains(&format!("listener=[imap] 127.0.0.1:{port}")), "{line}");
+    assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    assert!(line.contains("tls = \"implicit\" in [imap]"), "{line}");
+    assert_eq!(logs.matches("a client sent a TLS handshake").count(), 1);
+
+    // A real TLS client fails as before, and is counted again.
+    let err = LineConn::tls(port, w.env.dovecot.tls_client_config(), "localhost").await;
+    assert!(err.is_err());
+    let t0 = std::time::Instant::now();
+    let body = loop {
+        let body = metrics();
+        if client::metric(&body, series) == Some(2.0) || t0.elapsed() > Duration::from_secs(5) {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(client::metric(&body, series), Some(2.0), "{body}");
+    assert_eq!(
+        client::metric(
+            &body,
+            "mailproxy_misconnects_total{listener=\"imap\",kind=\"plaintext_on_tls\"}"
+        ),
+        Some(0.0)
+    );
+    let promtool = std::path::Path::new("/usr/bin/promtool");
+    if promtool.exists() {
+        use std::io::Write;
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // IMAP clients are not held up: the greeting comes at once.
+    let t0 = std::time::Instant::now();
+    let mut c = login(port, ALICE, ALICE_PW).await;
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_local_password_never_reaches_upstream() {
     let mut w = World::new();

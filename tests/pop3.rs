@@ -371,6 +371,105 @@ async fn local_implicit_tls_listener() {
     expect(&mut c, "QUIT", "+OK Logging out.\r\n").await;
 }
 
+/// The address `serve` announced for its metrics.
+fn metrics_addr(w: &MailWorld) -> String {
+    w.proxy()
+        .stdout()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
+        .expect("the metrics listener is announced")
+}
+
+/// One sample of the metrics once it reaches `want` (or after 5 s).
+async fn wait_metric(addr: &str, series: &str, want: f64) -> Option<f64> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let body = support::http::get(&format!("http://{addr}/metrics")).unwrap().text();
+        let v = client::metric(&body, series);
+        if v == Some(want) || t0.elapsed() > Duration::from_secs(5) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TLS client (its real ClientHello) on the plaintext POP3 listener, and
+/// a plaintext client that sends `CAPA` to it with `tls = "implicit"`: each
+/// gets one warning naming the listener, the client and the fix, is
+/// counted, and is closed (the plaintext one told why in a POP3 line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconnected_clients_are_named_in_the_log_and_counted() {
+    let mut w = MailWorld::new();
+    let config = std::fs::read_to_string(w.dir.config_path()).unwrap();
+    w.dir
+        .write_config(&config.replace("[server]\n", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n"));
+    w.authorise(ALICE, ALICE_PW);
+    w.start();
+    let port = w.pop3_port();
+    let addr = metrics_addr(&w);
+    let tls_on_plaintext = "mailproxy_misconnects_total{listener=\"pop3\",kind=\"tls_on_plaintext\"}";
+    let plaintext_on_tls = "mailproxy_misconnects_total{listener=\"pop3\",kind=\"plaintext_on_tls\"}";
+
+    let hello = client::tls_client_hello(w.env.dovecot.tls_client_config());
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    let (got, closed) = client::read_to_close(&mut tcp, Duration::from_secs(5)).await;
+    assert!(closed, "{}", text(&got));
+    assert_eq!(text(&got), "+OK mailproxy ready\r\n");
+    let p = w.proxy();
+    assert!(
+        p.wait_log("a client sent a TLS handshake to a plaintext listener"),
+        "{}",
+        p.logs()
+    );
+    let logs = p.logs();
+    let l = logs
+        .lines()
+        .find(|l| l.contains("a client sent a TLS handshake"))
+        .unwrap();
+    assert!(l.contains(" WARN ") && l.contains("peer=127.0.0.1:"), "{l}");
+    assert!(l.contains(&format!("listener=[pop3] 127.0.0.1:{port}")), "{l}");
+    assert!(l.contains("tls = \"implicit\" in [pop3]"), "{l}");
+    assert_eq!(wait_metric(&addr, tls_on_plaintext, 1.0).await, Some(1.0));
+    assert_eq!(wait_metric(&addr, plaintext_on_tls, 0.0).await, Some(0.0));
+    drop(login(port, ALICE, ALICE_PW).await);
+
+    if let Some(mut p) = w.proxy.take() {
+        p.stop();
+    }
+    let config = std::fs::read_to_string(w.dir.config_path()).unwrap();
+    let pop3 = config.find("[pop3]").unwrap();
+    let (head, tail) = config.split_at(pop3);
+    let implicit = format!("{head}{}", tail.replacen("tls = \"none\"", "tls = \"implicit\"", 1));
+    assert_ne!(implicit, config);
+    w.dir.write_config(&implicit);
+    w.start();
+    let port = w.pop3_port();
+    let addr = metrics_addr(&w);
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(b"CAPA\r\n").await.unwrap();
+    let (got, closed) = client::read_to_close(&mut tcp, Duration::from_secs(5)).await;
+    assert!(closed, "{}", text(&got));
+    assert_eq!(
+        text(&got),
+        "-ERR [SYS/TEMP] this port speaks TLS from the first byte (implicit TLS, \"SSL/TLS\"): set the client to use it\r\n"
+    );
+    let p = w.proxy();
+    assert!(
+        p.wait_log("a client spoke plaintext to an implicit-TLS listener"),
+        "{}",
+        p.logs()
+    );
+    let logs = p.logs();
+    let l = logs.lines().find(|l| l.contains("a client spoke plaintext")).unwrap();
+    assert!(l.contains(" WARN ") && l.contains("peer=127.0.0.1:"), "{l}");
+    assert!(l.contains(&format!("listener=[pop3] 127.0.0.1:{port}")), "{l}");
+    assert!(l.contains("tls = \"starttls\" in [pop3]"), "{l}");
+    assert_eq!(wait_metric(&addr, plaintext_on_tls, 1.0).await, Some(1.0));
+    let mut c = LineConn::tls(port, w.local_tls_config(), "localhost").await.unwrap();
+    assert_eq!(text(&pop3_line(&mut c).await), "+OK mailproxy ready\r\n");
+}
+
 /// What the fake upstream saw, in order.
 type Events = Arc<Mutex<Vec<String>>>;
 

@@ -622,6 +622,141 @@ async fn local_implicit_tls_listener() {
     assert!(!l.starts_with(b"220") && !l.starts_with(b"250"), "{}", text(&l));
 }
 
+/// The address `serve` announced for its metrics.
+fn metrics_addr(w: &MailWorld) -> String {
+    w.proxy()
+        .stdout()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
+        .expect("the metrics listener is announced")
+}
+
+/// The value of `series` once it reaches `want` (or after 5 s).
+async fn wait_metric(addr: &str, series: &str, want: f64) -> Option<f64> {
+    let t0 = Instant::now();
+    loop {
+        let body = support::http::get(&format!("http://{addr}/metrics")).unwrap().text();
+        let v = client::metric(&body, series);
+        if v == Some(want) || t0.elapsed() > Duration::from_secs(5) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The log lines that contain `needle`, once there are `n` (or after 10 s).
+fn log_lines(w: &MailWorld, needle: &str, n: usize) -> Vec<String> {
+    let t0 = Instant::now();
+    loop {
+        let lines: Vec<String> = w
+            .logs()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect();
+        if lines.len() >= n || t0.elapsed() > Duration::from_secs(10) {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Clients that connect the wrong way are told apart from their first
+/// bytes, named in one warning each (listener, client, what to change)
+/// and counted: a TLS client (its real ClientHello) on the STARTTLS
+/// listener gets the greeting it cannot read and the close; on an
+/// implicit-TLS listener, a plaintext client that speaks first and one that
+/// waits for a greeting get an SMTP line saying so. TLS clients are not
+/// held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconnected_clients_are_named_in_the_log_and_counted() {
+    let mut w = MailWorld::with(LocalTls::StartTls, LocalTls::None, |_, _| String::new());
+    let config = std::fs::read_to_string(w.dir.config_path()).unwrap();
+    w.dir
+        .write_config(&config.replace("[server]\n", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n"));
+    w.authorise(ALICE, ALICE_PW);
+    w.start();
+    let port = w.smtp_port();
+    let addr = metrics_addr(&w);
+    let tls_on_plaintext = "mailproxy_misconnects_total{listener=\"smtp\",kind=\"tls_on_plaintext\"}";
+    let plaintext_on_tls = "mailproxy_misconnects_total{listener=\"smtp\",kind=\"plaintext_on_tls\"}";
+    assert_eq!(wait_metric(&addr, tls_on_plaintext, 0.0).await, Some(0.0));
+
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(&client::tls_client_hello(w.local_tls_config()))
+        .await
+        .unwrap();
+    let (got, closed) = client::read_to_close(&mut tcp, Duration::from_secs(5)).await;
+    assert!(closed, "{}", text(&got));
+    assert_eq!(text(&got), "220 mailproxy ESMTP mailproxy ready\r\n");
+    let lines = log_lines(&w, "a client sent a TLS handshake to a STARTTLS listener", 1);
+    assert_eq!(lines.len(), 1, "{}", w.logs());
+    let l = &lines[0];
+    assert!(l.contains(" WARN ") && l.contains("peer=127.0.0.1:"), "{l}");
+    assert!(l.contains(&format!("listener=[smtp] 127.0.0.1:{port}")), "{l}");
+    assert!(l.contains(&format!("set it to STARTTLS for 127.0.0.1:{port}")), "{l}");
+    assert!(l.contains("tls = \"implicit\" in [smtp]"), "{l}");
+    assert_eq!(wait_metric(&addr, tls_on_plaintext, 1.0).await, Some(1.0));
+    assert_eq!(wait_metric(&addr, plaintext_on_tls, 0.0).await, Some(0.0));
+    // STARTTLS clients are served as before.
+    let mut c = smtp_connect(port).await;
+    smtp_cmd(&mut c, "EHLO client.example.org", "250").await;
+    smtp_cmd(&mut c, "STARTTLS", "220").await;
+    let mut c = c.starttls(w.local_tls_config(), "localhost").await.unwrap();
+    smtp_login(&mut c, ALICE, ALICE_PW).await;
+
+    // The same listener with implicit TLS.
+    if let Some(mut p) = w.proxy.take() {
+        p.stop();
+    }
+    let config = std::fs::read_to_string(w.dir.config_path()).unwrap();
+    let implicit = config.replacen("tls = \"starttls\"", "tls = \"implicit\"", 1);
+    assert_ne!(implicit, config);
+    w.dir.write_config(&implicit);
+    w.start();
+    let port = w.smtp_port();
+    let addr = metrics_addr(&w);
+    let told =
+        "421 4.7.0 this port speaks TLS from the first byte (implicit TLS, \"SSL/TLS\"): set the client to use it\r\n";
+    // A client that speaks first.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(b"EHLO client.example.org\r\n").await.unwrap();
+    let (got, closed) = client::read_to_close(&mut tcp, Duration::from_secs(5)).await;
+    assert!(closed, "{}", text(&got));
+    assert_eq!(text(&got), told);
+    // A client that waits for the greeting.
+    let t0 = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (got, closed) = client::read_to_close(&mut tcp, Duration::from_secs(15)).await;
+    assert!(closed, "{}", text(&got));
+    assert_eq!(text(&got), told);
+    assert!(
+        (Duration::from_secs(4)..Duration::from_secs(10)).contains(&t0.elapsed()),
+        "{:?}",
+        t0.elapsed()
+    );
+    let lines = log_lines(&w, "a client spoke plaintext to an implicit-TLS listener", 2);
+    assert_eq!(lines.len(), 2, "{}", w.logs());
+    for l in &lines {
+        assert!(l.contains(" WARN ") && l.contains("peer=127.0.0.1:"), "{l}");
+        assert!(l.contains(&format!("listener=[smtp] 127.0.0.1:{port}")), "{l}");
+        assert!(
+            l.contains(&format!("set it to SSL/TLS (implicit TLS) for 127.0.0.1:{port}")),
+            "{l}"
+        );
+        assert!(l.contains("tls = \"starttls\" in [smtp]"), "{l}");
+    }
+    assert_eq!(wait_metric(&addr, plaintext_on_tls, 2.0).await, Some(2.0));
+    assert_eq!(wait_metric(&addr, tls_on_plaintext, 0.0).await, Some(0.0));
+    // TLS clients get their greeting at once.
+    let t0 = Instant::now();
+    let mut c = LineConn::tls(port, w.local_tls_config(), "localhost").await.unwrap();
+    expect_smtp(&mut c, "220").await;
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    smtp_login(&mut c, ALICE, ALICE_PW).await;
+    smtp_cmd(&mut c, "QUIT", "221").await;
+}
+
 /// What the fake upstream saw, in order.
 type Events = Arc<Mutex<Vec<String>>>;
 

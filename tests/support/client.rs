@@ -286,3 +286,37 @@ pub fn unb64(s: &str) -> Vec<u8> {
         .decode(s.trim())
         .unwrap_or_else(|e| panic!("bad base64 {s:?}: {e}"))
 }
+
+/// What a real TLS client (rustls) sends first: its ClientHello record.
+pub fn tls_client_hello(config: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).unwrap();
+    }
+    assert_eq!(&hello[..2], &[0x16, 0x03], "a TLS handshake record");
+    hello
+}
+
+/// Everything the server sends on `tcp` until it closes, or `limit` passes:
+/// (bytes, whether it closed).
+pub async fn read_to_close(tcp: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, false),
+        }
+    }
+}
+
+/// The value of one sample in a `/metrics` body, e.g.
+/// `mailproxy_misconnects_total{listener="imap",kind="tls_on_plaintext"}`.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
