@@ -49,10 +49,17 @@ impl Drop for SecretBuf {
 
 /// Incremental line finder: remembers how far it searched, so feeding one
 /// byte at a time costs O(total).
+///
+/// A line may be `max_line` long, except where a SASL response needs more
+/// ([`crate::preauth::MAX_SASL_RESPONSE`]): an `AUTH` command line (the
+/// initial response does not count against `max_line`) and, when
+/// [`LineFramer::sasl_response`] is set, a line answering a challenge.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LineFramer {
     pub(crate) scanned: usize,
     pub(crate) max_line: usize,
+    /// The next line answers a SASL challenge (`334 `, `+ `).
+    pub(crate) sasl_response: bool,
 }
 
 /// A line longer than the limit.
@@ -67,13 +74,40 @@ pub(crate) enum Line {
 }
 
 impl LineFramer {
+    pub(crate) fn new(max_line: usize) -> LineFramer {
+        LineFramer {
+            scanned: 0,
+            max_line,
+            sasl_response: false,
+        }
+    }
+
+    /// The longest line this framer ever accepts, without its CRLF.
+    pub(crate) fn max_len(&self) -> usize {
+        crate::preauth::sasl_command_line(self.max_line)
+    }
+
+    /// How long the line at the start of `buf` may be. Asked only once
+    /// `buf` holds more than `max_line` bytes, so the answer does not
+    /// depend on how much of the line has arrived.
+    fn limit(&self, buf: &[u8]) -> usize {
+        if self.sasl_response {
+            crate::preauth::sasl_response_line(self.max_line)
+        } else if buf.len() >= 5 && buf[..5].eq_ignore_ascii_case(b"AUTH ") {
+            crate::preauth::sasl_command_line(self.max_line)
+        } else {
+            self.max_line
+        }
+    }
+
     pub(crate) fn scan(&mut self, buf: &[u8]) -> Line {
         let from = self.scanned.min(buf.len());
         match buf[from..].iter().position(|&b| b == b'\n') {
             Some(off) => {
                 let len = from + off + 1;
                 self.scanned = 0;
-                if strip_eol(&buf[..len]).len() > self.max_line {
+                let line = strip_eol(&buf[..len]).len();
+                if line > self.max_line && line > self.limit(buf) {
                     Line::TooLong
                 } else {
                     Line::Complete(len)
@@ -82,7 +116,7 @@ impl LineFramer {
             None => {
                 self.scanned = buf.len();
                 // Allow one extra byte for a CR that may precede LF.
-                if buf.len() > self.max_line.saturating_add(1) {
+                if buf.len() > self.max_line.saturating_add(1) && buf.len() > self.limit(buf).saturating_add(1) {
                     Line::TooLong
                 } else {
                     Line::Incomplete

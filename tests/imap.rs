@@ -167,6 +167,95 @@ async fn login_forms_literals_and_authenticate_plain() {
     assert!(r.is_ok() && r.lines[0].starts_with("* ID ("), "{r:?}");
 }
 
+/// `ID` parameters as RFC 2971 allows them at most: 30 pairs, 1,024-octet
+/// values. `escaped` writes every octet of every string escaped (the
+/// longest line); otherwise the values read like a client's own.
+fn maximal_id(escaped: bool) -> String {
+    let pairs: Vec<String> = (0..30)
+        .map(|i| {
+            if escaped {
+                format!("\"{}\" \"{}\"", "\\\\".repeat(30), "\\\"".repeat(1024))
+            } else {
+                let value: String = format!("client build {i:02}; ").chars().cycle().take(1024).collect();
+                format!("\"x-field-{i:02}\" \"{value}\"")
+            }
+        })
+        .collect();
+    format!("ID ({})", pairs.join(" "))
+}
+
+/// What a client may send before login at the RFCs' maxima is answered:
+/// RFC 2971's largest `ID` (about 31 KiB on one line, and every octet
+/// escaped), as Dovecot answers it, with LOGIN after it; `AUTHENTICATE
+/// PLAIN` with a 12,288-octet response, inline (SASL-IR) or after `+`. One
+/// octet over the `ID` limit still ends the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maximal_id_and_long_sasl_responses_are_answered_before_login() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    let id = maximal_id(false);
+    assert!(id.len() > 30 * 1024, "{}", id.len());
+
+    // Dovecot answers it...
+    let mut d = LineConn::plain(w.env.dovecot.imap_port).await.unwrap();
+    assert!(d.read_line().await.unwrap().starts_with("* OK"));
+    let r = d.imap("i1", &id).await.unwrap();
+    assert!(
+        r.is_ok() && r.lines.len() == 1 && r.lines[0].starts_with("* ID ("),
+        "{r:?}"
+    );
+
+    // ... and so does mailproxy, then the login goes through.
+    let mut c = connect(port).await;
+    for (tag, id) in [("i1", &id), ("i2", &maximal_id(true))] {
+        let r = c.imap(tag, id).await.unwrap();
+        assert!(
+            r.is_ok() && r.lines.len() == 1 && r.lines[0].starts_with("* ID ("),
+            "{r:?}"
+        );
+    }
+    let r = c
+        .imap("a1", &format!("LOGIN \"{ALICE}\" \"{ALICE_PW}\""))
+        .await
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+
+    // A 12,288-octet SASL response (a wrong password of 9,209 octets): an
+    // authentication answer, then the right one gets in.
+    let long = client::plain_b64(ALICE, &"p".repeat(9216 - ALICE.len() - 2));
+    assert_eq!(long.len(), 12_288);
+    let mut c = connect(port).await;
+    let r = c.imap("a1", &format!("AUTHENTICATE PLAIN {long}")).await.unwrap();
+    assert!(r.tagged.starts_with("a1 NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    c.send("a2 AUTHENTICATE PLAIN").await.unwrap();
+    assert_eq!(c.read_line().await.unwrap(), "+ ");
+    c.send(&long).await.unwrap();
+    let r = c.read_imap_response("a2").await.unwrap();
+    assert!(r.tagged.starts_with("a2 NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    let r = c
+        .imap(
+            "a3",
+            &format!("AUTHENTICATE PLAIN {}", client::plain_b64(ALICE, ALICE_PW)),
+        )
+        .await
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+
+    // The limit: max_line (8,192) for the tag and `ID`, 63,421 for the
+    // parameters. At it the command is answered; one octet more is not.
+    let params = maximal_id(true);
+    let at_limit = "t".repeat(8192 - " ID ".len());
+    let mut c = connect(port).await;
+    let r = c.imap(&at_limit, &params).await.unwrap();
+    assert!(r.is_ok(), "{}", r.tagged.len());
+    let mut c = connect(port).await;
+    c.send(&format!("{at_limit}t {params}")).await.unwrap();
+    assert_eq!(c.read_line().await.unwrap(), "* BYE Line too long");
+    assert!(c.read_line_raw().await.unwrap().is_empty(), "closed");
+}
+
 /// The address `serve` announced for its metrics.
 fn metrics_addr(w: &World) -> String {
     w.proxy

@@ -371,6 +371,46 @@ async fn local_implicit_tls_listener() {
     expect(&mut c, "QUIT", "+OK Logging out.\r\n").await;
 }
 
+/// RFC 5034 §4 bounds a SASL response only by its mechanism: 12,288
+/// octets (RFC 4954's figure), inline or after `+`, get an authentication
+/// answer, and the right password still logs in; one octet more is
+/// `-ERR Line too long` and the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_lines_with_long_sasl_responses_are_answered() {
+    let mut w = MailWorld::new();
+    w.authorise(ALICE, ALICE_PW);
+    w.start();
+    let port = w.pop3_port();
+    let long = client::plain_b64(ALICE, &"p".repeat(9216 - ALICE.len() - 2));
+    assert_eq!(long.len(), 12_288);
+
+    let mut c = connect(port).await;
+    let r = text(&pop3_cmd(&mut c, &format!("AUTH PLAIN {long}"), false).await);
+    assert!(r.starts_with("-ERR [AUTH] "), "{r}");
+    expect(&mut c, "AUTH PLAIN", "+ \r\n").await;
+    let r = text(&pop3_cmd(&mut c, &long, false).await);
+    assert!(r.starts_with("-ERR [AUTH] "), "{r}");
+    expect(
+        &mut c,
+        &format!("AUTH PLAIN {}", client::plain_b64(ALICE, ALICE_PW)),
+        "+OK Logged in\r\n",
+    )
+    .await;
+    expect(&mut c, "QUIT", "+OK Logging out.\r\n").await;
+
+    for (before, line) in [
+        (None, format!("AUTH PLAIN {}", "A".repeat(8192 + 12_288 - 10))),
+        (Some("AUTH PLAIN"), "A".repeat(12_289)),
+    ] {
+        let mut c = connect(port).await;
+        if let Some(b) = before {
+            expect(&mut c, b, "+ \r\n").await;
+        }
+        expect(&mut c, &line, "-ERR Line too long, closing connection\r\n").await;
+        assert!(c.read_line_raw().await.unwrap().is_empty(), "closed");
+    }
+}
+
 /// The address `serve` announced for its metrics.
 fn metrics_addr(w: &MailWorld) -> String {
     w.proxy()

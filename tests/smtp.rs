@@ -622,6 +622,87 @@ async fn local_implicit_tls_listener() {
     assert!(!l.starts_with(b"220") && !l.starts_with(b"250"), "{}", text(&l));
 }
 
+/// RFC 4954 §4: AUTH responses up to 12,288 octets of base64, inline or
+/// after `334`, get an authentication answer (the 12,041-octet line of a
+/// real client, a 12,288-octet response: a wrong password here, `535`),
+/// and the right password still gets `235`. The AUTH line may hold
+/// `max_line` (8,192) plus 12,288 octets; one more is `500 5.5.6`, and a
+/// 10 MB AUTH line is refused without being buffered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_lines_with_rfc_4954_length_responses_are_answered() {
+    let mut w = MailWorld::new();
+    w.authorise(ALICE, ALICE_PW);
+    w.start();
+    let port = w.smtp_port();
+    // base64 of "\0alice@example.org\0" and a password, `raw` octets in all.
+    let plain = |raw: usize| client::plain_b64(ALICE, &"p".repeat(raw - ALICE.len() - 2));
+
+    let mut c = smtp_connect(port).await;
+    smtp_cmd(&mut c, "EHLO client.example.org", "250").await;
+    let line = format!("AUTH PLAIN {}", plain(9021));
+    assert_eq!(line.len() + 2, 12_041);
+    let r = smtp_cmd(&mut c, &line, "535").await;
+    assert!(r[0].starts_with("535 5.7.8 "), "{r:?}");
+    let long = plain(9216);
+    assert_eq!(long.len(), 12_288);
+    smtp_cmd(&mut c, &format!("AUTH PLAIN {long}"), "535").await;
+    smtp_cmd(&mut c, "AUTH PLAIN", "334").await;
+    smtp_cmd(&mut c, &long, "535").await;
+    // At the limit the line is read (and its base64 refused).
+    let at_limit = format!("AUTH PLAIN {}", "A".repeat(8192 + 12_288 - 11));
+    let r = smtp_cmd(&mut c, &at_limit, "501").await;
+    assert!(r[0].starts_with("501 5.5.2 "), "{r:?}");
+    smtp_cmd(
+        &mut c,
+        &format!("AUTH PLAIN {}", client::plain_b64(ALICE, ALICE_PW)),
+        "235",
+    )
+    .await;
+    smtp_cmd(&mut c, "QUIT", "221").await;
+
+    // One octet more, on the line or in a response: 500 5.5.6, then 421.
+    for (before, line) in [(None, format!("{at_limit}A")), (Some("AUTH PLAIN"), "A".repeat(12_289))] {
+        let mut c = smtp_connect(port).await;
+        smtp_cmd(&mut c, "EHLO client.example.org", "250").await;
+        if let Some(b) = before {
+            smtp_cmd(&mut c, b, "334").await;
+        }
+        let r = smtp_cmd(&mut c, &line, "500").await;
+        assert_eq!(r, vec!["500 5.5.6 Line too long"]);
+        let r = expect_smtp(&mut c, "421").await;
+        assert!(r[0].contains("Line too long, closing connection"), "{r:?}");
+        assert!(c.read_line_raw().await.unwrap().is_empty(), "closed");
+    }
+
+    // 10 MB after "AUTH PLAIN ": refused at the limit, memory stays put.
+    let rss0 = w.proxy().rss_kib();
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut rd, mut wr) = tcp.split();
+    let mut huge = b"EHLO x\r\nAUTH PLAIN ".to_vec();
+    huge.resize(10 << 20, b'A');
+    let writer = async {
+        for chunk in huge.chunks(64 * 1024) {
+            if wr.write_all(chunk).await.is_err() {
+                break;
+            }
+        }
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut got),
+        )
+        .await;
+        got
+    };
+    let (_, got) = tokio::join!(writer, reader);
+    let got = text(&got);
+    assert!(got.contains("500 5.5.6 Line too long\r\n421 "), "{got}");
+    let grown = w.proxy().rss_kib().saturating_sub(rss0);
+    assert!(grown < 3 * 1024, "RSS grew by {grown} KiB");
+}
+
 /// The address `serve` announced for its metrics.
 fn metrics_addr(w: &MailWorld) -> String {
     w.proxy()

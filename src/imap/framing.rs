@@ -10,7 +10,24 @@
 //! so feeding one byte at a time costs O(total) and not O(total²). Limits are
 //! checked by counting, before anything is buffered beyond them.
 
+use super::command::is_tag_char;
 use crate::text::strip_eol;
+
+/// RFC 2971 §3.3: at most 30 field-value pairs, fields of at most 30 octets
+/// and values of at most 1,024 octets.
+const ID_PAIRS: usize = 30;
+const ID_FIELD: usize = 30;
+const ID_VALUE: usize = 1024;
+
+/// A quoted string of `n` octets, every one escaped: `"` + 2n + `"`.
+const fn quoted_max(n: usize) -> usize {
+    2 * n + 2
+}
+
+/// The longest `ID` parameter list RFC 2971 allows, on one line: 30 pairs
+/// of quoted strings with every octet escaped, spaces between, parentheses
+/// around (63,421 octets).
+pub const MAX_ID_PARAMS: usize = 2 + ID_PAIRS * (quoted_max(ID_FIELD) + 1 + quoted_max(ID_VALUE)) + (ID_PAIRS - 1);
 
 /// Limits enforced by the [`Framer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,16 +39,35 @@ pub struct Limits {
     pub max_literal: usize,
     /// Maximum size of a whole command (all line segments and literals).
     pub max_command: usize,
+    /// Maximum length of a line segment of an `ID` command: `max_line` plus
+    /// the largest parameter list RFC 2971 allows.
+    pub max_id_line: usize,
+    /// Maximum length of an `AUTHENTICATE` line: `max_line` plus a SASL
+    /// initial response (RFC 4959).
+    pub max_authenticate_line: usize,
+    /// Maximum length of a line answering an `AUTHENTICATE` challenge.
+    pub max_sasl_response: usize,
 }
 
 impl Limits {
-    /// `max_command` is derived as `2 * (max_line + max_literal)`: enough for
-    /// `LOGIN {user} {password}` with two maximum-size literals.
+    /// The longer lines of `ID` and `AUTHENTICATE` are derived from
+    /// `max_line`; `max_command` is the largest of `2 * (max_line +
+    /// max_literal)` (enough for `LOGIN {user} {password}` with two
+    /// maximum-size literals) and those lines.
     pub fn new(max_line: usize, max_literal: usize) -> Self {
+        let max_id_line = max_line.saturating_add(MAX_ID_PARAMS);
+        let max_authenticate_line = crate::preauth::sasl_command_line(max_line);
         Limits {
             max_line,
             max_literal,
-            max_command: max_line.saturating_add(max_literal).saturating_mul(2),
+            max_command: max_line
+                .saturating_add(max_literal)
+                .saturating_mul(2)
+                .max(max_id_line)
+                .max(max_authenticate_line),
+            max_id_line,
+            max_authenticate_line,
+            max_sasl_response: crate::preauth::sasl_response_line(max_line),
         }
     }
 }
@@ -99,6 +135,18 @@ enum State {
 pub struct Framer {
     limits: Limits,
     state: State,
+    /// The next line answers a SASL challenge (not a command).
+    sasl_response: bool,
+    /// The current command's line limit, once it was needed.
+    line_limit: Option<usize>,
+}
+
+/// `name` of a command that starts `tag SP name SP`, if `buf` shows that much.
+fn command_name(buf: &[u8]) -> Option<&[u8]> {
+    let tag = buf.iter().position(|&b| !is_tag_char(b))?;
+    let rest = buf[tag..].strip_prefix(b" ").filter(|_| tag > 0)?;
+    let name = rest.iter().position(|b| !b.is_ascii_alphabetic())?;
+    (rest[name] == b' ').then_some(&rest[..name])
 }
 
 /// A literal header found at the end of a line.
@@ -137,7 +185,41 @@ impl Framer {
         Framer {
             limits,
             state: State::Line { start: 0, pos: 0 },
+            sasl_response: false,
+            line_limit: None,
         }
+    }
+
+    /// Whether the next line answers a SASL challenge (`+ ` was sent): it
+    /// may be [`Limits::max_sasl_response`] long. Set before scanning it.
+    pub fn expect_sasl_response(&mut self, yes: bool) {
+        if self.sasl_response != yes {
+            self.sasl_response = yes;
+            self.line_limit = None;
+        }
+    }
+
+    /// How long a line segment of the command at the start of `buf` may
+    /// be: longer than `max_line` for `ID` and `AUTHENTICATE`, and for a
+    /// SASL response. The command name must show within the first
+    /// `max_line` bytes, so the answer does not depend on how much of the
+    /// command has arrived (it is asked once `buf` is longer than that, and
+    /// kept for the rest of the command).
+    fn line_limit(&mut self, buf: &[u8]) -> usize {
+        if let Some(n) = self.line_limit {
+            return n;
+        }
+        let n = if self.sasl_response {
+            self.limits.max_sasl_response
+        } else {
+            match command_name(&buf[..buf.len().min(self.limits.max_line)]) {
+                Some(n) if n.eq_ignore_ascii_case(b"ID") => self.limits.max_id_line,
+                Some(n) if n.eq_ignore_ascii_case(b"AUTHENTICATE") => self.limits.max_authenticate_line,
+                _ => self.limits.max_line,
+            }
+        };
+        self.line_limit = Some(n);
+        n
     }
 
     pub fn limits(&self) -> Limits {
@@ -148,6 +230,7 @@ impl Framer {
     /// clears a fatal state.
     pub fn reset(&mut self) {
         self.state = State::Line { start: 0, pos: 0 };
+        self.line_limit = None;
     }
 
     /// Scan `buf`, which must start at the beginning of the current command
@@ -172,7 +255,10 @@ impl Framer {
                     let Some(off) = buf[pos..].iter().position(|&b| b == b'\n') else {
                         self.state = State::Line { start, pos: buf.len() };
                         // Allow one extra byte for a CR that may precede LF.
-                        if buf.len() - start > self.limits.max_line.saturating_add(1) {
+                        let long = buf.len() - start;
+                        if long > self.limits.max_line.saturating_add(1)
+                            && long > self.line_limit(buf).saturating_add(1)
+                        {
                             return self.fail(FramingError::LineTooLong);
                         }
                         if buf.len() > self.limits.max_command.saturating_add(1) {
@@ -183,7 +269,7 @@ impl Framer {
                     let lf = pos + off;
                     let end = lf + 1;
                     let line = strip_eol(&buf[start..end]);
-                    if line.len() > self.limits.max_line {
+                    if line.len() > self.limits.max_line && line.len() > self.line_limit(buf) {
                         return self.fail(FramingError::LineTooLong);
                     }
                     if end > self.limits.max_command.saturating_add(2) {
@@ -336,11 +422,12 @@ mod tests {
 
     #[test]
     fn command_limit_across_literals() {
-        // max_command = 2*(64+32) = 192
-        let mut f = Framer::new(small());
+        let limits = small();
+        assert_eq!(limits.max_command, 64 + MAX_ID_PARAMS);
+        let mut f = Framer::new(limits);
         let mut buf = Vec::new();
         let mut fatal = false;
-        for _ in 0..10 {
+        for _ in 0..limits.max_command {
             buf.extend_from_slice(b"a {30+}\r\n");
             buf.extend_from_slice(&[b'x'; 30]);
             match f.scan(&buf) {
@@ -353,7 +440,93 @@ mod tests {
             }
         }
         assert!(fatal);
-        assert!(buf.len() <= 192 + 64);
+        assert!(buf.len() <= limits.max_command + 64);
+    }
+
+    #[test]
+    fn rfc_2971_maximal_id_fits_on_one_line_and_in_literals() {
+        assert_eq!(MAX_ID_PARAMS, 63_421);
+        let limits = Limits::default();
+        // 30 pairs, 30-octet fields and 1,024-octet values, every octet escaped.
+        let pair = format!("\"{}\" \"{}\"", "\\\"".repeat(30), "\\\\".repeat(1024));
+        let params = format!("({})", vec![pair; 30].join(" "));
+        assert_eq!(params.len(), MAX_ID_PARAMS);
+        let line = format!("{} ID {params}", "t".repeat(limits.max_line - 4));
+        assert_eq!(line.len(), limits.max_id_line);
+        for cut in [1, 4096, line.len() + 2] {
+            let mut f = Framer::new(limits);
+            let whole = format!("{line}\r\n");
+            let mut got = Frame::Incomplete;
+            for end in (cut..whole.len()).step_by(cut).chain([whole.len()]) {
+                got = f.scan(&whole.as_bytes()[..end]);
+                if got != Frame::Incomplete {
+                    break;
+                }
+            }
+            assert_eq!(got, Frame::Complete { len: whole.len() }, "in pieces of {cut}");
+        }
+        // One octet more is too long, also when seen without its end.
+        let over = format!("{line}x\r\n");
+        assert_eq!(
+            Framer::new(limits).scan(over.as_bytes()),
+            Frame::Fatal(FramingError::LineTooLong)
+        );
+        assert_eq!(
+            Framer::new(limits).scan(&over.as_bytes()[..over.len() - 1]),
+            Frame::Fatal(FramingError::LineTooLong)
+        );
+        // Values as literals: short line segments, a long command.
+        let mut lit = b"a ID (".to_vec();
+        for i in 0..30 {
+            lit.extend_from_slice(format!("\"field{i:02}\" {{1024+}}\r\n").as_bytes());
+            lit.extend_from_slice(&[b'v'; 1024]);
+            lit.push(if i == 29 { b')' } else { b' ' });
+        }
+        lit.extend_from_slice(b"\r\n");
+        assert_eq!(Framer::new(limits).scan(&lit), Frame::Complete { len: lit.len() });
+    }
+
+    #[test]
+    fn only_id_and_authenticate_lines_are_longer() {
+        let limits = Limits::default();
+        let body = "A".repeat(limits.max_line);
+        for (cmd, max) in [
+            ("LOGIN", limits.max_line),
+            ("NOOP", limits.max_line),
+            ("id", limits.max_id_line),
+            ("Authenticate", limits.max_authenticate_line),
+        ] {
+            let prefix = format!("tag {cmd} ");
+            let fits = format!("{prefix}{}\r\n", "A".repeat(max - prefix.len()));
+            assert_eq!(
+                Framer::new(limits).scan(fits.as_bytes()),
+                Frame::Complete { len: fits.len() },
+                "{cmd}"
+            );
+            let over = format!("{prefix}{}\r\n", "A".repeat(max + 1 - prefix.len()));
+            assert_eq!(
+                Framer::new(limits).scan(over.as_bytes()),
+                Frame::Fatal(FramingError::LineTooLong),
+                "{cmd}"
+            );
+        }
+        // The name must show within max_line: a huge tag is just a long line.
+        let line = format!("{body} ID ()\r\n");
+        assert_eq!(
+            Framer::new(limits).scan(line.as_bytes()),
+            Frame::Fatal(FramingError::LineTooLong)
+        );
+        // A SASL response may be 12,288 octets whatever the command looks like.
+        assert_eq!(limits.max_authenticate_line, 8192 + 12_288);
+        assert_eq!(limits.max_sasl_response, 12_288);
+        let resp = format!("{}\r\n", "Q".repeat(12_288));
+        let mut f = Framer::new(limits);
+        assert_eq!(f.scan(resp.as_bytes()), Frame::Fatal(FramingError::LineTooLong));
+        let mut f = Framer::new(limits);
+        f.expect_sasl_response(true);
+        assert_eq!(f.scan(resp.as_bytes()), Frame::Complete { len: resp.len() });
+        let resp = format!("{}\r\n", "Q".repeat(12_289));
+        assert_eq!(f.scan(resp.as_bytes()), Frame::Fatal(FramingError::LineTooLong));
     }
 
     #[test]

@@ -364,6 +364,8 @@ impl PreAuth for ImapPreAuth {
     }
 
     fn step(&mut self) -> Step {
+        self.framer
+            .expect_sasl_response(matches!(self.state, State::AuthPlain { .. }));
         match self.framer.scan(self.core.buffered()) {
             Frame::Incomplete => Step::More,
             Frame::NeedContinuation { .. } => {
@@ -770,6 +772,69 @@ mod tests {
             "* BAD Missing or invalid command tag\r\n"
         );
         assert_eq!(exchange(&mut p, b"e NOOP\r\n"), "e OK NOOP completed\r\n");
+    }
+
+    /// RFC 2971's largest `ID` (30 pairs, 1,024-octet values) is answered,
+    /// on one line or with literals, and a login follows.
+    #[test]
+    fn maximal_id_is_answered() {
+        let value = "v".repeat(1024);
+        let pairs: Vec<String> = (0..30).map(|i| format!("\"field-{i:02}\" \"{value}\"")).collect();
+        let line = format!("i ID ({})\r\n", pairs.join(" "));
+        assert!(line.len() > 30 * 1024);
+        let mut p = machine(false);
+        assert_eq!(
+            exchange(&mut p, line.as_bytes()),
+            "* ID (\"name\" \"mailproxy\")\r\ni OK ID completed\r\n"
+        );
+        // Every octet escaped: the longest line RFC 2971 allows.
+        let esc = format!("\"{}\" \"{}\"", "\\\\".repeat(30), "\\\"".repeat(1024));
+        let line = format!("j ID ({})\r\n", vec![esc; 30].join(" "));
+        assert_eq!(line.len(), "j ID \r\n".len() + crate::imap::framing::MAX_ID_PARAMS);
+        assert!(exchange(&mut p, line.as_bytes()).ends_with("j OK ID completed\r\n"));
+        let mut lit = Vec::from(&b"k ID ("[..]);
+        for i in 0..30 {
+            lit.extend_from_slice(format!("\"f{i}\" {{1024}}\r\n").as_bytes());
+            lit.extend_from_slice(value.as_bytes());
+            lit.push(if i == 29 { b')' } else { b' ' });
+        }
+        lit.extend_from_slice(b"\r\n");
+        let out = exchange(&mut p, &lit);
+        assert_eq!(out.matches("+ Ready for literal data\r\n").count(), 30);
+        assert!(out.ends_with("k OK ID completed\r\n"), "{out}");
+        p.feed(b"l LOGIN alice secret\r\n");
+        let ev = p.poll();
+        assert_eq!(expect_login(&p, ev).1, "alice");
+        // Other commands keep max_line.
+        let mut p = machine(false);
+        p.feed(format!("m LOGIN {}\r\n", "a".repeat(8192)).as_bytes());
+        assert!(matches!(p.poll(), Some(Event::Close)));
+        assert_eq!(s(&p.take_output()), "* BYE Line too long\r\n");
+        assert!(p.max_buffer() <= 8192 + crate::imap::framing::MAX_ID_PARAMS + FEED_SLACK);
+    }
+
+    /// SASL-IR and continuation lines carry 12,288-octet responses.
+    #[test]
+    fn authenticate_carries_long_sasl_responses() {
+        let pw = "p".repeat(9216 - 7);
+        let ir = sasl::encode_plain("", "alice", &pw);
+        assert_eq!(ir.len(), crate::preauth::MAX_SASL_RESPONSE);
+        let mut p = machine(false);
+        p.feed(format!("a AUTHENTICATE PLAIN {}\r\n", ir.as_str()).as_bytes());
+        let ev = p.poll();
+        assert_eq!(expect_login(&p, ev).2, pw);
+        p.login_failed(Failure::Credentials, "no");
+        p.take_output();
+        assert_eq!(exchange(&mut p, b"b AUTHENTICATE PLAIN\r\n"), "+ \r\n");
+        p.feed(format!("{}\r\n", ir.as_str()).as_bytes());
+        let ev = p.poll();
+        assert_eq!(expect_login(&p, ev).0, "b");
+        p.login_failed(Failure::Credentials, "no");
+        p.take_output();
+        assert_eq!(exchange(&mut p, b"c AUTHENTICATE PLAIN\r\n"), "+ \r\n");
+        p.feed(format!("{}\r\n", "Q".repeat(12_289)).as_bytes());
+        assert!(matches!(p.poll(), Some(Event::Close)));
+        assert_eq!(s(&p.take_output()), "* BYE Line too long\r\n");
     }
 
     #[test]

@@ -29,7 +29,9 @@ pub struct PreAuthConfig {
     /// port with STLS). When true, USER/PASS/AUTH are refused until STLS has
     /// completed.
     pub starttls: bool,
-    /// Longest accepted command line, excluding CRLF.
+    /// Longest accepted command line, excluding CRLF; an `AUTH` line may
+    /// carry a SASL response beyond it, and a line answering a challenge may
+    /// be [`crate::preauth::MAX_SASL_RESPONSE`] long.
     pub max_line: usize,
 }
 
@@ -83,13 +85,11 @@ const NEED_TLS: &str = "-ERR [AUTH] Plaintext authentication disallowed on non-s
 impl Pop3PreAuth {
     /// Create the state machine; the greeting is queued in the output.
     pub fn new(cfg: PreAuthConfig) -> Self {
+        let framer = LineFramer::new(cfg.max_line);
         let mut p = Pop3PreAuth {
             cfg,
-            framer: LineFramer {
-                scanned: 0,
-                max_line: cfg.max_line,
-            },
-            core: Core::new(cfg.max_line.saturating_add(2), cfg.starttls),
+            framer,
+            core: Core::new(framer.max_len().saturating_add(2), cfg.starttls),
             state: State::Commands,
             user: None,
         };
@@ -310,6 +310,7 @@ impl PreAuth for Pop3PreAuth {
     }
 
     fn step(&mut self) -> Step {
+        self.framer.sasl_response = self.state == State::AuthPlain;
         match self.core.next_line(&mut self.framer) {
             None => Step::More,
             Some(Err(TooLong)) => Step::Event(self.fatal("Line too long")),
@@ -416,6 +417,39 @@ mod tests {
         expect_login(p.poll());
         p.refuse_login("", "");
         assert_eq!(s(&p.take_output()), "+OK Send PASS\r\n-ERR Authentication failed\r\n");
+    }
+
+    /// RFC 5034 §4 bounds a response only by its mechanism: 12,288 octets
+    /// (RFC 4954's figure) are answered inline or after `+`; other lines
+    /// keep `max_line`.
+    #[test]
+    fn auth_lines_carry_long_sasl_responses() {
+        let pw = "p".repeat(9216 - 7);
+        let ir = sasl::encode_plain("", "alice", &pw);
+        assert_eq!(ir.len(), crate::preauth::MAX_SASL_RESPONSE);
+        let mut p = machine(false);
+        p.feed(format!("AUTH PLAIN {}\r\n", ir.as_str()).as_bytes());
+        assert_eq!(expect_login(p.poll()).1, pw);
+        p.refuse_login("AUTH", "no");
+        assert_eq!(exchange(&mut p, b"AUTH PLAIN\r\n"), "-ERR [AUTH] no\r\n+ \r\n");
+        p.feed(format!("{}\r\n", ir.as_str()).as_bytes());
+        assert_eq!(expect_login(p.poll()).1, pw);
+        p.refuse_login("AUTH", "no");
+        p.take_output();
+        let limit = 8192 + 12_288;
+        let line = format!("AUTH PLAIN {}", "A".repeat(limit - 11));
+        assert!(exchange(&mut p, format!("{line}\r\n").as_bytes()).starts_with("-ERR Invalid AUTH PLAIN response"));
+        let over = |pre: &[u8], line: &str| {
+            let mut p = machine(false);
+            exchange(&mut p, pre);
+            p.feed(format!("{line}\r\n").as_bytes());
+            assert!(matches!(p.poll(), Some(Event::Close)), "{}", line.len());
+            assert_eq!(s(&p.take_output()), "-ERR Line too long, closing connection\r\n");
+        };
+        over(b"", &format!("{line}A"));
+        over(b"", &format!("USER {}", "a".repeat(8192 - 4)));
+        over(b"AUTH PLAIN\r\n", &"Q".repeat(12_289));
+        assert!(p.max_buffer() <= limit + 2 + FEED_SLACK);
     }
 
     #[test]

@@ -39,7 +39,9 @@ pub struct PreAuthConfig {
     pub starttls: bool,
     /// Our host name, for the greeting and EHLO/HELO replies.
     pub hostname: String,
-    /// Longest accepted command line, excluding CRLF.
+    /// Longest accepted command line, excluding CRLF; an `AUTH` line may
+    /// carry a SASL response beyond it, and a line answering a challenge may
+    /// be [`crate::preauth::MAX_SASL_RESPONSE`] long.
     pub max_line: usize,
     /// Advertised as `SIZE n` before login (`SIZE` alone when `None`).
     pub max_size: Option<u64>,
@@ -144,12 +146,10 @@ impl SmtpPreAuth {
         } else {
             hostname
         };
+        let framer = LineFramer::new(cfg.max_line);
         let mut p = SmtpPreAuth {
-            framer: LineFramer {
-                scanned: 0,
-                max_line: cfg.max_line,
-            },
-            core: Core::new(cfg.max_line.saturating_add(2), cfg.starttls),
+            framer,
+            core: Core::new(framer.max_len().saturating_add(2), cfg.starttls),
             cfg,
             hostname,
             state: State::Commands,
@@ -465,6 +465,10 @@ impl PreAuth for SmtpPreAuth {
                 }
             }
         }
+        self.framer.sasl_response = matches!(
+            self.state,
+            State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. }
+        );
         match self.core.next_line(&mut self.framer) {
             None => Step::More,
             Some(Err(TooLong)) => {
@@ -624,6 +628,61 @@ mod tests {
         assert!(p.poll().is_none());
         assert_eq!(p.buffered_len(), 0);
         assert!(!p.wants_input());
+    }
+
+    /// RFC 4954 §4: a 12,288-octet response, inline or after `334`, is
+    /// answered; one octet beyond the limit is `500 5.5.6` and the end.
+    #[test]
+    fn auth_lines_carry_rfc_4954_responses() {
+        // "\0alice\0" and 9,209 octets of password: 12,288 octets of base64.
+        let pw = "p".repeat(9216 - 7);
+        let ir = sasl::encode_plain("", "alice", &pw);
+        assert_eq!(ir.len(), crate::preauth::MAX_SASL_RESPONSE);
+        let mut p = greeted();
+        p.feed(format!("AUTH PLAIN {}\r\n", ir.as_str()).as_bytes());
+        assert_eq!(expect_login(p.poll()), ("alice".to_owned(), pw.clone()));
+        p.refuse_login("535 5.7.8 no");
+        assert_eq!(exchange(&mut p, b"AUTH PLAIN\r\n"), "535 5.7.8 no\r\n334 \r\n");
+        p.feed(format!("{}\r\n", ir.as_str()).as_bytes());
+        assert_eq!(expect_login(p.poll()).1, pw);
+        p.refuse_login("535 5.7.8 no");
+        p.take_output();
+        // AUTH LOGIN's steps too.
+        let user = sasl::encode_login_step(&"u".repeat(9216));
+        assert_eq!(user.len(), 12_288);
+        assert_eq!(
+            exchange(&mut p, format!("AUTH LOGIN\r\n{}\r\n", user.as_str()).as_bytes()),
+            format!(
+                "334 {}\r\n334 {}\r\n",
+                sasl::LOGIN_PROMPT_USERNAME,
+                sasl::LOGIN_PROMPT_PASSWORD
+            )
+        );
+        p.feed(format!("{}\r\n", ir.as_str()).as_bytes());
+        assert!(matches!(p.poll(), Some(Event::Login { .. })));
+        p.refuse_login("535 5.7.8 no");
+        p.take_output();
+        // The AUTH line may be max_line + 12,288 long: then it is parsed.
+        let limit = 8192 + 12_288;
+        let line = format!("AUTH PLAIN {}", "A".repeat(limit - 11));
+        assert!(exchange(&mut p, format!("{line}\r\n").as_bytes()).starts_with("501 5.5.2 "));
+        // Other lines keep max_line.
+        let over = |line: &str| {
+            let mut p = greeted();
+            p.feed(format!("{line}\r\n").as_bytes());
+            assert!(matches!(p.poll(), Some(Event::Close)), "{}", line.len());
+            assert!(s(&p.take_output()).starts_with("500 5.5.6 Line too long\r\n421 "));
+        };
+        over(&format!("{line}A"));
+        over(&format!("EHLO {}", "a".repeat(8192 - 4)));
+        over(&"Q".repeat(8193));
+        // A continuation line of 12,289 octets is too long.
+        let mut p = greeted();
+        assert_eq!(exchange(&mut p, b"AUTH PLAIN\r\n"), "334 \r\n");
+        p.feed(format!("{}\r\n", "Q".repeat(12_289)).as_bytes());
+        assert!(matches!(p.poll(), Some(Event::Close)));
+        assert!(s(&p.take_output()).starts_with("500 5.5.6 Line too long\r\n"));
+        assert!(p.max_buffer() <= limit + 2 + FEED_SLACK);
     }
 
     #[test]
