@@ -410,8 +410,8 @@ async fn expired_token_is_refreshed_and_parallel_logins_refresh_once() {
     assert_eq!(p.refreshes(), r0 + 2);
     assert!(c.imap("a2", "SELECT INBOX").await.unwrap().is_ok());
 
-    // A provider that hands out very short lifetimes: the lifetime counts as
-    // at least a minute (no refresh storm), and when the server refuses the
+    // A provider that hands out absurdly short lifetimes: the lifetime counts
+    // as 30 s (no refresh storm), and when the server refuses the
     // token that died earlier, one refresh and a retry keep logins working.
     p.set_access_token_lifetime(Duration::from_secs(2));
     p.expire_all_access_tokens();

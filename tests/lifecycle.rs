@@ -170,7 +170,7 @@ async fn background_refresh_keeps_idle_and_new_logins_going() {
     let mut w = World::new();
     w.authorise(ALICE, ALICE_PW);
     let port = w.start();
-    // Lifetimes under 60 s are planned as 60 s: refreshed ~20 s after issue.
+    // A 60 s lifetime: renewed in the background 20 s after issue.
     w.env.provider.set_access_token_lifetime(Duration::from_secs(60));
     w.env.provider.expire_all_access_tokens();
     let mut idle = login_ok(port, ALICE, ALICE_PW).await;
@@ -215,6 +215,85 @@ async fn background_refresh_keeps_idle_and_new_logins_going() {
         at_login, 1,
         "only the first, cold login refreshes: {at_login}, retries {retried}\n{logs}"
     );
+}
+
+/// Seconds from `t0`, for messages.
+fn since(t0: Instant, t: Instant) -> String {
+    format!("{:.1}", t.saturating_duration_since(t0).as_secs_f64())
+}
+
+/// The background refresher renews at the planned time, with one floor
+/// between attempts: a 30 s token two thirds of its lifetime before expiry
+/// (10 s after issue), a 15 s token at the 10 s floor, five seconds before it
+/// expires. No token lapses before the next is issued, and no login is
+/// needed for any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_refresh_renews_at_the_planned_time() {
+    let mut w = World::new();
+    w.authorise(ALICE, ALICE_PW);
+    let port = w.start();
+    let p = &w.env.provider;
+    p.set_access_token_lifetime(Duration::from_secs(30));
+    let t0 = Instant::now();
+    // The first login unlocks the account and gets the first 30 s token.
+    drop(login_ok(port, ALICE, ALICE_PW).await);
+    let issued = || -> Vec<(Instant, Instant)> {
+        p.access_token_times(ALICE)
+            .into_iter()
+            .filter(|(at, _)| *at >= t0)
+            .collect()
+    };
+    // Four background renewals: of two 30 s tokens (the second renewal
+    // already hands out a 15 s token), then of two 15 s tokens.
+    let mut seen = 1;
+    while seen < 5 {
+        let now = issued();
+        let times = || now.iter().map(|(at, _)| since(t0, *at)).collect::<Vec<_>>().join(", ");
+        assert!(!now.is_empty(), "the first login got no token");
+        let (last, _) = *now.last().unwrap();
+        assert!(
+            last.elapsed() < Duration::from_secs(13),
+            "no renewal {:.1} s after the token issued at {} s; tokens issued at {} s\n{}",
+            last.elapsed().as_secs_f64(),
+            since(t0, last),
+            times(),
+            w.logs()
+        );
+        if now.len() > seen {
+            seen = now.len();
+            if seen == 2 {
+                p.set_access_token_lifetime(Duration::from_secs(15));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all = issued();
+    let times = all.iter().map(|(at, _)| since(t0, *at)).collect::<Vec<_>>().join(", ");
+    assert_eq!(all.len(), 5, "tokens issued at {times} s");
+    for pair in all.windows(2) {
+        let ((prev_at, prev_expires), (at, _)) = (pair[0], pair[1]);
+        let gap = at.duration_since(prev_at);
+        assert!(
+            gap >= Duration::from_secs(8) && gap <= Duration::from_secs(12),
+            "renewed {:.1} s after the previous token, not ~10 s; tokens issued at {times} s",
+            gap.as_secs_f64()
+        );
+        assert!(
+            at < prev_expires,
+            "the token issued at {} s lapsed at {} s before the next was issued at {} s; tokens issued at {times} s",
+            since(t0, prev_at),
+            since(t0, prev_expires),
+            since(t0, at)
+        );
+    }
+    // All of them in the background: only the first login refreshed.
+    let logs = w.logs();
+    let at_login = logs
+        .lines()
+        .filter(|l| l.contains("access token refreshed") && l.contains("conn{"))
+        .count();
+    assert!(at_login <= 1, "{at_login} refreshes at login\n{logs}");
+    assert!(!logs.contains("refreshing and retrying once"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

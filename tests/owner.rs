@@ -406,7 +406,7 @@ async fn hostile_token_lifetimes_neither_panic_nor_storm() {
     let storm = w.env.provider.total_token_requests() - before;
     assert!(storm <= 1, "{storm} token requests in 4 s");
     assert!(w.proxy.as_mut().unwrap().is_running());
-    // carol's 0 s token is planned as 60 s: refreshed in the background after ~20 s.
+    // carol's 0 s token is planned as 30 s: refreshed in the background after ~10 s.
     w.env.provider.set_advertised_expires_in(None);
     let refreshed = w.env.provider.refreshes();
     let t0 = Instant::now();

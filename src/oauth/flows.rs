@@ -398,7 +398,13 @@ mod tests {
         let left = t.expires_at.duration_since(SystemTime::now()).unwrap();
         assert!(left > Duration::from_secs(100) && left <= Duration::from_secs(120));
         // Hostile lifetimes are clamped, never overflow.
-        for (given, want) in [("0", 60), ("18446744073709551615", 86400), ("-5", 3600)] {
+        for (given, want) in [
+            ("0", 30),
+            ("10", 30),
+            ("11", 11),
+            ("18446744073709551615", 86400),
+            ("-5", 3600),
+        ] {
             let body = format!(r#"{{"access_token":"x","expires_in":"{given}"}}"#);
             let t = parse_tokens("a", "u", 200, body.as_bytes()).unwrap();
             let life = t.expires_at.duration_since(t.issued_at).unwrap().as_secs();

@@ -21,25 +21,31 @@ use oauth2::{
 
 use crate::config::OAuthSettings;
 use crate::secret::Secret;
+use crate::tokens::MIN_REFRESH_INTERVAL;
 pub use errors::{explain, Explanation};
 
 /// Largest token-endpoint answer we read; real ones are a few KiB.
 pub(crate) const MAX_BODY: usize = 256 * 1024;
 /// When the provider omits `expires_in`, assume the common one hour.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
-/// Shorter lifetimes are treated as this: nothing real is shorter, and a
-/// zero would mean refreshing without pause.
-pub const MIN_LIFETIME: Duration = Duration::from_secs(60);
+/// Lifetimes no longer than the background refresh floor
+/// ([`MIN_REFRESH_INTERVAL`]) are absurd, and planned as this: no token can
+/// be renewed in time at that floor, and a zero would mean refreshing
+/// without pause at every login. Three floors, so the background renews
+/// such a token at the floor (see `Access::renew_at`). Longer lifetimes are
+/// planned as they are.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(3 * MIN_REFRESH_INTERVAL.as_secs());
 /// Longer lifetimes are treated as this (refreshing daily costs nothing).
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// The lifetime to plan with for a provider's `expires_in` (seconds).
 #[deny(clippy::arithmetic_side_effects)]
 pub fn lifetime(expires_in: Option<u64>) -> Duration {
-    expires_in
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_LIFETIME)
-        .clamp(MIN_LIFETIME, MAX_LIFETIME)
+    match expires_in.map(Duration::from_secs) {
+        None => DEFAULT_LIFETIME,
+        Some(d) if d <= MIN_REFRESH_INTERVAL => MIN_LIFETIME,
+        Some(d) => d.min(MAX_LIFETIME),
+    }
 }
 
 /// `from + d`, saturating far in the future instead of panicking.

@@ -11,7 +11,7 @@ use crate::oauth::Tokens;
 use crate::secret::Secret;
 
 /// Refresh at login when less than this is left (or half the lifetime, for
-/// providers that hand out short-lived tokens).
+/// providers that hand out short-lived tokens); see [`Access::renew_at`].
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// The background refresher acts earlier, so logins find a fresh token.
 pub const BACKGROUND_MARGIN: Duration = Duration::from_secs(10 * 60);
@@ -102,17 +102,49 @@ impl Access {
         self.expires_at.duration_since(self.issued_at).unwrap_or_default()
     }
 
-    /// Still good for at least the login margin (wall clock).
+    /// Login's view (wall clock): a login uses the token without a refresh
+    /// until [`Access::stale_at`]; see [`Access::renew_at`].
     pub fn fresh(&self) -> bool {
-        let margin = REFRESH_MARGIN.min(self.lifetime().checked_div(2).unwrap_or_default());
-        self.expires_at > later(SystemTime::now(), margin)
+        SystemTime::now() < self.stale_at()
     }
 
-    /// When the background refresher should renew it: a third of the
-    /// lifetime before expiry, at most ten minutes before.
+    /// Until when a login uses this token as it is: while more than the
+    /// login margin is left, and always until the background is due to
+    /// renew it, but never past its expiry.
+    fn stale_at(&self) -> SystemTime {
+        let margin = REFRESH_MARGIN.min(self.lifetime().checked_div(2).unwrap_or_default());
+        let by_margin = self.expires_at.checked_sub(margin).unwrap_or(self.issued_at);
+        by_margin.max(self.renew_at()).min(self.expires_at)
+    }
+
+    /// When the background refresher renews this token. The one place that
+    /// decides when a token is due; [`Access::fresh`] (logins) follows it.
+    ///
+    /// * The plan: two thirds of the lifetime before expiry, at most
+    ///   [`BACKGROUND_MARGIN`] (ten minutes) before. A 30 s token is due 10 s
+    ///   after issue, an hour's token after 50 minutes.
+    /// * The floor: never sooner than [`MIN_REFRESH_INTERVAL`] (10 s) after
+    ///   issue. The refresh that got this token started just before its
+    ///   issue, so this is the same floor `maintain` keeps from its last
+    ///   attempt (which still guards retries, keepalives and accounts without
+    ///   a token): the two coincide, they never add up. With one floor, a
+    ///   token of any lifetime longer than the floor is renewed before it
+    ///   expires, every `max(floor, lifetime / 3, lifetime - 10 min)`.
+    /// * Login's margin: a login refreshes when less than [`REFRESH_MARGIN`]
+    ///   (five minutes) or half the lifetime is left, but never before this
+    ///   time. For lifetimes of twice the floor or more the margin comes
+    ///   later anyway; between the floor and twice the floor, a login trusts
+    ///   the token until the background renews it (with `lifetime - floor`
+    ///   left), so logins never pay for a refresh the background is about to
+    ///   do. A login refreshes only when the background is late (a backoff,
+    ///   a machine that slept).
+    /// * Absurd lifetimes (zero, or no longer than the floor) never get here
+    ///   as they are: `oauth::lifetime` plans them as [`crate::oauth::MIN_LIFETIME`],
+    ///   renewed at the floor, so neither logins nor the background can storm.
     pub fn renew_at(&self) -> SystemTime {
         let early = BACKGROUND_MARGIN.min(self.lifetime().saturating_mul(2).checked_div(3).unwrap_or_default());
-        self.expires_at.checked_sub(early).unwrap_or(self.issued_at)
+        let planned = self.expires_at.checked_sub(early).unwrap_or(self.issued_at);
+        planned.max(later(self.issued_at, MIN_REFRESH_INTERVAL))
     }
 }
 
@@ -150,7 +182,7 @@ mod tests {
             issued_at: UNIX_EPOCH,
             expires_at: UNIX_EPOCH,
         };
-        assert_eq!(a.renew_at(), UNIX_EPOCH);
+        assert_eq!(a.renew_at(), later(UNIX_EPOCH, MIN_REFRESH_INTERVAL));
         assert!(!a.fresh());
         let _ = keepalive_due(u64::MAX);
         let a = access(Duration::from_secs(3600));
@@ -162,6 +194,41 @@ mod tests {
             a.renew_at().duration_since(a.issued_at).unwrap(),
             Duration::from_secs(20)
         );
+    }
+
+    /// Seconds after issue: when the background renews, until when logins
+    /// use the token as it is.
+    fn plan(life: u64) -> (u64, u64) {
+        let a = access(Duration::from_secs(life));
+        let secs = |t: SystemTime| t.duration_since(a.issued_at).unwrap().as_secs();
+        (secs(a.renew_at()), secs(a.stale_at()))
+    }
+
+    #[test]
+    fn renewed_at_the_plan_with_one_floor() {
+        // Two thirds of the lifetime before expiry, at most ten minutes.
+        assert_eq!(plan(3600), (3000, 3300));
+        assert_eq!(plan(90), (30, 45));
+        assert_eq!(plan(30), (10, 15));
+        assert_eq!(plan(20), (10, 10));
+        // Between the floor and twice the floor: renewed at the floor,
+        // before expiry; logins trust the token until then.
+        assert_eq!(plan(15), (10, 10));
+        assert_eq!(plan(11), (10, 10));
+        // Every lifetime longer than the floor is renewed before it expires,
+        // and never sooner than the floor after issue; logins never refresh
+        // before the background is due.
+        for life in 11..=7200 {
+            let (renew, stale) = plan(life);
+            assert!(
+                renew >= MIN_REFRESH_INTERVAL.as_secs() && renew < life,
+                "{life}: {renew}"
+            );
+            assert!(stale >= renew && stale <= life, "{life}: {stale}");
+        }
+        // Shorter ones (`oauth::lifetime` plans them as longer): logins
+        // never use them past their expiry.
+        assert_eq!(plan(5), (10, 5));
     }
 
     #[test]

@@ -138,6 +138,7 @@ struct AccessTok {
     user: String,
     scope: String,
     client_id: String,
+    issued: Instant,
     expires: Instant,
     exp_unix: u64,
     revoked: bool,
@@ -507,6 +508,20 @@ impl FakeProvider {
             .collect()
     }
 
+    /// When each access token of `user` was issued and when it expires (or
+    /// expired), oldest first.
+    pub fn access_token_times(&self, user: &str) -> Vec<(Instant, Instant)> {
+        let mut v: Vec<_> = self
+            .st()
+            .access
+            .values()
+            .filter(|a| a.user == user)
+            .map(|a| (a.issued, a.expires))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// The next `n` device-code polls get `slow_down`.
     pub fn slow_down_next_polls(&self, n: u32) {
         self.st().slow_down_polls = n;
@@ -709,6 +724,7 @@ fn new_access(st: &mut State, user: &str, scope: &str, client_id: &str, refresh:
             user: user.into(),
             scope: scope.into(),
             client_id: client_id.into(),
+            issued: Instant::now(),
             expires: Instant::now() + ttl,
             exp_unix: unix_now() + ttl_secs(ttl),
             revoked: false,
