@@ -197,7 +197,7 @@ fn local_users(src: &Source, v: &toml::Spanned<toml::Value>) -> Result<LocalUser
                     toml::Value::String(s) if s == "owner" => {}
                     toml::Value::String(s) => names.push(s.clone()),
                     toml::Value::Integer(n) => {
-                        uids.push(u32::try_from(*n).map_err(|_| bad(format!("{n} is not a uid")))?)
+                        uids.push(u32::try_from(*n).map_err(|_| bad(format!("{n} is not a uid")))?);
                     }
                     other => return Err(bad(format!("`{other}` is not a user name or uid"))),
                 }
