@@ -256,17 +256,6 @@ async fn maximal_id_and_long_sasl_responses_are_answered_before_login() {
     assert!(c.read_line_raw().await.unwrap().is_empty(), "closed");
 }
 
-/// The address `serve` announced for its metrics.
-fn metrics_addr(w: &World) -> String {
-    w.proxy
-        .as_ref()
-        .unwrap()
-        .stdout()
-        .iter()
-        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
-        .expect("the metrics listener is announced")
-}
-
 /// A TLS client (its real ClientHello) on the plaintext listener gets the
 /// greeting it cannot read, as before; then mailproxy closes, says in one
 /// warning which listener, which client and what to change, and counts it.
@@ -277,7 +266,7 @@ async fn a_tls_client_on_the_plaintext_listener_is_named_in_the_log_and_counted(
     w.server_setting("metrics_listen = \"127.0.0.1:0\"");
     w.authorise(ALICE, ALICE_PW);
     let port = w.start();
-    let addr = metrics_addr(&w);
+    let addr = w.proxy.as_ref().unwrap().metrics_addr();
     let metrics = move || support::http::get(&format!("http://{addr}/metrics")).unwrap().text();
     let series = "mailproxy_misconnects_total{listener=\"imap\",kind=\"tls_on_plaintext\"}";
     assert_eq!(client::metric(&metrics(), series), Some(0.0));

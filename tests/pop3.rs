@@ -411,15 +411,6 @@ async fn auth_lines_with_long_sasl_responses_are_answered() {
     }
 }
 
-/// The address `serve` announced for its metrics.
-fn metrics_addr(w: &MailWorld) -> String {
-    w.proxy()
-        .stdout()
-        .iter()
-        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
-        .expect("the metrics listener is announced")
-}
-
 /// One sample of the metrics once it reaches `want` (or after 5 s).
 async fn wait_metric(addr: &str, series: &str, want: f64) -> Option<f64> {
     let t0 = std::time::Instant::now();
@@ -446,7 +437,7 @@ async fn misconnected_clients_are_named_in_the_log_and_counted() {
     w.authorise(ALICE, ALICE_PW);
     w.start();
     let port = w.pop3_port();
-    let addr = metrics_addr(&w);
+    let addr = w.proxy().metrics_addr();
     let tls_on_plaintext = "mailproxy_misconnects_total{listener=\"pop3\",kind=\"tls_on_plaintext\"}";
     let plaintext_on_tls = "mailproxy_misconnects_total{listener=\"pop3\",kind=\"plaintext_on_tls\"}";
 
@@ -485,7 +476,7 @@ async fn misconnected_clients_are_named_in_the_log_and_counted() {
     w.dir.write_config(&implicit);
     w.start();
     let port = w.pop3_port();
-    let addr = metrics_addr(&w);
+    let addr = w.proxy().metrics_addr();
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     tcp.write_all(b"CAPA\r\n").await.unwrap();
     let (got, closed) = client::read_to_close(&mut tcp, Duration::from_secs(5)).await;

@@ -703,15 +703,6 @@ async fn auth_lines_with_rfc_4954_length_responses_are_answered() {
     assert!(grown < 3 * 1024, "RSS grew by {grown} KiB");
 }
 
-/// The address `serve` announced for its metrics.
-fn metrics_addr(w: &MailWorld) -> String {
-    w.proxy()
-        .stdout()
-        .iter()
-        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
-        .expect("the metrics listener is announced")
-}
-
 /// The value of `series` once it reaches `want` (or after 5 s).
 async fn wait_metric(addr: &str, series: &str, want: f64) -> Option<f64> {
     let t0 = Instant::now();
@@ -758,7 +749,7 @@ async fn misconnected_clients_are_named_in_the_log_and_counted() {
     w.authorise(ALICE, ALICE_PW);
     w.start();
     let port = w.smtp_port();
-    let addr = metrics_addr(&w);
+    let addr = w.proxy().metrics_addr();
     let tls_on_plaintext = "mailproxy_misconnects_total{listener=\"smtp\",kind=\"tls_on_plaintext\"}";
     let plaintext_on_tls = "mailproxy_misconnects_total{listener=\"smtp\",kind=\"plaintext_on_tls\"}";
     assert_eq!(wait_metric(&addr, tls_on_plaintext, 0.0).await, Some(0.0));
@@ -796,7 +787,7 @@ async fn misconnected_clients_are_named_in_the_log_and_counted() {
     w.dir.write_config(&implicit);
     w.start();
     let port = w.smtp_port();
-    let addr = metrics_addr(&w);
+    let addr = w.proxy().metrics_addr();
     let told =
         "421 4.7.0 this port speaks TLS from the first byte (implicit TLS, \"SSL/TLS\"): set the client to use it\r\n";
     // A client that speaks first.

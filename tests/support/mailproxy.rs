@@ -258,6 +258,27 @@ impl Proxy {
         self.stdout_lines.lock().unwrap().clone()
     }
 
+    /// The metrics listener's address (`listening metrics ADDR` on stdout,
+    /// read by a thread, so it may come a little after the other lines).
+    pub fn metrics_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .stdout()
+                .iter()
+                .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string));
+            if let Some(a) = found {
+                return a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no metrics listener line: {:?}",
+                self.stdout()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
     }
