@@ -10,7 +10,7 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, ServiceAccountKey};
 
 /// Who owns a file and its permission bits, as read from the open file.
 #[derive(Clone, Copy, Debug)]
@@ -115,8 +115,7 @@ pub(super) fn check_key_files(config: &Config) -> Result<(), ConfigError> {
             })?;
             judge_key_file(key_path, facts, me).map_err(|m| refuse(&config.path, key.clone(), m))?;
             if field == "service_account_key" {
-                crate::oauth::service_account::ServiceAccountKey::load(key_path)
-                    .map_err(|m| refuse(&config.path, key, m))?;
+                ServiceAccountKey::load(key_path).map_err(|m| refuse(&config.path, key, m))?;
             }
         }
     }

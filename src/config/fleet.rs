@@ -5,8 +5,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use super::parse::Source;
 use super::raw::{RawListener, RawServer};
+use super::source::Source;
 use super::{Config, ConfigError, TokenStore};
 use crate::endpoint::Protocol;
 use crate::secret::Secret;

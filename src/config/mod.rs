@@ -2,8 +2,11 @@
 //! error names the file, the line and the key so a person can fix it at once.
 //!
 //! `raw` is what the file says, `parse` turns it into a checked [`Config`]
-//! one section at a time (no I/O), `files` judges the file and the key files
-//! it names on disk, and `reload` says what a SIGHUP cannot change.
+//! one section at a time (no I/O; the settings for several instances in
+//! `fleet`), with `source` naming the file, line and key of each error;
+//! `files` judges the file and the key files it names on disk (a service
+//! account's key through `service_account_key`), and `reload` says what a
+//! SIGHUP cannot change.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,9 +27,12 @@ mod fleet;
 mod parse;
 mod raw;
 mod reload;
+mod service_account_key;
+mod source;
 
 pub use fleet::{Fleet, ProxyProtocol, TrustedNet};
 pub use reload::restart_needed;
+pub use service_account_key::ServiceAccountKey;
 
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {

@@ -12,35 +12,9 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::raw::{ProviderName, RawAccount, RawConfig, RawLimits, RawListener, RawServer};
+use super::source::Source;
 use super::*;
 use crate::endpoint::{is_loopback_host, Endpoint, Protocol, Security};
-
-/// The text being parsed and where it came from, for errors and relative paths.
-pub(super) struct Source<'a> {
-    text: &'a str,
-    path: &'a Path,
-}
-
-impl Source<'_> {
-    pub(super) fn err(
-        &self,
-        span: Option<Range<usize>>,
-        key: Option<String>,
-        message: impl Into<String>,
-    ) -> ConfigError {
-        ConfigError {
-            path: self.path.to_owned(),
-            line: span.map(|s| line_of(self.text, s.start)),
-            key,
-            message: message.into(),
-        }
-    }
-
-    /// Relative paths in the config are relative to the config file.
-    pub(super) fn resolve(&self, p: &Path) -> PathBuf {
-        resolve(self.path, p)
-    }
-}
 
 /// `[server]` after checking; becomes part of [`Config`].
 struct Server {
@@ -64,7 +38,7 @@ struct AccountContext<'a> {
 }
 
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-    let src = Source { text, path };
+    let src = Source::new(text, path);
     // toml's message names the key ("unknown field `x`, expected ..."); the
     // span gives the line. Only the message is used: toml's full Display
     // quotes the source line, which may hold a secret.
@@ -776,12 +750,4 @@ fn default_server(provider: ProviderName, cloud: cloud::Cloud, p: Protocol) -> O
         (ProviderName::Microsoft, Protocol::Pop3) => Some(ms.pop3),
         _ => None,
     }
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
 }

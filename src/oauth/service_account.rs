@@ -1,19 +1,18 @@
-//! Google Workspace service accounts with domain-wide delegation: the key
-//! file Google issues, and the RFC 7523 JWT bearer grant (RS256) that
-//! trades an assertion naming the mailbox (`sub`) for an access token.
+//! Google Workspace service accounts with domain-wide delegation: the RFC
+//! 7523 JWT bearer grant (RS256) that trades an assertion naming the mailbox
+//! (`sub`) for an access token. The assertion is signed with the key file
+//! Google issues ([`ServiceAccountKey`], read and checked in `config`).
 //! There is no refresh token: a new assertion is signed for every token,
 //! just as client credentials are used again.
 
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
-use serde::Deserialize;
 
 use super::flows::{parse_tokens, post_owned, sign_rs256};
 use super::{OAuthError, Tokens};
-use crate::config::OAuthSettings;
+use crate::config::{OAuthSettings, ServiceAccountKey};
 use crate::secret::Secret;
 
 /// RFC 7523 §2.1 grant type.
@@ -21,82 +20,34 @@ pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 /// Google accepts assertions valid for at most an hour.
 const ASSERTION_LIFETIME: u64 = 3600;
 
-/// The parts of Google's service-account JSON key that mailproxy uses.
-pub struct ServiceAccountKey {
-    pub client_email: String,
-    pub private_key_id: Option<String>,
-    /// RSA private key as PKCS#8 DER.
-    key_der: zeroize::Zeroizing<Vec<u8>>,
-}
-
-#[derive(Deserialize)]
-struct KeyFile {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    client_email: Option<String>,
-    private_key_id: Option<String>,
-    private_key: Option<Secret>,
-}
-
-impl ServiceAccountKey {
-    /// Reads and checks the key file; every error names the file and what is wrong.
-    pub fn load(path: &Path) -> Result<ServiceAccountKey, String> {
-        let text = zeroize::Zeroizing::new(
-            std::fs::read(path).map_err(|e| format!("cannot read the service account key {}: {e}", path.display()))?,
-        );
-        Self::parse(&text).map_err(|why| format!("the service account key {} {why}", path.display()))
+/// The signed assertion: `iss` the service account, `sub` the mailbox it
+/// acts for, `aud` the token endpoint, `scope` the mail scopes.
+pub fn assertion(
+    key: &ServiceAccountKey,
+    mailbox: &str,
+    scopes: &[String],
+    audience: &str,
+) -> Result<Secret, OAuthError> {
+    let pair = ring::signature::RsaKeyPair::from_pkcs8(key.pkcs8_der())
+        .map_err(|e| OAuthError::Config(format!("the service account key is not an RSA key ({e})")))?;
+    let mut header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
+    if let Some(kid) = &key.private_key_id {
+        header["kid"] = serde_json::json!(kid);
     }
-
-    fn parse(text: &[u8]) -> Result<ServiceAccountKey, String> {
-        use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
-        // serde_json's message gives line and column, never the value.
-        let f: KeyFile =
-            serde_json::from_slice(text).map_err(|e| format!("is not the JSON key Google issues ({e})"))?;
-        if let Some(kind) = f.kind.as_deref().filter(|k| *k != "service_account") {
-            return Err(format!(
-                "is a `{kind}` key, not a service account key (Google Cloud console > IAM > Service accounts > Keys > Add key > JSON)"
-            ));
-        }
-        let client_email = f
-            .client_email
-            .filter(|e| e.contains('@'))
-            .ok_or("has no client_email")?;
-        let pem = f.private_key.ok_or("has no private_key")?;
-        let der = PrivatePkcs8KeyDer::from_pem_slice(pem.expose().as_bytes())
-            .map_err(|_| "has a private_key that is not a PKCS#8 PEM key")?;
-        ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
-            .map_err(|e| format!("has a private_key that is not an RSA key ({e})"))?;
-        Ok(ServiceAccountKey {
-            client_email,
-            private_key_id: f.private_key_id,
-            key_der: zeroize::Zeroizing::new(der.secret_pkcs8_der().to_vec()),
-        })
-    }
-
-    /// The signed assertion: `iss` the service account, `sub` the mailbox
-    /// it acts for, `aud` the token endpoint, `scope` the mail scopes.
-    pub fn assertion(&self, mailbox: &str, scopes: &[String], audience: &str) -> Result<Secret, OAuthError> {
-        let pair = ring::signature::RsaKeyPair::from_pkcs8(&self.key_der)
-            .map_err(|e| OAuthError::Config(format!("the service account key is not an RSA key ({e})")))?;
-        let mut header = serde_json::json!({"alg": "RS256", "typ": "JWT"});
-        if let Some(kid) = &self.private_key_id {
-            header["kid"] = serde_json::json!(kid);
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let claims = serde_json::json!({
-            "iss": self.client_email, "sub": mailbox, "scope": scopes.join(" "),
-            "aud": audience, "iat": now, "exp": now + ASSERTION_LIFETIME,
-        });
-        let signing_input = format!(
-            "{}.{}",
-            B64URL.encode(header.to_string()),
-            B64URL.encode(claims.to_string())
-        );
-        sign_rs256(&pair, signing_input)
-    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = serde_json::json!({
+        "iss": key.client_email, "sub": mailbox, "scope": scopes.join(" "),
+        "aud": audience, "iat": now, "exp": now + ASSERTION_LIFETIME,
+    });
+    let signing_input = format!(
+        "{}.{}",
+        B64URL.encode(header.to_string()),
+        B64URL.encode(claims.to_string())
+    );
+    sign_rs256(&pair, signing_input)
 }
 
 /// An access token for `mailbox` through the JWT bearer grant.
@@ -115,7 +66,7 @@ pub async fn token(
         .await
         .map_err(|e| OAuthError::Config(format!("reading the service account key failed: {e}")))?
         .map_err(OAuthError::Config)?;
-    let jwt = key.assertion(mailbox, &s.scopes, &s.token_url)?;
+    let jwt = assertion(&key, mailbox, &s.scopes, &s.token_url)?;
     let form = vec![
         ("grant_type", JWT_BEARER_GRANT.to_string()),
         ("assertion", jwt.expose().to_string()),
@@ -173,26 +124,6 @@ mod tests {
     }
 
     #[test]
-    fn key_file_errors_name_what_is_wrong() {
-        let e = ServiceAccountKey::parse(b"{").err().unwrap();
-        assert!(e.contains("not the JSON key"), "{e}");
-        let e = ServiceAccountKey::parse(br#"{"type":"authorized_user","client_email":"a@b"}"#)
-            .err()
-            .unwrap();
-        assert!(e.contains("`authorized_user`"), "{e}");
-        let e = ServiceAccountKey::parse(br#"{"type":"service_account","private_key":"x"}"#)
-            .err()
-            .unwrap();
-        assert!(e.contains("client_email"), "{e}");
-        let e = ServiceAccountKey::parse(
-            br#"{"type":"service_account","client_email":"sa@p.iam.gserviceaccount.com","private_key":"secret-looking"}"#,
-        )
-        .err()
-        .unwrap();
-        assert!(e.contains("PKCS#8") && !e.contains("secret-looking"), "{e}");
-    }
-
-    #[test]
     fn assertion_names_the_mailbox_and_verifies() {
         let (_d, pem) = openssl_key();
         let json = serde_json::json!({
@@ -200,14 +131,14 @@ mod tests {
             "private_key_id": "kid1", "private_key": pem, "token_uri": "https://oauth2.googleapis.com/token",
         });
         let key = ServiceAccountKey::parse(json.to_string().as_bytes()).unwrap();
-        let jwt = key
-            .assertion(
-                "dave@example.com",
-                &["https://mail.google.com/".into()],
-                "https://oauth2.googleapis.com/token",
-            )
-            .unwrap();
-        let (header, c) = super::super::flows::verify_rs256(jwt.expose(), &key.key_der);
+        let jwt = assertion(
+            &key,
+            "dave@example.com",
+            &["https://mail.google.com/".into()],
+            "https://oauth2.googleapis.com/token",
+        )
+        .unwrap();
+        let (header, c) = super::super::flows::verify_rs256(jwt.expose(), key.pkcs8_der());
         assert_eq!(
             (header["alg"].as_str(), header["kid"].as_str()),
             (Some("RS256"), Some("kid1"))
