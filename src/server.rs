@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -300,7 +300,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let _ = std::io::stdout().flush();
     crate::notify::notify("READY=1\nSTATUS=listening");
 
-    tracker.spawn(refresher(tokens.clone(), config.state_dir.clone(), shutdown.clone()));
+    tracker.spawn(tokens.clone().upkeep(config.state_dir.clone(), shutdown.clone()));
     ready.store(true, Ordering::SeqCst);
 
     let ids = Arc::new(AtomicU64::new(1));
@@ -467,44 +467,6 @@ async fn effective_store(config: &Config) -> TokenStore {
                 "the OS keyring is unavailable: using the file vault instead (refresh tokens sealed with a key derived from each local password; accounts stay locked after a restart until a client logs in)"
             );
             TokenStore::File
-        }
-    }
-}
-
-/// Background refresh of every unlocked account, driven by wall-clock
-/// expiry; also keeps `state_dir/status.json` current for `mailproxy accounts`.
-async fn refresher(tokens: Arc<TokenManager>, state_dir: std::path::PathBuf, shutdown: CancellationToken) {
-    let status_path = state_dir.join("status.json");
-    let mut last_written = String::new();
-    loop {
-        let mut next = SystemTime::now() + Duration::from_secs(5);
-        let mut rows = Vec::new();
-        for acct in tokens.all() {
-            next = next.min(tokens.maintain(&acct).await);
-            rows.push(tokens.status(&acct).await);
-        }
-        let doc = serde_json::json!({ "pid": std::process::id(), "accounts": rows }).to_string();
-        if doc != last_written {
-            let (p, d) = (status_path.clone(), doc.clone());
-            match tokio::task::spawn_blocking(move || crate::vault::write_atomic(&p, d.as_bytes())).await {
-                Ok(Ok(())) => last_written = doc,
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot write status.json"),
-                Err(_) => {}
-            }
-        }
-        // Sleep in short steps judged by the wall clock: a machine that slept
-        // through an expiry refreshes as soon as it wakes.
-        let wait = next
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .clamp(Duration::from_millis(50), Duration::from_secs(5));
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = tokens.changed.notified() => {}
-            _ = shutdown.cancelled() => {
-                let _ = std::fs::remove_file(&status_path);
-                return;
-            }
         }
     }
 }

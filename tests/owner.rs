@@ -654,7 +654,11 @@ async fn local_users_turns_other_local_users_away_before_any_work() {
     let mut other = Stranger::run(&["greeting", "127.0.0.1", &port.to_string()]);
     let line = other.next().unwrap()["line"].as_str().unwrap().to_string();
     assert!(line.starts_with("* BYE") && line.contains("local_users"), "{line}");
-    assert!(w.logs().contains("local_users does not name"), "{}", w.logs());
+    assert!(
+        w.proxy.as_ref().unwrap().wait_log("local_users does not name"),
+        "{}",
+        w.logs()
+    );
     let ok = login_response(port, ALICE, ALICE_PW).await;
     assert!(ok.starts_with("a1 OK"), "{ok}");
 

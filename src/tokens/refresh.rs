@@ -1,0 +1,273 @@
+//! Refreshing: one refresh per account at a time, the provider's answer kept (rotated tokens saved first) or turned into what a person must do.
+
+use super::*;
+
+/// The account's access token if it is still fresh, `None` when an
+/// active account needs a refresh, or why no token can be had at all.
+pub(super) fn fresh_token(state: &TokenState, name: &str) -> Result<Option<Secret>, TokenError> {
+    match state {
+        TokenState::Active(a) => Ok(a.access.as_ref().filter(|x| x.fresh()).map(|x| x.token.clone())),
+        TokenState::NeedsLogin { why } => Err(TokenError::NeedsLogin {
+            account: name.to_string(),
+            why: why.clone(),
+        }),
+        TokenState::Authorizing(f) => Err(TokenError::Pending {
+            account: name.to_string(),
+            pending: f.pending.clone(),
+        }),
+        TokenState::Locked => Err(TokenError::Locked(name.to_string())),
+    }
+}
+
+/// A refresh's answer on its way into the account's state.
+pub(super) struct Refreshed {
+    pub(super) tokens: Tokens,
+    /// The provider's new refresh token, when it differs from the old one.
+    pub(super) rotated: Option<Secret>,
+    pub(super) next: Active,
+    /// A rotated token that could not be saved.
+    pub(super) failure: Option<TokenError>,
+}
+
+impl Refreshed {
+    pub(super) fn new(before: &Active, tokens: Tokens) -> Refreshed {
+        let rotated = tokens.refresh.clone().filter(|r| Some(r) != before.refresh.as_ref());
+        let next = Active::new(
+            rotated.clone().or(before.refresh.clone()),
+            Some(Access::new(&tokens)),
+            before.sealed,
+        );
+        Refreshed {
+            tokens,
+            rotated,
+            next,
+            failure: None,
+        }
+    }
+
+    /// The new record could not be saved. After a rotation the stored token
+    /// is dead: the new one is kept in memory, to be saved later, and the
+    /// refresh reports the failure.
+    pub(super) fn save_failed(&mut self, account: &str, e: impl std::fmt::Display) {
+        tracing::error!(account = %account, error = %e, "cannot save the account record after a refresh");
+        if self.rotated.is_some() {
+            self.next.sealed = false;
+            self.failure = Some(TokenError::Vault(e.to_string()));
+        }
+    }
+}
+
+/// A refresh whose save lost: `revoke`, a new `login` or another command
+/// changed the account meanwhile, and what is stored now (already in `slot`)
+/// counts.
+pub(super) fn changed_meanwhile(slot: &Slot, account: String) -> TokenError {
+    match &slot.state {
+        TokenState::Active(_) => TokenError::Vault("the account changed meanwhile; log in again".into()),
+        _ => TokenError::NeedsLogin {
+            account,
+            why: "it was changed by another mailproxy command meanwhile".into(),
+        },
+    }
+}
+
+/// `on_reauth_needed`: run through the shell with the account in the
+/// environment; never waited for on the async workers.
+pub(super) fn run_hook(cmd: &str, account: &str, why: &str) {
+    let spawned = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("MAILPROXY_ACCOUNT", account)
+        .env("MAILPROXY_REASON", why)
+        .stdin(std::process::Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(mut child) => {
+            let account = account.to_string();
+            tokio::spawn(async move {
+                match child.wait().await {
+                    Ok(st) if st.success() => {}
+                    Ok(st) => tracing::warn!(account = %account, status = %st, "on_reauth_needed hook failed"),
+                    Err(e) => tracing::warn!(account = %account, error = %e, "on_reauth_needed hook failed"),
+                }
+            });
+        }
+        Err(e) => tracing::warn!(account = %account, error = %e, "cannot run the on_reauth_needed hook"),
+    }
+}
+
+impl TokenManager {
+    /// The account whose grant `acct` uses: itself, or its `token_from`.
+    pub fn grant_of(&self, acct: &Arc<AccountTokens>) -> Result<Arc<AccountTokens>, TokenError> {
+        match &acct.account.token_from {
+            None => Ok(acct.clone()),
+            Some(owner) => self.get(owner).ok_or_else(|| TokenError::NeedsLogin {
+                account: owner.clone(),
+                why: format!("{} uses its grant, but it is not in the config", acct.account.name),
+            }),
+        }
+    }
+
+    /// An access token with enough life left, refreshing first when needed
+    /// (one refresh per account at a time). A `token_from` account gets its
+    /// grant owner's token.
+    pub async fn access_token(&self, acct: &AccountTokens) -> Result<Secret, TokenError> {
+        if let Some(owner) = &acct.account.token_from {
+            let Some(grant) = self.get(owner) else {
+                return Err(TokenError::NeedsLogin {
+                    account: owner.clone(),
+                    why: format!("{} uses its grant, but it is not in the config", acct.account.name),
+                });
+            };
+            return self.own_access_token(&grant).await;
+        }
+        self.own_access_token(acct).await
+    }
+
+    pub(super) async fn own_access_token(&self, acct: &AccountTokens) -> Result<Secret, TokenError> {
+        let mut slot = acct.slot.lock().await;
+        let _ = self.sync(acct, &mut slot).await;
+        if let Some(token) = fresh_token(&slot.state, &acct.account.name)? {
+            return Ok(token);
+        }
+        self.refresh_locked(acct, &mut slot).await
+    }
+
+    /// Refreshes now. Slot locked; state is Active.
+    pub(super) async fn refresh_locked(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<Secret, TokenError> {
+        if self.records.shared() {
+            return self.refresh_shared(acct, slot).await;
+        }
+        let name = acct.account.name.clone();
+        let TokenState::Active(before) = &slot.state else {
+            return Err(TokenError::Locked(name));
+        };
+        let before = before.clone();
+        let t = match self.ask_provider(acct, slot, &before).await {
+            Ok(t) => t,
+            Err(e) => return Err(self.refresh_failed(acct, slot, &before, e)),
+        };
+        // Save a rotated refresh token before anything uses the new access token.
+        let mut done = Refreshed::new(&before, t);
+        if before.sealed && slot.record.is_some() {
+            let mut rec = slot.record.clone().unwrap_or_else(|| new_record(&name));
+            rec.last_refresh = Some(now_unix());
+            if let Some(s) = &done.tokens.scopes {
+                rec.scopes = s.clone();
+            }
+            match self.save(acct, slot, rec, done.rotated.as_ref()).await {
+                Ok(()) => {}
+                Err(SaveError::Stale) => return Err(changed_meanwhile(slot, name)),
+                Err(e) => done.save_failed(&name, e),
+            }
+        }
+        self.keep_refreshed(acct, slot, done)
+    }
+
+    /// New tokens from the provider, for either store: a refresh with the
+    /// refresh token, or an application grant (client credentials, service
+    /// account) for accounts without one. Errors carry the grant's age,
+    /// which explains refresh tokens that die after a fixed time.
+    pub(super) async fn ask_provider(
+        &self,
+        acct: &AccountTokens,
+        slot: &Slot,
+        before: &Active,
+    ) -> Result<Tokens, OAuthError> {
+        let name = &acct.account.name;
+        let result = match &before.refresh {
+            Some(r) => oauth::refresh(&self.http, name, &acct.settings, r).await,
+            None => flows::app_token(&self.http, name, &acct.account.username, &acct.settings).await,
+        };
+        let authorized_at = slot.record.as_ref().and_then(|r| r.authorized_at);
+        result.map_err(|e| e.with_grant_age(name, authorized_at))
+    }
+
+    /// A refresh the provider refused or could not answer, for either
+    /// store: logged, counted, audited, and the account marked as needing a
+    /// login or as failed for now. Slot locked.
+    pub(super) fn refresh_failed(
+        &self,
+        acct: &AccountTokens,
+        slot: &mut Slot,
+        before: &Active,
+        e: OAuthError,
+    ) -> TokenError {
+        let name = &acct.account.name;
+        tracing::warn!(account = %name, error = %e, "token refresh failed");
+        let code = match &e {
+            OAuthError::Provider(x) => x.code.clone(),
+            _ => "unavailable".into(),
+        };
+        crate::metrics::refresh(&acct.settings, if e.needs_login() { "needs_login" } else { "failed" });
+        self.audit
+            .record(Entry::new(name, "refresh_failed", format!("{code}: {e}")));
+        if e.needs_login() {
+            self.needs_login(acct, slot, e.to_string());
+        } else {
+            slot.state = TokenState::Active(before.failed(SystemTime::now(), e.to_string()));
+        }
+        e.into()
+    }
+
+    /// The last step of a refresh, saved or not: the new tokens become the
+    /// account's state, and a failed save of a rotated token is the answer.
+    pub(super) fn keep_refreshed(
+        &self,
+        acct: &AccountTokens,
+        slot: &mut Slot,
+        done: Refreshed,
+    ) -> Result<Secret, TokenError> {
+        let name = &acct.account.name;
+        crate::metrics::refresh(&acct.settings, "ok");
+        let expires_in = done
+            .tokens
+            .expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .as_secs();
+        tracing::info!(account = %name, expires_in_s = expires_in, rotated = done.rotated.is_some(), "access token refreshed");
+        slot.state = TokenState::Active(done.next);
+        // The background refresher plans its next wake-up from this token.
+        self.changed.notify_one();
+        match done.failure {
+            Some(e) => Err(e),
+            None => Ok(done.tokens.access),
+        }
+    }
+
+    pub(super) fn needs_login(&self, acct: &AccountTokens, slot: &mut Slot, why: String) {
+        self.cancel_flight(&slot.state);
+        slot.state = TokenState::NeedsLogin { why: why.clone() };
+        acct.forget_password();
+        self.audit
+            .record(Entry::new(&acct.account.name, "needs_login", why.clone()));
+        if let Some(cmd) = self.hook.read().unwrap().clone() {
+            run_hook(&cmd, &acct.account.name, &why);
+        }
+    }
+
+    /// The upstream rejected `token`: forget it so the next call refreshes.
+    pub async fn reject(&self, acct: &AccountTokens, token: &Secret) {
+        let grant = match &acct.account.token_from {
+            Some(owner) => match self.get(owner) {
+                Some(g) => g,
+                None => return,
+            },
+            None => return self.reject_own(acct, token).await,
+        };
+        self.reject_own(&grant, token).await;
+    }
+
+    pub(super) async fn reject_own(&self, acct: &AccountTokens, token: &Secret) {
+        let mut slot = acct.slot.lock().await;
+        if let TokenState::Active(a) = &slot.state {
+            if a.access.as_ref().is_some_and(|x| x.token == *token) {
+                let next = Active {
+                    access: None,
+                    ..a.clone()
+                };
+                slot.state = TokenState::Active(next);
+            }
+        }
+    }
+}
