@@ -1,7 +1,7 @@
-//! Input buffering shared by the pre-login state machines: a buffer that
-//! wipes what it held (it may hold passwords), and for the line-based
-//! protocols (SMTP, POP3) an incremental line finder and the error their
-//! command grammars give.
+//! Input buffering shared by the pre-login state machines: how long a line
+//! may be when it carries a SASL response, a buffer that wipes what it held
+//! (it may hold passwords), and for the line-based protocols (SMTP, POP3) an
+//! incremental line finder and the error their command grammars give.
 
 use nom::bytes::complete::{tag, take_while, take_while1};
 use nom::combinator::eof;
@@ -9,6 +9,27 @@ use nom::{IResult, Parser};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::text::strip_eol;
+
+/// The longest SASL response (base64) accepted on a line, in every
+/// protocol: RFC 4954 §4 has SMTP servers handle 12,288 octets, "a
+/// sufficient line length limit for deployed authentication mechanisms";
+/// RFC 5034 §4 (POP3) and RFC 9051 §6.2.2 (IMAP) bound a response only by
+/// its mechanism. A continuation line may be this long whatever `max_line`
+/// says, and a command line carrying an initial response (`AUTH`,
+/// `AUTHENTICATE`) may be this much longer than `max_line`.
+pub const MAX_SASL_RESPONSE: usize = 12_288;
+
+/// The longest line that answers a SASL challenge, given `max_line`.
+pub fn sasl_response_line(max_line: usize) -> usize {
+    max_line.max(MAX_SASL_RESPONSE)
+}
+
+/// The longest command line with a SASL initial response, given `max_line`:
+/// the command, its tag and mechanism count against `max_line`, the
+/// response does not.
+pub fn sasl_command_line(max_line: usize) -> usize {
+    max_line.saturating_add(MAX_SASL_RESPONSE)
+}
 
 /// Input buffer whose contents are zeroized when consumed, reallocated or
 /// dropped (it may hold passwords).
@@ -51,8 +72,8 @@ impl Drop for SecretBuf {
 /// byte at a time costs O(total).
 ///
 /// A line may be `max_line` long, except where a SASL response needs more
-/// ([`crate::preauth::MAX_SASL_RESPONSE`]): an `AUTH` command line (the
-/// initial response does not count against `max_line`) and, when
+/// ([`MAX_SASL_RESPONSE`]): an `AUTH` command line (the initial response
+/// does not count against `max_line`) and, when
 /// [`LineFramer::sasl_response`] is set, a line answering a challenge.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LineFramer {
@@ -84,7 +105,7 @@ impl LineFramer {
 
     /// The longest line this framer ever accepts, without its CRLF.
     pub(crate) fn max_len(&self) -> usize {
-        crate::preauth::sasl_command_line(self.max_line)
+        sasl_command_line(self.max_line)
     }
 
     /// How long the line at the start of `buf` may be. Asked only once
@@ -92,9 +113,9 @@ impl LineFramer {
     /// depend on how much of the line has arrived.
     fn limit(&self, buf: &[u8]) -> usize {
         if self.sasl_response {
-            crate::preauth::sasl_response_line(self.max_line)
+            sasl_response_line(self.max_line)
         } else if buf.len() >= 5 && buf[..5].eq_ignore_ascii_case(b"AUTH ") {
-            crate::preauth::sasl_command_line(self.max_line)
+            sasl_command_line(self.max_line)
         } else {
             self.max_line
         }

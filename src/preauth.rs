@@ -15,6 +15,8 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 use crate::linebuf::SecretBuf;
+// The SASL line limits, for every machine (IMAP frames its own lines).
+pub use crate::linebuf::{sasl_command_line, sasl_response_line, MAX_SASL_RESPONSE};
 
 /// After this many consecutive failed commands the connection is closed.
 pub const MAX_CONSECUTIVE_BAD: u32 = 20;
@@ -23,27 +25,6 @@ pub const MAX_CONSECUTIVE_BAD: u32 = 20;
 /// at most this much beyond one partial command per call (it reads in
 /// chunks of at most 64 KiB).
 pub const FEED_SLACK: usize = 64 * 1024;
-
-/// The longest SASL response (base64) accepted on a line, in every
-/// protocol: RFC 4954 §4 has SMTP servers handle 12,288 octets, "a
-/// sufficient line length limit for deployed authentication mechanisms";
-/// RFC 5034 §4 (POP3) and RFC 9051 §6.2.2 (IMAP) bound a response only by
-/// its mechanism. A continuation line may be this long whatever `max_line`
-/// says, and a command line carrying an initial response (`AUTH`,
-/// `AUTHENTICATE`) may be this much longer than `max_line`.
-pub const MAX_SASL_RESPONSE: usize = 12_288;
-
-/// The longest line that answers a SASL challenge, given `max_line`.
-pub fn sasl_response_line(max_line: usize) -> usize {
-    max_line.max(MAX_SASL_RESPONSE)
-}
-
-/// The longest command line with a SASL initial response, given `max_line`:
-/// the command, its tag and mechanism count against `max_line`, the
-/// response does not.
-pub fn sasl_command_line(max_line: usize) -> usize {
-    max_line.saturating_add(MAX_SASL_RESPONSE)
-}
 
 /// Something the driver must act on.
 pub enum Event {
