@@ -21,11 +21,14 @@ use oauth2::{
 
 use crate::config::OAuthSettings;
 use crate::secret::Secret;
-use crate::tokens::MIN_REFRESH_INTERVAL;
 pub use errors::{explain, Explanation};
 
 /// Largest token-endpoint answer we read; real ones are a few KiB.
 pub(crate) const MAX_BODY: usize = 256 * 1024;
+/// Background refreshes of one account are at least this far apart,
+/// whatever the provider says: a lifetime of zero cannot become a storm.
+/// The lifetimes below are planned around it; `tokens` schedules with it.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// When the provider omits `expires_in`, assume the common one hour.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// Lifetimes no longer than the background refresh floor

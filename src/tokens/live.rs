@@ -6,14 +6,13 @@
 use std::time::SystemTime;
 
 use crate::audit::Entry;
-use crate::control::CheckOutcome;
 use crate::keystore;
 use crate::oauth::{flows, OAuthError, Tokens};
 use crate::secret::Secret;
 
 use super::offline::{self, OfflineError};
 use super::state::{Access, Active, TokenState};
-use super::{describe_pending, now_unix, AccountTokens, Lane, TokenError, TokenManager};
+use super::{describe_pending, now_unix, AccountTokens, CheckOutcome, Lane, TokenError, TokenManager};
 
 /// Why a `revoke` could not use the stored refresh token.
 pub enum RevokeInput {

@@ -40,6 +40,7 @@
 //! `shared` is the PostgreSQL store's share of an account's access token.
 
 pub mod authorize;
+mod check;
 pub mod gate;
 pub mod live;
 pub mod offline;
@@ -73,6 +74,7 @@ use crate::store::{RecordStore, StoreError, Version};
 use crate::tls::ClientConfigs;
 use crate::vault::{AccountRecord, StoreKind, Vault, Written};
 use authorize::{BrowserFlow, DeviceShown, Flight};
+pub use check::CheckOutcome;
 pub use gate::KdfStatus;
 pub use gate::Lane;
 use gate::{Gate, KdfStats};

@@ -7,6 +7,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::authorize::Flight;
+pub use crate::oauth::MIN_REFRESH_INTERVAL;
 use crate::oauth::Tokens;
 use crate::secret::Secret;
 
@@ -18,9 +19,6 @@ pub const BACKGROUND_MARGIN: Duration = Duration::from_secs(10 * 60);
 /// Refresh at least this often, so inactivity expiry (Google ~6 months,
 /// Microsoft 90 days) never hits an account that is merely quiet.
 pub const KEEPALIVE: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Background refreshes of one account are at least this far apart,
-/// whatever the provider says: a lifetime of zero cannot become a storm.
-pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One account's token state. Transitions compute the next state from the
 /// current one and assign it once (`slot.state = next`), so no failure half
