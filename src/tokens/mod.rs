@@ -79,7 +79,7 @@ pub use gate::KdfStatus;
 pub use gate::Lane;
 use gate::{Gate, KdfStats};
 pub use offline::store_authorisation;
-use refresh::{changed_meanwhile, fresh_token, Refreshed};
+use refresh::{fresh_token, Refreshed};
 use save::{blocking, new_record, SaveError};
 pub use sessions::SessionOpen;
 use state::{later, unix, Access, Active, TokenState};

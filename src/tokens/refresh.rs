@@ -57,6 +57,21 @@ impl Refreshed {
     }
 }
 
+/// How one refresh ended, on either store; [`TokenManager::conclude`]
+/// turns it into the account's state and the caller's answer.
+pub(super) enum Outcome {
+    /// New tokens: saved, or kept in memory when the save failed.
+    Renewed(Refreshed),
+    /// The provider refused or could not answer.
+    Refused { before: Active, error: OAuthError },
+    /// `revoke`, a new `login` or another command changed the account
+    /// meanwhile; what is stored now counts.
+    ChangedMeanwhile,
+    /// Another instance refreshed meanwhile (shared store): its token,
+    /// already in the account's state.
+    Fresh(Secret),
+}
+
 /// A refresh whose save lost: `revoke`, a new `login` or another command
 /// changed the account meanwhile, and what is stored now (already in `slot`)
 /// counts.
@@ -134,9 +149,16 @@ impl TokenManager {
 
     /// Refreshes now. Slot locked; state is Active.
     pub(super) async fn refresh_locked(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<Secret, TokenError> {
-        if self.records.shared() {
-            return self.refresh_shared(acct, slot).await;
-        }
+        let outcome = if self.records.shared() {
+            self.refresh_shared(acct, slot).await?
+        } else {
+            self.refresh_own(acct, slot).await?
+        };
+        self.conclude(acct, slot, outcome)
+    }
+
+    /// A refresh on the local stores (file, keyring). Slot locked.
+    async fn refresh_own(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<Outcome, TokenError> {
         let name = acct.account.name.clone();
         let TokenState::Active(before) = &slot.state else {
             return Err(TokenError::Locked(name));
@@ -144,7 +166,7 @@ impl TokenManager {
         let before = before.clone();
         let t = match self.ask_provider(acct, slot, &before).await {
             Ok(t) => t,
-            Err(e) => return Err(self.refresh_failed(acct, slot, &before, e)),
+            Err(error) => return Ok(Outcome::Refused { before, error }),
         };
         // Save a rotated refresh token before anything uses the new access token.
         let mut done = Refreshed::new(&before, t);
@@ -156,11 +178,11 @@ impl TokenManager {
             }
             match self.save(acct, slot, rec, done.rotated.as_ref()).await {
                 Ok(()) => {}
-                Err(SaveError::Stale) => return Err(changed_meanwhile(slot, name)),
+                Err(SaveError::Stale) => return Ok(Outcome::ChangedMeanwhile),
                 Err(e) => done.save_failed(&name, e),
             }
         }
-        self.keep_refreshed(acct, slot, done)
+        Ok(Outcome::Renewed(done))
     }
 
     /// New tokens from the provider, for either store: a refresh with the
@@ -182,56 +204,52 @@ impl TokenManager {
         result.map_err(|e| e.with_grant_age(name, authorized_at))
     }
 
-    /// A refresh the provider refused or could not answer, for either
-    /// store: logged, counted, audited, and the account marked as needing a
-    /// login or as failed for now. Slot locked.
-    pub(super) fn refresh_failed(
+    /// The end of every refresh, on either store: the account's next state
+    /// and the caller's answer, logged, counted and audited here only.
+    /// Slot locked.
+    pub(super) fn conclude(
         &self,
         acct: &AccountTokens,
         slot: &mut Slot,
-        before: &Active,
-        e: OAuthError,
-    ) -> TokenError {
-        let name = &acct.account.name;
-        tracing::warn!(account = %name, error = %e, "token refresh failed");
-        let code = match &e {
-            OAuthError::Provider(x) => x.code.clone(),
-            _ => "unavailable".into(),
-        };
-        crate::metrics::refresh(&acct.settings, if e.needs_login() { "needs_login" } else { "failed" });
-        self.audit
-            .record(Entry::new(name, "refresh_failed", format!("{code}: {e}")));
-        if e.needs_login() {
-            self.needs_login(acct, slot, e.to_string());
-        } else {
-            slot.state = TokenState::Active(before.failed(SystemTime::now(), e.to_string()));
-        }
-        e.into()
-    }
-
-    /// The last step of a refresh, saved or not: the new tokens become the
-    /// account's state, and a failed save of a rotated token is the answer.
-    pub(super) fn keep_refreshed(
-        &self,
-        acct: &AccountTokens,
-        slot: &mut Slot,
-        done: Refreshed,
+        outcome: Outcome,
     ) -> Result<Secret, TokenError> {
         let name = &acct.account.name;
-        crate::metrics::refresh(&acct.settings, "ok");
-        let expires_in = done
-            .tokens
-            .expires_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .as_secs();
-        tracing::info!(account = %name, expires_in_s = expires_in, rotated = done.rotated.is_some(), "access token refreshed");
-        slot.state = TokenState::Active(done.next);
-        // The background refresher plans its next wake-up from this token.
-        self.changed.notify_one();
-        match done.failure {
-            Some(e) => Err(e),
-            None => Ok(done.tokens.access),
+        match outcome {
+            Outcome::Renewed(done) => {
+                crate::metrics::refresh(&acct.settings, "ok");
+                let expires_in = done
+                    .tokens
+                    .expires_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .as_secs();
+                tracing::info!(account = %name, expires_in_s = expires_in, rotated = done.rotated.is_some(), "access token refreshed");
+                slot.state = TokenState::Active(done.next);
+                // The background pass plans its next wake-up from this token.
+                self.changed.notify_one();
+                match done.failure {
+                    Some(e) => Err(e),
+                    None => Ok(done.tokens.access),
+                }
+            }
+            Outcome::Refused { before, error: e } => {
+                tracing::warn!(account = %name, error = %e, "token refresh failed");
+                let code = match &e {
+                    OAuthError::Provider(x) => x.code.clone(),
+                    _ => "unavailable".into(),
+                };
+                crate::metrics::refresh(&acct.settings, if e.needs_login() { "needs_login" } else { "failed" });
+                self.audit
+                    .record(Entry::new(name, "refresh_failed", format!("{code}: {e}")));
+                if e.needs_login() {
+                    self.needs_login(acct, slot, e.to_string());
+                } else {
+                    slot.state = TokenState::Active(before.failed(SystemTime::now(), e.to_string()));
+                }
+                Err(e.into())
+            }
+            Outcome::ChangedMeanwhile => Err(changed_meanwhile(slot, name.clone())),
+            Outcome::Fresh(token) => Ok(token),
         }
     }
 

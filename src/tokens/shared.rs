@@ -11,10 +11,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::refresh::Outcome;
 use super::state::{unix, Access, TokenState};
-use super::{changed_meanwhile, fresh_token, now_unix, AccountTokens, Refreshed, Slot, TokenError, TokenManager};
+use super::{fresh_token, now_unix, AccountTokens, Refreshed, Slot, TokenError, TokenManager};
 use crate::crypto::{self, VaultKey};
-use crate::secret::Secret;
 use crate::store::Version;
 use crate::vault::{AccountRecord, SealedAccess, StoreKind, Written};
 
@@ -64,7 +64,7 @@ impl TokenManager {
     }
 
     /// `refresh_locked` for the shared store. Slot locked; state is Active.
-    pub(super) async fn refresh_shared(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<Secret, TokenError> {
+    pub(super) async fn refresh_shared(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<Outcome, TokenError> {
         let name = acct.account.name.clone();
         let lock = match self.records.refresh_lock(&name).await {
             Ok(Some(l)) => Some(l),
@@ -91,7 +91,7 @@ impl TokenManager {
             if let Some(token) = fresh_token(&slot.state, &name)? {
                 tracing::info!(account = %name, "another instance refreshed meanwhile; using its token");
                 crate::metrics::refresh(&acct.settings, "shared");
-                return Ok(token);
+                return Ok(Outcome::Fresh(token));
             }
         }
         let TokenState::Active(before) = &slot.state else {
@@ -100,10 +100,10 @@ impl TokenManager {
         let before = before.clone();
         let t = match self.ask_provider(acct, slot, &before).await {
             Ok(t) => t,
-            Err(e) => {
+            Err(error) => {
                 // The lock goes with nothing written: the stored token stays.
                 drop(lock);
-                return Err(self.refresh_failed(acct, slot, &before, e));
+                return Ok(Outcome::Refused { before, error });
             }
         };
         let mut done = Refreshed::new(&before, t);
@@ -133,7 +133,7 @@ impl TokenManager {
                         tracing::warn!(account = %name, based_on = ?base, stored = ?on_disk, "dropped a refresh: the account was changed meanwhile");
                         slot.loaded = false;
                         let _ = self.sync(acct, slot).await;
-                        return Err(changed_meanwhile(slot, name));
+                        return Ok(Outcome::ChangedMeanwhile);
                     }
                     Err(e) => done.save_failed(&name, e),
                 }
@@ -144,6 +144,6 @@ impl TokenManager {
             }
             _ => {}
         }
-        self.keep_refreshed(acct, slot, done)
+        Ok(Outcome::Renewed(done))
     }
 }
