@@ -40,3 +40,4 @@ pub mod text;
 pub mod tls;
 pub mod tokens;
 pub mod vault;
+pub(crate) mod web;

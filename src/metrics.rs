@@ -1,29 +1,22 @@
-//! Prometheus metrics (`[server] metrics_listen`), `/healthz` and `/readyz`.
-//!
-//! The counters live in one process-wide registry, so each hook where
-//! something happens is one line (`metrics::login(…)`); gauges that
-//! describe state (token expiry, KDF queue) are read at scrape time.
-//! No label carries a secret: account names, protocols, providers and
-//! outcome words only.
+//! Prometheus metrics: the counters and gauges, in one process-wide
+//! registry, so each hook where something happens is one line
+//! (`metrics::login(…)`). Gauges that describe state (token expiry, KDF
+//! queue, the token store) are set at scrape time by the endpoint that
+//! serves them (`web::metrics`), which reads the running proxy; this module
+//! knows nothing of it. No label carries a secret: account names,
+//! protocols, providers and outcome words only.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
-use std::time::Duration;
+use std::sync::LazyLock;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::OAuthSettings;
 use crate::endpoint::Protocol;
-use crate::oauth::login::{read_request, respond, respond_raw};
 use crate::preauth::Failure;
-use crate::store::RecordStore;
-use crate::tokens::TokenManager;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -224,18 +217,18 @@ pub fn misconnect(p: Protocol, kind: &'static str) {
         .inc();
 }
 
-/// Counts an open session while alive.
-pub struct SessionOpen(Protocol);
+/// Counts an open session in `sessions_open` while alive.
+pub struct SessionsOpenGuard(Protocol);
 
-pub fn session_open(p: Protocol) -> SessionOpen {
+pub fn session_open(p: Protocol) -> SessionsOpenGuard {
     METRICS
         .sessions
         .get_or_create(&ProtoLabels { protocol: p.into() })
         .inc();
-    SessionOpen(p)
+    SessionsOpenGuard(p)
 }
 
-impl Drop for SessionOpen {
+impl Drop for SessionsOpenGuard {
     fn drop(&mut self) {
         METRICS
             .sessions
@@ -248,7 +241,7 @@ impl Drop for SessionOpen {
 
 /// Makes sure every family has its protocols present from the start, so
 /// dashboards see zeros rather than nothing.
-fn touch(protocols: &[Protocol]) {
+pub fn touch(protocols: &[Protocol]) {
     for p in protocols {
         let _ = METRICS.sessions.get_or_create(&ProtoLabels { protocol: (*p).into() });
         for kind in ["tls_on_plaintext", "plaintext_on_tls"] {
@@ -260,25 +253,29 @@ fn touch(protocols: &[Protocol]) {
     }
 }
 
-/// The state gauges, then the text exposition.
-async fn render(tokens: &TokenManager, store: &dyn RecordStore) -> String {
-    let kdf = tokens.kdf_status();
-    METRICS.kdf_waiting.set(kdf.waiting as i64);
-    METRICS.kdf_in_flight.set(kdf.in_flight as i64);
-    METRICS.kdf_runs.set(kdf.runs as i64);
-    let now = crate::tokens::now_unix() as i64;
+/// The password checks: waiting for their turn, running, run since start.
+pub fn kdf(waiting: usize, in_flight: usize, runs: u64) {
+    METRICS.kdf_waiting.set(waiting as i64);
+    METRICS.kdf_in_flight.set(in_flight as i64);
+    METRICS.kdf_runs.set(runs as i64);
+}
+
+/// Seconds until each account's access token expires (negative: expired);
+/// an account left out has no series.
+pub fn token_expiry(accounts: Vec<(String, i64)>) {
     METRICS.expiry.clear();
-    for acct in tokens.all() {
-        let st = tokens.status(&acct).await;
-        if let Some(exp) = st.access_expires {
-            METRICS
-                .expiry
-                .get_or_create(&AccountLabels { account: st.account })
-                .set(exp as i64 - now);
-        }
+    for (account, left) in accounts {
+        METRICS.expiry.get_or_create(&AccountLabels { account }).set(left);
     }
-    let up = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
-    METRICS.store_up.set(i64::from(matches!(up, Ok(Ok(())))));
+}
+
+/// Whether the token store answered the last check.
+pub fn store_up(up: bool) {
+    METRICS.store_up.set(i64::from(up));
+}
+
+/// Everything registered, in the Prometheus text format.
+pub fn exposition() -> String {
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
     to_text_format(&out)
@@ -311,84 +308,6 @@ fn to_text_format(open_metrics: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-/// `/metrics`, `/healthz` (the process answers) and `/readyz` (listeners
-/// bound and the token store reachable: 503 otherwise).
-pub async fn serve(
-    sock: TcpListener,
-    tokens: Arc<TokenManager>,
-    store: Arc<dyn RecordStore>,
-    ready: Arc<AtomicBool>,
-    protocols: Vec<Protocol>,
-    shutdown: CancellationToken,
-) {
-    touch(&protocols);
-    let Ok(local) = sock.local_addr() else { return };
-    let slots = Arc::new(tokio::sync::Semaphore::new(16));
-    loop {
-        let mut s = tokio::select! {
-            r = sock.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
-            _ = shutdown.cancelled() => return,
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
-        let (tokens, store, ready) = (tokens.clone(), store.clone(), ready.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let Ok(Some(req)) = tokio::time::timeout(Duration::from_secs(10), read_request(&mut s)).await else {
-                return;
-            };
-            // On loopback, a web page could reach this through a name it
-            // rebinds to 127.0.0.1 and read the account names: only this
-            // listener's own address is answered. Elsewhere the listener is
-            // open to the network by choice, and scrapers use any name.
-            if local.ip().is_loopback() && !req.host_is(local) {
-                let _ = respond(&mut s, "421 Misdirected Request", "Not this listener's address.").await;
-                return;
-            }
-            if req.method != "GET" {
-                let _ = respond(&mut s, "405 Method Not Allowed", "Method not allowed.").await;
-                return;
-            }
-            match req.path() {
-                "/metrics" => {
-                    let body = render(&tokens, &*store).await;
-                    let _ = respond_raw(
-                        &mut s,
-                        "200 OK",
-                        "text/plain; version=0.0.4; charset=utf-8",
-                        &[],
-                        body.as_bytes(),
-                    )
-                    .await;
-                }
-                "/healthz" => {
-                    let _ = respond_raw(&mut s, "200 OK", "text/plain", &[], b"ok\n").await;
-                }
-                "/readyz" => {
-                    let listening = ready.load(Ordering::SeqCst);
-                    let store_ok = matches!(
-                        tokio::time::timeout(Duration::from_secs(2), store.ping()).await,
-                        Ok(Ok(()))
-                    );
-                    let (status, body) = match (listening, store_ok) {
-                        (true, true) => ("200 OK", "ready\n".to_string()),
-                        (false, _) => ("503 Service Unavailable", "listeners not bound yet\n".into()),
-                        (true, false) => (
-                            "503 Service Unavailable",
-                            format!("{} is not reachable\n", store.describe()),
-                        ),
-                    };
-                    let _ = respond_raw(&mut s, status, "text/plain", &[], body.as_bytes()).await;
-                }
-                _ => {
-                    let _ = respond(&mut s, "404 Not Found", "Not found.").await;
-                }
-            }
-        });
-    }
 }
 
 #[cfg(test)]

@@ -267,7 +267,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             .map_err(|source| ServeError::MetricsBind { addr, source })?;
         println!("listening metrics {addr}");
         let protocols = listeners.iter().map(|(_, l)| l.protocol).collect();
-        tracker.spawn(crate::metrics::serve(
+        tracker.spawn(crate::web::metrics::serve(
             sock,
             tokens.clone(),
             records.clone(),
