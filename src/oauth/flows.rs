@@ -1,8 +1,8 @@
 //! The flows oauth2's typed client does not cover the way mailproxy needs:
 //! RFC 8628 device authorisation (with visible `slow_down` handling), client
 //! credentials with a certificate-signed JWT assertion, and RFC 7009
-//! revocation. Token answers are parsed leniently (`expires_in` as a string
-//! happens in the wild).
+//! revocation. What they send and read at the provider's endpoints is in
+//! `wire`.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,125 +11,19 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::{explain, OAuthError, Tokens, MAX_BODY};
+use super::wire::{malformed, parse_tokens, post_owned, provider_error, sign_rs256, ErrorBody, Num};
+use super::{explain, OAuthError, Tokens};
 use crate::config::OAuthSettings;
 use crate::secret::Secret;
 
 pub const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
-/// A number that may arrive as a JSON number or a string.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Num {
-    N(u64),
-    S(String),
-}
-
-impl Num {
-    fn get(&self) -> Option<u64> {
-        match self {
-            Num::N(n) => Some(*n),
-            Num::S(s) => s.trim().parse().ok(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct TokenBody {
-    access_token: String,
-    expires_in: Option<Num>,
-    refresh_token: Option<String>,
-    scope: Option<String>,
-    id_token: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: String,
-    error_description: Option<String>,
-}
-
-/// One form POST to a provider endpoint: status and bounded body, or a
-/// transient error for network trouble and 5xx.
-async fn post(http: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> Result<(u16, Vec<u8>), OAuthError> {
-    let unavailable = |reason: String| OAuthError::Unavailable {
-        url: url.to_string(),
-        reason,
-    };
-    let mut resp = http
-        .post(url)
-        .header("Accept", "application/json")
-        .form(form)
-        .send()
-        .await
-        .map_err(|e| unavailable(super::describe_reqwest(&e)))?;
-    let status = resp.status().as_u16();
-    if status >= 500 {
-        return Err(unavailable(format!("HTTP status {status}")));
-    }
-    let mut body = Vec::new();
-    while let Some(c) = resp
-        .chunk()
-        .await
-        .map_err(|e| unavailable(super::describe_reqwest(&e)))?
-    {
-        if body.len() + c.len() > MAX_BODY {
-            return Err(unavailable(format!("answer larger than {MAX_BODY} bytes")));
-        }
-        body.extend_from_slice(&c);
-    }
-    Ok((status, body))
-}
-
-fn malformed(url: &str, what: &str) -> OAuthError {
-    OAuthError::Malformed {
-        url: url.to_string(),
-        reason: what.to_string(),
-    }
-}
-
-pub(super) fn parse_tokens(account: &str, url: &str, status: u16, body: &[u8]) -> Result<Tokens, OAuthError> {
-    if status == 200 {
-        let t: TokenBody = serde_json::from_slice(body).map_err(|_| {
-            malformed(
-                url,
-                "the token answer is not the expected JSON (access_token, expires_in)",
-            )
-        })?;
-        let mut tokens = Tokens::issued(
-            Secret::new(t.access_token),
-            t.expires_in.as_ref().and_then(Num::get),
-            t.refresh_token.map(Secret::new),
-            t.scope.map(|s| s.split_whitespace().map(str::to_string).collect()),
-        );
-        tokens.email = t.id_token.as_deref().and_then(super::id_token_email);
-        return Ok(tokens);
-    }
-    Err(provider_error(account, url, status, body))
-}
-
-fn provider_error(account: &str, url: &str, status: u16, body: &[u8]) -> OAuthError {
-    match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(e) => OAuthError::Provider(explain(account, &e.error, e.error_description.as_deref())),
-        Err(_) => malformed(url, &format!("HTTP {status} without an OAuth error")),
-    }
-}
-
 fn client_auth<'a>(s: &'a OAuthSettings, form: &mut Vec<(&'a str, String)>) {
     form.push(("client_id", s.client_id.clone()));
     if let Some(secret) = &s.client_secret {
         form.push(("client_secret", secret.expose().to_string()));
     }
-}
-
-pub(super) async fn post_owned(
-    http: &reqwest::Client,
-    url: &str,
-    form: &[(&str, String)],
-) -> Result<(u16, Vec<u8>), OAuthError> {
-    let borrowed: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    post(http, url, &borrowed).await
 }
 
 /// Uses a refresh token (lenient about the answer's shape, strict about its
@@ -299,38 +193,6 @@ pub fn client_assertion(client_id: &str, audience: &str, cert: &Path, key: &Path
     sign_rs256(&pair, signing_input)
 }
 
-/// `signing_input.signature`, RS256 (RSASSA-PKCS1-v1_5 with SHA-256).
-pub(super) fn sign_rs256(pair: &ring::signature::RsaKeyPair, signing_input: String) -> Result<Secret, OAuthError> {
-    let mut sig = vec![0u8; pair.public().modulus_len()];
-    pair.sign(
-        &ring::signature::RSA_PKCS1_SHA256,
-        &ring::rand::SystemRandom::new(),
-        signing_input.as_bytes(),
-        &mut sig,
-    )
-    .map_err(|_| OAuthError::Config("signing the JWT assertion failed".into()))?;
-    Ok(Secret::new(format!("{signing_input}.{}", B64URL.encode(sig))))
-}
-
-/// The header and claims of a JWT from [`sign_rs256`], after checking that
-/// its signature verifies with the public half of `pkcs8` and that a
-/// tampered input does not.
-#[cfg(test)]
-pub(super) fn verify_rs256(jwt: &str, pkcs8: &[u8]) -> (serde_json::Value, serde_json::Value) {
-    let parts: Vec<&str> = jwt.split('.').collect();
-    assert_eq!(parts.len(), 3);
-    let pair = ring::signature::RsaKeyPair::from_pkcs8(pkcs8).unwrap();
-    let public =
-        ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, pair.public().as_ref());
-    let sig = B64URL.decode(parts[2]).unwrap();
-    public
-        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
-        .expect("valid signature");
-    assert!(public.verify(b"tampered", &sig).is_err());
-    let json = |part: &str| -> serde_json::Value { serde_json::from_slice(&B64URL.decode(part).unwrap()).unwrap() };
-    (json(parts[0]), json(parts[1]))
-}
-
 /// A token for an app-only account (no refresh token): client credentials,
 /// or a service account acting for `mailbox`.
 pub async fn app_token(
@@ -384,53 +246,8 @@ pub async fn revoke(
 
 #[cfg(test)]
 mod tests {
+    use super::super::wire::verify_rs256;
     use super::*;
-
-    #[test]
-    fn lenient_token_answers() {
-        let t = parse_tokens(
-            "a",
-            "u",
-            200,
-            br#"{"access_token":"x","expires_in":"120","token_type":"Bearer"}"#,
-        )
-        .unwrap();
-        let left = t.expires_at.duration_since(SystemTime::now()).unwrap();
-        assert!(left > Duration::from_secs(100) && left <= Duration::from_secs(120));
-        // Hostile lifetimes are clamped, never overflow.
-        for (given, want) in [
-            ("0", 30),
-            ("10", 30),
-            ("11", 11),
-            ("18446744073709551615", 86400),
-            ("-5", 3600),
-        ] {
-            let body = format!(r#"{{"access_token":"x","expires_in":"{given}"}}"#);
-            let t = parse_tokens("a", "u", 200, body.as_bytes()).unwrap();
-            let life = t.expires_at.duration_since(t.issued_at).unwrap().as_secs();
-            assert_eq!(life, want, "{given}");
-        }
-        let t = parse_tokens(
-            "a",
-            "u",
-            200,
-            br#"{"access_token":"x","expires_in":18446744073709551615}"#,
-        )
-        .unwrap();
-        assert_eq!(t.expires_at.duration_since(t.issued_at).unwrap().as_secs(), 86400);
-        let e = parse_tokens("a", "u", 200, b"<html>").unwrap_err();
-        assert!(matches!(e, OAuthError::Malformed { .. }), "{e}");
-        let e = parse_tokens(
-            "a",
-            "u",
-            400,
-            br#"{"error":"invalid_grant","error_description":"AADSTS70008: expired"}"#,
-        )
-        .unwrap_err();
-        assert!(e.needs_login() && e.to_string().contains("inactivity"), "{e}");
-        let e = parse_tokens("a", "u", 400, b"garbage").unwrap_err();
-        assert!(e.to_string().contains("HTTP 400"), "{e}");
-    }
 
     #[test]
     fn client_assertion_is_a_valid_rs256_jwt() {

@@ -11,6 +11,7 @@ pub mod errors;
 pub mod flows;
 pub mod login;
 pub mod service_account;
+mod wire;
 
 use std::time::{Duration, SystemTime};
 

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 
-use super::flows::{parse_tokens, post_owned, sign_rs256};
+use super::wire::{parse_tokens, post_owned, sign_rs256};
 use super::{OAuthError, Tokens};
 use crate::config::{OAuthSettings, ServiceAccountKey};
 use crate::secret::Secret;
@@ -138,7 +138,7 @@ mod tests {
             "https://oauth2.googleapis.com/token",
         )
         .unwrap();
-        let (header, c) = super::super::flows::verify_rs256(jwt.expose(), key.pkcs8_der());
+        let (header, c) = super::super::wire::verify_rs256(jwt.expose(), key.pkcs8_der());
         assert_eq!(
             (header["alg"].as_str(), header["kid"].as_str()),
             (Some("RS256"), Some("kid1"))
