@@ -7,8 +7,11 @@
 //! lives in `tokens`; I/O sits at the edges (`net`, `proxy`, `server`,
 //! `oauth`). Modules are public only where the binary, the fuzz targets or
 //! the benchmark use them.
+//!
+//! The `mailproxy` binary's commands live in `cli`.
 
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod crypto;
