@@ -120,6 +120,4 @@ pub async fn obtain(
     }
 }
 
-/// The sentence `login` ends with when the provider gave no refresh token.
-pub const NO_REFRESH_TOKEN: &str = "the provider returned no refresh token, so access would end within the hour; \
-     check that the app registration allows offline access (Microsoft: the offline_access scope; Google: a Desktop app client)";
+pub use crate::tokens::grant::NO_REFRESH_TOKEN;

@@ -299,14 +299,10 @@ async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, r
                     return Err(e.to_string());
                 }
             };
-            if let Err(e) = crate::identity::verify(&account, &t, &ctx.tls, config.limits.provider_timeout).await {
-                tokens.audit(Entry::new(&name, "consent", format!("refused: {e}")));
-                return Err(e.to_string());
-            }
-            if t.refresh.is_none() && !settings.flow.app_only() {
-                return Err(grant::NO_REFRESH_TOKEN.into());
-            }
-            let scopes = t.scopes.clone().unwrap_or_else(|| settings.scopes.clone());
+            let scopes = tokens
+                .accept_grant(&account, &settings, &t, config.limits.provider_timeout)
+                .await
+                .map_err(|e| e.to_string())?;
             let where_ = tokens
                 .install_grant(&acct, &password, t)
                 .await

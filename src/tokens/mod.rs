@@ -42,6 +42,8 @@
 pub mod authorize;
 mod check;
 pub mod gate;
+pub mod grant;
+pub mod identity;
 pub mod live;
 pub mod offline;
 mod on_demand;
@@ -66,7 +68,6 @@ use subtle::ConstantTimeEq;
 use crate::audit::{Audit, Entry};
 use crate::config::{self, Account, Config, Flow, OAuthSettings, TokenStore};
 use crate::crypto::{self, VaultKey};
-use crate::identity;
 use crate::keystore;
 use crate::oauth::{self, flows, login::Redirect, OAuthError, Tokens};
 use crate::secret::Secret;

@@ -113,31 +113,31 @@ impl TokenManager {
         let checked = match r {
             Ok(t) => {
                 let timeout = *self.identity_timeout.read().unwrap();
-                match identity::verify(&acct.account, &t, &self.tls, timeout).await {
-                    Ok(()) if t.refresh.is_none() => Err("the provider returned no refresh token".to_string()),
-                    Ok(()) => Ok(t),
-                    Err(e) => Err(e.to_string()),
+                match self.accept_grant(&acct.account, &acct.settings, &t, timeout).await {
+                    Ok(scopes) => Ok((t, scopes)),
+                    Err(e) => Err((e.to_string(), true)),
                 }
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err((e.to_string(), false)),
         };
         let mut slot = acct.slot.lock().await;
         if !matches!(&slot.state, TokenState::Authorizing(f) if f.id == flight_id) {
             return Finished::Failed("this authorisation was superseded".into());
             // revoked or re-authorised meanwhile
         }
-        let t = match checked {
-            Ok(t) => t,
-            Err(why) => {
+        let (t, scopes) = match checked {
+            Ok(x) => x,
+            Err((why, audited)) => {
                 tracing::warn!(account = %name, error = %why, "authorisation refused");
-                self.audit
-                    .record(Entry::new(&name, "consent", format!("refused: {why}")));
+                if !audited {
+                    self.audit
+                        .record(Entry::new(&name, "consent", format!("refused: {why}")));
+                }
                 self.needs_login(acct, &mut slot, why.clone());
                 self.changed.notify_one();
                 return Finished::Failed(why);
             }
         };
-        let scopes = t.scopes.clone().unwrap_or_else(|| acct.settings.scopes.clone());
         self.audit
             .record(Entry::new(&name, "consent", "authorised").scopes(&scopes));
         let has_password = slot.record.as_ref().is_some_and(|r| r.password.is_some());
