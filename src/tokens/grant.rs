@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
+use super::identity::{self, IdentityError};
 use crate::audit::{Audit, Entry};
 use crate::config::{Account, OAuthSettings};
-use super::identity::{self, IdentityError};
 use crate::oauth::Tokens;
 use crate::tls::ClientConfigs;
 
