@@ -20,7 +20,7 @@ use crate::net::{self, Stream};
 use crate::proxy::caller::{Caller, LocalUser};
 use crate::proxy::imap::Imap;
 use crate::proxy::pop3::Pop3;
-use crate::proxy::session::{self, Protocol as SessionProtocol};
+use crate::proxy::session::{self, SessionProtocol};
 use crate::proxy::smtp::Smtp;
 use crate::proxy::Ctx;
 use crate::proxy_protocol::{self, Header};

@@ -1,4 +1,4 @@
-//! The upstream login policy (`proxy::upstream_auth`), one test per rule and
+//! The upstream login policy (`upstream::login`), one test per rule and
 //! protocol, end to end: a token the server rejects is refreshed once and
 //! the login retried; a token rejected again is a credentials failure after
 //! exactly that one refresh; a server without the mechanism is a failure a

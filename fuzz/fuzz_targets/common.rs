@@ -102,7 +102,7 @@ pub fn check_crlf_lines(out: &[u8]) -> Result<(), String> {
 }
 
 /// Reads `stream` the way the proxy reads an upstream before login
-/// (`proxy::client::Client::read`): the bytes arrive in `chunks`, and after
+/// (`upstream::conn::Conn::read`): the bytes arrive in `chunks`, and after
 /// each one `framer` is asked for complete frames at the start of the
 /// buffer, which are consumed, until it wants more.
 ///

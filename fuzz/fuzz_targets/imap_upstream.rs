@@ -8,7 +8,7 @@
 //!
 //! Input: `[max byte] [seed byte] stream...`. The stream arrives in random
 //! chunks (the seed picks them); `max` stands in for the proxy's response
-//! bound (`proxy::upstream::MAX_RESPONSE`, 64 KiB) so that the limits are
+//! bound (`upstream::conn::MAX_RESPONSE`, 64 KiB) so that the limits are
 //! reachable.
 //!
 //! Invariants:

@@ -5,7 +5,7 @@
 //! `CAPA` body framed by `find_multiline` with its `SASL` mechanisms.
 //!
 //! Input: `[max byte] [seed byte] stream...`. `max` stands in for the
-//! proxy's response bound (`proxy::client::MAX_RESPONSE`, 64 KiB).
+//! proxy's response bound (`upstream::conn::MAX_RESPONSE`, 64 KiB).
 //!
 //! Invariants:
 //! * no panic;

@@ -9,8 +9,8 @@ use anyhow::{bail, Result};
 use crate::audit::{Audit, Entry};
 use crate::config::{Account, Config};
 use crate::control::grant::{self, Notice};
-use crate::tokens::offline;
-use crate::{identity, oauth, store, tls, vault::Vault};
+use crate::tokens::{identity, offline};
+use crate::{oauth, store, tls, vault::Vault};
 
 use super::lookup::{oauth_account, refuse_placeholders};
 use super::runner::{self, LoginOptions};

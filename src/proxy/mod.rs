@@ -1,11 +1,13 @@
-//! Client sessions, from the first byte to the relay.
+//! Client sessions, from the first byte to the relay: the client-facing
+//! side of each protocol.
 //!
 //! One login, followed from `server.rs`: [`session`] runs the protocol's
-//! pre-login machine and, on a login, asks [`route`] where it goes (local
-//! password, access token, passthrough), [`guard`] how hard it may be
-//! tried, and [`upstream_auth`] to log in there through the protocol's
-//! upstream client ([`imap`], [`smtp`], [`pop3`]) over an [`upstream`]
-//! connection; then [`relay`] copies bytes both ways.
+//! pre-login machine ([`imap`], [`smtp`], [`pop3`] say which, and which
+//! upstream client goes with it) for a [`caller`] and, on a login, asks
+//! [`route`] where it goes (local password, access token, passthrough) and
+//! [`guard`] how hard it may be tried; then the upstream login
+//! (`crate::upstream`) takes the route's target, with a way back to the
+//! token manager for a fresh token, and [`relay`] copies bytes both ways.
 
 pub(crate) mod caller;
 pub(crate) mod guard;
@@ -15,8 +17,6 @@ pub(crate) mod relay;
 pub(crate) mod route;
 pub(crate) mod session;
 pub(crate) mod smtp;
-pub(crate) mod upstream;
-pub(crate) mod upstream_auth;
 
 use std::sync::Arc;
 
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::tls::ClientConfigs;
 use crate::tokens::TokenManager;
+use crate::upstream::conn::Dialer;
 
 /// Shared by all sessions of a running `serve`.
 pub struct Ctx {
@@ -42,5 +43,16 @@ impl Ctx {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// The dialer for this proxy's sessions.
+    pub(crate) fn dialer(&self) -> Dialer<'_> {
+        let limits = self.config().limits.clone();
+        Dialer {
+            tls: &self.tls,
+            step_timeout: limits.connect_timeout,
+            // Greeting, STARTTLS, capabilities, a login and one retry.
+            total_timeout: limits.connect_timeout.saturating_mul(4),
+        }
     }
 }

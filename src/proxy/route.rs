@@ -6,44 +6,37 @@
 use std::sync::Arc;
 
 use super::caller::Caller;
-use super::upstream::Server;
-use super::upstream_auth::LoginFailure;
 use super::Ctx;
-use crate::config::{Account, Listener, Mechanism};
+use crate::config::{Account, Listener};
 use crate::endpoint::Protocol;
 use crate::preauth::Failure;
 use crate::secret::Secret;
 use crate::text::escaped;
-use crate::tokens::{describe_pending, AccountTokens, AuthError, TokenError};
+use crate::tokens::{describe_pending, AccountTokens, AuthError, TokenError, TokenManager};
+use crate::upstream::conn::Server;
+use crate::upstream::login::{self, Credential, LoginFailure, RenewToken};
 
 /// Where one client login goes, and as whom.
-pub(crate) struct Target {
-    pub server: Server,
-    /// The name sent upstream.
-    pub user: String,
-    pub credential: Credential,
+pub(crate) type Target = login::Target<Renewal>;
+
+/// An OAuth account's way to a new access token when the server rejected
+/// the one it was given.
+pub(crate) struct Renewal {
+    tokens: Arc<TokenManager>,
+    account: Arc<AccountTokens>,
 }
 
-pub(crate) enum Credential {
-    /// OAuth account: a fresh access token; `account` lets the login ask
-    /// for a new one if the server rejects it.
-    Token {
-        token: Secret,
-        mechanism: Mechanism,
-        account: Arc<AccountTokens>,
-    },
-    /// Passthrough: the client's own password.
-    Password(Secret),
-}
+impl RenewToken for Renewal {
+    fn account(&self) -> &str {
+        self.account.name()
+    }
 
-impl Target {
-    /// The client's own password, when it is passed through (its failures
-    /// are the upstream's verdict, counted by the login guard).
-    pub(crate) fn passthrough_password(&self) -> Option<&Secret> {
-        match &self.credential {
-            Credential::Password(p) => Some(p),
-            Credential::Token { .. } => None,
-        }
+    async fn renew(&self, rejected: &Secret) -> Result<Secret, LoginFailure> {
+        self.tokens.reject(&self.account, rejected).await;
+        self.tokens
+            .access_token(&self.account)
+            .await
+            .map_err(|e| token_failure(self.account.name(), e))
     }
 }
 
@@ -134,7 +127,10 @@ pub(crate) async fn resolve(
         credential: Credential::Token {
             token,
             mechanism: account.mechanism,
-            account: tokens.clone(),
+            renew: Renewal {
+                tokens: ctx.tokens.clone(),
+                account: tokens.clone(),
+            },
         },
     })
 }
@@ -178,7 +174,7 @@ fn store_unreachable(account: &str, e: &dyn std::fmt::Display) -> LoginFailure {
 }
 
 /// No access token could be had: a person must act, or it is temporary.
-pub(crate) fn token_failure(account: &str, e: TokenError) -> LoginFailure {
+fn token_failure(account: &str, e: TokenError) -> LoginFailure {
     if let TokenError::Store(_) = e {
         return store_unreachable(account, &e);
     }

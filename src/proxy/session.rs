@@ -3,9 +3,10 @@
 //! pre-login time limits, does STARTTLS, routes the login, logs in upstream
 //! and hands off to the relay.
 //!
-//! A protocol supplies only what truly differs ([`Protocol`]): its machine
-//! (greeting, commands, what it answers on success and on each failure
-//! class), its upstream client, and the few lines the driver says itself.
+//! A protocol supplies only what truly differs ([`SessionProtocol`]): its
+//! machine (greeting, commands, what it answers on success and on each
+//! failure class), its upstream client, and the few lines the driver says
+//! itself.
 
 use std::time::Instant;
 
@@ -13,17 +14,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::Instrument;
 
 use super::caller::Caller;
-use super::upstream::Conn;
-use super::upstream_auth::{self, LoginFailure, UpstreamLogin};
 use super::{relay, route, Ctx};
 use crate::config::{Limits, Listener};
 use crate::net::Stream;
 use crate::preauth::{Event, Failure, PreAuth};
 use crate::secret::Secret;
 use crate::text::{escaped, is_safe_credential};
+use crate::upstream::conn::Conn;
+use crate::upstream::login::{self, LoginFailure, UpstreamLogin};
 
 /// What one protocol brings to the driver.
-pub(crate) trait Protocol {
+pub(crate) trait SessionProtocol {
     type Machine: PreAuth;
     type Upstream: UpstreamLogin<Success = <Self::Machine as PreAuth>::Success>;
 
@@ -43,7 +44,7 @@ pub(crate) trait Protocol {
 
 /// Runs one client connection until it ends. `client` is already past any
 /// implicit TLS handshake; `tls` accepts STARTTLS when configured.
-pub(crate) async fn run<P: Protocol>(
+pub(crate) async fn run<P: SessionProtocol>(
     ctx: &Ctx,
     listener: &Listener,
     mut client: Stream,
@@ -150,7 +151,7 @@ async fn while_client_stays<M: PreAuth, T>(
 
 /// A client login, all the way: input hygiene, routing, the guard against
 /// guessing, the upstream login.
-async fn log_in<P: Protocol>(
+async fn log_in<P: SessionProtocol>(
     ctx: &Ctx,
     listener: &Listener,
     caller: &Caller,
@@ -185,7 +186,7 @@ async fn log_in<P: Protocol>(
     r
 }
 
-async fn routed<P: Protocol>(
+async fn routed<P: SessionProtocol>(
     ctx: &Ctx,
     listener: &Listener,
     caller: &Caller,
@@ -204,7 +205,7 @@ async fn routed<P: Protocol>(
             )
         })?),
     };
-    let r = upstream_auth::log_in::<P::Upstream>(ctx, target, client_name).await;
+    let r = login::log_in::<P::Upstream, _>(&ctx.dialer(), target, client_name).await;
     if let Some(t) = &turn {
         match &r {
             Ok(_) => t.succeeded(),
@@ -252,7 +253,7 @@ async fn send_output(client: &mut Stream, out: Vec<u8>) -> std::io::Result<()> {
 /// Before login: the next bytes from the client, within the pre-login time
 /// limits (idle `preauth_timeout`, the whole phase `deadline`). `None` ends
 /// the session: end of input, a timeout (the client is told), or shutdown.
-async fn read_preauth<P: Protocol>(
+async fn read_preauth<P: SessionProtocol>(
     ctx: &Ctx,
     client: &mut Stream,
     buf: &mut [u8],

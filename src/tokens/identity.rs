@@ -16,12 +16,12 @@ use std::time::Duration;
 use crate::config::Account;
 use crate::endpoint::Protocol;
 use crate::oauth::Tokens;
-use crate::proxy::imap::ImapUpstream;
-use crate::proxy::pop3::Pop3Upstream;
-use crate::proxy::smtp::SmtpUpstream;
-use crate::proxy::upstream::{Dialer, Server, UpstreamError};
-use crate::proxy::upstream_auth::{Exchange, UpstreamLogin};
 use crate::tls::ClientConfigs;
+use crate::upstream::conn::{Dialer, Server, UpstreamError};
+use crate::upstream::imap::ImapUpstream;
+use crate::upstream::login::{Exchange, UpstreamLogin};
+use crate::upstream::pop3::Pop3Upstream;
+use crate::upstream::smtp::SmtpUpstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

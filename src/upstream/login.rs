@@ -12,18 +12,17 @@
 //! (`Unsupported`: a person must change the config) or when the connection
 //! failed (`Unavailable`: retrying would only wait twice as long). A
 //! password (passthrough) is never retried: the server's verdict stands.
+//!
+//! Where the fresh token comes from is not this module's business: the
+//! login's [`Credential`] carries a [`RenewToken`], which the caller
+//! implements over its token store.
 
-use std::sync::Arc;
-
-use super::route::{Credential, Target};
-use super::upstream::{Conn, Dialer, Server, UpstreamError};
-use super::Ctx;
+use super::conn::{Conn, Dialer, Server, UpstreamError};
 use crate::config::Mechanism;
 use crate::endpoint::Endpoint;
 use crate::preauth::Failure;
 use crate::sasl;
 use crate::secret::Secret;
-use crate::tokens::AccountTokens;
 
 /// What one login exchange with the server came to.
 pub(crate) enum Exchange<S> {
@@ -57,6 +56,47 @@ pub(crate) trait UpstreamLogin: Sized {
 
     /// The connection, for the relay (with what was read past the login).
     fn into_conn(self) -> Conn;
+}
+
+/// Where one login goes, and as whom.
+pub(crate) struct Target<R> {
+    pub server: Server,
+    /// The name sent upstream.
+    pub user: String,
+    pub credential: Credential<R>,
+}
+
+pub(crate) enum Credential<R> {
+    /// OAuth: an access token, and `renew` to ask for a new one if the
+    /// server rejects it.
+    Token {
+        token: Secret,
+        mechanism: Mechanism,
+        renew: R,
+    },
+    /// Passthrough: the client's own password.
+    Password(Secret),
+}
+
+impl<R> Target<R> {
+    /// The client's own password, when it is passed through (its failures
+    /// are the upstream's verdict, counted by the login guard).
+    pub(crate) fn passthrough_password(&self) -> Option<&Secret> {
+        match &self.credential {
+            Credential::Password(p) => Some(p),
+            Credential::Token { .. } => None,
+        }
+    }
+}
+
+/// A fresh access token for the account a rejected token was for.
+pub(crate) trait RenewToken {
+    /// The account's name, for the words of a final refusal.
+    fn account(&self) -> &str;
+
+    /// Drops `rejected` and returns a fresh token (one refresh per account,
+    /// however many sessions ask), or why no token can be had.
+    async fn renew(&self, rejected: &Secret) -> Result<Secret, LoginFailure>;
 }
 
 /// Why a login did not go through, in words for the client and the log.
@@ -99,37 +139,26 @@ impl From<UpstreamError> for LoginFailure {
     }
 }
 
-/// The dialer for this proxy's sessions.
-pub(crate) fn dialer(ctx: &Ctx) -> Dialer<'_> {
-    let limits = ctx.config().limits.clone();
-    Dialer {
-        tls: &ctx.tls,
-        step_timeout: limits.connect_timeout,
-        // Greeting, STARTTLS, capabilities, a login and one retry.
-        total_timeout: limits.connect_timeout.saturating_mul(4),
-    }
-}
-
 /// Logs in at `target` as the policy above says. Returns the logged-in
 /// client and what the client is to be answered with.
-pub(crate) async fn log_in<C: UpstreamLogin>(
-    ctx: &Ctx,
-    target: Target,
+pub(crate) async fn log_in<C: UpstreamLogin, R: RenewToken>(
+    d: &Dialer<'_>,
+    target: Target<R>,
     client_name: Option<&str>,
 ) -> Result<(C, C::Success), LoginFailure> {
-    let r = attempt::<C>(ctx, &target, client_name).await;
+    let r = attempt::<C, R>(d, &target, client_name).await;
     if let Err(f) = &r {
         tracing::warn!(upstream = %target.server.endpoint, class = ?f.kind, reason = %f.text, "upstream login failed");
     }
     r
 }
 
-async fn attempt<C: UpstreamLogin>(
-    ctx: &Ctx,
-    target: &Target,
+async fn attempt<C: UpstreamLogin, R: RenewToken>(
+    d: &Dialer<'_>,
+    target: &Target<R>,
     client_name: Option<&str>,
 ) -> Result<(C, C::Success), LoginFailure> {
-    let mut client = C::connect(&dialer(ctx), &target.server, client_name).await?;
+    let mut client = C::connect(d, &target.server, client_name).await?;
     let success = match &target.credential {
         Credential::Password(pw) => match client.password(&target.user, pw).await? {
             Exchange::Accepted(s) => s,
@@ -139,40 +168,34 @@ async fn attempt<C: UpstreamLogin>(
         Credential::Token {
             token,
             mechanism,
-            account,
-        } => with_fresh_token(ctx, &mut client, target, account, token.clone(), *mechanism).await?,
+            renew,
+        } => with_fresh_token(&mut client, &target.user, renew, token.clone(), *mechanism).await?,
     };
     Ok((client, success))
 }
 
 /// OAuth with the retry rule of this module.
-async fn with_fresh_token<C: UpstreamLogin>(
-    ctx: &Ctx,
+async fn with_fresh_token<C: UpstreamLogin, R: RenewToken>(
     client: &mut C,
-    target: &Target,
-    account: &Arc<AccountTokens>,
+    user: &str,
+    renew: &R,
     mut token: Secret,
     mechanism: Mechanism,
 ) -> Result<C::Success, LoginFailure> {
     let mut retried = false;
     loop {
-        match client.oauth(&target.user, &token, mechanism).await? {
+        match client.oauth(user, &token, mechanism).await? {
             Exchange::Accepted(s) => return Ok(s),
             Exchange::Unsupported(reason) => return Err(Outcome::Unsupported { reason }.into()),
             Exchange::Rejected(reason) if retried => {
-                let reason = sasl::for_account(&reason, account.name());
-                let reason = crate::oauth::errors::upstream_rejection(&target.user, reason);
+                let reason = sasl::for_account(&reason, renew.account());
+                let reason = crate::oauth::errors::upstream_rejection(user, reason);
                 return Err(Outcome::Rejected { reason }.into());
             }
             Exchange::Rejected(reason) => {
                 tracing::info!(%reason, "upstream rejected the access token; refreshing and retrying once");
                 retried = true;
-                ctx.tokens.reject(account, &token).await;
-                token = ctx
-                    .tokens
-                    .access_token(account)
-                    .await
-                    .map_err(|e| super::route::token_failure(account.name(), e))?;
+                token = renew.renew(&token).await?;
             }
         }
     }
