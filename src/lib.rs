@@ -27,7 +27,7 @@ pub mod oauth;
 pub mod pop3;
 pub mod preauth;
 pub(crate) mod proxy;
-pub mod proxy_protocol;
+pub mod proxy_header;
 pub mod sasl;
 pub mod secret;
 pub mod server;

@@ -23,7 +23,7 @@ use crate::proxy::pop3::Pop3;
 use crate::proxy::session::{self, SessionProtocol};
 use crate::proxy::smtp::Smtp;
 use crate::proxy::Ctx;
-use crate::proxy_protocol::{self, Header};
+use crate::proxy_header::{self, Header};
 use crate::tls::{self, ClientConfigs, TlsError};
 use crate::tokens::TokenManager;
 use crate::vault::{Vault, VaultError};
@@ -583,7 +583,7 @@ async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: Tcp
 async fn read_proxy_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Header, String> {
     use tokio::io::AsyncReadExt;
     let read = async {
-        let mut prefix = [0u8; proxy_protocol::PREFIX_LEN];
+        let mut prefix = [0u8; proxy_header::PREFIX_LEN];
         let mut got = 0;
         while got < prefix.len() {
             let n = tcp.read(&mut prefix[got..]).await.map_err(|e| e.to_string())?;
@@ -593,18 +593,18 @@ async fn read_proxy_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Hea
             got += n;
             // Refuse at the first byte that cannot start a header, rather
             // than wait for bytes a client without one will never send.
-            let sig = got.min(proxy_protocol::SIGNATURE.len());
-            if prefix[..sig] != proxy_protocol::SIGNATURE[..sig] {
-                return Err(proxy_protocol::ProxyHeaderError::NoSignature.to_string());
+            let sig = got.min(proxy_header::SIGNATURE.len());
+            if prefix[..sig] != proxy_header::SIGNATURE[..sig] {
+                return Err(proxy_header::ProxyHeaderError::NoSignature.to_string());
             }
         }
-        let len = proxy_protocol::header_len(&prefix).map_err(|e| e.to_string())?;
+        let len = proxy_header::header_len(&prefix).map_err(|e| e.to_string())?;
         let mut header = prefix.to_vec();
         header.resize(len, 0);
-        tcp.read_exact(&mut header[proxy_protocol::PREFIX_LEN..])
+        tcp.read_exact(&mut header[proxy_header::PREFIX_LEN..])
             .await
             .map_err(|e| e.to_string())?;
-        proxy_protocol::parse(&header).map_err(|e| e.to_string())
+        proxy_header::parse(&header).map_err(|e| e.to_string())
     };
     tokio::time::timeout(timeout, read)
         .await

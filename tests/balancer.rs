@@ -57,7 +57,7 @@ async fn behind_haproxy_limits_and_logs_see_the_client() {
     // From an address that is no trusted balancer, even with a header
     // claiming to be someone else: refused.
     let mut forged = connect_from([127, 0, 0, 9], proxy.imap_port()).await.unwrap();
-    let mut h = mailproxy::proxy_protocol::SIGNATURE.to_vec();
+    let mut h = mailproxy::proxy_header::SIGNATURE.to_vec();
     h.extend_from_slice(&[0x21, 0x11, 0, 12, 10, 0, 0, 1, 127, 0, 0, 1, 0x9c, 0x40, 0x04, 0x77]);
     forged.write_all(&h).await.unwrap();
     assert_eq!(first_line(&mut forged, limit).await, "");

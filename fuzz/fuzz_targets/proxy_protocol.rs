@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailproxy::proxy_protocol::{header_len, parse, Header, MAX_HEADER, PREFIX_LEN, SIGNATURE};
+use mailproxy::proxy_header::{header_len, parse, Header, MAX_HEADER, PREFIX_LEN, SIGNATURE};
 
 fuzz_target!(|data: &[u8]| {
     // Half the inputs get the signature, so the fuzzer reaches the fields.
