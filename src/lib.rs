@@ -4,11 +4,28 @@
 //!
 //! Layout: protocol code is pure and I/O-free (`imap`, `smtp`, `pop3`,
 //! `sasl`, with their shared contract in `preauth`); the token lifecycle
-//! lives in `tokens`; I/O sits at the edges (`net`, `proxy`, `server`,
-//! `oauth`). Modules are public only where the binary, the fuzz targets or
-//! the benchmark use them.
+//! lives in `tokens`; I/O sits at the edges (`net`, `proxy`, `upstream`,
+//! `server`, `oauth`). Modules are public only where the binary, the fuzz
+//! targets or the benchmark use them.
 //!
 //! The `mailproxy` binary's commands live in `cli`.
+//!
+//! Layers, top to bottom: a module uses only modules on the lines below
+//! its own, so no `use` points up and no modules import each other in a
+//! ring.
+//!
+//! ```text
+//! cli                                    the `mailproxy` commands
+//! server                                 `serve`: listeners, limits, reload, shutdown
+//! control  status  web                   control socket, status page, metrics listener
+//! proxy  status_page                     client sessions: driver, route, guard, relay
+//! tokens                                 token lifecycle; `tokens::identity` checks grants
+//! upstream  misconnect                   the server's side: connection, login clients, retry
+//! imap smtp pop3  metrics  oauth store tls
+//! preauth sasl  vault  setup service
+//! linebuf  config  crypto keystore net
+//! endpoint text secret sys audit notify proxy_header
+//! ```
 
 pub mod audit;
 pub mod cli;

@@ -7,8 +7,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::authorize::Flight;
-pub use crate::oauth::MIN_REFRESH_INTERVAL;
 use crate::oauth::Tokens;
+pub use crate::oauth::MIN_REFRESH_INTERVAL;
 use crate::secret::Secret;
 
 /// Refresh at login when less than this is left (or half the lifetime, for
