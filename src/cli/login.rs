@@ -8,8 +8,8 @@ use anyhow::{bail, Result};
 
 use crate::audit::{Audit, Entry};
 use crate::config::{Account, Config};
-use crate::control::grant::{self, Notice};
-use crate::tokens::{identity, offline};
+use crate::control::grant::{self as obtain, Notice};
+use crate::tokens::{grant, offline};
 use crate::{oauth, store, tls, vault::Vault};
 
 use super::lookup::{oauth_account, refuse_placeholders};
@@ -28,7 +28,7 @@ pub(super) async fn authorise(config: &Config, account: &str, how: LoginOptions)
     let paste = config
         .account(account)
         .and_then(|a| a.oauth())
-        .is_some_and(grant::needs_paste);
+        .is_some_and(obtain::needs_paste);
     let runner = if paste {
         runner::offline(config)
     } else {
@@ -63,7 +63,7 @@ pub(super) async fn offline(config: &Config, name: &str, how: LoginOptions) -> R
     })?;
     let feedback = Feedback::new(&account.name, how.no_browser, timeout);
     let tell = |n: Notice| feedback.tell(n);
-    let result = grant::obtain(&http, account, settings, how.device, timeout, &tell).await;
+    let result = obtain::obtain(&http, account, settings, how.device, timeout, &tell).await;
     feedback.done();
     let tokens = match result {
         Ok(t) => t,
@@ -74,15 +74,8 @@ pub(super) async fn offline(config: &Config, name: &str, how: LoginOptions) -> R
     };
     // Is the grant really this account's? Nothing is stored otherwise.
     let tls = tls::ClientConfigs::default();
-    if let Err(e) = identity::verify(account, &tokens, &tls, config.limits.provider_timeout).await {
-        audit.record(Entry::new(&account.name, "consent", format!("refused: {e}")));
-        bail!("{e}");
-    }
+    let scopes = grant::accept(account, settings, &tokens, &tls, config.limits.provider_timeout, &audit).await?;
     drop(cancel);
-    if tokens.refresh.is_none() && !settings.flow.app_only() {
-        bail!(grant::NO_REFRESH_TOKEN);
-    }
-    let scopes = tokens.scopes.clone().unwrap_or_else(|| settings.scopes.clone());
     let (n, s, store) = (account.name.clone(), scopes.clone(), config.token_store);
     let (rec, where_) = tokio::task::spawn_blocking(move || {
         offline::authorisation_record(store, store_key.as_ref(), &n, &password, tokens.refresh.as_ref(), s)
