@@ -1,0 +1,158 @@
+//! A listener's live state: its TLS acceptor, its session count and the
+//! per-address counts that cap one client, and the accept loop that hands
+//! each connection to [`super::connection`].
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::connection::connection;
+use super::ServeError;
+use crate::config::{Config, Listener, LocalTls};
+use crate::endpoint::Protocol;
+use crate::proxy::imap::Imap;
+use crate::proxy::pop3::Pop3;
+use crate::proxy::smtp::Smtp;
+use crate::proxy::Ctx;
+use crate::tls;
+
+/// Per-address connection counts, for the per-client cap.
+#[derive(Default)]
+pub(super) struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+pub(super) struct IpSlot<'a>(&'a PerIp, IpAddr);
+
+impl PerIp {
+    pub(super) fn enter(&self, ip: IpAddr, max: usize) -> Option<IpSlot<'_>> {
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(self, ip))
+    }
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// One listener's live state. Its address and TLS mode are fixed at start;
+/// its settings (fallback, certificate, limits) follow the running config.
+pub(super) struct ListenerCtx {
+    pub(super) protocol: Protocol,
+    pub(super) tls_mode: LocalTls,
+    pub(super) acceptor: RwLock<Option<tokio_rustls::TlsAcceptor>>,
+    pub(super) sessions: AtomicUsize,
+    pub(super) per_ip: PerIp,
+}
+
+/// A session counted against the listener's `max_connections`.
+pub(super) struct SessionSlot<'a>(&'a AtomicUsize);
+
+impl ListenerCtx {
+    pub(super) fn enter(&self, max: usize) -> Option<SessionSlot<'_>> {
+        let n = self.sessions.fetch_add(1, Ordering::AcqRel);
+        if n >= max {
+            self.sessions.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(SessionSlot(&self.sessions))
+    }
+
+    /// This listener's settings in the running config.
+    pub(super) fn settings(&self, ctx: &Ctx) -> Option<Listener> {
+        ctx.config().listeners().find(|l| l.protocol == self.protocol).cloned()
+    }
+}
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The local TLS acceptor a listener's settings ask for.
+pub(super) fn acceptor(config: &Config, l: &Listener) -> Result<Option<tokio_rustls::TlsAcceptor>, ServeError> {
+    if l.tls == LocalTls::None {
+        return Ok(None);
+    }
+    let (cert, key) = match (&l.cert, &l.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => {
+            let dir = config.state_dir.join("certs");
+            std::fs::create_dir_all(&dir).map_err(|source| ServeError::CertDir {
+                dir: dir.clone(),
+                source,
+            })?;
+            let (c, k, fp) = tls::self_signed(&dir).map_err(|source| ServeError::Tls {
+                which: "the self-signed local certificate".into(),
+                source,
+            })?;
+            tracing::info!(cert = %c.display(), sha256 = %fp, "using the self-signed local certificate");
+            (c, k)
+        }
+    };
+    let sc = tls::server_config(&cert, &key).map_err(|source| ServeError::Tls {
+        which: format!("[{}] cert/key", l.protocol),
+        source,
+    })?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(sc)))
+}
+
+/// Accepts on every listener until shutdown; each connection runs as a
+/// task of `tracker`, in a span of its own.
+pub(super) fn accept_all(
+    ctx: &Arc<Ctx>,
+    tracker: &TaskTracker,
+    listeners: Vec<(TcpListener, Arc<ListenerCtx>)>,
+    shutdown: &CancellationToken,
+) {
+    let ids = Arc::new(AtomicU64::new(1));
+    for (sock, lctx) in listeners {
+        let (ctx, tracker2, ids, shutdown) = (ctx.clone(), tracker.clone(), ids.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    r = sock.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                    _ = shutdown.cancelled() => break,
+                };
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                let (ctx, lctx) = (ctx.clone(), lctx.clone());
+                let span = tracing::info_span!("conn", id, proto = %lctx.protocol, peer = %peer, client = tracing::field::Empty, login = tracing::field::Empty);
+                let session = async move {
+                    match lctx.protocol {
+                        Protocol::Imap => connection::<Imap>(&ctx, &lctx, tcp, peer.ip()).await,
+                        Protocol::Smtp => connection::<Smtp>(&ctx, &lctx, tcp, peer.ip()).await,
+                        Protocol::Pop3 => connection::<Pop3>(&ctx, &lctx, tcp, peer.ip()).await,
+                    }
+                };
+                tracker2.spawn(session.instrument(span));
+            }
+        });
+    }
+}
