@@ -1,8 +1,8 @@
 //! `mailproxy serve` as a library call: [`Server::bind`] opens the store
 //! and binds every listener (printing `listening PROTOCOL ADDR` for each),
 //! [`Server::run`] serves until told to stop. The process's signals are the
-//! caller's: `mailproxy serve` turns SIGTERM and SIGINT into the stop and
-//! SIGHUP into a reload; tests can start a server in-process.
+//! caller's: `mailproxy serve` (`cli/serve.rs`) turns SIGTERM and SIGINT into
+//! the stop and SIGHUP into a reload; tests can start a server in-process.
 
 mod connection;
 mod listener;
@@ -82,32 +82,6 @@ pub enum Signal {
     Reload,
     /// Finish the sessions (within 10 s) and return (SIGTERM, SIGINT).
     Stop,
-}
-
-/// Installs the process's signal handlers, binds, and runs until SIGINT or
-/// SIGTERM (`mailproxy serve`).
-pub async fn serve(config: Config) -> Result<(), ServeError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    // Handlers first: a signal that arrives once we said "listening" must
-    // find them in place.
-    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
-    let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Signals)?;
-    let server = Server::bind(config).await?;
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            let s = tokio::select! {
-                _ = term.recv() => Signal::Stop,
-                _ = int.recv() => Signal::Stop,
-                _ = hup.recv() => Signal::Reload,
-            };
-            if tx.send(s).await.is_err() {
-                return;
-            }
-        }
-    });
-    server.run(rx).await
 }
 
 impl Server {
