@@ -17,13 +17,13 @@
 //! ```text
 //! cli                                    the `mailproxy` commands
 //! server                                 `serve`: listeners, limits, reload, shutdown
-//! control  status  web                   control socket, status page, metrics listener
-//! proxy  status_page                     client sessions: driver, route, guard, relay
+//! control  web                            control socket; status page and metrics listener
+//! proxy                                  client sessions: driver, route, guard, relay
 //! tokens                                 token lifecycle; `tokens::identity` checks grants
 //! upstream  misconnect                   the server's side: connection, login clients, retry
 //! imap smtp pop3  metrics  oauth store tls
 //! preauth sasl  vault  setup service
-//! linebuf  config  crypto keystore net
+//! linebuf  config  crypto keystore net http
 //! endpoint text secret sys audit notify proxy_header
 //! ```
 
@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod crypto;
 pub mod endpoint;
+pub(crate) mod http;
 pub mod imap;
 pub mod keystore;
 mod linebuf;
@@ -51,8 +52,6 @@ pub mod server;
 pub mod service;
 pub mod setup;
 pub mod smtp;
-pub(crate) mod status;
-pub(crate) mod status_page;
 pub mod store;
 pub(crate) mod sys;
 pub mod text;

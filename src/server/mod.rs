@@ -208,7 +208,7 @@ impl Server {
                 .map_err(|source| ServeError::StatusBind { addr, source })?;
             println!("listening status {addr}");
             tokens.set_status_url(Some(format!("http://{addr}/")));
-            tracker.spawn(crate::status::serve(sock, tokens.clone(), shutdown.clone()));
+            tracker.spawn(crate::web::status::serve(sock, tokens.clone(), shutdown.clone()));
         }
         let (control_sock, control_path) = control;
         let (reload_tx, reload_rx) = mpsc::channel(4);

@@ -22,11 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AccountTokens, Finished, Pending, TokenManager};
 use crate::config::OAuthSettings;
+use crate::http::{read_request, refuse_stranger, respond, respond_raw, visitor, HttpRequest, Visitor};
 pub use crate::oauth::login::{account_of_start_path, start_path};
-use crate::oauth::login::{
-    callback, origin, read_request, refuse_stranger, respond, respond_raw, visitor, BrowserBinding, Callback,
-    HttpRequest, RedirectListener, Visitor, OTHER_BROWSER,
-};
+use crate::oauth::login::{callback, origin, BrowserBinding, Callback, RedirectListener, OTHER_BROWSER};
 use crate::oauth::{self, AuthRequest, OAuthError};
 use crate::secret::Secret;
 

@@ -12,8 +12,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::Protocol;
+use crate::http::{read_request, respond, respond_raw};
 use crate::metrics;
-use crate::oauth::login::{read_request, respond, respond_raw};
 use crate::store::RecordStore;
 use crate::tokens::{now_unix, TokenManager};
 

@@ -9,15 +9,15 @@
 //! `/authorize/ACCOUNT` answers each visit with a 302 to the provider with a
 //! fresh `state`, for the browser that visits only; a same-origin POST there
 //! (the page's buttons) first starts the account's on-demand authorisation
-//! when none is pending. The HTML is in [`crate::status_page`].
+//! when none is pending. The HTML is in [`super::status_page`].
 
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::oauth::login::{read_request, refuse_stranger, respond, respond_raw, visitor, Visitor};
-use crate::status_page;
+use super::status_page;
+use crate::http::{read_request, refuse_stranger, respond, respond_raw, visitor, Visitor};
 use crate::tokens::authorize::{account_of_start_path, MAX_HTTP_CONNECTIONS, REQUEST_TIMEOUT};
 use crate::tokens::{now_unix, TokenManager};
 
