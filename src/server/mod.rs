@@ -4,6 +4,7 @@
 //! caller's: `mailproxy serve` (`cli/serve.rs`) turns SIGTERM and SIGINT into
 //! the stop and SIGHUP into a reload; tests can start a server in-process.
 
+mod accept;
 mod connection;
 mod listener;
 mod reload;
@@ -255,7 +256,7 @@ impl Server {
         tracker.spawn(ctx.tokens.clone().upkeep(state_dir, shutdown.clone()));
         ready.store(true, Ordering::SeqCst);
         let live: Vec<Arc<ListenerCtx>> = listeners.iter().map(|(_, l)| l.clone()).collect();
-        listener::accept_all(&ctx, &tracker, listeners, &shutdown);
+        accept::accept_all(&ctx, &tracker, listeners, &shutdown);
         loop {
             tokio::select! {
                 s = signals.recv() => match s {
