@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::Account;
+use super::{Account, ConfigProblem};
 
 /// `@example.com` names a domain entry.
 pub fn is_domain_entry(name: &str) -> bool {
@@ -15,7 +15,7 @@ pub fn is_domain_entry(name: &str) -> bool {
 }
 
 /// Why `name` (`@example.com`) is not a usable domain entry name.
-pub(super) fn check_entry_name(name: &str) -> Result<(), String> {
+pub(super) fn check_entry_name(name: &str) -> Result<(), ConfigProblem> {
     let domain = name.trim_start_matches('@');
     let label_ok = |l: &str| {
         !l.is_empty()
@@ -25,9 +25,7 @@ pub(super) fn check_entry_name(name: &str) -> Result<(), String> {
             && !l.ends_with('-')
     };
     if name.len() - domain.len() != 1 || domain.len() > 253 || !domain.split('.').all(label_ok) {
-        return Err(format!(
-            "`{name}` is not a domain entry: write the domain after one @, e.g. [accounts.\"@example.com\"]"
-        ));
+        return Err(ConfigProblem::NotDomainEntry { name: name.to_string() });
     }
     Ok(())
 }

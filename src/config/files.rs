@@ -10,7 +10,7 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use super::{Config, ConfigError, ServiceAccountKey};
+use super::{Config, ConfigError, ConfigProblem, ServiceAccountKey};
 
 /// Who owns a file and its permission bits, as read from the open file.
 #[derive(Clone, Copy, Debug)]
@@ -49,7 +49,7 @@ pub(super) fn read_config(path: &Path) -> Result<(String, FileFacts), ConfigErro
     let cannot = |e: std::io::Error| refuse(path, None, format!("cannot read the config file: {e}"));
     let mut file = File::open(path).map_err(cannot)?;
     let facts = FileFacts::of(&file).map_err(cannot)?;
-    judge_config_file(path, facts, euid()).map_err(|m| refuse(path, None, m))?;
+    judge_config_file(path, facts, euid()).map_err(|m| refuse(path, None, m.to_string()))?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(cannot)?;
     Ok((text, facts))
@@ -57,20 +57,16 @@ pub(super) fn read_config(path: &Path) -> Result<(String, FileFacts), ConfigErro
 
 /// A config other users can change, or one owned by another user (who could
 /// change it), could send passwords anywhere.
-fn judge_config_file(path: &Path, f: FileFacts, me: u32) -> Result<(), String> {
-    let p = path.display();
+fn judge_config_file(path: &Path, f: FileFacts, me: u32) -> Result<(), ConfigProblem> {
+    let path = path.to_owned();
     if f.uid != me && f.uid != 0 {
-        return Err(format!(
-            "the config file belongs to uid {}, not to the user running mailproxy (uid {me}) or root, \
-             and that user could send passwords anywhere; run: chown {me} {p} && chmod 600 {p}",
-            f.uid
-        ));
+        return Err(ConfigProblem::ConfigOwner { path, uid: f.uid, me });
     }
     if f.mode & 0o022 != 0 {
-        return Err(format!(
-            "other users can change the config file (mode {:o}), and so where passwords go; run: chmod 600 {p}",
-            f.mode & 0o777
-        ));
+        return Err(ConfigProblem::ConfigWritable {
+            path,
+            mode: f.mode & 0o777,
+        });
     }
     Ok(())
 }
@@ -78,19 +74,18 @@ fn judge_config_file(path: &Path, f: FileFacts, me: u32) -> Result<(), String> {
 /// Judged from the parsed config, whatever the TOML spelling (quoted keys,
 /// dotted keys, inline tables).
 pub(super) fn check_secrets_private(path: &Path, f: FileFacts, config: &Config) -> Result<(), ConfigError> {
-    judge_secrets(path, f, &config.secret_keys()).map_err(|m| refuse(path, None, m))
+    judge_secrets(path, f, &config.secret_keys()).map_err(|m| refuse(path, None, m.to_string()))
 }
 
-fn judge_secrets(path: &Path, f: FileFacts, secret_keys: &[String]) -> Result<(), String> {
+fn judge_secrets(path: &Path, f: FileFacts, secret_keys: &[String]) -> Result<(), ConfigProblem> {
     if secret_keys.is_empty() || f.mode & 0o044 == 0 {
         return Ok(());
     }
-    Err(format!(
-        "the config file holds a secret ({}) and other users can read it (mode {:o}); run: chmod 600 {}",
-        secret_keys.join(", "),
-        f.mode & 0o777,
-        path.display()
-    ))
+    Err(ConfigProblem::SecretsReadable {
+        path: path.to_owned(),
+        keys: secret_keys.to_vec(),
+        mode: f.mode & 0o777,
+    })
 }
 
 /// Every `client_key` (the private key that signs client assertions) and
@@ -113,28 +108,25 @@ pub(super) fn check_key_files(config: &Config) -> Result<(), ConfigError> {
                     format!("cannot read {}: {e}", key_path.display()),
                 )
             })?;
-            judge_key_file(key_path, facts, me).map_err(|m| refuse(&config.path, key.clone(), m))?;
+            judge_key_file(key_path, facts, me).map_err(|m| refuse(&config.path, key.clone(), m.to_string()))?;
             if field == "service_account_key" {
-                ServiceAccountKey::load(key_path).map_err(|m| refuse(&config.path, key, m))?;
+                ServiceAccountKey::load(key_path).map_err(|m| refuse(&config.path, key, m.to_string()))?;
             }
         }
     }
     Ok(())
 }
 
-fn judge_key_file(path: &Path, f: FileFacts, me: u32) -> Result<(), String> {
-    let p = path.display();
+fn judge_key_file(path: &Path, f: FileFacts, me: u32) -> Result<(), ConfigProblem> {
+    let path = path.to_owned();
     if f.uid != me {
-        return Err(format!(
-            "the private key {p} belongs to uid {}, not to the user running mailproxy (uid {me}); run: chown {me} {p} && chmod 600 {p}",
-            f.uid
-        ));
+        return Err(ConfigProblem::KeyOwner { path, uid: f.uid, me });
     }
     if f.mode & 0o066 != 0 {
-        return Err(format!(
-            "other users can read or change the private key {p} (mode {:o}); run: chmod 600 {p}",
-            f.mode & 0o777
-        ));
+        return Err(ConfigProblem::KeyExposed {
+            path,
+            mode: f.mode & 0o777,
+        });
     }
     Ok(())
 }
@@ -156,10 +148,10 @@ mod tests {
         judge_config_file(p, facts(1000, 0o600), 1000).unwrap();
         judge_config_file(p, facts(0, 0o644), 1000).unwrap();
         judge_config_file(p, facts(0, 0o600), 0).unwrap();
-        let e = judge_config_file(p, facts(1001, 0o600), 1000).unwrap_err();
+        let e = judge_config_file(p, facts(1001, 0o600), 1000).unwrap_err().to_string();
         assert!(e.contains("uid 1001") && e.contains(&format!("chown 1000 {P}")), "{e}");
         // Running as root does not make another user's file acceptable.
-        let e = judge_config_file(p, facts(1000, 0o600), 0).unwrap_err();
+        let e = judge_config_file(p, facts(1000, 0o600), 0).unwrap_err().to_string();
         assert!(e.contains(&format!("chown 0 {P}")), "{e}");
     }
 
@@ -167,7 +159,7 @@ mod tests {
     fn config_others_can_write_is_always_refused() {
         let p = Path::new(P);
         for mode in [0o620, 0o602, 0o666, 0o622] {
-            let e = judge_config_file(p, facts(1000, mode), 1000).unwrap_err();
+            let e = judge_config_file(p, facts(1000, mode), 1000).unwrap_err().to_string();
             assert!(e.contains(&format!("chmod 600 {P}")), "{mode:o}: {e}");
         }
         judge_config_file(p, facts(1000, 0o644), 1000).unwrap();
@@ -178,7 +170,7 @@ mod tests {
         let p = Path::new(P);
         let keys = vec!["accounts.\"a@b\".client_secret".to_string()];
         for mode in [0o640, 0o604, 0o644] {
-            let e = judge_secrets(p, facts(1000, mode), &keys).unwrap_err();
+            let e = judge_secrets(p, facts(1000, mode), &keys).unwrap_err().to_string();
             assert!(e.contains(&format!("chmod 600 {P}")) && e.contains(&keys[0]), "{e}");
         }
         judge_secrets(p, facts(1000, 0o600), &keys).unwrap();
@@ -192,11 +184,11 @@ mod tests {
         judge_key_file(p, facts(1000, 0o600), 1000).unwrap();
         judge_key_file(p, facts(1000, 0o400), 1000).unwrap();
         for mode in [0o640, 0o604, 0o644, 0o620] {
-            let e = judge_key_file(p, facts(1000, mode), 1000).unwrap_err();
+            let e = judge_key_file(p, facts(1000, mode), 1000).unwrap_err().to_string();
             assert!(e.contains("chmod 600 /home/u/app.key"), "{mode:o}: {e}");
         }
         // Not even root's: the key must belong to the user that uses it.
-        let e = judge_key_file(p, facts(0, 0o600), 1000).unwrap_err();
+        let e = judge_key_file(p, facts(0, 0o600), 1000).unwrap_err().to_string();
         assert!(e.contains("chown 1000 /home/u/app.key"), "{e}");
     }
 

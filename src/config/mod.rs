@@ -55,6 +55,71 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// What is wrong with a value, a file or a key file the config names; a
+/// [`ConfigError`] says where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigProblem {
+    #[error("`{name}` is not a domain entry: write the domain after one @, e.g. [accounts.\"@example.com\"]")]
+    NotDomainEntry { name: String },
+    #[error("`{name}` is not a user on this machine (/etc/passwd); write a user name, a uid, \"owner\" or \"anyone\"")]
+    UnknownUser { name: String },
+    #[error("`{url}` is not a URL: {source}")]
+    NotUrl { url: String, source: url::ParseError },
+    #[error("`{url}` must be an https:// URL (got {scheme}://)")]
+    NotHttps { url: String, scheme: String },
+    #[error(
+        "the config file belongs to uid {uid}, not to the user running mailproxy (uid {me}) or root, \
+         and that user could send passwords anywhere; run: chown {me} {p} && chmod 600 {p}",
+        p = .path.display()
+    )]
+    ConfigOwner { path: PathBuf, uid: u32, me: u32 },
+    #[error(
+        "other users can change the config file (mode {mode:o}), and so where passwords go; run: chmod 600 {p}",
+        p = .path.display()
+    )]
+    ConfigWritable { path: PathBuf, mode: u32 },
+    #[error(
+        "the config file holds a secret ({keys}) and other users can read it (mode {mode:o}); run: chmod 600 {p}",
+        keys = .keys.join(", "),
+        p = .path.display()
+    )]
+    SecretsReadable {
+        path: PathBuf,
+        keys: Vec<String>,
+        mode: u32,
+    },
+    #[error(
+        "the private key {p} belongs to uid {uid}, not to the user running mailproxy (uid {me}); run: chown {me} {p} && chmod 600 {p}",
+        p = .path.display()
+    )]
+    KeyOwner { path: PathBuf, uid: u32, me: u32 },
+    #[error(
+        "other users can read or change the private key {p} (mode {mode:o}); run: chmod 600 {p}",
+        p = .path.display()
+    )]
+    KeyExposed { path: PathBuf, mode: u32 },
+    #[error("cannot read the service account key {}: {source}", .path.display())]
+    ServiceKeyUnreadable { path: PathBuf, source: std::io::Error },
+    #[error("the service account key {} is not the JSON key Google issues ({source})", .path.display())]
+    ServiceKeyNotJson { path: PathBuf, source: serde_json::Error },
+    #[error(
+        "the service account key {} is a `{kind}` key, not a service account key (Google Cloud console > IAM > Service accounts > Keys > Add key > JSON)",
+        .path.display()
+    )]
+    ServiceKeyKind { path: PathBuf, kind: String },
+    #[error("the service account key {} has no client_email", .path.display())]
+    ServiceKeyNoEmail { path: PathBuf },
+    #[error("the service account key {} has no private_key", .path.display())]
+    ServiceKeyNoPrivateKey { path: PathBuf },
+    #[error("the service account key {} has a private_key that is not a PKCS#8 PEM key", .path.display())]
+    ServiceKeyNotPkcs8 { path: PathBuf },
+    #[error("the service account key {} has a private_key that is not an RSA key ({reason})", .path.display())]
+    ServiceKeyNotRsa {
+        path: PathBuf,
+        reason: ring::error::KeyRejected,
+    },
+}
+
 /// Where refresh tokens are kept. Serialised in lower case (`"file"`,
 /// `"keyring"`), the same spelling as in the config, so account records can
 /// store it as this type too.
@@ -201,7 +266,7 @@ impl LocalUsers {
     }
 
     /// Looks the user names up in `passwd` (the text of /etc/passwd).
-    fn resolve(&mut self, passwd: &str) -> Result<(), String> {
+    fn resolve(&mut self, passwd: &str) -> Result<(), ConfigProblem> {
         let LocalUsers::Owner { uids, names } = self else {
             return Ok(());
         };
@@ -213,11 +278,7 @@ impl LocalUsers {
             });
             match uid {
                 Some(u) => uids.push(u),
-                None => {
-                    return Err(format!(
-                        "`{name}` is not a user on this machine (/etc/passwd); write a user name, a uid, \"owner\" or \"anyone\""
-                    ))
-                }
+                None => return Err(ConfigProblem::UnknownUser { name }),
             }
         }
         Ok(())
@@ -407,11 +468,11 @@ impl Config {
         files::check_secrets_private(path, file, &config)?;
         files::check_key_files(&config)?;
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-        config.local_users.resolve(&passwd).map_err(|message| ConfigError {
+        config.local_users.resolve(&passwd).map_err(|problem| ConfigError {
             path: path.to_owned(),
             line: None,
             key: Some("server.local_users".into()),
-            message,
+            message: problem.to_string(),
         })?;
         Ok(config)
     }

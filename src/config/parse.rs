@@ -279,7 +279,7 @@ fn accounts(
         };
         let a = a.into_inner();
         if domain::is_domain_entry(&name) {
-            domain::check_entry_name(&name).map_err(|m| at.err("", m))?;
+            domain::check_entry_name(&name).map_err(|m| at.err("", m.to_string()))?;
             if a.username.is_some() {
                 return Err(at.err(
                     "username",
@@ -586,7 +586,7 @@ fn oauth(
         ("redirect_uri", o.redirect_uri.as_ref()),
     ] {
         if let Some(u) = u {
-            check_http_url(u).map_err(|m| at.err(k, m))?;
+            check_http_url(u).map_err(|m| at.err(k, m.to_string()))?;
         }
     }
     Ok(o)
@@ -729,13 +729,19 @@ fn check_flow(at: &At, o: &OAuthSettings) -> Result<(), ConfigError> {
 }
 
 /// Endpoints must be https, except on loopback (a local identity provider or a test).
-fn check_http_url(u: &str) -> Result<(), String> {
-    let url = url::Url::parse(u).map_err(|e| format!("`{u}` is not a URL: {e}"))?;
+fn check_http_url(u: &str) -> Result<(), ConfigProblem> {
+    let url = url::Url::parse(u).map_err(|source| ConfigProblem::NotUrl {
+        url: u.to_string(),
+        source,
+    })?;
     let local = url.host_str().map(is_loopback_host).unwrap_or(false);
     match url.scheme() {
         "https" => Ok(()),
         "http" if local => Ok(()),
-        s => Err(format!("`{u}` must be an https:// URL (got {s}://)")),
+        s => Err(ConfigProblem::NotHttps {
+            url: u.to_string(),
+            scheme: s.to_string(),
+        }),
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::ConfigProblem;
 use crate::secret::Secret;
 
 /// The parts of Google's service-account JSON key that mailproxy uses.
@@ -28,32 +29,36 @@ struct KeyFile {
 
 impl ServiceAccountKey {
     /// Reads and checks the key file; every error names the file and what is wrong.
-    pub fn load(path: &Path) -> Result<ServiceAccountKey, String> {
-        let text = zeroize::Zeroizing::new(
-            std::fs::read(path).map_err(|e| format!("cannot read the service account key {}: {e}", path.display()))?,
-        );
-        Self::parse(&text).map_err(|why| format!("the service account key {} {why}", path.display()))
+    pub fn load(path: &Path) -> Result<ServiceAccountKey, ConfigProblem> {
+        let unreadable = |source| ConfigProblem::ServiceKeyUnreadable {
+            path: path.to_owned(),
+            source,
+        };
+        let text = zeroize::Zeroizing::new(std::fs::read(path).map_err(unreadable)?);
+        Self::parse(&text, path)
     }
 
-    pub(crate) fn parse(text: &[u8]) -> Result<ServiceAccountKey, String> {
+    /// Checks the text of the key file at `path` (named in errors).
+    pub(crate) fn parse(text: &[u8], path: &Path) -> Result<ServiceAccountKey, ConfigProblem> {
         use rustls::pki_types::{pem::PemObject, PrivatePkcs8KeyDer};
+        let path = || path.to_owned();
         // serde_json's message gives line and column, never the value.
         let f: KeyFile =
-            serde_json::from_slice(text).map_err(|e| format!("is not the JSON key Google issues ({e})"))?;
-        if let Some(kind) = f.kind.as_deref().filter(|k| *k != "service_account") {
-            return Err(format!(
-                "is a `{kind}` key, not a service account key (Google Cloud console > IAM > Service accounts > Keys > Add key > JSON)"
-            ));
+            serde_json::from_slice(text).map_err(|source| ConfigProblem::ServiceKeyNotJson { path: path(), source })?;
+        if let Some(kind) = f.kind.filter(|k| *k != "service_account") {
+            return Err(ConfigProblem::ServiceKeyKind { path: path(), kind });
         }
         let client_email = f
             .client_email
             .filter(|e| e.contains('@'))
-            .ok_or("has no client_email")?;
-        let pem = f.private_key.ok_or("has no private_key")?;
+            .ok_or_else(|| ConfigProblem::ServiceKeyNoEmail { path: path() })?;
+        let pem = f
+            .private_key
+            .ok_or_else(|| ConfigProblem::ServiceKeyNoPrivateKey { path: path() })?;
         let der = PrivatePkcs8KeyDer::from_pem_slice(pem.expose().as_bytes())
-            .map_err(|_| "has a private_key that is not a PKCS#8 PEM key")?;
+            .map_err(|_| ConfigProblem::ServiceKeyNotPkcs8 { path: path() })?;
         ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
-            .map_err(|e| format!("has a private_key that is not an RSA key ({e})"))?;
+            .map_err(|reason| ConfigProblem::ServiceKeyNotRsa { path: path(), reason })?;
         Ok(ServiceAccountKey {
             client_email,
             private_key_id: f.private_key_id,
@@ -73,21 +78,24 @@ mod tests {
 
     #[test]
     fn key_file_errors_name_what_is_wrong() {
-        let e = ServiceAccountKey::parse(b"{").err().unwrap();
-        assert!(e.contains("not the JSON key"), "{e}");
-        let e = ServiceAccountKey::parse(br#"{"type":"authorized_user","client_email":"a@b"}"#)
-            .err()
-            .unwrap();
+        let err = |text: &[u8]| {
+            ServiceAccountKey::parse(text, Path::new("/k/sa.json"))
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        let e = err(b"{");
+        assert!(
+            e.starts_with("the service account key /k/sa.json is not the JSON key"),
+            "{e}"
+        );
+        let e = err(br#"{"type":"authorized_user","client_email":"a@b"}"#);
         assert!(e.contains("`authorized_user`"), "{e}");
-        let e = ServiceAccountKey::parse(br#"{"type":"service_account","private_key":"x"}"#)
-            .err()
-            .unwrap();
+        let e = err(br#"{"type":"service_account","private_key":"x"}"#);
         assert!(e.contains("client_email"), "{e}");
-        let e = ServiceAccountKey::parse(
+        let e = err(
             br#"{"type":"service_account","client_email":"sa@p.iam.gserviceaccount.com","private_key":"secret-looking"}"#,
-        )
-        .err()
-        .unwrap();
+        );
         assert!(e.contains("PKCS#8") && !e.contains("secret-looking"), "{e}");
     }
 }

@@ -65,7 +65,7 @@ pub async fn token(
     let key = tokio::task::spawn_blocking(move || ServiceAccountKey::load(&p))
         .await
         .map_err(|e| OAuthError::Config(format!("reading the service account key failed: {e}")))?
-        .map_err(OAuthError::Config)?;
+        .map_err(|e| OAuthError::Config(e.to_string()))?;
     let jwt = assertion(&key, mailbox, &s.scopes, &s.token_url)?;
     let form = vec![
         ("grant_type", JWT_BEARER_GRANT.to_string()),
@@ -130,7 +130,7 @@ mod tests {
             "type": "service_account", "client_email": "sa@p.iam.gserviceaccount.com",
             "private_key_id": "kid1", "private_key": pem, "token_uri": "https://oauth2.googleapis.com/token",
         });
-        let key = ServiceAccountKey::parse(json.to_string().as_bytes()).unwrap();
+        let key = ServiceAccountKey::parse(json.to_string().as_bytes(), std::path::Path::new("sa.json")).unwrap();
         let jwt = assertion(
             &key,
             "dave@example.com",
