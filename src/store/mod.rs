@@ -8,13 +8,13 @@
 
 pub mod postgres;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::config::{Config, TokenStore};
 use crate::crypto::VaultKey;
+use crate::keystore::KeystoreError;
 use crate::vault::{AccountRecord, Stamp, Vault, VaultError, Written};
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,9 @@ pub enum StoreError {
     Vault(#[from] VaultError),
     #[error("the token database: {0}")]
     Database(String),
+    /// The keyring write run under the store's lock ([`Before`]) failed.
+    #[error("{0}")]
+    Keyring(#[from] KeystoreError),
     #[error("{0}")]
     Other(String),
 }
@@ -37,7 +40,7 @@ pub enum Version {
 
 /// Runs under the store's lock once the compare passed (a keyring write that
 /// must not resurrect an erased account).
-pub type Before = Box<dyn FnOnce() -> Result<(), String> + Send>;
+pub type Before = Box<dyn FnOnce() -> Result<(), StoreError> + Send>;
 
 #[async_trait]
 pub trait RecordStore: Send + Sync {
@@ -139,7 +142,7 @@ impl RecordStore for Vault {
     ) -> Result<Written, StoreError> {
         let (v, mut r) = (self.clone(), rec.clone());
         let (written, r) = blocking(move || {
-            let w = Vault::store_if::<StoreError>(&v, &mut r, base, || before().map_err(StoreError::Other))?;
+            let w = Vault::store_if::<StoreError>(&v, &mut r, base, before)?;
             Ok((w, r))
         })
         .await?;
@@ -189,13 +192,21 @@ pub async fn open(config: &Config) -> Result<Arc<dyn RecordStore>, StoreError> {
     Ok(Arc::new(Vault::open(&config.state_dir)?))
 }
 
+/// Why the store key cannot be used; `from` names the file, or
+/// `MAILPROXY_STORE_KEY`.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreKeyError {
-    #[error("{path}: {why}")]
-    File { path: String, why: String },
-    #[error("MAILPROXY_STORE_KEY: {0}")]
-    Env(String),
+    #[error("{from}: {source}")]
+    Unsafe { from: String, source: VaultError },
+    #[error("{from}: {source}")]
+    Unreadable { from: String, source: std::io::Error },
+    #[error("{from}: the store key is neither base64 nor 64 hex digits")]
+    NotEncoded { from: String },
+    #[error("{from}: the store key must be 32 bytes (it has {len}); make one with: head -c 32 /dev/urandom | base64")]
+    Length { from: String, len: usize },
 }
+
+const STORE_KEY_ENV: &str = "MAILPROXY_STORE_KEY";
 
 /// The store key (`store_key_file`, else `MAILPROXY_STORE_KEY`): 32 random
 /// bytes, as base64 or 64 hex digits, e.g. from `openssl rand -base64 32`.
@@ -203,28 +214,24 @@ pub enum StoreKeyError {
 /// from each local password.
 pub fn store_key(config: &Config) -> Result<Option<VaultKey>, StoreKeyError> {
     if let Some(p) = &config.fleet.store_key_file {
-        let file = |why: String| StoreKeyError::File {
-            path: p.display().to_string(),
-            why,
-        };
-        check_key_file(p).map_err(file)?;
-        let text = zeroize::Zeroizing::new(std::fs::read_to_string(p).map_err(|e| file(e.to_string()))?);
-        return decode_key(&text).map(Some).map_err(file);
+        let from = || p.display().to_string();
+        crate::vault::check_private(p, 0o600).map_err(|source| StoreKeyError::Unsafe { from: from(), source })?;
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(p).map_err(|source| StoreKeyError::Unreadable { from: from(), source })?,
+        );
+        return decode_key(&text, &from()).map(Some);
     }
-    match std::env::var("MAILPROXY_STORE_KEY") {
+    match std::env::var(STORE_KEY_ENV) {
         Ok(v) if !v.is_empty() => {
             let v = zeroize::Zeroizing::new(v);
-            decode_key(&v).map(Some).map_err(StoreKeyError::Env)
+            decode_key(&v, STORE_KEY_ENV).map(Some)
         }
         _ => Ok(None),
     }
 }
 
-fn check_key_file(p: &Path) -> Result<(), String> {
-    crate::vault::check_private(p, 0o600).map_err(|e| e.to_string())
-}
-
-fn decode_key(text: &str) -> Result<VaultKey, String> {
+/// The key in `text` (read from `from`).
+fn decode_key(text: &str, from: &str) -> Result<VaultKey, StoreKeyError> {
     use base64::Engine;
     let t = text.trim();
     let bytes = zeroize::Zeroizing::new(if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -234,13 +241,11 @@ fn decode_key(text: &str) -> Result<VaultKey, String> {
     } else {
         base64::engine::general_purpose::STANDARD
             .decode(t)
-            .map_err(|_| "the store key is neither base64 nor 64 hex digits".to_string())?
+            .map_err(|_| StoreKeyError::NotEncoded { from: from.to_string() })?
     });
-    VaultKey::from_bytes(&bytes).ok_or_else(|| {
-        format!(
-            "the store key must be 32 bytes (it has {}); make one with: head -c 32 /dev/urandom | base64",
-            bytes.len()
-        )
+    VaultKey::from_bytes(&bytes).ok_or_else(|| StoreKeyError::Length {
+        from: from.to_string(),
+        len: bytes.len(),
     })
 }
 
@@ -250,10 +255,13 @@ mod tests {
 
     #[test]
     fn store_keys_are_32_bytes_in_base64_or_hex() {
-        assert!(decode_key(&"ab".repeat(32)).is_ok());
-        assert!(decode_key("  AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n").is_ok());
-        let e = decode_key("AAAA").map(|_| ()).unwrap_err();
-        assert!(e.contains("must be 32 bytes (it has 3)"), "{e}");
-        assert!(decode_key("not a key!").is_err());
+        assert!(decode_key(&"ab".repeat(32), STORE_KEY_ENV).is_ok());
+        assert!(decode_key("  AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n", STORE_KEY_ENV).is_ok());
+        let e = decode_key("AAAA", STORE_KEY_ENV).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("MAILPROXY_STORE_KEY: the store key must be 32 bytes (it has 3)"),
+            "{e}"
+        );
+        assert!(decode_key("not a key!", STORE_KEY_ENV).is_err());
     }
 }

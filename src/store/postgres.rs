@@ -385,7 +385,7 @@ impl RecordStore for PgStore {
         if on_disk != base {
             return Ok(Written::Stale { on_disk });
         }
-        before().map_err(StoreError::Other)?;
+        before()?;
         let w = write_if(&tx, rec, base).await?;
         if w == Written::Stored {
             tx.commit().await.map_err(db)?;

@@ -81,7 +81,7 @@ pub use gate::Lane;
 use gate::{Gate, KdfStats};
 pub use offline::store_authorisation;
 use refresh::{fresh_token, Refreshed};
-use save::{blocking, new_record, SaveError};
+use save::{blocking, new_record, BackgroundError, SaveError};
 pub use sessions::SessionOpen;
 use state::{later, unix, Access, Active, TokenState};
 pub use state::{BACKGROUND_MARGIN, KEEPALIVE, MIN_REFRESH_INTERVAL, REFRESH_MARGIN};
@@ -537,7 +537,9 @@ impl TokenManager {
             }
             Some(r) if r.token_store == Some(StoreKind::Keyring) => {
                 let name = acct.account.name.clone();
-                let got = blocking(move || keystore::get(&name)).await.map_err(AuthError::Vault)?;
+                let got = blocking(move || keystore::get(&name))
+                    .await
+                    .map_err(|e| AuthError::Vault(e.to_string()))?;
                 tracing::debug!(account = %acct.account.name, found = ?got.as_ref().map(std::option::Option::is_some), "refresh token looked up in the OS keyring");
                 match got {
                     Ok(Some(t)) => {

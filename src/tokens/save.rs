@@ -2,11 +2,18 @@
 
 use super::*;
 
+/// Why blocking work run off the async workers gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum BackgroundError {
+    #[error("a background task failed: {0}")]
+    Failed(#[from] tokio::task::JoinError),
+    #[error("the KDF slots are closed")]
+    KdfClosed,
+}
+
 /// Runs blocking work off the async workers; a panic there becomes an error.
-pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| format!("a background task failed: {e}"))
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, BackgroundError> {
+    Ok(tokio::task::spawn_blocking(f).await?)
 }
 
 pub(super) fn new_record(account: &str) -> AccountRecord {
@@ -79,7 +86,7 @@ impl TokenManager {
         }
         let base = slot.record.as_ref().map(|r| r.generation);
         let before: crate::store::Before = Box::new(move || match &keyring_token {
-            Some(t) => keystore::set(&rec_name(&name), t).map_err(|e| e.to_string()),
+            Some(t) => Ok(keystore::set(&rec_name(&name), t)?),
             None => Ok(()),
         });
         let written = self.records.store_if(&mut rec, base, before).await?;

@@ -39,12 +39,11 @@ impl TokenManager {
     }
 
     /// Runs a password KDF in one of the global slots, counted.
-    pub(super) async fn kdf<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-        let _slot = self
-            .kdf_slots
-            .acquire()
-            .await
-            .map_err(|_| "the KDF slots are closed".to_string())?;
+    pub(super) async fn kdf<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, BackgroundError> {
+        let _slot = self.kdf_slots.acquire().await.map_err(|_| BackgroundError::KdfClosed)?;
         let _running = self.kdf_stats.start();
         blocking(f).await
     }
@@ -58,7 +57,7 @@ impl TokenManager {
         let pw = password.clone();
         self.kdf(move || crypto::new_password(pw.expose()))
             .await
-            .map_err(TokenError::Vault)
+            .map_err(|e| TokenError::Vault(e.to_string()))
     }
 
     /// Checks the local password of an OAuth account and unlocks its tokens.
@@ -109,7 +108,7 @@ impl TokenManager {
         let checked = self
             .kdf(move || crypto::check_password(pw.expose(), &verifier))
             .await
-            .map_err(AuthError::Vault)?;
+            .map_err(|e| AuthError::Vault(e.to_string()))?;
         let key = match checked {
             Ok(Some(key)) => key,
             Ok(None) => {
