@@ -14,10 +14,13 @@ use super::grant::{self, Notice};
 use super::{socket_path, Answer, CheckRow, ControlError, Reply, Request, MAX_LINE};
 use crate::audit::Entry;
 use crate::config::{Account, Config, OAuthSettings};
+use crate::oauth::OAuthError;
 use crate::proxy::Ctx;
 use crate::secret::Secret;
+use crate::tokens::grant::GrantRefused;
 use crate::tokens::live::RevokeInput;
-use crate::tokens::AccountTokens;
+use crate::tokens::offline::OfflineError;
+use crate::tokens::{AccountTokens, TokenError};
 
 /// How many commands may talk to `serve` at once.
 const MAX_CLIENTS: usize = 8;
@@ -41,6 +44,42 @@ pub(crate) fn bind(state_dir: &Path) -> Result<(UnixListener, PathBuf), ControlE
     let listener = UnixListener::bind(&path).map_err(io)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     Ok((listener, path))
+}
+
+/// Why a command was not done; its text goes back to the command.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("serve is shutting down")]
+    ShuttingDown,
+    #[error("the config was not reloaded: {0}")]
+    NotReloaded(String),
+    #[error("{} has no account `{name}`", .config.display())]
+    NoAccount { config: PathBuf, name: String },
+    #[error("{0} uses provider = \"password\": the client's own password goes upstream, there is no token")]
+    NoToken(String),
+    #[error("{0} is not an OAuth account of the running serve (reload it with SIGHUP after editing the config)")]
+    NotLive(String),
+    /// The account's settings rule out the device flow (the sentence says why).
+    #[error("{0}")]
+    NoDeviceFlow(String),
+    #[error(
+        "{0}'s redirect_uri is not a loopback address, so the address must be pasted on the terminal of the process that started the sign-in; stop serve and run `mailproxy login {0}` again"
+    )]
+    NeedsPaste(String),
+    #[error("the command did not send the password")]
+    NoPassword,
+    #[error("the command sent something other than a password")]
+    NotAPassword,
+    #[error("the local password must not be empty")]
+    EmptyPassword,
+    #[error("{0}")]
+    OAuth(#[from] OAuthError),
+    #[error("{0}")]
+    GrantRefused(#[from] GrantRefused),
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    #[error("{0}")]
+    Offline(#[from] OfflineError),
 }
 
 /// A reload asked through the socket: `serve`'s main loop runs it (the
@@ -134,17 +173,15 @@ impl Conn {
     }
 
     /// Asks the command for the account's local password.
-    async fn ask(&mut self, new: bool) -> Result<Secret, String> {
+    async fn ask(&mut self, new: bool) -> Result<Secret, CommandError> {
         let _ = self.tx.send(Reply::Ask { new });
-        let mut line = read_line(&mut self.rx)
-            .await
-            .ok_or("the command did not send the password")?;
+        let mut line = read_line(&mut self.rx).await.ok_or(CommandError::NoPassword)?;
         let parsed = serde_json::from_slice::<Answer>(&line);
         zeroize::Zeroize::zeroize(&mut line);
-        let a = parsed.map_err(|_| "the command sent something other than a password".to_string())?;
+        let a = parsed.map_err(|_| CommandError::NotAPassword)?;
         let pw = Secret::new(a.password.clone());
         if pw.is_empty() {
-            return Err("the local password must not be empty".into());
+            return Err(CommandError::EmptyPassword);
         }
         Ok(pw)
     }
@@ -179,7 +216,7 @@ async fn handle(ctx: Arc<Ctx>, reload: mpsc::Sender<Reloaded>, stream: UnixStrea
                 tracing::debug!(command = ?req, "control socket request");
                 match run(&ctx, &reload, &mut conn, req).await {
                     Ok(code) => Reply::Done { code },
-                    Err(message) => Reply::Error { message },
+                    Err(e) => Reply::Error { message: e.to_string() },
                 }
             }
         },
@@ -189,26 +226,30 @@ async fn handle(ctx: Arc<Ctx>, reload: mpsc::Sender<Reloaded>, stream: UnixStrea
     let _ = writer.await;
 }
 
-/// The OAuth account `name` of the running config, or a sentence.
-fn oauth_account(config: &Config, name: &str) -> Result<(Arc<Account>, OAuthSettings), String> {
-    let account = config
-        .lookup(name)
-        .ok_or_else(|| format!("{} has no account `{name}`", config.path.display()))?;
+/// The OAuth account `name` of the running config.
+fn oauth_account(config: &Config, name: &str) -> Result<(Arc<Account>, OAuthSettings), CommandError> {
+    let account = config.lookup(name).ok_or_else(|| CommandError::NoAccount {
+        config: config.path.clone(),
+        name: name.to_string(),
+    })?;
     let Some(s) = account.oauth() else {
-        return Err(format!(
-            "{name} uses provider = \"password\": the client's own password goes upstream, there is no token"
-        ));
+        return Err(CommandError::NoToken(name.to_string()));
     };
     Ok((account.clone(), s.clone()))
 }
 
-fn live(ctx: &Ctx, name: &str) -> Result<Arc<AccountTokens>, String> {
-    ctx.tokens.get(name).ok_or_else(|| {
-        format!("{name} is not an OAuth account of the running serve (reload it with SIGHUP after editing the config)")
-    })
+fn live(ctx: &Ctx, name: &str) -> Result<Arc<AccountTokens>, CommandError> {
+    ctx.tokens
+        .get(name)
+        .ok_or_else(|| CommandError::NotLive(name.to_string()))
 }
 
-async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, req: Request) -> Result<u8, String> {
+async fn run(
+    ctx: &Arc<Ctx>,
+    reload: &mpsc::Sender<Reloaded>,
+    conn: &mut Conn,
+    req: Request,
+) -> Result<u8, CommandError> {
     let config = ctx.config();
     let tokens = &ctx.tokens;
     match req {
@@ -217,11 +258,11 @@ async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, r
             reload
                 .send(Reloaded(tx))
                 .await
-                .map_err(|_| "serve is shutting down".to_string())?;
+                .map_err(|_| CommandError::ShuttingDown)?;
             match rx.await {
                 Ok(Ok(())) => Ok(0),
-                Ok(Err(e)) => Err(format!("the config was not reloaded: {e}")),
-                Err(_) => Err("serve is shutting down".into()),
+                Ok(Err(e)) => Err(CommandError::NotReloaded(e)),
+                Err(_) => Err(CommandError::ShuttingDown),
             }
         }
         Request::Accounts => {
@@ -261,14 +302,11 @@ async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, r
             let acct = live(ctx, &account.name)?;
             if device {
                 if let Some(why) = settings.device_flow_refusal(&account.name) {
-                    return Err(why);
+                    return Err(CommandError::NoDeviceFlow(why));
                 }
             }
             if grant::needs_paste(&settings) {
-                return Err(format!(
-                    "{}'s redirect_uri is not a loopback address, so the address must be pasted on the terminal of the process that started the sign-in; stop serve and run `mailproxy login {}` again",
-                    account.name, account.name
-                ));
+                return Err(CommandError::NeedsPaste(account.name.clone()));
             }
             let password = conn.ask(true).await?;
             let tx = conn.tx.clone();
@@ -296,17 +334,13 @@ async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, r
                 Ok(t) => t,
                 Err(e) => {
                     tokens.audit(Entry::new(&name, "consent", format!("failed: {e}")));
-                    return Err(e.to_string());
+                    return Err(e.into());
                 }
             };
             let scopes = tokens
                 .accept_grant(&account, &settings, &t, config.limits.provider_timeout)
-                .await
-                .map_err(|e| e.to_string())?;
-            let where_ = tokens
-                .install_grant(&acct, &password, t)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
+            let where_ = tokens.install_grant(&acct, &password, t).await?;
             conn.say(
                 format!(
                     "Authorised {name} (scopes: {}); {where_}.\n\
@@ -320,16 +354,13 @@ async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, r
         Request::Passwd { account } => {
             let (account, _) = oauth_account(&config, &account)?;
             let acct = live(ctx, &account.name)?;
-            let old = if tokens.passwd_needs_old(&acct).await.map_err(|e| e.to_string())? {
+            let old = if tokens.passwd_needs_old(&acct).await? {
                 Some(conn.ask(false).await?)
             } else {
                 None
             };
             let new = conn.ask(true).await?;
-            tokens
-                .change_password_live(&acct, old, &new)
-                .await
-                .map_err(|e| e.to_string())?;
+            tokens.change_password_live(&acct, old, &new).await?;
             conn.say(
                 format!(
                     "The local password of {} is changed; clients must use the new one.",
@@ -350,7 +381,7 @@ async fn run(ctx: &Arc<Ctx>, reload: &mpsc::Sender<Reloaded>, conn: &mut Conn, r
                     input = RevokeInput::EraseOnly(e.to_string());
                 }
             }
-            let lines = tokens.revoke_live(&acct, input).await.map_err(|e| e.to_string())?;
+            let lines = tokens.revoke_live(&acct, input).await?;
             for l in lines {
                 conn.say(l, true);
             }
