@@ -18,55 +18,14 @@ use crate::proxy_header::{self, Header};
 pub(super) async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: TcpStream, ip: IpAddr) {
     net::tune(&tcp);
     let limits = ctx.config().limits.clone();
-    // Behind a balancer: the client is who its PROXY header names, and only
-    // the trusted balancers may say so.
-    let proxy = l.settings(ctx).and_then(|s| s.proxy);
-    let direct = tcp.local_addr().ok().zip(tcp.peer_addr().ok());
-    let (ip, direct) = match proxy {
-        None => (ip, direct),
-        Some(pp) if !pp.trusts(ip) => {
-            crate::metrics::connection(l.protocol, "refused");
-            tracing::warn!("refusing a connection from an address that is not a trusted balancer (proxy_trusted)");
-            return;
-        }
-        Some(_) => match read_proxy_header(&mut tcp, limits.preauth_timeout).await {
-            Ok(Header::Proxied { source, .. }) => {
-                tracing::Span::current().record("client", tracing::field::display(source));
-                (source.ip(), None)
-            }
-            Ok(Header::Local) => (ip, direct),
-            Err(why) => {
-                crate::metrics::connection(l.protocol, "refused");
-                tracing::warn!(reason = %why, "refusing a connection without a valid PROXY header");
-                return;
-            }
-        },
+    let Some(caller) = who::<P>(ctx, l, &mut tcp, ip, limits.preauth_timeout).await else {
+        return;
     };
-    let caller = Caller::new(ip, direct);
-    // `[server] local_users`: other local users' programs are turned away
-    // before any work (the kernel is asked only when the setting limits).
-    let allowed = &ctx.config().local_users;
-    if *allowed != LocalUsers::Anyone {
-        if let LocalUser::Other(uid) = caller.local_user() {
-            if !allowed.admits(uid, crate::sys::euid()) {
-                crate::metrics::connection(l.protocol, "refused");
-                tracing::warn!(
-                    peer_uid = uid,
-                    "refusing a connection from a local user that local_users does not name"
-                );
-                refuse::<P>(
-                    tcp,
-                    "this mailproxy serves other local users' programs only when its owner allows them (local_users)",
-                )
-                .await;
-                return;
-            }
-        }
-    }
+    let ip = caller.ip;
     let Some(_slot) = l.enter(limits.max_connections) else {
         crate::metrics::connection(l.protocol, "refused");
         tracing::warn!(max = limits.max_connections, "connection limit reached; refusing");
-        refuse::<P>(tcp, "too many connections").await;
+        refuse::<P>(&mut tcp, "too many connections").await;
         return;
     };
     let Some(_ip_slot) = l.per_ip.enter(ip, limits.max_connections_per_ip) else {
@@ -75,11 +34,11 @@ pub(super) async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, m
             max = limits.max_connections_per_ip,
             "per-address connection limit reached; refusing"
         );
-        refuse::<P>(tcp, "too many connections from your address").await;
+        refuse::<P>(&mut tcp, "too many connections from your address").await;
         return;
     };
     let Some(settings) = l.settings(ctx) else {
-        refuse::<P>(tcp, "this listener is being reconfigured").await;
+        refuse::<P>(&mut tcp, "this listener is being reconfigured").await;
         return;
     };
     tracing::debug!("accepted");
@@ -122,6 +81,64 @@ pub(super) async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, m
     }
 }
 
+/// Who the connection is from: the PROXY header's client behind a trusted
+/// balancer, else the peer; `None` when it is refused (an untrusted
+/// balancer, a bad header, a local user `local_users` does not name).
+async fn who<P: SessionProtocol>(
+    ctx: &Ctx,
+    l: &ListenerCtx,
+    tcp: &mut TcpStream,
+    ip: IpAddr,
+    timeout: Duration,
+) -> Option<Caller> {
+    // Behind a balancer: the client is who its PROXY header names, and only
+    // the trusted balancers may say so.
+    let proxy = l.settings(ctx).and_then(|s| s.proxy);
+    let direct = tcp.local_addr().ok().zip(tcp.peer_addr().ok());
+    let (ip, direct) = match proxy {
+        None => (ip, direct),
+        Some(pp) if !pp.trusts(ip) => {
+            crate::metrics::connection(l.protocol, "refused");
+            tracing::warn!("refusing a connection from an address that is not a trusted balancer (proxy_trusted)");
+            return None;
+        }
+        Some(_) => match read_proxy_header(tcp, timeout).await {
+            Ok(Header::Proxied { source, .. }) => {
+                tracing::Span::current().record("client", tracing::field::display(source));
+                (source.ip(), None)
+            }
+            Ok(Header::Local) => (ip, direct),
+            Err(why) => {
+                crate::metrics::connection(l.protocol, "refused");
+                tracing::warn!(reason = %why, "refusing a connection without a valid PROXY header");
+                return None;
+            }
+        },
+    };
+    let caller = Caller::new(ip, direct);
+    // `[server] local_users`: other local users' programs are turned away
+    // before any work (the kernel is asked only when the setting limits).
+    let allowed = &ctx.config().local_users;
+    if *allowed != LocalUsers::Anyone {
+        if let LocalUser::Other(uid) = caller.local_user() {
+            if !allowed.admits(uid, crate::sys::euid()) {
+                crate::metrics::connection(l.protocol, "refused");
+                tracing::warn!(
+                    peer_uid = uid,
+                    "refusing a connection from a local user that local_users does not name"
+                );
+                refuse::<P>(
+                    tcp,
+                    "this mailproxy serves other local users' programs only when its owner allows them (local_users)",
+                )
+                .await;
+                return None;
+            }
+        }
+    }
+    Some(caller)
+}
+
 /// The PROXY v2 header at the start of a balancer's connection, read
 /// exactly (never a byte of the client's own stream) within `timeout`.
 async fn read_proxy_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Header, String> {
@@ -155,7 +172,7 @@ async fn read_proxy_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Hea
         .unwrap_or_else(|_| Err(format!("no PROXY header within {} s", timeout.as_secs())))
 }
 
-async fn refuse<P: SessionProtocol>(mut tcp: TcpStream, why: &str) {
+async fn refuse<P: SessionProtocol>(tcp: &mut TcpStream, why: &str) {
     use tokio::io::AsyncWriteExt;
     let msg = P::refusal(why);
     let _ = tokio::time::timeout(Duration::from_secs(2), tcp.write_all(msg.as_bytes())).await;

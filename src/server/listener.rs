@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::net::TcpListener;
 
 use super::ServeError;
 use crate::config::{Config, Listener, LocalTls};
@@ -103,4 +105,45 @@ pub(super) fn acceptor(config: &Config, l: &Listener) -> Result<Option<tokio_rus
         source,
     })?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(sc)))
+}
+
+/// Binds one listener (and writes the self-signed local certificate it
+/// needs); prints `listening PROTOCOL ADDR`.
+pub(super) async fn bind(config: &Config, l: &Listener) -> Result<(TcpListener, Arc<ListenerCtx>), ServeError> {
+    if l.tls != LocalTls::None && (l.cert.is_none() || l.key.is_none()) {
+        let dir = config.state_dir.join("certs");
+        std::fs::create_dir_all(&dir).map_err(|source| ServeError::CertDir {
+            dir: dir.clone(),
+            source,
+        })?;
+        let (c, _, fp) = tls::self_signed(&dir).map_err(|source| ServeError::Tls {
+            which: "the self-signed local certificate".into(),
+            source,
+        })?;
+        println!("certificate {} sha256 {fp}", c.display());
+    }
+    let acceptor = acceptor(config, l)?;
+    let sock = TcpListener::bind(l.listen).await.map_err(|source| ServeError::Bind {
+        protocol: l.protocol,
+        addr: l.listen,
+        source,
+    })?;
+    let addr = sock.local_addr().map_err(|source| ServeError::Bind {
+        protocol: l.protocol,
+        addr: l.listen,
+        source,
+    })?;
+    println!("listening {} {addr}", l.protocol);
+    if !addr.ip().is_loopback() && l.tls == LocalTls::None {
+        tracing::warn!(%addr, "listening without TLS on a non-loopback address (allow_insecure_remote): passwords cross the network in the clear");
+    }
+    tracing::info!(protocol = %l.protocol, %addr, tls = ?l.tls, "listening");
+    let lctx = Arc::new(ListenerCtx {
+        protocol: l.protocol,
+        tls_mode: l.tls,
+        acceptor: RwLock::new(acceptor),
+        sessions: AtomicUsize::new(0),
+        per_ip: PerIp::default(),
+    });
+    Ok((sock, lctx))
 }

@@ -10,8 +10,8 @@ mod listener;
 mod reload;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -20,14 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::Audit;
-use crate::config::{Config, LocalTls};
+use crate::config::Config;
 use crate::control::server::Reloaded;
 use crate::endpoint::Protocol;
 use crate::proxy::Ctx;
-use crate::tls::{self, ClientConfigs, TlsError};
+use crate::tls::{ClientConfigs, TlsError};
 use crate::tokens::TokenManager;
 use crate::vault::{Vault, VaultError};
-use listener::{acceptor, ListenerCtx, PerIp};
+use listener::ListenerCtx;
 use reload::{check_ca_files, effective_store, reload, reloaded_status};
 
 #[derive(Debug, thiserror::Error)]
@@ -141,76 +141,14 @@ impl Server {
         let tracker = TaskTracker::new();
         let mut listeners = Vec::new();
         for l in config.listeners() {
-            if l.tls != LocalTls::None && (l.cert.is_none() || l.key.is_none()) {
-                let dir = config.state_dir.join("certs");
-                std::fs::create_dir_all(&dir).map_err(|source| ServeError::CertDir {
-                    dir: dir.clone(),
-                    source,
-                })?;
-                let (c, _, fp) = tls::self_signed(&dir).map_err(|source| ServeError::Tls {
-                    which: "the self-signed local certificate".into(),
-                    source,
-                })?;
-                println!("certificate {} sha256 {fp}", c.display());
-            }
-            let acceptor = acceptor(&config, l)?;
-            let sock = TcpListener::bind(l.listen).await.map_err(|source| ServeError::Bind {
-                protocol: l.protocol,
-                addr: l.listen,
-                source,
-            })?;
-            let addr = sock.local_addr().map_err(|source| ServeError::Bind {
-                protocol: l.protocol,
-                addr: l.listen,
-                source,
-            })?;
-            println!("listening {} {addr}", l.protocol);
-            if !addr.ip().is_loopback() && l.tls == LocalTls::None {
-                tracing::warn!(%addr, "listening without TLS on a non-loopback address (allow_insecure_remote): passwords cross the network in the clear");
-            }
-            tracing::info!(protocol = %l.protocol, %addr, tls = ?l.tls, "listening");
-            let lctx = Arc::new(ListenerCtx {
-                protocol: l.protocol,
-                tls_mode: l.tls,
-                acceptor: RwLock::new(acceptor),
-                sessions: AtomicUsize::new(0),
-                per_ip: PerIp::default(),
-            });
-            listeners.push((sock, lctx));
+            listeners.push(listener::bind(&config, l).await?);
         }
         if listeners.is_empty() {
             return Err(ServeError::NoListener(config.path.clone()));
         }
         let ready = Arc::new(AtomicBool::new(false));
-        if let Some(addr) = config.fleet.metrics_listen {
-            let sock = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::MetricsBind { addr, source })?;
-            let addr = sock
-                .local_addr()
-                .map_err(|source| ServeError::MetricsBind { addr, source })?;
-            println!("listening metrics {addr}");
-            let protocols = listeners.iter().map(|(_, l)| l.protocol).collect();
-            tracker.spawn(crate::web::metrics::serve(
-                sock,
-                tokens.clone(),
-                records.clone(),
-                ready.clone(),
-                protocols,
-                shutdown.clone(),
-            ));
-        }
-        if let Some(addr) = config.status_listen {
-            let sock = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::StatusBind { addr, source })?;
-            let addr = sock
-                .local_addr()
-                .map_err(|source| ServeError::StatusBind { addr, source })?;
-            println!("listening status {addr}");
-            tokens.set_status_url(Some(format!("http://{addr}/")));
-            tracker.spawn(crate::web::status::serve(sock, tokens.clone(), shutdown.clone()));
-        }
+        let protocols = listeners.iter().map(|(_, l)| l.protocol).collect();
+        start_pages(&config, &tokens, &records, &ready, protocols, &tracker, &shutdown).await?;
         let (control_sock, control_path) = control;
         let (reload_tx, reload_rx) = mpsc::channel(4);
         tracker.spawn(crate::control::server::serve(
@@ -287,6 +225,48 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Binds the metrics listener and the status page when configured, and
+/// starts serving them.
+async fn start_pages(
+    config: &Config,
+    tokens: &Arc<TokenManager>,
+    records: &Arc<dyn crate::store::RecordStore>,
+    ready: &Arc<AtomicBool>,
+    protocols: Vec<Protocol>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), ServeError> {
+    if let Some(addr) = config.fleet.metrics_listen {
+        let sock = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::MetricsBind { addr, source })?;
+        let addr = sock
+            .local_addr()
+            .map_err(|source| ServeError::MetricsBind { addr, source })?;
+        println!("listening metrics {addr}");
+        tracker.spawn(crate::web::metrics::serve(
+            sock,
+            tokens.clone(),
+            records.clone(),
+            ready.clone(),
+            protocols,
+            shutdown.clone(),
+        ));
+    }
+    if let Some(addr) = config.status_listen {
+        let sock = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::StatusBind { addr, source })?;
+        let addr = sock
+            .local_addr()
+            .map_err(|source| ServeError::StatusBind { addr, source })?;
+        println!("listening status {addr}");
+        tokens.set_status_url(Some(format!("http://{addr}/")));
+        tracker.spawn(crate::web::status::serve(sock, tokens.clone(), shutdown.clone()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
