@@ -23,6 +23,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::secret::Secret;
+use crate::sync;
 
 /// OWASP's recommended Argon2id setting: 19 MiB, 2 passes, 1 lane (~30 ms).
 pub const DEFAULT_M_COST: u32 = 19 * 1024;
@@ -193,7 +194,7 @@ const POOLED_BUFFERS: usize = 2;
 const POOLED_BLOCKS: usize = WRITTEN.m_cost as usize;
 
 fn pool() -> std::sync::MutexGuard<'static, Vec<Vec<argon2::Block>>> {
-    BLOCKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    sync::lock(&BLOCKS)
 }
 
 /// The Argon2id run itself, with whatever parameters it is given: callers

@@ -24,7 +24,7 @@
 //! imap smtp pop3  metrics  oauth store tls
 //! preauth sasl  vault  setup service
 //! linebuf  config  crypto keystore net http
-//! endpoint text secret sys audit notify proxy_header
+//! endpoint text secret sys sync audit notify proxy_header
 //! ```
 
 pub mod audit;
@@ -53,6 +53,7 @@ pub mod service;
 pub mod setup;
 pub mod smtp;
 pub mod store;
+pub(crate) mod sync;
 pub(crate) mod sys;
 pub mod text;
 pub mod tls;

@@ -8,6 +8,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
+use crate::sync;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("{path}: {reason}")]
@@ -119,7 +121,7 @@ impl ClientConfigs {
 
     pub fn get(&self, ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
         let key = ca_file.map(Path::to_path_buf);
-        if let Some(c) = self.cache.lock().unwrap().get(&key) {
+        if let Some(c) = sync::lock(&self.cache).get(&key) {
             return Ok(c.clone());
         }
         let mut roots = platform_roots().clone();
@@ -137,7 +139,7 @@ impl ClientConfigs {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let config = Arc::new(config);
-        self.cache.lock().unwrap().insert(key, config.clone());
+        sync::lock(&self.cache).insert(key, config.clone());
         Ok(config)
     }
 }

@@ -24,6 +24,7 @@ use crate::config::{OAuthSettings, ProviderKind};
 use crate::endpoint::is_loopback_host;
 use crate::http::{read_request, refuse_stranger, respond, respond_raw, HttpRequest};
 use crate::secret::Secret;
+use crate::sync::lock;
 
 pub enum Redirect {
     /// We listen on loopback; the browser comes back to us.
@@ -368,12 +369,6 @@ impl BrowserBinding {
         req.cookies(&self.name)
             .any(|v| bool::from(want.expose().as_bytes().ct_eq(v.as_bytes())))
     }
-}
-
-/// One lock-poisoning policy for these pages: a panic elsewhere leaves the
-/// data as it was, which is still valid here.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub(crate) enum Callback {

@@ -36,10 +36,12 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+use crate::sync::lock;
 
 /// Failures from one network answered without delay.
 const FREE: u32 = 3;
@@ -59,10 +61,6 @@ pub struct LoginGuard {
     keys: RandomState,
     nets: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     names: Mutex<HashMap<u64, Arc<NameGate>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The network a client address is counted under.

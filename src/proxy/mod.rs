@@ -23,6 +23,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::sync;
 use crate::tls::ClientConfigs;
 use crate::tokens::TokenManager;
 use crate::upstream::conn::Dialer;
@@ -39,10 +40,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        sync::read(&self.config).clone()
     }
 
     /// The dialer for this proxy's sessions.

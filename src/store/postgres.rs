@@ -26,6 +26,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{Before, RecordStore, RefreshLock, StoreError, Version};
 use crate::secret::Secret;
+use crate::sync;
 use crate::vault::{AccountRecord, Written};
 
 const CHANNEL: &str = "mailproxy_accounts";
@@ -82,7 +83,7 @@ impl Cache {
         if !self.listening.load(Ordering::SeqCst) {
             return None;
         }
-        let m = self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let m = sync::lock(&self.versions);
         m.get(account)
             .filter(|(_, at)| at.elapsed() < CACHE_FOR)
             .map(|(v, _)| *v)
@@ -92,13 +93,13 @@ impl Cache {
         if self.epoch.load(Ordering::SeqCst) != epoch {
             return;
         }
-        let mut m = self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = sync::lock(&self.versions);
         m.insert(account.to_string(), (v, Instant::now()));
     }
 
     fn forget(&self, account: Option<&str>) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        let mut m = self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = sync::lock(&self.versions);
         match account {
             Some(a) => {
                 m.remove(a);

@@ -27,6 +27,7 @@ pub use crate::oauth::login::{account_of_start_path, start_path};
 use crate::oauth::login::{callback, origin, BrowserBinding, Callback, RedirectListener, OTHER_BROWSER};
 use crate::oauth::{self, AuthRequest, OAuthError};
 use crate::secret::Secret;
+use crate::sync;
 
 /// How long an on-demand authorisation (and its completion page) lasts.
 pub const AUTHORIZATION_TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -150,7 +151,7 @@ impl BrowserFlow {
         }
         let req = oauth::authorization_request(&self.account, &self.settings, &self.redirect_uri)?;
         let url = req.url.clone();
-        let mut cur = self.current.lock().unwrap();
+        let mut cur = sync::lock(&self.current);
         *cur = Some(req);
         let cookie = self.browser.issue();
         Ok(Some((url, cookie)))
@@ -160,7 +161,7 @@ impl BrowserFlow {
     /// callback per authorisation), or why it is ignored.
     fn take_for(&self, req: &HttpRequest) -> Result<(AuthRequest, Callback), &'static str> {
         let query = req.query();
-        let mut cur = self.current.lock().unwrap();
+        let mut cur = sync::lock(&self.current);
         let Some(auth) = cur.as_ref() else {
             return Err("this sign-in is not expected (open the start address again)");
         };
@@ -299,7 +300,7 @@ async fn handle(
         Finished::NeedsPassword => {
             let (token, generated) = (Secret::new(random(32)), generated_password());
             let page = completion_page(&flow.account, &token, &generated);
-            *flow.completion.lock().unwrap() = Some(Completion { token, generated });
+            *sync::lock(&flow.completion) = Some(Completion { token, generated });
             let _ = respond_raw(sock, "200 OK", "text/html; charset=utf-8", &[], page.as_bytes()).await;
             false
         }
@@ -354,7 +355,7 @@ async fn complete(
         Invalid,
     }
     let chosen = {
-        let mut c = flow.completion.lock().unwrap();
+        let mut c = sync::lock(&flow.completion);
         let token_ok = flow.browser.matches(req)
             && match (c.as_ref(), field("token")) {
                 (Some(comp), Some(t)) => bool::from(comp.token.expose().as_bytes().ct_eq(t.expose().as_bytes())),

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::sync::lock;
+
 /// Attempts allowed to wait for one account's KDF while it is under attack.
 pub const MAX_WAITING: usize = 8;
 /// Of those, attempts one lane may hold.
@@ -91,12 +93,6 @@ pub(crate) struct Gate {
     /// Attempts waiting per lane (others only); a lane leaves at zero, so
     /// this holds no more entries than attempts in flight.
     lanes: SyncMutex<HashMap<Lane, usize>>,
-}
-
-/// One lock-poisoning policy here: a panic elsewhere leaves counters that
-/// are still valid, so the data is used as it is.
-fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An admitted attempt; counts as waiting until dropped.

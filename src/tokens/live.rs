@@ -9,6 +9,7 @@ use crate::audit::Entry;
 use crate::keystore;
 use crate::oauth::{flows, OAuthError, Tokens};
 use crate::secret::Secret;
+use crate::sync;
 
 use super::offline::{self, OfflineError};
 use super::state::{Access, Active, TokenState};
@@ -134,7 +135,7 @@ impl TokenManager {
         };
         slot.state = TokenState::Active(Active::new(t.refresh.clone(), Some(Access::new(&t)), true));
         drop(slot);
-        *acct.verified.lock().unwrap() = Some(self.digest(acct, password));
+        *sync::lock(&acct.verified) = Some(self.digest(acct, password));
         self.audit
             .record(Entry::new(&name, "consent", "authorised").scopes(&scopes));
         self.changed.notify_one();

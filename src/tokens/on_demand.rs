@@ -112,7 +112,7 @@ impl TokenManager {
         let name = acct.account.name.clone();
         let checked = match r {
             Ok(t) => {
-                let timeout = *self.identity_timeout.read().unwrap();
+                let timeout = *sync::read(&self.identity_timeout);
                 match self.accept_grant(&acct.account, &acct.settings, &t, timeout).await {
                     Ok(scopes) => Ok((t, scopes)),
                     Err(e) => Err((e.to_string(), true)),
@@ -218,7 +218,7 @@ impl TokenManager {
         }
         slot.state = TokenState::Active(Active { sealed: true, ..active });
         drop(slot);
-        *acct.verified.lock().unwrap() = Some(self.digest(acct, password));
+        *sync::lock(&acct.verified) = Some(self.digest(acct, password));
         self.audit.record(Entry::new(
             &name,
             "password_set",

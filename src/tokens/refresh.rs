@@ -259,7 +259,7 @@ impl TokenManager {
         acct.forget_password();
         self.audit
             .record(Entry::new(&acct.account.name, "needs_login", why.clone()));
-        if let Some(cmd) = self.hook.read().unwrap().clone() {
+        if let Some(cmd) = sync::read(&self.hook).clone() {
             run_hook(&cmd, &acct.account.name, &why);
         }
     }

@@ -13,10 +13,7 @@ impl TokenManager {
     }
 
     pub(super) fn cached(&self, acct: &AccountTokens, digest: &[u8; 32]) -> bool {
-        acct.verified
-            .lock()
-            .unwrap()
-            .is_some_and(|d| bool::from(d.ct_eq(digest)))
+        sync::lock(&acct.verified).is_some_and(|d| bool::from(d.ct_eq(digest)))
     }
 
     /// The password's digest matches the one last verified and the tokens
@@ -34,7 +31,7 @@ impl TokenManager {
             let next = self.seal_active(acct, slot, a).await;
             slot.state = TokenState::Active(next);
         }
-        *acct.last_use.lock().unwrap() = Some(now_unix());
+        *sync::lock(&acct.last_use) = Some(now_unix());
         true
     }
 
@@ -112,7 +109,7 @@ impl TokenManager {
         let key = match checked {
             Ok(Some(key)) => key,
             Ok(None) => {
-                let delay = acct.gate.failed(lane, *self.delay_cap.read().unwrap());
+                let delay = acct.gate.failed(lane, *sync::read(&self.delay_cap));
                 drop(turn);
                 // Slow down this client without holding up anyone else.
                 tokio::time::sleep(delay).await;
@@ -162,8 +159,8 @@ impl TokenManager {
         if !usable {
             return Err(AuthError::NotAuthorised(name));
         }
-        *acct.verified.lock().unwrap() = Some(digest);
-        *acct.last_use.lock().unwrap() = Some(now_unix());
+        *sync::lock(&acct.verified) = Some(digest);
+        *sync::lock(&acct.last_use) = Some(now_unix());
         self.changed.notify_one();
         Ok(())
     }

@@ -68,11 +68,7 @@ impl TokenManager {
         let Some(due) = due else {
             return later(now, Duration::from_secs(60));
         };
-        let floor = acct
-            .last_attempt
-            .lock()
-            .unwrap()
-            .map_or(now, |t| later(t, MIN_REFRESH_INTERVAL));
+        let floor = sync::lock(&acct.last_attempt).map_or(now, |t| later(t, MIN_REFRESH_INTERVAL));
         let due = due.max(floor);
         if due > SystemTime::now() {
             return due;
@@ -80,7 +76,7 @@ impl TokenManager {
         if acct.upkeep.swap(true, Ordering::SeqCst) {
             return soon;
         }
-        *acct.last_attempt.lock().unwrap() = Some(now);
+        *sync::lock(&acct.last_attempt) = Some(now);
         let (me, a) = (self.clone(), acct.clone());
         tokio::spawn(async move {
             let (me2, a2) = (me.clone(), a.clone());
@@ -123,7 +119,7 @@ impl TokenManager {
             Ok(s) => s,
             Err(_) => {
                 // Busy with a slow refresh: the last known status will do.
-                if let Some(s) = acct.last_status.lock().unwrap().clone() {
+                if let Some(s) = sync::lock(&acct.last_status).clone() {
                     return s;
                 }
                 acct.slot.lock().await
@@ -177,7 +173,7 @@ impl TokenManager {
             device,
             access_expires: expires,
             last_refresh: slot.record.as_ref().and_then(|r| r.last_refresh),
-            last_use: *acct.last_use.lock().unwrap(),
+            last_use: *sync::lock(&acct.last_use),
             scopes: slot.record.as_ref().map(|r| r.scopes.clone()).unwrap_or_default(),
             next_refresh: planned_refresh(&slot).filter(|_| has_password).map(unix),
             last_error: match &slot.state {
@@ -193,7 +189,7 @@ impl TokenManager {
                     Flow::ClientCredentials | Flow::ServiceAccount => false,
                 },
         };
-        *acct.last_status.lock().unwrap() = Some(st.clone());
+        *sync::lock(&acct.last_status) = Some(st.clone());
         st
     }
 }
