@@ -72,6 +72,7 @@ use crate::keystore;
 use crate::oauth::{self, flows, login::Redirect, OAuthError, Tokens};
 use crate::secret::Secret;
 use crate::store::{RecordStore, StoreError, Version};
+use crate::sync;
 use crate::tls::ClientConfigs;
 use crate::vault::{AccountRecord, StoreKind, Vault, Written};
 use authorize::{BrowserFlow, DeviceShown, Flight};
@@ -165,7 +166,7 @@ impl AccountTokens {
     }
 
     fn forget_password(&self) {
-        *self.verified.lock().unwrap() = None;
+        *sync::lock(&self.verified) = None;
     }
 }
 
@@ -365,7 +366,7 @@ impl TokenManager {
     /// Takes a new config: accounts whose settings did not change keep their
     /// state (tokens, unlock); changed ones start afresh; removed ones go.
     pub fn reload(&self, config: &Config) -> Vec<String> {
-        let mut map = self.accounts.write().unwrap();
+        let mut map = sync::write(&self.accounts);
         let mut changed = Vec::new();
         let mut next = HashMap::new();
         for (k, a) in &config.accounts {
@@ -406,20 +407,20 @@ impl TokenManager {
             }
         }
         *map = next;
-        *self.domains.write().unwrap() = config.domains.clone();
-        *self.hook.write().unwrap() = config.on_reauth_needed.clone();
-        *self.delay_cap.write().unwrap() = config.limits.login_failure_delay_max;
-        *self.identity_timeout.write().unwrap() = config.limits.provider_timeout;
+        *sync::write(&self.domains) = config.domains.clone();
+        *sync::write(&self.hook) = config.on_reauth_needed.clone();
+        *sync::write(&self.delay_cap) = config.limits.login_failure_delay_max;
+        *sync::write(&self.identity_timeout) = config.limits.provider_timeout;
         self.changed.notify_one();
         changed
     }
 
     pub fn set_status_url(&self, url: Option<String>) {
-        *self.status_url.write().unwrap() = url;
+        *sync::write(&self.status_url) = url;
     }
 
     pub fn status_url(&self) -> Option<String> {
-        self.status_url.read().unwrap().clone()
+        sync::read(&self.status_url).clone()
     }
 
     /// The tokens of `login`'s OAuth account. A mailbox of a domain entry
@@ -427,15 +428,15 @@ impl TokenManager {
     /// record on disk): no client can make entries appear.
     pub fn get(&self, login: &str) -> Option<Arc<AccountTokens>> {
         let key = login.to_lowercase();
-        if let Some(t) = self.accounts.read().unwrap().get(&key) {
+        if let Some(t) = sync::read(&self.accounts).get(&key) {
             return Some(t.clone());
         }
-        let account = config::domain::mailbox(&self.domains.read().unwrap(), &key)?;
+        let account = config::domain::mailbox(&sync::read(&self.domains), &key)?;
         let settings = account.oauth()?.clone();
         if !self.records.has_record_now(&account.name) {
             return None;
         }
-        let mut map = self.accounts.write().unwrap();
+        let mut map = sync::write(&self.accounts);
         let t = map
             .entry(key)
             .or_insert_with(|| Arc::new(AccountTokens::new(account, settings)))
@@ -446,7 +447,7 @@ impl TokenManager {
     }
 
     pub fn all(&self) -> Vec<Arc<AccountTokens>> {
-        let mut v: Vec<_> = self.accounts.read().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = sync::read(&self.accounts).values().cloned().collect();
         v.sort_by(|a, b| a.account.name.cmp(&b.account.name));
         v
     }
