@@ -94,7 +94,7 @@ pub(crate) async fn resolve(
     };
     match ctx.tokens.authenticate(&tokens, &password, caller.lane()).await {
         Ok(()) => {}
-        Err(AuthError::NotAuthorised(_)) => return Err(on_demand(ctx, &tokens).await),
+        Err(AuthError::NotAuthorized(_)) => return Err(on_demand(ctx, &tokens).await),
         Err(AuthError::WrongPassword) => {
             tracing::info!(account = %account.name, "wrong local password");
             return Err(LoginFailure::new(Failure::Credentials, "Authentication failed"));

@@ -150,7 +150,7 @@ impl TokenManager {
         let rec = slot
             .record
             .as_ref()
-            .ok_or_else(|| OfflineError::NotAuthorised(name.clone()))?;
+            .ok_or_else(|| OfflineError::NotAuthorized(name.clone()))?;
         if rec.password.is_none() {
             return Err(OfflineError::NoPassword(name));
         }

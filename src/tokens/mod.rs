@@ -80,7 +80,7 @@ pub use check::CheckOutcome;
 pub use gate::KdfStatus;
 pub use gate::Lane;
 use gate::{Gate, KdfStats};
-pub use offline::store_authorisation;
+pub use offline::store_authorization;
 use refresh::{fresh_token, Refreshed};
 use save::{blocking, new_record, BackgroundError, SaveError};
 pub use sessions::SessionOpen;
@@ -177,7 +177,7 @@ pub enum AuthError {
     #[error("{0} has no local password yet: its owner sets it on the page shown at the end of the authorisation, or with `mailproxy login {0}` on this machine")]
     NoLocalPassword(String),
     #[error("{0} is not authorised yet")]
-    NotAuthorised(String),
+    NotAuthorized(String),
     #[error("the account's vault cannot be used: {0}")]
     Vault(String),
     /// The token store (the shared database) did not answer: temporary,

@@ -29,7 +29,7 @@ pub enum OfflineError {
     #[error("{0} has no local password yet; run `mailproxy login {0}`")]
     NoPassword(String),
     #[error("{0} is not authorised; run `mailproxy login {0}`")]
-    NotAuthorised(String),
+    NotAuthorized(String),
     #[error("{0} was changed by another mailproxy command meanwhile; nothing was written")]
     Stale(String),
     #[error("{0}")]
@@ -39,7 +39,7 @@ pub enum OfflineError {
 /// Writes a fresh record after an interactive authorisation (`mailproxy
 /// login`): a new verifier for the local password, and the refresh token in
 /// the keyring or sealed under the key the password yields. Blocking.
-pub fn store_authorisation(
+pub fn store_authorization(
     vault: &Vault,
     store: TokenStore,
     account: &str,
@@ -227,7 +227,7 @@ pub async fn change_password(
     let rec = records
         .load(account)
         .await?
-        .ok_or_else(|| OfflineError::NotAuthorised(account.to_string()))?;
+        .ok_or_else(|| OfflineError::NotAuthorized(account.to_string()))?;
     let (a, n, r) = (account.to_string(), new.clone(), rec.clone());
     let mut next = tokio::task::spawn_blocking(move || reseal(&a, &r, old, &n))
         .await

@@ -62,9 +62,9 @@ fn manager(config: &Config, store: TokenStore) -> Arc<TokenManager> {
     Arc::new(TokenManager::new(config, vault, store, audit))
 }
 
-fn authorise(config: &Config, store: TokenStore, pw: &str, refresh: &str) {
+fn authorize(config: &Config, store: TokenStore, pw: &str, refresh: &str) {
     let vault = Vault::open(&config.state_dir).unwrap();
-    store_authorisation(
+    store_authorization(
         &vault,
         store,
         ACCOUNT,
@@ -83,7 +83,7 @@ async fn state_name(tm: &TokenManager, acct: &AccountTokens) -> String {
 async fn locked_unlock_refresh_and_wrong_password() {
     let (url, hits) = token_endpoint(false).await;
     let (_t, config) = setup(&url, "file");
-    authorise(&config, TokenStore::File, "pw", "rt-0");
+    authorize(&config, TokenStore::File, "pw", "rt-0");
     let tm = manager(&config, TokenStore::File);
     let acct = tm.get(ACCOUNT).unwrap();
     assert_eq!(state_name(&tm, &acct).await, "locked");
@@ -108,7 +108,7 @@ async fn no_client_sets_a_password() {
     let acct = tm.get(ACCOUNT).unwrap();
     assert!(matches!(
         tm.authenticate(&acct, &Secret::new("anything"), Lane::Owner).await,
-        Err(AuthError::NotAuthorised(_))
+        Err(AuthError::NotAuthorized(_))
     ));
     // An on-demand grant without a local password: still nobody gets in.
     {
@@ -134,7 +134,7 @@ async fn no_client_sets_a_password() {
 async fn a_failed_write_keeps_the_rotated_token_in_memory() {
     let (url, hits) = token_endpoint(true).await;
     let (_t, config) = setup(&url, "file");
-    authorise(&config, TokenStore::File, "pw", "rt-start");
+    authorize(&config, TokenStore::File, "pw", "rt-start");
     let tm = manager(&config, TokenStore::File);
     let acct = tm.get(ACCOUNT).unwrap();
     tm.authenticate(&acct, &Secret::new("pw"), Lane::Owner).await.unwrap();
@@ -186,7 +186,7 @@ async fn twenty_first_logins(store: &str) {
     } else {
         TokenStore::File
     };
-    authorise(&config, kind, "pw", "rt-0");
+    authorize(&config, kind, "pw", "rt-0");
     for round in 0..2 {
         let tm = manager(&config, kind);
         let acct = tm.get(ACCOUNT).unwrap();
@@ -225,7 +225,7 @@ async fn twenty_concurrent_first_logins_file() {
 async fn erase_during_refresh_is_not_undone() {
     let (url, _) = token_endpoint(true).await;
     let (_t, config) = setup(&url, "file");
-    authorise(&config, TokenStore::File, "pw", "rt-start");
+    authorize(&config, TokenStore::File, "pw", "rt-start");
     let tm = manager(&config, TokenStore::File);
     let acct = tm.get(ACCOUNT).unwrap();
     tm.authenticate(&acct, &Secret::new("pw"), Lane::Owner).await.unwrap();
@@ -247,7 +247,7 @@ async fn erase_during_refresh_is_not_undone() {
 async fn maintain_survives_and_plans_sanely() {
     let (url, _) = token_endpoint(false).await;
     let (_t, config) = setup(&url, "file");
-    authorise(&config, TokenStore::File, "pw", "rt-0");
+    authorize(&config, TokenStore::File, "pw", "rt-0");
     let tm = manager(&config, TokenStore::File);
     let acct = tm.get(ACCOUNT).unwrap();
     // Locked: nothing to do for a while.

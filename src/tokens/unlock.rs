@@ -79,7 +79,7 @@ impl TokenManager {
                 None => {
                     return Err(match slot.state {
                         TokenState::Active(_) => AuthError::NoLocalPassword(name),
-                        _ => AuthError::NotAuthorised(name),
+                        _ => AuthError::NotAuthorized(name),
                     })
                 }
             }
@@ -145,7 +145,7 @@ impl TokenManager {
                         Some(self.shared_access(acct, &slot, slot.record.as_ref(), next))
                     }
                     Some(Err(e)) => return Err(AuthError::Vault(e.to_string())),
-                    None => return Err(AuthError::NotAuthorised(name)),
+                    None => return Err(AuthError::NotAuthorized(name)),
                 }
             }
             (_, Some(a)) => Some(TokenState::Active(self.seal_active(acct, &mut slot, a).await)),
@@ -157,7 +157,7 @@ impl TokenManager {
         let usable = matches!(slot.state, TokenState::Active(_));
         drop(slot);
         if !usable {
-            return Err(AuthError::NotAuthorised(name));
+            return Err(AuthError::NotAuthorized(name));
         }
         *sync::lock(&acct.verified) = Some(digest);
         *sync::lock(&acct.last_use) = Some(now_unix());
