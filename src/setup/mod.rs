@@ -296,119 +296,16 @@ fn account_text(o: &AddOptions, provider: Provider, why: &str) -> String {
 /// steps on `out`, checks everything with the real config parser and
 /// writes the config (0600). Nothing is written when anything is wrong.
 pub fn add(path: &Path, mut o: AddOptions, ask: Ask<'_>, out: &mut dyn Write) -> Result<Added, SetupError> {
-    let address = o.address.trim().to_string();
-    let Some((user, domain)) = address.rsplit_once('@') else {
-        return Err(SetupError::Address(address));
-    };
-    if user.is_empty() || !domain.contains('.') || domain.starts_with('.') || address.chars().any(char::is_whitespace) {
-        return Err(SetupError::Address(address));
-    }
+    let (address, domain) = checked_address(&o.address)?;
     o.address = address.clone();
-    let existing = match std::fs::read_to_string(path) {
-        Ok(t) => Some(t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => {
-            return Err(SetupError::Io {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
-    if existing.is_some() {
-        let c = Config::load(path).map_err(|e| SetupError::Config(e.to_string()))?;
-        if c.account(&address).is_some() {
-            return Err(SetupError::Config(format!(
-                "{} already has the account {address}; run `mailproxy login {address}` to authorise it, or edit the file",
-                path.display()
-            )));
-        }
-    }
-    let say = |out: &mut dyn Write, s: &str| {
-        let _ = writeln!(out, "{s}");
-    };
-
-    let (provider, why) = match o.provider {
-        Some(p) => (p, "provider chosen with --provider".to_string()),
-        None => match detect(domain) {
-            Some(d) => {
-                say(out, &format!("{}: {}.", address, d.why));
-                if o.tenant.is_none() {
-                    o.tenant = d.tenant.map(str::to_string);
-                }
-                (d.provider, d.why)
-            }
-            None => {
-                let a = need(
-                    ask,
-                    &format!("Which provider hosts {address}? google, microsoft, password (a server that still takes passwords) or custom"),
-                    "--provider",
-                )?;
-                let p = match a.to_ascii_lowercase().as_str() {
-                    "google" | "gmail" => Provider::Google,
-                    "microsoft" | "outlook" | "office365" | "m365" => Provider::Microsoft,
-                    "password" => Provider::Password,
-                    "custom" => Provider::Custom,
-                    other => {
-                        return Err(SetupError::Input(format!(
-                            "`{other}` is not one of google, microsoft, password, custom"
-                        )))
-                    }
-                };
-                (p, "provider chosen by hand".to_string())
-            }
-        },
-    };
+    let existing = existing_config(path, &address)?;
+    let (provider, why) = choose_provider(&mut o, &domain, ask, out)?;
     say(out, "");
     say(out, registration_steps(provider));
     say(out, "");
-
     match provider {
-        Provider::Password => {
-            if o.imap.is_none() && o.smtp.is_none() && o.pop3.is_none() {
-                o.imap = Some(need(
-                    ask,
-                    &format!("IMAP server of {address} (e.g. imaps://mail.{domain}:993)"),
-                    "--imap",
-                )?);
-                let smtp = ask(&format!(
-                    "SMTP server of {address} (e.g. smtps://mail.{domain}:465; empty for none)"
-                ))?;
-                o.smtp = smtp.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
-            }
-            o.client_id = None;
-            o.client_secret = None;
-        }
-        _ => {
-            if provider == Provider::Custom {
-                if o.auth_url.is_none() {
-                    o.auth_url = Some(need(ask, "Authorisation endpoint (auth_url)", "--auth-url")?);
-                }
-                if o.token_url.is_none() {
-                    o.token_url = Some(need(ask, "Token endpoint (token_url)", "--token-url")?);
-                }
-                if o.imap.is_none() && o.smtp.is_none() && o.pop3.is_none() {
-                    o.imap = Some(need(
-                        ask,
-                        &format!("IMAP server of {address} (e.g. imaps://mail.{domain}:993)"),
-                        "--imap",
-                    )?);
-                }
-            }
-            let id = match o.client_id.take() {
-                Some(id) => id,
-                None => need(ask, "Client id", "--client-id")?,
-            };
-            if let Some(why) = client_id_problem(provider, &id) {
-                return Err(SetupError::Input(why));
-            }
-            o.client_id = Some(id.trim().to_string());
-            if provider == Provider::Google && o.client_secret.is_none() {
-                o.client_secret = Some(need(ask, "Client secret", "--client-secret")?);
-            }
-            if provider == Provider::Microsoft && o.tenant.is_none() {
-                o.tenant = Some("common".into());
-            }
-        }
+        Provider::Password => ask_password_servers(&mut o, &domain, ask)?,
+        _ => ask_oauth_client(&mut o, provider, &domain, ask)?,
     }
 
     let created = existing.is_none();
@@ -432,6 +329,152 @@ pub fn add(path: &Path, mut o: AddOptions, ask: Ask<'_>, out: &mut dyn Write) ->
         provider,
         created,
     })
+}
+
+/// One line on `out`; a failed write is not worth stopping for.
+fn say(out: &mut dyn Write, s: &str) {
+    let _ = writeln!(out, "{s}");
+}
+
+/// The address, trimmed, and its domain; an error unless it looks like
+/// `name@domain.tld`.
+fn checked_address(address: &str) -> Result<(String, String), SetupError> {
+    let address = address.trim().to_string();
+    let Some((user, domain)) = address.rsplit_once('@') else {
+        return Err(SetupError::Address(address));
+    };
+    if user.is_empty() || !domain.contains('.') || domain.starts_with('.') || address.chars().any(char::is_whitespace) {
+        return Err(SetupError::Address(address));
+    }
+    let domain = domain.to_string();
+    Ok((address, domain))
+}
+
+/// The config's text when it exists (`None` when it does not); an error
+/// when it cannot be read, does not load or already has `address`.
+fn existing_config(path: &Path, address: &str) -> Result<Option<String>, SetupError> {
+    let existing = match std::fs::read_to_string(path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(SetupError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if existing.is_some() {
+        let c = Config::load(path).map_err(|e| SetupError::Config(e.to_string()))?;
+        if c.account(address).is_some() {
+            return Err(SetupError::Config(format!(
+                "{} already has the account {address}; run `mailproxy login {address}` to authorise it, or edit the file",
+                path.display()
+            )));
+        }
+    }
+    Ok(existing)
+}
+
+/// The provider and why: `--provider`, else what the domain tells (which
+/// may also set the tenant), else the answer to a question.
+fn choose_provider(
+    o: &mut AddOptions,
+    domain: &str,
+    ask: Ask<'_>,
+    out: &mut dyn Write,
+) -> Result<(Provider, String), SetupError> {
+    if let Some(p) = o.provider {
+        return Ok((p, "provider chosen with --provider".to_string()));
+    }
+    match detect(domain) {
+        Some(d) => {
+            say(out, &format!("{}: {}.", o.address, d.why));
+            if o.tenant.is_none() {
+                o.tenant = d.tenant.map(str::to_string);
+            }
+            Ok((d.provider, d.why))
+        }
+        None => {
+            let a = need(
+                ask,
+                &format!(
+                    "Which provider hosts {}? google, microsoft, password (a server that still takes passwords) or custom",
+                    o.address
+                ),
+                "--provider",
+            )?;
+            Ok((provider_named(&a)?, "provider chosen by hand".to_string()))
+        }
+    }
+}
+
+/// The provider a person named.
+fn provider_named(answer: &str) -> Result<Provider, SetupError> {
+    match answer.to_ascii_lowercase().as_str() {
+        "google" | "gmail" => Ok(Provider::Google),
+        "microsoft" | "outlook" | "office365" | "m365" => Ok(Provider::Microsoft),
+        "password" => Ok(Provider::Password),
+        "custom" => Ok(Provider::Custom),
+        other => Err(SetupError::Input(format!(
+            "`{other}` is not one of google, microsoft, password, custom"
+        ))),
+    }
+}
+
+/// Asks for the IMAP server of `o.address`.
+fn ask_imap(o: &AddOptions, domain: &str, ask: Ask<'_>) -> Result<String, SetupError> {
+    need(
+        ask,
+        &format!("IMAP server of {} (e.g. imaps://mail.{domain}:993)", o.address),
+        "--imap",
+    )
+}
+
+/// A password account: its servers (asked for when none was given); no
+/// OAuth client.
+fn ask_password_servers(o: &mut AddOptions, domain: &str, ask: Ask<'_>) -> Result<(), SetupError> {
+    if o.imap.is_none() && o.smtp.is_none() && o.pop3.is_none() {
+        o.imap = Some(ask_imap(o, domain, ask)?);
+        let smtp = ask(&format!(
+            "SMTP server of {} (e.g. smtps://mail.{domain}:465; empty for none)",
+            o.address
+        ))?;
+        o.smtp = smtp.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    }
+    o.client_id = None;
+    o.client_secret = None;
+    Ok(())
+}
+
+/// An OAuth account: a custom provider's endpoints and server, the client
+/// id (checked), Google's client secret and Microsoft's default tenant.
+fn ask_oauth_client(o: &mut AddOptions, provider: Provider, domain: &str, ask: Ask<'_>) -> Result<(), SetupError> {
+    if provider == Provider::Custom {
+        if o.auth_url.is_none() {
+            o.auth_url = Some(need(ask, "Authorisation endpoint (auth_url)", "--auth-url")?);
+        }
+        if o.token_url.is_none() {
+            o.token_url = Some(need(ask, "Token endpoint (token_url)", "--token-url")?);
+        }
+        if o.imap.is_none() && o.smtp.is_none() && o.pop3.is_none() {
+            o.imap = Some(ask_imap(o, domain, ask)?);
+        }
+    }
+    let id = match o.client_id.take() {
+        Some(id) => id,
+        None => need(ask, "Client id", "--client-id")?,
+    };
+    if let Some(why) = client_id_problem(provider, &id) {
+        return Err(SetupError::Input(why));
+    }
+    o.client_id = Some(id.trim().to_string());
+    if provider == Provider::Google && o.client_secret.is_none() {
+        o.client_secret = Some(need(ask, "Client secret", "--client-secret")?);
+    }
+    if provider == Provider::Microsoft && o.tenant.is_none() {
+        o.tenant = Some("common".into());
+    }
+    Ok(())
 }
 
 /// Writes the config 0600 (its directory 0700 when created), atomically.

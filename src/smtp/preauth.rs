@@ -265,42 +265,26 @@ impl SmtpPreAuth {
 
     fn handle(&mut self, line: &[u8]) -> Option<Event> {
         match std::mem::replace(&mut self.state, State::Commands) {
-            State::AuthPlain => {
-                let resp = strip_eol(line);
-                if resp == b"*" {
-                    self.reply("501 5.7.0 Authentication cancelled");
-                    return None;
-                }
-                return self.plain_response(resp);
-            }
-            State::AuthLoginUser => {
-                let resp = strip_eol(line);
-                if resp == b"*" {
-                    self.reply("501 5.7.0 Authentication cancelled");
-                    return None;
-                }
-                return self.login_username(resp);
-            }
-            State::AuthLoginPass { username } => {
-                let resp = strip_eol(line);
-                if resp == b"*" {
-                    self.reply("501 5.7.0 Authentication cancelled");
-                    return None;
-                }
-                return match sasl::decode_login_step(resp) {
-                    Ok(password) => {
-                        self.state = State::LoginPending;
-                        Some(Event::Login { username, password })
-                    }
-                    Err(e) => {
-                        self.sasl_error(e);
-                        None
-                    }
-                };
-            }
-            _ => {}
+            State::AuthPlain => self.sasl_line(line, Self::plain_response),
+            State::AuthLoginUser => self.sasl_line(line, Self::login_username),
+            State::AuthLoginPass { username } => self.sasl_line(line, |p, resp| p.login_password(username, resp)),
+            _ => self.command(line),
         }
+    }
 
+    /// A line answering a `334` challenge: `*` cancels the exchange,
+    /// anything else goes to `then` without its line ending.
+    fn sasl_line(&mut self, line: &[u8], then: impl FnOnce(&mut Self, &[u8]) -> Option<Event>) -> Option<Event> {
+        let resp = strip_eol(line);
+        if resp == b"*" {
+            self.reply("501 5.7.0 Authentication cancelled");
+            return None;
+        }
+        then(self, resp)
+    }
+
+    /// A command line, outside any SASL exchange.
+    fn command(&mut self, line: &[u8]) -> Option<Event> {
         let cmd = match command::parse_command(line) {
             Ok(c) => c,
             Err(e) => {
@@ -309,70 +293,82 @@ impl SmtpPreAuth {
             }
         };
         match cmd {
-            Command::Ehlo { domain } => {
-                let mut lines = vec![format!("{} greets {}", self.hostname, one_line(&domain))];
-                lines.extend(self.ehlo_keywords());
-                self.multiline(250, &lines);
-                self.helo = Some(domain);
-                self.esmtp = true;
-            }
-            Command::Helo { domain } => {
-                let line = format!("250 {}", self.hostname);
-                self.reply(&line);
-                self.helo = Some(domain);
-                self.esmtp = false;
-            }
+            Command::Ehlo { domain } => self.ehlo(domain),
+            Command::Helo { domain } => self.helo_command(domain),
             Command::Noop | Command::Rset => self.reply("250 2.0.0 OK"),
             Command::Help => self.reply("214 2.0.0 mailproxy: EHLO, AUTH PLAIN/LOGIN, then mail as usual (RFC 5321)"),
-            Command::Quit => {
-                self.reply("221 2.0.0 Bye");
-                self.state = State::Done;
-                self.core.discard();
-                return Some(Event::Quit);
-            }
-            Command::StartTls => {
-                if self.core.starttls_available() {
-                    self.reply("220 2.0.0 Ready to start TLS");
-                    // Never act on plaintext pipelined before the handshake.
-                    self.core.discard();
-                    self.framer.reset();
-                    self.state = State::AwaitTls;
-                    return Some(Event::StartTls);
-                }
-                if self.core.tls_active() {
-                    self.reply("503 5.5.1 TLS already active");
-                } else {
-                    self.reply("502 5.5.1 STARTTLS not available");
-                }
-            }
+            Command::Quit => return self.quit(),
+            Command::StartTls => return self.starttls(),
             Command::Auth {
                 mechanism,
                 initial_response,
-            } => {
-                if self.is_authenticated() {
-                    self.reply("503 5.5.1 Already authenticated");
-                } else if self.helo.is_none() {
-                    self.reply("503 5.5.1 Send EHLO first");
-                } else if !self.core.login_allowed() {
-                    self.reply("530 5.7.0 Must issue a STARTTLS command first");
-                } else {
-                    match (mechanism.as_str(), initial_response) {
-                        ("PLAIN", Some(ir)) => return self.plain_response(ir.as_bytes()),
-                        ("PLAIN", None) => {
-                            self.push_line("334 ");
-                            self.state = State::AuthPlain;
-                        }
-                        ("LOGIN", Some(ir)) => return self.login_username(ir.as_bytes()),
-                        ("LOGIN", None) => {
-                            self.push_line(&format!("334 {}", sasl::LOGIN_PROMPT_USERNAME));
-                            self.state = State::AuthLoginUser;
-                        }
-                        _ => self.reply("504 5.5.4 Unrecognized authentication type"),
-                    }
-                }
-            }
+            } => return self.auth(&mechanism, initial_response),
             Command::Transaction { .. } => self.reply("530 5.7.0 Authentication required"),
             Command::Other { .. } => self.reply(command::UNRECOGNIZED),
+        }
+        None
+    }
+
+    fn ehlo(&mut self, domain: String) {
+        let mut lines = vec![format!("{} greets {}", self.hostname, one_line(&domain))];
+        lines.extend(self.ehlo_keywords());
+        self.multiline(250, &lines);
+        self.helo = Some(domain);
+        self.esmtp = true;
+    }
+
+    fn helo_command(&mut self, domain: String) {
+        let line = format!("250 {}", self.hostname);
+        self.reply(&line);
+        self.helo = Some(domain);
+        self.esmtp = false;
+    }
+
+    fn quit(&mut self) -> Option<Event> {
+        self.reply("221 2.0.0 Bye");
+        self.state = State::Done;
+        self.core.discard();
+        Some(Event::Quit)
+    }
+
+    fn starttls(&mut self) -> Option<Event> {
+        if self.core.starttls_available() {
+            self.reply("220 2.0.0 Ready to start TLS");
+            // Never act on plaintext pipelined before the handshake.
+            self.core.discard();
+            self.framer.reset();
+            self.state = State::AwaitTls;
+            return Some(Event::StartTls);
+        }
+        if self.core.tls_active() {
+            self.reply("503 5.5.1 TLS already active");
+        } else {
+            self.reply("502 5.5.1 STARTTLS not available");
+        }
+        None
+    }
+
+    fn auth(&mut self, mechanism: &str, initial_response: Option<Zeroizing<String>>) -> Option<Event> {
+        if self.is_authenticated() {
+            self.reply("503 5.5.1 Already authenticated");
+        } else if self.helo.is_none() {
+            self.reply("503 5.5.1 Send EHLO first");
+        } else if !self.core.login_allowed() {
+            self.reply("530 5.7.0 Must issue a STARTTLS command first");
+        } else {
+            match (mechanism, initial_response) {
+                ("PLAIN", Some(ir)) => return self.plain_response(ir.as_bytes()),
+                ("PLAIN", None) => {
+                    self.push_line("334 ");
+                    self.state = State::AuthPlain;
+                }
+                ("LOGIN", Some(ir)) => return self.login_username(ir.as_bytes()),
+                ("LOGIN", None) => {
+                    self.push_line(&format!("334 {}", sasl::LOGIN_PROMPT_USERNAME));
+                    self.state = State::AuthLoginUser;
+                }
+                _ => self.reply("504 5.5.4 Unrecognized authentication type"),
+            }
         }
         None
     }
@@ -408,6 +404,19 @@ impl SmtpPreAuth {
             Err(e) => self.sasl_error(e),
         }
         None
+    }
+
+    fn login_password(&mut self, username: Zeroizing<String>, b64: &[u8]) -> Option<Event> {
+        match sasl::decode_login_step(b64) {
+            Ok(password) => {
+                self.state = State::LoginPending;
+                Some(Event::Login { username, password })
+            }
+            Err(e) => {
+                self.sasl_error(e);
+                None
+            }
+        }
     }
 }
 
