@@ -10,29 +10,14 @@ use crate::tokens::{now_unix, AccountStatus};
 use crate::vault::{AccountRecord, StoreKind};
 
 use super::lookup::known_accounts;
-use super::runner;
+use super::pick::pick;
 
 /// One line of the table: its eight columns.
 type Row = [String; 8];
 
 pub async fn run(config: &Config) -> Result<u8> {
-    let live = runner::pick(config, None).await?.status().await?;
+    let live = pick(config, None).await?.status().await?;
     table(config, live).await.map(|()| 0)
-}
-
-/// What a running `serve` last wrote, if it is still running.
-pub(super) fn status_file(config: &Config) -> Vec<AccountStatus> {
-    let Ok(text) = std::fs::read_to_string(config.state_dir.join("status.json")) else {
-        return vec![];
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return vec![];
-    };
-    let pid = v["pid"].as_u64().unwrap_or(0);
-    if pid == 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        return vec![];
-    }
-    serde_json::from_value(v["accounts"].clone()).unwrap_or_default()
 }
 
 fn when(t: Option<u64>) -> String {

@@ -11,7 +11,8 @@ use crate::setup;
 
 use super::args::AddArgs;
 use super::login;
-use super::runner::{self, LoginOptions};
+use super::pick::pick;
+use super::runner::LoginOptions;
 
 pub async fn run(path: &Path, a: AddArgs) -> Result<u8> {
     let (no_login, no_browser) = (a.no_login, a.no_browser);
@@ -31,7 +32,7 @@ pub async fn run(path: &Path, a: AddArgs) -> Result<u8> {
     }
     let config = Config::load(path)?;
     // A running serve must know the account before it can log it in.
-    if runner::pick(&config, None).await?.reload().await? {
+    if pick(&config, None).await?.reload().await? {
         eprintln!("The running mailproxy serve reloaded its config.");
     }
     let how = LoginOptions {

@@ -2,99 +2,12 @@
 //! exit status is the worst outcome (0 ok, 1 a person must act, 2 a
 //! temporary failure).
 
-use std::time::SystemTime;
-
 use anyhow::Result;
 
-use crate::audit::{Audit, Entry};
 use crate::config::Config;
-use crate::control;
-use crate::oauth::{self, OAuthError};
-use crate::store;
-use crate::tokens::offline::{self, Checked};
 
-use super::lookup::{known_accounts, oauth_account};
-use super::runner;
-use super::terminal::ask_password;
+use super::pick::pick;
 
 pub async fn run(config: &Config, account: Option<&str>) -> Result<u8> {
-    runner::pick(config, account).await?.check(account).await
-}
-
-/// `check` done by the command itself.
-pub(super) async fn offline(config: &Config, only: Option<&str>) -> Result<u8> {
-    let records = store::open(config).await?;
-    let store_key = store::store_key(config)?;
-    let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client_for(config)?;
-    let names: Vec<String> = match only {
-        Some(n) => vec![oauth_account(config, n)?.0.name.clone()],
-        None => known_accounts(config, &*records)
-            .iter()
-            .filter(|a| a.oauth().is_some())
-            .map(|a| a.name.clone())
-            .collect(),
-    };
-    let mut worst = 0u8;
-    for name in names {
-        let (account, settings) = oauth_account(config, &name)?;
-        if let Some(owner) = &account.token_from {
-            match records.load(&name).await? {
-                Some(_) => println!("{name}: ok: uses the grant of {owner} (checked with it)"),
-                None => {
-                    println!("{name}: needs login: run `mailproxy login {name}`");
-                    worst = worst.max(1);
-                }
-            }
-            continue;
-        }
-        let checked = offline::check(
-            &*records,
-            store_key.as_ref(),
-            &http,
-            &name,
-            &account.username,
-            &settings,
-            ask_password(&name),
-        )
-        .await?;
-        worst = worst.max(report(&name, checked, &audit));
-    }
-    Ok(worst)
-}
-
-/// Prints one account's line; the exit status it stands for.
-fn report(name: &str, checked: Checked, audit: &Audit) -> u8 {
-    match checked {
-        Checked::NeedsLogin(why) => {
-            println!("{name}: needs login: {why}");
-            1
-        }
-        Checked::Refreshed(t) => {
-            let left = t
-                .expires_at
-                .duration_since(SystemTime::now())
-                .unwrap_or_default()
-                .as_secs();
-            println!("{name}: ok: new access token valid for {}", control::human_secs(left));
-            0
-        }
-        Checked::Failed(e) => {
-            let code = if e.needs_login() || matches!(e, OAuthError::Provider(_)) {
-                1
-            } else {
-                2
-            };
-            audit.record(Entry::new(name, "refresh_failed", e.to_string()));
-            println!(
-                "{name}: {}: {e}",
-                if code == 1 {
-                    "needs action"
-                } else {
-                    "temporarily failing"
-                }
-            );
-            code
-        }
-    }
+    pick(config, account).await?.check(account).await
 }

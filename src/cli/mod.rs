@@ -3,19 +3,23 @@
 //! the exit status.
 //!
 //! `login`, `accounts`, `check`, `passwd` and `revoke` are each written
-//! once over [`Runner`]: a running `serve` does the work when it can
-//! (asked through its control socket), otherwise the command does it
-//! itself ([`runner`]).
+//! once over [`Runner`] ([`runner`]): a running `serve` does the work when
+//! it can, asked through its control socket (`live`), otherwise the command
+//! does it itself (`offline`); `pick` chooses. The imports run one way:
+//! the commands over `pick`, over `live` and `offline`, over [`runner`].
 
 pub mod accounts;
 pub mod add;
 pub mod args;
 pub mod check;
 pub mod completions;
+mod live;
 pub mod login;
 mod lookup;
 pub mod manpage;
+mod offline;
 pub mod passwd;
+mod pick;
 pub mod revoke;
 pub mod runner;
 pub mod serve;
