@@ -496,10 +496,11 @@ impl TokenManager {
             acct.forget_password();
         }
         // Keep a cached access token when the refresh token did not change.
-        let old_access = |refresh: &Option<Secret>| match &slot.state {
-            TokenState::Active(a) if a.refresh == *refresh => a.access.clone(),
+        let previous = match &slot.state {
+            TokenState::Active(a) => Some(a.clone()),
             _ => None,
         };
+        let old_access = |refresh: &Option<Secret>| kept_access(previous.as_ref(), refresh);
         // An authorisation in progress or a grant waiting for its password
         // has nothing on disk yet: keep it unless the record changed.
         let in_progress = matches!(&slot.state, TokenState::Authorizing(_))
@@ -518,43 +519,9 @@ impl TokenManager {
                 why: "it has not been authorised yet".into(),
             },
             Some(r) if r.token_store == Some(StoreKind::StoreKey) => {
-                match (&r.refresh_token, &self.store_key) {
-                    (Some(sealed), Some(k)) => match crypto::open(k, &acct.account.name, sealed) {
-                        Ok(t) => {
-                            let refresh = Some(t);
-                            TokenState::Active(Active::new(refresh.clone(), old_access(&refresh), true))
-                        }
-                        Err(e) => TokenState::NeedsLogin {
-                            why: format!("its refresh token cannot be opened with the store key ({e})"),
-                        },
-                    },
-                    (Some(_), None) => TokenState::NeedsLogin {
-                        why: "its refresh token is sealed under a store key this instance does not have (set store_key_file or MAILPROXY_STORE_KEY)".into(),
-                    },
-                    (None, _) => TokenState::NeedsLogin {
-                        why: format!("it has no refresh token; run `mailproxy login {}`", acct.account.name),
-                    },
-                }
+                self.opened_with_store_key(acct, r, previous.as_ref())
             }
-            Some(r) if r.token_store == Some(StoreKind::Keyring) => {
-                let name = acct.account.name.clone();
-                let got = blocking(move || keystore::get(&name))
-                    .await
-                    .map_err(|e| AuthError::Vault(e.to_string()))?;
-                tracing::debug!(account = %acct.account.name, found = ?got.as_ref().map(std::option::Option::is_some), "refresh token looked up in the OS keyring");
-                match got {
-                    Ok(Some(t)) => {
-                        let refresh = Some(t);
-                        TokenState::Active(Active::new(refresh.clone(), old_access(&refresh), true))
-                    }
-                    Ok(None) => TokenState::NeedsLogin {
-                        why: "its refresh token is no longer in the OS keyring".into(),
-                    },
-                    Err(e) => TokenState::NeedsLogin {
-                        why: format!("the OS keyring holding its refresh token is unavailable ({e})"),
-                    },
-                }
-            }
+            Some(r) if r.token_store == Some(StoreKind::Keyring) => self.opened_from_keyring(acct, previous.as_ref()).await?,
             Some(r) => match (&r.refresh_token, &slot.key) {
                 (Some(sealed), Some(key)) => match crypto::open(key, &acct.account.name, sealed) {
                     Ok(t) => {
@@ -589,6 +556,48 @@ impl TokenManager {
         Ok(())
     }
 
+    /// The state a record sealed under the store key implies.
+    fn opened_with_store_key(&self, acct: &AccountTokens, r: &AccountRecord, previous: Option<&Active>) -> TokenState {
+        match (&r.refresh_token, &self.store_key) {
+            (Some(sealed), Some(k)) => match crypto::open(k, &acct.account.name, sealed) {
+                Ok(t) => {
+                    let refresh = Some(t);
+                    TokenState::Active(Active::new(refresh.clone(), kept_access(previous, &refresh), true))
+                }
+                Err(e) => TokenState::NeedsLogin {
+                    why: format!("its refresh token cannot be opened with the store key ({e})"),
+                },
+            },
+            (Some(_), None) => TokenState::NeedsLogin {
+                why: "its refresh token is sealed under a store key this instance does not have (set store_key_file or MAILPROXY_STORE_KEY)".into(),
+            },
+            (None, _) => TokenState::NeedsLogin {
+                why: format!("it has no refresh token; run `mailproxy login {}`", acct.account.name),
+            },
+        }
+    }
+
+    /// The state an account whose refresh token is in the OS keyring is in.
+    async fn opened_from_keyring(&self, acct: &AccountTokens, previous: Option<&Active>) -> Result<TokenState, AuthError> {
+        let name = acct.account.name.clone();
+        let got = blocking(move || keystore::get(&name))
+            .await
+            .map_err(|e| AuthError::Vault(e.to_string()))?;
+        tracing::debug!(account = %acct.account.name, found = ?got.as_ref().map(std::option::Option::is_some), "refresh token looked up in the OS keyring");
+        Ok(match got {
+            Ok(Some(t)) => {
+                let refresh = Some(t);
+                TokenState::Active(Active::new(refresh.clone(), kept_access(previous, &refresh), true))
+            }
+            Ok(None) => TokenState::NeedsLogin {
+                why: "its refresh token is no longer in the OS keyring".into(),
+            },
+            Err(e) => TokenState::NeedsLogin {
+                why: format!("the OS keyring holding its refresh token is unavailable ({e})"),
+            },
+        })
+    }
+
     fn cancel_flight(&self, state: &TokenState) {
         if let TokenState::Authorizing(f) = state {
             if let Some(b) = &f.browser {
@@ -599,6 +608,14 @@ impl TokenManager {
 }
 
 /// The keyring entry's name (the account name, as the keystore expects it).
+/// The cached access token of `previous`, when its refresh token is still
+/// `refresh`.
+fn kept_access(previous: Option<&Active>, refresh: &Option<Secret>) -> Option<Access> {
+    previous
+        .filter(|a| a.refresh == *refresh)
+        .and_then(|a| a.access.clone())
+}
+
 fn rec_name(account: &str) -> String {
     account.to_string()
 }
