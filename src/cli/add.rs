@@ -40,7 +40,7 @@ pub async fn run(path: &Path, a: AddArgs) -> Result<u8> {
         no_browser,
         timeout: 300,
     };
-    match login::authorise(&config, &name, how).await? {
+    match login::authorize(&config, &name, how).await? {
         0 => {}
         code => return Ok(code),
     }

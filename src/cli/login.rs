@@ -12,12 +12,12 @@ use super::runner::LoginOptions;
 
 pub async fn run(config: &Config, account: &str, how: LoginOptions) -> Result<u8> {
     refuse_placeholders(config, Some(account))?;
-    authorise(config, account, how).await
+    authorize(config, account, how).await
 }
 
 /// `login` without the placeholder check (`add` wrote the config itself).
 /// A redirect pasted back on the terminal only the command itself can read.
-pub(super) async fn authorise(config: &Config, account: &str, how: LoginOptions) -> Result<u8> {
+pub(super) async fn authorize(config: &Config, account: &str, how: LoginOptions) -> Result<u8> {
     let paste = config
         .account(account)
         .and_then(|a| a.oauth())

@@ -9,7 +9,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Exit status of a command cancelled with Ctrl-C (128 + SIGINT).
-pub const CANCELLED_EXIT: u8 = 130;
+pub const CANCELED_EXIT: u8 = 130;
 
 fn terminal() -> bool {
     std::io::stderr().is_terminal()
@@ -17,7 +17,7 @@ fn terminal() -> bool {
 
 /// While held, Ctrl-C (SIGINT) ends the command cleanly: `on_cancel` runs
 /// (the audit entry), a sentence says nothing was stored, and the process
-/// exits with [`CANCELLED_EXIT`]. Dropped before anything is stored, so a
+/// exits with [`CANCELED_EXIT`]. Dropped before anything is stored, so a
 /// Ctrl-C can never interrupt a write (it is ignored from then on).
 pub struct CancelOnCtrlC(tokio::task::JoinHandle<()>);
 
@@ -35,7 +35,7 @@ impl CancelOnCtrlC {
             if got {
                 on_cancel();
                 eprintln!("\nmailproxy: login cancelled; nothing was stored for {account}");
-                std::process::exit(CANCELLED_EXIT.into());
+                std::process::exit(CANCELED_EXIT.into());
             }
         });
         Ok(CancelOnCtrlC(task))

@@ -47,7 +47,7 @@ pub fn store_authorization(
     refresh: Option<&Secret>,
     scopes: Vec<String>,
 ) -> Result<&'static str, VaultError> {
-    let (rec, where_) = authorisation_record(store, None, account, password, refresh, scopes);
+    let (rec, where_) = authorization_record(store, None, account, password, refresh, scopes);
     vault.store(&rec)?;
     Ok(where_)
 }
@@ -55,7 +55,7 @@ pub fn store_authorization(
 /// The record `mailproxy login` stores, and where its refresh token went:
 /// the keyring, sealed under the store key, or sealed under the key the
 /// local password yields. Blocking (a KDF run, maybe a keyring call).
-pub fn authorisation_record(
+pub fn authorization_record(
     store: TokenStore,
     store_key: Option<&VaultKey>,
     account: &str,

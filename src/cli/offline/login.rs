@@ -57,7 +57,7 @@ pub(super) async fn run(config: &Config, name: &str, how: LoginOptions) -> Resul
     drop(cancel);
     let (n, s, store) = (account.name.clone(), scopes.clone(), config.token_store);
     let (rec, where_) = tokio::task::spawn_blocking(move || {
-        offline::authorisation_record(store, store_key.as_ref(), &n, &password, tokens.refresh.as_ref(), s)
+        offline::authorization_record(store, store_key.as_ref(), &n, &password, tokens.refresh.as_ref(), s)
     })
     .await?;
     records.store(&rec).await?;
@@ -146,7 +146,7 @@ async fn shared(
     let password = read_password(&account.name, true)?;
     let (n, store, key) = (account.name.clone(), config.token_store, store_key.cloned());
     let (rec, _) = tokio::task::spawn_blocking(move || {
-        offline::authorisation_record(store, key.as_ref(), &n, &password, None, Vec::new())
+        offline::authorization_record(store, key.as_ref(), &n, &password, None, Vec::new())
     })
     .await?;
     records.store(&rec).await?;
