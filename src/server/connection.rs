@@ -14,6 +14,7 @@ use crate::proxy::caller::{Caller, LocalUser};
 use crate::proxy::session::{self, SessionProtocol};
 use crate::proxy::Ctx;
 use crate::proxy_header::{self, Header};
+use crate::sync;
 
 pub(super) async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: TcpStream, ip: IpAddr) {
     net::tune(&tcp);
@@ -44,11 +45,7 @@ pub(super) async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, m
     tracing::debug!("accepted");
     crate::metrics::connection(l.protocol, "accepted");
     let _open = crate::metrics::session_open(l.protocol);
-    let acceptor = l
-        .acceptor
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let acceptor = sync::read(&l.acceptor).clone();
     let client = match (&acceptor, l.tls_mode) {
         (Some(acc), LocalTls::Implicit) => {
             if crate::misconnect::plaintext_first(&tcp).await {

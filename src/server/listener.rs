@@ -12,6 +12,7 @@ use super::ServeError;
 use crate::config::{Config, Listener, LocalTls};
 use crate::endpoint::Protocol;
 use crate::proxy::Ctx;
+use crate::sync;
 use crate::tls;
 
 /// Per-address connection counts, for the per-client cap.
@@ -22,7 +23,7 @@ pub(super) struct IpSlot<'a>(&'a PerIp, IpAddr);
 
 impl PerIp {
     pub(super) fn enter(&self, ip: IpAddr, max: usize) -> Option<IpSlot<'_>> {
-        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = sync::lock(&self.0);
         let n = m.entry(ip).or_insert(0);
         if *n >= max {
             return None;
@@ -34,7 +35,7 @@ impl PerIp {
 
 impl Drop for IpSlot<'_> {
     fn drop(&mut self) {
-        let mut m = self.0 .0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = sync::lock(&self.0 .0);
         if let Some(n) = m.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {

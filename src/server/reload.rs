@@ -8,6 +8,7 @@ use super::ServeError;
 use crate::config::{Config, TokenStore};
 use crate::keystore;
 use crate::proxy::Ctx;
+use crate::sync;
 
 /// What the service manager hears after a reload: ready again either way
 /// (a broken config leaves the running one in force).
@@ -75,10 +76,10 @@ pub(super) fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) -> Result<(), St
         tracing::warn!(settings = %fixed.join(", "), "these changes take effect at the next restart");
     }
     for (l, a) in acceptors {
-        *l.acceptor.write().unwrap_or_else(std::sync::PoisonError::into_inner) = a;
+        *sync::write(&l.acceptor) = a;
     }
     let changed = ctx.tokens.reload(&new);
-    *ctx.config.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+    *sync::write(&ctx.config) = Arc::new(new);
     tracing::info!(changed_accounts = ?changed, "configuration reloaded");
     Ok(())
 }
