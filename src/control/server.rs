@@ -52,7 +52,7 @@ enum CommandError {
     #[error("serve is shutting down")]
     ShuttingDown,
     #[error("the config was not reloaded: {0}")]
-    NotReloaded(String),
+    NotReloaded(ReloadError),
     #[error("{} has no account `{name}`", .config.display())]
     NoAccount { config: PathBuf, name: String },
     #[error("{0} uses provider = \"password\": the client's own password goes upstream, there is no token")]
@@ -84,10 +84,13 @@ enum CommandError {
 
 /// A reload asked through the socket: `serve`'s main loop runs it (the
 /// same as SIGHUP) and answers here.
-pub(crate) struct Reloaded(tokio::sync::oneshot::Sender<Result<(), String>>);
+pub(crate) struct Reloaded(tokio::sync::oneshot::Sender<Result<(), ReloadError>>);
+
+/// Why a reload failed, as `serve` explains it.
+pub(crate) type ReloadError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Reloaded {
-    pub(crate) fn send(self, r: Result<(), String>) -> Result<(), Result<(), String>> {
+    pub(crate) fn send(self, r: Result<(), ReloadError>) -> Result<(), Result<(), ReloadError>> {
         self.0.send(r)
     }
 }

@@ -13,8 +13,21 @@ use crate::net::{self, Stream};
 use crate::proxy::caller::{Caller, LocalUser};
 use crate::proxy::session::{self, SessionProtocol};
 use crate::proxy::Ctx;
-use crate::proxy_header::{self, Header};
+use crate::proxy_header::{self, Header, ProxyHeaderError};
 use crate::sync;
+
+/// Why a balancer's connection has no usable PROXY header.
+#[derive(Debug, thiserror::Error)]
+enum ProxyHeaderReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the connection closed before its PROXY header")]
+    Closed,
+    #[error("{0}")]
+    Header(#[from] ProxyHeaderError),
+    #[error("no PROXY header within {} s", .0.as_secs())]
+    Timeout(Duration),
+}
 
 pub(super) async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: TcpStream, ip: IpAddr) {
     net::tune(&tcp);
@@ -138,35 +151,33 @@ async fn who<P: SessionProtocol>(
 
 /// The PROXY v2 header at the start of a balancer's connection, read
 /// exactly (never a byte of the client's own stream) within `timeout`.
-async fn read_proxy_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Header, String> {
+async fn read_proxy_header(tcp: &mut TcpStream, timeout: Duration) -> Result<Header, ProxyHeaderReadError> {
     use tokio::io::AsyncReadExt;
     let read = async {
         let mut prefix = [0u8; proxy_header::PREFIX_LEN];
         let mut got = 0;
         while got < prefix.len() {
-            let n = tcp.read(&mut prefix[got..]).await.map_err(|e| e.to_string())?;
+            let n = tcp.read(&mut prefix[got..]).await?;
             if n == 0 {
-                return Err("the connection closed before its PROXY header".to_string());
+                return Err(ProxyHeaderReadError::Closed);
             }
             got += n;
             // Refuse at the first byte that cannot start a header, rather
             // than wait for bytes a client without one will never send.
             let sig = got.min(proxy_header::SIGNATURE.len());
             if prefix[..sig] != proxy_header::SIGNATURE[..sig] {
-                return Err(proxy_header::ProxyHeaderError::NoSignature.to_string());
+                return Err(ProxyHeaderError::NoSignature.into());
             }
         }
-        let len = proxy_header::header_len(&prefix).map_err(|e| e.to_string())?;
+        let len = proxy_header::header_len(&prefix)?;
         let mut header = prefix.to_vec();
         header.resize(len, 0);
-        tcp.read_exact(&mut header[proxy_header::PREFIX_LEN..])
-            .await
-            .map_err(|e| e.to_string())?;
-        proxy_header::parse(&header).map_err(|e| e.to_string())
+        tcp.read_exact(&mut header[proxy_header::PREFIX_LEN..]).await?;
+        Ok(proxy_header::parse(&header)?)
     };
     tokio::time::timeout(timeout, read)
         .await
-        .unwrap_or_else(|_| Err(format!("no PROXY header within {} s", timeout.as_secs())))
+        .unwrap_or(Err(ProxyHeaderReadError::Timeout(timeout)))
 }
 
 async fn refuse<P: SessionProtocol>(tcp: &mut TcpStream, why: &str) {

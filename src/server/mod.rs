@@ -64,6 +64,9 @@ pub enum ServeError {
     NoListener(PathBuf),
     #[error("the control socket: {0}")]
     Control(#[from] crate::control::ControlError),
+    /// A reload's new config (the running one stays in force).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A bound server, ready to run.
@@ -209,7 +212,7 @@ impl Server {
                     crate::notify::notify("RELOADING=1");
                     let r = reload(&ctx, &live);
                     crate::notify::notify(&reloaded_status(&r));
-                    let _ = Reloaded::send(done, r);
+                    let _ = Reloaded::send(done, r.map_err(Into::into));
                 }
             }
         }

@@ -12,12 +12,12 @@ use crate::sync;
 
 /// What the service manager hears after a reload: ready again either way
 /// (a broken config leaves the running one in force).
-pub(super) fn reloaded_status(r: &Result<(), String>) -> String {
+pub(super) fn reloaded_status(r: &Result<(), ServeError>) -> String {
     match r {
         Ok(()) => "READY=1\nSTATUS=listening; configuration reloaded".into(),
         Err(e) => format!(
             "READY=1\nSTATUS=listening; reload failed, the running configuration stays in force: {}",
-            crate::text::one_line(e)
+            crate::text::one_line(&e.to_string())
         ),
     }
 }
@@ -42,18 +42,18 @@ pub(super) fn check_ca_files(ctx: &Ctx, config: &Config) -> Result<(), ServeErro
 /// one stays in force; sessions in progress keep their snapshot. What can
 /// change live does (fallback, certificates, limits, accounts); what cannot
 /// (listen addresses, TLS modes, `state_dir`) is named in a warning.
-pub(super) fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) -> Result<(), String> {
+pub(super) fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) -> Result<(), ServeError> {
     let old = ctx.config();
     let new = match Config::load(&old.path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     if let Err(e) = check_ca_files(ctx, &new) {
         tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
-        return Err(e.to_string());
+        return Err(e);
     }
     let mut acceptors = Vec::new();
     for l in listeners {
@@ -67,7 +67,7 @@ pub(super) fn reload(ctx: &Ctx, listeners: &[Arc<ListenerCtx>]) -> Result<(), St
             Ok(a) => acceptors.push((l.clone(), a)),
             Err(e) => {
                 tracing::error!(error = %e, "config reload failed; the running configuration stays in force");
-                return Err(e.to_string());
+                return Err(e);
             }
         }
     }
