@@ -394,29 +394,14 @@ fn shared_account(
     } else {
         (imap, smtp, pop3)
     };
-    Ok(Account {
-        username: a.username.clone().unwrap_or_else(|| at.name.to_owned()),
-        name: at.name.to_owned(),
-        auth: owner.auth.clone(),
-        imap,
-        smtp,
-        pop3,
-        ca_file: a
-            .ca_file
-            .as_ref()
-            .map(|p| at.src.resolve(p))
-            .or_else(|| owner.ca_file.clone())
-            .or_else(|| ctx.server_ca.map(Path::to_owned)),
-        mechanism: a.mechanism,
-        insecure_skip_verify: a.insecure_skip_verify,
-        domain_entry: None,
-        token_from: Some(owner.name.to_lowercase()),
-    })
+    let ca_fallback = owner.ca_file.clone().or_else(|| ctx.server_ca.map(Path::to_owned));
+    let mut account = built(at, &a, owner.auth.clone(), [imap, smtp, pop3], ca_fallback);
+    account.token_from = Some(owner.name.to_lowercase());
+    Ok(account)
 }
 
 /// `[accounts."NAME"]`: servers, then how it authenticates.
 fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, ConfigError> {
-    let name = at.name;
     check_name(at)?;
     let Some(provider) = a.provider else {
         return Err(at.err(
@@ -438,23 +423,32 @@ fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, Conf
         }
         _ => AccountAuth::OAuth(Box::new(oauth(at, &a, provider, has_server, ctx)?)),
     };
-    Ok(Account {
-        username: a.username.clone().unwrap_or_else(|| name.to_owned()),
-        name: name.to_owned(),
+    let ca_fallback = ctx.server_ca.map(Path::to_owned);
+    Ok(built(at, &a, auth, [imap, smtp, pop3], ca_fallback))
+}
+
+/// The account as `[accounts."NAME"]` describes it, once its servers and how
+/// it authenticates are settled; its own `ca_file` wins over `ca_fallback`.
+fn built(
+    at: &At,
+    a: &RawAccount,
+    auth: AccountAuth,
+    [imap, smtp, pop3]: [Option<Endpoint>; 3],
+    ca_fallback: Option<PathBuf>,
+) -> Account {
+    Account {
+        username: a.username.clone().unwrap_or_else(|| at.name.to_owned()),
+        name: at.name.to_owned(),
         auth,
         imap,
         smtp,
         pop3,
-        ca_file: a
-            .ca_file
-            .as_ref()
-            .map(|p| at.src.resolve(p))
-            .or_else(|| ctx.server_ca.map(Path::to_owned)),
+        ca_file: a.ca_file.as_ref().map(|p| at.src.resolve(p)).or(ca_fallback),
         mechanism: a.mechanism,
         insecure_skip_verify: a.insecure_skip_verify,
         domain_entry: None,
         token_from: None,
-    })
+    }
 }
 
 /// The account's IMAP, SMTP and POP3 servers (presets fill what is not

@@ -23,6 +23,7 @@ use oauth2::{
 use crate::config::OAuthSettings;
 use crate::secret::Secret;
 pub use errors::{explain, Explanation};
+pub use flows::refresh;
 
 /// Largest token-endpoint answer we read; real ones are a few KiB.
 pub(crate) const MAX_BODY: usize = 256 * 1024;
@@ -330,16 +331,6 @@ macro_rules! client {
         }
         c
     }};
-}
-
-/// Uses a refresh token; see [`flows::refresh`].
-pub async fn refresh(
-    http: &reqwest::Client,
-    account: &str,
-    s: &OAuthSettings,
-    token: &Secret,
-) -> Result<Tokens, OAuthError> {
-    flows::refresh(http, account, s, token).await
 }
 
 /// One authorisation in progress: the URL to open and what must match when

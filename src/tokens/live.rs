@@ -254,21 +254,9 @@ impl TokenManager {
         };
         drop(slot);
         acct.forget_password();
-        if erased.is_empty() {
-            out.push(format!("nothing was stored locally for {name}"));
-        } else {
-            out.push("erased:".into());
-            out.extend(erased.iter().map(|e| format!("  {e}")));
-        }
-        self.audit(Entry::new(
-            &name,
-            "erased",
-            if erased.is_empty() {
-                "nothing stored".into()
-            } else {
-                erased.join("; ")
-            },
-        ));
+        let (said, entry) = offline::erasure_report(&name, &erased);
+        out.extend(said);
+        self.audit(entry);
         self.changed.notify_one();
         Ok(out)
     }

@@ -4,6 +4,7 @@
 //! compare-and-write on the record's generation, so a command never writes
 //! back a record older than what is on disk.
 
+use crate::audit::Entry;
 use crate::config::{OAuthSettings, TokenStore};
 use crate::crypto::{self, VaultKey};
 use crate::keystore;
@@ -275,4 +276,16 @@ fn reseal(
 /// Whether `passwd` needs the old password for this record.
 pub fn needs_old_password(rec: &AccountRecord) -> bool {
     rec.token_store.is_none() && rec.refresh_token.is_some()
+}
+
+/// What `revoke` says after erasing the local traces of `name` (`erased`
+/// names each place), and the audit entry that records it.
+pub fn erasure_report(name: &str, erased: &[String]) -> (Vec<String>, Entry) {
+    if erased.is_empty() {
+        let said = vec![format!("nothing was stored locally for {name}")];
+        return (said, Entry::new(name, "erased", "nothing stored"));
+    }
+    let mut said = vec!["erased:".to_string()];
+    said.extend(erased.iter().map(|e| format!("  {e}")));
+    (said, Entry::new(name, "erased", erased.join("; ")))
 }

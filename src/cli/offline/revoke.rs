@@ -47,23 +47,11 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<()> {
         Err(_) => {}
     }
     // The running proxy drops its in-memory tokens when it sees the record gone.
-    if erased.is_empty() {
-        println!("nothing was stored locally for {name}");
-    } else {
-        println!("erased:");
-        for e in &erased {
-            println!("  {e}");
-        }
+    let (said, entry) = offline::erasure_report(&name, &erased);
+    for line in said {
+        println!("{line}");
     }
-    audit.record(Entry::new(
-        &name,
-        "erased",
-        if erased.is_empty() {
-            "nothing stored".into()
-        } else {
-            erased.join("; ")
-        },
-    ));
+    audit.record(entry);
     Ok(())
 }
 
