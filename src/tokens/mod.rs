@@ -521,7 +521,9 @@ impl TokenManager {
             Some(r) if r.token_store == Some(StoreKind::StoreKey) => {
                 self.opened_with_store_key(acct, r, previous.as_ref())
             }
-            Some(r) if r.token_store == Some(StoreKind::Keyring) => self.opened_from_keyring(acct, previous.as_ref()).await?,
+            Some(r) if r.token_store == Some(StoreKind::Keyring) => {
+                self.opened_from_keyring(acct, previous.as_ref()).await?
+            }
             Some(r) => match (&r.refresh_token, &slot.key) {
                 (Some(sealed), Some(key)) => match crypto::open(key, &acct.account.name, sealed) {
                     Ok(t) => {
@@ -578,7 +580,11 @@ impl TokenManager {
     }
 
     /// The state an account whose refresh token is in the OS keyring is in.
-    async fn opened_from_keyring(&self, acct: &AccountTokens, previous: Option<&Active>) -> Result<TokenState, AuthError> {
+    async fn opened_from_keyring(
+        &self,
+        acct: &AccountTokens,
+        previous: Option<&Active>,
+    ) -> Result<TokenState, AuthError> {
         let name = acct.account.name.clone();
         let got = blocking(move || keystore::get(&name))
             .await
