@@ -4,7 +4,9 @@
 //! incremental line finder and the error their command grammars give.
 
 use nom::bytes::complete::{tag, take_while, take_while1};
-use nom::combinator::eof;
+use nom::combinator::{eof, opt};
+use nom::error::Error as NomError;
+use nom::sequence::preceded;
 use nom::{IResult, Parser};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -195,4 +197,36 @@ pub(crate) fn initial_response(i: &[u8]) -> Res<'_, Zeroizing<String>> {
         String::from_utf8_lossy(tok).into_owned()
     };
     Ok((i, Zeroizing::new(s)))
+}
+
+/// A command line split into its verb (letters only, upper-cased) and the
+/// rest, which is empty or starts with a space; `unknown` is the reply for a
+/// line that is not a command at all.
+pub(crate) fn verb_and_args<'a>(line: &'a [u8], unknown: &str) -> Result<(String, &'a [u8]), ParseError> {
+    let line = strip_eol(line);
+    let Ok((args, verb)) = take_while1::<_, _, NomError<&[u8]>>(|c: u8| c.is_ascii_alphabetic()).parse(line) else {
+        return Err(parse_error(unknown));
+    };
+    if !(args.is_empty() || args.starts_with(b" ")) {
+        return Err(parse_error(unknown));
+    }
+    Ok((String::from_utf8_lossy(verb).to_ascii_uppercase(), args))
+}
+
+/// `cmd` when nothing but spaces follows the verb, else the reply `syntax`
+/// makes.
+pub(crate) fn no_args<T>(args: &[u8], cmd: T, syntax: impl FnOnce() -> String) -> Result<T, ParseError> {
+    match end(args) {
+        Ok(_) => Ok(cmd),
+        Err(_) => Err(parse_error(&syntax())),
+    }
+}
+
+/// `SP mechanism [SP initial-response]` up to the end of the line: the
+/// mechanism upper-cased, and the initial response if any.
+pub(crate) fn sasl_args(args: &[u8]) -> Option<(String, Option<Zeroizing<String>>)> {
+    let (_, (mech, ir, ())) = (preceded(sp, mechanism), opt(preceded(sp, initial_response)), end)
+        .parse(args)
+        .ok()?;
+    Some((String::from_utf8_lossy(mech).to_ascii_uppercase(), ir))
 }

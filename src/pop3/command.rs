@@ -6,15 +6,11 @@
 
 use std::fmt;
 
-use nom::bytes::complete::take_while1;
-use nom::combinator::opt;
-use nom::error::Error as NomError;
-use nom::sequence::preceded;
-use nom::Parser;
 use zeroize::Zeroizing;
 
-use crate::linebuf::{end, initial_response, mechanism, sp};
-use crate::text::strip_eol;
+use crate::linebuf::parse_error as err;
+pub use crate::linebuf::ParseError;
+use crate::linebuf::{self, end, sasl_args, verb_and_args};
 
 /// One parsed client command.
 #[derive(Clone, PartialEq, Eq)]
@@ -71,12 +67,8 @@ impl fmt::Debug for Command {
     }
 }
 
-pub use crate::linebuf::ParseError;
-
 /// Reply for a line that is not a command at all.
 pub const UNKNOWN: &str = "-ERR Unknown command";
-
-use crate::linebuf::parse_error as err;
 
 /// TRANSACTION-state commands (refused before login).
 pub fn is_transaction(verb: &str) -> bool {
@@ -99,20 +91,8 @@ fn credential(raw: &[u8], what: &str) -> Result<Zeroizing<String>, ParseError> {
 
 /// Parse one complete command line.
 pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
-    let line = strip_eol(line);
-    let Ok((args, verb)) = take_while1::<_, _, NomError<&[u8]>>(|c: u8| c.is_ascii_alphabetic()).parse(line) else {
-        return Err(err(UNKNOWN));
-    };
-    if !(args.is_empty() || args.starts_with(b" ")) {
-        return Err(err(UNKNOWN));
-    }
-    let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
-    let no_args = |cmd: Command| -> Result<Command, ParseError> {
-        match end(args) {
-            Ok(_) => Ok(cmd),
-            Err(_) => Err(err(&format!("-ERR Syntax: {verb} takes no arguments"))),
-        }
-    };
+    let (verb, args) = verb_and_args(line, UNKNOWN)?;
+    let no_args = |cmd| linebuf::no_args(args, cmd, || format!("-ERR Syntax: {verb} takes no arguments"));
     let cmd = match verb.as_str() {
         "CAPA" => no_args(Command::Capa)?,
         "QUIT" => no_args(Command::Quit)?,
@@ -142,12 +122,11 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
                     initial_response: None,
                 }
             } else {
-                let parsed = (preceded(sp, mechanism), opt(preceded(sp, initial_response)), end).parse(args);
-                let Ok((_, (mech, ir, ()))) = parsed else {
+                let Some((mech, ir)) = sasl_args(args) else {
                     return Err(err("-ERR Syntax: AUTH [mechanism [initial-response]]"));
                 };
                 Command::Auth {
-                    mechanism: Some(String::from_utf8_lossy(mech).to_ascii_uppercase()),
+                    mechanism: Some(mech),
                     initial_response: ir,
                 }
             }

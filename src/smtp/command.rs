@@ -8,15 +8,11 @@
 
 use std::fmt;
 
-use nom::bytes::complete::take_while1;
-use nom::combinator::opt;
-use nom::error::Error as NomError;
-use nom::sequence::preceded;
-use nom::Parser;
 use zeroize::Zeroizing;
 
-use crate::linebuf::{end, initial_response, mechanism, sp};
-use crate::text::strip_eol;
+use crate::linebuf::parse_error as err;
+pub use crate::linebuf::ParseError;
+use crate::linebuf::{self, sasl_args, verb_and_args};
 
 /// Longest verb [`leading_verb`] waits for (`STARTTLS` is the longest
 /// local one).
@@ -77,12 +73,8 @@ impl fmt::Debug for Command {
     }
 }
 
-pub use crate::linebuf::ParseError;
-
 /// Reply for a line that is not a command at all.
 pub const UNRECOGNIZED: &str = "500 5.5.2 Command unrecognized";
-
-use crate::linebuf::parse_error as err;
 
 /// Commands that exist in SMTP but are refused with `530` before `AUTH`.
 pub fn requires_auth(verb: &str) -> bool {
@@ -143,19 +135,11 @@ fn domain(args: &[u8], verb: &str) -> Result<String, ParseError> {
 
 /// Parse one complete command line.
 pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
-    let line = strip_eol(line);
-    let Ok((args, verb)) = take_while1::<_, _, NomError<&[u8]>>(|c: u8| c.is_ascii_alphabetic()).parse(line) else {
-        return Err(err(UNRECOGNIZED));
-    };
-    if !(args.is_empty() || args.starts_with(b" ")) {
-        return Err(err(UNRECOGNIZED));
-    }
-    let verb = String::from_utf8_lossy(verb).to_ascii_uppercase();
-    let no_args = |cmd: Command| -> Result<Command, ParseError> {
-        match end(args) {
-            Ok(_) => Ok(cmd),
-            Err(_) => Err(err(&format!("501 5.5.4 Syntax: {verb} (no parameters allowed)"))),
-        }
+    let (verb, args) = verb_and_args(line, UNRECOGNIZED)?;
+    let no_args = |cmd| {
+        linebuf::no_args(args, cmd, || {
+            format!("501 5.5.4 Syntax: {verb} (no parameters allowed)")
+        })
     };
     let cmd = match verb.as_str() {
         "EHLO" => Command::Ehlo {
@@ -165,13 +149,12 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
             domain: domain(args, "HELO")?,
         },
         "AUTH" => {
-            let parsed = (preceded(sp, mechanism), opt(preceded(sp, initial_response)), end).parse(args);
-            let Ok((_, (mech, ir, ()))) = parsed else {
+            let Some((mechanism, initial_response)) = sasl_args(args) else {
                 return Err(err("501 5.5.4 Syntax: AUTH mechanism [initial-response]"));
             };
             Command::Auth {
-                mechanism: String::from_utf8_lossy(mech).to_ascii_uppercase(),
-                initial_response: ir,
+                mechanism,
+                initial_response,
             }
         }
         "STARTTLS" => no_args(Command::StartTls)?,
