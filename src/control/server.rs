@@ -300,95 +300,110 @@ async fn run(
             account,
             device,
             timeout,
-        } => {
-            let (account, settings) = oauth_account(&config, &account)?;
-            let acct = live(ctx, &account.name)?;
-            if device {
-                if let Some(why) = settings.device_flow_refusal(&account.name) {
-                    return Err(CommandError::NoDeviceFlow(why));
-                }
-            }
-            if grant::needs_paste(&settings) {
-                return Err(CommandError::NeedsPaste(account.name.clone()));
-            }
-            let password = conn.ask(true).await?;
-            let tx = conn.tx.clone();
-            let name = account.name.clone();
-            let who = name.clone();
-            let tell = move |n: Notice| {
-                let reply = match n {
-                    Notice::Open(url) => Some(Reply::Open { url }),
-                    other => other.text(&who).map(|text| Reply::Say { text, stdout: false }),
-                };
-                if let Some(r) = reply {
-                    let _ = tx.send(r);
-                }
-            };
-            let r = grant::obtain(
-                &tokens.http,
-                &account,
-                &settings,
-                device,
-                Duration::from_secs(timeout),
-                &tell,
-            )
-            .await;
-            let t = match r {
-                Ok(t) => t,
-                Err(e) => {
-                    tokens.audit(Entry::new(&name, "consent", format!("failed: {e}")));
-                    return Err(e.into());
-                }
-            };
-            let scopes = tokens
-                .accept_grant(&account, &settings, &t, config.limits.provider_timeout)
-                .await?;
-            let where_ = tokens.install_grant(&acct, &password, t).await?;
-            conn.say(
-                format!(
-                    "Authorised {name} (scopes: {}); {where_}.\n\
-                     Configure your mail client with user name {name} and the local password you chose.",
-                    scopes.join(" ")
-                ),
-                false,
-            );
-            Ok(0)
-        }
-        Request::Passwd { account } => {
-            let (account, _) = oauth_account(&config, &account)?;
-            let acct = live(ctx, &account.name)?;
-            let old = if tokens.passwd_needs_old(&acct).await? {
-                Some(conn.ask(false).await?)
-            } else {
-                None
-            };
-            let new = conn.ask(true).await?;
-            tokens.change_password_live(&acct, old, &new).await?;
-            conn.say(
-                format!(
-                    "The local password of {} is changed; clients must use the new one.",
-                    account.name
-                ),
-                false,
-            );
-            Ok(0)
-        }
-        Request::Revoke { account } => {
-            let (account, _) = oauth_account(&config, &account)?;
-            let acct = live(ctx, &account.name)?;
-            let mut input = RevokeInput::Live;
-            if tokens.is_locked(&acct).await {
-                let pw = conn.ask(false).await?;
-                // The control socket answers only its own uid: the owner.
-                if let Err(e) = tokens.authenticate(&acct, &pw, crate::tokens::Lane::Owner).await {
-                    input = RevokeInput::EraseOnly(e.to_string());
-                }
-            }
-            let lines = tokens.revoke_live(&acct, input).await?;
-            for l in lines {
-                conn.say(l, true);
-            }
-            Ok(0)
+        } => login(ctx, conn, &account, device, timeout).await,
+        Request::Passwd { account } => passwd(ctx, conn, &account).await,
+        Request::Revoke { account } => revoke(ctx, conn, &account).await,
+    }
+}
+
+/// `mailproxy login` through serve: the grant, checked, installed live.
+async fn login(ctx: &Arc<Ctx>, conn: &mut Conn, account: &str, device: bool, timeout: u64) -> Result<u8, CommandError> {
+    let config = ctx.config();
+    let tokens = &ctx.tokens;
+    let (account, settings) = oauth_account(&config, account)?;
+    let acct = live(ctx, &account.name)?;
+    if device {
+        if let Some(why) = settings.device_flow_refusal(&account.name) {
+            return Err(CommandError::NoDeviceFlow(why));
         }
     }
+    if grant::needs_paste(&settings) {
+        return Err(CommandError::NeedsPaste(account.name.clone()));
+    }
+    let password = conn.ask(true).await?;
+    let tx = conn.tx.clone();
+    let name = account.name.clone();
+    let who = name.clone();
+    let tell = move |n: Notice| {
+        let reply = match n {
+            Notice::Open(url) => Some(Reply::Open { url }),
+            other => other.text(&who).map(|text| Reply::Say { text, stdout: false }),
+        };
+        if let Some(r) = reply {
+            let _ = tx.send(r);
+        }
+    };
+    let r = grant::obtain(
+        &tokens.http,
+        &account,
+        &settings,
+        device,
+        Duration::from_secs(timeout),
+        &tell,
+    )
+    .await;
+    let t = match r {
+        Ok(t) => t,
+        Err(e) => {
+            tokens.audit(Entry::new(&name, "consent", format!("failed: {e}")));
+            return Err(e.into());
+        }
+    };
+    let scopes = tokens
+        .accept_grant(&account, &settings, &t, config.limits.provider_timeout)
+        .await?;
+    let where_ = tokens.install_grant(&acct, &password, t).await?;
+    conn.say(
+        format!(
+            "Authorised {name} (scopes: {}); {where_}.\n\
+             Configure your mail client with user name {name} and the local password you chose.",
+            scopes.join(" ")
+        ),
+        false,
+    );
+    Ok(0)
+}
+
+/// `mailproxy passwd` through serve.
+async fn passwd(ctx: &Arc<Ctx>, conn: &mut Conn, account: &str) -> Result<u8, CommandError> {
+    let config = ctx.config();
+    let tokens = &ctx.tokens;
+    let (account, _) = oauth_account(&config, account)?;
+    let acct = live(ctx, &account.name)?;
+    let old = if tokens.passwd_needs_old(&acct).await? {
+        Some(conn.ask(false).await?)
+    } else {
+        None
+    };
+    let new = conn.ask(true).await?;
+    tokens.change_password_live(&acct, old, &new).await?;
+    conn.say(
+        format!(
+            "The local password of {} is changed; clients must use the new one.",
+            account.name
+        ),
+        false,
+    );
+    Ok(0)
+}
+
+/// `mailproxy revoke` through serve.
+async fn revoke(ctx: &Arc<Ctx>, conn: &mut Conn, account: &str) -> Result<u8, CommandError> {
+    let config = ctx.config();
+    let tokens = &ctx.tokens;
+    let (account, _) = oauth_account(&config, account)?;
+    let acct = live(ctx, &account.name)?;
+    let mut input = RevokeInput::Live;
+    if tokens.is_locked(&acct).await {
+        let pw = conn.ask(false).await?;
+        // The control socket answers only its own uid: the owner.
+        if let Err(e) = tokens.authenticate(&acct, &pw, crate::tokens::Lane::Owner).await {
+            input = RevokeInput::EraseOnly(e.to_string());
+        }
+    }
+    let lines = tokens.revoke_live(&acct, input).await?;
+    for l in lines {
+        conn.say(l, true);
+    }
+    Ok(0)
 }
