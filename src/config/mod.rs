@@ -25,6 +25,7 @@ pub mod domain;
 mod files;
 mod fleet;
 mod parse;
+mod presets;
 mod raw;
 mod reload;
 mod service_account_key;

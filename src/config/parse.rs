@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::presets::{default_server, oauth};
 use super::raw::{ProviderName, RawAccount, RawConfig, RawLimits, RawListener, RawServer};
 use super::source::Source;
 use super::*;
@@ -29,12 +30,12 @@ struct Server {
 }
 
 /// What an account's settings depend on outside its own table.
-struct AccountContext<'a> {
+pub(super) struct AccountContext<'a> {
     /// `[server] ca_file`, the default for every account.
-    server_ca: Option<&'a Path>,
+    pub(super) server_ca: Option<&'a Path>,
     /// Which listeners are configured (IMAP, SMTP, POP3): Microsoft accounts
     /// ask only for the scopes of protocols that can actually be used.
-    listening: [bool; 3],
+    pub(super) listening: [bool; 3],
 }
 
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -302,14 +303,14 @@ fn accounts(
 }
 
 /// One account's table, for errors: `accounts."NAME".KEY` at the table's line.
-struct At<'a> {
-    src: &'a Source<'a>,
-    name: &'a str,
-    span: Range<usize>,
+pub(super) struct At<'a> {
+    pub(super) src: &'a Source<'a>,
+    pub(super) name: &'a str,
+    pub(super) span: Range<usize>,
 }
 
 impl At<'_> {
-    fn key(&self, k: &str) -> Option<String> {
+    pub(super) fn key(&self, k: &str) -> Option<String> {
         Some(if k.is_empty() {
             format!("accounts.\"{}\"", self.name)
         } else {
@@ -317,11 +318,11 @@ impl At<'_> {
         })
     }
 
-    fn err(&self, k: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err(&self, k: &str, message: impl Into<String>) -> ConfigError {
         self.src.err(Some(self.span.clone()), self.key(k), message)
     }
 
-    fn err_at(&self, span: Option<Range<usize>>, k: &str, message: impl Into<String>) -> ConfigError {
+    pub(super) fn err_at(&self, span: Option<Range<usize>>, k: &str, message: impl Into<String>) -> ConfigError {
         self.src.err(span.or(Some(self.span.clone())), self.key(k), message)
     }
 }
@@ -508,246 +509,5 @@ fn password_only(at: &At, a: &RawAccount, why: &str) -> Result<(), ConfigError> 
     match oauth_only.iter().find(|(_, set)| *set) {
         Some((k, _)) => Err(at.err(k, format!("{why}; OAuth settings do not apply"))),
         None => Ok(()),
-    }
-}
-
-/// Endpoints and scopes a provider preset supplies; the account may
-/// override each of them.
-struct Preset {
-    kind: ProviderKind,
-    auth_url: String,
-    token_url: String,
-    device_url: Option<String>,
-    revoke_url: Option<String>,
-    scopes: Vec<String>,
-    auth_params: Vec<(String, String)>,
-}
-
-/// An OAuth account's settings: the preset, the account's overrides, then
-/// what each flow needs.
-fn oauth(
-    at: &At,
-    a: &RawAccount,
-    provider: ProviderName,
-    has_server: [bool; 3],
-    ctx: &AccountContext,
-) -> Result<OAuthSettings, ConfigError> {
-    // A service account is named by its key file; it needs no client_id.
-    let client_id = match a.client_id.clone().filter(|c| !c.is_empty()) {
-        Some(id) => id,
-        None if a.flow == Flow::ServiceAccount => String::new(),
-        None => {
-            return Err(at.err(
-                "client_id",
-                "an OAuth account needs the client_id of its app registration",
-            ))
-        }
-    };
-    if a.tenant.is_some() && provider != ProviderName::Microsoft {
-        return Err(at.err("tenant", "tenant only applies to provider = \"microsoft\""));
-    }
-    if a.cloud.is_some() && provider != ProviderName::Microsoft {
-        return Err(at.err("cloud", "cloud only applies to provider = \"microsoft\""));
-    }
-    let preset = match provider {
-        ProviderName::Google => google_preset(),
-        ProviderName::Microsoft => microsoft_preset(at, a, has_server, ctx)?,
-        _ => custom_preset(at, a)?,
-    };
-    let o = OAuthSettings {
-        provider: preset.kind,
-        client_id,
-        client_secret: a.client_secret.clone(),
-        auth_url: a.auth_url.clone().unwrap_or(preset.auth_url),
-        token_url: a.token_url.clone().unwrap_or(preset.token_url),
-        device_url: a.device_url.clone().or(preset.device_url),
-        revoke_url: a.revoke_url.clone().or(preset.revoke_url),
-        redirect_uri: a.redirect_uri.clone(),
-        scopes: a.scopes.clone().unwrap_or(preset.scopes),
-        flow: a.flow,
-        client_certificate: a.client_certificate.as_ref().map(|p| at.src.resolve(p)),
-        client_key: a.client_key.as_ref().map(|p| at.src.resolve(p)),
-        service_account_key: a.service_account_key.as_ref().map(|p| at.src.resolve(p)),
-        on_demand: a.on_demand,
-        auth_params: preset.auth_params,
-    };
-    check_flow(at, &o)?;
-    for (k, u) in [
-        ("auth_url", Some(&o.auth_url)),
-        ("token_url", Some(&o.token_url)),
-        ("device_url", o.device_url.as_ref()),
-        ("revoke_url", o.revoke_url.as_ref()),
-        ("redirect_uri", o.redirect_uri.as_ref()),
-    ] {
-        if let Some(u) = u {
-            check_http_url(u).map_err(|m| at.err(k, m.to_string()))?;
-        }
-    }
-    Ok(o)
-}
-
-/// Google: one scope for all of Gmail, and `access_type=offline` plus
-/// `prompt=consent`, without which no refresh token is handed out. No
-/// device endpoint: Google's device flow does not accept the Gmail scope.
-fn google_preset() -> Preset {
-    Preset {
-        kind: ProviderKind::Google,
-        auth_url: GOOGLE_AUTH_URL.into(),
-        token_url: GOOGLE_TOKEN_URL.into(),
-        device_url: None,
-        revoke_url: Some(GOOGLE_REVOKE_URL.into()),
-        scopes: vec![GOOGLE_MAIL_SCOPE.into()],
-        auth_params: vec![
-            ("access_type".into(), "offline".into()),
-            ("prompt".into(), "consent".into()),
-        ],
-    }
-}
-
-/// Microsoft: endpoints under the tenant, and only the scopes of protocols
-/// that the account has a server for and mailproxy listens on (consent
-/// screens ask for less, and tenants may allow only some).
-fn microsoft_preset(
-    at: &At,
-    a: &RawAccount,
-    has_server: [bool; 3],
-    ctx: &AccountContext,
-) -> Result<Preset, ConfigError> {
-    let tenant = a.tenant.clone().unwrap_or_else(|| "common".into());
-    if tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || "-.".contains(c)) {
-        return Err(at.err(
-            "tenant",
-            format!("`{tenant}` is not a tenant: use common, organizations, consumers, a tenant ID or a domain"),
-        ));
-    }
-    let cloud = a.cloud.unwrap_or_default().endpoints();
-    let base = format!("{}/{tenant}/oauth2/v2.0", cloud.login);
-    let [imap_scope, ..] = cloud.scopes.clone();
-    let mut scopes: Vec<String> = cloud
-        .scopes
-        .into_iter()
-        .zip(has_server.into_iter().zip(ctx.listening))
-        .filter(|(_, (server, listening))| *server && *listening)
-        .map(|(s, _)| s)
-        .collect();
-    if scopes.is_empty() {
-        scopes.push(imap_scope);
-    }
-    if a.flow == Flow::ClientCredentials {
-        // App-only access takes the resource's .default scope.
-        scopes = vec![cloud.app_scope];
-    } else {
-        scopes.push("offline_access".into());
-    }
-    Ok(Preset {
-        kind: ProviderKind::Microsoft,
-        auth_url: format!("{base}/authorize"),
-        token_url: format!("{base}/token"),
-        device_url: Some(format!("{base}/devicecode")),
-        revoke_url: None,
-        scopes,
-        auth_params: Vec::new(),
-    })
-}
-
-/// A custom provider has no preset: the endpoints and scopes are required.
-fn custom_preset(at: &At, a: &RawAccount) -> Result<Preset, ConfigError> {
-    let auth_url = a
-        .auth_url
-        .clone()
-        .ok_or_else(|| at.err("auth_url", "a custom provider needs auth_url"))?;
-    let token_url = a
-        .token_url
-        .clone()
-        .ok_or_else(|| at.err("token_url", "a custom provider needs token_url"))?;
-    let scopes = a
-        .scopes
-        .clone()
-        .ok_or_else(|| at.err("scopes", "a custom provider needs scopes, e.g. scopes = [\"mail\"]"))?;
-    Ok(Preset {
-        kind: ProviderKind::Custom,
-        auth_url,
-        token_url,
-        device_url: a.device_url.clone(),
-        revoke_url: a.revoke_url.clone(),
-        scopes,
-        auth_params: Vec::new(),
-    })
-}
-
-/// What each flow needs, refused at load rather than at the first login.
-fn check_flow(at: &At, o: &OAuthSettings) -> Result<(), ConfigError> {
-    match o.flow {
-        Flow::Device => {
-            if let Some(why) = o.device_flow_refusal(at.name) {
-                return Err(at.err("flow", why));
-            }
-            if o.device_url.is_none() {
-                return Err(at.err("device_url", "flow = \"device\" needs device_url"));
-            }
-        }
-        Flow::ClientCredentials => {
-            if o.client_certificate.is_some() != o.client_key.is_some() {
-                return Err(at.err("client_key", "client_certificate and client_key go together"));
-            }
-            if o.client_secret.is_none() && o.client_certificate.is_none() {
-                return Err(at.err(
-                    "client_secret",
-                    "flow = \"client_credentials\" needs client_secret, or client_certificate and client_key",
-                ));
-            }
-        }
-        Flow::ServiceAccount => {
-            if o.provider == ProviderKind::Microsoft {
-                return Err(at.err(
-                    "flow",
-                    "service accounts are Google Workspace's; for Microsoft 365 app-only access use flow = \"client_credentials\"",
-                ));
-            }
-            if o.service_account_key.is_none() {
-                return Err(at.err(
-                    "service_account_key",
-                    "flow = \"service_account\" needs service_account_key = \"FILE\": the JSON key Google issues for the service account",
-                ));
-            }
-        }
-        Flow::AuthorizationCode => {}
-    }
-    if o.flow != Flow::ServiceAccount && o.service_account_key.is_some() {
-        return Err(at.err(
-            "service_account_key",
-            "service_account_key only applies to flow = \"service_account\"",
-        ));
-    }
-    Ok(())
-}
-
-/// Endpoints must be https, except on loopback (a local identity provider or a test).
-fn check_http_url(u: &str) -> Result<(), ConfigProblem> {
-    let url = url::Url::parse(u).map_err(|source| ConfigProblem::NotUrl {
-        url: u.to_string(),
-        source,
-    })?;
-    let local = url.host_str().map(is_loopback_host).unwrap_or(false);
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if local => Ok(()),
-        s => Err(ConfigProblem::NotHttps {
-            url: u.to_string(),
-            scheme: s.to_string(),
-        }),
-    }
-}
-
-fn default_server(provider: ProviderName, cloud: cloud::Cloud, p: Protocol) -> Option<&'static str> {
-    let ms = cloud.endpoints();
-    match (provider, p) {
-        (ProviderName::Google, Protocol::Imap) => Some("imaps://imap.gmail.com:993"),
-        (ProviderName::Google, Protocol::Smtp) => Some("smtps://smtp.gmail.com:465"),
-        (ProviderName::Google, Protocol::Pop3) => Some("pop3s://pop.gmail.com:995"),
-        (ProviderName::Microsoft, Protocol::Imap) => Some(ms.imap),
-        (ProviderName::Microsoft, Protocol::Smtp) => Some(ms.smtp),
-        (ProviderName::Microsoft, Protocol::Pop3) => Some(ms.pop3),
-        _ => None,
     }
 }
