@@ -563,16 +563,17 @@ pub(crate) mod testkit {
     }
 
     /// Random input in random chunks, 3000 times, to machines made by
-    /// `new(small_limits, starttls)` in turn with small limits and STARTTLS,
-    /// small limits without, and the defaults: no panic, bounded buffers,
+    /// `new(config, starttls)` in turn with the `small` config and STARTTLS,
+    /// `small` without, and the default config: no panic, bounded buffers,
     /// whole CRLF lines out, and without STARTTLS (whose discard depends on
     /// timing) a transcript that does not depend on the chunking. Every
     /// event in `expect` must be reached. `also` gets each input (for the
     /// parsers).
-    pub(crate) fn random_chunking<M: PreAuth>(
+    pub(crate) fn random_chunking<M: PreAuth, C: Clone + Default>(
         tokens: &[&[u8]],
         commands: &[&[u8]],
-        new: impl Fn(bool, bool) -> M,
+        small: C,
+        new: impl Fn(C, bool) -> M,
         mut login: impl FnMut(&mut M, &str, &str) -> String,
         expect: &[&str],
         also: impl Fn(&[u8]),
@@ -582,8 +583,9 @@ pub(crate) mod testkit {
         for round in 0..3000 {
             let input = rng.input(tokens, commands);
             let chunks = rng.chunks(&input);
-            let (small, starttls) = [(true, true), (true, false), (false, false)][round % 3];
-            let t = drive(new(small, starttls), &chunks, &mut login);
+            let (limited, starttls) = [(true, true), (true, false), (false, false)][round % 3];
+            let config = || if limited { small.clone() } else { C::default() };
+            let t = drive(new(config(), starttls), &chunks, &mut login);
             assert!(t.0.ends_with("\r\n"));
             for e in &t.1 {
                 *stats.entry(e.split(' ').next().unwrap_or("").to_owned()).or_insert(0) += 1;
@@ -592,7 +594,7 @@ pub(crate) mod testkit {
                 assert!(input.ends_with(&t.2));
             }
             if !starttls {
-                assert_eq!(t, drive(new(small, starttls), &[&input], &mut login), "{input:?}");
+                assert_eq!(t, drive(new(config(), starttls), &[&input], &mut login), "{input:?}");
             }
             also(&input);
         }

@@ -1009,18 +1009,12 @@ mod tests {
         testkit::random_chunking(
             TOKENS,
             COMMANDS,
-            |small, starttls| {
-                let base = if small {
-                    PreAuthConfig {
-                        starttls: true,
-                        max_line: 64,
-                        max_literal: 32,
-                    }
-                } else {
-                    PreAuthConfig::default()
-                };
-                ImapPreAuth::new(PreAuthConfig { starttls, ..base })
+            PreAuthConfig {
+                starttls: true,
+                max_line: 64,
+                max_literal: 32,
             },
+            |base, starttls| ImapPreAuth::new(PreAuthConfig { starttls, ..base }),
             refuse,
             &["login", "starttls", "quit", "close"],
             |input| {

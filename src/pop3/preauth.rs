@@ -735,17 +735,11 @@ mod tests {
         testkit::random_chunking(
             TOKENS,
             COMMANDS,
-            |small, starttls| {
-                let base = if small {
-                    PreAuthConfig {
-                        starttls: true,
-                        max_line: 64,
-                    }
-                } else {
-                    PreAuthConfig::default()
-                };
-                Pop3PreAuth::new(PreAuthConfig { starttls, ..base })
+            PreAuthConfig {
+                starttls: true,
+                max_line: 64,
             },
+            |base, starttls| Pop3PreAuth::new(PreAuthConfig { starttls, ..base }),
             refuse,
             &["login", "starttls", "quit", "close"],
             |input| {

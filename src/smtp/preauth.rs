@@ -1141,19 +1141,13 @@ mod tests {
         testkit::random_chunking(
             TOKENS,
             COMMANDS,
-            |small, starttls| {
-                let base = if small {
-                    PreAuthConfig {
-                        starttls: true,
-                        hostname: "mx.test".into(),
-                        max_line: 64,
-                        max_size: Some(1000),
-                    }
-                } else {
-                    PreAuthConfig::default()
-                };
-                SmtpPreAuth::new(PreAuthConfig { starttls, ..base })
+            PreAuthConfig {
+                starttls: true,
+                hostname: "mx.test".into(),
+                max_line: 64,
+                max_size: Some(1000),
             },
+            |base, starttls| SmtpPreAuth::new(PreAuthConfig { starttls, ..base }),
             answer,
             &["login", "starttls", "quit", "close", "handoff"],
             |input| {
