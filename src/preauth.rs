@@ -370,6 +370,13 @@ pub(crate) mod testkit {
         text(&p.take_output())
     }
 
+    /// Each input of `steps` in turn must answer its output (via [`exchange`]).
+    pub(crate) fn exchanges<M: PreAuth>(p: &mut M, steps: &[(&[u8], &str)]) {
+        for (input, output) in steps {
+            assert_eq!(exchange(p, input), *output, "{}", text(input));
+        }
+    }
+
     /// The user name and password of the login `ev` must be.
     pub(crate) fn expect_login(ev: Option<Event>) -> (String, String) {
         match ev {

@@ -424,7 +424,7 @@ impl PreAuth for ImapPreAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preauth::testkit::{self, exchange, text as s};
+    use crate::preauth::testkit::{self, exchange, exchanges, text as s};
 
     const CAPS: &str = "IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID";
 
@@ -471,18 +471,23 @@ mod tests {
     #[test]
     fn capability_noop_id() {
         let mut p = machine(false);
-        assert_eq!(
-            exchange(&mut p, b"a1 CAPABILITY\r\n"),
-            format!("* CAPABILITY {CAPS}\r\na1 OK CAPABILITY completed\r\n")
-        );
-        assert_eq!(exchange(&mut p, b"a2 noop\r\n"), "a2 OK NOOP completed\r\n");
-        assert_eq!(
-            exchange(&mut p, b"a3 ID (\"name\" \"Thunderbird\" \"version\" \"115\")\r\n"),
-            "* ID (\"name\" \"mailproxy\")\r\na3 OK ID completed\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"a4 ID NIL\r\n"),
-            "* ID (\"name\" \"mailproxy\")\r\na4 OK ID completed\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"a1 CAPABILITY\r\n",
+                    &format!("* CAPABILITY {CAPS}\r\na1 OK CAPABILITY completed\r\n"),
+                ),
+                (b"a2 noop\r\n", "a2 OK NOOP completed\r\n"),
+                (
+                    b"a3 ID (\"name\" \"Thunderbird\" \"version\" \"115\")\r\n",
+                    "* ID (\"name\" \"mailproxy\")\r\na3 OK ID completed\r\n",
+                ),
+                (
+                    b"a4 ID NIL\r\n",
+                    "* ID (\"name\" \"mailproxy\")\r\na4 OK ID completed\r\n",
+                ),
+            ],
         );
         let mut p = machine(true);
         assert_eq!(
@@ -512,12 +517,17 @@ mod tests {
         // RFC 3501 6.2.3 / 4.3 style: continuation only after each literal
         // announcement, exactly once, never for the parts without literals.
         let mut p = machine(false);
-        assert_eq!(exchange(&mut p, b"A001 LOGIN {11}"), "");
-        assert_eq!(exchange(&mut p, b"\r\n"), "+ Ready for literal data\r\n");
-        assert_eq!(exchange(&mut p, b"FRED "), "");
-        assert_eq!(exchange(&mut p, b"FOOBAR {7}\r"), "");
-        assert_eq!(exchange(&mut p, b"\n"), "+ Ready for literal data\r\n");
-        assert_eq!(exchange(&mut p, b"fat ma"), "");
+        exchanges(
+            &mut p,
+            &[
+                (b"A001 LOGIN {11}", ""),
+                (b"\r\n", "+ Ready for literal data\r\n"),
+                (b"FRED ", ""),
+                (b"FOOBAR {7}\r", ""),
+                (b"\n", "+ Ready for literal data\r\n"),
+                (b"fat ma", ""),
+            ],
+        );
         p.feed(b"n\r\n");
         let (tag, u, pw) = {
             let ev = p.poll();
@@ -589,34 +599,37 @@ mod tests {
     #[test]
     fn authenticate_cancel_and_errors() {
         let mut p = machine(false);
-        assert_eq!(exchange(&mut p, b"a AUTHENTICATE PLAIN\r\n"), "+ \r\n");
-        assert_eq!(exchange(&mut p, b"*\r\n"), "a BAD AUTHENTICATE cancelled\r\n");
-        assert_eq!(exchange(&mut p, b"b NOOP\r\n"), "b OK NOOP completed\r\n");
-        assert_eq!(
-            exchange(&mut p, b"c AUTHENTICATE PLAIN\r\n%%%\r\n"),
-            "+ \r\nc BAD Invalid AUTHENTICATE PLAIN response: invalid base64 in SASL response\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (b"a AUTHENTICATE PLAIN\r\n", "+ \r\n"),
+                (b"*\r\n", "a BAD AUTHENTICATE cancelled\r\n"),
+                (b"b NOOP\r\n", "b OK NOOP completed\r\n"),
+                (
+                    b"c AUTHENTICATE PLAIN\r\n%%%\r\n",
+                    "+ \r\nc BAD Invalid AUTHENTICATE PLAIN response: invalid base64 in SASL response\r\n",
+                ),
+            ],
         );
         // base64("alice\0secret"): only one NUL
-        assert_eq!(
-            exchange(&mut p, b"d AUTHENTICATE PLAIN YWxpY2UAc2VjcmV0\r\n"),
-            "d BAD Invalid AUTHENTICATE PLAIN response: malformed SASL PLAIN message: expected authzid NUL authcid NUL password\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"e AUTHENTICATE PLAIN =\r\n"),
-            "e BAD Invalid AUTHENTICATE PLAIN response: empty SASL response\r\n"
-        );
+        exchanges(&mut p, &[(b"d AUTHENTICATE PLAIN YWxpY2UAc2VjcmV0\r\n", "d BAD Invalid AUTHENTICATE PLAIN response: malformed SASL PLAIN message: expected authzid NUL authcid NUL password\r\n"),(b"e AUTHENTICATE PLAIN =\r\n", "e BAD Invalid AUTHENTICATE PLAIN response: empty SASL response\r\n"),]);
         // base64("admin\0alice\0secret")
-        assert_eq!(
-            exchange(&mut p, b"f AUTHENTICATE PLAIN YWRtaW4AYWxpY2UAc2VjcmV0\r\n"),
-            "f NO [AUTHORIZATIONFAILED] Authorization identity must be empty or equal to the user name\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"g AUTHENTICATE XOAUTH2 dGVzdA==\r\n"),
-            "g NO [CANNOT] Unsupported authentication mechanism (use PLAIN)\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"h AUTHENTICATE CRAM-MD5\r\n"),
-            "h NO [CANNOT] Unsupported authentication mechanism (use PLAIN)\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"f AUTHENTICATE PLAIN YWRtaW4AYWxpY2UAc2VjcmV0\r\n",
+                    "f NO [AUTHORIZATIONFAILED] Authorization identity must be empty or equal to the user name\r\n",
+                ),
+                (
+                    b"g AUTHENTICATE XOAUTH2 dGVzdA==\r\n",
+                    "g NO [CANNOT] Unsupported authentication mechanism (use PLAIN)\r\n",
+                ),
+                (
+                    b"h AUTHENTICATE CRAM-MD5\r\n",
+                    "h NO [CANNOT] Unsupported authentication mechanism (use PLAIN)\r\n",
+                ),
+            ],
         );
     }
 
@@ -637,11 +650,16 @@ mod tests {
         p.starttls_done();
         assert!(p.poll().is_none());
         assert_eq!(p.take_output(), b"");
-        assert_eq!(
-            exchange(&mut p, b"e CAPABILITY\r\n"),
-            format!("* CAPABILITY {CAPS}\r\ne OK CAPABILITY completed\r\n")
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"e CAPABILITY\r\n",
+                    &format!("* CAPABILITY {CAPS}\r\ne OK CAPABILITY completed\r\n"),
+                ),
+                (b"f STARTTLS\r\n", "f BAD TLS is already active\r\n"),
+            ],
         );
-        assert_eq!(exchange(&mut p, b"f STARTTLS\r\n"), "f BAD TLS is already active\r\n");
         p.feed(b"g LOGIN alice secret\r\n");
         let (tag, u, _) = {
             let ev = p.poll();
@@ -653,13 +671,18 @@ mod tests {
     #[test]
     fn login_refused_before_starttls_when_available() {
         let mut p = machine(true);
-        assert_eq!(
-            exchange(&mut p, b"a LOGIN alice secret\r\n"),
-            "a NO [PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"b AUTHENTICATE PLAIN\r\n"),
-            "b NO [PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"a LOGIN alice secret\r\n",
+                    "a NO [PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed\r\n",
+                ),
+                (
+                    b"b AUTHENTICATE PLAIN\r\n",
+                    "b NO [PRIVACYREQUIRED] Use STARTTLS first: login over plaintext is not allowed\r\n",
+                ),
+            ],
         );
     }
 
@@ -724,14 +747,7 @@ mod tests {
     #[test]
     fn commands_before_login_rejected_with_tags() {
         let mut p = machine(false);
-        assert_eq!(
-            exchange(&mut p, b"a SELECT INBOX\r\nb uid fetch 1 (FLAGS)\r\nc FOO\r\n"),
-            "a BAD SELECT not valid before login\r\nb BAD UID not valid before login\r\nc BAD Unknown command\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"d NOOP extra\r\n\r\n+ NOOP\r\n"),
-            "d BAD Unexpected arguments to NOOP\r\n* BAD Missing or invalid command tag\r\n* BAD Missing or invalid command tag\r\n"
-        );
+        exchanges(&mut p, &[(b"a SELECT INBOX\r\nb uid fetch 1 (FLAGS)\r\nc FOO\r\n", "a BAD SELECT not valid before login\r\nb BAD UID not valid before login\r\nc BAD Unknown command\r\n"),(b"d NOOP extra\r\n\r\n+ NOOP\r\n", "d BAD Unexpected arguments to NOOP\r\n* BAD Missing or invalid command tag\r\n* BAD Missing or invalid command tag\r\n"),]);
     }
 
     #[test]
@@ -750,28 +766,27 @@ mod tests {
     #[test]
     fn nul_and_invalid_utf8_get_bad() {
         let mut p = machine(false);
-        assert_eq!(exchange(&mut p, b"a\0 NOOP\r\n"), "a BAD Missing command after tag\r\n");
-        assert_eq!(
-            exchange(&mut p, b"\0\0\0\r\n"),
-            "* BAD Missing or invalid command tag\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (b"a\0 NOOP\r\n", "a BAD Missing command after tag\r\n"),
+                (b"\0\0\0\r\n", "* BAD Missing or invalid command tag\r\n"),
+                (
+                    b"b LOGIN \"\xff\xfe\" x\r\n",
+                    "b BAD LOGIN user name and password must be valid UTF-8\r\n",
+                ),
+                (
+                    b"c LOGIN {2+}\r\n\xc3\x28 x\r\n",
+                    "c BAD LOGIN user name and password must be valid UTF-8\r\n",
+                ),
+                (
+                    b"d LOGIN alice \"x\0\"\r\n",
+                    "d BAD Invalid arguments to LOGIN (expected: LOGIN user password)\r\n",
+                ),
+                (b"\xff\xfe NOOP\r\n", "* BAD Missing or invalid command tag\r\n"),
+                (b"e NOOP\r\n", "e OK NOOP completed\r\n"),
+            ],
         );
-        assert_eq!(
-            exchange(&mut p, b"b LOGIN \"\xff\xfe\" x\r\n"),
-            "b BAD LOGIN user name and password must be valid UTF-8\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"c LOGIN {2+}\r\n\xc3\x28 x\r\n"),
-            "c BAD LOGIN user name and password must be valid UTF-8\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"d LOGIN alice \"x\0\"\r\n"),
-            "d BAD Invalid arguments to LOGIN (expected: LOGIN user password)\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"\xff\xfe NOOP\r\n"),
-            "* BAD Missing or invalid command tag\r\n"
-        );
-        assert_eq!(exchange(&mut p, b"e NOOP\r\n"), "e OK NOOP completed\r\n");
     }
 
     /// RFC 2971's largest `ID` (30 pairs, 1,024-octet values) is answered,
@@ -846,11 +861,16 @@ mod tests {
             assert_eq!(p.buffered_len(), 0);
         }
         // Inside AUTHENTICATE continuation the auth tag is used.
-        assert_eq!(
-            exchange(&mut p, b"b AUTHENTICATE PLAIN\r\n{99999}\r\n"),
-            "+ \r\nb BAD Literal too large\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"b AUTHENTICATE PLAIN\r\n{99999}\r\n",
+                    "+ \r\nb BAD Literal too large\r\n",
+                ),
+                (b"c NOOP\r\n", "c OK NOOP completed\r\n"),
+            ],
         );
-        assert_eq!(exchange(&mut p, b"c NOOP\r\n"), "c OK NOOP completed\r\n");
         // The maximum itself is fine.
         p.feed(format!("d LOGIN alice {{{}}}\r\n", 8192).as_bytes());
         p.feed(&[b'p'; 8192]);

@@ -345,7 +345,7 @@ impl PreAuth for Pop3PreAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preauth::testkit::{self, exchange, expect_login, text as s};
+    use crate::preauth::testkit::{self, exchange, exchanges, expect_login, text as s};
 
     const CAPA: &str = "+OK Capability list follows\r\nUSER\r\nSASL PLAIN\r\nRESP-CODES\r\n\
         AUTH-RESP-CODE\r\nTOP\r\nUIDL\r\nPIPELINING\r\nIMPLEMENTATION mailproxy\r\n.\r\n";
@@ -369,13 +369,12 @@ mod tests {
         assert_eq!(s(&p.take_output()), "+OK mailproxy ready\r\n");
         assert_eq!(exchange(&mut p, b"CAPA\r\n"), CAPA);
         let mut p = machine(true);
-        assert_eq!(
-            exchange(&mut p, b"capa\r\n"),
-            CAPA.replace("PIPELINING\r\n", "PIPELINING\r\nSTLS\r\n")
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH\r\n"),
-            "+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (b"capa\r\n", &CAPA.replace("PIPELINING\r\n", "PIPELINING\r\nSTLS\r\n")),
+                (b"AUTH\r\n", "+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n"),
+            ],
         );
     }
 
@@ -393,17 +392,19 @@ mod tests {
         // A failed PASS needs a new USER.
         assert_eq!(exchange(&mut p, b"PASS again\r\n"), "-ERR Send USER first\r\n");
         // Any command between USER and PASS ends the sequence.
-        assert_eq!(
-            exchange(&mut p, b"USER a\r\nCAPA\r\nPASS x\r\n"),
-            format!("+OK Send PASS\r\n{CAPA}-ERR Send USER first\r\n")
-        );
-        assert_eq!(
-            exchange(&mut p, b"USER\r\nPASS\r\nPASS \r\n"),
-            "-ERR Syntax: USER name\r\n-ERR Syntax: PASS password\r\n-ERR Syntax: PASS password\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"USER a\r\nPASS\r\n"),
-            "+OK Send PASS\r\n-ERR Syntax: PASS password\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"USER a\r\nCAPA\r\nPASS x\r\n",
+                    &format!("+OK Send PASS\r\n{CAPA}-ERR Send USER first\r\n"),
+                ),
+                (
+                    b"USER\r\nPASS\r\nPASS \r\n",
+                    "-ERR Syntax: USER name\r\n-ERR Syntax: PASS password\r\n-ERR Syntax: PASS password\r\n",
+                ),
+                (b"USER a\r\nPASS\r\n", "+OK Send PASS\r\n-ERR Syntax: PASS password\r\n"),
+            ],
         );
         // Other codes and injected line breaks.
         p.feed(b"USER a\r\nPASS b\r\n");
@@ -471,29 +472,31 @@ mod tests {
         assert_eq!(p.into_pending_input(), b"STAT\r\n");
 
         let mut p = machine(false);
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN\r\n*\r\n"),
-            "+ \r\n-ERR Authentication cancelled\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN =\r\n"),
-            "-ERR Invalid AUTH PLAIN response: empty SASL response\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN\r\n%%%\r\n"),
-            "+ \r\n-ERR Invalid AUTH PLAIN response: invalid base64 in SASL response\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN YWRtaW4AYWxpY2UAc2VjcmV0\r\n"),
-            "-ERR [AUTH] Authorization identity must be empty or equal to the user name\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH XOAUTH2 dGVzdA==\r\nAUTH CRAM-MD5\r\n"),
-            "-ERR Unsupported authentication mechanism (use PLAIN)\r\n".repeat(2)
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN a b\r\n"),
-            "-ERR Syntax: AUTH [mechanism [initial-response]]\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (b"AUTH PLAIN\r\n*\r\n", "+ \r\n-ERR Authentication cancelled\r\n"),
+                (
+                    b"AUTH PLAIN =\r\n",
+                    "-ERR Invalid AUTH PLAIN response: empty SASL response\r\n",
+                ),
+                (
+                    b"AUTH PLAIN\r\n%%%\r\n",
+                    "+ \r\n-ERR Invalid AUTH PLAIN response: invalid base64 in SASL response\r\n",
+                ),
+                (
+                    b"AUTH PLAIN YWRtaW4AYWxpY2UAc2VjcmV0\r\n",
+                    "-ERR [AUTH] Authorization identity must be empty or equal to the user name\r\n",
+                ),
+                (
+                    b"AUTH XOAUTH2 dGVzdA==\r\nAUTH CRAM-MD5\r\n",
+                    &"-ERR Unsupported authentication mechanism (use PLAIN)\r\n".repeat(2),
+                ),
+                (
+                    b"AUTH PLAIN a b\r\n",
+                    "-ERR Syntax: AUTH [mechanism [initial-response]]\r\n",
+                ),
+            ],
         );
     }
 
@@ -539,9 +542,14 @@ mod tests {
         p.starttls_done();
         assert!(p.poll().is_none());
         assert_eq!(p.take_output(), b"");
-        assert_eq!(exchange(&mut p, b"PASS x\r\n"), "-ERR Send USER first\r\n");
-        assert_eq!(exchange(&mut p, b"CAPA\r\n"), CAPA);
-        assert_eq!(exchange(&mut p, b"STLS\r\n"), "-ERR TLS already active\r\n");
+        exchanges(
+            &mut p,
+            &[
+                (b"PASS x\r\n", "-ERR Send USER first\r\n"),
+                (b"CAPA\r\n", CAPA),
+                (b"STLS\r\n", "-ERR TLS already active\r\n"),
+            ],
+        );
         p.feed(b"USER alice\r\nPASS secret\r\n");
         assert_eq!(expect_login(p.poll()).0, "alice");
         let mut p = machine(false);
@@ -575,20 +583,25 @@ mod tests {
     #[test]
     fn nul_and_invalid_utf8() {
         let mut p = machine(false);
-        assert_eq!(
-            exchange(&mut p, b"\0\0\r\nUS\0ER a\r\n\xff\xfe\r\n"),
-            "-ERR Unknown command\r\n".repeat(3)
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"\0\0\r\nUS\0ER a\r\n\xff\xfe\r\n",
+                    &"-ERR Unknown command\r\n".repeat(3),
+                ),
+                (
+                    b"USER \xc3\x28\r\nUSER a\r\nPASS a\0b\r\n",
+                    "-ERR user name must be valid UTF-8\r\n+OK Send PASS\r\n\
+             -ERR Invalid characters in password\r\n",
+                ),
+                (
+                    b"AUTH PLAIN AGFs/2ljZQBwdw==\r\n",
+                    "-ERR Invalid AUTH PLAIN response: SASL response is not valid UTF-8\r\n",
+                ),
+                (b"CAPA\r\n", CAPA),
+            ],
         );
-        assert_eq!(
-            exchange(&mut p, b"USER \xc3\x28\r\nUSER a\r\nPASS a\0b\r\n"),
-            "-ERR user name must be valid UTF-8\r\n+OK Send PASS\r\n\
-             -ERR Invalid characters in password\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN AGFs/2ljZQBwdw==\r\n"),
-            "-ERR Invalid AUTH PLAIN response: SASL response is not valid UTF-8\r\n"
-        );
-        assert_eq!(exchange(&mut p, b"CAPA\r\n"), CAPA);
     }
 
     #[test]

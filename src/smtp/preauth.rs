@@ -519,7 +519,7 @@ impl PreAuth for SmtpPreAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::preauth::testkit::{self, exchange, expect_login, text as s};
+    use crate::preauth::testkit::{self, exchange, exchanges, expect_login, text as s};
 
     const EHLO: &str = "250-mx.test greets client.test\r\n\
         250-PIPELINING\r\n\
@@ -603,18 +603,23 @@ mod tests {
     #[test]
     fn simple_commands() {
         let mut p = machine(false);
-        assert_eq!(
-            exchange(&mut p, b"NOOP\r\nRSET\r\nHELP\r\n"),
-            "250 2.0.0 OK\r\n250 2.0.0 OK\r\n\
-             214 2.0.0 mailproxy: EHLO, AUTH PLAIN/LOGIN, then mail as usual (RFC 5321)\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"FOO bar\r\n\r\n"),
-            "500 5.5.2 Command unrecognized\r\n500 5.5.2 Command unrecognized\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"EHLO\r\nRSET x\r\n"),
-            "501 5.5.4 Syntax: EHLO hostname\r\n501 5.5.4 Syntax: RSET (no parameters allowed)\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"NOOP\r\nRSET\r\nHELP\r\n",
+                    "250 2.0.0 OK\r\n250 2.0.0 OK\r\n\
+             214 2.0.0 mailproxy: EHLO, AUTH PLAIN/LOGIN, then mail as usual (RFC 5321)\r\n",
+                ),
+                (
+                    b"FOO bar\r\n\r\n",
+                    "500 5.5.2 Command unrecognized\r\n500 5.5.2 Command unrecognized\r\n",
+                ),
+                (
+                    b"EHLO\r\nRSET x\r\n",
+                    "501 5.5.4 Syntax: EHLO hostname\r\n501 5.5.4 Syntax: RSET (no parameters allowed)\r\n",
+                ),
+            ],
         );
         for verb in [
             "MAIL FROM:<a@b>",
@@ -721,8 +726,13 @@ mod tests {
     fn auth_login_all_forms() {
         // RFC-less but universal: 334 Username: / 334 Password:
         let mut p = greeted();
-        assert_eq!(exchange(&mut p, b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
-        assert_eq!(exchange(&mut p, b"YWxpY2U=\r\n"), "334 UGFzc3dvcmQ6\r\n");
+        exchanges(
+            &mut p,
+            &[
+                (b"AUTH LOGIN\r\n", "334 VXNlcm5hbWU6\r\n"),
+                (b"YWxpY2U=\r\n", "334 UGFzc3dvcmQ6\r\n"),
+            ],
+        );
         p.feed(b"c2VjcmV0\r\n");
         let (u, pw) = expect_login(p.poll());
         assert_eq!((u.as_str(), pw.as_str()), ("alice", "secret"));
@@ -737,70 +747,59 @@ mod tests {
         p.refuse_login("535 5.7.8 nope");
         p.take_output();
         // Cancel at either step.
-        assert_eq!(
-            exchange(&mut p, b"AUTH LOGIN\r\n*\r\n"),
-            "334 VXNlcm5hbWU6\r\n501 5.7.0 Authentication cancelled\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH LOGIN YWxpY2U=\r\n*\r\n"),
-            "334 UGFzc3dvcmQ6\r\n501 5.7.0 Authentication cancelled\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN\r\n*\r\n"),
-            "334 \r\n501 5.7.0 Authentication cancelled\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"AUTH LOGIN\r\n*\r\n",
+                    "334 VXNlcm5hbWU6\r\n501 5.7.0 Authentication cancelled\r\n",
+                ),
+                (
+                    b"AUTH LOGIN YWxpY2U=\r\n*\r\n",
+                    "334 UGFzc3dvcmQ6\r\n501 5.7.0 Authentication cancelled\r\n",
+                ),
+                (b"AUTH PLAIN\r\n*\r\n", "334 \r\n501 5.7.0 Authentication cancelled\r\n"),
+            ],
         );
         // Bad base64 at each step.
-        assert_eq!(
-            exchange(&mut p, b"AUTH LOGIN %%%\r\n"),
-            "501 5.5.2 Invalid AUTH response: invalid base64 in SASL response\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"AUTH LOGIN %%%\r\n",
+                    "501 5.5.2 Invalid AUTH response: invalid base64 in SASL response\r\n",
+                ),
+                (
+                    b"AUTH LOGIN\r\n!!\r\n",
+                    "334 VXNlcm5hbWU6\r\n501 5.5.2 Invalid AUTH response: invalid base64 in SASL response\r\n",
+                ),
+                (
+                    b"AUTH LOGIN YWxpY2U=\r\n\r\n",
+                    "334 UGFzc3dvcmQ6\r\n501 5.5.2 Invalid AUTH response: empty SASL response\r\n",
+                ),
+                (
+                    b"AUTH LOGIN =\r\n",
+                    "501 5.5.2 Invalid AUTH response: empty SASL response\r\n",
+                ),
+                (b"NOOP\r\n", "250 2.0.0 OK\r\n"),
+            ],
         );
-        assert_eq!(
-            exchange(&mut p, b"AUTH LOGIN\r\n!!\r\n"),
-            "334 VXNlcm5hbWU6\r\n501 5.5.2 Invalid AUTH response: invalid base64 in SASL response\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH LOGIN YWxpY2U=\r\n\r\n"),
-            "334 UGFzc3dvcmQ6\r\n501 5.5.2 Invalid AUTH response: empty SASL response\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH LOGIN =\r\n"),
-            "501 5.5.2 Invalid AUTH response: empty SASL response\r\n"
-        );
-        assert_eq!(exchange(&mut p, b"NOOP\r\n"), "250 2.0.0 OK\r\n");
     }
 
     #[test]
     fn auth_errors() {
         let mut p = machine(false);
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
-            "503 5.5.1 Send EHLO first\r\n"
-        );
-        assert_eq!(exchange(&mut p, b"HELO c\r\n"), "250 mx.test\r\n");
-        assert_eq!(
-            exchange(&mut p, b"AUTH CRAM-MD5\r\nAUTH XOAUTH2 dGVzdA==\r\n"),
-            "504 5.5.4 Unrecognized authentication type\r\n504 5.5.4 Unrecognized authentication type\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN %%%\r\n"),
-            "501 5.5.2 Invalid AUTH response: invalid base64 in SASL response\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN =\r\n"),
-            "501 5.5.2 Invalid AUTH response: empty SASL response\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN YWxpY2UAc2VjcmV0\r\n"),
-            "501 5.5.2 Invalid AUTH response: malformed SASL PLAIN message: expected authzid NUL authcid NUL password\r\n"
-        );
+        exchanges(&mut p, &[(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", "503 5.5.1 Send EHLO first\r\n"),(b"HELO c\r\n", "250 mx.test\r\n"),(b"AUTH CRAM-MD5\r\nAUTH XOAUTH2 dGVzdA==\r\n", "504 5.5.4 Unrecognized authentication type\r\n504 5.5.4 Unrecognized authentication type\r\n"),(b"AUTH PLAIN %%%\r\n", "501 5.5.2 Invalid AUTH response: invalid base64 in SASL response\r\n"),(b"AUTH PLAIN =\r\n", "501 5.5.2 Invalid AUTH response: empty SASL response\r\n"),(b"AUTH PLAIN YWxpY2UAc2VjcmV0\r\n", "501 5.5.2 Invalid AUTH response: malformed SASL PLAIN message: expected authzid NUL authcid NUL password\r\n"),]);
         // base64("admin\0alice\0secret")
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN YWRtaW4AYWxpY2UAc2VjcmV0\r\n"),
-            "535 5.7.8 Authorization identity must be empty or equal to the user name\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"AUTH\r\n"),
-            "501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"AUTH PLAIN YWRtaW4AYWxpY2UAc2VjcmV0\r\n",
+                    "535 5.7.8 Authorization identity must be empty or equal to the user name\r\n",
+                ),
+                (b"AUTH\r\n", "501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"),
+            ],
         );
     }
 
@@ -854,23 +853,27 @@ mod tests {
         assert_eq!(p.take_output(), b"");
         assert_eq!(p.helo(), None);
         // The session was reset: EHLO again, now without STARTTLS.
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
-            "503 5.5.1 Send EHLO first\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n", "503 5.5.1 Send EHLO first\r\n"),
+                (b"EHLO c\r\n", &EHLO.replace("client.test", "c")),
+                (b"STARTTLS\r\n", "503 5.5.1 TLS already active\r\n"),
+            ],
         );
-        assert_eq!(exchange(&mut p, b"EHLO c\r\n"), EHLO.replace("client.test", "c"));
-        assert_eq!(exchange(&mut p, b"STARTTLS\r\n"), "503 5.5.1 TLS already active\r\n");
         p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
         assert_eq!(expect_login(p.poll()).0, "alice");
         // Not configured at all.
         let mut p = machine(false);
-        assert_eq!(
-            exchange(&mut p, b"STARTTLS\r\n"),
-            "502 5.5.1 STARTTLS not available\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"STARTTLS x\r\n"),
-            "501 5.5.4 Syntax: STARTTLS (no parameters allowed)\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (b"STARTTLS\r\n", "502 5.5.1 STARTTLS not available\r\n"),
+                (
+                    b"STARTTLS x\r\n",
+                    "501 5.5.4 Syntax: STARTTLS (no parameters allowed)\r\n",
+                ),
+            ],
         );
     }
 
@@ -921,9 +924,12 @@ mod tests {
         ]));
         assert_eq!(s(&p.take_output()), "235 2.7.0 Authentication successful\r\n");
         assert!(p.is_authenticated());
-        assert_eq!(
-            exchange(&mut p, b"EHLO again.test\r\n"),
-            "250-mx.test greets again.test\r\n\
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"EHLO again.test\r\n",
+                    "250-mx.test greets again.test\r\n\
              250-PIPELINING\r\n\
              250-SIZE 35882577\r\n\
              250-8BITMIME\r\n\
@@ -934,15 +940,16 @@ mod tests {
              250-BINARYMIME\r\n\
              250-REQUIRETLS\r\n\
              250-MT-PRIORITY MIXER\r\n\
-             250 dsn  250 injected\r\n"
-        );
-        assert_eq!(
-            exchange(&mut p, b"HELO x\r\nNOOP\r\nRSET\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
-            "250 mx.test\r\n250 2.0.0 OK\r\n250 2.0.0 OK\r\n503 5.5.1 Already authenticated\r\n"
+             250 dsn  250 injected\r\n",
+                ),
+                (
+                    b"HELO x\r\nNOOP\r\nRSET\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+                    "250 mx.test\r\n250 2.0.0 OK\r\n250 2.0.0 OK\r\n503 5.5.1 Already authenticated\r\n",
+                ),
+            ],
         );
         // A partial local verb waits; a partial foreign one hands off at once.
-        assert_eq!(exchange(&mut p, b"NO"), "");
-        assert_eq!(exchange(&mut p, b"OP\r\n"), "250 2.0.0 OK\r\n");
+        exchanges(&mut p, &[(b"NO", ""), (b"OP\r\n", "250 2.0.0 OK\r\n")]);
         p.feed(b"BDAT 1000 LAST\r\n\x00\xff");
         assert!(matches!(p.poll(), Some(Event::Handoff)));
         assert_eq!(p.into_pending_input(), b"BDAT 1000 LAST\r\n\x00\xff");
@@ -972,21 +979,31 @@ mod tests {
     #[test]
     fn nul_and_invalid_utf8() {
         let mut p = machine(false);
-        assert_eq!(
-            exchange(&mut p, b"\0\0\0\r\nEH\0LO x\r\n\xff\xfe\r\n"),
-            "500 5.5.2 Command unrecognized\r\n".repeat(3)
-        );
-        assert_eq!(
-            exchange(&mut p, b"EHLO \xc3\x28\r\nHELO a\0b\r\n"),
-            "501 5.5.2 Host name must be valid UTF-8\r\n501 5.5.2 Invalid characters in host name\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"\0\0\0\r\nEH\0LO x\r\n\xff\xfe\r\n",
+                    &"500 5.5.2 Command unrecognized\r\n".repeat(3),
+                ),
+                (
+                    b"EHLO \xc3\x28\r\nHELO a\0b\r\n",
+                    "501 5.5.2 Host name must be valid UTF-8\r\n501 5.5.2 Invalid characters in host name\r\n",
+                ),
+            ],
         );
         exchange(&mut p, b"EHLO c\r\n");
         // base64("\0al\xffice\0pw")
-        assert_eq!(
-            exchange(&mut p, b"AUTH PLAIN AGFs/2ljZQBwdw==\r\n"),
-            "501 5.5.2 Invalid AUTH response: SASL response is not valid UTF-8\r\n"
+        exchanges(
+            &mut p,
+            &[
+                (
+                    b"AUTH PLAIN AGFs/2ljZQBwdw==\r\n",
+                    "501 5.5.2 Invalid AUTH response: SASL response is not valid UTF-8\r\n",
+                ),
+                (b"NOOP\r\n", "250 2.0.0 OK\r\n"),
+            ],
         );
-        assert_eq!(exchange(&mut p, b"NOOP\r\n"), "250 2.0.0 OK\r\n");
     }
 
     #[test]
