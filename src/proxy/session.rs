@@ -68,8 +68,15 @@ pub(crate) async fn run<P: SessionProtocol>(
                 let name = pre.client_name().map(str::to_owned);
                 // Each attempt logs under its own span: a connection may try
                 // several names, and each line must name the one it is about.
-                let attempt = log_in::<P>(ctx, listener, &caller, &login, Secret::from(password), name.as_deref())
-                    .instrument(tracing::info_span!("login", login = %escaped(&login)));
+                let attempt = log_in::<P>(Attempt {
+                    ctx,
+                    listener,
+                    caller: &caller,
+                    login: &login,
+                    password: Secret::from(password),
+                    client_name: name.as_deref(),
+                })
+                .instrument(tracing::info_span!("login", login = %escaped(&login)));
                 let Some(outcome) = while_client_stays(&mut client, &mut pre, &mut buf, attempt).await else {
                     tracing::info!(login = %escaped(&login), "the client left during its login; abandoned");
                     return Ok(());
@@ -149,24 +156,28 @@ async fn while_client_stays<M: PreAuth, T>(
     }
 }
 
+/// One client login: where and from whom it came, and with what.
+struct Attempt<'a> {
+    ctx: &'a Ctx,
+    listener: &'a Listener,
+    caller: &'a Caller,
+    login: &'a str,
+    password: Secret,
+    client_name: Option<&'a str>,
+}
+
 /// A client login, all the way: input hygiene, routing, the guard against
 /// guessing, the upstream login.
-async fn log_in<P: SessionProtocol>(
-    ctx: &Ctx,
-    listener: &Listener,
-    caller: &Caller,
-    login: &str,
-    password: Secret,
-    client_name: Option<&str>,
-) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
+async fn log_in<P: SessionProtocol>(a: Attempt<'_>) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
+    let (ctx, listener, caller) = (a.ctx, a.listener, a.caller);
     let cap = ctx.config().limits.login_failure_delay_max;
-    let r = if !is_safe_credential(login) || !is_safe_credential(password.expose()) {
+    let r = if !is_safe_credential(a.login) || !is_safe_credential(a.password.expose()) {
         Err(LoginFailure::new(
             Failure::Credentials,
             "user names and passwords cannot contain CR, LF or NUL",
         ))
     } else {
-        routed::<P>(ctx, listener, caller, login, password, client_name, cap).await
+        routed::<P>(a, cap).await
     };
     crate::metrics::login(listener.protocol, r.as_ref().err().map(|f| f.kind));
     match &r {
@@ -187,14 +198,17 @@ async fn log_in<P: SessionProtocol>(
 }
 
 async fn routed<P: SessionProtocol>(
-    ctx: &Ctx,
-    listener: &Listener,
-    caller: &Caller,
-    login: &str,
-    password: Secret,
-    client_name: Option<&str>,
+    a: Attempt<'_>,
     cap: std::time::Duration,
 ) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
+    let Attempt {
+        ctx,
+        listener,
+        caller,
+        login,
+        password,
+        client_name,
+    } = a;
     let target = route::resolve(ctx, listener, login, password, caller).await?;
     let turn = match target.passthrough_password() {
         None => None,
