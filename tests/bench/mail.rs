@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::support::client::{self as sc, Stream};
+use super::words::{word, xorshift};
 use super::{median, ms, proc_cpu_secs, verdict, World, ALICE, LOCAL_PW, START};
 
 // ---------------------------------------------------------------------------
@@ -587,93 +588,7 @@ const RCPT: &str = "bob@example.net";
 /// characters, sentences with punctuation, every ~25th line starting with
 /// `.`), dot-stuffed and terminated for DATA. Returns (wire bytes, raw sizes).
 fn smtp_messages(n: usize, size: usize) -> (Vec<Vec<u8>>, Vec<usize>, u64) {
-    const WORDS: &[&str] = &[
-        "the",
-        "of",
-        "and",
-        "to",
-        "in",
-        "a",
-        "is",
-        "that",
-        "for",
-        "it",
-        "as",
-        "was",
-        "with",
-        "be",
-        "by",
-        "on",
-        "not",
-        "this",
-        "are",
-        "or",
-        "from",
-        "at",
-        "which",
-        "but",
-        "have",
-        "an",
-        "they",
-        "you",
-        "were",
-        "their",
-        "one",
-        "all",
-        "we",
-        "can",
-        "has",
-        "there",
-        "been",
-        "if",
-        "more",
-        "when",
-        "will",
-        "would",
-        "who",
-        "so",
-        "meeting",
-        "quarterly",
-        "report",
-        "attached",
-        "please",
-        "review",
-        "thanks",
-        "regards",
-        "schedule",
-        "project",
-        "deadline",
-        "invoice",
-        "customer",
-        "server",
-        "release",
-        "update",
-        "proposal",
-        "budget",
-        "Monday",
-        "Tuesday",
-        "afternoon",
-        "discussion",
-        "agenda",
-        "minutes",
-        "follow-up",
-        "question",
-        "documentation",
-        "configuration",
-        "mailbox",
-        "message",
-        "colleague",
-        "v2.3.19",
-        "e.g.",
-        "i.e.",
-    ];
-    let mut rng: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x2545_F491_4F6C_DD1D);
     let (mut wire, mut sizes, mut dotted) = (Vec::with_capacity(n), Vec::with_capacity(n), 0u64);
     for i in 0..n {
         let mut m = format!(
@@ -686,16 +601,16 @@ fn smtp_messages(n: usize, size: usize) -> (Vec<Vec<u8>>, Vec<usize>, u64) {
         let mut sentence = 0;
         loop {
             let r = next();
-            if line.is_empty() && r % 25 == 0 {
+            if line.is_empty() && r.is_multiple_of(25) {
                 // Lines a client must dot-stuff: ellipses, `.signature`, a lone dot.
                 line.push_str([". . . continued", ".signature follows", ".", "...and more"][(r / 25 % 4) as usize]);
             } else {
-                let w = WORDS[(r % WORDS.len() as u64) as usize];
+                let w = word(r);
                 if line.len() + w.len() + 2 > 76 {
                     m.extend_from_slice(line.as_bytes());
                     m.extend_from_slice(b"\r\n");
                     line.clear();
-                    if r % 9 == 0 {
+                    if r.is_multiple_of(9) {
                         m.extend_from_slice(b"\r\n");
                     }
                     if m.len() + 80 >= size {
@@ -708,8 +623,8 @@ fn smtp_messages(n: usize, size: usize) -> (Vec<Vec<u8>>, Vec<usize>, u64) {
                 }
                 line.push_str(w);
                 sentence += 1;
-                if sentence > 6 && r % 7 == 0 {
-                    line.push(if r % 3 == 0 { ',' } else { '.' });
+                if sentence > 6 && r.is_multiple_of(7) {
+                    line.push(if r.is_multiple_of(3) { ',' } else { '.' });
                     sentence = 0;
                 }
             }

@@ -27,7 +27,10 @@
 // The benchmark reads clock ticks and thread ids through libc.
 #![allow(unsafe_code)]
 
-#[path = "../support/mod.rs"]
+// The integration tests' harness, of which the benchmark uses a part: the
+// rest is unused here (the tests' own build checks it for dead code).
+#[path = "../it/support/mod.rs"]
+#[allow(dead_code, unused_imports)]
 mod support;
 
 use std::io;
@@ -40,6 +43,7 @@ use tokio::net::TcpStream;
 use support::client::{self as sc, Stream};
 use support::mailproxy::{oauth_account, Proxy, ProxyDir};
 use support::{DovecotOptions, Env};
+use words::{word, xorshift};
 
 const ALICE: &str = "alice@example.org";
 /// Second proxy account for the same mailbox, with a plaintext loopback upstream.
@@ -258,6 +262,7 @@ static START_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 mod fleet;
 mod mail;
 mod peers;
+mod words;
 
 // ---------------------------------------------------------------------------
 // A fast raw IMAP client
@@ -639,97 +644,7 @@ impl World {
 /// Fills the INBOXes of ALICE, ALICE_PLAIN and PEER with the same `n` realistic text messages of about `size` bytes;
 /// returns the total bytes of one INBOX (what FETCH BODY[] returns, CRLF included).
 fn fill_mailbox(env: &Env, n: usize, size: usize) -> u64 {
-    const WORDS: &[&str] = &[
-        "the",
-        "of",
-        "and",
-        "to",
-        "in",
-        "a",
-        "is",
-        "that",
-        "for",
-        "it",
-        "as",
-        "was",
-        "with",
-        "be",
-        "by",
-        "on",
-        "not",
-        "he",
-        "this",
-        "are",
-        "or",
-        "his",
-        "from",
-        "at",
-        "which",
-        "but",
-        "have",
-        "an",
-        "had",
-        "they",
-        "you",
-        "were",
-        "their",
-        "one",
-        "all",
-        "we",
-        "can",
-        "her",
-        "has",
-        "there",
-        "been",
-        "if",
-        "more",
-        "when",
-        "will",
-        "would",
-        "who",
-        "so",
-        "no",
-        "meeting",
-        "quarterly",
-        "report",
-        "attached",
-        "please",
-        "review",
-        "thanks",
-        "regards",
-        "schedule",
-        "project",
-        "deadline",
-        "invoice",
-        "customer",
-        "server",
-        "release",
-        "update",
-        "proposal",
-        "budget",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "afternoon",
-        "discussion",
-        "agenda",
-        "minutes",
-        "follow-up",
-        "question",
-        "answer",
-        "documentation",
-        "configuration",
-        "mailbox",
-        "message",
-        "colleague",
-    ];
-    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
     let mut total = 0u64;
     for i in 0..n {
         let mut m = format!(
@@ -741,12 +656,12 @@ fn fill_mailbox(env: &Env, n: usize, size: usize) -> u64 {
         .into_bytes();
         let mut line = String::new();
         while m.len() + line.len() < size {
-            let w = WORDS[(next() % WORDS.len() as u64) as usize];
+            let w = word(next());
             if line.len() + w.len() + 1 > 72 {
                 m.extend_from_slice(line.as_bytes());
                 m.extend_from_slice(b"\r\n");
                 line.clear();
-                if next() % 8 == 0 {
+                if next().is_multiple_of(8) {
                     m.extend_from_slice(b"\r\n"); // paragraph
                 }
             }

@@ -1,0 +1,273 @@
+//! The first ten minutes: `mailproxy add` driven by flags against the fake
+//! provider (then `serve` and a real login), `add` while `serve` runs (it
+//! reloads and logs in through serve), and the one-sentence answers to a
+//! missing config, placeholder client ids and unknown domains.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::support::mailproxy::{Proxy, ProxyDir, BIN};
+use crate::support::provider::{self, approve_in_browser_blocking};
+use crate::support::world::{assert_no_secrets, login_response};
+use crate::support::{require_dovecot, Env};
+
+const ALICE: &str = "alice@example.org";
+const CAROL: &str = "carol@example.org";
+const PW: &str = "setup local pw";
+
+/// `mailproxy add` with `args`, the local password on stdin, and the fake
+/// provider playing the browser when the sign-in address appears.
+fn add(dir: &ProxyDir, env: &Env, args: &[&str]) -> (i32, String) {
+    let mut child = Command::new(BIN)
+        .args(["--config", dir.config_path().to_str().unwrap(), "add"])
+        .args(args)
+        .env("XDG_STATE_HOME", dir.path().join("state-home"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mailproxy add");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{PW}\n").as_bytes())
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+        seen.push_str(&line);
+        let t = line.trim();
+        if t.starts_with("http://") && t.contains("/authorize/") {
+            let (status, body) = approve_in_browser_blocking(t).expect("browser step");
+            assert_eq!(status, 200, "{body}");
+            assert!(
+                env.provider.authorize_hits() >= 1,
+                "the start address led to the provider"
+            );
+        }
+        line.clear();
+    }
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    seen.push_str(&rest);
+    let code = child.wait().unwrap().code().unwrap_or(-1);
+    (code, seen)
+}
+
+fn custom_args<'a>(env: &'a Env, imap: &'a str, ca: &'a str) -> Vec<String> {
+    let p = &env.provider;
+    [
+        "--provider",
+        "custom",
+        "--auth-url",
+        &p.auth_url(),
+        "--token-url",
+        &p.token_url(),
+        "--revoke-url",
+        &p.revoke_url(),
+        "--client-id",
+        provider::CLIENT_ID,
+        "--client-secret",
+        provider::CLIENT_SECRET,
+        "--scopes",
+        "https://mail.example.org/,offline_access",
+        "--imap",
+        imap,
+        "--ca-file",
+        ca,
+        "--no-browser",
+    ]
+    .iter()
+    .map(std::string::ToString::to_string)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_with_flags_writes_the_config_and_logs_in_then_add_while_serving() {
+    require_dovecot();
+    let env = Env::start(&[]);
+    let dir = ProxyDir::new();
+    let d = &env.dovecot;
+    let imaps = format!("imaps://localhost:{}", d.imaps_port);
+    let ca = d.ca_pem_path().display().to_string();
+    let args = custom_args(&env, &imaps, &ca);
+    let mut a: Vec<&str> = vec![ALICE];
+    a.extend(args.iter().map(String::as_str));
+    let (code, err) = add(&dir, &env, &a);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("Register mailproxy as an OAuth client"),
+        "the steps are printed: {err}"
+    );
+    assert!(err.contains(&format!("Wrote {}", dir.config_path().display())), "{err}");
+    assert!(err.contains(&format!("Authorised {ALICE}")), "{err}");
+    assert!(err.contains("Next: `mailproxy service install`"), "{err}");
+    assert_no_secrets(&err, &env, &[PW]);
+
+    let path = dir.config_path();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.starts_with("# mailproxy configuration, written by `mailproxy add`"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("[accounts.\"{ALICE}\"]\nprovider = \"custom\"\n")),
+        "{text}"
+    );
+    let record = dir
+        .path()
+        .join("state-home/mailproxy/accounts")
+        .join(format!("{ALICE}.json"));
+    assert!(
+        record.exists(),
+        "login stored the authorisation in the default state dir"
+    );
+
+    // The written config serves as it is (on free ports for the test).
+    std::fs::write(
+        &path,
+        text.replace("127.0.0.1:1143", "127.0.0.1:0")
+            .replace("127.0.0.1:1587", "127.0.0.1:0"),
+    )
+    .unwrap();
+    let state_home = dir.path().join("state-home");
+    let mut proxy = Proxy::start_env(&dir, &[("XDG_STATE_HOME", state_home.to_str().unwrap())]);
+    let port = proxy.imap_port();
+    let t = login_response(port, ALICE, PW).await;
+    assert!(t.starts_with("a1 OK"), "{t}");
+
+    // add while serve runs: serve reloads its config and runs the login.
+    let starttls = format!("imap+starttls://localhost:{}", d.imap_port);
+    let args = custom_args(&env, &starttls, &ca);
+    let mut a: Vec<&str> = vec![CAROL];
+    a.extend(args.iter().map(String::as_str));
+    let (code, err) = add(&dir, &env, &a);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("Extended {}", path.display())), "{err}");
+    assert!(err.contains("reloaded its config"), "{err}");
+    assert!(proxy.wait_log("command=Login"), "the login ran in serve");
+    let t = login_response(port, CAROL, PW).await;
+    assert!(t.starts_with("a1 OK"), "usable at once, no restart: {t}");
+
+    // The same address again: refused, the file untouched.
+    let before = std::fs::read_to_string(&path).unwrap();
+    let (code, err) = add(&dir, &env, &[CAROL, "--no-login"]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("already has the account {CAROL}")), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+    assert_no_secrets(&proxy.logs(), &env, &[PW]);
+    proxy.stop();
+}
+
+fn mailproxy(config: &Path, args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_missing_config_placeholders_and_unknown_domains_get_a_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere/config.toml");
+    for cmd in [&["serve"][..], &["accounts"], &["check"], &["login", "a@b.example"]] {
+        let (code, out, err) = mailproxy(&missing, cmd, "");
+        assert_eq!(code, 1, "{cmd:?}: {out}{err}");
+        assert_eq!(
+            err,
+            format!(
+                "mailproxy: there is no config at {}: run `mailproxy add YOUR@ADDRESS` to create one (or name another with --config)\n",
+                missing.display()
+            )
+        );
+    }
+
+    // The example config: serve and login refuse its placeholder client ids.
+    let example = dir.path().join("example.toml");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml")).unwrap();
+    std::fs::write(&example, text.replace("../target/mailproxy-state", "state")).unwrap();
+    std::fs::set_permissions(&example, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, _, err) = mailproxy(&example, &["serve"], "");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "accounts.\"alice@gmail.com\".client_id is the placeholder `YOUR-CLIENT-ID.apps.googleusercontent.com`"
+        ) && err.contains("mailproxy add alice@gmail.com"),
+        "{err}"
+    );
+    let (code, _, err) = mailproxy(&example, &["login", "bob@contoso.com"], "pw\n");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("placeholder `00000000-0000-0000-0000-000000000000`"),
+        "{err}"
+    );
+
+    // add refuses placeholders and wrong shapes, and writes nothing.
+    let fresh = dir.path().join("fresh/config.toml");
+    let (code, _, err) = mailproxy(
+        &fresh,
+        &[
+            "add",
+            "x@gmail.com",
+            "--client-id",
+            "YOUR-CLIENT-ID.apps.googleusercontent.com",
+            "--client-secret",
+            "s",
+            "--no-login",
+        ],
+        "",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("Enable the Gmail API") || err.contains("enable the Gmail API"),
+        "steps first: {err}"
+    );
+    assert!(err.contains("is a placeholder, not a client id"), "{err}");
+    let (code, _, err) = mailproxy(
+        &fresh,
+        &["add", "y@hotmail.com", "--client-id", "not-a-guid", "--no-login"],
+        "",
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("y@hotmail.com: hotmail.com is Outlook.com"), "{err}");
+    assert!(err.contains("is not a Microsoft client id"), "{err}");
+    assert!(!fresh.exists(), "nothing written");
+
+    // A domain neither known nor told by DNS: add asks (here on stdin).
+    let (code, _, err) = mailproxy(
+        &fresh,
+        &["add", "dave@legacy.invalid", "--imap", "imaps://legacy.invalid:993"],
+        "password\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("Which provider hosts dave@legacy.invalid?"), "{err}");
+    assert!(err.contains("nothing to authorise"), "{err}");
+    let text = std::fs::read_to_string(&fresh).unwrap();
+    assert!(
+        text.contains(
+            "[accounts.\"dave@legacy.invalid\"]\nprovider = \"password\"\nimap = \"imaps://legacy.invalid:993\"\n"
+        ),
+        "{text}"
+    );
+    // Without an answer: a sentence naming the flag.
+    let (code, _, err) = mailproxy(&fresh, &["add", "erin@other.invalid", "--no-login"], "");
+    assert_eq!(code, 1);
+    assert!(err.contains("pass --provider"), "{err}");
+}
