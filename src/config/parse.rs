@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +13,7 @@ use toml::Spanned;
 use super::presets::{default_server, oauth};
 use super::raw::{ProviderName, RawAccount, RawConfig, RawLimits, RawListener, RawServer};
 use super::source::Source;
+use super::source::{AccountContext, At};
 use super::*;
 use crate::endpoint::{is_loopback_host, Endpoint, Protocol, Security};
 
@@ -27,15 +27,6 @@ struct Server {
     audit_log: PathBuf,
     http_proxy: Option<Secret>,
     local_users: LocalUsers,
-}
-
-/// What an account's settings depend on outside its own table.
-pub(super) struct AccountContext<'a> {
-    /// `[server] ca_file`, the default for every account.
-    pub(super) server_ca: Option<&'a Path>,
-    /// Which listeners are configured (IMAP, SMTP, POP3): Microsoft accounts
-    /// ask only for the scopes of protocols that can actually be used.
-    pub(super) listening: [bool; 3],
 }
 
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -300,31 +291,6 @@ fn accounts(
         }
     }
     Ok(accounts)
-}
-
-/// One account's table, for errors: `accounts."NAME".KEY` at the table's line.
-pub(super) struct At<'a> {
-    pub(super) src: &'a Source<'a>,
-    pub(super) name: &'a str,
-    pub(super) span: Range<usize>,
-}
-
-impl At<'_> {
-    pub(super) fn key(&self, k: &str) -> Option<String> {
-        Some(if k.is_empty() {
-            format!("accounts.\"{}\"", self.name)
-        } else {
-            format!("accounts.\"{}\".{k}", self.name)
-        })
-    }
-
-    pub(super) fn err(&self, k: &str, message: impl Into<String>) -> ConfigError {
-        self.src.err(Some(self.span.clone()), self.key(k), message)
-    }
-
-    pub(super) fn err_at(&self, span: Option<Range<usize>>, k: &str, message: impl Into<String>) -> ConfigError {
-        self.src.err(span.or(Some(self.span.clone())), self.key(k), message)
-    }
 }
 
 fn check_name(at: &At) -> Result<(), ConfigError> {

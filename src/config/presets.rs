@@ -2,8 +2,8 @@
 //! with its national clouds, custom), the account's overrides, what each
 //! flow needs, and the servers a preset implies.
 
-use super::parse::{AccountContext, At};
 use super::raw::{ProviderName, RawAccount};
+use super::source::{AccountContext, At};
 use super::*;
 use crate::endpoint::{is_loopback_host, Protocol};
 

@@ -47,3 +47,37 @@ fn line_of(text: &str, offset: usize) -> usize {
         .count()
         + 1
 }
+
+/// One account's table, for errors: `accounts."NAME".KEY` at the table's line.
+pub(super) struct At<'a> {
+    pub(super) src: &'a Source<'a>,
+    pub(super) name: &'a str,
+    pub(super) span: Range<usize>,
+}
+
+impl At<'_> {
+    pub(super) fn key(&self, k: &str) -> Option<String> {
+        Some(if k.is_empty() {
+            format!("accounts.\"{}\"", self.name)
+        } else {
+            format!("accounts.\"{}\".{k}", self.name)
+        })
+    }
+
+    pub(super) fn err(&self, k: &str, message: impl Into<String>) -> ConfigError {
+        self.src.err(Some(self.span.clone()), self.key(k), message)
+    }
+
+    pub(super) fn err_at(&self, span: Option<Range<usize>>, k: &str, message: impl Into<String>) -> ConfigError {
+        self.src.err(span.or(Some(self.span.clone())), self.key(k), message)
+    }
+}
+
+/// What an account's settings depend on outside its own table.
+pub(super) struct AccountContext<'a> {
+    /// `[server] ca_file`, the default for every account.
+    pub(super) server_ca: Option<&'a Path>,
+    /// Which listeners are configured (IMAP, SMTP, POP3): Microsoft accounts
+    /// ask only for the scopes of protocols that can actually be used.
+    pub(super) listening: [bool; 3],
+}
