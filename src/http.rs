@@ -24,11 +24,7 @@ pub fn visitor(sock: &TcpStream) -> Visitor {
     let (Ok(local), Ok(peer)) = (sock.local_addr(), sock.peer_addr()) else {
         return Visitor::Unknown;
     };
-    let loopback = match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
-        v4 => v4.is_loopback(),
-    };
-    if !loopback {
+    if !crate::sys::is_loopback(peer.ip()) {
         return Visitor::Unknown;
     }
     match crate::sys::tcp_peer_uid(local, peer) {
@@ -50,6 +46,13 @@ pub async fn refuse_stranger(sock: &mut TcpStream, page: &str) -> bool {
     let Visitor::Stranger(uid) = visitor(sock) else {
         return false;
     };
+    refuse(sock, uid, page).await;
+    true
+}
+
+/// The 403 a stranger (`uid`, as the kernel named it) gets from one of the
+/// owner's pages, logged.
+pub async fn refuse(sock: &mut TcpStream, uid: Option<u32>, page: &str) {
     tracing::warn!(peer_uid = ?uid, page, "refused a request from another local user");
     let _ = respond(
         sock,
@@ -57,7 +60,6 @@ pub async fn refuse_stranger(sock: &mut TcpStream, page: &str) -> bool {
         "This page belongs to the user who runs mailproxy; other local users are refused.",
     )
     .await;
-    true
 }
 
 /// One HTTP/1.1 request as the loopback listeners need it (no keep-alive,

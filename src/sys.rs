@@ -27,6 +27,15 @@ pub fn raise_open_files() -> std::io::Result<Option<u64>> {
     Ok(getrlimit(Resource::Nofile).current)
 }
 
+/// A loopback address, IPv4-mapped ones included: the peers whose local
+/// user the kernel can name.
+pub fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+        v4 => v4.is_loopback(),
+    }
+}
+
 /// The uid of the process that owns the other end of a loopback TCP
 /// connection, asked of the kernel (sock_diag, as identd does). `Ok(None)`:
 /// the kernel knows no such socket (the peer is gone, or the address is not

@@ -27,13 +27,6 @@ pub(crate) enum LocalUser {
     Unknown,
 }
 
-fn is_loopback(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
-        v4 => v4.is_loopback(),
-    }
-}
-
 impl Caller {
     /// `direct`: the connection's (local, peer) addresses when the client
     /// connected to us itself.
@@ -43,7 +36,7 @@ impl Caller {
 
     /// The local user behind a direct loopback connection.
     pub fn local_user(&self) -> LocalUser {
-        let Some((local, peer)) = self.direct.filter(|(_, p)| is_loopback(p.ip())) else {
+        let Some((local, peer)) = self.direct.filter(|(_, p)| crate::sys::is_loopback(p.ip())) else {
             return LocalUser::Unknown;
         };
         match crate::sys::tcp_peer_uid(local, peer) {

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AccountTokens, Finished, Pending, TokenManager};
 use crate::config::OAuthSettings;
-use crate::http::{read_request, refuse_stranger, respond, respond_raw, visitor, HttpRequest, Visitor};
+use crate::http::{read_request, refuse, respond, respond_raw, visitor, HttpRequest, Visitor};
 pub use crate::oauth::login::{account_of_start_path, start_path};
 use crate::oauth::login::{callback, origin, BrowserBinding, Callback, RedirectListener, OTHER_BROWSER};
 use crate::oauth::{self, AuthRequest, OAuthError};
@@ -203,9 +203,9 @@ pub(crate) async fn serve(
             }
         };
         // Another local user's connection is refused before it takes a slot.
-        if let Visitor::Stranger(_) = visitor(&sock) {
+        if let Visitor::Stranger(uid) = visitor(&sock) {
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, refuse_stranger(&mut sock, "the sign-in redirect")).await;
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, refuse(&mut sock, uid, "the sign-in redirect")).await;
             });
             continue;
         }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::status_page;
-use crate::http::{read_request, refuse_stranger, respond, respond_raw, visitor, Visitor};
+use crate::http::{read_request, refuse, respond, respond_raw, visitor, Visitor};
 use crate::tokens::authorize::{account_of_start_path, MAX_HTTP_CONNECTIONS, REQUEST_TIMEOUT};
 use crate::tokens::{now_unix, TokenManager};
 
@@ -31,9 +31,9 @@ pub async fn serve(sock: TcpListener, tokens: Arc<TokenManager>, shutdown: Cance
         };
         // Another local user's connection is refused before it takes a
         // slot, so strangers cannot crowd the owner out.
-        if let Visitor::Stranger(_) = visitor(&s) {
+        if let Visitor::Stranger(uid) = visitor(&s) {
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, refuse_stranger(&mut s, "the status page")).await;
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, refuse(&mut s, uid, "the status page")).await;
             });
             continue;
         }
