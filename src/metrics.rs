@@ -77,6 +77,12 @@ struct AccountLabels {
     account: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AccountProtoLabels {
+    account: String,
+    protocol: Proto,
+}
+
 struct Metrics {
     registry: Registry,
     connections: Family<ConnLabels, Counter>,
@@ -86,6 +92,8 @@ struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     misconnects: Family<MisconnectLabels, Counter>,
     expiry: Family<AccountLabels, Gauge>,
+    upstream_sessions: Family<AccountProtoLabels, Gauge>,
+    upstream_limit: Family<AccountProtoLabels, Gauge>,
     kdf_waiting: Gauge,
     kdf_in_flight: Gauge,
     kdf_runs: Gauge,
@@ -103,6 +111,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         bytes: Family::default(),
         misconnects: Family::default(),
         expiry: Family::default(),
+        upstream_sessions: Family::default(),
+        upstream_limit: Family::default(),
         kdf_waiting: Gauge::default(),
         kdf_in_flight: Gauge::default(),
         kdf_runs: Gauge::default(),
@@ -140,6 +150,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         m.expiry.clone(),
     );
     registry.register(
+        "upstream_sessions",
+        "Upstream sessions open now, by account of the config and protocol",
+        m.upstream_sessions.clone(),
+    );
+    registry.register(
+        "upstream_session_limit",
+        "The account's limit of upstream sessions per protocol (max_upstream_sessions; no series: no limit)",
+        m.upstream_limit.clone(),
+    );
+    registry.register(
         "kdf_waiting",
         "Password checks waiting for their turn",
         m.kdf_waiting.clone(),
@@ -175,6 +195,7 @@ pub fn login(p: Protocol, failure: Option<Failure>) {
         Some(Failure::Credentials) => ("failed", "credentials"),
         Some(Failure::Action) => ("failed", "action_needed"),
         Some(Failure::Unavailable) => ("failed", "unavailable"),
+        Some(Failure::SessionLimit) => ("failed", "session_limit"),
     };
     METRICS
         .logins
@@ -266,6 +287,24 @@ pub fn token_expiry(accounts: Vec<(String, i64)>) {
     METRICS.expiry.clear();
     for (account, left) in accounts {
         METRICS.expiry.get_or_create(&AccountLabels { account }).set(left);
+    }
+}
+
+/// Each account's upstream sessions and limit by protocol (`None`: no
+/// limit, no series). Only accounts of the config come here, so the
+/// series stay as few as the config's accounts; one left out has none.
+pub fn upstream_sessions(rows: Vec<(String, Protocol, u64, Option<u32>)>) {
+    METRICS.upstream_sessions.clear();
+    METRICS.upstream_limit.clear();
+    for (account, p, open, limit) in rows {
+        let labels = AccountProtoLabels {
+            account,
+            protocol: p.into(),
+        };
+        METRICS.upstream_sessions.get_or_create(&labels).set(open as i64);
+        if let Some(l) = limit {
+            METRICS.upstream_limit.get_or_create(&labels).set(i64::from(l));
+        }
     }
 }
 

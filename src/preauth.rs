@@ -75,6 +75,10 @@ pub enum Failure {
     Action,
     /// Temporary: the provider or the server is unreachable or busy.
     Unavailable,
+    /// The account has as many upstream sessions open as its provider
+    /// allows: the client must close one (IMAP `UNAVAILABLE`, SMTP `421`,
+    /// POP3 `IN-USE`).
+    SessionLimit,
 }
 
 /// The pre-login state machine of one protocol. See the module docs.

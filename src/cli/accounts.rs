@@ -1,19 +1,20 @@
 //! `mailproxy accounts`: every account with its provider, flow, state,
-//! token expiry, last refresh and use, and scopes.
+//! token expiry, last refresh and use, scopes, and (while serve runs) the
+//! upstream sessions open by protocol with their limit.
 
 use anyhow::Result;
 
 use crate::config::{Account, Config, OAuthSettings};
 use crate::control;
 use crate::store;
-use crate::tokens::{now_unix, AccountStatus};
+use crate::tokens::{now_unix, AccountStatus, ProtocolSessions};
 use crate::vault::{AccountRecord, StoreKind};
 
 use super::lookup::known_accounts;
 use super::pick::pick;
 
-/// One line of the table: its eight columns.
-type Row = [String; 8];
+/// One line of the table: its nine columns.
+type Row = [String; 9];
 
 pub async fn run(config: &Config) -> Result<u8> {
     let live = pick(config, None).await?.status().await?;
@@ -44,12 +45,13 @@ async fn table(config: &Config, live: Vec<AccountStatus>) -> Result<()> {
         "LAST REFRESH",
         "LAST USE",
         "SCOPES",
+        "SESSIONS",
     ]
     .map(String::from)];
     rows.extend(domain_rows(config));
     for a in known_accounts(config, &*records).iter() {
         let Some(s) = a.oauth() else {
-            rows.push([&a.name, "password", "-", "passthrough", "-", "-", "-", "-"].map(String::from));
+            rows.push([&a.name, "password", "-", "passthrough", "-", "-", "-", "-", "-"].map(String::from));
             continue;
         };
         let rec: Option<AccountRecord> = records.load(&a.name).await?;
@@ -74,6 +76,7 @@ fn domain_rows(config: &Config) -> impl Iterator<Item = Row> + '_ {
                 "domain entry: every address @{} without an entry of its own",
                 d.name.trim_start_matches('@')
             ),
+            "-".into(),
             "-".into(),
             "-".into(),
             "-".into(),
@@ -124,12 +127,15 @@ fn account_row(
         when(st.and_then(|s| s.last_refresh).or(rec.and_then(|r| r.last_refresh))),
         when(st.and_then(|s| s.last_use)),
         scopes,
+        st.map(|s| ProtocolSessions::describe_all(&s.upstream_sessions))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "-".into()),
     ]
 }
 
 /// The rows in aligned columns, two spaces apart.
 fn print_rows(rows: Vec<Row>) {
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..9)
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
         .collect();
     for r in rows {

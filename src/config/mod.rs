@@ -350,9 +350,21 @@ pub struct Account {
     /// or delegated mailbox logs in upstream as `username` with that
     /// account's token, behind a local password of its own.
     pub token_from: Option<String>,
+    /// Upstream sessions at once, per protocol (`None`: unlimited). The
+    /// provider's own limit by default, so mailproxy refuses plainly before
+    /// the provider refuses vaguely or drops an older session.
+    pub max_upstream_sessions: Option<u32>,
 }
 
 impl Account {
+    /// The same account but for its session limit: a limit change applies
+    /// to new logins without starting the account's tokens afresh.
+    pub fn same_apart_from_limits(&self, other: &Account) -> bool {
+        let mut o = other.clone();
+        o.max_upstream_sessions = self.max_upstream_sessions;
+        *self == o
+    }
+
     pub fn endpoint(&self, p: Protocol) -> Option<&Endpoint> {
         match p {
             Protocol::Imap => self.imap.as_ref(),
@@ -554,6 +566,7 @@ impl Config {
                 mechanism: _,
                 domain_entry: _,
                 token_from: _,
+                max_upstream_sessions: _,
             } = &**a;
             let AccountAuth::OAuth(o) = auth else { continue };
             let OAuthSettings {

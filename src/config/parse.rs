@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::presets::{default_server, oauth};
+use super::presets::{default_server, oauth, session_limit};
 use super::raw::{ProviderName, RawAccount, RawConfig, RawLimits, RawListener, RawServer};
 use super::source::Source;
 use super::source::{AccountContext, At};
@@ -362,7 +362,7 @@ fn shared_account(
         (imap, smtp, pop3)
     };
     let ca_fallback = owner.ca_file.clone().or_else(|| ctx.server_ca.map(Path::to_owned));
-    let mut account = built(at, &a, owner.auth.clone(), [imap, smtp, pop3], ca_fallback);
+    let mut account = built(at, &a, owner.auth.clone(), [imap, smtp, pop3], ca_fallback)?;
     account.token_from = Some(owner.name.to_lowercase());
     Ok(account)
 }
@@ -391,7 +391,7 @@ fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, Conf
         _ => AccountAuth::OAuth(Box::new(oauth(at, &a, provider, has_server, ctx)?)),
     };
     let ca_fallback = ctx.server_ca.map(Path::to_owned);
-    Ok(built(at, &a, auth, [imap, smtp, pop3], ca_fallback))
+    built(at, &a, auth, [imap, smtp, pop3], ca_fallback)
 }
 
 /// The account as `[accounts."NAME"]` describes it, once its servers and how
@@ -402,8 +402,9 @@ fn built(
     auth: AccountAuth,
     [imap, smtp, pop3]: [Option<Endpoint>; 3],
     ca_fallback: Option<PathBuf>,
-) -> Account {
-    Account {
+) -> Result<Account, ConfigError> {
+    Ok(Account {
+        max_upstream_sessions: session_limit(at, a, &auth)?,
         username: a.username.clone().unwrap_or_else(|| at.name.to_owned()),
         name: at.name.to_owned(),
         auth,
@@ -415,7 +416,7 @@ fn built(
         insecure_skip_verify: a.insecure_skip_verify,
         domain_entry: None,
         token_from: None,
-    }
+    })
 }
 
 /// The account's IMAP, SMTP and POP3 servers (presets fill what is not

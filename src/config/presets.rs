@@ -235,6 +235,41 @@ fn check_http_url(u: &str) -> Result<(), ConfigProblem> {
     }
 }
 
+/// Gmail allows about 15 simultaneous IMAP connections per account.
+pub const GOOGLE_MAX_SESSIONS: u32 = 15;
+/// Exchange Online allows about 20 connections per mailbox and protocol.
+pub const MICROSOFT_MAX_SESSIONS: u32 = 20;
+
+/// The provider's documented limit of sessions at once per protocol, the
+/// default of `max_upstream_sessions`; `None` (a custom provider, a
+/// passthrough account): no limit is known.
+pub(super) fn default_session_limit(auth: &AccountAuth) -> Option<u32> {
+    match auth {
+        AccountAuth::OAuth(o) => match o.provider {
+            ProviderKind::Google => Some(GOOGLE_MAX_SESSIONS),
+            ProviderKind::Microsoft => Some(MICROSOFT_MAX_SESSIONS),
+            ProviderKind::Custom => None,
+        },
+        AccountAuth::Password => None,
+    }
+}
+
+/// `max_upstream_sessions`: 0 is unlimited, absent is the provider's limit.
+pub(super) fn session_limit(at: &At, a: &RawAccount, auth: &AccountAuth) -> Result<Option<u32>, ConfigError> {
+    let Some(n) = &a.max_upstream_sessions else {
+        return Ok(default_session_limit(auth));
+    };
+    match u32::try_from(*n.get_ref()) {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(n)),
+        Err(_) => Err(at.err_at(
+            Some(n.span()),
+            "max_upstream_sessions",
+            "max_upstream_sessions is a number of sessions per protocol: 0 (no limit) or more",
+        )),
+    }
+}
+
 pub(super) fn default_server(provider: ProviderName, cloud: cloud::Cloud, p: Protocol) -> Option<&'static str> {
     let ms = cloud.endpoints();
     match (provider, p) {
@@ -245,5 +280,88 @@ pub(super) fn default_server(provider: ProviderName, cloud: cloud::Cloud, p: Pro
         (ProviderName::Microsoft, Protocol::Smtp) => Some(ms.smtp),
         (ProviderName::Microsoft, Protocol::Pop3) => Some(ms.pop3),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit_of(table: &str) -> Result<Option<u32>, ConfigError> {
+        let text = format!("[imap]\nlisten = \"127.0.0.1:1143\"\n\n[accounts.\"a@example.org\"]\n{table}");
+        let c = Config::parse(&text, Path::new("/c.toml"))?;
+        Ok(c.account("a@example.org").unwrap().max_upstream_sessions)
+    }
+
+    const GOOGLE: &str = "provider = \"google\"\nclient_id = \"id\"\n";
+    const MICROSOFT: &str = "provider = \"microsoft\"\nclient_id = \"id\"\n";
+    const CUSTOM: &str = "provider = \"custom\"\nclient_id = \"id\"\nauth_url = \"https://l.example/a\"\ntoken_url = \"https://l.example/t\"\nscopes = [\"mail\"]\nimap = \"imaps://imap.example.org\"\n";
+    const PASSWORD: &str = "provider = \"password\"\nimap = \"imaps://imap.example.org\"\n";
+
+    #[test]
+    fn session_limits_default_to_the_providers() {
+        assert_eq!(limit_of(GOOGLE).unwrap(), Some(15));
+        assert_eq!(limit_of(MICROSOFT).unwrap(), Some(20));
+        assert_eq!(limit_of(CUSTOM).unwrap(), None);
+        assert_eq!(limit_of(PASSWORD).unwrap(), None);
+        // A preset pointed elsewhere (a test server, a gateway) keeps its limit.
+        let moved = format!("{GOOGLE}imap = \"imap://127.0.0.1:1993\"\ntoken_url = \"http://127.0.0.1:9/t\"\n");
+        assert_eq!(limit_of(&moved).unwrap(), Some(15));
+    }
+
+    #[test]
+    fn session_limits_are_set_per_account_and_zero_is_none() {
+        assert_eq!(
+            limit_of(&format!("{CUSTOM}max_upstream_sessions = 15\n")).unwrap(),
+            Some(15)
+        );
+        assert_eq!(
+            limit_of(&format!("{PASSWORD}max_upstream_sessions = 3\n")).unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            limit_of(&format!("{GOOGLE}max_upstream_sessions = 5\n")).unwrap(),
+            Some(5)
+        );
+        assert_eq!(limit_of(&format!("{GOOGLE}max_upstream_sessions = 0\n")).unwrap(), None);
+        assert_eq!(limit_of(&format!("{CUSTOM}max_upstream_sessions = 0\n")).unwrap(), None);
+    }
+
+    #[test]
+    fn a_bad_session_limit_names_file_line_and_key() {
+        for bad in ["-1", "4294967296"] {
+            let e = limit_of(&format!("{CUSTOM}max_upstream_sessions = {bad}\n")).unwrap_err();
+            assert_eq!(
+                e.key.as_deref(),
+                Some("accounts.\"a@example.org\".max_upstream_sessions"),
+                "{e}"
+            );
+            assert_eq!(e.line, Some(11), "{e}");
+            assert!(e.to_string().starts_with("/c.toml:11: "), "{e}");
+        }
+        let e = limit_of(&format!("{CUSTOM}max_upstream_sessions = \"many\"\n")).unwrap_err();
+        assert_eq!(e.line, Some(11), "{e}");
+    }
+
+    #[test]
+    fn a_shared_mailbox_takes_its_owners_provider_limit() {
+        let text = format!(
+            "[accounts.\"a@example.org\"]\n{MICROSOFT}\n[accounts.\"shared@example.org\"]\ntoken_from = \"a@example.org\"\n"
+        );
+        let c = Config::parse(&text, Path::new("/c.toml")).unwrap();
+        assert_eq!(c.account("shared@example.org").unwrap().max_upstream_sessions, Some(20));
+    }
+
+    #[test]
+    fn a_limit_change_is_not_an_account_change() {
+        let a = |extra: &str| {
+            let text = format!("[accounts.\"a@example.org\"]\n{CUSTOM}{extra}");
+            let c = Config::parse(&text, Path::new("/c.toml")).unwrap();
+            (**c.account("a@example.org").unwrap()).clone()
+        };
+        let (before, after) = (a("max_upstream_sessions = 15\n"), a("max_upstream_sessions = 2\n"));
+        assert_ne!(before, after);
+        assert!(before.same_apart_from_limits(&after));
+        assert!(!before.same_apart_from_limits(&a("username = \"b@example.org\"\nmax_upstream_sessions = 2\n")));
     }
 }

@@ -115,6 +115,8 @@ pub(super) struct RawAccount {
     pub service_account_key: Option<PathBuf>,
     #[serde(default = "yes")]
     pub on_demand: bool,
+    /// Sessions at once per protocol; 0 = unlimited, absent = the preset's.
+    pub max_upstream_sessions: Option<Spanned<i64>>,
 }
 
 fn yes() -> bool {

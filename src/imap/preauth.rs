@@ -401,7 +401,7 @@ impl PreAuth for ImapPreAuth {
         let code = match failure {
             Failure::Credentials => "AUTHENTICATIONFAILED",
             Failure::Action => "ALERT",
-            Failure::Unavailable => "UNAVAILABLE",
+            Failure::Unavailable | Failure::SessionLimit => "UNAVAILABLE",
         };
         let tag = self.login_tag().unwrap_or("*").to_string();
         self.refuse_login(&tag, code, text);
@@ -850,6 +850,22 @@ mod tests {
         p.feed(format!("{}\r\n", "Q".repeat(12_289)).as_bytes());
         assert!(matches!(p.poll(), Some(Event::Close)));
         assert_eq!(s(&p.take_output()), "* BYE Line too long\r\n");
+    }
+
+    #[test]
+    fn the_session_limit_is_unavailable() {
+        let mut p = machine(false);
+        p.feed(b"a LOGIN alice pw\r\n");
+        let ev = p.poll();
+        expect_login(&p, ev);
+        p.login_failed(
+            Failure::SessionLimit,
+            "alice already has 15 IMAP sessions open at Gmail, its limit",
+        );
+        assert_eq!(
+            s(&p.take_output()),
+            "a NO [UNAVAILABLE] alice already has 15 IMAP sessions open at Gmail, its limit\r\n"
+        );
     }
 
     #[test]

@@ -332,6 +332,7 @@ impl PreAuth for Pop3PreAuth {
             Failure::Credentials => "AUTH",
             Failure::Unavailable => "SYS/TEMP",
             Failure::Action => "SYS/PERM",
+            Failure::SessionLimit => "IN-USE",
         };
         self.refuse_login(code, text);
     }
@@ -413,6 +414,13 @@ mod tests {
         assert_eq!(
             s(&p.take_output()),
             "+OK Send PASS\r\n-ERR [SYS/TEMP] try  +OK later\r\n"
+        );
+        p.feed(b"USER a\r\nPASS b\r\n");
+        expect_login(p.poll());
+        p.login_failed(Failure::SessionLimit, "a@b already has 15 POP3 sessions open");
+        assert_eq!(
+            s(&p.take_output()),
+            "+OK Send PASS\r\n-ERR [IN-USE] a@b already has 15 POP3 sessions open\r\n"
         );
         p.feed(b"USER a\r\nPASS b\r\n");
         expect_login(p.poll());

@@ -5,7 +5,8 @@
 //! pre-login machine ([`imap`], [`smtp`], [`pop3`] say which, and which
 //! upstream client goes with it) for a [`caller`] and, on a login, asks
 //! [`route`] where it goes (local password, access token, passthrough) and
-//! [`guard`] how hard it may be tried; then the upstream login
+//! [`guard`] how hard it may be tried, and [`slots`] takes one of the
+//! account's upstream sessions; then the upstream login
 //! (`crate::upstream`) takes the route's target, with a way back to the
 //! token manager for a fresh token, and [`relay`] copies bytes both ways.
 
@@ -16,6 +17,7 @@ pub(crate) mod pop3;
 pub(crate) mod relay;
 pub(crate) mod route;
 pub(crate) mod session;
+pub(crate) mod slots;
 pub(crate) mod smtp;
 
 use std::sync::Arc;

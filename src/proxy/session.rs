@@ -55,8 +55,8 @@ pub(crate) async fn run<P: SessionProtocol>(
     let mut pre = P::machine(&config.limits, tls.is_some() && !client.is_tls());
     let deadline = Instant::now() + config.limits.preauth_timeout.saturating_mul(4);
     let mut upstream: Option<Conn> = None;
-    // Counts this session on its OAuth account's status until it ends.
-    let mut _counted = None;
+    // This session's upstream slot, held until it ends however it ends.
+    let mut _slot = None;
     let mut buf = vec![0u8; 4096];
     let mut first_input = !client.is_tls();
     loop {
@@ -82,10 +82,10 @@ pub(crate) async fn run<P: SessionProtocol>(
                     return Ok(());
                 };
                 match outcome {
-                    Ok((conn, success)) => {
+                    Ok(LoggedIn { conn, success, slot }) => {
                         tracing::Span::current().record("login", escaped(&login).as_str());
                         tracing::info!(upstream = %conn.endpoint, "logged in");
-                        _counted = ctx.tokens.get(&login).map(|a| a.session_opened());
+                        _slot = slot;
                         let now = pre.login_succeeded(success);
                         upstream = Some(conn);
                         if now {
@@ -166,9 +166,19 @@ struct Attempt<'a> {
     client_name: Option<&'a str>,
 }
 
+/// A login that went through: the upstream connection, what the machine
+/// answers with, and the session's upstream slot.
+struct LoggedIn<S> {
+    conn: Conn,
+    success: S,
+    slot: Option<crate::tokens::SessionSlot>,
+}
+
+type LoginResult<P> = Result<LoggedIn<<<P as SessionProtocol>::Machine as PreAuth>::Success>, LoginFailure>;
+
 /// A client login, all the way: input hygiene, routing, the guard against
-/// guessing, the upstream login.
-async fn log_in<P: SessionProtocol>(a: Attempt<'_>) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
+/// guessing, the session slot, the upstream login.
+async fn log_in<P: SessionProtocol>(a: Attempt<'_>) -> LoginResult<P> {
     let (ctx, listener, caller) = (a.ctx, a.listener, a.caller);
     let cap = ctx.config().limits.login_failure_delay_max;
     let r = if !is_safe_credential(a.login) || !is_safe_credential(a.password.expose()) {
@@ -197,10 +207,7 @@ async fn log_in<P: SessionProtocol>(a: Attempt<'_>) -> Result<(Conn, <P::Machine
     r
 }
 
-async fn routed<P: SessionProtocol>(
-    a: Attempt<'_>,
-    cap: std::time::Duration,
-) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
+async fn routed<P: SessionProtocol>(a: Attempt<'_>, cap: std::time::Duration) -> LoginResult<P> {
     let Attempt {
         ctx,
         listener,
@@ -210,6 +217,8 @@ async fn routed<P: SessionProtocol>(
         client_name,
     } = a;
     let target = route::resolve(ctx, listener, login, password, caller).await?;
+    // Before the guessing guard's turn: waiting for a slot holds no turn.
+    let slot = super::slots::take(ctx, login, listener.protocol).await?;
     let turn = match target.passthrough_password() {
         None => None,
         Some(pw) => Some(ctx.guard.passthrough_turn(login, pw.expose()).await.map_err(|_| {
@@ -227,7 +236,11 @@ async fn routed<P: SessionProtocol>(
             Err(_) => t.inconclusive(),
         }
     }
-    r.map(|(c, s)| (c.into_conn(), s))
+    r.map(|(c, success)| LoggedIn {
+        conn: c.into_conn(),
+        success,
+        slot,
+    })
 }
 
 /// The login is done: what the machine still holds for the client (its

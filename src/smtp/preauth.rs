@@ -502,6 +502,14 @@ impl PreAuth for SmtpPreAuth {
         let code = match failure {
             Failure::Credentials | Failure::Action => "535 5.7.8",
             Failure::Unavailable => "454 4.7.0",
+            Failure::SessionLimit => {
+                // 421: the client closes and tries again later, as it would
+                // for a server at its connection limit.
+                self.push_line(&format!("421 4.7.0 {}", one_line(text).trim()));
+                self.state = State::Done;
+                self.core.discard();
+                return;
+            }
         };
         self.refuse_login(&format!("{code} {}", one_line(text)));
     }
@@ -801,6 +809,24 @@ mod tests {
                 (b"AUTH\r\n", "501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n"),
             ],
         );
+    }
+
+    #[test]
+    fn at_the_session_limit_the_answer_is_421_and_the_session_ends() {
+        let mut p = greeted();
+        p.feed(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nNOOP\r\n");
+        expect_login(p.poll());
+        p.login_failed(
+            Failure::SessionLimit,
+            "a@b already has 15 SMTP sessions open at Gmail, its limit",
+        );
+        assert_eq!(
+            s(&p.take_output()),
+            "421 4.7.0 a@b already has 15 SMTP sessions open at Gmail, its limit\r\n"
+        );
+        assert!(p.poll().is_none());
+        assert!(!p.wants_input());
+        assert_eq!(p.take_output(), b"");
     }
 
     #[test]

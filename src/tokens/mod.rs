@@ -56,7 +56,7 @@ mod unlock;
 mod upkeep;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -83,7 +83,7 @@ use gate::{Gate, KdfStats};
 pub use offline::store_authorization;
 use refresh::{fresh_token, Refreshed};
 use save::{blocking, new_record, BackgroundError, SaveError};
-pub use sessions::SessionOpen;
+pub use sessions::{ProtocolSessions, SessionSlot, SessionSlots};
 use state::{later, unix, Access, Active, TokenState};
 pub use state::{BACKGROUND_MARGIN, KEEPALIVE, MIN_REFRESH_INTERVAL, REFRESH_MARGIN};
 
@@ -128,8 +128,6 @@ pub struct AccountTokens {
     last_attempt: SyncMutex<Option<SystemTime>>,
     /// The last status computed, for when the slot is busy (a slow refresh).
     last_status: SyncMutex<Option<AccountStatus>>,
-    /// Client sessions logged in to this account right now (status page).
-    sessions: Arc<AtomicUsize>,
 }
 
 impl AccountTokens {
@@ -152,17 +150,11 @@ impl AccountTokens {
             upkeep: AtomicBool::new(false),
             last_attempt: SyncMutex::new(None),
             last_status: SyncMutex::new(None),
-            sessions: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     pub fn name(&self) -> &str {
         &self.account.name
-    }
-
-    /// Counts one logged-in client session until the guard is dropped.
-    pub fn session_opened(&self) -> SessionOpen {
-        SessionOpen::new(self.sessions.clone())
     }
 
     fn forget_password(&self) {
@@ -264,6 +256,9 @@ pub struct AccountStatus {
     /// Client sessions logged in to the account right now.
     #[serde(default)]
     pub sessions: u64,
+    /// The same by protocol, each with the account's limit.
+    #[serde(default)]
+    pub upstream_sessions: Vec<ProtocolSessions>,
     /// The status page can start an authorisation for it (on demand).
     #[serde(default)]
     pub can_start: bool,
@@ -300,6 +295,8 @@ pub struct TokenManager {
     kdf_slots: tokio::sync::Semaphore,
     kdf_stats: KdfStats,
     delay_cap: RwLock<Duration>,
+    /// Every account's upstream sessions and their limits (passthrough too).
+    pub sessions: SessionSlots,
 }
 
 pub fn now_unix() -> u64 {
@@ -358,6 +355,7 @@ impl TokenManager {
             delay_cap: RwLock::new(config.limits.login_failure_delay_max),
             kdf_slots: tokio::sync::Semaphore::new(gate::KDF_SLOTS),
             kdf_stats: KdfStats::default(),
+            sessions: SessionSlots::default(),
         };
         tm.reload(config);
         tm
@@ -372,7 +370,8 @@ impl TokenManager {
         for (k, a) in &config.accounts {
             let Some(settings) = a.oauth() else { continue };
             match map.get(k) {
-                Some(old) if *old.account == **a => {
+                // A new session limit is for the slots alone (below).
+                Some(old) if old.account.same_apart_from_limits(a) => {
                     next.insert(k.clone(), old.clone());
                 }
                 _ => {
@@ -411,6 +410,7 @@ impl TokenManager {
         *sync::write(&self.hook) = config.on_reauth_needed.clone();
         *sync::write(&self.delay_cap) = config.limits.login_failure_delay_max;
         *sync::write(&self.identity_timeout) = config.limits.provider_timeout;
+        self.sessions.reload(config);
         self.changed.notify_one();
         changed
     }

@@ -163,6 +163,7 @@ impl TokenManager {
                 }
             }
         };
+        let sessions = self.sessions.of(&acct.account);
         let st = AccountStatus {
             account: acct.account.name.clone(),
             provider: acct.settings.provider.name().into(),
@@ -180,7 +181,8 @@ impl TokenManager {
                 TokenState::Active(a) => a.last_error.clone(),
                 _ => None,
             },
-            sessions: acct.sessions.load(Ordering::Relaxed) as u64,
+            sessions: sessions.iter().map(|s| s.open).sum(),
+            upstream_sessions: sessions,
             can_start: matches!(slot.state, TokenState::NeedsLogin { .. })
                 && acct.settings.on_demand
                 && match acct.settings.flow {

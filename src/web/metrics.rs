@@ -1,8 +1,8 @@
 //! The metrics listener (`[server] metrics_listen`): `/metrics` for
 //! Prometheus, `/healthz` (the process answers) and `/readyz` (listeners
 //! bound and the token store reachable). At each scrape the state gauges
-//! are read from the running proxy (token expiry, the KDF queue, the token
-//! store) and set in [`crate::metrics`], whose registry is then served.
+//! are read from the running proxy (token expiry, upstream sessions, the
+//! KDF queue, the token store) and set in [`crate::metrics`], whose registry is then served.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,6 +30,7 @@ async fn render(tokens: &TokenManager, store: &dyn RecordStore) -> String {
         }
     }
     metrics::token_expiry(expiry);
+    metrics::upstream_sessions(tokens.sessions.all());
     let up = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
     metrics::store_up(matches!(up, Ok(Ok(()))));
     metrics::exposition()

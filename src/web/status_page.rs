@@ -9,7 +9,7 @@
 //! for the browser that pressed the button only).
 
 use crate::tokens::authorize::start_path;
-use crate::tokens::{AccountStatus, KdfStatus};
+use crate::tokens::{AccountStatus, KdfStatus, ProtocolSessions};
 
 /// How often the page reloads itself.
 pub const REFRESH_SECS: u64 = 10;
@@ -195,7 +195,16 @@ fn card(r: &AccountStatus, now: u64) -> String {
     }
     row("Last refresh", when(now, r.last_refresh, "never"));
     row("Last use", when(now, r.last_use, "not since start"));
-    row("Sessions open", r.sessions.to_string());
+    row(
+        "Sessions open",
+        match r.upstream_sessions.as_slice() {
+            [] => r.sessions.to_string(),
+            all => format!(
+                "<span class=sessions>{}</span>",
+                esc(&ProtocolSessions::describe_all(all))
+            ),
+        },
+    );
     h.push_str("</dl></section>");
     h
 }
@@ -247,6 +256,7 @@ mod tests {
             next_refresh: None,
             last_error: None,
             sessions: 0,
+            upstream_sessions: vec![],
             can_start: false,
         }
     }
@@ -295,6 +305,22 @@ mod tests {
             "{h}"
         );
         assert!(!h.contains("<button"), "{h}");
+    }
+
+    #[test]
+    fn sessions_open_are_shown_with_their_limit() {
+        let mut r = row("ok");
+        let s = |protocol: &str, open, limit| ProtocolSessions {
+            protocol: protocol.into(),
+            open,
+            limit,
+        };
+        r.upstream_sessions = vec![s("imap", 3, Some(15)), s("smtp", 1, None)];
+        let h = page(&[r], &KdfStatus::default(), 0);
+        assert!(
+            h.contains("<dt>Sessions open<dd><span class=sessions>IMAP 3 of 15 · SMTP 1, no limit</span>"),
+            "{h}"
+        );
     }
 
     #[test]
