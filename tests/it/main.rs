@@ -21,6 +21,7 @@ mod providers;
 mod retry;
 mod secrets;
 mod service;
+mod session_limit;
 mod setup;
 mod smtp;
 mod status_page;
