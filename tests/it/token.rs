@@ -16,6 +16,7 @@ use crate::support::world::*;
 use crate::support::{dovecot, sample_message};
 
 const PAGE: &str = "docs/clients/token.md";
+const README: &str = "README.md";
 const FRIEND: &str = "friend@example.com";
 
 fn uid() -> u32 {
@@ -66,14 +67,14 @@ impl Home {
     }
 
     /// A snippet of the page with this test's account, servers and CA.
-    fn fill(&self, w: &World, name: &str) -> String {
+    fn fill(&self, w: &World, file: &str, name: &str) -> String {
         let d = &w.env.dovecot;
         let ca = d.ca_pem_path().display().to_string();
         let python_imaps = format!(
             "imaplib.IMAP4_SSL(\"localhost\", {}, ssl_context=__import__(\"ssl\").create_default_context(cafile=\"{ca}\"))",
             d.imaps_port
         );
-        snippet(PAGE, name)
+        snippet(file, name)
             .replace("alice@gmail.com", ALICE)
             .replace("smtp.gmail.com", "localhost")
             .replace("port 465", &format!("port {}", d.submissions_port))
@@ -126,8 +127,8 @@ impl Home {
 
     /// msmtp with the page's config (`auth` as given) sends to the friend
     /// through Dovecot's submission service; the sink gets it.
-    fn msmtp_sends(&self, w: &World, auth: &str, pw_file: Option<&PathBuf>, n: usize) {
-        let mut rc = self.fill(w, "token-msmtprc").replace("auth oauthbearer", auth);
+    fn msmtp_sends(&self, w: &World, (file, name): (&str, &str), auth: &str, pw_file: Option<&PathBuf>, n: usize) {
+        let mut rc = self.fill(w, file, name).replace("auth oauthbearer", auth);
         if let Some(f) = pw_file {
             rc = rc.replace(
                 &format!("\"mailproxy token {ALICE}\""),
@@ -145,8 +146,8 @@ impl Home {
     }
 
     /// curl's snippet lists the INBOX at Dovecot (`stdin` for a password).
-    fn curl_lists(&self, w: &World, stdin: &str) {
-        let out = self.run("sh", &["-c", &self.fill(w, "token-curl")], stdin.as_bytes());
+    fn curl_lists(&self, w: &World, (file, name): (&str, &str), stdin: &str) {
+        let out = self.run("sh", &["-c", &self.fill(w, file, name)], stdin.as_bytes());
         assert!(out.contains("EXISTS"), "{out}");
     }
 }
@@ -191,12 +192,16 @@ fn clients_log_in_at_dovecot_with_tokens_from_serve() {
     assert!(scopes.contains(&"https://mail.example.org/"), "{j}");
 
     let home = Home::new(&w);
-    home.msmtp_sends(&w, "auth oauthbearer", None, 1);
-    home.msmtp_sends(&w, "auth xoauth2", None, 2);
-    home.curl_lists(&w, "");
-    let script = home.write("token.py", &home.fill(&w, "token-python"));
-    let out = home.run("python3", &[script.to_str().unwrap()], b"");
-    assert!(out.contains("1 messages"), "{out}");
+    home.msmtp_sends(&w, (PAGE, "token-msmtprc"), "auth oauthbearer", None, 1);
+    home.msmtp_sends(&w, (PAGE, "token-msmtprc"), "auth xoauth2", None, 2);
+    home.msmtp_sends(&w, (README, "readme-token-msmtprc"), "auth oauthbearer", None, 3);
+    home.curl_lists(&w, (PAGE, "token-curl"), "");
+    home.curl_lists(&w, (README, "readme-token-curl"), "");
+    for (file, name) in [(PAGE, "token-python"), (README, "readme-token-python")] {
+        let script = home.write("token.py", &home.fill(&w, file, name));
+        let out = home.run("python3", &[script.to_str().unwrap()], b"");
+        assert!(out.contains("1 messages"), "{name}: {out}");
+    }
     assert_eq!(
         w.env.provider.refreshes(),
         refreshes,
@@ -260,8 +265,8 @@ fn clients_log_in_at_dovecot_with_tokens_from_the_vault_without_serve() {
 
     let home = Home::new(&w);
     let pw_file = home.write("pw", &pw);
-    home.msmtp_sends(&w, "auth oauthbearer", Some(&pw_file), 1);
-    home.curl_lists(&w, &pw);
+    home.msmtp_sends(&w, (PAGE, "token-msmtprc"), "auth oauthbearer", Some(&pw_file), 1);
+    home.curl_lists(&w, (PAGE, "token-curl"), &pw);
     assert!(audit(&w).contains(&format!("token handed out to uid {}", uid())));
 
     let (code, out, err) = token(&w, &[ALICE], "not the password\n");
