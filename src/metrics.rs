@@ -149,16 +149,20 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Seconds until each account's access token expires (negative: expired)",
         m.expiry.clone(),
     );
-    registry.register(
-        "upstream_sessions",
-        "Upstream sessions open now, by account of the config and protocol",
-        m.upstream_sessions.clone(),
-    );
-    registry.register(
-        "upstream_session_limit",
-        "The account's limit of upstream sessions per protocol (max_upstream_sessions; no series: no limit)",
-        m.upstream_limit.clone(),
-    );
+    for (name, help, family) in [
+        (
+            "upstream_sessions",
+            "Upstream sessions open now, by account of the config and protocol",
+            &m.upstream_sessions,
+        ),
+        (
+            "upstream_session_limit",
+            "The account's limit of upstream sessions per protocol (max_upstream_sessions; no series: no limit)",
+            &m.upstream_limit,
+        ),
+    ] {
+        registry.register(name, help, family.clone());
+    }
     registry.register(
         "kdf_waiting",
         "Password checks waiting for their turn",

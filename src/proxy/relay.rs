@@ -23,12 +23,17 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 /// reordered), then bytes both ways until both sides close (or one closes
 /// and the other lingers past a grace period), or the proxy shuts down.
 /// Returns the bytes relayed up and down.
-pub async fn relay(
+///
+/// `held` is what the upstream session holds (its session slot): let go as
+/// soon as the upstream has closed its side, since the provider counts the
+/// session as over then, even while the client takes its time to close.
+pub async fn relay<H>(
     mut client: Stream,
     mut upstream: Stream,
     to_upstream: Vec<u8>,
     to_client: Vec<u8>,
     shutdown: &CancellationToken,
+    held: H,
 ) -> std::io::Result<(u64, u64)> {
     if !to_client.is_empty() {
         client.write_all(&to_client).await?;
@@ -43,19 +48,21 @@ pub async fn relay(
     if let (Stream::Plain(c), Stream::Plain(u)) = (&mut client, &mut upstream) {
         let (mut cr, mut cw) = c.split();
         let (mut ur, mut uw) = u.split();
-        return both_ways(pump(&mut cr, &mut uw), pump(&mut ur, &mut cw), shutdown).await;
+        return both_ways(pump(&mut cr, &mut uw), pump(&mut ur, &mut cw), shutdown, held).await;
     }
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = tokio::io::split(upstream);
-    both_ways(pump(&mut cr, &mut uw), pump(&mut ur, &mut cw), shutdown).await
+    both_ways(pump(&mut cr, &mut uw), pump(&mut ur, &mut cw), shutdown, held).await
 }
 
 /// Runs both directions until both end, or one ends and the other lingers
 /// past the grace period, or the proxy shuts down. Returns (up, down).
-async fn both_ways(
+/// `held` is dropped when the down direction (the upstream's) ends.
+async fn both_ways<H>(
     up: impl std::future::Future<Output = io::Result<u64>>,
     down: impl std::future::Future<Output = io::Result<u64>>,
     shutdown: &CancellationToken,
+    held: H,
 ) -> io::Result<(u64, u64)> {
     tokio::pin!(up, down);
     let grace = |r: Result<io::Result<u64>, _>| match r {
@@ -68,6 +75,7 @@ async fn both_ways(
             Ok((u, grace(tokio::time::timeout(CLOSE_GRACE, &mut down).await)))
         }
         r = &mut down => {
+            drop(held);
             let d = r?;
             Ok((grace(tokio::time::timeout(CLOSE_GRACE, &mut up).await), d))
         }
@@ -297,5 +305,31 @@ mod tests {
         writing.await.unwrap();
         assert_eq!(pumping.await.unwrap(), data.len() as u64);
         assert!(got == data, "got {} bytes, want {}", got.len(), data.len());
+    }
+
+    /// The upstream closes while the client lingers: what the session holds
+    /// is let go at once, not when the client finally closes.
+    #[tokio::test]
+    async fn what_the_session_holds_goes_when_the_upstream_closes() {
+        let (_client, client_side) = tokio::io::duplex(1024);
+        let (mut upstream, upstream_side) = tokio::io::duplex(1024);
+        let held = std::sync::Arc::new(());
+        let weak = std::sync::Arc::downgrade(&held);
+        let relaying = tokio::spawn(async move {
+            let (mut cr, mut cw) = tokio::io::split(client_side);
+            let (mut ur, mut uw) = tokio::io::split(upstream_side);
+            let shutdown = CancellationToken::new();
+            both_ways(pump(&mut cr, &mut uw), pump(&mut ur, &mut cw), &shutdown, held).await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(weak.upgrade().is_some(), "held while both sides are open");
+        upstream.shutdown().await.unwrap();
+        let t0 = std::time::Instant::now();
+        while weak.upgrade().is_some() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "still held");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(!relaying.is_finished(), "the client may still finish");
+        relaying.abort();
     }
 }

@@ -20,6 +20,7 @@ use crate::net::Stream;
 use crate::preauth::{Event, Failure, PreAuth};
 use crate::secret::Secret;
 use crate::text::{escaped, is_safe_credential};
+use crate::tokens::SessionSlot;
 use crate::upstream::conn::Conn;
 use crate::upstream::login::{self, LoginFailure, UpstreamLogin};
 
@@ -55,8 +56,9 @@ pub(crate) async fn run<P: SessionProtocol>(
     let mut pre = P::machine(&config.limits, tls.is_some() && !client.is_tls());
     let deadline = Instant::now() + config.limits.preauth_timeout.saturating_mul(4);
     let mut upstream: Option<Conn> = None;
-    // This session's upstream slot, held until it ends however it ends.
-    let mut _slot = None;
+    // This session's upstream slot, held until its upstream side ends,
+    // however it ends.
+    let mut slot = None;
     let mut buf = vec![0u8; 4096];
     let mut first_input = !client.is_tls();
     loop {
@@ -82,14 +84,18 @@ pub(crate) async fn run<P: SessionProtocol>(
                     return Ok(());
                 };
                 match outcome {
-                    Ok(LoggedIn { conn, success, slot }) => {
+                    Ok(LoggedIn {
+                        conn,
+                        success,
+                        slot: taken,
+                    }) => {
                         tracing::Span::current().record("login", escaped(&login).as_str());
                         tracing::info!(upstream = %conn.endpoint, "logged in");
-                        _slot = slot;
+                        slot = taken;
                         let now = pre.login_succeeded(success);
                         upstream = Some(conn);
                         if now {
-                            return hand_off(ctx, listener, client, pre, upstream).await;
+                            return hand_off(ctx, listener, client, pre, upstream, slot).await;
                         }
                     }
                     Err(f) => {
@@ -98,7 +104,7 @@ pub(crate) async fn run<P: SessionProtocol>(
                     }
                 }
             }
-            Some(Event::Handoff) => return hand_off(ctx, listener, client, pre, upstream).await,
+            Some(Event::Handoff) => return hand_off(ctx, listener, client, pre, upstream, slot).await,
             Some(Event::StartTls) => {
                 let Some(tls_client) = start_tls(ctx, client, tls).await else {
                     return Ok(());
@@ -171,7 +177,7 @@ struct Attempt<'a> {
 struct LoggedIn<S> {
     conn: Conn,
     success: S,
-    slot: Option<crate::tokens::SessionSlot>,
+    slot: Option<SessionSlot>,
 }
 
 type LoginResult<P> = Result<LoggedIn<<<P as SessionProtocol>::Machine as PreAuth>::Success>, LoginFailure>;
@@ -245,13 +251,16 @@ async fn routed<P: SessionProtocol>(a: Attempt<'_>, cap: std::time::Duration) ->
 
 /// The login is done: what the machine still holds for the client (its
 /// answer to the login) and what the upstream sent past it go to the
-/// client, what the client pipelined goes upstream, then bytes flow.
+/// client, what the client pipelined goes upstream, then bytes flow. The
+/// session's slot goes with the upstream connection and is freed when it
+/// closes.
 async fn hand_off<M: PreAuth>(
     ctx: &Ctx,
     listener: &Listener,
     client: Stream,
     mut pre: M,
     upstream: Option<Conn>,
+    slot: Option<SessionSlot>,
 ) -> std::io::Result<()> {
     let Some(up) = upstream else {
         return Ok(()); // a machine hands off only after a successful login
@@ -261,7 +270,7 @@ async fn hand_off<M: PreAuth>(
     let to_upstream = pre.into_pending_input();
     tracing::info!(upstream = %up.endpoint, "relaying");
     crate::metrics::connection(listener.protocol, "relayed");
-    let (sent, received) = relay::relay(client, up.stream, to_upstream, to_client, &ctx.shutdown).await?;
+    let (sent, received) = relay::relay(client, up.stream, to_upstream, to_client, &ctx.shutdown, slot).await?;
     crate::metrics::relayed(listener.protocol, sent, received);
     tracing::info!(bytes_up = sent, bytes_down = received, "session ended");
     Ok(())

@@ -9,8 +9,10 @@
 //!
 //! One tokio [`Semaphore`] per (account, protocol): fair, so waiters get
 //! slots in the order they asked. A session holds its slot in a
-//! [`SessionSlot`] guard from before its upstream login until it ends, in
-//! any way (a client that vanishes drops it too). The map holds only
+//! [`SessionSlot`] guard from before its upstream login until its upstream
+//! side ends, in any way (a logout, the server closing, a client that
+//! vanishes): the provider counts the session as over then, even while a
+//! client takes its time to close. The map holds only
 //! accounts of the config (a domain entry's mailbox once it logged in) and
 //! is pruned and re-sized at each reload; a lower limit that open sessions
 //! exceed is reached as they end ("debt": their permits are not returned).

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::client;
 use crate::support::mailproxy::{oauth_account, run, Proxy, ProxyDir};
 use crate::support::postgres::Postgres;
 use crate::support::world::{assert_no_secrets, ALICE, ALICE_PW};
@@ -329,11 +330,6 @@ async fn refresh_outcomes_are_counted_on_the_file_store_and_on_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_happened_and_pass_promtool() {
-    let promtool = std::path::Path::new("/usr/bin/promtool");
-    assert!(
-        promtool.exists(),
-        "promtool is missing: run scripts/test (it installs prometheus)"
-    );
     let mut f = Fleet::new("metrics_listen = \"127.0.0.1:0\"\n");
     let (st, err) = f.dirs[0].login(ALICE, ALICE_PW);
     assert!(st.success(), "{err}");
@@ -422,22 +418,7 @@ async fn metrics_count_what_happened_and_pass_promtool() {
     assert_eq!(get("mailproxy_token_store_up"), 1.0);
 
     // The exposition is valid for Prometheus.
-    use std::io::Write;
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\n{body}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    client::promtool_check(&body);
 
     // The store going away makes the instance not ready.
     drop(std::mem::replace(&mut f.pg, Postgres::start()));

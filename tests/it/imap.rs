@@ -320,20 +320,7 @@ async fn a_tls_client_on_the_plaintext_listener_is_named_in_the_log_and_counted(
         ),
         Some(0.0)
     );
-    let promtool = std::path::Path::new("/usr/bin/promtool");
-    if promtool.exists() {
-        use std::io::Write;
-        let mut child = std::process::Command::new(promtool)
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    client::promtool_check(&body);
 
     // IMAP clients are not held up: the greeting comes at once.
     let t0 = std::time::Instant::now();

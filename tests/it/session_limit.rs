@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-use crate::support::client::metric;
+use crate::support::client::{metric, promtool_check};
 use crate::support::hostile_util::Rig;
-use crate::support::mailproxy::{Proxy, ProxyDir};
+use crate::support::mailproxy::{run, Proxy, ProxyDir};
 use crate::support::provider::{self, FakeProvider};
-use crate::support::world::{ALICE, ALICE_PW};
+use crate::support::world::{imap_login, ALICE, ALICE_PW};
 use crate::support::LineConn;
 
 const GMAIL_USER: &str = "g@gmail.com";
@@ -103,14 +103,14 @@ impl Gmail {
 }
 
 /// A proxy with a Google-preset account pointed at the fake provider and
-/// the fake Gmail (the preset's limit of 15 comes with it), plus `extra`
-/// in the account's table, and a metrics listener.
-async fn gmail_proxy(gmail_limit: usize, extra: &str) -> (Proxy, ProxyDir, FakeProvider, Gmail, Task) {
+/// a fake Gmail allowing `gmail_limit` sessions (the preset's limit of 15
+/// comes with the account), and a metrics listener.
+async fn gmail_proxy(gmail_limit: usize) -> (Proxy, ProxyDir, FakeProvider, Gmail, Task) {
     let p = FakeProvider::start();
     let (gmail, port, task) = Gmail::start(gmail_limit).await;
     let dir = ProxyDir::new();
     let cfg = format!(
-        "{}[accounts.\"{GMAIL_USER}\"]\nprovider = \"google\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nimap = \"imap://127.0.0.1:{port}\"\n{extra}",
+        "{}[accounts.\"{GMAIL_USER}\"]\nprovider = \"google\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nimap = \"imap://127.0.0.1:{port}\"\n",
         dir.header().replace("[server]\n", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n"),
         provider::CLIENT_ID,
         provider::CLIENT_SECRET,
@@ -124,16 +124,10 @@ async fn gmail_proxy(gmail_limit: usize, extra: &str) -> (Proxy, ProxyDir, FakeP
     (proxy, dir, p, gmail, task)
 }
 
-/// A new connection's `a1 LOGIN`: the connection and the tagged answer.
+/// A new connection's `a1 LOGIN` as the Gmail user: the connection and
+/// the tagged answer.
 async fn login(port: u16) -> (LineConn, String) {
-    let mut c = LineConn::plain(port).await.unwrap();
-    let g = c.read_line().await.unwrap();
-    assert!(g.starts_with("* OK"), "{g}");
-    let r = c
-        .imap("a1", &format!("LOGIN \"{GMAIL_USER}\" \"{GMAIL_PW}\""))
-        .await
-        .unwrap();
-    (c, r.tagged)
+    imap_login(port, GMAIL_USER, GMAIL_PW).await
 }
 
 /// `n` sessions logged in at once, each answering a NOOP.
@@ -164,7 +158,7 @@ fn metrics(proxy: &Proxy) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifteen_gmail_sessions_are_served_and_the_sixteenth_hears_why() {
-    let (proxy, _dir, _p, gmail, _task) = gmail_proxy(15, "").await;
+    let (proxy, _dir, _p, gmail, _task) = gmail_proxy(15).await;
     let port = proxy.imap_port();
 
     // The legitimate case: 15 at once, all served.
@@ -191,13 +185,17 @@ async fn fifteen_gmail_sessions_are_served_and_the_sixteenth_hears_why() {
     );
     assert_eq!(gmail.refused.load(Ordering::SeqCst), 0);
 
-    // One of the 15 logs out while the 16th waits: the 16th gets in.
+    // One of the 15 logs out while the 16th waits: the 16th gets in, even
+    // though the leaving client has not closed its connection yet (the
+    // upstream session is over once the server closes its side).
+    let t0 = Instant::now();
     let waiting = tokio::spawn(login(port));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut leaving = held.pop().unwrap();
     assert!(leaving.imap("z", "LOGOUT").await.unwrap().is_ok());
     let (mut c, tagged) = waiting.await.unwrap();
     assert!(tagged.starts_with("a1 OK"), "{tagged}\n{}", proxy.logs());
+    assert!(t0.elapsed() >= Duration::from_secs(1), "it did not wait");
     assert!(c.imap("n", "NOOP").await.unwrap().is_ok());
     held.push(c);
 
@@ -216,6 +214,7 @@ async fn fifteen_gmail_sessions_are_served_and_the_sixteenth_hears_why() {
 
     // All gone: the gauge is back at 0.
     held.clear();
+    drop(leaving);
     let t0 = Instant::now();
     while metric(&metrics(&proxy), &series) != Some(0.0) {
         assert!(t0.elapsed() < Duration::from_secs(5), "{}", metrics(&proxy));
@@ -225,7 +224,7 @@ async fn fifteen_gmail_sessions_are_served_and_the_sixteenth_hears_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_lowered_on_sighup_applies_to_new_logins() {
-    let (proxy, dir, _p, _gmail, _task) = gmail_proxy(100, "").await;
+    let (proxy, dir, _p, _gmail, _task) = gmail_proxy(100).await;
     let port = proxy.imap_port();
     // Under the preset's 15, three at once are served.
     let mut held = sessions(port, 3).await;
@@ -240,6 +239,11 @@ async fn a_limit_lowered_on_sighup_applies_to_new_logins() {
     let body = metrics(&proxy);
     let limit = format!("mailproxy_upstream_session_limit{{account=\"{GMAIL_USER}\",protocol=\"imap\"}}");
     assert_eq!(metric(&body, &limit), Some(2.0), "{body}");
+    // `mailproxy accounts` asks serve: the two open and the new limit.
+    let (code, out, err) = run(&dir, &["accounts"], "");
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.starts_with(GMAIL_USER)).unwrap();
+    assert!(line.contains("  IMAP 2 of 2 · SMTP 0 of 2"), "{out}");
 
     // The two sessions from before go on; when one ends, a new one fits.
     assert!(held[0].imap("n", "NOOP").await.unwrap().is_ok());
@@ -268,32 +272,16 @@ async fn each_protocol_has_its_own_count_and_its_own_refusal() {
     };
 
     // One of each at once: all served.
-    let mut i1 = LineConn::plain(imap).await.unwrap();
-    i1.read_line().await.unwrap();
-    let r = i1
-        .imap("a1", &format!("LOGIN \"{ALICE}\" \"{ALICE_PW}\""))
-        .await
-        .unwrap();
-    assert!(r.is_ok(), "{r:?}");
+    let (mut i1, r) = imap_login(imap, ALICE, ALICE_PW).await;
+    assert!(r.starts_with("a1 OK"), "{r}");
     let mut s1 = smtp_auth(smtp).await;
     assert!(s1.0.last().unwrap().starts_with("235 "), "{:?}", s1.0);
     let mut p1 = pop3_pass(pop3).await;
     assert!(p1.1.starts_with("+OK"), "{}", p1.1);
 
     // A second of each: the sentence in each protocol's words, together.
-    let (i2, s2, p2) = tokio::join!(
-        async {
-            let mut c = LineConn::plain(imap).await.unwrap();
-            c.read_line().await.unwrap();
-            c.imap("a1", &format!("LOGIN \"{ALICE}\" \"{ALICE_PW}\""))
-                .await
-                .unwrap()
-                .tagged
-        },
-        smtp_auth(smtp),
-        pop3_pass(pop3)
-    );
-    assert_eq!(i2, format!("a1 NO [UNAVAILABLE] {}", said("IMAP")), "{}", rig.logs());
+    let (i2, s2, p2) = tokio::join!(imap_login(imap, ALICE, ALICE_PW), smtp_auth(smtp), pop3_pass(pop3));
+    assert_eq!(i2.1, format!("a1 NO [UNAVAILABLE] {}", said("IMAP")), "{}", rig.logs());
     assert_eq!(s2.0.last().unwrap(), &format!("421 4.7.0 {}", said("SMTP")));
     let mut s2c = s2.1;
     assert!(s2c.read_line().await.is_err(), "SMTP closes after 421");
@@ -331,28 +319,4 @@ async fn pop3_pass(port: u16) -> (LineConn, String) {
     c.send(&format!("PASS {ALICE_PW}")).await.unwrap();
     let r = c.read_line().await.unwrap();
     (c, r)
-}
-
-fn promtool_check(body: &str) {
-    use std::io::Write;
-    let promtool = std::path::Path::new("/usr/bin/promtool");
-    assert!(
-        promtool.exists(),
-        "promtool is missing: run scripts/test (it installs prometheus)"
-    );
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}\n{body}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -1,7 +1,8 @@
 //! The status page in a real browser (Debian's headless Chromium): what it
 //! shows for a working account, one that needs `mailproxy login` and one
-//! waiting for an on-demand sign-in; its button takes the owner through the
-//! whole sign-in; it fits a phone's screen and reloads itself. Screenshots
+//! waiting for an on-demand sign-in; each account's upstream sessions open
+//! with their limit; its button takes the owner through the whole sign-in;
+//! it fits a phone's screen and reloads itself. Screenshots
 //! go to `target/status-page.png` and `target/status-page-after.png`.
 
 use std::collections::HashMap;
@@ -70,6 +71,7 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
         imaps_account(DAVE, env).replace("client_id =", "on_demand = false\nclient_id =") + &imaps_account(ERIN, env)
     });
     w.with_status_page();
+    w.account_setting(ALICE, "max_upstream_sessions = 4");
     w.authorise(ALICE, ALICE_PW);
     let port = w.start();
     let status = w.status_addr();
@@ -77,7 +79,7 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
     let home2 = home.clone();
     let auth_url = w.env.provider.auth_url();
 
-    // alice works and has one session open; carol's first client login
+    // alice works and has two sessions open (of her 4); carol's first client login
     // starts an on-demand authorisation; dave was never authorised and
     // on-demand is off for him.
     let mut alice = LineConn::plain(port).await.unwrap();
@@ -87,6 +89,7 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
         .await
         .unwrap();
     assert!(r.tagged.starts_with("a1 OK"), "{}", r.tagged);
+    let alice2 = login_ok(port, ALICE, ALICE_PW).await;
     let r = login_response(port, CAROL, "a client's guess").await;
     assert!(r.starts_with("a1 NO [ALERT]"), "{r}");
     let r = login_response(port, DAVE, "a client's guess").await;
@@ -102,7 +105,9 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
             .unwrap()
             .clone()
     };
-    assert_eq!(row(ALICE)["sessions"], 1, "{json}");
+    assert_eq!(row(ALICE)["sessions"], 2, "{json}");
+    let imap = serde_json::json!([{"protocol": "imap", "open": 2, "limit": 4}]);
+    assert_eq!(row(ALICE)["upstream_sessions"], imap, "{json}");
     assert!(row(ALICE)["next_refresh"].is_u64(), "{json}");
     assert_eq!(row(CAROL)["state"], "authorizing", "{json}");
     assert_eq!(row(DAVE)["can_start"], false, "{json}");
@@ -129,7 +134,7 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
     let a = &seen[ALICE];
     assert_eq!(a.state, "ok", "{a:?}");
     assert!(a.text.contains("Working"), "{a:?}");
-    assert_eq!(a.facts["Sessions open"], "1", "{a:?}");
+    assert_eq!(a.facts["Sessions open"], "IMAP 2 of 4", "{a:?}");
     assert!(a.facts["Next refresh"].starts_with("in "), "{a:?}");
     assert!(a.facts["Access token"].starts_with("expires in "), "{a:?}");
     assert!(
@@ -142,7 +147,7 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
     assert_eq!(c.state, "authorizing", "{c:?}");
     assert!(c.text.contains("Waiting for sign-in"), "{c:?}");
     assert_eq!(c.buttons, ["Sign in"], "{c:?}");
-    assert_eq!(c.facts["Sessions open"], "0", "{c:?}");
+    assert_eq!(c.facts["Sessions open"], "IMAP 0, no limit", "{c:?}");
 
     let d = &seen[DAVE];
     assert_eq!(d.state, "needs login", "{d:?}");
@@ -219,5 +224,5 @@ async fn the_status_page_shows_each_state_and_its_button_finishes_a_sign_in() {
     assert!(r.text().contains("on-demand authorisation is off"), "{}", r.text());
     let r = http::request("POST", &start, &[("Origin", "http://evil.example")], b"").unwrap();
     assert_eq!(r.status, 403);
-    drop(alice);
+    drop((alice, alice2));
 }

@@ -68,6 +68,15 @@ impl World {
         self.dir.write_config(&cfg);
     }
 
+    /// Adds `line` to `account`'s table.
+    pub fn account_setting(&self, account: &str, line: &str) {
+        let table = format!("[accounts.\"{account}\"]\n");
+        let cfg = std::fs::read_to_string(self.dir.config_path()).unwrap();
+        assert!(cfg.contains(&table), "no table for {account}");
+        self.dir
+            .write_config(&cfg.replacen(&table, &format!("{table}{line}\n"), 1));
+    }
+
     /// Turns the status page on, on a free port ([`World::status_addr`]).
     pub fn with_status_page(&self) {
         self.server_setting("status_listen = \"127.0.0.1:0\"");
@@ -142,7 +151,7 @@ pub fn imaps_account(name: &str, env: &Env) -> String {
 
 /// `a1 LOGIN` on a new plain IMAP connection to the proxy's `port`, after
 /// its `* OK` greeting: the connection and the tagged answer.
-async fn imap_login(port: u16, user: &str, pw: &str) -> (LineConn, String) {
+pub async fn imap_login(port: u16, user: &str, pw: &str) -> (LineConn, String) {
     let mut c = LineConn::plain(port).await.unwrap();
     let g = c.read_line().await.unwrap();
     assert!(g.starts_with("* OK"), "{g}");
