@@ -47,11 +47,19 @@ pub(super) fn ask_password(account: &str) -> impl FnOnce() -> Result<Secret, Off
 }
 
 pub(super) fn open_browser(url: &str) {
+    let _ = try_open_browser(url);
+}
+
+/// Hands `url` to the desktop's opener (`xdg-open`, `open` on macOS)
+/// without waiting for the browser; an error when there is no opener.
+pub(super) fn try_open_browser(url: &str) -> std::io::Result<()> {
     let opener = if cfg!(target_os = "macos") { "open" } else { "xdg-open" };
-    let _ = std::process::Command::new(opener)
+    std::process::Command::new(opener)
         .arg(url)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .spawn();
+        .spawn()
+        .map(drop)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{opener}: {e}")))
 }
