@@ -11,8 +11,8 @@ use crate::setup::DEFAULT_STATUS;
 
 use super::terminal::try_open_browser;
 
-/// Prints the status page's address and opens it; without one, says which
-/// key turns it on.
+/// Prints the status page's address and opens it; without one, or without
+/// a browser to start, says what to set.
 pub fn run(config: &Config) -> Result<u8> {
     let Some(addr) = config.status_listen else {
         bail!(
@@ -28,7 +28,7 @@ pub fn run(config: &Config) -> Result<u8> {
         );
     }
     if let Err(e) = try_open_browser(&url) {
-        eprintln!("No browser could be started ({e}): open {url} yourself.");
+        bail!("{e:#}; or open {url} yourself");
     }
     Ok(0)
 }

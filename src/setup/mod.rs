@@ -582,6 +582,31 @@ mod tests {
         assert!(client_id_problem(Provider::Custom, "").is_some());
     }
 
+    /// A config of one's own without the status page keeps it off, and
+    /// `add` says which key turns it on.
+    #[test]
+    fn add_to_a_config_without_the_status_page_says_how_to_turn_it_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[imap]\nlisten = \"127.0.0.1:1143\"\n").unwrap();
+        let o = AddOptions {
+            address: "dave@legacy.example".into(),
+            provider: Some(Provider::Password),
+            imap: Some("imaps://legacy.example:993".into()),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let added = add(&path, o, &mut |_: &str| Ok(None), &mut out).unwrap();
+        assert_eq!(added.status, None);
+        let out = String::from_utf8(out).unwrap();
+        let want = format!(
+            "Its status page is off: add status_listen = \"127.0.0.1:8025\" under [server] in {}",
+            path.display()
+        );
+        assert!(out.contains(&want), "{out}");
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("status_listen"));
+    }
+
     #[test]
     fn add_writes_a_private_config_that_parses_and_refuses_duplicates() {
         let dir = tempfile::tempdir().unwrap();
@@ -616,8 +641,10 @@ mod tests {
             imap: Some("imaps://legacy.example:993".into()),
             ..Default::default()
         };
-        assert!(!add(&path, o, &mut none, &mut Vec::new()).unwrap().created);
+        let mut said = Vec::new();
+        assert!(!add(&path, o, &mut none, &mut said).unwrap().created);
         assert_eq!(Config::load(&path).unwrap().accounts.len(), 2);
+        assert!(!String::from_utf8(said).unwrap().contains("status page is off"));
         let o = AddOptions {
             address: "BOB@outlook.com".into(),
             ..Default::default()

@@ -11,10 +11,10 @@ const GOOGLE: &str = "Register mailproxy once as an OAuth app of your own at Goo
   3. OAuth consent screen (Google Auth Platform): give the app a name and your address as
      support and developer contact; Data access → Add or remove scopes → add
      https://mail.google.com/.
-  4. Audience: a Gmail address needs user type External, then press \"Publish app\" so that
-     \"Publishing status\" reads \"In production\". An app left in Testing loses every
-     sign-in after 7 days. Your own app for personal use (under 100 users) needs no
-     verification from Google.
+  4. Audience: a Gmail address needs user type External, then press \"Publish app\" and
+     confirm, so that \"Publishing status\" reads \"In production\". An app left in Testing
+     loses every sign-in after 7 days. Your own app for personal use (under 100 users)
+     needs no verification from Google, even where the console offers it.
      Google Workspace: choose user type Internal instead (only your organisation's
      accounts; nothing to publish, no 7-day limit).
   5. Credentials → Create credentials → OAuth client ID → application type \"Desktop app\"

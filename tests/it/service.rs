@@ -414,9 +414,21 @@ fn completions_and_the_man_page_are_generated_from_the_cli() {
         .filter(|c| *c != "help")
         .collect();
     assert!(commands.contains(&"login") && commands.contains(&"open"), "{cli}");
+    // mailproxy(1) names them all under SEE ALSO; each has its examples.
+    let see_also = man
+        .split(".SH \"SEE ALSO\"\n")
+        .nth(1)
+        .expect("mailproxy(1) has SEE ALSO");
     for c in commands {
         let page = std::fs::read_to_string(out_dir.join(format!("mailproxy-{c}.1"))).unwrap();
         assert!(page.contains(&format!(".TH mailproxy-{c} 1")), "{page}");
+        assert!(
+            page.contains(&format!(".SH EXAMPLES\n.TP\n\\fBmailproxy {c}")),
+            "{page}"
+        );
+        assert!(page.contains(".SH \"SEE ALSO\"\n\\fBmailproxy\\fR(1)"), "{page}");
+        let reference = format!("\\fBmailproxy\\-{c}\\fR(1)");
+        assert!(see_also.contains(&reference), "{reference} in {see_also}");
     }
     assert!(out_dir.join("mailproxy-service-install.1").exists());
     assert!(

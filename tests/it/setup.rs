@@ -1,7 +1,8 @@
 //! The first ten minutes: `mailproxy add` driven by flags against the fake
 //! provider (then `serve` and a real login), `add` while `serve` runs (it
 //! reloads and logs in through serve), and the one-sentence answers to a
-//! missing config, placeholder client ids and unknown domains.
+//! missing config, placeholder client ids and unknown domains; the status
+//! page `add` turns on and `mailproxy open`; Google's steps.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -310,27 +311,57 @@ fn written_status(dir: &ProxyDir) -> std::net::SocketAddr {
     line.trim_matches('"').parse().unwrap()
 }
 
-/// `mailproxy open` with a stand-in xdg-open that notes its arguments:
-/// (exit status, stdout, stderr, what it was asked to open).
-fn open_with_stand_in(dir: &ProxyDir) -> (i32, String, String, Option<String>) {
+/// Where `open` may find a browser in a test.
+#[derive(Clone, Copy, PartialEq)]
+enum Opener {
+    /// `$BROWSER` (a missing command, then a stand-in taking `%s`), with a
+    /// stand-in `xdg-open` on PATH too: `$BROWSER` comes first.
+    Browser,
+    /// No `$BROWSER`: the stand-in `xdg-open` on PATH.
+    XdgOpen,
+    /// Neither: no `$BROWSER`, and a PATH with no `xdg-open`.
+    Nothing,
+}
+
+/// A stand-in browser at `bin/NAME` that notes "NAME ARGS" in `seen`.
+fn stand_in(bin: &Path, name: &str, seen: &Path) -> std::path::PathBuf {
+    let path = bin.join(name);
+    let script = format!(
+        "#!/bin/sh\necho \"{name} $*\" > {0}.tmp && mv {0}.tmp {0}\n",
+        seen.display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// `mailproxy open` with `opener`: (exit status, stdout, stderr, what a
+/// stand-in was asked to open, as "NAME URL").
+fn open_with(dir: &ProxyDir, opener: Opener) -> (i32, String, String, Option<String>) {
     let bin = dir.path().join("bin");
+    let _ = std::fs::remove_dir_all(&bin);
     std::fs::create_dir_all(&bin).unwrap();
     let seen = dir.path().join("opened");
     let _ = std::fs::remove_file(&seen);
-    let opener = bin.join("xdg-open");
-    std::fs::write(
-        &opener,
-        format!("#!/bin/sh\necho \"$@\" > {}.tmp && mv {0}.tmp {0}\n", seen.display()),
-    )
-    .unwrap();
-    std::fs::set_permissions(&opener, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
-    let out = Command::new(BIN)
-        .args(["--config", dir.config_path().to_str().unwrap(), "open"])
-        .env("PATH", path)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--config", dir.config_path().to_str().unwrap(), "open"])
+        .env_remove("BROWSER")
+        .stdin(Stdio::null());
+    let system_path = std::env::var("PATH").unwrap_or_default();
+    if opener == Opener::Nothing {
+        cmd.env("PATH", &bin);
+    } else {
+        stand_in(&bin, "xdg-open", &seen);
+        cmd.env("PATH", format!("{}:{system_path}", bin.display()));
+    }
+    if opener == Opener::Browser {
+        let browser = stand_in(&bin, "browser", &seen);
+        cmd.env(
+            "BROWSER",
+            format!("no-such-browser-here:{} --new-tab %s", browser.display()),
+        );
+    }
+    let out = cmd.output().unwrap();
     let code = out.status.code().unwrap_or(-1);
     // The opener runs on its own; a started one has written within seconds.
     let opened = (code == 0)
@@ -388,11 +419,12 @@ fn add_turns_the_status_page_on_and_serve_shows_it() {
         .json();
     assert_eq!(json["accounts"][0]["account"], ALICE, "{json}");
 
-    let (code, out, err, opened) = open_with_stand_in(&dir);
+    let (code, out, err, opened) = open_with(&dir, Opener::Browser);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out, format!("http://{status}/\n"));
     assert!(err.is_empty(), "serve answers there: {err}");
-    assert_eq!(opened.as_deref(), Some(format!("http://{status}/\n").as_str()));
+    let want = format!("browser --new-tab http://{status}/\n");
+    assert_eq!(opened.as_deref(), Some(want.as_str()), "$BROWSER before xdg-open");
     proxy.stop();
 }
 
@@ -422,9 +454,10 @@ fn add_takes_another_loopback_port_when_the_usual_one_is_taken() {
         )),
         "{err}"
     );
-    let (code, out, err, opened) = open_with_stand_in(&dir);
+    let (code, out, err, opened) = open_with(&dir, Opener::XdgOpen);
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(opened.as_deref(), Some(format!("http://{status}/\n").as_str()));
+    let want = format!("xdg-open http://{status}/\n");
+    assert_eq!(opened.as_deref(), Some(want.as_str()), "no $BROWSER: xdg-open");
     assert!(err.contains(&format!("Nothing answers at {status} yet")), "{err}");
 }
 
@@ -433,7 +466,7 @@ fn add_takes_another_loopback_port_when_the_usual_one_is_taken() {
 fn open_without_a_status_page_names_the_key_to_set() {
     let dir = ProxyDir::new();
     dir.write_config(&dir.header());
-    let (code, out, err, opened) = open_with_stand_in(&dir);
+    let (code, out, err, opened) = open_with(&dir, Opener::Browser);
     assert_eq!(code, 1, "{out}");
     assert_eq!(
         err,
@@ -443,6 +476,29 @@ fn open_without_a_status_page_names_the_key_to_set() {
         )
     );
     assert!(out.is_empty() && opened.is_none() && !dir.path().join("opened").exists());
+}
+
+/// With no `$BROWSER` and no `xdg-open`, `open` still prints the address,
+/// then fails with a sentence naming what to set or install.
+#[test]
+fn open_without_a_browser_says_what_to_set() {
+    let dir = ProxyDir::new();
+    let status = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = status.local_addr().unwrap();
+    let server = format!("[server]\nstatus_listen = \"{addr}\"\n");
+    dir.write_config(&dir.header().replace("[server]\n", &server));
+    let (code, out, err, opened) = open_with(&dir, Opener::Nothing);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(out, format!("http://{addr}/\n"));
+    assert!(
+        err.starts_with("mailproxy: no browser could be started (xdg-open: ")
+            && err.ends_with(&format!(
+                "): set BROWSER to your browser's command (e.g. BROWSER=firefox) or install xdg-open (Debian: apt install xdg-utils); or open http://{addr}/ yourself\n"
+            )),
+        "{err}"
+    );
+    assert!(!err.contains("Nothing answers"), "something listens there: {err}");
+    assert!(opened.is_none());
 }
 
 /// Google's steps lead to a published app (or an Internal one), and
@@ -463,16 +519,24 @@ fn googles_steps_lead_to_a_published_app_never_to_test_users() {
     ];
     let (code, _, err) = mailproxy(&config, &args, "");
     assert_eq!(code, 0, "{err}");
+    // The steps are wrapped for a terminal: compare the words.
+    let words = err.split_whitespace().collect::<Vec<_>>().join(" ");
     for want in [
-        "press \"Publish app\"",
-        "\"Publishing status\" reads \"In production\"",
-        "An app left in Testing loses every\n     sign-in after 7 days",
-        "needs no\n     verification",
-        "Google hasn't verified this app",
-        "Advanced → \"Go to APP (unsafe)\"",
-        "Google Workspace: choose user type Internal",
+        "press \"Publish app\" and confirm, so that \"Publishing status\" reads \"In production\"",
+        "An app left in Testing loses every sign-in after 7 days",
+        "Your own app for personal use (under 100 users) needs no verification from Google",
+        "Google shows \"Google hasn't verified this app\": it is your own app, so click Advanced → \"Go to APP (unsafe)\"",
+        "Google Workspace: choose user type Internal instead",
     ] {
-        assert!(err.contains(want), "{want:?} in\n{err}");
+        assert!(words.contains(want), "{want:?} in\n{err}");
     }
-    assert!(!err.to_ascii_lowercase().contains("test user"), "{err}");
+    let lower = words.to_ascii_lowercase();
+    for never in [
+        "test user",
+        "add your address as",
+        "leave it in testing",
+        "keep it in testing",
+    ] {
+        assert!(!lower.contains(never), "{never:?} in\n{err}");
+    }
 }
