@@ -54,7 +54,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Add(a) => cli::add::run(&path, *a).await,
         Command::Completions { shell } => Ok(cli::completions::run(shell)),
-        Command::Manpage => cli::manpage::run(),
+        Command::Manpage { dir } => cli::manpage::run(dir.as_deref()),
         Command::Service { action } => cli::service::run(&path, action).await,
         Command::Serve => cli::serve::run(config()?).await,
         Command::Login {
@@ -71,6 +71,7 @@ async fn dispatch(cli: Cli) -> Result<u8> {
             cli::login::run(&config()?, &account, how).await
         }
         Command::Accounts => cli::accounts::run(&config()?).await,
+        Command::Open => cli::open::run(&config()?),
         Command::Check { account } => cli::check::run(&config()?, account.as_deref()).await,
         Command::Revoke { account } => cli::revoke::run(&config()?, &account).await,
         Command::Passwd { account } => cli::passwd::run(&config()?, &account).await,

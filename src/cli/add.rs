@@ -18,10 +18,13 @@ pub async fn run(path: &Path, a: AddArgs) -> Result<u8> {
     let (no_login, no_browser) = (a.no_login, a.no_browser);
     let added = setup::add(path, options(a), &mut ask, &mut std::io::stderr())?;
     let name = added.account;
-    let next_steps = format!(
+    let mut next_steps = format!(
         "Next: `mailproxy service install` runs the proxy in the background (or run `mailproxy serve`).\n\
          Mail clients connect to IMAP 127.0.0.1:1143 and SMTP 127.0.0.1:1587 with the user name {name} and the local password."
     );
+    if let Some(addr) = added.status {
+        next_steps += &format!("\nWhile it runs, its status page is http://{addr}/ (`mailproxy open` opens it).");
+    }
     if added.provider == setup::Provider::Password {
         eprintln!("{name} passes the client's own password through: nothing to authorise.\n{next_steps}");
         return Ok(0);

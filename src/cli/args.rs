@@ -68,6 +68,8 @@ pub enum Command {
     },
     /// Add an account: writes (or extends) the config, then runs `login`.
     Add(Box<AddArgs>),
+    /// Open the status page (`[server] status_listen`) in the browser.
+    Open,
     /// Run `serve` as a systemd user service (Linux) or a launchd agent (macOS).
     Service {
         #[command(subcommand)]
@@ -75,9 +77,13 @@ pub enum Command {
     },
     /// Print a shell completion script (bash, zsh or fish) on stdout.
     Completions { shell: CompletionShell },
-    /// Print the man page (roff) on stdout; `scripts/man` writes it to a file.
+    /// Print the man page (roff) on stdout, or write one page per command
+    /// into --dir; `scripts/man` writes them.
     #[command(hide = true)]
-    Manpage,
+    Manpage {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// What a `token` is for.

@@ -18,6 +18,7 @@ pub mod login;
 mod lookup;
 pub mod manpage;
 mod offline;
+pub mod open;
 pub mod passwd;
 mod pick;
 pub mod revoke;

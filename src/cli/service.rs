@@ -45,6 +45,9 @@ fn install(config: &Config, print: bool) -> Result<u8> {
     for l in service::install(&exe, config)? {
         println!("{l}");
     }
+    if let Some(addr) = config.status_listen {
+        println!("status page: http://{addr}/ (`mailproxy open` opens it)");
+    }
     Ok(0)
 }
 

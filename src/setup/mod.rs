@@ -1,12 +1,18 @@
 //! `mailproxy add ADDRESS`: the guided first setup. It works out the
 //! provider (from the domain, else its MX records, else by asking), prints
-//! the app-registration steps for it, checks the client id's shape and
-//! writes (or extends) the config, 0600 and commented. `main` then runs
-//! `login`.
+//! the app-registration steps for it ([`steps`]), checks the client id's
+//! shape and writes (or extends) the config, 0600 and commented, with the
+//! status page on ([`status`]). `main` then runs `login`.
 
 pub mod mx;
+pub mod status;
+pub mod steps;
+
+pub use status::{status_address, DEFAULT_STATUS};
+pub use steps::registration_steps;
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -154,43 +160,6 @@ fn is_guid(s: &str) -> bool {
     parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12]) && parts.iter().all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
-/// The steps to register mailproxy at the provider, for a person.
-pub fn registration_steps(provider: Provider) -> &'static str {
-    match provider {
-        Provider::Google => {
-            "Register mailproxy once as an OAuth app of your own at Google:
-  1. Open https://console.cloud.google.com/apis/credentials and pick or create a project.
-  2. APIs & Services → Library: enable the Gmail API.
-  3. OAuth consent screen: user type External (Internal for a Workspace-only app), add your
-     address as a test user, and add the scope https://mail.google.com/.
-  4. Credentials → Create credentials → OAuth client ID → application type \"Desktop app\"
-     (not \"TVs and Limited Input devices\": that flow cannot grant mail access).
-  5. Copy the client ID (it ends in .apps.googleusercontent.com) and the client secret.
-  No redirect URI needs registering: mailproxy listens on a loopback port."
-        }
-        Provider::Microsoft => {
-            "Register mailproxy once as an app of your own at Microsoft:
-  1. Open https://entra.microsoft.com → Applications → App registrations → New registration.
-  2. Supported account types: \"Accounts in any organizational directory and personal Microsoft
-     accounts\" (or your organisation only).
-  3. Redirect URI: platform \"Public client/native (mobile & desktop)\", http://localhost
-  4. Authentication → Advanced settings → Allow public client flows: Yes.
-  5. API permissions → Add a permission → APIs my organization uses → Office 365 Exchange Online
-     → Delegated: IMAP.AccessAsUser.All, SMTP.Send (and POP.AccessAsUser.All for POP3).
-  6. Copy the Application (client) ID from the Overview page. No client secret is needed."
-        }
-        Provider::Custom => {
-            "Register mailproxy as an OAuth client at your provider with the redirect URI
-  http://127.0.0.1/ (any port; mailproxy listens on a loopback port), and note its
-  authorisation and token endpoints and the client id (and secret, if it has one)."
-        }
-        Provider::Password => {
-            "The server still takes passwords: mailproxy passes the client's own user name and
-  password through, so there is nothing to register."
-        }
-    }
-}
-
 /// Everything `add` needs to know; what is missing is asked for.
 #[derive(Clone, Debug, Default)]
 pub struct AddOptions {
@@ -215,6 +184,8 @@ pub struct Added {
     pub account: String,
     pub provider: Provider,
     pub created: bool,
+    /// The status page's address, when the config has one.
+    pub status: Option<SocketAddr>,
 }
 
 /// Asks a person one question; `None` when there is no answer (end of input).
@@ -232,16 +203,20 @@ fn q(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// The text of a new config file: listeners on loopback, state in the
-/// default place.
-pub fn new_config_text() -> String {
-    "# mailproxy configuration, written by `mailproxy add`. Every key is documented\n\
+/// The text of a new config file: listeners and the status page on
+/// loopback, state in the default place.
+pub fn new_config_text(status: SocketAddr) -> String {
+    format!(
+        "# mailproxy configuration, written by `mailproxy add`. Every key is documented\n\
      # in the README (Configuration). `mailproxy add ADDRESS` adds more accounts;\n\
      # it keeps this file private (0600): it may hold a client secret.\n\
      \n\
      [server]\n\
      # The encrypted vault and account state live in $XDG_STATE_HOME/mailproxy.\n\
      # token_store = \"keyring\"   # keep refresh tokens in the OS keyring instead\n\
+     # The status page: every account's state and its Sign in button\n\
+     # (`mailproxy open` opens it). Loopback only: it shows sign-in links.\n\
+     status_listen = {}\n\
      \n\
      [imap]\n\
      # Mail clients connect here with the account's address and its local password.\n\
@@ -251,8 +226,9 @@ pub fn new_config_text() -> String {
      listen = \"127.0.0.1:1587\"\n\
      \n\
      # [pop3]\n\
-     # listen = \"127.0.0.1:1110\"\n"
-        .to_string()
+     # listen = \"127.0.0.1:1110\"\n",
+        q(&status.to_string())
+    )
 }
 
 /// The account's section.
@@ -309,12 +285,15 @@ pub fn add(path: &Path, mut o: AddOptions, ask: Ask<'_>, out: &mut dyn Write) ->
     }
 
     let created = existing.is_none();
-    let mut text = existing.unwrap_or_else(new_config_text);
+    let mut text = match existing {
+        Some(t) => t,
+        None => new_config_text(new_status_address(out)),
+    };
     if !text.ends_with('\n') {
         text.push('\n');
     }
     text += &account_text(&o, provider, &why);
-    Config::parse(&text, path).map_err(|e| SetupError::Config(e.to_string()))?;
+    let config = Config::parse(&text, path).map_err(|e| SetupError::Config(e.to_string()))?;
     write_private(path, &text)?;
     say(
         out,
@@ -324,11 +303,28 @@ pub fn add(path: &Path, mut o: AddOptions, ask: Ask<'_>, out: &mut dyn Write) ->
             path.display()
         ),
     );
+    if config.status_listen.is_none() {
+        say(out, &format!(
+            "Its status page is off: add status_listen = \"{DEFAULT_STATUS}\" under [server] in {} and restart mailproxy to see every account's state in a browser (`mailproxy open`).",
+            path.display()
+        ));
+    }
     Ok(Added {
         account: address,
         provider,
         created,
+        status: config.status_listen,
     })
+}
+
+/// A new config's status page address, said on `out` when it is not the
+/// usual one.
+fn new_status_address(out: &mut dyn Write) -> SocketAddr {
+    let (addr, why) = status_address(DEFAULT_STATUS);
+    if let Some(why) = why {
+        say(out, &format!("{why}."));
+    }
+    addr
 }
 
 /// One line on `out`; a failed write is not worth stopping for.
@@ -586,6 +582,31 @@ mod tests {
         assert!(client_id_problem(Provider::Custom, "").is_some());
     }
 
+    /// A config of one's own without the status page keeps it off, and
+    /// `add` says which key turns it on.
+    #[test]
+    fn add_to_a_config_without_the_status_page_says_how_to_turn_it_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[imap]\nlisten = \"127.0.0.1:1143\"\n").unwrap();
+        let o = AddOptions {
+            address: "dave@legacy.example".into(),
+            provider: Some(Provider::Password),
+            imap: Some("imaps://legacy.example:993".into()),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let added = add(&path, o, &mut |_: &str| Ok(None), &mut out).unwrap();
+        assert_eq!(added.status, None);
+        let out = String::from_utf8(out).unwrap();
+        let want = format!(
+            "Its status page is off: add status_listen = \"127.0.0.1:8025\" under [server] in {}",
+            path.display()
+        );
+        assert!(out.contains(&want), "{out}");
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("status_listen"));
+    }
+
     #[test]
     fn add_writes_a_private_config_that_parses_and_refuses_duplicates() {
         let dir = tempfile::tempdir().unwrap();
@@ -604,10 +625,13 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("tenant = \"consumers\""), "{text}");
+        assert!(text.contains("\nstatus_listen = \"127.0.0.1:"), "{text}");
         let out = String::from_utf8(out).unwrap();
         assert!(out.contains("Allow public client flows"), "{out}");
         let c = Config::load(&path).unwrap();
         assert!(c.account("bob@outlook.com").unwrap().oauth().is_some());
+        assert_eq!(added.status, c.status_listen);
+        assert!(c.status_listen.is_some_and(|a| a.ip().is_loopback()));
 
         // A second account extends the file; the same one again is refused.
         let mut none = |_: &str| Ok(None);
@@ -617,8 +641,10 @@ mod tests {
             imap: Some("imaps://legacy.example:993".into()),
             ..Default::default()
         };
-        assert!(!add(&path, o, &mut none, &mut Vec::new()).unwrap().created);
+        let mut said = Vec::new();
+        assert!(!add(&path, o, &mut none, &mut said).unwrap().created);
         assert_eq!(Config::load(&path).unwrap().accounts.len(), 2);
+        assert!(!String::from_utf8(said).unwrap().contains("status page is off"));
         let o = AddOptions {
             address: "BOB@outlook.com".into(),
             ..Default::default()

@@ -1,6 +1,7 @@
 //! Packaging: `scripts/deb` builds the Debian package with cargo-deb (from
 //! the debug build the tests already have), its file list holds what the
-//! README promises, and it installs with dpkg and runs.
+//! README promises, and it installs with dpkg and runs, and `man` finds a
+//! page per command.
 
 use std::process::Command;
 
@@ -42,6 +43,11 @@ fn the_deb_builds_lists_its_files_installs_and_runs() {
     for f in [
         "./usr/bin/mailproxy",
         "./usr/share/man/man1/mailproxy.1",
+        "./usr/share/man/man1/mailproxy-login.1",
+        "./usr/share/man/man1/mailproxy-add.1",
+        "./usr/share/man/man1/mailproxy-open.1",
+        "./usr/share/man/man1/mailproxy-token.1",
+        "./usr/share/man/man1/mailproxy-service-install.1",
         "./usr/share/bash-completion/completions/mailproxy",
         "./usr/share/zsh/vendor-completions/_mailproxy",
         "./usr/share/fish/vendor_completions.d/mailproxy.fish",
@@ -74,6 +80,14 @@ fn the_deb_builds_lists_its_files_installs_and_runs() {
     dpkg(&["-i", &deb]);
     let version = Command::new("/usr/bin/mailproxy").arg("--version").output();
     let unit = std::fs::read_to_string("/usr/lib/systemd/user/mailproxy.service");
+    let man = |args: &[&str]| {
+        Command::new("man")
+            .args(args)
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "80")
+            .output()
+    };
+    let (where_login, login_page) = (man(&["-w", "mailproxy-login"]), man(&["mailproxy-login"]));
     dpkg(&["-r", "mailproxy"]);
     drop(system);
     let version = version.unwrap();
@@ -82,6 +96,27 @@ fn the_deb_builds_lists_its_files_installs_and_runs() {
         String::from_utf8_lossy(&version.stdout),
         format!("mailproxy {}\n", env!("CARGO_PKG_VERSION"))
     );
+    // `man mailproxy-login` as a person types it, from the installed package.
+    let where_login = where_login.expect("man (Debian's man-db)");
+    assert_eq!(
+        String::from_utf8_lossy(&where_login.stdout),
+        "/usr/share/man/man1/mailproxy-login.1.gz\n",
+        "{}",
+        String::from_utf8_lossy(&where_login.stderr)
+    );
+    let login_page = login_page.unwrap();
+    let page = String::from_utf8_lossy(&login_page.stdout);
+    assert!(login_page.status.success(), "{page}");
+    // man justifies its lines: compare the words.
+    let words = page.split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in [
+        "NAME mailproxy-login - Authorise an account at its provider",
+        "--no-browser Print the URL only",
+        "EXAMPLES mailproxy login alice@gmail.com Asks for the local password",
+        "SEE ALSO mailproxy(1)",
+    ] {
+        assert!(words.contains(want), "{want:?} in\n{page}");
+    }
     let unit = unit.unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/mailproxy serve\n"), "{unit}");
     assert!(

@@ -586,6 +586,7 @@ fn login_opens_the_browser_at_the_local_start_address() {
             "30",
         ])
         .env("PATH", path)
+        .env_remove("BROWSER")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -68,12 +68,17 @@ fn service_install_writes_a_unit_systemd_accepts_then_status_and_uninstall() {
     // systemd-analyze reads the user unit directories the .deb test installs into.
     let _system = system_dirs();
     let dir = ProxyDir::new();
-    dir.write_config(&dir.header());
+    let status = "[server]\nstatus_listen = \"127.0.0.1:8025\"\n";
+    dir.write_config(&dir.header().replace("[server]\n", status));
     std::fs::create_dir_all(dir.path().join("runtime")).unwrap();
     let (code, out, err) = mailproxy(&dir, &["service", "install"]);
     assert_eq!(code, 0, "{out}{err}");
     let unit = dir.path().join("xdg-config/systemd/user/mailproxy.service");
     assert!(out.contains(&format!("wrote {}", unit.display())), "{out}");
+    assert!(
+        out.ends_with("status page: http://127.0.0.1:8025/ (`mailproxy open` opens it)\n"),
+        "where to look once it runs: {out}"
+    );
     assert!(
         out.contains("your user's systemd cannot be reached from here")
             && out.contains("  systemctl --user daemon-reload\n")
@@ -232,6 +237,7 @@ fn service_install_escapes_specifiers_variables_quotes_and_spaces_in_paths() {
 
     let (code, out, err) = mailproxy_at(&exe, &config, &dir, &["service", "install"]);
     assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("status page"), "none configured: {out}");
     let unit = dir.path().join("xdg-config/systemd/user/mailproxy.service");
     let text = std::fs::read_to_string(&unit).unwrap();
     verify_user_unit(&unit, &runtime);
@@ -397,6 +403,38 @@ fn completions_and_the_man_page_are_generated_from_the_cli() {
     for sub in ["serve", "add", "service", "check"] {
         assert!(man.contains(sub), "the man page lists {sub}");
     }
+    // A page per visible command, from clap's own list of them.
+    let cli = run(&["--help"]);
+    let commands: Vec<&str> = cli
+        .split("Commands:\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map_while(|l| l.strip_prefix("  ")?.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.contains(&"login") && commands.contains(&"open"), "{cli}");
+    // mailproxy(1) names them all under SEE ALSO; each has its examples.
+    let see_also = man
+        .split(".SH \"SEE ALSO\"\n")
+        .nth(1)
+        .expect("mailproxy(1) has SEE ALSO");
+    for c in commands {
+        let page = std::fs::read_to_string(out_dir.join(format!("mailproxy-{c}.1"))).unwrap();
+        assert!(page.contains(&format!(".TH mailproxy-{c} 1")), "{page}");
+        assert!(
+            page.contains(&format!(".SH EXAMPLES\n.TP\n\\fBmailproxy {c}")),
+            "{page}"
+        );
+        assert!(page.contains(".SH \"SEE ALSO\"\n\\fBmailproxy\\fR(1)"), "{page}");
+        let reference = format!("\\fBmailproxy\\-{c}\\fR(1)");
+        assert!(see_also.contains(&reference), "{reference} in {see_also}");
+    }
+    assert!(out_dir.join("mailproxy-service-install.1").exists());
+    assert!(
+        !out_dir.join("mailproxy-manpage.1").exists(),
+        "hidden commands have none"
+    );
     assert_eq!(std::fs::read_to_string(out_dir.join("mailproxy.bash")).unwrap(), bash);
     assert!(out_dir.join("_mailproxy").exists() && out_dir.join("mailproxy.fish").exists());
 }
