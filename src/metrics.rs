@@ -196,13 +196,39 @@ pub fn refresh(s: &OAuthSettings, outcome: &'static str) {
         .inc();
 }
 
-pub fn relayed(p: Protocol, up: u64, down: u64) {
-    let by = |direction| BytesLabels {
-        protocol: p.into(),
-        direction,
+/// One session's share of `relayed_bytes`: the two counters are looked up
+/// once, at the hand-off, so that the relay's periodic flush is two atomic
+/// adds (the relay counts locally between flushes, never per chunk).
+pub struct RelayedBytes {
+    up: Counter,
+    down: Counter,
+}
+
+pub fn relayed_bytes(p: Protocol) -> RelayedBytes {
+    let by = |direction| {
+        METRICS
+            .bytes
+            .get_or_create(&BytesLabels {
+                protocol: p.into(),
+                direction,
+            })
+            .clone()
     };
-    METRICS.bytes.get_or_create(&by("up")).inc_by(up);
-    METRICS.bytes.get_or_create(&by("down")).inc_by(down);
+    RelayedBytes {
+        up: by("up"),
+        down: by("down"),
+    }
+}
+
+impl RelayedBytes {
+    pub fn add(&self, up: u64, down: u64) {
+        if up > 0 {
+            self.up.inc_by(up);
+        }
+        if down > 0 {
+            self.down.inc_by(down);
+        }
+    }
 }
 
 /// A client that connected the wrong way (`kind`: a
