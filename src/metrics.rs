@@ -300,10 +300,43 @@ pub fn store_up(up: bool) {
     METRICS.store_up.set(i64::from(up));
 }
 
+/// The process's own gauges, outside the `mailproxy_` prefix so that
+/// `process_open_fds` has the name Prometheus's exporters give it.
+struct Process {
+    registry: Registry,
+    tasks: Gauge,
+    open_fds: Gauge,
+}
+
+static PROCESS: LazyLock<Process> = LazyLock::new(|| {
+    let mut registry = Registry::default();
+    let (tasks, open_fds) = (Gauge::default(), Gauge::default());
+    registry.register(
+        "mailproxy_tasks",
+        "Live tokio tasks (about one per open connection, plus a few per listener and page)",
+        tasks.clone(),
+    );
+    registry.register("process_open_fds", "Open file descriptors", open_fds.clone());
+    Process {
+        registry,
+        tasks,
+        open_fds,
+    }
+});
+
+/// The live task count and, where known, the open file descriptors.
+pub fn process(tasks: usize, open_fds: Option<usize>) {
+    PROCESS.tasks.set(tasks as i64);
+    if let Some(n) = open_fds {
+        PROCESS.open_fds.set(n as i64);
+    }
+}
+
 /// Everything registered, in the Prometheus text format.
 pub fn exposition() -> String {
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
+    let _ = prometheus_client::encoding::text::encode(&mut out, &PROCESS.registry);
     to_text_format(&out)
 }
 

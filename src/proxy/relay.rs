@@ -221,7 +221,7 @@ impl Pipe {
                     Poll::Pending => {}
                 }
             }
-            let mut would_block = self.eof;
+            let mut would_block = false;
             if !self.eof && self.ring.as_ref().is_some_and(|ring| !ring.is_full()) {
                 match self.read(cx, r) {
                     Poll::Ready(Ok(moved)) => progress |= moved,
@@ -243,7 +243,7 @@ impl Pipe {
                     }
                 }
                 // Drained and nothing more to read now: back to idle.
-                if ring.is_empty() && would_block {
+                if ring.is_empty() && (would_block || self.eof) {
                     self.release();
                 }
             }
@@ -464,6 +464,25 @@ mod tests {
         let mut got = [0u8; 8];
         receiver.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"a NOOP\r\n");
+    }
+
+    /// An EOF read in the same poll as the last bytes were written still
+    /// ends the direction (and passes the EOF on).
+    #[tokio::test]
+    async fn the_eof_after_a_few_bytes_ends_the_pipe() {
+        let (mut sender, from) = tokio::io::duplex(64 * 1024);
+        let (mut to, mut receiver) = tokio::io::duplex(64 * 1024);
+        sender.write_all(b"z LOGOUT\r\n").await.unwrap();
+        sender.shutdown().await.unwrap();
+        let mut from = AlwaysReady(from);
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), pump(&mut from, &mut to))
+            .await
+            .expect("the pipe ends")
+            .unwrap();
+        assert_eq!(n, 10);
+        let mut got = Vec::new();
+        receiver.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"z LOGOUT\r\n");
     }
 
     /// Through the pump with a slow, small-windowed reader on the far side:

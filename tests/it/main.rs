@@ -23,5 +23,6 @@ mod secrets;
 mod service;
 mod setup;
 mod smtp;
+mod soak;
 mod status_page;
 mod support;
