@@ -26,3 +26,4 @@ mod smtp;
 mod soak;
 mod status_page;
 mod support;
+mod token;
