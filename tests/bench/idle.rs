@@ -7,23 +7,23 @@
 //!    and over imaps (Dovecot, OAuth), with HAProxy in TCP mode on the same
 //!    load beside it (to the light upstream, and TLS to Dovecot's imaps).
 //! 10. A long soak: M churned sessions (default 100,000) through one proxy,
-//!    OAuth and passthrough mixed, 20 and 64 at a time, a tenth dropped
-//!    mid-command; RSS, open files and live tasks after the first tenth and
-//!    at the end.
+//!     OAuth and passthrough mixed, 20 and 64 at a time, a tenth dropped
+//!     mid-command; RSS, open files and live tasks after the first tenth and
+//!     at the end.
 
 use std::io;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::support::client::{metric, LineConn};
 use super::support::light::{self, Light, LightTally};
 use super::support::mailproxy::{Proxy, ProxyDir};
-use super::support::{dovecot, haproxy, http, process, provider};
+use super::support::{dovecot, haproxy, process};
 use super::{proc_status_kib, settled_rss, Auth, Imap, Target, World, ALICE, LOCAL_PW, START};
 
-/// The OAuth account of the light proxy (its upstream is the light fake).
-const LIGHT_OAUTH: &str = "light@example.org";
+/// The OAuth account of the light proxy (its upstream is the light fake)
+/// and its local password.
+const LIGHT_OAUTH: (&str, &str) = ("light@example.org", LOCAL_PW);
 
 pub struct IdleResult {
     label: &'static str,
@@ -34,6 +34,23 @@ pub struct IdleResult {
     per_session: (f64, f64),
     target: f64,
     note: Option<String>,
+}
+
+/// What [`per_session`] measured: KiB per session, sessions opened, and a
+/// note when fewer opened than wanted.
+type PerSession = (f64, usize, Option<String>);
+
+impl IdleResult {
+    fn new(label: &'static str, wanted: usize, target: f64, mine: PerSession, theirs: PerSession) -> IdleResult {
+        IdleResult {
+            label,
+            wanted,
+            opened: (mine.1, theirs.1),
+            per_session: (mine.0, theirs.0),
+            target,
+            note: mine.2.or(theirs.2),
+        }
+    }
 }
 
 pub struct SoakResult {
@@ -52,46 +69,20 @@ struct LightProxy {
     tally: LightTally,
     _dir: ProxyDir,
     proxy: Proxy,
-    metrics: String,
 }
 
 impl LightProxy {
     async fn start(w: &World) -> LightProxy {
         let (port, tally, light) = light::start().await;
-        let p = &w.env.provider;
-        let dir = ProxyDir::new();
-        let cfg = dir
-            .header()
-            .replace("[server]\n", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n")
-            .replace(
-                "[imap]\nlisten = \"127.0.0.1:0\"\n",
-                &format!("[imap]\nlisten = \"127.0.0.1:0\"\nfallback = \"imap://127.0.0.1:{port}\"\n"),
-            );
-        let account = format!(
-            "[accounts.\"{LIGHT_OAUTH}\"]\nprovider = \"custom\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nrevoke_url = \"{}\"\ndevice_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nscopes = [\"https://mail.example.org/\", \"offline_access\"]\nimap = \"imap://127.0.0.1:{port}\"\n\n",
-            p.auth_url(),
-            p.token_url(),
-            p.revoke_url(),
-            p.device_url(),
-            provider::CLIENT_ID,
-            provider::CLIENT_SECRET,
-        );
-        dir.write_config(&format!(
-            "{cfg}[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n\n{account}"
-        ));
-        let proxy = tokio::task::block_in_place(|| {
-            let (st, err) = dir.login(LIGHT_OAUTH, LOCAL_PW);
-            assert!(st.success(), "mailproxy login {LIGHT_OAUTH} failed: {err}");
-            Proxy::start_env(&dir, &[("RUST_LOG", w.proxy_log.as_str())])
-        });
-        let metrics = format!("http://{}/metrics", proxy.metrics_addr());
+        let limits = "max_connections = 20000\nmax_connections_per_ip = 20000\n";
+        let (dir, proxy) =
+            tokio::task::block_in_place(|| light::proxy(port, &w.env.provider, LIGHT_OAUTH, limits, &w.proxy_log));
         LightProxy {
             light,
             light_port: port,
             tally,
             _dir: dir,
             proxy,
-            metrics,
         }
     }
 
@@ -99,28 +90,10 @@ impl LightProxy {
         passthrough(self.proxy.imap_port(), i)
     }
 
-    async fn scrape(&self) -> String {
-        let url = self.metrics.clone();
-        tokio::task::spawn_blocking(move || http::get(&url).map(|r| r.text()).unwrap_or_default())
-            .await
-            .unwrap_or_default()
-    }
-
     /// (RSS KiB, open files, tasks) once no session is open any more.
     async fn settled(&self) -> (u64, usize, u64) {
-        let t0 = Instant::now();
-        loop {
-            let body = self.scrape().await;
-            let open = metric(&body, "mailproxy_sessions_open{protocol=\"imap\"}");
-            if open == Some(0.0) || t0.elapsed() > Duration::from_secs(30) {
-                let tasks = metric(&body, "mailproxy_tasks").unwrap_or(f64::NAN) as u64;
-                let fds = std::fs::read_dir(format!("/proc/{}/fd", self.proxy.pid()))
-                    .map(Iterator::count)
-                    .unwrap_or(0);
-                return (settled_rss(&self.proxy).await, fds, tasks);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (_, fds, tasks) = light::quiet(&self.proxy, Duration::from_secs(30)).await;
+        (settled_rss(&self.proxy).await, fds, tasks)
     }
 }
 
@@ -139,7 +112,7 @@ fn passthrough(port: u16, i: usize) -> Target {
 
 /// Opens up to `n` idle sessions (login, SELECT INBOX), 64 at a time; the
 /// sessions that opened and the first error.
-async fn open_sessions(n: usize, target: impl Fn(usize) -> Target) -> (Vec<Imap>, Option<io::Error>) {
+pub async fn open_sessions(n: usize, target: impl Fn(usize) -> Target) -> (Vec<Imap>, Option<io::Error>) {
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -166,12 +139,7 @@ async fn open_sessions(n: usize, target: impl Fn(usize) -> Target) -> (Vec<Imap>
 
 /// RSS per session (KiB) of process `pid` for `n` idle sessions, and how
 /// many opened; a few sessions first so that lazy structures are in "before".
-async fn per_session(
-    what: &str,
-    pid: u32,
-    n: usize,
-    target: impl Fn(usize) -> Target,
-) -> io::Result<(f64, usize, Option<String>)> {
+async fn per_session(what: &str, pid: u32, n: usize, target: impl Fn(usize) -> Target) -> io::Result<PerSession> {
     for i in 0..3 {
         let (mut c, _) = Imap::login(&target(i), 4096).await?;
         c.command("s", "SELECT INBOX").await?;
@@ -260,27 +228,19 @@ pub async fn bench_idle(w: &mut World, n: usize) -> io::Result<Vec<IdleResult>> 
     let maxconn = n + 200;
     // Plaintext: the light upstream, passthrough.
     let lp = LightProxy::start(w).await;
-    let (mp, mk, mut note) = per_session("plain mailproxy", lp.proxy.pid(), n, |i| lp.target(i)).await?;
+    let mine = per_session("plain mailproxy", lp.proxy.pid(), n, |i| lp.target(i)).await?;
     let light_port = lp.light_port;
     drop(lp.proxy);
     let ha = tokio::task::block_in_place(|| Ha::start(light_port, false, maxconn));
-    let (hp, hk, hnote) = per_session("plain HAProxy", ha.child.id(), n, |i| passthrough(ha.port, i)).await?;
+    let theirs = per_session("plain HAProxy", ha.child.id(), n, |i| passthrough(ha.port, i)).await?;
     drop(ha);
     drop(lp.light);
-    note = note.or(hnote);
-    let plain = IdleResult {
-        label: "plain",
-        wanted: n,
-        opened: (mk, hk),
-        per_session: (mp, hp),
-        target: 16.0,
-        note,
-    };
+    let plain = IdleResult::new("plain", n, 16.0, mine, theirs);
     // imaps: Dovecot, OAuth through mailproxy; HAProxy with TLS to Dovecot.
     tokio::task::block_in_place(|| w.start_proxy());
     w.warm_proxy().await?;
     let t = w.via_proxy(true);
-    let (mp, mk, note) = per_session("imaps mailproxy", w.proxy().pid(), n, |_| t.clone()).await?;
+    let mine = per_session("imaps mailproxy", w.proxy().pid(), n, |_| t.clone()).await?;
     tokio::task::block_in_place(|| w.start_proxy());
     let ha = tokio::task::block_in_place(|| Ha::start(w.env.dovecot.imaps_port, true, maxconn));
     let direct = Target {
@@ -291,63 +251,19 @@ pub async fn bench_idle(w: &mut World, n: usize) -> io::Result<Vec<IdleResult>> 
             token: w.tokens[0].clone(),
         },
     };
-    let (hp, hk, hnote) = per_session("imaps HAProxy", ha.child.id(), n, |_| direct.clone()).await?;
+    let theirs = per_session("imaps HAProxy", ha.child.id(), n, |_| direct.clone()).await?;
     drop(ha);
-    let imaps = IdleResult {
-        label: "imaps",
-        wanted: n,
-        opened: (mk, hk),
-        per_session: (mp, hp),
-        target: 24.0,
-        note: note.or(hnote),
-    };
+    let imaps = IdleResult::new("imaps", n, 24.0, mine, theirs);
     Ok(vec![plain, imaps])
 }
 
-/// One churned session: OAuth or passthrough, one in ten dropped in the
-/// middle of a command (half during the login, half after it).
-async fn churned(port: u16, i: usize) -> io::Result<()> {
-    let mut c = LineConn::plain(port).await?;
-    c.read_line().await?;
-    let (user, pw) = if i % 2 == 0 {
-        (LIGHT_OAUTH.to_string(), LOCAL_PW)
-    } else {
-        (format!("user{}@light.example", i % 512), "any pw")
-    };
-    if i % 20 == 3 {
-        return c.write_raw(format!("a LOGIN \"{user}\" \"{}", &pw[..3]).as_bytes()).await;
-    }
-    let r = c.imap("a", &format!("LOGIN \"{user}\" \"{pw}\"")).await?;
-    if !r.is_ok() {
-        return Err(io::Error::other(format!("login: {}", r.tagged)));
-    }
-    if i % 20 == 13 {
-        return c.write_raw(b"s SELECT IN").await;
-    }
-    c.imap("s", "SELECT INBOX").await?;
-    c.imap("n", "NOOP").await?;
-    c.imap("z", "LOGOUT").await?;
-    Ok(())
-}
-
+/// Sessions `from..to`, alternately 64 and 20 at a time in blocks of 5,000.
 async fn churn(port: u16, from: usize, to: usize) -> io::Result<()> {
     let mut i = from;
     while i < to {
         let end = (i + 5_000).min(to);
-        let at_once = if (i / 5_000) % 2 == 0 { 64 } else { 20 };
-        let sem = Arc::new(tokio::sync::Semaphore::new(at_once));
-        let mut tasks = Vec::with_capacity(end - i);
-        for k in i..end {
-            let permit = sem.clone().acquire_owned().await.unwrap();
-            tasks.push(tokio::spawn(async move {
-                let r = churned(port, k).await;
-                drop(permit);
-                r
-            }));
-        }
-        for t in tasks {
-            t.await.map_err(io::Error::other)??;
-        }
+        let at_once = if (i / 5_000).is_multiple_of(2) { 64 } else { 20 };
+        light::churn(port, i, end, at_once, LIGHT_OAUTH).await?;
         i = end;
     }
     Ok(())
@@ -361,7 +277,12 @@ pub async fn bench_soak(w: &World, total: usize) -> io::Result<SoakResult> {
     let t0 = Instant::now();
     churn(port, 0, warm_n).await?;
     let warm = lp.settled().await;
-    progress!("soak: {warm_n} sessions (warm-up): RSS {} KiB, {} files, {} tasks", warm.0, warm.1, warm.2);
+    progress!(
+        "soak: {warm_n} sessions (warm-up): RSS {} KiB, {} files, {} tasks",
+        warm.0,
+        warm.1,
+        warm.2
+    );
     churn(port, warm_n, total).await?;
     let end = lp.settled().await;
     let secs = t0.elapsed().as_secs_f64();
@@ -422,9 +343,17 @@ pub fn print_soak(s: &SoakResult) -> usize {
         "10. Soak: {} churned sessions in {:.0} s (OAuth and passthrough, 20 and 64 at a time, a tenth dropped mid-command)",
         s.sessions, s.secs
     );
-    println!("              after warm-up ({}th)       at the end   target", s.sessions / 10);
+    println!(
+        "              after warm-up ({}th)       at the end   target",
+        s.sessions / 10
+    );
     println!("   RSS        {:>14} KiB   {:>10} KiB", s.warm.0, s.end.0);
     println!("   open files {:>18}   {:>14}", s.warm.1, s.end.1);
-    println!("   tasks      {:>18}   {:>14}   flat within 10 % (RSS + 2 MiB)  {}", s.warm.2, s.end.2, super::verdict(pass));
+    println!(
+        "   tasks      {:>18}   {:>14}   flat within 10 % (RSS + 2 MiB)  {}",
+        s.warm.2,
+        s.end.2,
+        super::verdict(pass)
+    );
     usize::from(!pass)
 }

@@ -23,7 +23,7 @@
 //! 9. Idle sessions at scale (`idle.rs`): RSS per idle session at 9,500
 //!    sessions, plaintext and imaps, HAProxy's beside it.
 //! 10. A long soak (`idle.rs`): 100,000 churned sessions; RSS, open files
-//!    and tasks after the warm-up and at the end.
+//!     and tasks after the warm-up and at the end.
 //!
 //! The client is raw bytes over tokio with large buffers: literals are
 //! counted, not copied, so the client is not what limits throughput.
@@ -1085,27 +1085,7 @@ async fn bench_memory_one(w: &mut World, n: usize, tls_upstream: bool) -> io::Re
     let before = settled_rss(w.proxy()).await;
     progress!("memory {label}: proxy RSS {before} KiB; opening {n} sessions (LOGIN, SELECT INBOX, idle)");
     let t0 = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(64));
-    let mut tasks = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (t, sem) = (t.clone(), sem.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await.unwrap();
-            let (mut c, _) = Imap::login(&t, 4096).await?;
-            c.command("s", "SELECT INBOX").await?;
-            io::Result::Ok(c)
-        }));
-    }
-    let mut sessions = Vec::with_capacity(n);
-    let mut first_err = None;
-    for task in tasks {
-        match task.await.map_err(io::Error::other).and_then(|r| r) {
-            Ok(c) => sessions.push(c),
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        }
-    }
+    let (mut sessions, first_err) = idle::open_sessions(n, |_| t.clone()).await;
     if let Some(e) = first_err {
         return Err(io::Error::other(format!(
             "only {} of {n} sessions opened; first error: {e}",
