@@ -221,13 +221,39 @@ pub fn refresh(s: &OAuthSettings, outcome: &'static str) {
         .inc();
 }
 
-pub fn relayed(p: Protocol, up: u64, down: u64) {
-    let by = |direction| BytesLabels {
-        protocol: p.into(),
-        direction,
+/// One session's share of `relayed_bytes`: the two counters are looked up
+/// once, at the hand-off, so that the relay's periodic flush is two atomic
+/// adds (the relay counts locally between flushes, never per chunk).
+pub struct RelayedBytes {
+    up: Counter,
+    down: Counter,
+}
+
+pub fn relayed_bytes(p: Protocol) -> RelayedBytes {
+    let by = |direction| {
+        METRICS
+            .bytes
+            .get_or_create(&BytesLabels {
+                protocol: p.into(),
+                direction,
+            })
+            .clone()
     };
-    METRICS.bytes.get_or_create(&by("up")).inc_by(up);
-    METRICS.bytes.get_or_create(&by("down")).inc_by(down);
+    RelayedBytes {
+        up: by("up"),
+        down: by("down"),
+    }
+}
+
+impl RelayedBytes {
+    pub fn add(&self, up: u64, down: u64) {
+        if up > 0 {
+            self.up.inc_by(up);
+        }
+        if down > 0 {
+            self.down.inc_by(down);
+        }
+    }
 }
 
 /// A client that connected the wrong way (`kind`: a
@@ -317,10 +343,43 @@ pub fn store_up(up: bool) {
     METRICS.store_up.set(i64::from(up));
 }
 
+/// The process's own gauges, outside the `mailproxy_` prefix so that
+/// `process_open_fds` has the name Prometheus's exporters give it.
+struct Process {
+    registry: Registry,
+    tasks: Gauge,
+    open_fds: Gauge,
+}
+
+static PROCESS: LazyLock<Process> = LazyLock::new(|| {
+    let mut registry = Registry::default();
+    let (tasks, open_fds) = (Gauge::default(), Gauge::default());
+    registry.register(
+        "mailproxy_tasks",
+        "Live tokio tasks (about one per open connection, plus a few per listener and page)",
+        tasks.clone(),
+    );
+    registry.register("process_open_fds", "Open file descriptors", open_fds.clone());
+    Process {
+        registry,
+        tasks,
+        open_fds,
+    }
+});
+
+/// The live task count and, where known, the open file descriptors.
+pub fn process(tasks: usize, open_fds: Option<usize>) {
+    PROCESS.tasks.set(tasks as i64);
+    if let Some(n) = open_fds {
+        PROCESS.open_fds.set(n as i64);
+    }
+}
+
 /// Everything registered, in the Prometheus text format.
 pub fn exposition() -> String {
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
+    let _ = prometheus_client::encoding::text::encode(&mut out, &PROCESS.registry);
     to_text_format(&out)
 }
 

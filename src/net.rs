@@ -33,6 +33,22 @@ impl Stream {
         }
         .ok()
     }
+
+    /// Ready when a read would not wait: bytes, EOF or an error at the
+    /// socket, or (TLS) plaintext rustls already decrypted and holds, which
+    /// would never wake the socket again. Lets an idle relay wait for input
+    /// without holding a buffer to read into.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (tcp, held) = match self {
+            Stream::Plain(s) => (s, false),
+            Stream::ClientTls(s) => (s.get_ref().0, !s.get_ref().1.wants_read()),
+            Stream::ServerTls(s) => (s.get_ref().0, !s.get_ref().1.wants_read()),
+        };
+        if held {
+            return Poll::Ready(Ok(()));
+        }
+        tcp.poll_read_ready(cx)
+    }
 }
 
 macro_rules! delegate {

@@ -13,6 +13,7 @@
 pub(crate) mod caller;
 pub(crate) mod guard;
 pub(crate) mod imap;
+pub(crate) mod pool;
 pub(crate) mod pop3;
 pub(crate) mod relay;
 pub(crate) mod route;

@@ -70,15 +70,19 @@ pub(crate) async fn run<P: SessionProtocol>(
                 let name = pre.client_name().map(str::to_owned);
                 // Each attempt logs under its own span: a connection may try
                 // several names, and each line must name the one it is about.
-                let attempt = log_in::<P>(Attempt {
-                    ctx,
-                    listener,
-                    caller: &caller,
-                    login: &login,
-                    password: Secret::from(password),
-                    client_name: name.as_deref(),
-                })
-                .instrument(tracing::info_span!("login", login = %escaped(&login)));
+                // Boxed: the login's future is large and must not size
+                // the session's own, which lives on through the relay.
+                let attempt = Box::pin(
+                    log_in::<P>(Attempt {
+                        ctx,
+                        listener,
+                        caller: &caller,
+                        login: &login,
+                        password: Secret::from(password),
+                        client_name: name.as_deref(),
+                    })
+                    .instrument(tracing::info_span!("login", login = %escaped(&login))),
+                );
                 let Some(outcome) = while_client_stays(&mut client, &mut pre, &mut buf, attempt).await else {
                     tracing::info!(login = %escaped(&login), "the client left during its login; abandoned");
                     return Ok(());
@@ -95,6 +99,7 @@ pub(crate) async fn run<P: SessionProtocol>(
                         let now = pre.login_succeeded(success);
                         upstream = Some(conn);
                         if now {
+                            drop(buf);
                             return hand_off(ctx, listener, client, pre, upstream, slot).await;
                         }
                     }
@@ -104,9 +109,12 @@ pub(crate) async fn run<P: SessionProtocol>(
                     }
                 }
             }
-            Some(Event::Handoff) => return hand_off(ctx, listener, client, pre, upstream, slot).await,
+            Some(Event::Handoff) => {
+                drop(buf);
+                return hand_off(ctx, listener, client, pre, upstream, slot).await;
+            }
             Some(Event::StartTls) => {
-                let Some(tls_client) = start_tls(ctx, client, tls).await else {
+                let Some(tls_client) = Box::pin(start_tls(ctx, client, tls)).await else {
                     return Ok(());
                 };
                 client = tls_client;
@@ -265,13 +273,16 @@ async fn hand_off<M: PreAuth>(
     let Some(up) = upstream else {
         return Ok(()); // a machine hands off only after a successful login
     };
-    let mut to_client = pre.take_output();
-    to_client.extend_from_slice(&up.buf);
-    let to_upstream = pre.into_pending_input();
     tracing::info!(upstream = %up.endpoint, "relaying");
+    // Only the stream lives on: the login's buffers go now, not at the end.
+    let (upstream, past_login) = up.into_parts();
+    let mut to_client = pre.take_output();
+    to_client.extend_from_slice(&past_login);
+    drop(past_login);
+    let to_upstream = pre.into_pending_input();
     crate::metrics::connection(listener.protocol, "relayed");
-    let (sent, received) = relay::relay(client, up.stream, to_upstream, to_client, &ctx.shutdown, slot).await?;
-    crate::metrics::relayed(listener.protocol, sent, received);
+    let meter = crate::metrics::relayed_bytes(listener.protocol);
+    let (sent, received) = relay::relay(client, upstream, to_upstream, to_client, &meter, &ctx.shutdown, slot).await?;
     tracing::info!(bytes_up = sent, bytes_down = received, "session ended");
     Ok(())
 }

@@ -32,7 +32,7 @@ enum ProxyHeaderReadError {
 pub(super) async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, mut tcp: TcpStream, ip: IpAddr) {
     net::tune(&tcp);
     let limits = ctx.config().limits.clone();
-    let Some(caller) = who::<P>(ctx, l, &mut tcp, ip, limits.preauth_timeout).await else {
+    let Some(caller) = Box::pin(who::<P>(ctx, l, &mut tcp, ip, limits.preauth_timeout)).await else {
         return;
     };
     let ip = caller.ip;
@@ -70,7 +70,10 @@ pub(super) async fn connection<P: SessionProtocol>(ctx: &Ctx, l: &ListenerCtx, m
                 crate::misconnect::farewell(tcp, P::refusal(crate::misconnect::PLAINTEXT_ON_TLS).as_bytes()).await;
                 return;
             }
-            match tokio::time::timeout(ctx.config().limits.preauth_timeout, acc.accept(tcp)).await {
+            // Boxed, like every large step before the relay: the session's
+            // future lives as long as the session, at its largest step's size.
+            let accept = Box::pin(acc.accept(tcp));
+            match tokio::time::timeout(ctx.config().limits.preauth_timeout, accept).await {
                 Ok(Ok(s)) => Stream::ServerTls(Box::new(s)),
                 Ok(Err(e)) => {
                     tracing::info!(error = %e, "client TLS handshake failed");

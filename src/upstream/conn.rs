@@ -86,6 +86,13 @@ enum TlsChoice {
 }
 
 impl Conn {
+    /// The stream and the bytes read past the login, for the hand-off; the
+    /// rest (TLS choice, endpoint) is freed now rather than held for the
+    /// whole session.
+    pub(crate) fn into_parts(self) -> (Stream, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+
     pub(crate) async fn connect(d: &Dialer<'_>, server: &Server) -> Result<Conn, UpstreamError> {
         let ep = &server.endpoint;
         let tls = if server.insecure {

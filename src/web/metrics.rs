@@ -33,7 +33,16 @@ async fn render(tokens: &TokenManager, store: &dyn RecordStore) -> String {
     metrics::upstream_sessions(tokens.sessions.all());
     let up = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
     metrics::store_up(matches!(up, Ok(Ok(()))));
+    let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    metrics::process(tasks, open_fds());
     metrics::exposition()
+}
+
+/// Open file descriptors: the entries of `/proc/self/fd`, less the one
+/// reading it takes. `None` where there is no such directory.
+fn open_fds() -> Option<usize> {
+    let n = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    Some(n.saturating_sub(1))
 }
 
 /// `/metrics`, `/healthz` (the process answers) and `/readyz` (listeners

@@ -20,6 +20,10 @@
 //!    direct, through HAProxy, nginx's mail proxy and mailproxy.
 //! 8. A fleet (`fleet.rs`): logins per second and FETCH throughput through
 //!    two instances on PostgreSQL behind HAProxy vs one instance.
+//! 9. Idle sessions at scale (`idle.rs`): RSS per idle session at 9,500
+//!    sessions, plaintext and imaps, HAProxy's beside it.
+//! 10. A long soak (`idle.rs`): 100,000 churned sessions; RSS, open files
+//!     and tasks after the warm-up and at the end.
 //!
 //! The client is raw bytes over tokio with large buffers: literals are
 //! counted, not copied, so the client is not what limits throughput.
@@ -68,6 +72,10 @@ struct Opts {
     pop3: bool,
     peers: bool,
     fleet: bool,
+    idle: bool,
+    soak: bool,
+    idle_sessions: usize,
+    soak_sessions: usize,
     fleet_clients: usize,
     fleet_logins: usize,
     fleet_sessions: usize,
@@ -98,6 +106,10 @@ impl Default for Opts {
             pop3: true,
             peers: true,
             fleet: true,
+            idle: true,
+            soak: true,
+            idle_sessions: 9500,
+            soak_sessions: 100_000,
             fleet_clients: 32,
             fleet_logins: 2000,
             fleet_sessions: 4,
@@ -122,7 +134,7 @@ impl Default for Opts {
 const USAGE: &str = "\
 usage: scripts/bench [options]
 
-  --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3,peers,fleet (default: all)
+  --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3,peers,fleet,idle,soak (default: all)
   --mailbox-mb N      INBOX size for the FETCH and POP3 tests in MiB (default 40)
   --msg-kb N          size of each message in KiB (default 100)
   --runs N            timed FETCH runs per variant, after one warm-up (default 9)
@@ -132,6 +144,8 @@ usage: scripts/bench [options]
   --rounds N          rounds of concurrent logins, warm (default 5)
   --sessions N        concurrent idle sessions for the memory test (default 2000)
   --no-memory-plain   memory test with the imaps upstream only
+  --idle-sessions N   idle sessions at once in the idle section (default 9500; 2 open files each in the proxy)
+  --soak-sessions N   churned sessions in the soak section (default 100000)
   --proxy-log FILTER  RUST_LOG for mailproxy serve (default info, its default)
   --smtp-messages N   messages per SMTP session (default 100)
   --smtp-kb N         size of each SMTP message in KiB (default 100)
@@ -177,9 +191,11 @@ fn parse_args() -> Opts {
                         "pop3" => o.pop3 = true,
                         "peers" => o.peers = true,
                         "fleet" => o.fleet = true,
+                        "idle" => o.idle = true,
+                        "soak" => o.soak = true,
                         "all" => o.set_sections(true),
                         _ => die(&format!(
-                            "unknown section `{s}` (fetch, login, concurrent, memory, smtp, pop3, peers, fleet)"
+                            "unknown section `{s}` (fetch, login, concurrent, memory, smtp, pop3, peers, fleet, idle, soak)"
                         )),
                     }
                 }
@@ -192,6 +208,8 @@ fn parse_args() -> Opts {
             "--rounds" => o.rounds = num(&flag, val()),
             "--sessions" => o.sessions = num(&flag, val()),
             "--no-memory-plain" => o.memory_plain = false,
+            "--idle-sessions" => o.idle_sessions = num(&flag, val()),
+            "--soak-sessions" => o.soak_sessions = num(&flag, val()),
             "--smtp-messages" => o.smtp_messages = num(&flag, val()),
             "--mail-runs" => o.mail_runs = num(&flag, val()),
             "--smtp-kb" => o.smtp_kb = num(&flag, val()),
@@ -217,6 +235,8 @@ fn parse_args() -> Opts {
     o.clients = o.clients.max(1);
     o.rounds = o.rounds.max(1);
     o.sessions = o.sessions.max(1);
+    o.idle_sessions = o.idle_sessions.max(1);
+    o.soak_sessions = o.soak_sessions.max(10);
     o.msg_kb = o.msg_kb.max(1);
     o.smtp_messages = o.smtp_messages.max(1);
     o.mail_runs = o.mail_runs.max(1);
@@ -238,6 +258,8 @@ impl Opts {
             &mut self.pop3,
             &mut self.peers,
             &mut self.fleet,
+            &mut self.idle,
+            &mut self.soak,
         ] {
             *s = on;
         }
@@ -260,6 +282,7 @@ static START_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 // Sections 5 to 8; they use `progress!`, so are declared after it.
 mod fleet;
+mod idle;
 mod mail;
 mod peers;
 mod words;
@@ -553,7 +576,7 @@ impl World {
                     d.imap_port
                 ),
             );
-        cfg += "[limits]\nmax_connections = 5000\nmax_connections_per_ip = 5000\n\n";
+        cfg += "[limits]\nmax_connections = 20000\nmax_connections_per_ip = 20000\n\n";
         if o.smtp {
             cfg += "[smtp]\nlisten = \"127.0.0.1:0\"\ntls = \"none\"\n\n";
         }
@@ -1062,27 +1085,7 @@ async fn bench_memory_one(w: &mut World, n: usize, tls_upstream: bool) -> io::Re
     let before = settled_rss(w.proxy()).await;
     progress!("memory {label}: proxy RSS {before} KiB; opening {n} sessions (LOGIN, SELECT INBOX, idle)");
     let t0 = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(64));
-    let mut tasks = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (t, sem) = (t.clone(), sem.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await.unwrap();
-            let (mut c, _) = Imap::login(&t, 4096).await?;
-            c.command("s", "SELECT INBOX").await?;
-            io::Result::Ok(c)
-        }));
-    }
-    let mut sessions = Vec::with_capacity(n);
-    let mut first_err = None;
-    for task in tasks {
-        match task.await.map_err(io::Error::other).and_then(|r| r) {
-            Ok(c) => sessions.push(c),
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        }
-    }
+    let (mut sessions, first_err) = idle::open_sessions(n, |_| t.clone()).await;
     if let Some(e) = first_err {
         return Err(io::Error::other(format!(
             "only {} of {n} sessions opened; first error: {e}",
@@ -1134,6 +1137,8 @@ struct Results {
     mail: mail::MailResults,
     peers: Vec<peers::PeerResult>,
     fleet: Vec<fleet::FleetResult>,
+    idle: Vec<idle::IdleResult>,
+    soak: Option<idle::SoakResult>,
 }
 
 fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
@@ -1145,6 +1150,8 @@ fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
         mail: mailr,
         peers,
         fleet,
+        idle,
+        soak,
     } = r;
     let total = START.get().map(Instant::elapsed).unwrap_or_default();
     let mut misses = 0;
@@ -1345,6 +1352,12 @@ fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
     if !fleet.is_empty() {
         fleet::print_fleet(fleet, o, bytes);
     }
+    if !idle.is_empty() {
+        misses += idle::print_idle(idle);
+    }
+    if let Some(s) = soak {
+        misses += idle::print_soak(s);
+    }
     println!();
     println!(
         "Targets missed: {misses}. Total bench time {:.0} s.",
@@ -1438,7 +1451,19 @@ async fn run(o: Opts) -> io::Result<()> {
         } else {
             vec![]
         };
+        let idle = if o.idle {
+            tokio::task::block_in_place(|| rt_block(idle::bench_idle(&mut w, o.idle_sessions)))?
+        } else {
+            vec![]
+        };
+        let soak = if o.soak {
+            Some(idle::bench_soak(&w, o.soak_sessions).await?)
+        } else {
+            None
+        };
         io::Result::Ok(Results {
+            idle,
+            soak,
             fetch,
             login,
             conc,

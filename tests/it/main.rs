@@ -24,6 +24,7 @@ mod service;
 mod session_limit;
 mod setup;
 mod smtp;
+mod soak;
 mod status_page;
 mod support;
 mod token;

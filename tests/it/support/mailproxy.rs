@@ -345,17 +345,27 @@ impl Drop for Proxy {
     }
 }
 
-/// A custom-provider OAuth account that points at the fake provider and the
-/// private Dovecot (imaps unless `imap_url` says otherwise).
-pub fn oauth_account(name: &str, p: &FakeProvider, d: &Dovecot, imap_url: &str) -> String {
+/// A custom-provider OAuth account of the fake provider, with `rest` (its
+/// server URLs, `ca_file`, …) after the provider settings.
+pub fn custom_account(name: &str, p: &FakeProvider, rest: &str) -> String {
     format!(
-        "[accounts.\"{name}\"]\nprovider = \"custom\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nrevoke_url = \"{}\"\ndevice_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nscopes = [\"https://mail.example.org/\", \"offline_access\"]\nimap = \"{imap_url}\"\nca_file = \"{}\"\n\n",
+        "[accounts.\"{name}\"]\nprovider = \"custom\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nrevoke_url = \"{}\"\ndevice_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nscopes = [\"https://mail.example.org/\", \"offline_access\"]\n{rest}\n",
         p.auth_url(),
         p.token_url(),
         p.revoke_url(),
         p.device_url(),
         provider::CLIENT_ID,
         provider::CLIENT_SECRET,
-        d.ca_pem_path().display()
+    )
+}
+
+/// A custom-provider OAuth account that points at the fake provider and the
+/// private Dovecot (imaps unless `imap_url` says otherwise).
+pub fn oauth_account(name: &str, p: &FakeProvider, d: &Dovecot, imap_url: &str) -> String {
+    let ca = d.ca_pem_path();
+    custom_account(
+        name,
+        p,
+        &format!("imap = \"{imap_url}\"\nca_file = \"{}\"\n", ca.display()),
     )
 }

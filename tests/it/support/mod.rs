@@ -13,6 +13,7 @@
 //! - [`http`]: minimal HTTP/1.1 server parsing and a blocking test client.
 //! - [`postgres`]: private PostgreSQL for the shared token store.
 //! - [`haproxy`]: private HAProxy in TCP mode in front of proxies or Dovecot.
+//! - [`light`]: a light fake IMAP upstream for load (soak tests, the bench).
 //! - [`starttls_injection`]: an upstream that injects replies behind its STARTTLS
 //!   answer, and the test each protocol runs against it.
 // The harness signals child processes through libc; mailproxy itself has
@@ -26,6 +27,7 @@ pub mod haproxy;
 pub mod hostile_util;
 pub mod http;
 pub mod http_proxy;
+pub mod light;
 pub mod mailproxy;
 pub mod pki;
 pub mod postgres;

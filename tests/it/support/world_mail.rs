@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::mailproxy::{Proxy, ProxyDir};
-use super::provider::{self, FakeProvider};
+use super::provider::FakeProvider;
 use super::{client, pki, require_dovecot, Env, LineConn};
 
 pub use super::world::{ALICE, ALICE_PW, BOB, BOB_PW, CAROL, FRANK, FRANK_PW};
@@ -43,16 +43,7 @@ pub fn oauth_mail_account(
     pop3: Option<&str>,
     extra: &str,
 ) -> String {
-    let mut s = format!(
-        "[accounts.\"{name}\"]\nprovider = \"custom\"\nauth_url = \"{}\"\ntoken_url = \"{}\"\nrevoke_url = \"{}\"\ndevice_url = \"{}\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nscopes = [\"{SCOPE}\", \"offline_access\"]\nca_file = \"{}\"\n",
-        p.auth_url(),
-        p.token_url(),
-        p.revoke_url(),
-        p.device_url(),
-        provider::CLIENT_ID,
-        provider::CLIENT_SECRET,
-        ca.display()
-    );
+    let mut s = format!("ca_file = \"{}\"\n", ca.display());
     if let Some(u) = smtp {
         s += &format!("smtp = \"{u}\"\n");
     }
@@ -60,8 +51,7 @@ pub fn oauth_mail_account(
         s += &format!("pop3 = \"{u}\"\n");
     }
     s += extra;
-    s += "\n";
-    s
+    super::mailproxy::custom_account(name, p, &s)
 }
 
 /// Dovecot + provider + sink + a proxy config with SMTP and POP3 listeners and:
