@@ -43,7 +43,8 @@ fn platform_roots() -> &'static RootCertStore {
     })
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The PEM certificates in `path`: at least one.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let err = |reason: String| TlsError::File {
         path: path.to_owned(),
         reason,
@@ -58,6 +59,17 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// Adds the certificates in `path` to `roots`.
+fn add_ca_file(roots: &mut RootCertStore, path: &Path) -> Result<(), TlsError> {
+    for c in read_certs(path)? {
+        roots.add(c).map_err(|e| TlsError::File {
+            path: path.to_owned(),
+            reason: format!("unusable CA certificate: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
 /// Client configs for upstream connections, one per distinct `ca_file`:
 /// platform roots plus that file, TLS 1.2 and 1.3 only, hostname checked.
 #[derive(Default)]
@@ -66,19 +78,35 @@ pub struct ClientConfigs {
     insecure: std::sync::OnceLock<Arc<ClientConfig>>,
 }
 
-/// `insecure_skip_verify`: accepts any certificate, still TLS 1.2+.
+/// Checks only as far as it has roots: with none (`insecure_skip_verify`,
+/// or a database's `sslmode=require`) any certificate passes; with roots the
+/// chain must lead to one of them, whatever name it is for (`verify-ca`).
+/// The handshake's signatures are always checked, and TLS is 1.2+.
 #[derive(Debug)]
-struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
+struct Lenient {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    roots: Option<RootCertStore>,
+}
 
-impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+impl rustls::client::danger::ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         _: &rustls::pki_types::ServerName<'_>,
         _: &[u8],
-        _: rustls::pki_types::UnixTime,
+        now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -87,7 +115,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
         c: &CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -95,28 +123,63 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
         c: &CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// A client config whose verifier is [`Lenient`] over `roots`.
+fn lenient(roots: Option<RootCertStore>) -> Arc<ClientConfig> {
+    let p = provider();
+    let c = ClientConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Lenient { provider: p, roots }))
+        .with_no_client_auth();
+    Arc::new(c)
+}
+
+/// How much of a server's certificate a connection checks (libpq's
+/// `require`, `verify-ca`, `verify-full`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerCheck {
+    Nothing,
+    Chain,
+    ChainAndName,
+}
+
+/// A client config that trusts only the certificates in `ca_file` (the way
+/// libpq's `sslrootcert` does), or the platform's roots without one.
+pub fn checking(ca_file: Option<&Path>, check: ServerCheck) -> Result<Arc<ClientConfig>, TlsError> {
+    if check == ServerCheck::Nothing {
+        return Ok(lenient(None));
+    }
+    let roots = match ca_file {
+        None => platform_roots().clone(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            add_ca_file(&mut roots, path)?;
+            roots
+        }
+    };
+    if check == ServerCheck::Chain {
+        return Ok(lenient(Some(roots)));
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 impl ClientConfigs {
     /// The config for an account that set `insecure_skip_verify = true`.
     pub fn insecure(&self) -> Arc<ClientConfig> {
-        self.insecure
-            .get_or_init(|| {
-                let p = provider();
-                let c = ClientConfig::builder_with_provider(p.clone())
-                    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                    .expect("ring supports TLS 1.2 and 1.3")
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(AcceptAnything(p)))
-                    .with_no_client_auth();
-                Arc::new(c)
-            })
-            .clone()
+        self.insecure.get_or_init(|| lenient(None)).clone()
     }
 
     pub fn get(&self, ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
@@ -126,12 +189,7 @@ impl ClientConfigs {
         }
         let mut roots = platform_roots().clone();
         if let Some(path) = ca_file {
-            for c in read_certs(path)? {
-                roots.add(c).map_err(|e| TlsError::File {
-                    path: path.to_owned(),
-                    reason: format!("unusable CA certificate: {e}"),
-                })?;
-            }
+            add_ca_file(&mut roots, path)?;
         }
         let config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -187,4 +245,78 @@ pub fn self_signed(dir: &Path) -> Result<(PathBuf, PathBuf, String), TlsError> {
         .collect::<Vec<_>>()
         .join(":");
     Ok((cert_path, key_path, fp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    /// A CA written to `dir/NAME.pem` and a server config for a leaf it
+    /// signed for `host`.
+    fn ca_and_server(dir: &Path, name: &str, host: &str) -> (PathBuf, Arc<ServerConfig>) {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let ca_path = dir.join(format!("{name}.pem"));
+        std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![host.to_string()])
+            .unwrap()
+            .signed_by(&key, &Issuer::new(ca, ca_key))
+            .unwrap();
+        let server = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        (ca_path, Arc::new(server))
+    }
+
+    /// A whole handshake in memory; the client's verdict on the server.
+    fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>, name: &str) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            s.process_new_packets()
+                .map_err(|e| rustls::Error::General(format!("server: {e}")))?;
+            buf.clear();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn each_check_checks_what_it_says_and_no_more() {
+        let t = tempfile::tempdir().unwrap();
+        let (ca, server) = ca_and_server(t.path(), "ca", "db.example.org");
+        let (other_ca, _) = ca_and_server(t.path(), "other", "db.example.org");
+        let with = |ca: &Path, check| checking(Some(ca), check).unwrap();
+        let wrong_name = "db2.example.org";
+        use ServerCheck::*;
+        handshake(with(&ca, ChainAndName), server.clone(), "db.example.org").unwrap();
+        let e = handshake(with(&ca, ChainAndName), server.clone(), wrong_name).unwrap_err();
+        assert!(e.to_string().contains("not valid for name"), "{e}");
+        handshake(with(&ca, Chain), server.clone(), wrong_name).unwrap();
+        for check in [Chain, ChainAndName] {
+            let e = handshake(with(&other_ca, check), server.clone(), "db.example.org").unwrap_err();
+            assert!(e.to_string().contains("UnknownIssuer"), "{check:?}: {e}");
+        }
+        // Encryption alone: any certificate, any name.
+        handshake(with(&other_ca, Nothing), server.clone(), wrong_name).unwrap();
+        let e = checking(Some(&t.path().join("missing.pem")), Chain).unwrap_err();
+        assert!(e.to_string().contains("missing.pem"), "{e}");
+    }
 }

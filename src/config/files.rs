@@ -117,6 +117,20 @@ pub(super) fn check_key_files(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `database_url`'s `sslrootcert` must hold at least one certificate: a
+/// mistyped path fails here, not at the first connection.
+pub(super) fn check_database_ca(config: &Config) -> Result<(), ConfigError> {
+    let Some(ca) = config.fleet.database_tls.as_ref().and_then(|t| t.root_cert.as_deref()) else {
+        return Ok(());
+    };
+    crate::tls::read_certs(ca).map(|_| ()).map_err(|e| ConfigError {
+        path: config.path.clone(),
+        line: config.fleet.database_line,
+        key: Some("server.database_url".into()),
+        message: format!("sslrootcert: {e}"),
+    })
+}
+
 fn judge_key_file(path: &Path, f: FileFacts, me: u32) -> Result<(), ConfigProblem> {
     let path = path.to_owned();
     if f.uid != me {

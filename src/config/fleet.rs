@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use super::database::DatabaseTls;
 use super::raw::{RawListener, RawServer};
 use super::source::Source;
 use super::{Config, ConfigError, TokenStore};
@@ -17,6 +18,10 @@ pub struct Fleet {
     /// `token_store = "postgres"`: the database (`MAILPROXY_DATABASE_URL`
     /// when not set here). May hold a password, so it is a secret.
     pub database_url: Option<Secret>,
+    /// Its TLS settings (`sslmode`, `sslrootcert`), checked at load.
+    pub database_tls: Option<DatabaseTls>,
+    /// The line of `database_url`, for the CA file's errors.
+    pub(super) database_line: Option<usize>,
     /// Seals refresh tokens under this key instead of one derived from each
     /// local password (`MAILPROXY_STORE_KEY` when not set here).
     pub store_key_file: Option<PathBuf>,
@@ -28,6 +33,8 @@ impl Fleet {
     pub(super) fn secret_keys(&self) -> Vec<String> {
         let Fleet {
             database_url,
+            database_tls: _,
+            database_line: _,
             store_key_file: _,
             metrics_listen: _,
         } = self;
@@ -109,22 +116,14 @@ impl TrustedNet {
 
 pub(super) fn server(src: &Source, raw: &RawServer) -> Result<Fleet, ConfigError> {
     let database_url = raw.database_url.as_ref().map(|u| u.get_ref().clone());
-    if raw.token_store == TokenStore::Postgres {
-        if let Some(u) = &raw.database_url {
-            if !u.get_ref().expose().contains('=') && !u.get_ref().expose().starts_with("postgres") {
-                return Err(src.err(
-                    Some(u.span()),
-                    Some("server.database_url".into()),
-                    "not a PostgreSQL URL like postgres://mailproxy@db.example.org/mailproxy",
-                ));
-            }
+    let mut database_tls = None;
+    if let Some(u) = &raw.database_url {
+        let at = |m: String| src.err(Some(u.span()), Some("server.database_url".into()), m);
+        if raw.token_store != TokenStore::Postgres {
+            return Err(at("database_url is only used with token_store = \"postgres\"".into()));
         }
-    } else if let Some(u) = &raw.database_url {
-        return Err(src.err(
-            Some(u.span()),
-            Some("server.database_url".into()),
-            "database_url is only used with token_store = \"postgres\"",
-        ));
+        let parsed = super::database::parse(u.get_ref().expose(), Some(src.path())).map_err(|e| at(e.to_string()))?;
+        database_tls = Some(parsed.tls);
     }
     let metrics_listen = match &raw.metrics_listen {
         None => None,
@@ -138,6 +137,8 @@ pub(super) fn server(src: &Source, raw: &RawServer) -> Result<Fleet, ConfigError
     };
     Ok(Fleet {
         database_url,
+        database_tls,
+        database_line: raw.database_url.as_ref().map(|u| src.line(&u.span())),
         store_key_file: raw.store_key_file.as_ref().map(|p| src.resolve(p)),
         metrics_listen,
     })
@@ -233,6 +234,55 @@ mod tests {
         );
         let e = parse("[server]\nmetrics_listen = \"nine\"\n").unwrap_err().to_string();
         assert!(e.contains("server.metrics_listen"), "{e}");
+    }
+
+    #[test]
+    fn database_url_tls_is_checked_where_it_is_written() {
+        let pg = |url: &str| format!("[server]\ntoken_store = \"postgres\"\n\ndatabase_url = \"{url}\"\n");
+        let e = parse(&pg("postgres://mp:s3cret@db.example.org/mp?sslmode=verify"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/mailproxy/config.toml:4: server.database_url: sslmode `verify` is not one of"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        let c = parse(&pg(
+            "postgres://mp@db.example.org/mp?sslmode=verify-full&sslrootcert=db-ca.pem",
+        ))
+        .unwrap();
+        let t = c.fleet.database_tls.unwrap();
+        assert_eq!(t.mode, super::super::database::SslMode::VerifyFull);
+        assert_eq!(t.root_cert.as_deref(), Some(Path::new("/etc/mailproxy/db-ca.pem")));
+        // No sslmode and a host on the network: TLS.
+        let c = parse(&pg("postgres://mp@db.example.org/mp")).unwrap();
+        let t = c.fleet.database_tls.unwrap();
+        assert_eq!((t.mode, t.defaulted), (super::super::database::SslMode::Require, true));
+    }
+
+    /// The CA file is read at load: a missing or empty one is refused with
+    /// the line of `database_url`.
+    #[test]
+    fn an_unreadable_database_ca_file_is_refused_at_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let cfg = t.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            "[server]\ntoken_store = \"postgres\"\ndatabase_url = \"postgres://mp@db.example.org/mp?sslmode=verify-full&sslrootcert=ca.pem\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let at = format!("{}:3: server.database_url: sslrootcert: ", cfg.display());
+        let e = Config::load(&cfg).unwrap_err().to_string();
+        assert!(e.starts_with(&at) && e.contains("cannot read"), "{e}");
+        let ca = t.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let e = Config::load(&cfg).unwrap_err().to_string();
+        assert!(e.starts_with(&at) && e.contains("no PEM certificate"), "{e}");
+        let cert = rcgen::generate_simple_self_signed(vec!["db.example.org".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        Config::load(&cfg).unwrap();
     }
 
     #[test]

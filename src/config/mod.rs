@@ -3,7 +3,8 @@
 //!
 //! `raw` is what the file says, `parse` turns it into a checked [`Config`]
 //! one section at a time (no I/O; the settings for several instances in
-//! `fleet`), with `source` naming the file, line and key of each error;
+//! `fleet`), with `source` naming the file, line and key of each error; `database` reads
+//! `database_url` and its TLS settings;
 //! `files` judges the file and the key files it names on disk (a service
 //! account's key through `service_account_key`), and `reload` says what a
 //! SIGHUP cannot change.
@@ -21,6 +22,7 @@ use crate::endpoint::{Endpoint, Protocol};
 use crate::secret::Secret;
 
 pub mod cloud;
+pub mod database;
 pub mod domain;
 mod files;
 mod fleet;
@@ -471,7 +473,8 @@ impl Config {
             .join("config.toml")
     }
 
-    /// Reads, parses and checks the config file, and the key files it names.
+    /// Reads, parses and checks the config file, and the key and CA files it
+    /// names.
     /// The file must belong to this user (or root) and no other user may
     /// change it (it decides where passwords go); when it holds a secret, no
     /// other user may read it either.
@@ -480,6 +483,7 @@ impl Config {
         let mut config = Config::parse(&text, path)?;
         files::check_secrets_private(path, file, &config)?;
         files::check_key_files(&config)?;
+        files::check_database_ca(&config)?;
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
         config.local_users.resolve(&passwd).map_err(|problem| ConfigError {
             path: path.to_owned(),

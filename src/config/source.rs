@@ -34,6 +34,15 @@ impl Source<'_> {
         }
     }
 
+    pub(super) fn path(&self) -> &Path {
+        self.path
+    }
+
+    /// The line `span` starts on, for errors found later (files on disk).
+    pub(super) fn line(&self, span: &Range<usize>) -> usize {
+        line_of(self.text, span.start)
+    }
+
     /// Relative paths in the config are relative to the config file.
     pub(super) fn resolve(&self, p: &Path) -> PathBuf {
         super::resolve(self.path, p)

@@ -63,11 +63,10 @@ pub trait RecordStore: Send + Sync {
     async fn refresh_lock(&self, account: &str) -> Result<Option<Box<dyn RefreshLock>>, StoreError>;
     /// Reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
-    /// Wakes when another instance changed a record (LISTEN/NOTIFY).
     /// Accounts with a record, as far as the store can tell at once (no
-    /// waiting): the file vault lists its directory; a shared store has no
-    /// such cheap answer and says none, so domain-entry mailboxes are taken
-    /// up only from the file vault.
+    /// waiting): the file vault lists its directory, PostgreSQL answers from
+    /// the names its change feed keeps. Domain-entry mailboxes are taken up
+    /// from this.
     fn names_now(&self) -> Vec<String> {
         Vec::new()
     }
@@ -78,6 +77,7 @@ pub trait RecordStore: Send + Sync {
         false
     }
 
+    /// Wakes when another instance changed a record (LISTEN/NOTIFY).
     fn changes(&self) -> Option<Arc<tokio::sync::Notify>> {
         None
     }
@@ -165,23 +165,31 @@ impl RecordStore for Vault {
     }
 }
 
+const DATABASE_URL_ENV: &str = "MAILPROXY_DATABASE_URL";
+
 /// The store the config names: the file vault under `state_dir` (file and
 /// keyring stores), or the database.
 pub async fn open(config: &Config) -> Result<Arc<dyn RecordStore>, StoreError> {
     if config.token_store == TokenStore::Postgres {
-        let url = match &config.fleet.database_url {
-            Some(u) => u.clone(),
-            None => match std::env::var("MAILPROXY_DATABASE_URL") {
-                Ok(u) if !u.is_empty() => crate::secret::Secret::new(u),
+        let (url, from, base) = match &config.fleet.database_url {
+            Some(u) => (
+                u.clone(),
+                format!("{}: server.database_url", config.path.display()),
+                Some(config.path.as_path()),
+            ),
+            None => match std::env::var(DATABASE_URL_ENV) {
+                Ok(u) if !u.is_empty() => (crate::secret::Secret::new(u), DATABASE_URL_ENV.to_string(), None),
                 _ => {
                     return Err(StoreError::Database(format!(
-                        "token_store = \"postgres\" needs [server] database_url in {} or MAILPROXY_DATABASE_URL",
+                        "token_store = \"postgres\" needs [server] database_url in {} or {DATABASE_URL_ENV}",
                         config.path.display()
                     )))
                 }
             },
         };
-        let pg = postgres::PgStore::connect(&url).await?;
+        let url = crate::config::database::parse(url.expose(), base)
+            .map_err(|e| StoreError::Database(format!("{from}: {e}")))?;
+        let pg = postgres::PgStore::connect(url).await?;
         return Ok(Arc::new(pg));
     }
     Ok(Arc::new(Vault::open(&config.state_dir)?))

@@ -14,19 +14,25 @@
 //! * Every write fires a trigger that NOTIFYs the account's name; each
 //!   instance LISTENs and re-reads what changed. Cached versions also expire
 //!   after a few seconds, in case a notification is lost.
+//! * The same feed keeps the set of account names with a row (`names`), so
+//!   a domain entry's mailbox set up on any instance is known on every one.
+//! * Connections go through rustls (the binary's one TLS stack), with the
+//!   checks `database_url`'s `sslmode` and `sslrootcert` ask for.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{Before, RecordStore, RefreshLock, StoreError, Version};
-use crate::secret::Secret;
+use crate::config::database::{DatabaseUrl, SslMode};
 use crate::sync;
+use crate::tls::ServerCheck;
 use crate::vault::{AccountRecord, Written};
 
 const CHANNEL: &str = "mailproxy_accounts";
@@ -58,8 +64,12 @@ fn db(e: impl std::error::Error) -> StoreError {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
+        // Wrappers often show their cause already.
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
         src = s.source();
     }
     StoreError::Database(msg)
@@ -109,9 +119,40 @@ impl Cache {
     }
 }
 
+/// The names of the accounts that have a row, as far as this instance has
+/// heard (the change feed and its own writes): what a domain entry's
+/// mailbox is looked up in without waiting. As large as the table.
+#[derive(Default)]
+struct Names(RwLock<HashSet<String>>);
+
+impl Names {
+    fn set(&self, account: &str, present: bool) {
+        let mut n = sync::write(&self.0);
+        if present {
+            n.insert(key(account));
+        } else {
+            n.remove(&key(account));
+        }
+    }
+
+    fn replace(&self, all: HashSet<String>) {
+        *sync::write(&self.0) = all;
+    }
+}
+
+/// Every account name with a row.
+async fn all_names(c: &tokio_postgres::Client) -> Result<HashSet<String>, StoreError> {
+    let rows = c
+        .query("SELECT account FROM mailproxy_accounts", &[])
+        .await
+        .map_err(db)?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
 pub struct PgStore {
     pool: Pool,
     cache: Arc<Cache>,
+    names: Arc<Names>,
     changed: Arc<tokio::sync::Notify>,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -122,21 +163,39 @@ impl Drop for PgStore {
     }
 }
 
+/// The rustls connector for the checks `url` asks for.
+fn connector(url: &DatabaseUrl) -> Result<MakeRustlsConnect, StoreError> {
+    let t = &url.tls;
+    let check = match t.mode {
+        SslMode::VerifyFull => ServerCheck::ChainAndName,
+        _ if t.checks_chain() => ServerCheck::Chain,
+        _ => ServerCheck::Nothing,
+    };
+    let config = crate::tls::checking(t.root_cert.as_deref(), check)
+        .map_err(|e| StoreError::Database(format!("database_url's sslrootcert: {e}")))?;
+    Ok(MakeRustlsConnect::new((*config).clone()))
+}
+
 impl PgStore {
     /// Connects, migrates the schema and starts listening for changes.
-    pub async fn connect(url: &Secret) -> Result<PgStore, StoreError> {
-        let config: tokio_postgres::Config = url
-            .expose()
-            .parse()
-            .map_err(|e| StoreError::Database(format!("database_url: {e}")))?;
-        let mut config = config;
+    pub async fn connect(url: DatabaseUrl) -> Result<PgStore, StoreError> {
+        let tls = connector(&url)?;
+        let mut config = url.driver.clone();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        config.application_name("mailproxy");
+        if config.get_application_name().is_none() {
+            config.application_name("mailproxy");
+        }
+        tracing::info!(
+            database = %url.shown,
+            sslmode = url.tls.mode.name(),
+            chosen_from_host = url.tls.defaulted,
+            "token database"
+        );
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -148,13 +207,25 @@ impl PgStore {
             .create_timeout(Some(Duration::from_secs(15)))
             .build()
             .map_err(db)?;
-        migrate(&pool).await?;
+        migrate(&pool).await.map_err(|e| at(&url, e))?;
+        let names = Arc::new(Names::default());
+        let c = pool.get().await.map_err(db)?;
+        names.replace(all_names(&c).await?);
+        drop(c);
         let cache = Arc::new(Cache::default());
         let changed = Arc::new(tokio::sync::Notify::new());
-        let listener = tokio::spawn(listen(config, cache.clone(), changed.clone()));
+        let feed = Feed {
+            config,
+            tls,
+            cache: cache.clone(),
+            names: names.clone(),
+            changed: changed.clone(),
+        };
+        let listener = tokio::spawn(feed.listen());
         Ok(PgStore {
             pool,
             cache,
+            names,
             changed,
             listener,
         })
@@ -163,6 +234,28 @@ impl PgStore {
     async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(db)
     }
+}
+
+/// `e` from the first connection, saying which database (the password
+/// hidden) and, for a refused certificate, what to look at.
+fn at(url: &DatabaseUrl, e: StoreError) -> StoreError {
+    let StoreError::Database(msg) = e else { return e };
+    let hint = if msg.contains("invalid peer certificate") {
+        match &url.tls.root_cert {
+            Some(ca) => format!(
+                " (sslmode={}: the database's certificate must be signed by a CA in {})",
+                url.tls.mode.name(),
+                ca.display()
+            ),
+            None => format!(
+                " (sslmode={}: the database's certificate must be signed by a CA the platform trusts; name its CA with sslrootcert=FILE)",
+                url.tls.mode.name()
+            ),
+        }
+    } else {
+        String::new()
+    };
+    StoreError::Database(format!("{}: {msg}{hint}", url.shown))
 }
 
 /// Applies the migrations this build knows and the database lacks.
@@ -202,50 +295,76 @@ async fn migrate(pool: &Pool) -> Result<(), StoreError> {
     tx.commit().await.map_err(db)
 }
 
-/// LISTENs for changed records on a connection of its own, reconnecting
-/// after failures; while it is down nothing is cached.
-async fn listen(config: tokio_postgres::Config, cache: Arc<Cache>, changed: Arc<tokio::sync::Notify>) {
-    loop {
-        match config.connect(NoTls).await {
-            Ok((client, mut conn)) => {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let driver = tokio::spawn(async move {
-                    let mut msgs = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-                    use futures_util::StreamExt;
-                    while let Some(m) = msgs.next().await {
-                        match m {
-                            Ok(AsyncMessage::Notification(n)) => {
-                                if tx.send(n.payload().to_string()).is_err() {
+/// What the change feed keeps up to date.
+struct Feed {
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    cache: Arc<Cache>,
+    names: Arc<Names>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl Feed {
+    /// LISTENs for changed records on a connection of its own, reconnecting
+    /// after failures; while it is down nothing is cached.
+    async fn listen(self) {
+        loop {
+            match self.config.connect(self.tls.clone()).await {
+                Ok((client, mut conn)) => {
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    let driver = tokio::spawn(async move {
+                        let mut msgs = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                        use futures_util::StreamExt;
+                        while let Some(m) = msgs.next().await {
+                            match m {
+                                Ok(AsyncMessage::Notification(n)) => {
+                                    if tx.send(n.payload().to_string()).is_err() {
+                                        break;
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "the token database's change feed failed");
                                     break;
                                 }
                             }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %e, "the token database's change feed failed");
-                                break;
-                            }
                         }
+                    });
+                    if let Err(e) = self.follow(&client, rx).await {
+                        tracing::warn!(error = %e, "cannot listen for changes in the token database");
                     }
-                });
-                if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-                    tracing::warn!(error = %e, "cannot listen for changes in the token database");
-                } else {
-                    // Whatever happened while we were not listening: read again.
-                    cache.forget(None);
-                    cache.listening.store(true, Ordering::SeqCst);
-                    changed.notify_waiters();
-                    while let Some(account) = rx.recv().await {
-                        tracing::debug!(account = %account, "account changed in the token database");
-                        cache.forget(Some(&account));
-                        changed.notify_waiters();
-                    }
+                    self.cache.listening.store(false, Ordering::SeqCst);
+                    driver.abort();
                 }
-                cache.listening.store(false, Ordering::SeqCst);
-                driver.abort();
+                Err(e) => tracing::warn!(error = %e, "cannot reach the token database for its change feed"),
             }
-            Err(e) => tracing::warn!(error = %e, "cannot reach the token database for its change feed"),
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    /// Follows the notifications until the connection ends.
+    async fn follow(
+        &self,
+        client: &tokio_postgres::Client,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) -> Result<(), StoreError> {
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(db)?;
+        // Whatever happened while we were not listening: read again.
+        self.names.replace(all_names(client).await?);
+        self.cache.forget(None);
+        self.cache.listening.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+        while let Some(account) = rx.recv().await {
+            tracing::debug!(account = %account, "account changed in the token database");
+            self.cache.forget(Some(&account));
+            let row = client
+                .query_opt("SELECT 1 FROM mailproxy_accounts WHERE account = $1", &[&account])
+                .await
+                .map_err(db)?;
+            self.names.set(&account, row.is_some());
+            self.changed.notify_waiters();
+        }
+        Ok(())
     }
 }
 
@@ -330,6 +449,14 @@ impl RecordStore for PgStore {
         true
     }
 
+    fn names_now(&self) -> Vec<String> {
+        sync::read(&self.names.0).iter().cloned().collect()
+    }
+
+    fn has_record_now(&self, account: &str) -> bool {
+        sync::read(&self.names.0).contains(&key(account))
+    }
+
     async fn load(&self, account: &str) -> Result<Option<AccountRecord>, StoreError> {
         read(&self.client().await?, account).await
     }
@@ -364,6 +491,7 @@ impl RecordStore for PgStore {
             .await
             .map_err(db)?;
         self.cache.forget(Some(&key(&rec.account)));
+        self.names.set(&rec.account, true);
         Ok(row.get::<_, i64>(0) as u64)
     }
 
@@ -386,6 +514,7 @@ impl RecordStore for PgStore {
         if w == Written::Stored {
             tx.commit().await.map_err(db)?;
             self.cache.forget(Some(&key(&rec.account)));
+            self.names.set(&rec.account, true);
         }
         Ok(w)
     }
@@ -397,6 +526,7 @@ impl RecordStore for PgStore {
             .await
             .map_err(db)?;
         self.cache.forget(Some(&key(account)));
+        self.names.set(account, false);
         Ok(if n > 0 {
             vec![format!("the record of {account} in PostgreSQL")]
         } else {

@@ -1,7 +1,8 @@
 //! Several instances on one shared token store: a private PostgreSQL, two
 //! real `mailproxy serve` processes on it, the fake provider rotating
 //! refresh tokens, and a private Dovecot. Single flight across instances,
-//! changes that propagate, and a crash in the middle of a refresh.
+//! changes that propagate, a crash in the middle of a refresh, a domain
+//! entry's mailbox on both, and one instance over TLS to the database.
 
 use std::time::{Duration, Instant};
 
@@ -22,8 +23,18 @@ struct Fleet {
 
 impl Fleet {
     fn new(extra_server: &str) -> Fleet {
+        Self::with(extra_server, false)
+    }
+
+    /// With `[accounts."@example.org"]` too (the fake provider's browser
+    /// flow signs in whoever the login hint names).
+    fn with_domain() -> Fleet {
+        Self::with("", true)
+    }
+
+    fn with(extra_server: &str, domain: bool) -> Fleet {
         require_dovecot();
-        let pg = Postgres::start();
+        let pg = Postgres::start_tls();
         let env = Env::start(&[]);
         let dirs = [ProxyDir::new(), ProxyDir::new()];
         for d in &dirs {
@@ -36,12 +47,11 @@ impl Fleet {
                     env.dovecot.ca_pem_path().display()
                 ),
             );
-            cfg += &oauth_account(
-                ALICE,
-                &env.provider,
-                &env.dovecot,
-                &format!("imaps://localhost:{}", env.dovecot.imaps_port),
-            );
+            let imaps = format!("imaps://localhost:{}", env.dovecot.imaps_port);
+            cfg += &oauth_account(ALICE, &env.provider, &env.dovecot, &imaps);
+            if domain {
+                cfg += &oauth_account("@example.org", &env.provider, &env.dovecot, &imaps);
+            }
             d.write_config(&cfg);
         }
         Fleet {
@@ -57,6 +67,22 @@ impl Fleet {
         let port = p.imap_port();
         self.proxies[i] = Some(p);
         port
+    }
+
+    /// Points instance `i` at the database with `database_url`.
+    fn set_database_url(&self, i: usize, url: &str) {
+        let cfg = std::fs::read_to_string(self.dirs[i].config_path()).unwrap();
+        let cfg: Vec<String> = cfg
+            .lines()
+            .map(|l| {
+                if l.starts_with("database_url") {
+                    format!("database_url = \"{url}\"")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        self.dirs[i].write_config(&(cfg.join("\n") + "\n"));
     }
 
     fn logs(&self) -> String {
@@ -75,7 +101,7 @@ impl Drop for Fleet {
             return;
         }
         for p in self.proxies.iter().flatten() {
-            assert_no_secrets(&p.logs(), &self.env, &[ALICE_PW, "new pw"]);
+            assert_no_secrets(&p.logs(), &self.env, &[ALICE_PW, "new pw", DAVE_PW]);
         }
         // Nothing in the clear in the database either.
         if self.pg.psql("SELECT to_regclass('mailproxy_accounts') IS NOT NULL") != "t" {
@@ -84,16 +110,37 @@ impl Drop for Fleet {
         let rows = self
             .pg
             .psql("SELECT coalesce(string_agg(record::text, ' '), '') FROM mailproxy_accounts");
-        assert_no_secrets(&rows, &self.env, &[ALICE_PW, "new pw"]);
+        assert_no_secrets(&rows, &self.env, &[ALICE_PW, "new pw", DAVE_PW]);
     }
 }
 
 async fn try_login(port: u16, pw: &str) -> (LineConn, String) {
+    try_login_as(port, ALICE, pw).await
+}
+
+async fn try_login_as(port: u16, who: &str, pw: &str) -> (LineConn, String) {
     let mut c = LineConn::plain(port).await.unwrap();
     let g = c.read_line().await.unwrap();
     assert!(g.starts_with("* OK"), "{g}");
-    let r = c.imap("a1", &format!("LOGIN \"{ALICE}\" \"{pw}\"")).await.unwrap();
+    let r = c.imap("a1", &format!("LOGIN \"{who}\" \"{pw}\"")).await.unwrap();
     (c, r.tagged)
+}
+
+/// Logs in to `who` until the answer starts with `want`, for at most two
+/// seconds (what another instance's change may take to arrive).
+async fn login_within_2s(port: u16, who: &str, pw: &str, want: &str) -> LineConn {
+    let t0 = Instant::now();
+    loop {
+        let (c, tagged) = try_login_as(port, who, pw).await;
+        if tagged.starts_with(want) {
+            return c;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{who} on port {port}: still {tagged}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn login(port: u16) -> LineConn {
@@ -162,18 +209,7 @@ async fn passwd_and_revoke_on_one_instance_take_effect_on_the_other() {
     // A new local password set through instance A's config.
     let (code, _, err) = run(&f.dirs[0], &["passwd", ALICE], &format!("{ALICE_PW}\nnew pw\n"));
     assert_eq!(code, 0, "{err}");
-    let t0 = Instant::now();
-    loop {
-        let (_, tagged) = try_login(b, ALICE_PW).await;
-        if tagged.starts_with("a1 NO") {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "B still takes the old password: {tagged}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    drop(login_within_2s(b, ALICE, ALICE_PW, "a1 NO").await);
     let (_, tagged) = try_login(b, "new pw").await;
     assert!(tagged.starts_with("a1 OK"), "{tagged}\n{}", f.logs());
 
@@ -181,19 +217,122 @@ async fn passwd_and_revoke_on_one_instance_take_effect_on_the_other() {
     let (code, out, err) = run(&f.dirs[0], &["revoke", ALICE], "new pw\n");
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("in PostgreSQL"), "{out}");
-    let t0 = Instant::now();
-    loop {
-        let (_, tagged) = try_login(b, "new pw").await;
-        if tagged.starts_with("a1 NO") {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "B still logs in after revoke: {tagged}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    drop(login_within_2s(b, ALICE, "new pw", "a1 NO").await);
     assert_eq!(f.pg.psql("SELECT count(*) FROM mailproxy_accounts"), "0");
+}
+
+const DAVE: &str = "dave@example.org";
+const DAVE_PW: &str = "dave local pw";
+
+/// `postgres://…?sslmode=verify-full&sslrootcert=CA`, named so its
+/// connections can be told apart in `pg_stat_activity`.
+fn tls_url(pg: &Postgres, ca: &std::path::Path, sslmode: &str) -> String {
+    format!(
+        "{}?sslmode={sslmode}&sslrootcert={}&application_name=mailproxy-tls",
+        pg.url(),
+        ca.display()
+    )
+}
+
+/// A domain entry's mailbox on two instances, B on TLS to the database:
+/// set up through A's config while both run, used on A and then on B with
+/// no second consent, revoked through B and refused by both within 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_domain_mailbox_set_up_on_one_instance_works_on_both_and_revoke_reaches_both() {
+    let mut f = Fleet::with_domain();
+    f.set_database_url(1, &tls_url(&f.pg, f.pg.ca_path(), "verify-full"));
+    let a = f.start(0);
+    let b = f.start(1);
+    // B's connections are all TLS (its change feed is always open).
+    let ssl = f.pg.psql(
+        "SELECT count(*) FILTER (WHERE s.ssl) || '/' || count(*) FROM pg_stat_ssl s \
+         JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'mailproxy-tls'",
+    );
+    let (tls, all) = ssl.split_once('/').unwrap();
+    assert!(tls == all && all != "0", "B's connections over TLS / all: {ssl}");
+    assert!(
+        f.proxies[1].as_ref().unwrap().wait_log("sslmode=\"verify-full\""),
+        "{}",
+        f.logs()
+    );
+
+    // Not set up yet: refused on both, with what its owner does.
+    for port in [a, b] {
+        let (_, tagged) = try_login_as(port, DAVE, DAVE_PW).await;
+        assert!(tagged.contains(&format!("mailproxy login {DAVE}")), "{tagged}");
+    }
+    let (st, err) = f.dirs[0].login(DAVE, DAVE_PW);
+    assert!(st.success(), "{err}");
+    let p = &f.env.provider;
+    let (consents, r0) = (p.authorize_hits(), p.refreshes());
+
+    // First use on A, then on B: B takes A's token, nobody is asked again.
+    let mut c = login_within_2s(a, DAVE, DAVE_PW, "a1 OK").await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    let mut c = login_within_2s(b, DAVE, DAVE_PW, "a1 OK").await;
+    assert!(c.imap("s", "SELECT INBOX").await.unwrap().is_ok());
+    drop(c);
+    assert_eq!(p.authorize_hits(), consents, "no second consent");
+    assert_eq!(p.refreshes(), r0 + 1, "B used A's token\n{}", f.logs());
+    assert!(f.env.dovecot.log().contains(&format!("user=<{DAVE}>")));
+    let (code, out, err) = run(&f.dirs[1], &["accounts"], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.starts_with(DAVE) && l.contains(" ok")), "{out}");
+
+    // Revoked through B: both refuse within two seconds.
+    let (code, out, err) = run(&f.dirs[1], &["revoke", DAVE], &format!("{DAVE_PW}\n"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("in PostgreSQL"), "{out}");
+    for port in [a, b] {
+        drop(login_within_2s(port, DAVE, DAVE_PW, "a1 NO").await);
+    }
+    assert_eq!(
+        f.pg.psql(&format!(
+            "SELECT count(*) FROM mailproxy_accounts WHERE account = '{DAVE}'"
+        )),
+        "0"
+    );
+}
+
+/// TLS to the database is checked as `sslmode` says: a certificate from
+/// another CA, or one the platform does not trust, is refused with a
+/// sentence; `require` without a CA file encrypts and checks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_certificate_is_checked_as_sslmode_says() {
+    let f = Fleet::new("");
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = crate::support::pki::TestCa::new(other.path());
+    let refused = [
+        tls_url(&f.pg, other_ca.cert_path(), "verify-full"),
+        tls_url(&f.pg, other_ca.cert_path(), "require"),
+        format!("{}?sslmode=verify-ca", f.pg.url()),
+    ];
+    for url in refused {
+        f.set_database_url(1, &url);
+        let (code, _, err) = run(&f.dirs[1], &["accounts"], "");
+        assert_ne!(code, 0, "{url}");
+        assert!(
+            err.contains(&f.pg.url()) && err.contains("invalid peer certificate") && err.contains("must be signed by"),
+            "{url}: {err}"
+        );
+    }
+    for url in [
+        format!("{}?sslmode=require", f.pg.url()),
+        tls_url(&f.pg, f.pg.ca_path(), "verify-ca"),
+    ] {
+        f.set_database_url(1, &url);
+        let (code, _, err) = run(&f.dirs[1], &["accounts"], "");
+        assert_eq!(code, 0, "{url}: {err}");
+    }
+    // A CA file that is not there: the config's line and key.
+    f.set_database_url(1, &tls_url(&f.pg, &other.path().join("missing.pem"), "verify-full"));
+    let (code, _, err) = run(&f.dirs[1], &["accounts"], "");
+    assert_ne!(code, 0);
+    let at = format!("{}:", f.dirs[1].config_path().display());
+    assert!(
+        err.contains(&at) && err.contains(": server.database_url: sslrootcert: ") && err.contains("missing.pem"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,15 +401,10 @@ fn sample(body: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
 
-/// Where the first instance serves its metrics (it prints the address).
+/// Where the first instance serves its metrics (it prints the address; the
+/// line may come a little after the listeners').
 fn metrics_addr(f: &Fleet) -> String {
-    f.proxies[0]
-        .as_ref()
-        .unwrap()
-        .stdout()
-        .iter()
-        .find_map(|l| l.strip_prefix("listening metrics ").map(str::to_string))
-        .expect("the metrics listener is announced")
+    f.proxies[0].as_ref().unwrap().metrics_addr()
 }
 
 /// Waits until `series` has the value `want`; returns the last body.

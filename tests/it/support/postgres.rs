@@ -2,7 +2,8 @@
 //! a temporary directory owned by an unprivileged system user (PostgreSQL
 //! refuses to run as root), listening on 127.0.0.1 and a free port only,
 //! its unix socket in the same directory. Trust authentication on loopback:
-//! nothing else can reach it.
+//! nothing else can reach it. [`Postgres::start_tls`] also turns on TLS
+//! with a server certificate from a test CA of its own.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -66,6 +67,8 @@ fn as_user(program: &Path, uid: u32, gid: u32) -> Command {
 
 pub struct Postgres {
     pub port: u16,
+    /// The CA of the server's certificate, when TLS is on.
+    ca: Option<PathBuf>,
     child: Child,
     dir: tempfile::TempDir,
     bin: PathBuf,
@@ -73,8 +76,37 @@ pub struct Postgres {
     gid: u32,
 }
 
+/// A test CA under `dir/pki` and a server leaf for localhost and 127.0.0.1
+/// the server user can read (PostgreSQL refuses a key others can read).
+/// Returns the `-c` settings and the CA's path.
+fn server_tls(dir: &Path, uid: u32, gid: u32) -> (Vec<String>, PathBuf) {
+    let pki = dir.join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    let ca = super::pki::TestCa::new(&pki);
+    let leaf = ca.server_leaf("server");
+    for p in [&leaf.cert_path, &leaf.key_path] {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+    }
+    std::fs::set_permissions(&leaf.key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let settings = vec![
+        "ssl=on".to_string(),
+        format!("ssl_cert_file={}", leaf.cert_path.display()),
+        format!("ssl_key_file={}", leaf.key_path.display()),
+    ];
+    (settings, ca.cert_path().to_path_buf())
+}
+
 impl Postgres {
     pub fn start() -> Postgres {
+        Self::start_with(false)
+    }
+
+    /// With `ssl = on`, its certificate signed by [`Postgres::ca_path`].
+    pub fn start_tls() -> Postgres {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Postgres {
         let bin = bin_dir();
         let (uid, gid) = ids();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -104,7 +136,16 @@ impl Postgres {
         let port = super::dovecot::free_ports(1)[0];
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         std::os::unix::fs::chown(dir.path().join("server.log"), Some(uid), Some(gid)).unwrap();
+        let (ssl, ca) = if tls {
+            let (settings, ca) = server_tls(dir.path(), uid, gid);
+            (settings, Some(ca))
+        } else {
+            (Vec::new(), None)
+        };
         let mut cmd = as_user(&bin.join("postgres"), uid, gid);
+        for s in &ssl {
+            cmd.args(["-c", s]);
+        }
         cmd.args(["-D", data.to_str().unwrap(), "-p", &port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", &format!("unix_socket_directories={}", dir.path().display())])
@@ -123,6 +164,7 @@ impl Postgres {
         let child = super::process::spawn_tied_to_process(cmd, libc::SIGQUIT).expect("start postgres");
         let mut pg = Postgres {
             port,
+            ca,
             child,
             dir,
             bin,
@@ -158,6 +200,11 @@ impl Postgres {
     /// `postgres://mailproxy@127.0.0.1:PORT/mailproxy`
     pub fn url(&self) -> String {
         format!("postgres://mailproxy@127.0.0.1:{}/mailproxy", self.port)
+    }
+
+    /// The CA file that signed the server's certificate ([`Postgres::start_tls`]).
+    pub fn ca_path(&self) -> &Path {
+        self.ca.as_deref().expect("started with start_tls")
     }
 
     /// The `[server]` lines that keep an instance's records in this database.
