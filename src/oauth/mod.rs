@@ -360,7 +360,7 @@ pub fn authorization_request(account: &str, s: &OAuthSettings, redirect_uri: &st
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let mut req = client
         .authorize_url(CsrfToken::new_random)
-        .add_scopes(s.scopes.iter().cloned().map(Scope::new))
+        .add_scopes(s.consent_scopes().into_iter().map(Scope::new))
         .set_pkce_challenge(challenge)
         .add_extra_param("login_hint", account);
     for (k, v) in &s.auth_params {
