@@ -244,6 +244,7 @@ mod tests {
             last_refresh: None,
             last_use: None,
             scopes: vec![],
+            graph_expires: None,
             next_refresh: None,
             last_error: None,
             sessions: 0,
