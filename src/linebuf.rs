@@ -168,6 +168,22 @@ pub(crate) fn parse_error(reply: &str) -> ParseError {
     }
 }
 
+/// Test helper shared by the line protocols' command parsers: `ok` panics
+/// with the input on a refusal, `bad` returns the reply a refusal sends.
+#[cfg(test)]
+pub(crate) struct CommandParser<T>(pub fn(&[u8]) -> Result<T, ParseError>);
+
+#[cfg(test)]
+impl<T: std::fmt::Debug> CommandParser<T> {
+    pub(crate) fn ok(&self, i: &[u8]) -> T {
+        (self.0)(i).unwrap_or_else(|e| panic!("{:?}: {e:?}", String::from_utf8_lossy(i)))
+    }
+
+    pub(crate) fn bad(&self, i: &[u8]) -> String {
+        (self.0)(i).unwrap_err().reply
+    }
+}
+
 // ------------------------------------------- grammar shared by SMTP and POP3
 
 pub(crate) type Res<'a, O> = IResult<&'a [u8], O>;

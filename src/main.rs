@@ -74,5 +74,10 @@ async fn dispatch(cli: Cli) -> Result<u8> {
         Command::Check { account } => cli::check::run(&config()?, account.as_deref()).await,
         Command::Revoke { account } => cli::revoke::run(&config()?, &account).await,
         Command::Passwd { account } => cli::passwd::run(&config()?, &account).await,
+        Command::Token {
+            account,
+            resource,
+            json,
+        } => cli::token::run(&config()?, &account, resource, json).await,
     }
 }

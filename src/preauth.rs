@@ -88,19 +88,19 @@ pub trait PreAuth: Sized {
     /// keywords; POP3: nothing).
     type Success;
 
-    /// The shared bookkeeping.
+    /// The shared bookkeeping (write [`core_access!`] in the impl).
     fn core(&self) -> &Core;
     fn core_mut(&mut self) -> &mut Core;
     fn into_core(self) -> Core;
-    /// Reading commands (not waiting for a login, a TLS handshake, or done).
-    fn reading(&self) -> bool;
-    /// Keeping input (false while waiting for the TLS handshake, whose
-    /// plaintext must never be acted on, and after the session ended).
-    fn keeps_input(&self) -> bool;
-    /// What the machine says when it closes after too many failed commands.
-    const TOO_MANY: &'static str;
-    /// Ends the session with `reason` (queued as the protocol's last words).
-    fn fatal(&mut self, reason: &str) -> Event;
+    /// Where the machine stands, as the shared code needs to know it.
+    fn phase(&self) -> Phase;
+    /// What the machine says when it closes after too many failed commands
+    /// (SMTP's own word is "errors").
+    const TOO_MANY: &'static str = "Too many invalid commands";
+    /// The protocol's last words when it ends the session for `reason`.
+    fn farewell(&self, reason: &str) -> String;
+    /// Stops reading for good (the state becomes done, framing resets).
+    fn close(&mut self);
     /// Handles what the buffer holds next: at most one command.
     fn step(&mut self) -> Step;
     /// The local TLS handshake completed: the machine resets what it knew
@@ -115,6 +115,26 @@ pub trait PreAuth: Sized {
     /// The name the client gave for itself (SMTP `EHLO`), for the upstream.
     fn client_name(&self) -> Option<&str> {
         None
+    }
+
+    /// Reading commands (not waiting for a login, a TLS handshake, or done).
+    fn reading(&self) -> bool {
+        self.phase() == Phase::Reading
+    }
+
+    /// Keeping input: not while waiting for the TLS handshake, whose
+    /// plaintext must never be acted on, nor after the session ended.
+    fn keeps_input(&self) -> bool {
+        !matches!(self.phase(), Phase::AwaitTls | Phase::Done)
+    }
+
+    /// Ends the session with `reason` (queued as the protocol's last words).
+    fn fatal(&mut self, reason: &str) -> Event {
+        let line = self.farewell(reason);
+        self.core_mut().push_line(&line);
+        self.close();
+        self.core_mut().discard();
+        Event::Close
     }
 
     /// Process buffered input until an event occurs or more input is needed.
@@ -173,6 +193,37 @@ pub trait PreAuth: Sized {
         self.core().buffered().len()
     }
 }
+
+/// Where a machine stands, coarsely: what decides whether input is read,
+/// kept or dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading commands (or a SASL response line).
+    Reading,
+    /// An event is outstanding (a login); input is kept for later.
+    Waiting,
+    /// A STARTTLS handshake is outstanding; input is dropped.
+    AwaitTls,
+    /// The session ended; input is dropped.
+    Done,
+}
+
+/// The three [`PreAuth`] accessors of a machine whose field `core` holds
+/// its [`Core`].
+macro_rules! core_access {
+    () => {
+        fn core(&self) -> &$crate::preauth::Core {
+            &self.core
+        }
+        fn core_mut(&mut self) -> &mut $crate::preauth::Core {
+            &mut self.core
+        }
+        fn into_core(self) -> $crate::preauth::Core {
+            self.core
+        }
+    };
+}
+pub(crate) use core_access;
 
 /// What one [`PreAuth::step`] came to.
 pub enum Step {

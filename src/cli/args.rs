@@ -51,6 +51,21 @@ pub enum Command {
     /// Change the account's local password (asks for the old one when the
     /// refresh token is sealed in the vault file).
     Passwd { account: String },
+    /// Print a valid access token (at least 5 minutes left) for your own OAuth clients;
+    /// exit status as for check.
+    ///
+    /// For msmtp `passwordeval`, mbsync `PassCmd`, curl `--oauth2-bearer`: refreshed first
+    /// when needed, through the running serve when there is one (owner only).
+    Token {
+        /// The account, as named in the config.
+        account: String,
+        /// What the token is for: mail (IMAP, SMTP, POP3) or graph (Microsoft Graph).
+        #[arg(long, value_enum, default_value_t = Resource::Mail)]
+        resource: Resource,
+        /// Print JSON: the token, its expiry (RFC 3339 and unix seconds), scopes and account.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add an account: writes (or extends) the config, then runs `login`.
     Add(Box<AddArgs>),
     /// Run `serve` as a systemd user service (Linux) or a launchd agent (macOS).
@@ -63,6 +78,15 @@ pub enum Command {
     /// Print the man page (roff) on stdout; `scripts/man` writes it to a file.
     #[command(hide = true)]
     Manpage,
+}
+
+/// What a `token` is for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Resource {
+    /// IMAP, SMTP and POP3 at the account's servers.
+    Mail,
+    /// Microsoft Graph.
+    Graph,
 }
 
 /// The shells `completions` writes for.

@@ -2,6 +2,7 @@
 //! its control socket, and what serve says comes back to the terminal.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use async_trait::async_trait;
@@ -10,7 +11,7 @@ use crate::control::client::Client;
 use crate::control::{Reply, Request};
 use crate::tokens::AccountStatus;
 
-use super::runner::{LoginOptions, Runner};
+use super::runner::{Handout, LoginOptions, Runner};
 use super::terminal::{open_browser, read_password};
 
 /// The running `serve`, through its control socket.
@@ -104,5 +105,24 @@ impl Runner for Live {
     async fn reload(self: Box<Self>) -> Result<bool> {
         self.run(Request::Reload, "", true, |_| {}).await?;
         Ok(true)
+    }
+
+    async fn token(self: Box<Self>, account: &str, min_life: Duration) -> Result<Handout> {
+        let req = Request::Token {
+            account: account.into(),
+            min_life_secs: min_life.as_secs(),
+        };
+        let mut handed = None;
+        let code = self
+            .run(req, account, true, |r| {
+                if let Reply::Token { token } = r {
+                    handed = Some(token);
+                }
+            })
+            .await?;
+        Ok(match handed {
+            Some(t) if code == 0 => Handout::Token(t),
+            _ => Handout::Failed(code.max(1)),
+        })
     }
 }

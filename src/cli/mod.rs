@@ -2,7 +2,7 @@
 //! command line ([`args`]) and calls the command's `run`, whose result is
 //! the exit status.
 //!
-//! `login`, `accounts`, `check`, `passwd` and `revoke` are each written
+//! `login`, `accounts`, `check`, `passwd`, `revoke` and `token` are each written
 //! once over [`Runner`] ([`runner`]): a running `serve` does the work when
 //! it can, asked through its control socket (`live`), otherwise the command
 //! does it itself (`offline`); `pick` chooses. The imports run one way:
@@ -25,6 +25,7 @@ pub mod runner;
 pub mod serve;
 pub mod service;
 mod terminal;
+pub mod token;
 mod wait;
 
 use std::path::Path;

@@ -3,10 +3,12 @@
 //! (`offline`). Each command is written once over [`Runner`]; `pick`
 //! chooses.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use async_trait::async_trait;
 
-use crate::tokens::AccountStatus;
+use crate::tokens::{AccountStatus, Handed};
 
 /// How `login` asks for the grant.
 #[derive(Debug, Clone, Copy)]
@@ -17,6 +19,13 @@ pub struct LoginOptions {
     pub no_browser: bool,
     /// How long to wait for the person, in seconds.
     pub timeout: u64,
+}
+
+/// What `token` got: the token, or the exit status of why not (its
+/// sentence already on stderr: 1 a person must act, 2 temporary).
+pub enum Handout {
+    Token(Handed),
+    Failed(u8),
 }
 
 /// The work behind the commands that a running `serve` does when there is
@@ -40,4 +49,7 @@ pub trait Runner {
     async fn passwd(self: Box<Self>, account: &str) -> Result<u8>;
     /// Has a running `serve` re-read the config; whether one did.
     async fn reload(self: Box<Self>) -> Result<bool>;
+    /// An access token of `account` with at least `min_life` left,
+    /// refreshed first when needed.
+    async fn token(self: Box<Self>, account: &str, min_life: Duration) -> Result<Handout>;
 }

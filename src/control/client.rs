@@ -78,14 +78,25 @@ impl Client {
         self.send_line(line).await
     }
 
-    /// The next reply; the connection ending early is an error.
+    /// The next reply; the connection ending early is an error. The line
+    /// is wiped once parsed (a token reply).
     pub async fn next(&mut self) -> Result<Reply, ControlError> {
-        let line = self
+        let mut line = self
             .lines
             .next_line()
             .await
             .map_err(|e| ControlError::Protocol(e.to_string()))?
             .ok_or_else(|| ControlError::Protocol("serve closed the connection (did it stop?)".into()))?;
-        serde_json::from_str(&line).map_err(|e| ControlError::Protocol(format!("{e}: {line}")))
+        let parsed = serde_json::from_str(&line).map_err(|e| {
+            // A token reply this command cannot read is not shown either.
+            let shown = if line.contains("\"token\"") {
+                "(a token reply)"
+            } else {
+                &line
+            };
+            ControlError::Protocol(format!("{e}: {shown}"))
+        });
+        zeroize::Zeroize::zeroize(&mut line);
+        parsed
     }
 }

@@ -1,7 +1,8 @@
 //! The control socket: while `serve` runs it listens on
 //! `state_dir/control.sock` (0600, owner only), and `accounts`, `check`,
-//! `login`, `passwd` and `revoke` ask it instead of reading the vault, so
-//! `check` needs no password and only one process ever writes the vault.
+//! `login`, `passwd`, `revoke` and `token` ask it instead of reading the
+//! vault, so `check` needs no password, only one process ever writes the
+//! vault, and `token` shares the proxy's cached token and its refreshes.
 //!
 //! The protocol is JSON lines: the command sends one [`Request`], `serve`
 //! answers with [`Reply`] lines until `done` or `error`; an `ask` reply
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::tokens::AccountStatus;
-pub use crate::tokens::CheckOutcome;
+pub use crate::tokens::{CheckOutcome, Handed};
 
 /// The socket's file name inside `state_dir`.
 pub const SOCKET: &str = "control.sock";
@@ -61,6 +62,12 @@ pub enum Request {
     },
     /// Re-read the config, as SIGHUP does (`mailproxy add` uses it).
     Reload,
+    /// An access token with at least `min_life_secs` left, for the owner's
+    /// own OAuth clients (`mailproxy token`); answered to the owner's uid only.
+    Token {
+        account: String,
+        min_life_secs: u64,
+    },
 }
 
 /// One line `serve` sends back.
@@ -86,6 +93,10 @@ pub enum Reply {
     },
     Checked {
         rows: Vec<CheckRow>,
+    },
+    /// The answer to [`Request::Token`]. Never logged.
+    Token {
+        token: Handed,
     },
     /// The command is over; its exit status.
     Done {

@@ -18,14 +18,21 @@ use crate::oauth::OAuthError;
 use crate::proxy::Ctx;
 use crate::secret::Secret;
 use crate::tokens::grant::GrantRefused;
-use crate::tokens::live::RevokeInput;
+use crate::tokens::live::{classify, RevokeInput};
 use crate::tokens::offline::OfflineError;
-use crate::tokens::{AccountTokens, TokenError};
+use crate::tokens::{AccountTokens, AuthError, Lane, TokenError};
 
 /// How many commands may talk to `serve` at once.
 const MAX_CLIENTS: usize = 8;
 /// How long `serve` waits for a request line or a password.
 const READ_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a command waits for a free slot: scripts run several `mailproxy
+/// token` at once, and each is answered in a moment.
+const SLOT_WAIT: Duration = Duration::from_secs(30);
+/// Connections from other uids read at once, and how long each is read:
+/// enough to audit what was asked, never a slot of the owner's.
+const STRANGERS: usize = 2;
+const STRANGER_READ: Duration = Duration::from_secs(2);
 
 /// Binds `state_dir/control.sock` (0600). A socket left behind by a serve
 /// that died is replaced; one that answers belongs to a running serve.
@@ -72,6 +79,8 @@ enum CommandError {
     NotAPassword,
     #[error("the local password must not be empty")]
     EmptyPassword,
+    #[error("this serve hands tokens to its owner only, and uid {0} is not its owner")]
+    NotOwner(u32),
     #[error("{0}")]
     OAuth(#[from] OAuthError),
     #[error("{0}")]
@@ -104,6 +113,7 @@ pub(crate) async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let strangers = Arc::new(tokio::sync::Semaphore::new(STRANGERS));
     let me = crate::sys::euid();
     loop {
         let stream = tokio::select! {
@@ -120,34 +130,65 @@ pub(crate) async fn serve(
         // The directory is 0700 and the socket 0600; the peer's uid is
         // checked anyway, so a mode mistake cannot hand out the vault.
         let uid = stream.peer_cred().map(|c| c.uid()).ok();
-        if uid != Some(me) && uid != Some(0) {
+        let Some(uid) = uid.filter(|u| *u == me || *u == 0) else {
             tracing::warn!(peer_uid = ?uid, "control socket: refused a connection from another user");
-            continue;
-        }
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            let mut s = stream;
-            let _ = write_reply(
-                &mut s,
-                &Reply::Error {
-                    message: "serve is busy with other commands; try again in a moment".into(),
-                },
-            )
-            .await;
+            if let Ok(permit) = strangers.clone().try_acquire_owned() {
+                tokio::spawn(refuse(ctx.clone(), stream, uid, permit));
+            }
             continue;
         };
-        let (ctx, reload) = (ctx.clone(), reload.clone());
+        let (ctx, reload, slots) = (ctx.clone(), reload.clone(), slots.clone());
         tokio::spawn(async move {
-            handle(ctx, reload, stream).await;
+            let Ok(Ok(permit)) = tokio::time::timeout(SLOT_WAIT, slots.acquire_owned()).await else {
+                let mut s = stream;
+                let message = "serve is busy with other commands; try again in a moment".into();
+                let _ = write_reply(&mut s, &Reply::Error { message }).await;
+                return;
+            };
+            handle(ctx, reload, stream, uid).await;
             drop(permit);
         });
     }
     let _ = std::fs::remove_file(&path);
 }
 
+/// Another uid reached the socket (a mode mistake, a socket opened up on
+/// purpose): it gets a refusal and nothing else, and the audit trail names
+/// its uid and, for a token, the account it asked for.
+async fn refuse(ctx: Arc<Ctx>, stream: UnixStream, uid: Option<u32>, permit: tokio::sync::OwnedSemaphorePermit) {
+    let who = uid.map_or_else(|| "a process of unknown uid".to_string(), |u| format!("uid {u}"));
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let asked = tokio::time::timeout(STRANGER_READ, read_line(&mut r))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| serde_json::from_slice::<Request>(&l).ok());
+    let entry = match asked {
+        Some(Request::Token { account, .. }) => Entry::new(
+            &account,
+            "token_refused",
+            format!("token refused to {who}: not the owner"),
+        ),
+        _ => Entry::new(
+            "-",
+            "control_refused",
+            format!("a control connection from {who} refused: not the owner"),
+        ),
+    };
+    ctx.tokens.audit(entry);
+    let message = "refused: this serve answers its owner only".into();
+    let _ = write_reply(&mut w, &Reply::Error { message }).await;
+    drop(permit);
+}
+
+/// Writes one reply line; the buffer is wiped after (a token reply).
 async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, r: &Reply) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    w.write_all(&line).await
+    let written = w.write_all(&line).await;
+    zeroize::Zeroize::zeroize(&mut line);
+    written
 }
 
 /// One line of at most [`MAX_LINE`] bytes; `None` at EOF, timeout or excess.
@@ -190,7 +231,8 @@ impl Conn {
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, reload: mpsc::Sender<Reloaded>, stream: UnixStream) {
+/// One command of `uid` (the owner, or root).
+async fn handle(ctx: Arc<Ctx>, reload: mpsc::Sender<Reloaded>, stream: UnixStream, uid: u32) {
     let (r, mut w) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let writer = tokio::spawn(async move {
@@ -217,7 +259,7 @@ async fn handle(ctx: Arc<Ctx>, reload: mpsc::Sender<Reloaded>, stream: UnixStrea
             },
             Ok(req) => {
                 tracing::debug!(command = ?req, "control socket request");
-                match run(&ctx, &reload, &mut conn, req).await {
+                match run(&ctx, &reload, &mut conn, req, uid).await {
                     Ok(code) => Reply::Done { code },
                     Err(e) => Reply::Error { message: e.to_string() },
                 }
@@ -252,6 +294,7 @@ async fn run(
     reload: &mpsc::Sender<Reloaded>,
     conn: &mut Conn,
     req: Request,
+    uid: u32,
 ) -> Result<u8, CommandError> {
     let config = ctx.config();
     let tokens = &ctx.tokens;
@@ -303,6 +346,54 @@ async fn run(
         } => login(ctx, conn, &account, device, timeout).await,
         Request::Passwd { account } => passwd(ctx, conn, &account).await,
         Request::Revoke { account } => revoke(ctx, conn, &account).await,
+        Request::Token { account, min_life_secs } => token(ctx, conn, &account, min_life_secs, uid).await,
+    }
+}
+
+/// `mailproxy token` through serve: the owner's uid only (root too is
+/// refused), each hand-out and refusal audited, the token itself never.
+/// A locked account is opened with the owner's local password first.
+async fn token(ctx: &Arc<Ctx>, conn: &mut Conn, account: &str, min_life: u64, uid: u32) -> Result<u8, CommandError> {
+    let tokens = &ctx.tokens;
+    if uid != crate::sys::euid() {
+        let why = format!("token refused to uid {uid}: not the owner");
+        tokens.audit(Entry::new(account, "token_refused", why));
+        return Err(CommandError::NotOwner(uid));
+    }
+    let config = ctx.config();
+    let (account, _) = oauth_account(&config, account)?;
+    let acct = live(ctx, &account.name)?;
+    let grant = tokens.grant_of(&acct)?;
+    if tokens.is_locked(&grant).await {
+        let pw = conn.ask(false).await?;
+        if let Err(e) = tokens.authenticate(&grant, &pw, Lane::Owner).await {
+            conn.say(format!("{}: {e}", grant.name()), false);
+            return Ok(if matches!(e, AuthError::Store(_) | AuthError::Busy(_)) {
+                2
+            } else {
+                1
+            });
+        }
+    }
+    match tokens.hand_out(&acct, Duration::from_secs(min_life)).await {
+        Ok(token) => {
+            let entry = Entry::new(
+                &account.name,
+                "token_handed_out",
+                format!("token handed out to uid {uid}"),
+            );
+            tokens.audit(entry.scopes(&token.scopes));
+            let _ = conn.tx.send(Reply::Token { token });
+            Ok(0)
+        }
+        Err(e) => {
+            let row = CheckRow {
+                account: account.name.clone(),
+                outcome: classify(e),
+            };
+            conn.say(row.line(), false);
+            Ok(row.outcome.code())
+        }
     }
 }
 

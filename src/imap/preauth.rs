@@ -14,12 +14,10 @@
 //!   after the login command are handed over verbatim by `into_pending_input`;
 //! * buffers holding client input are zeroized when consumed or dropped.
 
-use std::fmt;
-
 use super::command::{self, CommandBody};
 use super::framing::{Frame, Framer, Limits};
 use super::response;
-use crate::preauth::{Core, Failure, PreAuth, Step};
+use crate::preauth::{Core, Failure, Phase, PreAuth, Step};
 pub use crate::preauth::{Event, FEED_SLACK, MAX_CONSECUTIVE_BAD};
 use crate::sasl::{self, SaslError};
 use crate::text::{one_line, strip_eol};
@@ -68,21 +66,11 @@ enum State {
 }
 
 /// The pre-authentication IMAP state machine. See the module documentation.
+#[derive(Debug)]
 pub struct ImapPreAuth {
-    cfg: PreAuthConfig,
     framer: Framer,
     core: Core,
     state: State,
-}
-
-impl fmt::Debug for ImapPreAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ImapPreAuth")
-            .field("cfg", &self.cfg)
-            .field("state", &self.state)
-            .field("core", &self.core)
-            .finish()
-    }
 }
 
 impl ImapPreAuth {
@@ -90,7 +78,6 @@ impl ImapPreAuth {
     pub fn new(cfg: PreAuthConfig) -> Self {
         let limits = Limits::new(cfg.max_line, cfg.max_literal);
         let mut p = ImapPreAuth {
-            cfg,
             framer: Framer::new(limits),
             core: Core::new(limits.max_command, cfg.starttls),
             state: State::Commands,
@@ -331,36 +318,24 @@ fn requires_auth(name: &str) -> bool {
 impl PreAuth for ImapPreAuth {
     type Success = LoggedIn;
 
-    fn core(&self) -> &Core {
-        &self.core
+    crate::preauth::core_access!();
+
+    fn phase(&self) -> Phase {
+        match self.state {
+            State::Commands | State::AuthPlain { .. } => Phase::Reading,
+            State::LoginPending { .. } => Phase::Waiting,
+            State::AwaitTls => Phase::AwaitTls,
+            State::Done => Phase::Done,
+        }
     }
 
-    fn core_mut(&mut self) -> &mut Core {
-        &mut self.core
+    fn farewell(&self, reason: &str) -> String {
+        format!("* BYE {reason}")
     }
 
-    fn into_core(self) -> Core {
-        self.core
-    }
-
-    fn reading(&self) -> bool {
-        matches!(self.state, State::Commands | State::AuthPlain { .. })
-    }
-
-    /// Bytes fed while waiting for the TLS handshake or after the session
-    /// ended are discarded.
-    fn keeps_input(&self) -> bool {
-        !matches!(self.state, State::AwaitTls | State::Done)
-    }
-
-    const TOO_MANY: &'static str = "Too many invalid commands";
-
-    fn fatal(&mut self, reason: &str) -> Event {
-        self.push_line(&format!("* BYE {reason}"));
+    fn close(&mut self) {
         self.state = State::Done;
-        self.core.discard();
         self.framer.reset();
-        Event::Close
     }
 
     fn step(&mut self) -> Step {

@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 
 use super::command::{self, Command};
 use crate::linebuf::{LineFramer, TooLong};
-use crate::preauth::{Core, Failure, PreAuth, Step};
+use crate::preauth::{Core, Failure, Phase, PreAuth, Step};
 pub use crate::preauth::{Event, FEED_SLACK, MAX_CONSECUTIVE_BAD};
 use crate::sasl::{self, SaslError};
 use crate::text::{one_line, strip_eol};
@@ -277,36 +277,24 @@ impl Pop3PreAuth {
 impl PreAuth for Pop3PreAuth {
     type Success = ();
 
-    fn core(&self) -> &Core {
-        &self.core
+    crate::preauth::core_access!();
+
+    fn farewell(&self, reason: &str) -> String {
+        format!("-ERR {reason}, closing connection")
     }
 
-    fn core_mut(&mut self) -> &mut Core {
-        &mut self.core
+    fn phase(&self) -> Phase {
+        match self.state {
+            State::Done => Phase::Done,
+            State::AwaitTls => Phase::AwaitTls,
+            State::LoginPending => Phase::Waiting,
+            State::Commands | State::AuthPlain => Phase::Reading,
+        }
     }
 
-    fn into_core(self) -> Core {
-        self.core
-    }
-
-    fn reading(&self) -> bool {
-        matches!(self.state, State::Commands | State::AuthPlain)
-    }
-
-    /// Bytes fed while waiting for the TLS handshake or after the session
-    /// ended are discarded.
-    fn keeps_input(&self) -> bool {
-        !matches!(self.state, State::AwaitTls | State::Done)
-    }
-
-    const TOO_MANY: &'static str = "Too many invalid commands";
-
-    fn fatal(&mut self, reason: &str) -> Event {
-        self.push_line(&format!("-ERR {reason}, closing connection"));
-        self.state = State::Done;
-        self.core.discard();
+    fn close(&mut self) {
         self.framer.reset();
-        Event::Close
+        self.state = State::Done;
     }
 
     fn step(&mut self) -> Step {

@@ -85,10 +85,10 @@ fn recent(last: Instant, now: Instant) -> bool {
     now.saturating_duration_since(last) < FORGET
 }
 
-/// Shrinks a full table to 7/8 of `cap`: forgets first what is no longer
-/// recent, then the entries `rank` puts lowest (those it gives `None` are
-/// kept). Returns how many were forgotten.
-fn shrink<K, V, R>(m: &mut HashMap<K, V>, cap: usize, rank: impl Fn(&V) -> Option<R>) -> usize
+/// Shrinks a full table to 7/8 of `cap`: forgets the entries `rank` puts
+/// lowest (those it gives `None` are kept), and says so in the log (`what`
+/// names the table), since a full table means a flood.
+fn shrink<K, V, R>(m: &mut HashMap<K, V>, cap: usize, what: &str, rank: impl Fn(&V) -> Option<R>)
 where
     K: std::hash::Hash + Eq + Clone,
     R: Ord,
@@ -105,7 +105,10 @@ where
             }
         }
     }
-    before - m.len()
+    let forgotten = before - m.len();
+    if forgotten > 0 {
+        tracing::warn!(forgotten, kept = m.len(), cap, "{what}; forgetting the fewest, oldest");
+    }
 }
 
 /// One login name's turn-taking and failure schedule.
@@ -198,15 +201,12 @@ impl LoginGuard {
         let mut m = lock(&self.nets);
         if m.len() >= MAX_NETS && !m.contains_key(&net) {
             m.retain(|_, (_, last)| recent(*last, now));
-            let forgotten = shrink(&mut m, MAX_NETS, |&(n, last)| Some((n, last)));
-            if forgotten > 0 {
-                tracing::info!(
-                    forgotten,
-                    kept = m.len(),
-                    cap = MAX_NETS,
-                    "failed logins from too many networks; forgetting the fewest, oldest"
-                );
-            }
+            shrink(
+                &mut m,
+                MAX_NETS,
+                "failed logins from too many networks",
+                |&(n, last)| Some((n, last)),
+            );
         }
         let e = m.entry(net).or_insert((0, now));
         if !recent(e.1, now) {
@@ -251,18 +251,10 @@ impl LoginGuard {
             let now = Instant::now();
             // Gates with an attempt under way stay (it holds a reference).
             m.retain(|_, g| Arc::strong_count(g) > 1 || lock(&g.state).worth_keeping(now));
-            let forgotten = shrink(&mut m, MAX_NAMES, |g| {
+            shrink(&mut m, MAX_NAMES, "failed passthrough logins for too many names", |g| {
                 let s = lock(&g.state);
                 (Arc::strong_count(g) == 1 && s.probe.is_none()).then_some((s.failures, s.last_failure))
             });
-            if forgotten > 0 {
-                tracing::warn!(
-                    forgotten,
-                    kept = m.len(),
-                    cap = MAX_NAMES,
-                    "failed passthrough logins for too many names; forgetting the fewest, oldest"
-                );
-            }
         }
         m.entry(key).or_default().clone()
     }

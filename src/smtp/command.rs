@@ -6,9 +6,7 @@
 //! the pre-auth state machine. Everything else (`MAIL`, `RCPT`, …) is only
 //! classified by its verb: the proxy never parses transaction commands.
 
-use std::fmt;
-
-use zeroize::Zeroizing;
+use crate::secret::Secret;
 
 use crate::linebuf::parse_error as err;
 pub use crate::linebuf::ParseError;
@@ -19,7 +17,7 @@ use crate::linebuf::{self, sasl_args, verb_and_args};
 pub const MAX_VERB: usize = 16;
 
 /// One parsed client command.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Ehlo {
         domain: String,
@@ -31,7 +29,8 @@ pub enum Command {
         /// Upper-cased mechanism name.
         mechanism: String,
         /// Initial response, still base64 (`=` yields `Some("")`).
-        initial_response: Option<Zeroizing<String>>,
+        /// Secret, so a stray `{:?}` cannot print it.
+        initial_response: Option<Secret>,
     },
     StartTls,
     Rset,
@@ -47,30 +46,6 @@ pub enum Command {
     Other {
         verb: String,
     },
-}
-
-impl fmt::Debug for Command {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Command::Ehlo { domain } => f.debug_struct("Ehlo").field("domain", domain).finish(),
-            Command::Helo { domain } => f.debug_struct("Helo").field("domain", domain).finish(),
-            Command::Auth {
-                mechanism,
-                initial_response,
-            } => f
-                .debug_struct("Auth")
-                .field("mechanism", mechanism)
-                .field("initial_response", &initial_response.as_ref().map(|_| "<redacted>"))
-                .finish(),
-            Command::StartTls => f.write_str("StartTls"),
-            Command::Rset => f.write_str("Rset"),
-            Command::Noop => f.write_str("Noop"),
-            Command::Quit => f.write_str("Quit"),
-            Command::Help => f.write_str("Help"),
-            Command::Transaction { verb } => f.debug_struct("Transaction").field("verb", verb).finish(),
-            Command::Other { verb } => f.debug_struct("Other").field("verb", verb).finish(),
-        }
-    }
 }
 
 /// Reply for a line that is not a command at all.
@@ -154,7 +129,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
             };
             Command::Auth {
                 mechanism,
-                initial_response,
+                initial_response: initial_response.map(Secret::from),
             }
         }
         "STARTTLS" => no_args(Command::StartTls)?,
@@ -172,104 +147,102 @@ pub fn parse_command(line: &[u8]) -> Result<Command, ParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linebuf::CommandParser;
 
-    fn ok(i: &[u8]) -> Command {
-        parse_command(i).unwrap_or_else(|e| panic!("{:?}: {e:?}", String::from_utf8_lossy(i)))
-    }
-
-    fn bad(i: &[u8]) -> String {
-        parse_command(i).unwrap_err().reply
-    }
+    const SMTP: CommandParser<Command> = CommandParser(parse_command);
 
     #[test]
     fn simple_commands_case_insensitive() {
         assert_eq!(
-            ok(b"ehlo client.example.org\r\n"),
+            SMTP.ok(b"ehlo client.example.org\r\n"),
             Command::Ehlo {
                 domain: "client.example.org".into()
             }
         );
         assert_eq!(
-            ok(b"HELO [192.0.2.1]  \n"),
+            SMTP.ok(b"HELO [192.0.2.1]  \n"),
             Command::Helo {
                 domain: "[192.0.2.1]".into()
             }
         );
-        assert_eq!(ok(b"StartTLS\r\n"), Command::StartTls);
-        assert_eq!(ok(b"rset\r\n"), Command::Rset);
-        assert_eq!(ok(b"NOOP\r\n"), Command::Noop);
-        assert_eq!(ok(b"NOOP anything at all\r\n"), Command::Noop);
-        assert_eq!(ok(b"QUIT \r\n"), Command::Quit);
-        assert_eq!(ok(b"HELP AUTH\r\n"), Command::Help);
-        assert_eq!(ok(b"mail FROM:<a@b>\r\n"), Command::Transaction { verb: "MAIL".into() });
-        assert_eq!(ok(b"DATA\r\n"), Command::Transaction { verb: "DATA".into() });
+        assert_eq!(SMTP.ok(b"StartTLS\r\n"), Command::StartTls);
+        assert_eq!(SMTP.ok(b"rset\r\n"), Command::Rset);
+        assert_eq!(SMTP.ok(b"NOOP\r\n"), Command::Noop);
+        assert_eq!(SMTP.ok(b"NOOP anything at all\r\n"), Command::Noop);
+        assert_eq!(SMTP.ok(b"QUIT \r\n"), Command::Quit);
+        assert_eq!(SMTP.ok(b"HELP AUTH\r\n"), Command::Help);
         assert_eq!(
-            ok(b"XCLIENT ADDR=1.2.3.4\r\n"),
+            SMTP.ok(b"mail FROM:<a@b>\r\n"),
+            Command::Transaction { verb: "MAIL".into() }
+        );
+        assert_eq!(SMTP.ok(b"DATA\r\n"), Command::Transaction { verb: "DATA".into() });
+        assert_eq!(
+            SMTP.ok(b"XCLIENT ADDR=1.2.3.4\r\n"),
             Command::Other { verb: "XCLIENT".into() }
         );
     }
 
     #[test]
     fn syntax_errors() {
-        assert_eq!(bad(b"EHLO\r\n"), "501 5.5.4 Syntax: EHLO hostname");
-        assert_eq!(bad(b"EHLO   \r\n"), "501 5.5.4 Syntax: EHLO hostname");
-        assert_eq!(bad(b"HELO\r\n"), "501 5.5.4 Syntax: HELO hostname");
-        assert_eq!(bad(b"EHLO a\x01b\r\n"), "501 5.5.2 Invalid characters in host name");
-        assert_eq!(bad(b"EHLO \xff\r\n"), "501 5.5.2 Host name must be valid UTF-8");
-        assert_eq!(
-            bad(b"STARTTLS now\r\n"),
-            "501 5.5.4 Syntax: STARTTLS (no parameters allowed)"
-        );
-        assert_eq!(bad(b"AUTH\r\n"), "501 5.5.4 Syntax: AUTH mechanism [initial-response]");
-        assert_eq!(
-            bad(b"AUTH PLAIN a b\r\n"),
-            "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
-        );
-        for l in [
-            &b"\r\n"[..],
-            b" EHLO x\r\n",
-            b"EHLO\0 x\r\n",
-            b"\0\0\r\n",
-            b"\xff\xfe\r\n",
-            b"NOOP\r\r\n",
-            b"123\r\n",
-        ] {
-            assert_eq!(bad(l), UNRECOGNIZED, "{:?}", String::from_utf8_lossy(l));
+        const EHLO: &str = "501 5.5.4 Syntax: EHLO hostname";
+        const AUTH: &str = "501 5.5.4 Syntax: AUTH mechanism [initial-response]";
+        let table: [(&[u8], &str); 15] = [
+            (b"EHLO\r\n", EHLO),
+            (b"EHLO   \r\n", EHLO),
+            (b"HELO\r\n", "501 5.5.4 Syntax: HELO hostname"),
+            (b"EHLO a\x01b\r\n", "501 5.5.2 Invalid characters in host name"),
+            (b"EHLO \xff\r\n", "501 5.5.2 Host name must be valid UTF-8"),
+            (
+                b"STARTTLS now\r\n",
+                "501 5.5.4 Syntax: STARTTLS (no parameters allowed)",
+            ),
+            (b"AUTH\r\n", AUTH),
+            (b"AUTH PLAIN a b\r\n", AUTH),
+            (b"\r\n", UNRECOGNIZED),
+            (b" EHLO x\r\n", UNRECOGNIZED),
+            (b"EHLO\0 x\r\n", UNRECOGNIZED),
+            (b"\0\0\r\n", UNRECOGNIZED),
+            (b"\xff\xfe\r\n", UNRECOGNIZED),
+            (b"NOOP\r\r\n", UNRECOGNIZED),
+            (b"123\r\n", UNRECOGNIZED),
+        ];
+        for (line, reply) in table {
+            assert_eq!(SMTP.bad(line), reply, "{:?}", String::from_utf8_lossy(line));
         }
     }
 
     #[test]
     fn auth_forms() {
         assert_eq!(
-            ok(b"auth plain\r\n"),
+            SMTP.ok(b"auth plain\r\n"),
             Command::Auth {
                 mechanism: "PLAIN".into(),
                 initial_response: None
             }
         );
         assert_eq!(
-            ok(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
+            SMTP.ok(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"),
             Command::Auth {
                 mechanism: "PLAIN".into(),
-                initial_response: Some(Zeroizing::new("AGFsaWNlAHNlY3JldA==".into()))
+                initial_response: Some(Secret::new("AGFsaWNlAHNlY3JldA=="))
             }
         );
         assert_eq!(
-            ok(b"AUTH PLAIN =\r\n"),
+            SMTP.ok(b"AUTH PLAIN =\r\n"),
             Command::Auth {
                 mechanism: "PLAIN".into(),
-                initial_response: Some(Zeroizing::new(String::new()))
+                initial_response: Some(Secret::new(""))
             }
         );
         assert_eq!(
-            ok(b"AUTH login YWxpY2U=\n"),
+            SMTP.ok(b"AUTH login YWxpY2U=\n"),
             Command::Auth {
                 mechanism: "LOGIN".into(),
-                initial_response: Some(Zeroizing::new("YWxpY2U=".into()))
+                initial_response: Some(Secret::new("YWxpY2U="))
             }
         );
         assert_eq!(
-            ok(b"AUTH CRAM-MD5\r\n"),
+            SMTP.ok(b"AUTH CRAM-MD5\r\n"),
             Command::Auth {
                 mechanism: "CRAM-MD5".into(),
                 initial_response: None
@@ -291,7 +264,7 @@ mod tests {
 
     #[test]
     fn debug_redacts() {
-        let d = format!("{:?}", ok(b"AUTH PLAIN AGFsaWNlAGh1bnRlcjI=\r\n"));
+        let d = format!("{:?}", SMTP.ok(b"AUTH PLAIN AGFsaWNlAGh1bnRlcjI=\r\n"));
         assert!(!d.contains("AGFsaWNlAGh1bnRlcjI="), "{d}");
     }
 }

@@ -26,9 +26,10 @@ use zeroize::Zeroizing;
 
 use super::command::{self, Command, Verb};
 use crate::linebuf::{LineFramer, TooLong};
-use crate::preauth::{Core, Failure, PreAuth, Step};
+use crate::preauth::{Core, Failure, Phase, PreAuth, Step};
 pub use crate::preauth::{Event, FEED_SLACK, MAX_CONSECUTIVE_BAD};
 use crate::sasl::{self, SaslError};
+use crate::secret::Secret;
 use crate::text::{one_line, strip_eol};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +94,7 @@ impl fmt::Debug for State {
 }
 
 /// The pre-hand-off SMTP state machine. See the module documentation.
+#[derive(Debug)]
 pub struct SmtpPreAuth {
     cfg: PreAuthConfig,
     hostname: String,
@@ -103,17 +105,6 @@ pub struct SmtpPreAuth {
     esmtp: bool,
     /// `Some` (filtered upstream EHLO keywords) once authenticated.
     upstream_ehlo: Option<Vec<String>>,
-}
-
-impl fmt::Debug for SmtpPreAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SmtpPreAuth")
-            .field("cfg", &self.cfg)
-            .field("state", &self.state)
-            .field("authenticated", &self.upstream_ehlo.is_some())
-            .field("core", &self.core)
-            .finish()
-    }
 }
 
 /// Upstream EHLO keywords that stay true through the proxy: everything but
@@ -348,7 +339,7 @@ impl SmtpPreAuth {
         None
     }
 
-    fn auth(&mut self, mechanism: &str, initial_response: Option<Zeroizing<String>>) -> Option<Event> {
+    fn auth(&mut self, mechanism: &str, initial_response: Option<Secret>) -> Option<Event> {
         if self.is_authenticated() {
             self.reply("503 5.5.1 Already authenticated");
         } else if self.helo.is_none() {
@@ -357,12 +348,12 @@ impl SmtpPreAuth {
             self.reply("530 5.7.0 Must issue a STARTTLS command first");
         } else {
             match (mechanism, initial_response) {
-                ("PLAIN", Some(ir)) => return self.plain_response(ir.as_bytes()),
+                ("PLAIN", Some(ir)) => return self.plain_response(ir.expose().as_bytes()),
                 ("PLAIN", None) => {
                     self.push_line("334 ");
                     self.state = State::AuthPlain;
                 }
-                ("LOGIN", Some(ir)) => return self.login_username(ir.as_bytes()),
+                ("LOGIN", Some(ir)) => return self.login_username(ir.expose().as_bytes()),
                 ("LOGIN", None) => {
                     self.push_line(&format!("334 {}", sasl::LOGIN_PROMPT_USERNAME));
                     self.state = State::AuthLoginUser;
@@ -424,40 +415,26 @@ impl PreAuth for SmtpPreAuth {
     /// The upstream's EHLO keywords.
     type Success = Vec<String>;
 
-    fn core(&self) -> &Core {
-        &self.core
-    }
+    crate::preauth::core_access!();
 
-    fn core_mut(&mut self) -> &mut Core {
-        &mut self.core
-    }
-
-    fn into_core(self) -> Core {
-        self.core
-    }
-
-    fn reading(&self) -> bool {
-        matches!(
-            self.state,
-            State::Commands | State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. }
-        )
-    }
-
-    /// Bytes fed while waiting for the TLS handshake or after the session
-    /// ended are discarded.
-    fn keeps_input(&self) -> bool {
-        !matches!(self.state, State::AwaitTls | State::Done)
+    fn phase(&self) -> Phase {
+        match self.state {
+            State::Commands | State::AuthPlain | State::AuthLoginUser | State::AuthLoginPass { .. } => Phase::Reading,
+            State::LoginPending | State::Handoff => Phase::Waiting,
+            State::AwaitTls => Phase::AwaitTls,
+            State::Done => Phase::Done,
+        }
     }
 
     const TOO_MANY: &'static str = "Too many errors";
 
-    fn fatal(&mut self, reason: &str) -> Event {
-        let line = format!("421 4.7.0 {} {reason}, closing connection", self.hostname);
-        self.push_line(&line);
+    fn farewell(&self, reason: &str) -> String {
+        format!("421 4.7.0 {} {reason}, closing connection", self.hostname)
+    }
+
+    fn close(&mut self) {
         self.state = State::Done;
-        self.core.discard();
         self.framer.reset();
-        Event::Close
     }
 
     fn step(&mut self) -> Step {

@@ -53,9 +53,9 @@ pub trait RecordStore: Send + Sync {
     /// Replaces the record whatever is stored (the owner's `login`); returns
     /// the new generation, past the stored one.
     async fn store(&self, rec: &AccountRecord) -> Result<u64, StoreError>;
-    /// Writes `rec` only if the stored record is still generation `base`.
-    async fn store_if(&self, rec: &mut AccountRecord, base: Option<u64>, before: Before)
-        -> Result<Written, StoreError>;
+    /// Writes `rec` only if the stored record is still generation `base`;
+    /// `hook` runs under the lock once that compare passed.
+    async fn store_if(&self, rec: &mut AccountRecord, base: Option<u64>, hook: Before) -> Result<Written, StoreError>;
     /// Removes the record; returns descriptions of what was erased.
     async fn erase(&self, account: &str) -> Result<Vec<String>, StoreError>;
     /// The cross-instance single flight: `None` when one process is all
@@ -134,15 +134,10 @@ impl RecordStore for Vault {
         blocking(move || Ok(Vault::store(&v, &r)?)).await
     }
 
-    async fn store_if(
-        &self,
-        rec: &mut AccountRecord,
-        base: Option<u64>,
-        before: Before,
-    ) -> Result<Written, StoreError> {
+    async fn store_if(&self, rec: &mut AccountRecord, base: Option<u64>, hook: Before) -> Result<Written, StoreError> {
         let (v, mut r) = (self.clone(), rec.clone());
         let (written, r) = blocking(move || {
-            let w = Vault::store_if::<StoreError>(&v, &mut r, base, before)?;
+            let w = Vault::store_if::<StoreError>(&v, &mut r, base, hook)?;
             Ok((w, r))
         })
         .await?;

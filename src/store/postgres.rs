@@ -367,12 +367,7 @@ impl RecordStore for PgStore {
         Ok(row.get::<_, i64>(0) as u64)
     }
 
-    async fn store_if(
-        &self,
-        rec: &mut AccountRecord,
-        base: Option<u64>,
-        before: Before,
-    ) -> Result<Written, StoreError> {
+    async fn store_if(&self, rec: &mut AccountRecord, base: Option<u64>, hook: Before) -> Result<Written, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db)?;
         let on_disk = tx
@@ -386,7 +381,7 @@ impl RecordStore for PgStore {
         if on_disk != base {
             return Ok(Written::Stale { on_disk });
         }
-        before()?;
+        hook()?;
         let w = write_if(&tx, rec, base).await?;
         if w == Written::Stored {
             tx.commit().await.map_err(db)?;

@@ -19,7 +19,7 @@ use crate::oauth::Tokens;
 use crate::tls::ClientConfigs;
 use crate::upstream::conn::{Dialer, Server, UpstreamError};
 use crate::upstream::imap::ImapUpstream;
-use crate::upstream::login::{Exchange, UpstreamLogin};
+use crate::upstream::login::{Exchange, OAuthResponse, UpstreamLogin};
 use crate::upstream::pop3::Pop3Upstream;
 use crate::upstream::smtp::SmtpUpstream;
 
@@ -107,11 +107,10 @@ async fn attempt<C: UpstreamLogin>(
     tokens: &Tokens,
 ) -> Result<Exchange<()>, UpstreamError> {
     let mut c = C::connect(d, server, None).await?;
-    Ok(
-        match c.oauth(&account.username, &tokens.access, account.mechanism).await? {
-            Exchange::Accepted(_) => Exchange::Accepted(()),
-            Exchange::Rejected(why) => Exchange::Rejected(why),
-            Exchange::Unsupported(why) => Exchange::Unsupported(why),
-        },
-    )
+    let sasl = OAuthResponse::new(c.endpoint(), &account.username, &tokens.access, account.mechanism);
+    Ok(match c.oauth(&sasl).await? {
+        Exchange::Accepted(_) => Exchange::Accepted(()),
+        Exchange::Rejected(why) => Exchange::Rejected(why),
+        Exchange::Unsupported(why) => Exchange::Unsupported(why),
+    })
 }

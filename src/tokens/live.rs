@@ -262,8 +262,8 @@ impl TokenManager {
     }
 }
 
-/// A failed refresh as `check` reports it.
-fn classify(e: TokenError) -> CheckOutcome {
+/// A failed refresh as `check` reports it (and `token`, by its exit status).
+pub fn classify(e: TokenError) -> CheckOutcome {
     let why = e.to_string();
     match e {
         TokenError::NeedsLogin { .. } | TokenError::Pending { .. } => CheckOutcome::NeedsLogin { why },

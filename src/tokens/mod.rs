@@ -34,8 +34,9 @@
 //! One file per activity: this one holds the types, the lookup of accounts
 //! and the re-reading of their records; `unlock` checks local passwords;
 //! `save` writes records; `refresh` asks the provider for a new access
-//! token; `on_demand` and [`authorize`] run an authorisation a client's
-//! login started; `upkeep` is the background pass; [`live`] and
+//! token; `handout` gives one to the owner's own clients; `on_demand`
+//! and [`authorize`] run an authorisation a client's login started;
+//! `upkeep` is the background pass; [`live`] and
 //! [`offline`] serve the commands with and without a running `serve`;
 //! `shared` is the PostgreSQL store's share of an account's access token.
 
@@ -43,6 +44,7 @@ pub mod authorize;
 mod check;
 pub mod gate;
 pub mod grant;
+mod handout;
 pub mod identity;
 pub mod live;
 pub mod offline;
@@ -81,6 +83,7 @@ pub use check::CheckOutcome;
 pub use gate::KdfStatus;
 pub use gate::Lane;
 use gate::{Gate, KdfStats};
+pub use handout::Handed;
 pub use offline::store_authorization;
 use refresh::{fresh_token, Refreshed};
 pub use resource::Resource;

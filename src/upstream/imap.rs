@@ -2,9 +2,9 @@
 //! authenticated state.
 
 use super::conn::{Conn, Dialer, Server, UpstreamError, MAX_RESPONSE};
-use super::login::{error_ack, oauth_initial_response, Exchange, UpstreamLogin};
+use super::login::{error_ack, Exchange, OAuthResponse, UpstreamLogin};
 use crate::config::Mechanism;
-use crate::endpoint::Security;
+use crate::endpoint::{Endpoint, Security};
 use crate::imap::preauth::LoggedIn;
 use crate::imap::response::{self, has_capability, Response, Status, StatusResponse};
 use crate::sasl;
@@ -60,23 +60,22 @@ impl UpstreamLogin for ImapUpstream {
         Ok(me)
     }
 
-    async fn oauth(
-        &mut self,
-        user: &str,
-        token: &Secret,
-        mechanism: Mechanism,
-    ) -> Result<Exchange<LoggedIn>, UpstreamError> {
-        let (name, ir) = oauth_initial_response(&self.c.endpoint, user, token, mechanism);
+    fn endpoint(&self) -> &Endpoint {
+        &self.c.endpoint
+    }
+
+    async fn oauth(&mut self, sasl: &OAuthResponse) -> Result<Exchange<LoggedIn>, UpstreamError> {
+        let (name, ir) = (sasl.name(), sasl.response());
         let tag = self.tag();
         if has_capability(&self.caps, "SASL-IR") {
-            let line = Secret::new(format!("{tag} AUTHENTICATE {name} {}\r\n", ir.as_str()));
+            let line = Secret::new(format!("{tag} AUTHENTICATE {name} {ir}\r\n"));
             self.c.send(line.expose().as_bytes()).await?;
         } else {
             self.c.send(format!("{tag} AUTHENTICATE {name}\r\n").as_bytes()).await?;
             let cont = self.read().await?;
             match response::parse_response(&cont) {
                 Ok(Response::Continuation(_)) => {
-                    let line = Secret::new(format!("{}\r\n", ir.as_str()));
+                    let line = Secret::new(format!("{ir}\r\n"));
                     self.c.send(line.expose().as_bytes()).await?;
                 }
                 Ok(Response::Status(s)) if s.tag.as_deref() == Some(tag.as_str()) => {
@@ -88,7 +87,7 @@ impl UpstreamLogin for ImapUpstream {
                 _ => return Err(self.c.protocol_error("answered AUTHENTICATE with something unexpected")),
             }
         }
-        self.finish_auth(&tag, Some(mechanism)).await
+        self.finish_auth(&tag, Some(sasl.mechanism())).await
     }
 
     /// LOGIN with the client's own credentials, as quoted strings where

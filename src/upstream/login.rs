@@ -43,13 +43,11 @@ pub(crate) trait UpstreamLogin: Sized {
     /// itself (SMTP EHLO), when it did.
     async fn connect(d: &Dialer<'_>, server: &Server, client_name: Option<&str>) -> Result<Self, UpstreamError>;
 
-    /// SASL XOAUTH2 / OAUTHBEARER with `token` for `user`.
-    async fn oauth(
-        &mut self,
-        user: &str,
-        token: &Secret,
-        mechanism: Mechanism,
-    ) -> Result<Exchange<Self::Success>, UpstreamError>;
+    /// Where it is connected (OAUTHBEARER names the host and port).
+    fn endpoint(&self) -> &Endpoint;
+
+    /// SASL XOAUTH2 / OAUTHBEARER with the response built for this server.
+    async fn oauth(&mut self, sasl: &OAuthResponse) -> Result<Exchange<Self::Success>, UpstreamError>;
 
     /// Passthrough: the client's own user name and password.
     async fn password(&mut self, user: &str, password: &Secret) -> Result<Exchange<Self::Success>, UpstreamError>;
@@ -184,7 +182,8 @@ async fn with_fresh_token<C: UpstreamLogin, R: RenewToken>(
 ) -> Result<C::Success, LoginFailure> {
     let mut retried = false;
     loop {
-        match client.oauth(user, &token, mechanism).await? {
+        let sasl = OAuthResponse::new(client.endpoint(), user, &token, mechanism);
+        match client.oauth(&sasl).await? {
             Exchange::Accepted(s) => return Ok(s),
             Exchange::Unsupported(reason) => return Err(Outcome::Unsupported { reason }.into()),
             Exchange::Rejected(reason) if retried => {
@@ -201,19 +200,42 @@ async fn with_fresh_token<C: UpstreamLogin, R: RenewToken>(
     }
 }
 
-/// The SASL initial response for an OAuth login (XOAUTH2 or OAUTHBEARER).
-pub(crate) fn oauth_initial_response(
-    ep: &Endpoint,
-    user: &str,
-    token: &Secret,
+/// The SASL initial response for an OAuth login (XOAUTH2 or OAUTHBEARER),
+/// built once by the retry rule so each protocol only sends it.
+pub(crate) struct OAuthResponse {
     mechanism: Mechanism,
-) -> (&'static str, zeroize::Zeroizing<String>) {
-    match mechanism {
-        Mechanism::Xoauth2 => ("XOAUTH2", sasl::xoauth2(user, token.expose())),
-        Mechanism::Oauthbearer => (
-            "OAUTHBEARER",
-            sasl::oauthbearer(user, token.expose(), &ep.host, ep.port),
-        ),
+    response: zeroize::Zeroizing<String>,
+}
+
+impl OAuthResponse {
+    pub(crate) fn new(ep: &Endpoint, user: &str, token: &Secret, mechanism: Mechanism) -> Self {
+        let response = match mechanism {
+            Mechanism::Xoauth2 => sasl::xoauth2(user, token.expose()),
+            Mechanism::Oauthbearer => sasl::oauthbearer(user, token.expose(), &ep.host, ep.port),
+        };
+        OAuthResponse { mechanism, response }
+    }
+
+    /// The mechanism's SASL name.
+    pub(crate) fn name(&self) -> &'static str {
+        match self.mechanism {
+            Mechanism::Xoauth2 => "XOAUTH2",
+            Mechanism::Oauthbearer => "OAUTHBEARER",
+        }
+    }
+
+    /// The base64 initial response (it carries the token).
+    pub(crate) fn response(&self) -> &str {
+        &self.response
+    }
+
+    /// The answer to the server's failure challenge.
+    pub(crate) fn error_ack(&self) -> &'static str {
+        error_ack(self.mechanism)
+    }
+
+    pub(crate) fn mechanism(&self) -> Mechanism {
+        self.mechanism
     }
 }
 

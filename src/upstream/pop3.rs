@@ -1,9 +1,8 @@
 //! A minimal POP3 client towards the upstream, just enough to log in.
 
 use super::conn::{Conn, Dialer, Server, UpstreamError, MAX_RESPONSE};
-use super::login::{error_ack, oauth_initial_response, Exchange, UpstreamLogin};
-use crate::config::Mechanism;
-use crate::endpoint::Security;
+use super::login::{Exchange, OAuthResponse, UpstreamLogin};
+use crate::endpoint::{Endpoint, Security};
 use crate::pop3::response::{self, Response, StatusLine};
 use crate::sasl::OAuthChallenge;
 use crate::secret::Secret;
@@ -34,9 +33,13 @@ impl UpstreamLogin for Pop3Upstream {
         Ok(me)
     }
 
+    fn endpoint(&self) -> &Endpoint {
+        &self.c.endpoint
+    }
+
     /// `AUTH XOAUTH2` in two steps: Microsoft wants the token after the `+`.
-    async fn oauth(&mut self, user: &str, token: &Secret, mechanism: Mechanism) -> Result<Exchange<()>, UpstreamError> {
-        let (name, ir) = oauth_initial_response(&self.c.endpoint, user, token, mechanism);
+    async fn oauth(&mut self, sasl: &OAuthResponse) -> Result<Exchange<()>, UpstreamError> {
+        let (name, ir) = (sasl.name(), sasl.response());
         self.c.send(format!("AUTH {name}\r\n").as_bytes()).await?;
         if let Response::Status(s) = self.read().await? {
             return Ok(Exchange::Unsupported(format!(
@@ -45,12 +48,12 @@ impl UpstreamLogin for Pop3Upstream {
                 s.describe()
             )));
         }
-        let line = Secret::new(format!("{}\r\n", ir.as_str()));
+        let line = Secret::new(format!("{ir}\r\n"));
         self.c.send(line.expose().as_bytes()).await?;
         let mut r = self.read().await?;
         let challenge = r.oauth_error_challenge();
         if let Response::Continuation(_) = r {
-            self.c.send(format!("{}\r\n", error_ack(mechanism)).as_bytes()).await?;
+            self.c.send(format!("{}\r\n", sasl.error_ack()).as_bytes()).await?;
             r = self.read().await?;
         }
         let s = self.expect_status(r, "AUTH")?;

@@ -3,9 +3,8 @@
 //! own EHLO after the login.
 
 use super::conn::{Conn, Dialer, Server, UpstreamError, MAX_RESPONSE};
-use super::login::{error_ack, oauth_initial_response, Exchange, UpstreamLogin};
-use crate::config::Mechanism;
-use crate::endpoint::Security;
+use super::login::{Exchange, OAuthResponse, UpstreamLogin};
+use crate::endpoint::{Endpoint, Security};
 use crate::sasl;
 use crate::secret::Secret;
 use crate::smtp::reply::{self, Reply};
@@ -58,21 +57,20 @@ impl UpstreamLogin for SmtpUpstream {
         Ok(me)
     }
 
-    async fn oauth(
-        &mut self,
-        user: &str,
-        token: &Secret,
-        mechanism: Mechanism,
-    ) -> Result<Exchange<Vec<String>>, UpstreamError> {
-        let (name, ir) = oauth_initial_response(&self.c.endpoint, user, token, mechanism);
-        let line = Secret::new(format!("AUTH {name} {}\r\n", ir.as_str()));
+    fn endpoint(&self) -> &Endpoint {
+        &self.c.endpoint
+    }
+
+    async fn oauth(&mut self, sasl: &OAuthResponse) -> Result<Exchange<Vec<String>>, UpstreamError> {
+        let (name, ir) = (sasl.name(), sasl.response());
+        let line = Secret::new(format!("AUTH {name} {ir}\r\n"));
         self.c.send(line.expose().as_bytes()).await?;
         let mut r = self.read().await?;
         let mut challenge = None;
         if r.code == 334 {
             // The failure challenge: acknowledge it, then the server says 5xx.
             challenge = r.oauth_error_challenge();
-            self.c.send(format!("{}\r\n", error_ack(mechanism)).as_bytes()).await?;
+            self.c.send(format!("{}\r\n", sasl.error_ack()).as_bytes()).await?;
             r = self.read().await?;
         }
         self.verdict(&r, challenge.as_ref())

@@ -23,7 +23,7 @@ const SUBJECTS: [&str; 2] = ["first for the clients", "second for the clients"];
 
 /// The fenced block after `<!-- snippet: NAME -->` in `file` (relative to
 /// the repository).
-fn snippet(file: &str, name: &str) -> String {
+pub(crate) fn snippet(file: &str, name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let marker = format!("<!-- snippet: {name} -->");

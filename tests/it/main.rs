@@ -25,3 +25,4 @@ mod setup;
 mod smtp;
 mod status_page;
 mod support;
+mod token;

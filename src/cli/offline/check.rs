@@ -73,11 +73,7 @@ fn report(name: &str, checked: Checked, audit: &Audit) -> u8 {
             0
         }
         Checked::Failed(e) => {
-            let code = if e.needs_login() || matches!(e, OAuthError::Provider(_)) {
-                1
-            } else {
-                2
-            };
+            let code = failure_code(&e);
             audit.record(Entry::new(name, "refresh_failed", e.to_string()));
             println!(
                 "{name}: {}: {e}",
@@ -89,5 +85,15 @@ fn report(name: &str, checked: Checked, audit: &Audit) -> u8 {
             );
             code
         }
+    }
+}
+
+/// A refresh failure's exit status: 1 a person must act (a dead grant, a
+/// refusal by the provider), 2 temporary.
+pub(super) fn failure_code(e: &OAuthError) -> u8 {
+    if e.needs_login() || matches!(e, OAuthError::Provider(_)) {
+        1
+    } else {
+        2
     }
 }

@@ -1,19 +1,22 @@
 //! A command's work done by the command itself: it reads and writes the
 //! record store directly, one file per command.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use async_trait::async_trait;
 
 use crate::config::Config;
 use crate::tokens::AccountStatus;
 
-use super::runner::{LoginOptions, Runner};
+use super::runner::{Handout, LoginOptions, Runner};
 
 mod check;
 mod login;
 mod passwd;
 mod revoke;
 mod status;
+mod token;
 
 /// The command itself: it reads and writes the record store directly.
 pub struct Offline<'a> {
@@ -50,5 +53,9 @@ impl Runner for Offline<'_> {
 
     async fn reload(self: Box<Self>) -> Result<bool> {
         Ok(false)
+    }
+
+    async fn token(self: Box<Self>, account: &str, _min_life: Duration) -> Result<Handout> {
+        token::run(self.config, account).await
     }
 }

@@ -107,6 +107,17 @@ elif mode == "flood":
     for t in threads:
         t.join(secs + 40)
     say(**seen)
+elif mode == "control":
+    # One request line to a unix socket; prints the first reply line.
+    path, line = sys.argv[2], sys.argv[3]
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(line.encode() + b"\n")
+        say(reply=s.makefile("rb").readline().decode(errors="replace").strip())
+    except OSError as e:
+        say(error=str(e))
 elif mode == "hold":
     # Opens N connections and sends half a request on each, then waits.
     host, port, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

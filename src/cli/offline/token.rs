@@ -1,0 +1,62 @@
+//! `mailproxy token` done by the command itself: the refresh `check` does
+//! (a rotated refresh token saved first), its access token handed out.
+//! Without `serve` no access token is kept, so every call refreshes and
+//! the token has its full life.
+
+use anyhow::Result;
+
+use crate::audit::{Audit, Entry};
+use crate::cli::lookup::oauth_account;
+use crate::cli::runner::Handout;
+use crate::cli::terminal::ask_password;
+use crate::config::Config;
+use crate::oauth;
+use crate::store;
+use crate::tokens::offline::{self, Checked};
+use crate::tokens::Handed;
+
+use super::check::failure_code;
+
+/// `token` done by the command itself; the sentence of a failure goes to
+/// stderr, stdout stays the token's.
+pub(super) async fn run(config: &Config, name: &str) -> Result<Handout> {
+    let (account, settings) = oauth_account(config, name)?;
+    let name = account.name.clone();
+    let records = store::open(config).await?;
+    let store_key = store::store_key(config)?;
+    let audit = Audit::direct(&config.audit_log);
+    let http = oauth::http_client_for(config)?;
+    let checked = offline::check(
+        &*records,
+        store_key.as_ref(),
+        &http,
+        &name,
+        &account.username,
+        &settings,
+        ask_password(&name),
+    )
+    .await?;
+    Ok(match checked {
+        Checked::NeedsLogin(why) => {
+            eprintln!("{name}: needs login: {why}");
+            Handout::Failed(1)
+        }
+        Checked::Failed(e) => {
+            audit.record(Entry::new(&name, "refresh_failed", e.to_string()));
+            let code = failure_code(&e);
+            let what = if code == 1 {
+                "needs action"
+            } else {
+                "temporarily failing"
+            };
+            eprintln!("{name}: {what}: {e}");
+            Handout::Failed(code)
+        }
+        Checked::Refreshed(t) => {
+            let handed = Handed::from_tokens(&name, &t, &settings.scopes);
+            let to = format!("token handed out to uid {}", crate::sys::euid());
+            audit.record(Entry::new(&name, "token_handed_out", to).scopes(&handed.scopes));
+            Handout::Token(handed)
+        }
+    })
+}
