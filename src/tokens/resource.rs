@@ -8,9 +8,11 @@ use std::borrow::Cow;
 
 use crate::config::OAuthSettings;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Resource {
     /// The mail servers (IMAP, POP3, SMTP): the grant's own scopes.
+    #[default]
     Mail,
     /// Microsoft Graph (`graph_scopes`), for accounts that send through it.
     Graph,
