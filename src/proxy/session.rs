@@ -40,6 +40,28 @@ pub(crate) trait SessionProtocol {
     fn machine(limits: &Limits, starttls: bool) -> Self::Machine;
     /// One line refusing a connection before its session starts.
     fn refusal(why: &str) -> String;
+    /// What the machine is told after a login that needs no upstream
+    /// connection (an SMTP account that sends through Microsoft Graph);
+    /// `None` for protocols without such logins.
+    fn graph_success(_limits: &Limits) -> Option<<Self::Machine as PreAuth>::Success> {
+        None
+    }
+}
+
+/// Where a logged-in session goes: relayed to its server, or served here
+/// and sent through Microsoft Graph.
+pub(crate) enum Upstream {
+    Relay(Conn),
+    Graph(std::sync::Arc<crate::tokens::AccountTokens>),
+}
+
+impl Upstream {
+    fn name(&self) -> String {
+        match self {
+            Upstream::Relay(c) => c.endpoint.to_string(),
+            Upstream::Graph(_) => "Microsoft Graph".into(),
+        }
+    }
 }
 
 /// Runs one client connection until it ends. `client` is already past any
@@ -54,7 +76,7 @@ pub(crate) async fn run<P: SessionProtocol>(
     let config = ctx.config();
     let mut pre = P::machine(&config.limits, tls.is_some() && !client.is_tls());
     let deadline = Instant::now() + config.limits.preauth_timeout.saturating_mul(4);
-    let mut upstream: Option<Conn> = None;
+    let mut upstream: Option<Upstream> = None;
     // Counts this session on its OAuth account's status until it ends.
     let mut _counted = None;
     let mut buf = vec![0u8; 4096];
@@ -84,7 +106,7 @@ pub(crate) async fn run<P: SessionProtocol>(
                 match outcome {
                     Ok((conn, success)) => {
                         tracing::Span::current().record("login", escaped(&login).as_str());
-                        tracing::info!(upstream = %conn.endpoint, "logged in");
+                        tracing::info!(upstream = %conn.name(), "logged in");
                         _counted = ctx.tokens.get(&login).map(|a| a.session_opened());
                         let now = pre.login_succeeded(success);
                         upstream = Some(conn);
@@ -107,7 +129,7 @@ pub(crate) async fn run<P: SessionProtocol>(
                 pre.starttls_done();
             }
             Some(Event::Quit | Event::Close) => {
-                if let Some(mut up) = upstream.take() {
+                if let Some(Upstream::Relay(mut up)) = upstream.take() {
                     let _ = up.send(P::UPSTREAM_QUIT).await;
                 }
                 let _ = client.shutdown().await;
@@ -168,7 +190,7 @@ struct Attempt<'a> {
 
 /// A client login, all the way: input hygiene, routing, the guard against
 /// guessing, the upstream login.
-async fn log_in<P: SessionProtocol>(a: Attempt<'_>) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
+async fn log_in<P: SessionProtocol>(a: Attempt<'_>) -> Result<(Upstream, <P::Machine as PreAuth>::Success), LoginFailure> {
     let (ctx, listener, caller) = (a.ctx, a.listener, a.caller);
     let cap = ctx.config().limits.login_failure_delay_max;
     let r = if !is_safe_credential(a.login) || !is_safe_credential(a.password.expose()) {
@@ -200,7 +222,7 @@ async fn log_in<P: SessionProtocol>(a: Attempt<'_>) -> Result<(Conn, <P::Machine
 async fn routed<P: SessionProtocol>(
     a: Attempt<'_>,
     cap: std::time::Duration,
-) -> Result<(Conn, <P::Machine as PreAuth>::Success), LoginFailure> {
+) -> Result<(Upstream, <P::Machine as PreAuth>::Success), LoginFailure> {
     let Attempt {
         ctx,
         listener,
@@ -209,6 +231,13 @@ async fn routed<P: SessionProtocol>(
         password,
         client_name,
     } = a;
+    let config = ctx.config();
+    if let Some(success) = P::graph_success(&config.limits) {
+        if config.lookup(login).is_some_and(|a| a.graph.is_some()) {
+            let account = route::resolve_graph(ctx, login, password, caller).await?;
+            return Ok((Upstream::Graph(account), success));
+        }
+    }
     let target = route::resolve(ctx, listener, login, password, caller).await?;
     let turn = match target.passthrough_password() {
         None => None,
@@ -227,7 +256,7 @@ async fn routed<P: SessionProtocol>(
             Err(_) => t.inconclusive(),
         }
     }
-    r.map(|(c, s)| (c.into_conn(), s))
+    r.map(|(c, s)| (Upstream::Relay(c.into_conn()), s))
 }
 
 /// The login is done: what the machine still holds for the client (its
@@ -238,10 +267,16 @@ async fn hand_off<M: PreAuth>(
     listener: &Listener,
     client: Stream,
     mut pre: M,
-    upstream: Option<Conn>,
+    upstream: Option<Upstream>,
 ) -> std::io::Result<()> {
-    let Some(up) = upstream else {
-        return Ok(()); // a machine hands off only after a successful login
+    let up = match upstream {
+        Some(Upstream::Relay(up)) => up,
+        Some(Upstream::Graph(account)) => {
+            crate::metrics::connection(listener.protocol, "graph");
+            let to_client = pre.take_output();
+            return super::graph::serve(ctx, client, account, to_client, pre.into_pending_input()).await;
+        }
+        None => return Ok(()), // a machine hands off only after a successful login
     };
     let mut to_client = pre.take_output();
     to_client.extend_from_slice(&up.buf);

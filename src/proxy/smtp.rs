@@ -6,6 +6,7 @@
 use super::session::SessionProtocol;
 use crate::config::Limits;
 use crate::smtp::preauth::{PreAuthConfig, SmtpPreAuth};
+use crate::smtp::submission::Submission;
 use crate::upstream::smtp::SmtpUpstream;
 
 pub(crate) struct Smtp;
@@ -29,5 +30,10 @@ impl SessionProtocol for Smtp {
 
     fn refusal(why: &str) -> String {
         format!("421 4.7.0 {why}\r\n")
+    }
+
+    /// After `AUTH`, a later `EHLO` lists what the submission server honours.
+    fn graph_success(limits: &Limits) -> Option<Vec<String>> {
+        Some(Submission::ehlo_keywords(limits.max_send_size))
     }
 }

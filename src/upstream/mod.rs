@@ -19,4 +19,5 @@ pub(crate) mod conn;
 pub(crate) mod imap;
 pub(crate) mod login;
 pub(crate) mod pop3;
+pub(crate) mod graph;
 pub(crate) mod smtp;
