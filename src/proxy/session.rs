@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::caller::Caller;
 use super::{relay, route, Ctx};
-use crate::config::{Limits, Listener};
+use crate::config::{Config, Limits, Listener};
 use crate::net::Stream;
 use crate::preauth::{Event, Failure, PreAuth};
 use crate::secret::Secret;
@@ -37,7 +37,7 @@ pub(crate) trait SessionProtocol {
     const UPSTREAM_QUIT: &'static [u8];
 
     /// A new machine; `starttls` when STARTTLS is offered on this connection.
-    fn machine(limits: &Limits, starttls: bool) -> Self::Machine;
+    fn machine(config: &Config, starttls: bool) -> Self::Machine;
     /// One line refusing a connection before its session starts.
     fn refusal(why: &str) -> String;
     /// What the machine is told after a login that needs no upstream
@@ -74,7 +74,7 @@ pub(crate) async fn run<P: SessionProtocol>(
     caller: Caller,
 ) -> std::io::Result<()> {
     let config = ctx.config();
-    let mut pre = P::machine(&config.limits, tls.is_some() && !client.is_tls());
+    let mut pre = P::machine(&config, tls.is_some() && !client.is_tls());
     let deadline = Instant::now() + config.limits.preauth_timeout.saturating_mul(4);
     let mut upstream: Option<Upstream> = None;
     // Counts this session on its OAuth account's status until it ends.
