@@ -185,7 +185,7 @@ fn handle(req: &Request, st: &mut State, tokens: &TokenView, addr: SocketAddr) -
     let bearer = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
     st.tokens.push(bearer.to_string());
     match tokens.live(bearer) {
-        Some((_, scope)) if scope.split(' ').any(|s| s == GRAPH_SCOPE) => {}
+        Some((_, scope)) if audience(&scope) == Some(GRAPH_SCOPE) => {}
         Some(_) => return error(401, "InvalidAuthenticationToken", "Invalid audience."),
         None => return error(401, "InvalidAuthenticationToken", "Lifetime validation failed, the token is expired."),
     }
@@ -275,6 +275,14 @@ fn handle(req: &Request, st: &mut State, tokens: &TokenView, addr: SocketAddr) -
         }
         _ => error(405, "ErrorInvalidRequest", "not a route of this fake"),
     }
+}
+
+/// A token's audience, as at Microsoft: the resource of its first scope
+/// (a token redeemed for mail and Graph scopes together is a mail token).
+pub fn audience(scope: &str) -> Option<&str> {
+    scope
+        .split(' ')
+        .find(|s| !matches!(*s, "" | "openid" | "email" | "profile" | "offline_access"))
 }
 
 /// A base64 MIME body, decoded.
