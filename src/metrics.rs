@@ -173,7 +173,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Requests to Microsoft Graph (accounts with smtp = \"graph\") by HTTP status (0: no answer)",
         m.graph_requests.clone(),
     );
-    registry.register("graph_sent_bytes", "Request bytes sent to Microsoft Graph", m.graph_bytes.clone());
+    registry.register(
+        "graph_sent_bytes",
+        "Request bytes sent to Microsoft Graph",
+        m.graph_bytes.clone(),
+    );
     registry.register(
         "graph_request_seconds",
         "How long requests to Microsoft Graph took",

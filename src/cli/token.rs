@@ -38,7 +38,11 @@ pub async fn run(config: &Config, account: &str, resource: Resource, json: bool)
     };
     // An account that borrows another's grant uses that account's token.
     let grant = acct.token_from.clone().unwrap_or_else(|| acct.name.clone());
-    match pick(config, Some(&grant)).await?.token(&grant, resource, MIN_LIFE).await? {
+    match pick(config, Some(&grant))
+        .await?
+        .token(&grant, resource, MIN_LIFE)
+        .await?
+    {
         Handout::Failed(code) => Ok(code),
         Handout::Token(mut t) => {
             t.account.clone_from(&acct.name);

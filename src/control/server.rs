@@ -357,7 +357,13 @@ async fn run(
 /// `mailproxy token` through serve: the owner's uid only (root too is
 /// refused), each hand-out and refusal audited, the token itself never.
 /// A locked account is opened with the owner's local password first.
-async fn token(ctx: &Arc<Ctx>, conn: &mut Conn, account: &str, want: (Resource, u64), uid: u32) -> Result<u8, CommandError> {
+async fn token(
+    ctx: &Arc<Ctx>,
+    conn: &mut Conn,
+    account: &str,
+    want: (Resource, u64),
+    uid: u32,
+) -> Result<u8, CommandError> {
     let (resource, min_life) = want;
     let tokens = &ctx.tokens;
     if uid != crate::sys::euid() {

@@ -68,7 +68,9 @@ pub(crate) async fn serve(
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, "cannot set up the HTTP client for Microsoft Graph");
-            client.write_all(b"421 4.3.0 mailproxy cannot reach Microsoft Graph\r\n").await?;
+            client
+                .write_all(b"421 4.3.0 mailproxy cannot reach Microsoft Graph\r\n")
+                .await?;
             return Ok(());
         }
     };
@@ -171,8 +173,16 @@ async fn deliver(ctx: &Ctx, graph: &GraphClient, tokens: &GraphTokens, spool: Op
     let took_ms = started.elapsed().as_millis() as u64;
     let (reply, outcome) = match &result {
         Ok(()) => {
-            tracing::info!(bytes = env.size, recipients = rcpt, took_ms, "sent through Microsoft Graph");
-            ("250 2.0.0 Message accepted by Microsoft Graph".to_string(), "sent".to_string())
+            tracing::info!(
+                bytes = env.size,
+                recipients = rcpt,
+                took_ms,
+                "sent through Microsoft Graph"
+            );
+            (
+                "250 2.0.0 Message accepted by Microsoft Graph".to_string(),
+                "sent".to_string(),
+            )
         }
         Err(e) => {
             tracing::warn!(bytes = env.size, recipients = rcpt, took_ms, kind = e.kind(), error = %e, "Microsoft Graph did not take the message");

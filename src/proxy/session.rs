@@ -190,7 +190,9 @@ struct Attempt<'a> {
 
 /// A client login, all the way: input hygiene, routing, the guard against
 /// guessing, the upstream login.
-async fn log_in<P: SessionProtocol>(a: Attempt<'_>) -> Result<(Upstream, <P::Machine as PreAuth>::Success), LoginFailure> {
+async fn log_in<P: SessionProtocol>(
+    a: Attempt<'_>,
+) -> Result<(Upstream, <P::Machine as PreAuth>::Success), LoginFailure> {
     let (ctx, listener, caller) = (a.ctx, a.listener, a.caller);
     let cap = ctx.config().limits.login_failure_delay_max;
     let r = if !is_safe_credential(a.login) || !is_safe_credential(a.password.expose()) {

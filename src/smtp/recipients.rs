@@ -31,16 +31,7 @@ pub fn rewrite(message: &[u8], envelope: &[String]) -> Vec<u8> {
         .filter(|a| !covered.contains(&a.to_lowercase()))
         .collect();
     if !hidden.is_empty() {
-        out.extend_from_slice(b"Bcc: ");
-        for (i, a) in hidden.iter().enumerate() {
-            if i > 0 {
-                out.extend_from_slice(b",");
-                out.extend_from_slice(eol);
-                out.extend_from_slice(b" ");
-            }
-            out.extend_from_slice(a.as_bytes());
-        }
-        out.extend_from_slice(eol);
+        write_field(&mut out, b"Bcc", hidden.iter().map(|a| a.as_str()), eol);
     }
     out.extend_from_slice(body);
     out
@@ -84,16 +75,20 @@ fn keep_listed(field: &[u8], name: &str, wanted: &[String], covered: &mut Vec<St
     if kept.is_empty() {
         return;
     }
-    let original = &field[..name.len()];
-    out.extend_from_slice(original);
+    write_field(out, &field[..name.len()], kept.iter().copied(), eol);
+}
+
+/// `Name: a,` / ` b` folded one address a line, ending with `eol`.
+fn write_field<'a>(out: &mut Vec<u8>, name: &[u8], items: impl Iterator<Item = &'a str>, eol: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
-    for (i, raw) in kept.iter().enumerate() {
+    for (i, item) in items.enumerate() {
         if i > 0 {
             out.extend_from_slice(b",");
             out.extend_from_slice(eol);
             out.extend_from_slice(b" ");
         }
-        out.extend_from_slice(raw.as_bytes());
+        out.extend_from_slice(item.as_bytes());
     }
     out.extend_from_slice(eol);
 }
@@ -212,7 +207,7 @@ mod tests {
     use super::*;
 
     fn env(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
+        a.iter().map(ToString::to_string).collect()
     }
 
     #[test]

@@ -146,24 +146,11 @@ pub enum Checked {
     Failed(OAuthError),
 }
 
-/// `mailproxy check`: refreshes now and saves a rotated token (unless the
-/// record changed meanwhile).
-pub async fn check(
-    records: &dyn RecordStore,
-    store_key: Option<&VaultKey>,
-    http: &reqwest::Client,
-    account: &str,
-    mailbox: &str,
-    settings: &OAuthSettings,
-    password: impl FnOnce() -> Result<Secret, OfflineError>,
-) -> Result<Checked, OfflineError> {
-    check_for(records, store_key, http, account, mailbox, settings, Resource::Mail, password).await
-}
-
-/// [`check`] redeeming the grant for resource `res` (`mailproxy token
-/// --resource graph`); only the mail token's scopes are recorded.
+/// `mailproxy check` (and `mailproxy token`): refreshes now, redeeming the
+/// grant for resource `res`, and saves a rotated token (unless the record
+/// changed meanwhile); only the mail token's scopes are recorded.
 #[allow(clippy::too_many_arguments)]
-pub async fn check_for(
+pub async fn check(
     records: &dyn RecordStore,
     store_key: Option<&VaultKey>,
     http: &reqwest::Client,
@@ -184,10 +171,12 @@ pub async fn check_for(
         if rec.as_ref().is_none_or(|r| r.password.is_none()) {
             return Ok(Checked::NeedsLogin(format!("run `mailproxy login {account}`")));
         }
-        return Ok(match flows::app_token(http, account, mailbox, &res.app_settings(settings)).await {
-            Ok(t) => Checked::Refreshed(t),
-            Err(e) => Checked::Failed(e),
-        });
+        return Ok(
+            match flows::app_token(http, account, mailbox, &res.app_settings(settings)).await {
+                Ok(t) => Checked::Refreshed(t),
+                Err(e) => Checked::Failed(e),
+            },
+        );
     }
     let Some(r) = rec else {
         return Ok(Checked::NeedsLogin(format!("run `mailproxy login {account}`")));

@@ -16,8 +16,8 @@
 //! token lifecycle or the sessions.
 
 pub(crate) mod conn;
+pub(crate) mod graph;
 pub(crate) mod imap;
 pub(crate) mod login;
 pub(crate) mod pop3;
-pub(crate) mod graph;
 pub(crate) mod smtp;

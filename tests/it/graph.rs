@@ -70,7 +70,12 @@ impl GraphWorld {
     /// The one message Graph took since `before` messages.
     fn only_new(&self, before: usize) -> Sent {
         let sent = self.graph.sent();
-        assert_eq!(sent.len(), before + 1, "one new message at Graph; logs:\n{}", self.logs());
+        assert_eq!(
+            sent.len(),
+            before + 1,
+            "one new message at Graph; logs:\n{}",
+            self.logs()
+        );
         sent.last().unwrap().clone()
     }
 }
@@ -123,7 +128,14 @@ fn python_send(w: &GraphWorld, sender: &str, rcpt: &[&str], message: &[u8], utf8
     python_send_as(w, (ME, ME_PW), sender, rcpt, message, utf8)
 }
 
-fn python_send_as(w: &GraphWorld, login: (&str, &str), sender: &str, rcpt: &[&str], message: &[u8], utf8: bool) -> String {
+fn python_send_as(
+    w: &GraphWorld,
+    login: (&str, &str),
+    sender: &str,
+    rcpt: &[&str],
+    message: &[u8],
+    utf8: bool,
+) -> String {
     let path = w.dir.path().join("message.eml");
     std::fs::write(&path, message).unwrap();
     let port = w.port().to_string();
@@ -146,7 +158,11 @@ fn python_send_as(w: &GraphWorld, login: (&str, &str), sender: &str, rcpt: &[&st
 
 /// The header fields of `m` and its body.
 fn split(m: &[u8]) -> (Vec<Vec<u8>>, Vec<u8>) {
-    let end = m.windows(4).position(|x| x == b"\r\n\r\n").map(|i| i + 2).expect("a header");
+    let end = m
+        .windows(4)
+        .position(|x| x == b"\r\n\r\n")
+        .map(|i| i + 2)
+        .expect("a header");
     let mut fields: Vec<Vec<u8>> = Vec::new();
     for line in m[..end].split_inclusive(|b| *b == b'\n') {
         match fields.last_mut() {
@@ -221,7 +237,10 @@ fn assert_large_arrived(sent: &[u8], data: &[u8], got: &Sent, envelope: &[&str])
     assert_eq!(others(&a), others(&b));
     let text = String::from_utf8_lossy(&body);
     assert!(text.contains("The file is attached.\r\n--b-"), "{text}");
-    assert!(!text.contains("data.bin"), "the draft carries no copy of the attachment");
+    assert!(
+        !text.contains("data.bin"),
+        "the draft carries no copy of the attachment"
+    );
     let mut have = got.recipients.clone();
     have.sort();
     assert_eq!(have, envelope.iter().map(|s| s.to_lowercase()).collect::<Vec<_>>());
@@ -232,14 +251,28 @@ fn python_smtplib_envelope_only_recipient_and_smtputf8() {
     let w = GraphWorld::start("");
     // A recipient only in the envelope (a Bcc the client stripped), and a
     // To address that is not in the envelope: nobody else receives it.
-    let m = message(ME, "Ann <ann@example.com>, Ben <ben@example.com>", "Cc: cat@example.com\r\n", "Hello.\r\n.dot line\r\n");
-    let out = python_send(&w, ME, &["ann@example.com", "hidden@example.net", "cat@example.com"], &m, false);
+    let m = message(
+        ME,
+        "Ann <ann@example.com>, Ben <ben@example.com>",
+        "Cc: cat@example.com\r\n",
+        "Hello.\r\n.dot line\r\n",
+    );
+    let out = python_send(
+        &w,
+        ME,
+        &["ann@example.com", "hidden@example.net", "cat@example.com"],
+        &m,
+        false,
+    );
     assert!(out.contains("ok"), "{out}");
     let got = w.only_new(0);
     assert_eq!(got.mailbox, ME);
     assert_same_but_recipients(&m, &got, &["ann@example.com", "hidden@example.net", "cat@example.com"]);
     let head = String::from_utf8_lossy(&got.mime);
-    assert!(head.contains("Cc: cat@example.com\r\n"), "a field whose every address stays is unchanged");
+    assert!(
+        head.contains("Cc: cat@example.com\r\n"),
+        "a field whose every address stays is unchanged"
+    );
     assert!(!head.contains("ben@example.com"), "{head}");
 
     // SMTPUTF8: an internationalised address in the envelope and the header.
@@ -252,10 +285,15 @@ fn python_smtplib_envelope_only_recipient_and_smtputf8() {
 
     // Another sender than the account is refused before any upload.
     let out = python_send(&w, "someone@else.example", &["ann@example.com"], &m, false);
-    assert!(out.contains("refused 550") && out.contains("sends as me@example.org"), "{out}");
+    assert!(
+        out.contains("refused 550") && out.contains("sends as me@example.org"),
+        "{out}"
+    );
     assert_eq!(w.graph.sent().len(), 2);
     let spool = w.dir.state_dir().join("spool");
-    let left: Vec<_> = std::fs::read_dir(&spool).map(|d| d.flatten().collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .map(|d| d.flatten().collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "spool files are removed after sending: {left:?}");
 }
 
@@ -274,18 +312,8 @@ fn reply(r: &mut BufReader<TcpStream>) -> String {
 
 #[test]
 fn pipelined_transactions_with_rset_and_bdat() {
-    use base64::Engine;
     let w = GraphWorld::start("");
-    let s = TcpStream::connect(("127.0.0.1", w.port())).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut s2 = s;
-    assert!(reply(&mut r).starts_with("220"));
-    s2.write_all(b"EHLO raw.example\r\n").unwrap();
-    reply(&mut r);
-    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{ME}\0{ME_PW}"));
-    s2.write_all(format!("AUTH PLAIN {plain}\r\n").as_bytes()).unwrap();
-    assert!(reply(&mut r).starts_with("235"), "{}", w.logs());
+    let (mut r, mut s2) = raw_login(w.port(), ME, ME_PW);
     s2.write_all(b"EHLO raw.example\r\n").unwrap();
     let ehlo = reply(&mut r);
     for k in ["PIPELINING", "CHUNKING", "SMTPUTF8", "8BITMIME", "SIZE 36700160"] {
@@ -363,15 +391,24 @@ fn msmtp_sees_451_on_throttling_and_succeeds_on_retry() {
     w.graph.fail_next(1, 403, None, "ErrorAccessDenied");
     let (ok, out) = run("msmtp", &args, &m, w.dir.path());
     assert!(!ok);
-    assert!(out.contains("550 5.7.1") && out.contains("Mail.Send") && out.contains("mailproxy login"), "{out}");
+    assert!(
+        out.contains("550 5.7.1") && out.contains("Mail.Send") && out.contains("mailproxy login"),
+        "{out}"
+    );
     // A token Graph refuses: one refresh and the retry succeeds.
     w.graph.fail_next(1, 401, None, "InvalidAuthenticationToken");
     let (ok, out) = run("msmtp", &args, &m, w.dir.path());
     assert!(ok, "{out}");
     assert_eq!(w.graph.sent().len(), 2);
     let audit = std::fs::read_to_string(w.dir.state_dir().join("audit.log")).unwrap_or_default();
-    assert!(audit.contains("graph_send") && audit.contains("refused (throttled)"), "{audit}");
-    assert!(!audit.contains("sent by msmtp"), "no message content in the audit trail");
+    assert!(
+        audit.contains("graph_send") && audit.contains("refused (throttled)"),
+        "{audit}"
+    );
+    assert!(
+        !audit.contains("sent by msmtp"),
+        "no message content in the audit trail"
+    );
 }
 
 #[test]
@@ -411,7 +448,10 @@ fn git_send_email_and_phpmailer() {
     let mut have = got.recipients.clone();
     have.sort();
     // git adds the author as Cc; the envelope has everyone it sent to.
-    assert!(have.contains(&"list@example.com".to_string()) && have.contains(&"quiet@example.com".to_string()), "{have:?}");
+    assert!(
+        have.contains(&"list@example.com".to_string()) && have.contains(&"quiet@example.com".to_string()),
+        "{have:?}"
+    );
     assert!(String::from_utf8_lossy(&got.mime).contains("Subject: [PATCH] a change"));
 
     let php = format!(
@@ -504,7 +544,9 @@ async fn one_refresh_token_two_audiences_each_refreshed_once() {
     let scope_of = |t: &str| view.live(t).map(|(_, s)| s).unwrap_or_default();
 
     drop(login_ok(imap_port, DANA, DANA_PW).await);
-    let r = tokio::task::spawn_blocking(move || raw_send(smtp_port, DANA, DANA_PW, "x@example.com")).await.unwrap();
+    let r = tokio::task::spawn_blocking(move || raw_send(smtp_port, DANA, DANA_PW, "x@example.com"))
+        .await
+        .unwrap();
     assert!(r.starts_with("250"), "{r}");
     let seen = graph.tokens_seen();
     let graph_token = seen.last().unwrap().clone();
@@ -529,7 +571,9 @@ async fn one_refresh_token_two_audiences_each_refreshed_once() {
         }));
         tasks.push(tokio::spawn(async move {
             let to = format!("r{i}@example.com");
-            let r = tokio::task::spawn_blocking(move || raw_send(smtp_port, DANA, DANA_PW, &to)).await.unwrap();
+            let r = tokio::task::spawn_blocking(move || raw_send(smtp_port, DANA, DANA_PW, &to))
+                .await
+                .unwrap();
             assert!(r.starts_with("250"), "{r}");
         }));
     }
@@ -538,4 +582,48 @@ async fn one_refresh_token_two_audiences_each_refreshed_once() {
     }
     assert_eq!(w.env.provider.refreshes() - before, 2, "one refresh per resource");
     assert_eq!(graph.sent().len(), 21);
+}
+
+const APP: &str = "app@example.org";
+
+/// A `client_credentials` account sends through Graph with an app token
+/// of Graph's audience; `mailproxy token --resource graph` hands out the
+/// Graph token, `--resource mail` the mail one.
+#[test]
+fn an_app_account_sends_and_tokens_are_handed_out_per_resource() {
+    let mut w = GraphWorld::start("");
+    let cfg = std::fs::read_to_string(w.dir.config_path()).unwrap();
+    let app = graph_account(APP, &w._provider, &w.graph).replace(
+        "provider = \"custom\"\n",
+        "provider = \"custom\"\nflow = \"client_credentials\"\n",
+    );
+    let app = app.replace("\"https://mail.example.org/\", \"offline_access\"", "\"https://mail.example.org/.default\"");
+    let app = app.replace(&format!("[\"{GRAPH_SCOPE}\", \"offline_access\"]"), &format!("[\"{GRAPH_SCOPE}\"]"));
+    w.dir.write_config(&(cfg + &app));
+    w.proxy.take().unwrap().stop();
+    // App-only tokens carry the mailbox the app was granted.
+    w._provider.set_default_user(APP);
+    let (code, _, err) = crate::support::mailproxy::run(&w.dir, &["login", APP], "app local pw\n");
+    assert_eq!(code, 0, "{err}");
+    w.proxy = Some(Proxy::start(&w.dir));
+    let m = message(APP, "b@example.com", "", "from the app\r\n");
+    let out = python_send_as(&w, (APP, "app local pw"), APP, &["b@example.com"], &m, false);
+    assert!(out.contains("ok"), "{out}\n{}", w.logs());
+    let got = w.only_new(0);
+    assert_eq!(got.mailbox, APP);
+    assert_same_but_recipients(&m, &got, &["b@example.com"]);
+
+    // The owner's own clients: each resource's token, through serve.
+    let view = w._provider.token_view();
+    for (resource, want) in [("graph", GRAPH_SCOPE), ("mail", "https://mail.example.org/")] {
+        let args = ["token", ME, "--resource", resource, "--json"];
+        let (code, out, err) = crate::support::mailproxy::run(&w.dir, &args, &format!("{ME_PW}\n"));
+        assert_eq!(code, 0, "{resource}: {err}");
+        let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let token = j["access_token"].as_str().unwrap();
+        let (_, scope) = view.live(token).expect("a live token");
+        assert_eq!(audience(&scope), Some(want), "{resource}: {scope}");
+    }
+    let (code, _, err) = crate::support::mailproxy::run(&w.dir, &["token", ME, "--resource", "graph"], "");
+    assert_eq!(code, 0, "the Graph token is cached now: {err}");
 }

@@ -26,7 +26,7 @@ pub(super) async fn run(config: &Config, name: &str, resource: Resource) -> Resu
     let store_key = store::store_key(config)?;
     let audit = Audit::direct(&config.audit_log);
     let http = oauth::http_client_for(config)?;
-    let checked = offline::check_for(
+    let checked = offline::check(
         &*records,
         store_key.as_ref(),
         &http,

@@ -111,7 +111,11 @@ pub fn decode(status: u16, retry_after: Option<u64>, body: &[u8], who: &Who<'_>)
         403 => GraphError::Consent {
             account: who.account.into(),
             mailbox: who.mailbox.into(),
-            why: if error.code.is_empty() { why } else { format!("{}: {why}", error.code) },
+            why: if error.code.is_empty() {
+                why
+            } else {
+                format!("{}: {why}", error.code)
+            },
         },
         413 => GraphError::TooLarge(why),
         400..=499 => match named_recipient(&error, who.recipients) {
@@ -160,7 +164,10 @@ mod tests {
         assert!(decode(503, None, b"", &w).reply().ends_with("try again in 30 s"));
         let denied = br#"{"error":{"code":"ErrorAccessDenied","message":"Access is denied."}}"#;
         let r = decode(403, None, denied, &w).reply();
-        assert!(r.starts_with("550 5.7.1 ") && r.contains("Mail.Send") && r.contains("mailproxy login me@x"), "{r}");
+        assert!(
+            r.starts_with("550 5.7.1 ") && r.contains("Mail.Send") && r.contains("mailproxy login me@x"),
+            "{r}"
+        );
         assert!(decode(413, None, b"", &w).reply().starts_with("552 5.3.4 "));
         assert!(decode(401, None, b"", &w).reply().starts_with("535 "));
         assert!(decode(500, None, b"", &w).reply().starts_with("451 4.4.1 "));
@@ -175,7 +182,10 @@ mod tests {
         };
         let body = br#"{"error":{"code":"ErrorInvalidRecipients","message":"The recipient bad@y is not valid."}}"#;
         let r = decode(400, None, body, &w).reply();
-        assert!(r.starts_with("550 5.1.1 Microsoft Graph rejected the recipient Bad@Y"), "{r}");
+        assert!(
+            r.starts_with("550 5.1.1 Microsoft Graph rejected the recipient Bad@Y"),
+            "{r}"
+        );
         let other = br#"{"error":{"code":"ErrorMimeContentInvalid","message":"bad MIME"}}"#;
         assert!(decode(400, None, other, &w).reply().starts_with("554 "));
     }

@@ -72,7 +72,13 @@ pub(super) async fn send<T: GraphToken>(
     let body = base64::engine::general_purpose::STANDARD.encode(&mime).into_bytes();
     drop(mime);
     let created = c
-        .call(auth, env, reqwest::Method::POST, &c.url("messages"), Some(("text/plain", body)))
+        .call(
+            auth,
+            env,
+            reqwest::Method::POST,
+            &c.url("messages"),
+            Some(("text/plain", body)),
+        )
         .await?;
     let id = serde_json::from_slice::<Created>(&created.body)
         .map_err(|e| GraphError::Network(format!("the draft's answer is not understood ({e})")))?
@@ -130,7 +136,14 @@ async fn upload_and_send<T: GraphToken>(
 
 /// Decodes `part` from the spool a chunk at a time and PUTs each chunk to
 /// the upload session (its URL carries its own authorisation).
-async fn upload(c: &GraphClient, spool: &mut Spool, env: &Envelope, part: &Part, url: &str, size: u64) -> Result<(), GraphError> {
+async fn upload(
+    c: &GraphClient,
+    spool: &mut Spool,
+    env: &Envelope,
+    part: &Part,
+    url: &str,
+    size: u64,
+) -> Result<(), GraphError> {
     let mut decoder = Decoder::default();
     let (mut at, mut sent) = (part.body, 0u64);
     loop {
@@ -225,7 +238,9 @@ fn attachment(part: Part) -> Option<Upload> {
         Some(s) => format!("{}/{s}", t.ctype()),
         None => t.ctype().to_string(),
     });
-    let inline = h.content_disposition().is_some_and(|d| d.ctype().eq_ignore_ascii_case("inline"));
+    let inline = h
+        .content_disposition()
+        .is_some_and(|d| d.ctype().eq_ignore_ascii_case("inline"));
     let content_id = h.content_id().map(|s| s.trim_matches(['<', '>']).to_string());
     drop(h);
     Some(Upload {
@@ -254,7 +269,9 @@ fn too_large(why: &str) -> GraphError {
 
 /// A message id as one path segment.
 fn path_segment(id: &str) -> String {
-    url::form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>().replace('+', "%20")
+    url::form_urlencoded::byte_serialize(id.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 /// The top-level parts of the body that starts at `from`, read line by
@@ -372,7 +389,10 @@ mod tests {
         assert!(whole[p.start as usize..].starts_with(b"--XY\r\nContent-Type: application/pdf"));
         assert_eq!(&whole[p.end as usize..], b"--XY--\r\n");
         let u = attachment(parts.into_iter().nth(1).unwrap()).unwrap();
-        assert_eq!((u.name.as_str(), u.content_type.as_str(), u.inline), ("a.pdf", "application/pdf", false));
+        assert_eq!(
+            (u.name.as_str(), u.content_type.as_str(), u.inline),
+            ("a.pdf", "application/pdf", false)
+        );
         let mut d = Decoder::default();
         d.feed(b"aG").unwrap();
         d.feed(b"Vs\r\nbG8=\r\n").unwrap();

@@ -73,8 +73,14 @@ impl GraphClient {
             mime.extend(spool.read_at(head_len as u64, rest).await?);
             let body = base64::engine::general_purpose::STANDARD.encode(&mime);
             let url = self.url("sendMail");
-            self.call(&mut auth, env, reqwest::Method::POST, &url, Some(("text/plain", body.into_bytes())))
-                .await?;
+            self.call(
+                &mut auth,
+                env,
+                reqwest::Method::POST,
+                &url,
+                Some(("text/plain", body.into_bytes())),
+            )
+            .await?;
             return Ok(());
         }
         large::send(self, &mut auth, spool, env, (head, head_len as u64)).await

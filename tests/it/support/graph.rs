@@ -182,12 +182,21 @@ fn handle(req: &Request, st: &mut State, tokens: &TokenView, addr: SocketAddr) -
     let (mailbox, what) = rest.split_once('/').unwrap_or((rest, ""));
     let mailbox = http::percent_decode(mailbox);
     // The token: live at the provider, for Graph's audience.
-    let bearer = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let bearer = req
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
     st.tokens.push(bearer.to_string());
     match tokens.live(bearer) {
         Some((_, scope)) if audience(&scope) == Some(GRAPH_SCOPE) => {}
         Some(_) => return error(401, "InvalidAuthenticationToken", "Invalid audience."),
-        None => return error(401, "InvalidAuthenticationToken", "Lifetime validation failed, the token is expired."),
+        None => {
+            return error(
+                401,
+                "InvalidAuthenticationToken",
+                "Lifetime validation failed, the token is expired.",
+            )
+        }
     }
     if let Some((status, after, body)) = st.inject.pop_front() {
         let mut r = Response::raw(status, "application/json", body);
@@ -198,7 +207,11 @@ fn handle(req: &Request, st: &mut State, tokens: &TokenView, addr: SocketAddr) -
     }
     if req.body.len() > MAX_REQUEST {
         st.too_large += 1;
-        return error(413, "ErrorRequestEntityTooLarge", "The request body is larger than 4 MB.");
+        return error(
+            413,
+            "ErrorRequestEntityTooLarge",
+            "The request body is larger than 4 MB.",
+        );
     }
     let parts: Vec<&str> = what.split('/').collect();
     match (req.method.as_str(), parts.as_slice()) {
@@ -292,7 +305,13 @@ fn mime_of(req: &Request) -> Result<Vec<u8>, Response> {
     }
     base64::engine::general_purpose::STANDARD
         .decode(req.body.trim_ascii())
-        .map_err(|_| error(400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content."))
+        .map_err(|_| {
+            error(
+                400,
+                "ErrorMimeContentInvalidBase64String",
+                "Invalid base64 string for MIME content.",
+            )
+        })
 }
 
 /// A chunk of an upload session: `Content-Range: bytes a-b/size`, in order,
@@ -305,14 +324,18 @@ fn upload(req: &Request, st: &mut State, sid: &str) -> Response {
     let parsed = range.strip_prefix("bytes ").and_then(|r| {
         let (span, total) = r.split_once('/')?;
         let (a, b) = span.split_once('-')?;
-        Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?, total.parse::<usize>().ok()?))
+        Some((
+            a.parse::<usize>().ok()?,
+            b.parse::<usize>().ok()?,
+            total.parse::<usize>().ok()?,
+        ))
     });
     let Some((a, b, total)) = parsed else {
         return error(400, "InvalidRange", "bad Content-Range");
     };
     let last = b + 1 == total;
     let ok = a == up.bytes.len() && total == up.size && b + 1 - a == req.body.len();
-    if !ok || (!last && req.body.len() % (320 * 1024) != 0) {
+    if !ok || (!last && !req.body.len().is_multiple_of(320 * 1024)) {
         return error(416, "InvalidRange", "chunk out of order or misaligned");
     }
     up.bytes.extend_from_slice(&req.body);
