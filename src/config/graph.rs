@@ -161,6 +161,13 @@ mod tests {
         .unwrap();
         let s = c.account("shared@b").unwrap();
         assert_eq!(s.graph, c.account("a@b").unwrap().graph);
+        // A shared mailbox of its own on Graph needs its grant to cover Graph.
+        let e = parse(&format!(
+            "{MS}[accounts.\"shared@b\"]\ntoken_from = \"a@b\"\nsmtp = \"graph\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("accounts.\"shared@b\".smtp"), "{e}");
+        assert!(e.message.contains("write smtp = \"graph\" for a@b too"), "{e}");
         // Custom providers: graph_scopes is optional.
         let custom = "[accounts.\"c@d\"]\nprovider = \"custom\"\nclient_id = \"x\"\nauth_url = \"https://id/a\"\ntoken_url = \"https://id/t\"\nscopes = [\"mail\"]\nsmtp = \"graph+https://g.example/v1.0\"\n";
         let c = parse(custom).unwrap();

@@ -358,6 +358,18 @@ fn shared_account(
     }
     let [imap, smtp, pop3] = servers(at, &a, None)?;
     let own_graph = graph_api(at, &a, owner.auth.clone())?;
+    let owner_has_graph = owner
+        .oauth()
+        .is_some_and(|o| o.graph_scopes.is_some() || o.provider != super::ProviderKind::Microsoft);
+    if own_graph.is_some() && !owner_has_graph {
+        return Err(at.err(
+            "smtp",
+            format!(
+                "it sends through Graph with the grant of {from}, whose consent has no Graph scope: \
+                 write smtp = \"graph\" for {from} too, then `mailproxy login {from}` asks for Mail.Send"
+            ),
+        ));
+    }
     let (imap, smtp, pop3, graph) = if imap.is_none() && smtp.is_none() && pop3.is_none() && own_graph.is_none() {
         (
             owner.imap.clone(),
