@@ -347,16 +347,33 @@ fn pipelined_transactions_with_rset_and_bdat() {
     assert!(reply(&mut r).starts_with("221"));
 }
 
+/// The proxy's peak resident memory (`VmHWM`), in KiB.
+fn peak_rss_kib(w: &GraphWorld) -> u64 {
+    let pid = w.proxy.as_ref().unwrap().pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 #[test]
 fn large_attachments_go_through_upload_sessions() {
     // Exchange counts the encoded message: a 30 MB file is 41 MB in base64.
     let w = GraphWorld::start("[limits]\nmax_send_size = 47185920\n");
+    // A first small message: the login's password KDF sets the baseline.
+    let m = message(ME, "big@example.com", "", "small first\r\n");
+    assert!(python_send(&w, ME, &["big@example.com"], &m, false).contains("ok"));
+    let peak_before = peak_rss_kib(&w);
     for (i, mb) in [10usize, 30].into_iter().enumerate() {
+        let i = i + 1;
         let (m, data) = with_attachment("big@example.com", mb * 1024 * 1024);
         let out = python_send(&w, ME, &["big@example.com"], &m, false);
         assert!(out.contains("ok"), "{mb} MB: {out}");
         assert_large_arrived(&m, &data, &w.only_new(i), &["big@example.com"]);
     }
+    // The 41 MB message went through a spool file: the proxy's peak memory
+    // grew by far less than the message.
+    let grown = peak_rss_kib(&w) - peak_before;
+    assert!(grown < 20 * 1024, "the proxy's peak RSS grew by {grown} KiB");
     let (largest, refused) = w.graph.request_sizes();
     assert!(largest <= crate::support::graph::MAX_REQUEST, "{largest}");
     assert_eq!(refused, 0);
@@ -364,7 +381,7 @@ fn large_attachments_go_through_upload_sessions() {
     let (m, _) = with_attachment("big@example.com", 35 * 1024 * 1024);
     let out = python_send(&w, ME, &["big@example.com"], &m, false);
     assert!(out.contains("refused 552"), "{out}");
-    assert_eq!(w.graph.sent().len(), 2);
+    assert_eq!(w.graph.sent().len(), 3);
 }
 
 #[test]
@@ -597,8 +614,14 @@ fn an_app_account_sends_and_tokens_are_handed_out_per_resource() {
         "provider = \"custom\"\n",
         "provider = \"custom\"\nflow = \"client_credentials\"\n",
     );
-    let app = app.replace("\"https://mail.example.org/\", \"offline_access\"", "\"https://mail.example.org/.default\"");
-    let app = app.replace(&format!("[\"{GRAPH_SCOPE}\", \"offline_access\"]"), &format!("[\"{GRAPH_SCOPE}\"]"));
+    let app = app.replace(
+        "\"https://mail.example.org/\", \"offline_access\"",
+        "\"https://mail.example.org/.default\"",
+    );
+    let app = app.replace(
+        &format!("[\"{GRAPH_SCOPE}\", \"offline_access\"]"),
+        &format!("[\"{GRAPH_SCOPE}\"]"),
+    );
     w.dir.write_config(&(cfg + &app));
     w.proxy.take().unwrap().stop();
     // App-only tokens carry the mailbox the app was granted.

@@ -63,14 +63,13 @@ pub(super) async fn send<T: GraphToken>(
     let mut at = head_len;
     for u in &uploads {
         let keep = usize::try_from(u.part.start - at).unwrap_or(0);
-        mime.extend(spool.read_at(at, keep).await?);
+        spool.read_into(at, keep, &mut mime).await?;
         at = u.part.end;
     }
     let rest = usize::try_from(spool.size() - at).unwrap_or(0);
-    mime.extend(spool.read_at(at, rest).await?);
+    spool.read_into(at, rest, &mut mime).await?;
     debug_assert_eq!(mime.len() as u64, draft);
-    let body = base64::engine::general_purpose::STANDARD.encode(&mime).into_bytes();
-    drop(mime);
+    let body = super::encoded(mime);
     let created = c
         .call(
             auth,
@@ -123,7 +122,7 @@ async fn upload_and_send<T: GraphToken>(
             "contentId": u.content_id,
         }});
         let url = c.url(&format!("{msg}/attachments/createUploadSession"));
-        let body = Some(("application/json", item.to_string().into_bytes()));
+        let body = Some(("application/json", bytes::Bytes::from(item.to_string())));
         let answer = c.call(auth, env, reqwest::Method::POST, &url, body).await?;
         let session: Session = serde_json::from_slice(&answer.body)
             .map_err(|e| GraphError::Network(format!("the upload session's answer is not understood ({e})")))?;
@@ -145,18 +144,22 @@ async fn upload(
     size: u64,
 ) -> Result<(), GraphError> {
     let mut decoder = Decoder::default();
+    let mut block = Vec::with_capacity(64 * 1024);
     let (mut at, mut sent) = (part.body, 0u64);
     loop {
         while decoder.out.len() < CHUNK && at < part.end {
             let n = usize::try_from((part.end - at).min(64 * 1024)).unwrap_or(64 * 1024);
-            decoder.feed(&spool.read_at(at, n).await?)?;
+            block.clear();
+            spool.read_into(at, n, &mut block).await?;
+            decoder.feed(&block)?;
             at += n as u64;
         }
         let take = decoder.out.len().min(CHUNK);
         if take == 0 {
             break;
         }
-        let chunk: Vec<u8> = decoder.out.drain(..take).collect();
+        let rest = decoder.out.split_off(take);
+        let chunk = std::mem::replace(&mut decoder.out, rest);
         let last = sent + take as u64 - 1;
         let req = c
             .http

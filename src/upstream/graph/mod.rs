@@ -15,6 +15,7 @@ pub mod spool;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use bytes::Bytes;
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 
 pub use error::{GraphError, Who};
@@ -49,6 +50,14 @@ pub(crate) struct Answer {
     pub body: Vec<u8>,
 }
 
+/// `mime` in base64, as a body that a retry sends again without a copy;
+/// `mime` itself is freed first.
+fn encoded(mime: Vec<u8>) -> Bytes {
+    let text = base64::engine::general_purpose::STANDARD.encode(&mime);
+    drop(mime);
+    Bytes::from(text.into_bytes())
+}
+
 /// The base64 length of `n` bytes.
 pub fn base64_len(n: u64) -> u64 {
     n.div_ceil(3) * 4
@@ -70,17 +79,11 @@ impl GraphClient {
         if base64_len(total) <= MAX_REQUEST {
             let mut mime = head;
             let rest = usize::try_from(spool.size() - head_len as u64).unwrap_or(0);
-            mime.extend(spool.read_at(head_len as u64, rest).await?);
-            let body = base64::engine::general_purpose::STANDARD.encode(&mime);
+            spool.read_into(head_len as u64, rest, &mut mime).await?;
+            let body = encoded(mime);
             let url = self.url("sendMail");
-            self.call(
-                &mut auth,
-                env,
-                reqwest::Method::POST,
-                &url,
-                Some(("text/plain", body.into_bytes())),
-            )
-            .await?;
+            self.call(&mut auth, env, reqwest::Method::POST, &url, Some(("text/plain", body)))
+                .await?;
             return Ok(());
         }
         large::send(self, &mut auth, spool, env, (head, head_len as u64)).await
@@ -100,7 +103,7 @@ impl GraphClient {
         env: &Envelope,
         method: reqwest::Method,
         url: &str,
-        body: Option<(&str, Vec<u8>)>,
+        body: Option<(&str, Bytes)>,
     ) -> Result<Answer, GraphError> {
         loop {
             let mut req = self

@@ -57,11 +57,19 @@ impl Spool {
 
     /// Bytes `[from, from + len)` of the message.
     pub async fn read_at(&mut self, from: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len);
+        self.read_into(from, len, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Appends bytes `[from, from + len)` of the message to `out`.
+    pub async fn read_into(&mut self, from: u64, len: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
         self.file.flush().await?;
         self.file.seek(std::io::SeekFrom::Start(from)).await?;
-        let mut out = vec![0u8; len];
-        self.file.read_exact(&mut out).await?;
-        Ok(out)
+        let start = out.len();
+        out.resize(start + len, 0);
+        self.file.read_exact(&mut out[start..]).await?;
+        Ok(())
     }
 
     /// A second handle on the file, for reading it through.
