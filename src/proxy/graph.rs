@@ -163,11 +163,7 @@ async fn deliver(ctx: &Ctx, graph: &GraphClient, tokens: &GraphTokens, spool: Op
     let started = std::time::Instant::now();
     let result = match spool {
         Some(mut s) => graph.send(&mut s, env, tokens).await,
-        None => Err(GraphError::Refused {
-            status: 0,
-            code: "empty".into(),
-            why: "the message is empty".into(),
-        }),
+        None => Err(GraphError::Malformed("it is empty".into())),
     };
     let rcpt = env.rcpt.len();
     let took_ms = started.elapsed().as_millis() as u64;

@@ -20,12 +20,19 @@ pub enum GraphError {
         mailbox: String,
         why: String,
     },
+    #[error(
+        "Microsoft Graph refused to send as {mailbox}: the signed-in user may not send as it ({why}). \
+         An Exchange administrator grants it with Add-RecipientPermission -Identity {mailbox} -Trustee USER -AccessRights SendAs"
+    )]
+    SendAs { mailbox: String, why: String },
     #[error("Microsoft Graph will not take a message this large: {0}")]
     TooLarge(String),
     #[error("Microsoft Graph rejected the recipient {address}: {why}")]
     Recipient { address: String, why: String },
     #[error("Microsoft Graph refused the message ({status} {code}): {why}")]
     Refused { status: u16, code: String, why: String },
+    #[error("the message cannot be sent: {0}")]
+    Malformed(String),
     #[error("Microsoft Graph failed ({status}): {why}; try again later")]
     Unavailable { status: u16, why: String },
     #[error("cannot reach Microsoft Graph: {0}; try again later")]
@@ -42,10 +49,10 @@ impl GraphError {
         let code = match self {
             GraphError::Throttled { .. } => "451 4.7.0",
             GraphError::Unauthorized { .. } => "535 5.7.8",
-            GraphError::Consent { .. } => "550 5.7.1",
+            GraphError::Consent { .. } | GraphError::SendAs { .. } => "550 5.7.1",
             GraphError::TooLarge(_) => "552 5.3.4",
             GraphError::Recipient { .. } => "550 5.1.1",
-            GraphError::Refused { .. } => "554 5.6.0",
+            GraphError::Refused { .. } | GraphError::Malformed(_) => "554 5.6.0",
             GraphError::Unavailable { .. } | GraphError::Network(_) => "451 4.4.1",
             GraphError::Token { temporary: true, .. } => "451 4.7.0",
             GraphError::Token { .. } => "535 5.7.8",
@@ -60,9 +67,11 @@ impl GraphError {
             GraphError::Throttled { .. } => "throttled",
             GraphError::Unauthorized { .. } => "unauthorized",
             GraphError::Consent { .. } => "consent",
+            GraphError::SendAs { .. } => "send_as",
             GraphError::TooLarge(_) => "too_large",
             GraphError::Recipient { .. } => "recipient",
             GraphError::Refused { .. } => "refused",
+            GraphError::Malformed(_) => "malformed",
             GraphError::Unavailable { .. } => "unavailable",
             GraphError::Network(_) => "network",
             GraphError::Token { .. } => "token",
@@ -106,6 +115,10 @@ pub fn decode(status: u16, retry_after: Option<u64>, body: &[u8], who: &Who<'_>)
         },
         401 => GraphError::Unauthorized {
             account: who.account.into(),
+            why,
+        },
+        403 if error.code == "ErrorSendAsDenied" => GraphError::SendAs {
+            mailbox: who.mailbox.into(),
             why,
         },
         403 => GraphError::Consent {
@@ -169,6 +182,12 @@ mod tests {
             "{r}"
         );
         assert!(decode(413, None, b"", &w).reply().starts_with("552 5.3.4 "));
+        let send_as = br#"{"error":{"code":"ErrorSendAsDenied","message":"no"}}"#;
+        let r = decode(403, None, send_as, &w).reply();
+        assert!(
+            r.starts_with("550 5.7.1 ") && r.contains("SendAs") && !r.contains("Mail.Send"),
+            "{r}"
+        );
         assert!(decode(401, None, b"", &w).reply().starts_with("535 "));
         assert!(decode(500, None, b"", &w).reply().starts_with("451 4.4.1 "));
     }

@@ -194,11 +194,7 @@ impl Decoder {
         let engine = &base64::engine::general_purpose::STANDARD;
         engine
             .decode_vec(&self.quad[..whole], &mut self.out)
-            .map_err(|e| GraphError::Refused {
-                status: 0,
-                code: "base64".into(),
-                why: format!("an attachment is not valid base64 ({e})"),
-            })?;
+            .map_err(|e| GraphError::Malformed(format!("an attachment is not valid base64 ({e})")))?;
         self.quad.drain(..whole);
         Ok(())
     }
