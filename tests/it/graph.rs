@@ -412,11 +412,23 @@ fn msmtp_sees_451_on_throttling_and_succeeds_on_retry() {
         out.contains("550 5.7.1") && out.contains("Mail.Send") && out.contains("mailproxy login"),
         "{out}"
     );
+    // A recipient Graph rejects, and a request too large for it.
+    for (status, code, want) in [
+        (400, "ErrorInvalidRecipients", "550 5.1.1"),
+        (413, "ErrorMessageSizeExceeded", "552 5.3.4"),
+    ] {
+        w.graph.fail_next(1, status, None, code);
+        let (ok, out) = run("msmtp", &args, &m, w.dir.path());
+        assert!(!ok && out.contains(want), "{status}: {out}");
+    }
+    let rejected = run("msmtp", &args, &m, w.dir.path());
+    assert!(rejected.0, "the next try goes through: {}", rejected.1);
+    assert_eq!(w.graph.sent().len(), 2);
     // A token Graph refuses: one refresh and the retry succeeds.
     w.graph.fail_next(1, 401, None, "InvalidAuthenticationToken");
     let (ok, out) = run("msmtp", &args, &m, w.dir.path());
     assert!(ok, "{out}");
-    assert_eq!(w.graph.sent().len(), 2);
+    assert_eq!(w.graph.sent().len(), 3);
     let audit = std::fs::read_to_string(w.dir.state_dir().join("audit.log")).unwrap_or_default();
     assert!(
         audit.contains("graph_send") && audit.contains("refused (throttled)"),
