@@ -93,8 +93,11 @@ pub(crate) async fn serve(
         },
         &pending,
     );
-    let spool_dir = config.state_dir.join("spool");
-    let mut spool: Option<Spool> = None;
+    let mut spool = Spooled {
+        dir: config.state_dir.join("spool"),
+        file: None,
+        broken: None,
+    };
     let mut out = to_client;
     let mut buf = vec![0u8; 64 * 1024];
     tracing::info!(api = %graph.base, "submitting through Microsoft Graph");
@@ -102,20 +105,16 @@ pub(crate) async fn serve(
         let event = sub.poll();
         out.extend(sub.take_output());
         match event {
-            Some(Event::Body(piece)) => {
-                if spool.is_none() {
-                    spool = Some(Spool::create(&spool_dir).await?);
-                }
-                if let Some(s) = spool.as_mut() {
-                    s.append(&piece).await?;
-                }
-            }
+            Some(Event::Body(piece)) => spool.append(&piece).await,
             Some(Event::Send(env)) => {
                 flush(&mut client, &mut out).await?;
-                let reply = deliver(ctx, &graph, &tokens, spool.take(), &env).await;
+                let reply = match spool.take() {
+                    Ok(file) => deliver(ctx, &graph, &tokens, file, &env).await,
+                    Err(why) => format!("451 4.3.0 mailproxy could not store the message ({why}); try again later"),
+                };
                 sub.finished(&reply);
             }
-            Some(Event::Discard) => spool = None,
+            Some(Event::Discard) => spool.discard(),
             Some(Event::Quit | Event::Close) => {
                 flush(&mut client, &mut out).await?;
                 let _ = client.shutdown().await;
@@ -144,6 +143,47 @@ pub(crate) async fn serve(
                 }
                 sub.feed(&buf[..n]);
             }
+        }
+    }
+}
+
+/// The current message's spool file; a failure to write it is kept and
+/// answered at the end of the message, not by dropping the connection.
+struct Spooled {
+    dir: std::path::PathBuf,
+    file: Option<Spool>,
+    broken: Option<String>,
+}
+
+impl Spooled {
+    async fn append(&mut self, piece: &[u8]) {
+        if self.broken.is_some() {
+            return;
+        }
+        let result = match &mut self.file {
+            Some(f) => f.append(piece).await,
+            None => match Spool::create(&self.dir).await {
+                Ok(f) => self.file.insert(f).append(piece).await,
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = result {
+            tracing::error!(dir = %self.dir.display(), error = %e, "cannot spool a message");
+            self.file = None;
+            self.broken = Some(e.to_string());
+        }
+    }
+
+    fn discard(&mut self) {
+        self.file = None;
+        self.broken = None;
+    }
+
+    /// The finished message's file (none for an empty one), or why it has none.
+    fn take(&mut self) -> Result<Option<Spool>, String> {
+        match self.broken.take() {
+            Some(why) => Err(why),
+            None => Ok(self.file.take()),
         }
     }
 }

@@ -343,6 +343,23 @@ fn pipelined_transactions_with_rset_and_bdat() {
     let replies: Vec<String> = (0..4).map(|_| reply(&mut r)).collect();
     assert!(replies.iter().all(|x| x.starts_with("250")), "{replies:?}");
     assert_same_but_recipients(&m, &w.only_new(1), &["y@example.com"]);
+    // The spool cannot be written: the message is answered 451 at its end,
+    // and the session goes on.
+    let spool = w.dir.state_dir().join("spool");
+    std::fs::remove_dir(&spool).unwrap();
+    std::fs::write(&spool, "in the way").unwrap();
+    let mut batch = format!("MAIL FROM:<{ME}>\r\nRCPT TO:<y@example.com>\r\nDATA\r\n").into_bytes();
+    batch.extend_from_slice(&m);
+    batch.extend_from_slice(b".\r\nNOOP\r\n");
+    s2.write_all(&batch).unwrap();
+    let replies: Vec<String> = (0..5).map(|_| reply(&mut r)).collect();
+    assert!(
+        replies[3].starts_with("451 4.3.0 mailproxy could not store the message"),
+        "{replies:?}"
+    );
+    assert!(replies[4].starts_with("250"), "{replies:?}");
+    assert_eq!(w.graph.sent().len(), 2);
+    std::fs::remove_file(&spool).unwrap();
     s2.write_all(b"QUIT\r\n").unwrap();
     assert!(reply(&mut r).starts_with("221"));
 }

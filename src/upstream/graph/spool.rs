@@ -24,6 +24,8 @@ impl Spool {
         let dir = dir.to_owned();
         let (path, file) = tokio::task::spawn_blocking(move || {
             std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+            static SWEPT: std::sync::Once = std::sync::Once::new();
+            SWEPT.call_once(|| sweep(&dir));
             let mut id = [0u8; 12];
             rand::thread_rng().fill_bytes(&mut id);
             let name: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -86,6 +88,22 @@ impl Spool {
     }
 }
 
+/// Spool files a killed process left behind (a day old: no send takes
+/// that long) are removed once per process.
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let day = std::time::Duration::from_secs(86_400);
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > day);
+        if old && e.path().extension().is_some_and(|x| x == "eml") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Where the blank line after the header ends (`None`: not within `b`).
 pub fn header_end(b: &[u8]) -> Option<usize> {
     if b.starts_with(b"\r\n") {
@@ -127,6 +145,23 @@ mod tests {
         assert_eq!(s.read_at(14, 4).await.unwrap(), b"body");
         drop(s);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn day_old_leftovers_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("a.eml"), dir.path().join("b.eml"));
+        std::fs::write(&old, "x").unwrap();
+        std::fs::write(&new, "x").unwrap();
+        let two_days = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(two_days)
+            .unwrap();
+        sweep(dir.path());
+        assert!(!old.exists() && new.exists());
     }
 
     #[test]
