@@ -678,4 +678,9 @@ fn an_app_account_sends_and_tokens_are_handed_out_per_resource() {
     }
     let (code, _, err) = crate::support::mailproxy::run(&w.dir, &["token", ME, "--resource", "graph"], "");
     assert_eq!(code, 0, "the Graph token is cached now: {err}");
+    // `accounts` shows both tokens' expiry.
+    let (code, out, _) = crate::support::mailproxy::run(&w.dir, &["accounts"], "");
+    assert_eq!(code, 0);
+    let row = out.lines().find(|l| l.starts_with(ME)).unwrap();
+    assert!(row.contains("(Graph in "), "{out}");
 }
