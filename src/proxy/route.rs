@@ -77,13 +77,7 @@ pub(crate) async fn resolve(
         if account.oauth().is_some() {
             // A mailbox of a domain entry that its owner has not set up.
             tracing::info!(account = %account.name, "login to a mailbox that is not set up");
-            return Err(LoginFailure::new(
-                Failure::Action,
-                format!(
-                    "{0} has no local password yet: its owner runs `mailproxy login {0}` on this machine",
-                    account.name
-                ),
-            ));
+            return Err(not_set_up(&account.name));
         }
         // A passthrough account.
         return Ok(Target {
@@ -117,14 +111,23 @@ pub(crate) async fn resolve_graph(
     password: Secret,
     caller: &Caller,
 ) -> Result<Arc<AccountTokens>, LoginFailure> {
-    let account = ctx.config().lookup(login);
-    let (Some(account), Some(tokens)) = (account, ctx.tokens.get(login)) else {
-        tracing::info!(login = %escaped(login), "login to a Graph account that is not set up");
+    let Some(account) = ctx.config().lookup(login) else {
         return Err(LoginFailure::new(Failure::Credentials, "Authentication failed"));
+    };
+    let Some(tokens) = ctx.tokens.get(login) else {
+        tracing::info!(account = %account.name, "login to a mailbox that is not set up");
+        return Err(not_set_up(&account.name));
     };
     unlock(ctx, &account, &tokens, &password, caller).await?;
     token_of(ctx, &tokens, Resource::Graph).await?;
     Ok(tokens)
+}
+
+fn not_set_up(name: &str) -> LoginFailure {
+    LoginFailure::new(
+        Failure::Action,
+        format!("{name} has no local password yet: its owner runs `mailproxy login {name}` on this machine"),
+    )
 }
 
 /// The local password opens the account, or the login ends here.
