@@ -20,7 +20,7 @@
 //! control  web                            control socket; status page and metrics listener
 //! proxy                                  client sessions: driver, route, guard, relay
 //! tokens                                 token lifecycle; `tokens::identity` checks grants
-//! upstream  misconnect                   the server's side: connection, login clients, retry
+//! upstream  misconnect                   the server's side: connection, login clients, retry, Graph
 //! imap smtp pop3  metrics  oauth store tls
 //! preauth sasl  vault  setup service
 //! linebuf  config  crypto keystore net http

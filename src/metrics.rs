@@ -12,6 +12,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::config::OAuthSettings;
@@ -73,6 +74,12 @@ struct MisconnectLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    /// The HTTP status, or 0 when no answer came.
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AccountLabels {
     account: String,
 }
@@ -98,6 +105,9 @@ struct Metrics {
     kdf_in_flight: Gauge,
     kdf_runs: Gauge,
     store_up: Gauge,
+    graph_requests: Family<StatusLabels, Counter>,
+    graph_bytes: Counter,
+    graph_seconds: Histogram,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -117,6 +127,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         kdf_in_flight: Gauge::default(),
         kdf_runs: Gauge::default(),
         store_up: Gauge::default(),
+        graph_requests: Family::default(),
+        graph_bytes: Counter::default(),
+        graph_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
     };
     registry.register(
         "connections",
@@ -179,8 +192,30 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "1 when the token store answered the last check",
         m.store_up.clone(),
     );
+    registry.register(
+        "graph_requests",
+        "Requests to Microsoft Graph (accounts with smtp = \"graph\") by HTTP status (0: no answer)",
+        m.graph_requests.clone(),
+    );
+    registry.register(
+        "graph_sent_bytes",
+        "Request bytes sent to Microsoft Graph",
+        m.graph_bytes.clone(),
+    );
+    registry.register(
+        "graph_request_seconds",
+        "How long requests to Microsoft Graph took",
+        m.graph_seconds.clone(),
+    );
     Metrics { registry, ..m }
 });
+
+/// One request to Microsoft Graph: its status (0: none), bytes and time.
+pub fn graph_request(status: u16, sent: u64, took: std::time::Duration) {
+    METRICS.graph_requests.get_or_create(&StatusLabels { status }).inc();
+    METRICS.graph_bytes.inc_by(sent);
+    METRICS.graph_seconds.observe(took.as_secs_f64());
+}
 
 pub fn connection(p: Protocol, outcome: &'static str) {
     METRICS

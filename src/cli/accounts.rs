@@ -123,7 +123,10 @@ fn account_row(
         s.provider.name().into(),
         s.flow.name().into(),
         state,
-        when(st.and_then(|s| s.access_expires)),
+        match st.and_then(|s| s.graph_expires) {
+            Some(g) => format!("{} (Graph {})", when(st.and_then(|s| s.access_expires)), when(Some(g))),
+            None => when(st.and_then(|s| s.access_expires)),
+        },
         when(st.and_then(|s| s.last_refresh).or(rec.and_then(|r| r.last_refresh))),
         when(st.and_then(|s| s.last_use)),
         scopes,

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use crate::control::client::Client;
 use crate::control::{Reply, Request};
-use crate::tokens::AccountStatus;
+use crate::tokens::{AccountStatus, Resource};
 
 use super::runner::{Handout, LoginOptions, Runner};
 use super::terminal::{open_browser, read_password};
@@ -107,10 +107,11 @@ impl Runner for Live {
         Ok(true)
     }
 
-    async fn token(self: Box<Self>, account: &str, min_life: Duration) -> Result<Handout> {
+    async fn token(self: Box<Self>, account: &str, resource: Resource, min_life: Duration) -> Result<Handout> {
         let req = Request::Token {
             account: account.into(),
             min_life_secs: min_life.as_secs(),
+            resource,
         };
         let mut handed = None;
         let code = self

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use async_trait::async_trait;
 
-use crate::tokens::{AccountStatus, Handed};
+use crate::tokens::{AccountStatus, Handed, Resource};
 
 /// How `login` asks for the grant.
 #[derive(Debug, Clone, Copy)]
@@ -51,5 +51,5 @@ pub trait Runner {
     async fn reload(self: Box<Self>) -> Result<bool>;
     /// An access token of `account` with at least `min_life` left,
     /// refreshed first when needed.
-    async fn token(self: Box<Self>, account: &str, min_life: Duration) -> Result<Handout>;
+    async fn token(self: Box<Self>, account: &str, resource: Resource, min_life: Duration) -> Result<Handout>;
 }

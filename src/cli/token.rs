@@ -12,7 +12,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use crate::config::Config;
-use crate::tokens::{now_unix, Handed, REFRESH_MARGIN};
+use crate::tokens::{self, now_unix, Handed, REFRESH_MARGIN};
 
 use super::args::Resource;
 use super::lookup::oauth_account;
@@ -25,9 +25,9 @@ pub const MIN_LIFE: Duration = REFRESH_MARGIN;
 
 pub async fn run(config: &Config, account: &str, resource: Resource, json: bool) -> Result<u8> {
     let (acct, _) = oauth_account(config, account)?;
-    match resource {
-        Resource::Mail => {}
-        // Wired once an account can send through Microsoft Graph.
+    let resource = match resource {
+        Resource::Mail => tokens::Resource::Mail,
+        Resource::Graph if acct.graph.is_some() => tokens::Resource::Graph,
         Resource::Graph => {
             eprintln!(
                 "{}: this account does not send through Microsoft Graph, so mailproxy has no Graph token for it; use --resource mail",
@@ -35,10 +35,14 @@ pub async fn run(config: &Config, account: &str, resource: Resource, json: bool)
             );
             return Ok(1);
         }
-    }
+    };
     // An account that borrows another's grant uses that account's token.
     let grant = acct.token_from.clone().unwrap_or_else(|| acct.name.clone());
-    match pick(config, Some(&grant)).await?.token(&grant, MIN_LIFE).await? {
+    match pick(config, Some(&grant))
+        .await?
+        .token(&grant, resource, MIN_LIFE)
+        .await?
+    {
         Handout::Failed(code) => Ok(code),
         Handout::Token(mut t) => {
             t.account.clone_from(&acct.name);

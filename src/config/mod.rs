@@ -26,6 +26,7 @@ pub mod database;
 pub mod domain;
 mod files;
 mod fleet;
+pub mod graph;
 mod parse;
 mod presets;
 mod raw;
@@ -312,6 +313,9 @@ pub struct Limits {
     pub login_failure_delay_max: Duration,
     /// Total time allowed for one request to the OAuth provider.
     pub provider_timeout: Duration,
+    /// Largest message accepted for sending through Microsoft Graph
+    /// (advertised as SIZE); Exchange Online's own limit is 35 MB.
+    pub max_send_size: u64,
 }
 
 impl Default for Limits {
@@ -327,6 +331,7 @@ impl Default for Limits {
             max_line: 8192,
             login_failure_delay_max: Duration::from_secs(15),
             provider_timeout: Duration::from_secs(30),
+            max_send_size: 35 * 1024 * 1024,
         }
     }
 }
@@ -356,6 +361,9 @@ pub struct Account {
     /// provider's own limit by default, so mailproxy refuses plainly before
     /// the provider refuses vaguely or drops an older session.
     pub max_upstream_sessions: Option<u32>,
+    /// `smtp = "graph"`: messages leave through Microsoft Graph instead of
+    /// an SMTP server (then `smtp` is `None`).
+    pub graph: Option<graph::GraphApi>,
 }
 
 impl Account {
@@ -431,9 +439,25 @@ pub struct OAuthSettings {
     /// Extra parameters on the authorisation URL (Google needs
     /// `access_type=offline` and `prompt=consent` to hand out a refresh token).
     pub auth_params: Vec<(String, String)>,
+    /// Scopes of the account's Graph tokens (another resource than its
+    /// mail servers'); `None` uses the account's own token for Graph.
+    pub graph_scopes: Option<Vec<String>>,
 }
 
 impl OAuthSettings {
+    /// What the consent screen asks for: the mail scopes and, for an
+    /// account that sends through Graph, its Graph scopes (one consent, one
+    /// refresh token that redeems for both resources).
+    pub fn consent_scopes(&self) -> Vec<String> {
+        let mut all = self.scopes.clone();
+        for s in self.graph_scopes.iter().flatten() {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+        all
+    }
+
     /// Why `account` cannot be authorised with the device flow, or `None`
     /// if it can. The config refuses `flow = "device"` with this sentence;
     /// `mailproxy login --device` should refuse with the same one.
@@ -571,6 +595,7 @@ impl Config {
                 domain_entry: _,
                 token_from: _,
                 max_upstream_sessions: _,
+                graph: _,
             } = &**a;
             let AccountAuth::OAuth(o) = auth else { continue };
             let OAuthSettings {
@@ -590,6 +615,7 @@ impl Config {
                 service_account_key: _,
                 on_demand: _,
                 auth_params: _,
+                graph_scopes: _,
             } = &**o;
             if client_secret.is_some() {
                 keys.push(format!("accounts.\"{name}\".client_secret"));

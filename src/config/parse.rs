@@ -250,6 +250,7 @@ fn limits(rl: RawLimits) -> Limits {
             .provider_timeout
             .map(|s| Duration::from_secs(s.max(1)))
             .unwrap_or(d.provider_timeout),
+        max_send_size: rl.max_send_size.unwrap_or(d.max_send_size).max(1024),
     }
 }
 
@@ -356,14 +357,33 @@ fn shared_account(
         ));
     }
     let [imap, smtp, pop3] = servers(at, &a, None)?;
-    let (imap, smtp, pop3) = if imap.is_none() && smtp.is_none() && pop3.is_none() {
-        (owner.imap.clone(), owner.smtp.clone(), owner.pop3.clone())
+    let own_graph = graph_api(at, &a, &owner.auth)?;
+    let owner_has_graph = owner
+        .oauth()
+        .is_some_and(|o| o.graph_scopes.is_some() || o.provider != super::ProviderKind::Microsoft);
+    if own_graph.is_some() && !owner_has_graph {
+        return Err(at.err(
+            "smtp",
+            format!(
+                "it sends through Graph with the grant of {from}, whose consent has no Graph scope: \
+                 write smtp = \"graph\" for {from} too, then `mailproxy login {from}` asks for Mail.Send"
+            ),
+        ));
+    }
+    let (imap, smtp, pop3, graph) = if imap.is_none() && smtp.is_none() && pop3.is_none() && own_graph.is_none() {
+        (
+            owner.imap.clone(),
+            owner.smtp.clone(),
+            owner.pop3.clone(),
+            owner.graph.clone(),
+        )
     } else {
-        (imap, smtp, pop3)
+        (imap, smtp, pop3, own_graph)
     };
     let ca_fallback = owner.ca_file.clone().or_else(|| ctx.server_ca.map(Path::to_owned));
     let mut account = built(at, &a, owner.auth.clone(), [imap, smtp, pop3], ca_fallback)?;
     account.token_from = Some(owner.name.to_lowercase());
+    account.graph = graph;
     Ok(account)
 }
 
@@ -377,7 +397,11 @@ fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, Conf
         ));
     };
     let [imap, smtp, pop3] = servers(at, &a, Some(provider))?;
-    need_a_server(at, [&imap, &smtp, &pop3])?;
+    let sends_by_graph = a.smtp.as_ref().is_some_and(|s| super::graph::is_graph(s.get_ref()));
+    let smtp = smtp.filter(|_| !sends_by_graph);
+    if !sends_by_graph {
+        need_a_server(at, [&imap, &smtp, &pop3])?;
+    }
     let has_server = [imap.is_some(), smtp.is_some(), pop3.is_some()];
     let auth = match provider {
         ProviderName::Password => {
@@ -390,8 +414,11 @@ fn account(at: &At, a: RawAccount, ctx: &AccountContext) -> Result<Account, Conf
         }
         _ => AccountAuth::OAuth(Box::new(oauth(at, &a, provider, has_server, ctx)?)),
     };
+    let graph = graph_api(at, &a, &auth)?;
     let ca_fallback = ctx.server_ca.map(Path::to_owned);
-    built(at, &a, auth, [imap, smtp, pop3], ca_fallback)
+    let mut account = built(at, &a, auth, [imap, smtp, pop3], ca_fallback)?;
+    account.graph = graph;
+    Ok(account)
 }
 
 /// The account as `[accounts."NAME"]` describes it, once its servers and how
@@ -416,7 +443,31 @@ fn built(
         insecure_skip_verify: a.insecure_skip_verify,
         domain_entry: None,
         token_from: None,
+        graph: None,
     })
+}
+
+/// `smtp = "graph"`: only for OAuth accounts of Microsoft or a custom
+/// provider (Graph is Microsoft's API).
+fn graph_api(at: &At, a: &RawAccount, auth: &AccountAuth) -> Result<Option<super::graph::GraphApi>, ConfigError> {
+    let Some(raw) = a.smtp.as_ref().filter(|s| super::graph::is_graph(s.get_ref())) else {
+        return Ok(None);
+    };
+    match auth {
+        AccountAuth::OAuth(o) if o.provider != ProviderKind::Google => {
+            Ok(Some(super::graph::parse(at, raw, a.cloud.unwrap_or_default())?))
+        }
+        AccountAuth::OAuth(_) => Err(at.err_at(
+            Some(raw.span()),
+            "smtp",
+            "smtp = \"graph\" is for Microsoft 365 accounts (Microsoft Graph); Gmail sends over SMTP",
+        )),
+        AccountAuth::Password => Err(at.err_at(
+            Some(raw.span()),
+            "smtp",
+            "smtp = \"graph\" needs an OAuth account (provider = \"microsoft\"): Graph takes no passwords",
+        )),
+    }
 }
 
 /// The account's IMAP, SMTP and POP3 servers (presets fill what is not
@@ -429,6 +480,7 @@ fn servers(at: &At, a: &RawAccount, provider: Option<ProviderName>) -> Result<[O
         (Protocol::Pop3, &a.pop3),
     ]) {
         let url = match raw_url {
+            Some(u) if p == Protocol::Smtp && super::graph::is_graph(u.get_ref()) => None,
             Some(u) => {
                 Some(Endpoint::parse(u.get_ref(), p).map_err(|m| at.err_at(Some(u.span()), p.name(), m.to_string()))?)
             }
@@ -468,6 +520,7 @@ fn password_only(at: &At, a: &RawAccount, why: &str) -> Result<(), ConfigError> 
         ("revoke_url", a.revoke_url.is_some()),
         ("redirect_uri", a.redirect_uri.is_some()),
         ("scopes", a.scopes.is_some()),
+        ("graph_scopes", a.graph_scopes.is_some()),
         ("client_certificate", a.client_certificate.is_some()),
         ("client_key", a.client_key.is_some()),
         ("service_account_key", a.service_account_key.is_some()),

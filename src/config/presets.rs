@@ -66,6 +66,7 @@ pub(super) fn oauth(
         service_account_key: a.service_account_key.as_ref().map(|p| at.src.resolve(p)),
         on_demand: a.on_demand,
         auth_params: preset.auth_params,
+        graph_scopes: graph_scopes(at, a, provider)?,
     };
     check_flow(at, &o)?;
     for (k, u) in [
@@ -80,6 +81,24 @@ pub(super) fn oauth(
         }
     }
     Ok(o)
+}
+
+/// The scopes of Graph tokens: Microsoft's for the account's cloud when it
+/// sends through Graph; a custom provider's own `graph_scopes`, if any.
+fn graph_scopes(at: &At, a: &RawAccount, provider: ProviderName) -> Result<Option<Vec<String>>, ConfigError> {
+    let graph = a.smtp.as_ref().is_some_and(|s| super::graph::is_graph(s.get_ref()));
+    match provider {
+        ProviderName::Custom => Ok(a.graph_scopes.clone()),
+        _ if a.graph_scopes.is_some() => Err(at.err(
+            "graph_scopes",
+            "graph_scopes only applies to provider = \"custom\"; Microsoft accounts get Mail.Send of their cloud",
+        )),
+        ProviderName::Microsoft if graph => Ok(Some(super::graph::microsoft_scopes(
+            a.cloud.unwrap_or_default(),
+            a.flow == Flow::ClientCredentials,
+        ))),
+        _ => Ok(None),
+    }
 }
 
 /// Google: one scope for all of Gmail, and `access_type=offline` plus

@@ -69,6 +69,7 @@ pub(super) struct RawLimits {
     pub max_line: Option<usize>,
     pub login_failure_delay_max: Option<f64>,
     pub provider_timeout: Option<u64>,
+    pub max_send_size: Option<u64>,
 }
 
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +98,8 @@ pub(super) struct RawAccount {
     pub revoke_url: Option<String>,
     pub redirect_uri: Option<String>,
     pub scopes: Option<Vec<String>>,
+    /// Scopes of Graph tokens (`provider = "custom"` with `smtp = "graph+…"`).
+    pub graph_scopes: Option<Vec<String>>,
     pub username: Option<String>,
     pub imap: Option<Spanned<String>>,
     pub smtp: Option<Spanned<String>>,

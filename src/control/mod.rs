@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::tokens::AccountStatus;
+use crate::tokens::{AccountStatus, Resource};
 pub use crate::tokens::{CheckOutcome, Handed};
 
 /// The socket's file name inside `state_dir`.
@@ -67,6 +67,9 @@ pub enum Request {
     Token {
         account: String,
         min_life_secs: u64,
+        /// Which of the account's tokens (mail when absent: older clients).
+        #[serde(default)]
+        resource: Resource,
     },
 }
 

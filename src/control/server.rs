@@ -20,7 +20,7 @@ use crate::secret::Secret;
 use crate::tokens::grant::GrantRefused;
 use crate::tokens::live::{classify, RevokeInput};
 use crate::tokens::offline::OfflineError;
-use crate::tokens::{AccountTokens, AuthError, Lane, TokenError};
+use crate::tokens::{AccountTokens, AuthError, Lane, Resource, TokenError};
 
 /// How many commands may talk to `serve` at once.
 const MAX_CLIENTS: usize = 8;
@@ -346,14 +346,25 @@ async fn run(
         } => login(ctx, conn, &account, device, timeout).await,
         Request::Passwd { account } => passwd(ctx, conn, &account).await,
         Request::Revoke { account } => revoke(ctx, conn, &account).await,
-        Request::Token { account, min_life_secs } => token(ctx, conn, &account, min_life_secs, uid).await,
+        Request::Token {
+            account,
+            min_life_secs,
+            resource,
+        } => token(ctx, conn, &account, (resource, min_life_secs), uid).await,
     }
 }
 
 /// `mailproxy token` through serve: the owner's uid only (root too is
 /// refused), each hand-out and refusal audited, the token itself never.
 /// A locked account is opened with the owner's local password first.
-async fn token(ctx: &Arc<Ctx>, conn: &mut Conn, account: &str, min_life: u64, uid: u32) -> Result<u8, CommandError> {
+async fn token(
+    ctx: &Arc<Ctx>,
+    conn: &mut Conn,
+    account: &str,
+    want: (Resource, u64),
+    uid: u32,
+) -> Result<u8, CommandError> {
+    let (resource, min_life) = want;
     let tokens = &ctx.tokens;
     if uid != crate::sys::euid() {
         let why = format!("token refused to uid {uid}: not the owner");
@@ -375,7 +386,7 @@ async fn token(ctx: &Arc<Ctx>, conn: &mut Conn, account: &str, min_life: u64, ui
             });
         }
     }
-    match tokens.hand_out(&acct, Duration::from_secs(min_life)).await {
+    match tokens.hand_out(&acct, resource, Duration::from_secs(min_life)).await {
         Ok(token) => {
             let entry = Entry::new(
                 &account.name,

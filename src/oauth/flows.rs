@@ -35,10 +35,26 @@ pub async fn refresh(
     s: &OAuthSettings,
     token: &Secret,
 ) -> Result<Tokens, OAuthError> {
+    refresh_for(http, account, s, token, None).await
+}
+
+/// [`refresh`] for another resource than the grant's first one: `scope`
+/// names it (a Microsoft refresh token redeems for every resource the user
+/// consented to, one access token per resource).
+pub async fn refresh_for(
+    http: &reqwest::Client,
+    account: &str,
+    s: &OAuthSettings,
+    token: &Secret,
+    scope: Option<&[String]>,
+) -> Result<Tokens, OAuthError> {
     let mut form = vec![
         ("grant_type", "refresh_token".to_string()),
         ("refresh_token", token.expose().to_string()),
     ];
+    if let Some(scope) = scope {
+        form.push(("scope", scope.join(" ")));
+    }
     client_auth(s, &mut form);
     let (status, body) = post_owned(http, &s.token_url, &form).await?;
     parse_tokens(account, &s.token_url, status, &body)
@@ -72,7 +88,7 @@ pub async fn device_start(http: &reqwest::Client, account: &str, s: &OAuthSettin
         .device_url
         .as_deref()
         .ok_or_else(|| OAuthError::Config(format!("{account} has no device_url")))?;
-    let mut form = vec![("scope", s.scopes.join(" "))];
+    let mut form = vec![("scope", s.consent_scopes().join(" "))];
     client_auth(s, &mut form);
     let (status, body) = post_owned(http, url, &form).await?;
     if status != 200 {

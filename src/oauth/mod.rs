@@ -159,7 +159,13 @@ pub fn id_token_email(id_token: &str) -> Option<String> {
 /// http_proxy` when set (`NO_PROXY` still exempts hosts), else whatever
 /// `HTTPS_PROXY`, `HTTP_PROXY` and `NO_PROXY` say.
 pub fn http_client_for(config: &crate::config::Config) -> Result<reqwest::Client, OAuthError> {
-    let mut b = client_builder(config.limits.provider_timeout);
+    http_client_timed(config, config.limits.provider_timeout)
+}
+
+/// [`http_client_for`] with another total time per request (Graph's
+/// uploads of a few megabytes).
+pub fn http_client_timed(config: &crate::config::Config, timeout: Duration) -> Result<reqwest::Client, OAuthError> {
+    let mut b = client_builder(timeout);
     if let Some(p) = &config.http_proxy {
         let proxy = reqwest::Proxy::all(p.expose())
             .map_err(|_| OAuthError::Config("[server] http_proxy is not a proxy address".into()))?
@@ -360,7 +366,7 @@ pub fn authorization_request(account: &str, s: &OAuthSettings, redirect_uri: &st
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let mut req = client
         .authorize_url(CsrfToken::new_random)
-        .add_scopes(s.scopes.iter().cloned().map(Scope::new))
+        .add_scopes(s.consent_scopes().into_iter().map(Scope::new))
         .set_pkce_challenge(challenge)
         .add_extra_param("login_hint", account);
     for (k, v) in &s.auth_params {

@@ -3,7 +3,7 @@
 //! ([`ImapUpstream`]).
 
 use super::session::SessionProtocol;
-use crate::config::Limits;
+use crate::config::Config;
 use crate::imap::preauth::{ImapPreAuth, PreAuthConfig};
 use crate::upstream::imap::ImapUpstream;
 
@@ -18,7 +18,8 @@ impl SessionProtocol for Imap {
     /// IMAP hands off at the login itself: never an upstream to leave.
     const UPSTREAM_QUIT: &'static [u8] = b"";
 
-    fn machine(limits: &Limits, starttls: bool) -> ImapPreAuth {
+    fn machine(config: &Config, starttls: bool) -> ImapPreAuth {
+        let limits = &config.limits;
         ImapPreAuth::new(PreAuthConfig {
             starttls,
             max_line: limits.max_line,

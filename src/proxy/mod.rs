@@ -11,6 +11,7 @@
 //! token manager for a fresh token, and [`relay`] copies bytes both ways.
 
 pub(crate) mod caller;
+pub(crate) mod graph;
 pub(crate) mod guard;
 pub(crate) mod imap;
 pub(crate) mod pool;

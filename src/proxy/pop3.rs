@@ -3,7 +3,7 @@
 //! ([`Pop3Upstream`]).
 
 use super::session::SessionProtocol;
-use crate::config::Limits;
+use crate::config::Config;
 use crate::pop3::preauth::{Pop3PreAuth, PreAuthConfig};
 use crate::upstream::pop3::Pop3Upstream;
 
@@ -18,7 +18,8 @@ impl SessionProtocol for Pop3 {
     /// POP3 hands off at the login itself: never an upstream to leave.
     const UPSTREAM_QUIT: &'static [u8] = b"";
 
-    fn machine(limits: &Limits, starttls: bool) -> Pop3PreAuth {
+    fn machine(config: &Config, starttls: bool) -> Pop3PreAuth {
+        let limits = &config.limits;
         Pop3PreAuth::new(PreAuthConfig {
             starttls,
             max_line: limits.max_line,

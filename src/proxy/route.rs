@@ -12,7 +12,7 @@ use crate::endpoint::Protocol;
 use crate::preauth::Failure;
 use crate::secret::Secret;
 use crate::text::escaped;
-use crate::tokens::{describe_pending, AccountTokens, AuthError, TokenError, TokenManager};
+use crate::tokens::{describe_pending, AccountTokens, AuthError, Resource, TokenError, TokenManager};
 use crate::upstream::conn::Server;
 use crate::upstream::login::{self, Credential, LoginFailure, RenewToken};
 
@@ -77,13 +77,7 @@ pub(crate) async fn resolve(
         if account.oauth().is_some() {
             // A mailbox of a domain entry that its owner has not set up.
             tracing::info!(account = %account.name, "login to a mailbox that is not set up");
-            return Err(LoginFailure::new(
-                Failure::Action,
-                format!(
-                    "{0} has no local password yet: its owner runs `mailproxy login {0}` on this machine",
-                    account.name
-                ),
-            ));
+            return Err(not_set_up(&account.name));
         }
         // A passthrough account.
         return Ok(Target {
@@ -92,35 +86,8 @@ pub(crate) async fn resolve(
             credential: Credential::Password(password),
         });
     };
-    match ctx.tokens.authenticate(&tokens, &password, caller.lane()).await {
-        Ok(()) => {}
-        Err(AuthError::NotAuthorized(_)) => return Err(on_demand(ctx, &tokens).await),
-        Err(AuthError::WrongPassword) => {
-            tracing::info!(account = %account.name, "wrong local password");
-            return Err(LoginFailure::new(Failure::Credentials, "Authentication failed"));
-        }
-        Err(e @ AuthError::NoLocalPassword(_)) => {
-            tracing::warn!(account = %account.name, error = %e, "login to an account that is not ready");
-            return Err(LoginFailure::new(Failure::Action, e.to_string()));
-        }
-        Err(e @ AuthError::Busy(_)) => return Err(LoginFailure::new(Failure::Unavailable, e.to_string())),
-        Err(e @ AuthError::Store(_)) => return Err(store_unreachable(&account.name, &e)),
-        Err(e @ AuthError::Vault(_)) => {
-            tracing::error!(account = %account.name, error = %e, "vault error");
-            return Err(LoginFailure::new(Failure::Action, e.to_string()));
-        }
-    }
-    let token = match ctx.tokens.access_token(&tokens).await {
-        Ok(t) => t,
-        // A shared mailbox's grant is its owner's: that one is authorised.
-        Err(e @ TokenError::NeedsLogin { .. }) => {
-            return Err(match ctx.tokens.grant_of(&tokens) {
-                Ok(grant) => on_demand(ctx, &grant).await,
-                Err(_) => token_failure(&account.name, e),
-            })
-        }
-        Err(e) => return Err(token_failure(&account.name, e)),
-    };
+    unlock(ctx, &account, &tokens, &password, caller).await?;
+    let token = token_of(ctx, &tokens, Resource::Mail).await?;
     Ok(Target {
         server,
         user,
@@ -133,6 +100,77 @@ pub(crate) async fn resolve(
             },
         },
     })
+}
+
+/// A login to an account that sends through Microsoft Graph: its local
+/// password checked as for any OAuth login, a Graph token at hand (so a
+/// person is told at once when one must act), and no upstream connection.
+pub(crate) async fn resolve_graph(
+    ctx: &Ctx,
+    login: &str,
+    password: Secret,
+    caller: &Caller,
+) -> Result<Arc<AccountTokens>, LoginFailure> {
+    let Some(account) = ctx.config().lookup(login) else {
+        return Err(LoginFailure::new(Failure::Credentials, "Authentication failed"));
+    };
+    let Some(tokens) = ctx.tokens.get(login) else {
+        tracing::info!(account = %account.name, "login to a mailbox that is not set up");
+        return Err(not_set_up(&account.name));
+    };
+    unlock(ctx, &account, &tokens, &password, caller).await?;
+    token_of(ctx, &tokens, Resource::Graph).await?;
+    Ok(tokens)
+}
+
+fn not_set_up(name: &str) -> LoginFailure {
+    LoginFailure::new(
+        Failure::Action,
+        format!("{name} has no local password yet: its owner runs `mailproxy login {name}` on this machine"),
+    )
+}
+
+/// The local password opens the account, or the login ends here.
+async fn unlock(
+    ctx: &Ctx,
+    account: &Account,
+    tokens: &Arc<AccountTokens>,
+    password: &Secret,
+    caller: &Caller,
+) -> Result<(), LoginFailure> {
+    match ctx.tokens.authenticate(tokens, password, caller.lane()).await {
+        Ok(()) => Ok(()),
+        Err(AuthError::NotAuthorized(_)) => Err(on_demand(ctx, tokens).await),
+        Err(AuthError::WrongPassword) => {
+            tracing::info!(account = %account.name, "wrong local password");
+            Err(LoginFailure::new(Failure::Credentials, "Authentication failed"))
+        }
+        Err(e @ AuthError::NoLocalPassword(_)) => {
+            tracing::warn!(account = %account.name, error = %e, "login to an account that is not ready");
+            Err(LoginFailure::new(Failure::Action, e.to_string()))
+        }
+        Err(e @ AuthError::Busy(_)) => Err(LoginFailure::new(Failure::Unavailable, e.to_string())),
+        Err(e @ AuthError::Store(_)) => Err(store_unreachable(&account.name, &e)),
+        Err(e @ AuthError::Vault(_)) => {
+            tracing::error!(account = %account.name, error = %e, "vault error");
+            Err(LoginFailure::new(Failure::Action, e.to_string()))
+        }
+    }
+}
+
+/// A fresh access token of resource `r`; without a grant, the
+/// authorisation starts and the client is told what a person must do.
+async fn token_of(ctx: &Ctx, tokens: &Arc<AccountTokens>, r: Resource) -> Result<Secret, LoginFailure> {
+    let name = tokens.name();
+    match ctx.tokens.access_token_for(tokens, r).await {
+        Ok(t) => Ok(t),
+        // A shared mailbox's grant is its owner's: that one is authorised.
+        Err(e @ TokenError::NeedsLogin { .. }) => Err(match ctx.tokens.grant_of(tokens) {
+            Ok(grant) => on_demand(ctx, &grant).await,
+            Err(_) => token_failure(name, e),
+        }),
+        Err(e) => Err(token_failure(name, e)),
+    }
 }
 
 fn endpoint_for(account: &Account, protocol: Protocol) -> Result<crate::endpoint::Endpoint, LoginFailure> {
@@ -174,7 +212,7 @@ fn store_unreachable(account: &str, e: &dyn std::fmt::Display) -> LoginFailure {
 }
 
 /// No access token could be had: a person must act, or it is temporary.
-fn token_failure(account: &str, e: TokenError) -> LoginFailure {
+pub(crate) fn token_failure(account: &str, e: TokenError) -> LoginFailure {
     if let TokenError::Store(_) = e {
         return store_unreachable(account, &e);
     }

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::caller::Caller;
 use super::{relay, route, Ctx};
-use crate::config::{Limits, Listener};
+use crate::config::{Config, Limits, Listener};
 use crate::net::Stream;
 use crate::preauth::{Event, Failure, PreAuth};
 use crate::secret::Secret;
@@ -38,9 +38,31 @@ pub(crate) trait SessionProtocol {
     const UPSTREAM_QUIT: &'static [u8];
 
     /// A new machine; `starttls` when STARTTLS is offered on this connection.
-    fn machine(limits: &Limits, starttls: bool) -> Self::Machine;
+    fn machine(config: &Config, starttls: bool) -> Self::Machine;
     /// One line refusing a connection before its session starts.
     fn refusal(why: &str) -> String;
+    /// What the machine is told after a login that needs no upstream
+    /// connection (an SMTP account that sends through Microsoft Graph);
+    /// `None` for protocols without such logins.
+    fn graph_success(_limits: &Limits) -> Option<<Self::Machine as PreAuth>::Success> {
+        None
+    }
+}
+
+/// Where a logged-in session goes: relayed to its server, or served here
+/// and sent through Microsoft Graph.
+pub(crate) enum Upstream {
+    Relay(Conn),
+    Graph(std::sync::Arc<crate::tokens::AccountTokens>),
+}
+
+impl Upstream {
+    fn name(&self) -> String {
+        match self {
+            Upstream::Relay(c) => c.endpoint.to_string(),
+            Upstream::Graph(_) => "Microsoft Graph".into(),
+        }
+    }
 }
 
 /// Runs one client connection until it ends. `client` is already past any
@@ -53,9 +75,9 @@ pub(crate) async fn run<P: SessionProtocol>(
     caller: Caller,
 ) -> std::io::Result<()> {
     let config = ctx.config();
-    let mut pre = P::machine(&config.limits, tls.is_some() && !client.is_tls());
+    let mut pre = P::machine(&config, tls.is_some() && !client.is_tls());
     let deadline = Instant::now() + config.limits.preauth_timeout.saturating_mul(4);
-    let mut upstream: Option<Conn> = None;
+    let mut upstream: Option<Upstream> = None;
     // This session's upstream slot, held until its upstream side ends,
     // however it ends.
     let mut slot = None;
@@ -94,7 +116,7 @@ pub(crate) async fn run<P: SessionProtocol>(
                         slot: taken,
                     }) => {
                         tracing::Span::current().record("login", escaped(&login).as_str());
-                        tracing::info!(upstream = %conn.endpoint, "logged in");
+                        tracing::info!(upstream = %conn.name(), "logged in");
                         slot = taken;
                         let now = pre.login_succeeded(success);
                         upstream = Some(conn);
@@ -121,7 +143,7 @@ pub(crate) async fn run<P: SessionProtocol>(
                 pre.starttls_done();
             }
             Some(Event::Quit | Event::Close) => {
-                if let Some(mut up) = upstream.take() {
+                if let Some(Upstream::Relay(mut up)) = upstream.take() {
                     let _ = up.send(P::UPSTREAM_QUIT).await;
                 }
                 let _ = client.shutdown().await;
@@ -183,7 +205,7 @@ struct Attempt<'a> {
 /// A login that went through: the upstream connection, what the machine
 /// answers with, and the session's upstream slot.
 struct LoggedIn<S> {
-    conn: Conn,
+    conn: Upstream,
     success: S,
     slot: Option<SessionSlot>,
 }
@@ -230,6 +252,19 @@ async fn routed<P: SessionProtocol>(a: Attempt<'_>, cap: std::time::Duration) ->
         password,
         client_name,
     } = a;
+    let config = ctx.config();
+    if let Some(success) = P::graph_success(&config.limits) {
+        if config.lookup(login).is_some_and(|a| a.graph.is_some()) {
+            let account = route::resolve_graph(ctx, login, password, caller).await?;
+            // Graph is no upstream session: no slot to take.
+            let conn = Upstream::Graph(account);
+            return Ok(LoggedIn {
+                conn,
+                success,
+                slot: None,
+            });
+        }
+    }
     let target = route::resolve(ctx, listener, login, password, caller).await?;
     // Before the guessing guard's turn: waiting for a slot holds no turn.
     let slot = super::slots::take(ctx, login, listener.protocol).await?;
@@ -251,7 +286,7 @@ async fn routed<P: SessionProtocol>(a: Attempt<'_>, cap: std::time::Duration) ->
         }
     }
     r.map(|(c, success)| LoggedIn {
-        conn: c.into_conn(),
+        conn: Upstream::Relay(c.into_conn()),
         success,
         slot,
     })
@@ -267,11 +302,17 @@ async fn hand_off<M: PreAuth>(
     listener: &Listener,
     client: Stream,
     mut pre: M,
-    upstream: Option<Conn>,
+    upstream: Option<Upstream>,
     slot: Option<SessionSlot>,
 ) -> std::io::Result<()> {
-    let Some(up) = upstream else {
-        return Ok(()); // a machine hands off only after a successful login
+    let up = match upstream {
+        Some(Upstream::Relay(up)) => up,
+        Some(Upstream::Graph(account)) => {
+            crate::metrics::connection(listener.protocol, "graph");
+            let to_client = pre.take_output();
+            return super::graph::serve(ctx, client, account, to_client, pre.into_pending_input()).await;
+        }
+        None => return Ok(()), // a machine hands off only after a successful login
     };
     tracing::info!(upstream = %up.endpoint, "relaying");
     // Only the stream lives on: the login's buffers go now, not at the end.

@@ -160,6 +160,18 @@ fn is_guid(s: &str) -> bool {
     parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12]) && parts.iter().all(|p| p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// Said for work and school Microsoft accounts: the way out when the
+/// tenant has SMTP AUTH turned off.
+const GRAPH_CHOICE: &str = "Microsoft 365 tenants often turn SMTP AUTH off (logins then end in 5.7.139). If yours does,
+  add smtp = \"graph\" to this account: clients still send to mailproxy over SMTP, and the
+  messages leave through Microsoft Graph. Then add Microsoft Graph → Delegated → Mail.Send under
+  API permissions and run `mailproxy login` for the account again to consent to it.";
+
+/// A work or school Microsoft account (not a personal Outlook.com one).
+fn is_work_microsoft(o: &AddOptions, provider: Provider) -> bool {
+    provider == Provider::Microsoft && o.tenant.as_deref() != Some("consumers")
+}
+
 /// Everything `add` needs to know; what is missing is asked for.
 #[derive(Clone, Debug, Default)]
 pub struct AddOptions {
@@ -265,6 +277,9 @@ fn account_text(o: &AddOptions, provider: Provider, why: &str) -> String {
     if let Some(ca) = &o.ca_file {
         t += &format!("ca_file = {}\n", q(&ca.display().to_string()));
     }
+    if is_work_microsoft(o, provider) && o.smtp.is_none() {
+        t += "# SMTP AUTH off in the tenant? Send through Microsoft Graph (Mail.Send):\n# smtp = \"graph\"\n";
+    }
     t
 }
 
@@ -282,6 +297,10 @@ pub fn add(path: &Path, mut o: AddOptions, ask: Ask<'_>, out: &mut dyn Write) ->
     match provider {
         Provider::Password => ask_password_servers(&mut o, &domain, ask)?,
         _ => ask_oauth_client(&mut o, provider, &domain, ask)?,
+    }
+    if is_work_microsoft(&o, provider) {
+        say(out, GRAPH_CHOICE);
+        say(out, "");
     }
 
     let created = existing.is_none();
@@ -628,6 +647,7 @@ mod tests {
         assert!(text.contains("\nstatus_listen = \"127.0.0.1:"), "{text}");
         let out = String::from_utf8(out).unwrap();
         assert!(out.contains("Allow public client flows"), "{out}");
+        assert!(!out.contains("smtp = \"graph\""), "not for a personal account: {out}");
         let c = Config::load(&path).unwrap();
         assert!(c.account("bob@outlook.com").unwrap().oauth().is_some());
         assert_eq!(added.status, c.status_listen);
@@ -651,6 +671,19 @@ mod tests {
         };
         let e = add(&path, o, &mut none, &mut Vec::new()).err().unwrap();
         assert!(e.to_string().contains("already has the account"), "{e}");
+        // A work account hears about Graph, and the config shows the line.
+        let mut id = |_: &str| Ok(Some("1b2c3d4e-0000-4a5b-8c9d-0123456789ab".to_string()));
+        let o = AddOptions {
+            address: "erin@contoso.example".into(),
+            provider: Some(Provider::Microsoft),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        add(&path, o, &mut id, &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("5.7.139") && out.contains("Mail.Send"), "{out}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("# smtp = \"graph\"\n"), "{text}");
         // Placeholders and missing answers: a sentence, nothing written.
         let before = std::fs::read_to_string(&path).unwrap();
         let o = AddOptions {

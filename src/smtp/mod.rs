@@ -7,7 +7,13 @@
 //!   first mail transaction command.
 //! * [`reply`]: parsers for upstream replies (multi-line, EHLO keywords,
 //!   OAuth error challenges).
+//! * [`submission`]: the submission server of accounts that send through
+//!   Microsoft Graph (mailproxy receives the message itself), with
+//!   [`transaction`] the grammar of its `MAIL`/`RCPT`/`DATA`/`BDAT`.
 
 pub mod command;
 pub mod preauth;
+pub mod recipients;
 pub mod reply;
+pub mod submission;
+pub mod transaction;

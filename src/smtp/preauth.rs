@@ -46,6 +46,9 @@ pub struct PreAuthConfig {
     pub max_line: usize,
     /// Advertised as `SIZE n` before login (`SIZE` alone when `None`).
     pub max_size: Option<u64>,
+    /// Some accounts submit through Graph: `SMTPUTF8` and `CHUNKING`, which
+    /// their submission server honours, are offered before login too.
+    pub submission: bool,
 }
 
 impl Default for PreAuthConfig {
@@ -55,6 +58,7 @@ impl Default for PreAuthConfig {
             hostname: "localhost".into(),
             max_line: 8 * 1024,
             max_size: None,
+            submission: false,
         }
     }
 }
@@ -164,6 +168,9 @@ impl SmtpPreAuth {
             None => "SIZE".to_owned(),
         });
         k.push("ENHANCEDSTATUSCODES".to_owned());
+        if self.cfg.submission {
+            k.extend(["SMTPUTF8".to_owned(), "CHUNKING".to_owned()]);
+        }
         k.push("AUTH PLAIN LOGIN".to_owned());
         k.push("AUTH=PLAIN LOGIN".to_owned());
         if self.core.starttls_available() {
@@ -1166,6 +1173,7 @@ mod tests {
                 hostname: "mx.test".into(),
                 max_line: 64,
                 max_size: Some(1000),
+                submission: false,
             },
             |base, starttls| SmtpPreAuth::new(PreAuthConfig { starttls, ..base }),
             answer,

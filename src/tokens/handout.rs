@@ -51,32 +51,44 @@ impl TokenManager {
     /// with at least `min_life` left, refreshed first when needed, under the
     /// account's lock like every refresh: callers racing an expiry cause
     /// one request. A locked account stays locked: the caller opens it first.
-    pub async fn hand_out(&self, acct: &Arc<AccountTokens>, min_life: Duration) -> Result<Handed, TokenError> {
+    /// `r` names the token's resource (Graph for accounts that send
+    /// through it).
+    pub async fn hand_out(
+        &self,
+        acct: &Arc<AccountTokens>,
+        r: Resource,
+        min_life: Duration,
+    ) -> Result<Handed, TokenError> {
         let grant = self.grant_of(acct)?;
+        let r = r.effective(&grant.settings);
         let name = &grant.account.name;
         let mut slot = grant.slot.lock().await;
         let _ = self.sync(&grant, &mut slot).await;
-        fresh_token(&slot.state, name)?;
+        refresh::fresh_token_for(&slot.state, name, r)?;
         let cached = match &slot.state {
-            TokenState::Active(a) => a.access.clone().filter(|x| lasts(x, min_life)),
+            TokenState::Active(a) => a.access_of(r).cloned().filter(|x| lasts(x, min_life)),
             _ => None,
         };
         let access = match cached {
             Some(a) => a,
             None => {
-                self.refresh_locked(&grant, &mut slot).await?;
-                match &slot.state {
-                    TokenState::Active(Active { access: Some(a), .. }) => a.clone(),
-                    _ => return Err(refresh::changed_meanwhile(&slot, name.clone())),
-                }
+                self.refresh_resource_locked(&grant, &mut slot, r).await?;
+                let got = match &slot.state {
+                    TokenState::Active(a) => a.access_of(r).cloned(),
+                    _ => None,
+                };
+                got.ok_or_else(|| refresh::changed_meanwhile(&slot, name.clone()))?
             }
         };
-        let scopes = slot
-            .record
-            .as_ref()
-            .map(|r| r.scopes.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| grant.settings.scopes.clone());
+        let scopes = match (r, &grant.settings.graph_scopes) {
+            (Resource::Graph, Some(g)) => g.clone(),
+            _ => slot
+                .record
+                .as_ref()
+                .map(|r| r.scopes.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| grant.settings.scopes.clone()),
+        };
         Ok(Handed {
             account: acct.account.name.clone(),
             token: access.token,

@@ -45,6 +45,9 @@ pub async fn verify(
         .into_iter()
         .find_map(|p| account.endpoint(p).map(|e| (p, e.clone())))
     else {
+        if account.graph.is_some() {
+            return by_graph_grant(account, tokens);
+        }
         return Err(IdentityError::Unavailable(format!(
             "{} has no server configured to check it at",
             account.name
@@ -96,6 +99,25 @@ pub async fn verify(
                 "{e}; nothing was stored, try again when the server can be reached"
             ))),
         },
+    }
+}
+
+/// An account that only sends through Microsoft Graph has no mail server
+/// to log in at: the provider's word (the `id_token`'s email) decides, and
+/// an application grant names no user at all (its mailbox is the config's).
+fn by_graph_grant(account: &Account, tokens: &Tokens) -> Result<(), IdentityError> {
+    let user = &account.username;
+    match tokens.email.as_deref() {
+        Some(email) if email.eq_ignore_ascii_case(user) => Ok(()),
+        Some(email) => Err(IdentityError::Mismatch(format!(
+            "you signed in as {email}, but this account is {user}: nothing was stored; sign in again as {user}"
+        ))),
+        None if account.oauth().is_some_and(|o| o.flow.app_only()) => Ok(()),
+        None => Err(IdentityError::Unavailable(format!(
+            "{} sends through Microsoft Graph and the provider did not say who signed in; \
+             add the `openid email` scopes or an imap server to check it at",
+            account.name
+        ))),
     }
 }
 

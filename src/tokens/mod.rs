@@ -50,6 +50,7 @@ pub mod live;
 pub mod offline;
 mod on_demand;
 mod refresh;
+pub mod resource;
 mod save;
 pub mod sessions;
 mod shared;
@@ -85,6 +86,7 @@ use gate::{Gate, KdfStats};
 pub use handout::Handed;
 pub use offline::store_authorization;
 use refresh::{fresh_token, Refreshed};
+pub use resource::Resource;
 use save::{blocking, new_record, BackgroundError, SaveError};
 pub use sessions::{ProtocolSessions, SessionSlot, SessionSlots};
 use state::{later, unix, Access, Active, TokenState};
@@ -250,6 +252,9 @@ pub struct AccountStatus {
     pub last_refresh: Option<u64>,
     pub last_use: Option<u64>,
     pub scopes: Vec<String>,
+    /// When the Graph token expires (accounts that send through Graph).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph_expires: Option<u64>,
     /// When `serve` refreshes the access token next (unix seconds).
     #[serde(default)]
     pub next_refresh: Option<u64>,
@@ -555,7 +560,12 @@ impl TokenManager {
                 },
             },
         };
-        let next = self.shared_access(acct, slot, record.as_ref(), next);
+        let mut next = self.shared_access(acct, slot, record.as_ref(), next);
+        if let (TokenState::Active(n), Some(p)) = (&mut next, previous.as_ref()) {
+            if n.refresh == p.refresh && n.graph.is_none() {
+                n.graph = p.graph.clone();
+            }
+        }
         slot.record = record;
         slot.state = next;
         Ok(())

@@ -8,12 +8,13 @@ use crate::audit::Entry;
 use crate::config::{OAuthSettings, TokenStore};
 use crate::crypto::{self, VaultKey};
 use crate::keystore;
-use crate::oauth::{self, flows, OAuthError, Tokens};
+use crate::oauth::{flows, OAuthError, Tokens};
 use crate::secret::Secret;
 use crate::store::{RecordStore, StoreError};
 use crate::vault::{AccountRecord, StoreKind, Vault, VaultError, Written};
 
 use super::now_unix;
+use super::Resource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OfflineError {
@@ -145,8 +146,10 @@ pub enum Checked {
     Failed(OAuthError),
 }
 
-/// `mailproxy check`: refreshes now and saves a rotated token (unless the
-/// record changed meanwhile).
+/// `mailproxy check` (and `mailproxy token`): refreshes now, redeeming the
+/// grant for resource `res`, and saves a rotated token (unless the record
+/// changed meanwhile); only the mail token's scopes are recorded.
+#[allow(clippy::too_many_arguments)]
 pub async fn check(
     records: &dyn RecordStore,
     store_key: Option<&VaultKey>,
@@ -154,8 +157,10 @@ pub async fn check(
     account: &str,
     mailbox: &str,
     settings: &OAuthSettings,
+    res: Resource,
     password: impl FnOnce() -> Result<Secret, OfflineError>,
 ) -> Result<Checked, OfflineError> {
+    let res = res.effective(settings);
     // With a shared store, no instance refreshes this account meanwhile.
     let lock = records.refresh_lock(account).await?;
     let rec = match &lock {
@@ -166,10 +171,12 @@ pub async fn check(
         if rec.as_ref().is_none_or(|r| r.password.is_none()) {
             return Ok(Checked::NeedsLogin(format!("run `mailproxy login {account}`")));
         }
-        return Ok(match flows::app_token(http, account, mailbox, settings).await {
-            Ok(t) => Checked::Refreshed(t),
-            Err(e) => Checked::Failed(e),
-        });
+        return Ok(
+            match flows::app_token(http, account, mailbox, &res.app_settings(settings)).await {
+                Ok(t) => Checked::Refreshed(t),
+                Err(e) => Checked::Failed(e),
+            },
+        );
     }
     let Some(r) = rec else {
         return Ok(Checked::NeedsLogin(format!("run `mailproxy login {account}`")));
@@ -179,14 +186,14 @@ pub async fn check(
             "no refresh token stored; run `mailproxy login {account}`"
         )));
     };
-    let t = match oauth::refresh(http, account, settings, &refresh).await {
+    let t = match flows::refresh_for(http, account, settings, &refresh, res.refresh_scope(settings)).await {
         Ok(t) => t,
         Err(e) => return Ok(Checked::Failed(e.with_grant_age(account, r.authorized_at))),
     };
     // Save a rotated token and the refresh time (a running serve notices).
     let mut next = r.clone();
     next.last_refresh = Some(now_unix());
-    if let Some(s) = &t.scopes {
+    if let Some(s) = t.scopes.as_ref().filter(|_| res == Resource::Mail) {
         next.scopes = s.clone();
     }
     let rotated = t.refresh.as_ref().filter(|n| **n != refresh).cloned();

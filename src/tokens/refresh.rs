@@ -5,8 +5,13 @@ use super::*;
 /// The account's access token if it is still fresh, `None` when an
 /// active account needs a refresh, or why no token can be had at all.
 pub(super) fn fresh_token(state: &TokenState, name: &str) -> Result<Option<Secret>, TokenError> {
+    fresh_token_for(state, name, Resource::Mail)
+}
+
+/// [`fresh_token`] for the token of resource `r`.
+pub(super) fn fresh_token_for(state: &TokenState, name: &str, r: Resource) -> Result<Option<Secret>, TokenError> {
     match state {
-        TokenState::Active(a) => Ok(a.access.as_ref().filter(|x| x.fresh()).map(|x| x.token.clone())),
+        TokenState::Active(a) => Ok(a.access_of(r).filter(|x| x.fresh()).map(|x| x.token.clone())),
         TokenState::NeedsLogin { why } => Err(TokenError::NeedsLogin {
             account: name.to_string(),
             why: why.clone(),
@@ -31,12 +36,19 @@ pub(super) struct Refreshed {
 
 impl Refreshed {
     pub(super) fn new(before: &Active, tokens: Tokens) -> Refreshed {
+        Self::new_for(before, tokens, Resource::Mail)
+    }
+
+    /// A refresh of resource `r`'s token; the other resources' tokens stay.
+    pub(super) fn new_for(before: &Active, tokens: Tokens, r: Resource) -> Refreshed {
         let rotated = tokens.refresh.clone().filter(|r| Some(r) != before.refresh.as_ref());
-        let next = Active::new(
+        let mut next = Active::new(
             rotated.clone().or(before.refresh.clone()),
-            Some(Access::new(&tokens)),
+            before.access.clone(),
             before.sealed,
         );
+        next.graph = before.graph.clone();
+        next.set_access(r, Some(Access::new(&tokens)));
         Refreshed {
             tokens,
             rotated,
@@ -126,6 +138,12 @@ impl TokenManager {
     /// (one refresh per account at a time). A `token_from` account gets its
     /// grant owner's token.
     pub async fn access_token(&self, acct: &AccountTokens) -> Result<Secret, TokenError> {
+        self.access_token_for(acct, Resource::Mail).await
+    }
+
+    /// [`TokenManager::access_token`] for resource `r` (Graph for accounts
+    /// that send through it): the same grant, a token of another audience.
+    pub async fn access_token_for(&self, acct: &AccountTokens, r: Resource) -> Result<Secret, TokenError> {
         if let Some(owner) = &acct.account.token_from {
             let Some(grant) = self.get(owner) else {
                 return Err(TokenError::NeedsLogin {
@@ -133,47 +151,61 @@ impl TokenManager {
                     why: format!("{} uses its grant, but it is not in the config", acct.account.name),
                 });
             };
-            return self.own_access_token(&grant).await;
+            return self.own_access_token(&grant, r).await;
         }
-        self.own_access_token(acct).await
+        self.own_access_token(acct, r).await
     }
 
-    pub(super) async fn own_access_token(&self, acct: &AccountTokens) -> Result<Secret, TokenError> {
+    pub(super) async fn own_access_token(&self, acct: &AccountTokens, r: Resource) -> Result<Secret, TokenError> {
+        let r = r.effective(&acct.settings);
         let mut slot = acct.slot.lock().await;
         let _ = self.sync(acct, &mut slot).await;
-        if let Some(token) = fresh_token(&slot.state, &acct.account.name)? {
+        if let Some(token) = fresh_token_for(&slot.state, &acct.account.name, r)? {
             return Ok(token);
         }
-        self.refresh_locked(acct, &mut slot).await
+        self.refresh_resource_locked(acct, &mut slot, r).await
     }
 
     /// Refreshes now. Slot locked; state is Active.
     pub(super) async fn refresh_locked(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<Secret, TokenError> {
-        let outcome = if self.records.shared() {
+        self.refresh_resource_locked(acct, slot, Resource::Mail).await
+    }
+
+    /// Refreshes resource `r`'s token now. Slot locked; state is Active.
+    /// The shared store shares the mail token between instances; a Graph
+    /// token stays with the instance that asked for it.
+    pub(super) async fn refresh_resource_locked(
+        &self,
+        acct: &AccountTokens,
+        slot: &mut Slot,
+        r: Resource,
+    ) -> Result<Secret, TokenError> {
+        let outcome = if self.records.shared() && r == Resource::Mail {
             self.refresh_shared(acct, slot).await?
         } else {
-            self.refresh_own(acct, slot).await?
+            self.refresh_own(acct, slot, r).await?
         };
         self.conclude(acct, slot, outcome)
     }
 
     /// A refresh on the local stores (file, keyring). Slot locked.
-    async fn refresh_own(&self, acct: &AccountTokens, slot: &mut Slot) -> Result<Outcome, TokenError> {
+    async fn refresh_own(&self, acct: &AccountTokens, slot: &mut Slot, r: Resource) -> Result<Outcome, TokenError> {
         let name = acct.account.name.clone();
         let TokenState::Active(before) = &slot.state else {
             return Err(TokenError::Locked(name));
         };
         let before = before.clone();
-        let t = match self.ask_provider(acct, slot, &before).await {
+        let t = match self.ask_provider_for(acct, slot, &before, r).await {
             Ok(t) => t,
             Err(error) => return Ok(Outcome::Refused { before, error }),
         };
+        tracing::debug!(account = %name, resource = r.name(), "access token received");
         // Save a rotated refresh token before anything uses the new access token.
-        let mut done = Refreshed::new(&before, t);
-        if before.sealed && slot.record.is_some() {
+        let mut done = Refreshed::new_for(&before, t, r);
+        if before.sealed && slot.record.is_some() && (r == Resource::Mail || done.rotated.is_some()) {
             let mut rec = slot.record.clone().unwrap_or_else(|| new_record(&name));
             rec.last_refresh = Some(now_unix());
-            if let Some(s) = &done.tokens.scopes {
+            if let Some(s) = done.tokens.scopes.as_ref().filter(|_| r == Resource::Mail) {
                 rec.scopes = s.clone();
             }
             match self.save(acct, slot, rec, done.rotated.as_ref()).await {
@@ -195,10 +227,22 @@ impl TokenManager {
         slot: &Slot,
         before: &Active,
     ) -> Result<Tokens, OAuthError> {
+        self.ask_provider_for(acct, slot, before, Resource::Mail).await
+    }
+
+    /// [`TokenManager::ask_provider`] for resource `r`'s token.
+    pub(super) async fn ask_provider_for(
+        &self,
+        acct: &AccountTokens,
+        slot: &Slot,
+        before: &Active,
+        res: Resource,
+    ) -> Result<Tokens, OAuthError> {
         let name = &acct.account.name;
+        let s = &acct.settings;
         let result = match &before.refresh {
-            Some(r) => oauth::refresh(&self.http, name, &acct.settings, r).await,
-            None => flows::app_token(&self.http, name, &acct.account.username, &acct.settings).await,
+            Some(r) => flows::refresh_for(&self.http, name, s, r, res.refresh_scope(s)).await,
+            None => flows::app_token(&self.http, name, &acct.account.username, &res.app_settings(s)).await,
         };
         let authorized_at = slot.record.as_ref().and_then(|r| r.authorized_at);
         result.map_err(|e| e.with_grant_age(name, authorized_at))
@@ -279,13 +323,13 @@ impl TokenManager {
     pub(super) async fn reject_own(&self, acct: &AccountTokens, token: &Secret) {
         let mut slot = acct.slot.lock().await;
         if let TokenState::Active(a) = &slot.state {
-            if a.access.as_ref().is_some_and(|x| x.token == *token) {
-                let next = Active {
-                    access: None,
-                    ..a.clone()
-                };
-                slot.state = TokenState::Active(next);
+            let mut next = a.clone();
+            for r in [Resource::Mail, Resource::Graph] {
+                if a.access_of(r).is_some_and(|x| x.token == *token) {
+                    next.set_access(r, None);
+                }
             }
+            slot.state = TokenState::Active(next);
         }
     }
 }

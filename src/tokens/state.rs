@@ -7,6 +7,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::authorize::Flight;
+use super::resource::Resource;
 use crate::oauth::Tokens;
 pub use crate::oauth::MIN_REFRESH_INTERVAL;
 use crate::secret::Secret;
@@ -42,6 +43,9 @@ pub(crate) struct Active {
     /// `None` for client credentials, which have no refresh token.
     pub refresh: Option<Secret>,
     pub access: Option<Access>,
+    /// The Graph token, for accounts that send through Graph (another
+    /// audience than `access`, from the same refresh token).
+    pub graph: Option<Access>,
     /// The refresh token in memory is the one saved (sealed in the vault or
     /// in the keyring). False after an on-demand grant that could not be
     /// sealed yet (no local password, or its key unknown) and after a failed
@@ -59,10 +63,26 @@ impl Active {
         Active {
             refresh,
             access,
+            graph: None,
             sealed,
             retry_at: None,
             retries: 0,
             last_error: None,
+        }
+    }
+
+    /// The access token for `r`, fresh or not.
+    pub fn access_of(&self, r: Resource) -> Option<&Access> {
+        match r {
+            Resource::Mail => self.access.as_ref(),
+            Resource::Graph => self.graph.as_ref(),
+        }
+    }
+
+    pub fn set_access(&mut self, r: Resource, a: Option<Access>) {
+        match r {
+            Resource::Mail => self.access = a,
+            Resource::Graph => self.graph = a,
         }
     }
 

@@ -176,6 +176,10 @@ impl TokenManager {
             last_refresh: slot.record.as_ref().and_then(|r| r.last_refresh),
             last_use: *sync::lock(&acct.last_use),
             scopes: slot.record.as_ref().map(|r| r.scopes.clone()).unwrap_or_default(),
+            graph_expires: match &slot.state {
+                TokenState::Active(a) => a.graph.as_ref().map(|x| unix(x.expires_at)),
+                _ => None,
+            },
             next_refresh: planned_refresh(&slot).filter(|_| has_password).map(unix),
             last_error: match &slot.state {
                 TokenState::Active(a) => a.last_error.clone(),

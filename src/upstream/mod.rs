@@ -16,6 +16,7 @@
 //! token lifecycle or the sessions.
 
 pub(crate) mod conn;
+pub(crate) mod graph;
 pub(crate) mod imap;
 pub(crate) mod login;
 pub(crate) mod pop3;

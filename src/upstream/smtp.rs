@@ -144,7 +144,8 @@ fn explain_failure(r: &Reply, challenge: Option<&sasl::OAuthChallenge>) -> Strin
     if r.enhanced_code() == Some("5.7.139") || lower.contains("smtpclientauthentication is disabled") {
         return "SMTP AUTH is disabled for this tenant or mailbox (5.7.139); an Exchange administrator must enable it \
                 (Set-CASMailbox -SmtpClientAuthenticationDisabled $false, or in the Microsoft 365 admin center under \
-                Mail > Authenticated SMTP)"
+                Mail > Authenticated SMTP), or set smtp = \"graph\" for this account so mailproxy sends through \
+                Microsoft Graph instead (permission Mail.Send; see the README's Graph section)"
             .to_string();
     }
     if lower.contains("5.7.57") || lower.contains("client was not authenticated to send anonymous mail") {
@@ -158,5 +159,25 @@ fn explain_failure(r: &Reply, challenge: Option<&sasl::OAuthChallenge>) -> Strin
     match challenge {
         Some(c) => c.explain(),
         None => format!("the server said: {text}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smtp_auth_disabled_names_graph_as_the_way_out() {
+        let r = Reply {
+            code: 535,
+            lines: vec![
+                "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.".into(),
+            ],
+        };
+        let why = explain_failure(&r, None);
+        assert!(
+            why.contains("5.7.139") && why.contains("smtp = \"graph\"") && why.contains("Mail.Send"),
+            "{why}"
+        );
     }
 }

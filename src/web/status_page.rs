@@ -191,6 +191,14 @@ fn card(r: &AccountStatus, now: u64) -> String {
                 None => "none in memory".into(),
             },
         );
+        if let Some(t) = r.graph_expires {
+            let v = if t > now {
+                format!("expires {}", when(now, Some(t), ""))
+            } else {
+                "expired; renewed at the next message".into()
+            };
+            row("Graph token", v);
+        }
         row("Next refresh", when(now, r.next_refresh, "when a client logs in"));
     }
     row("Last refresh", when(now, r.last_refresh, "never"));
@@ -253,12 +261,25 @@ mod tests {
             last_refresh: None,
             last_use: None,
             scopes: vec![],
+            graph_expires: None,
             next_refresh: None,
             last_error: None,
             sessions: 0,
             upstream_sessions: vec![],
             can_start: false,
         }
+    }
+
+    #[test]
+    fn a_graph_token_is_shown_beside_the_mail_token() {
+        let mut r = row("ok");
+        assert!(!page(&[r.clone()], &KdfStatus::default(), 1000).contains("Graph token"));
+        r.graph_expires = Some(1300);
+        let h = page(&[r], &KdfStatus::default(), 1000);
+        assert!(
+            h.contains("<dt>Graph token<dd>expires <time") && h.contains("in 5 min</time>"),
+            "{h}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod clients;
 mod control;
 mod deb;
 mod fleet;
+mod graph;
 mod harness;
 mod hostile;
 mod imap;

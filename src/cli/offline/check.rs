@@ -13,6 +13,7 @@ use crate::control;
 use crate::oauth::{self, OAuthError};
 use crate::store;
 use crate::tokens::offline::{self, Checked};
+use crate::tokens::Resource;
 
 /// `check` done by the command itself.
 pub(super) async fn run(config: &Config, only: Option<&str>) -> Result<u8> {
@@ -48,6 +49,7 @@ pub(super) async fn run(config: &Config, only: Option<&str>) -> Result<u8> {
             &name,
             &account.username,
             &settings,
+            Resource::Mail,
             ask_password(&name),
         )
         .await?;

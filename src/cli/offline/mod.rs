@@ -7,7 +7,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 
 use crate::config::Config;
-use crate::tokens::AccountStatus;
+use crate::tokens::{AccountStatus, Resource};
 
 use super::runner::{Handout, LoginOptions, Runner};
 
@@ -55,7 +55,7 @@ impl Runner for Offline<'_> {
         Ok(false)
     }
 
-    async fn token(self: Box<Self>, account: &str, _min_life: Duration) -> Result<Handout> {
-        token::run(self.config, account).await
+    async fn token(self: Box<Self>, account: &str, resource: Resource, _min_life: Duration) -> Result<Handout> {
+        token::run(self.config, account, resource).await
     }
 }

@@ -13,13 +13,13 @@ use crate::config::Config;
 use crate::oauth;
 use crate::store;
 use crate::tokens::offline::{self, Checked};
-use crate::tokens::Handed;
+use crate::tokens::{Handed, Resource};
 
 use super::check::failure_code;
 
 /// `token` done by the command itself; the sentence of a failure goes to
 /// stderr, stdout stays the token's.
-pub(super) async fn run(config: &Config, name: &str) -> Result<Handout> {
+pub(super) async fn run(config: &Config, name: &str, resource: Resource) -> Result<Handout> {
     let (account, settings) = oauth_account(config, name)?;
     let name = account.name.clone();
     let records = store::open(config).await?;
@@ -33,6 +33,7 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<Handout> {
         &name,
         &account.username,
         &settings,
+        resource,
         ask_password(&name),
     )
     .await?;
@@ -53,7 +54,11 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<Handout> {
             Handout::Failed(code)
         }
         Checked::Refreshed(t) => {
-            let handed = Handed::from_tokens(&name, &t, &settings.scopes);
+            let asked = match (resource, &settings.graph_scopes) {
+                (Resource::Graph, Some(g)) => g,
+                _ => &settings.scopes,
+            };
+            let handed = Handed::from_tokens(&name, &t, asked);
             let to = format!("token handed out to uid {}", crate::sys::euid());
             audit.record(Entry::new(&name, "token_handed_out", to).scopes(&handed.scopes));
             Handout::Token(handed)

@@ -23,6 +23,7 @@
 pub mod chromium;
 pub mod client;
 pub mod dovecot;
+pub mod graph;
 pub mod haproxy;
 pub mod hostile_util;
 pub mod http;

@@ -593,9 +593,28 @@ impl FakeProvider {
         self.st().refresh.get(tok).is_some_and(|r| r.valid)
     }
 
+    /// A view of the access tokens for another fake server (the fake
+    /// Graph checks each bearer token's audience with it).
+    pub fn token_view(&self) -> TokenView {
+        TokenView(self.state.clone())
+    }
+
     /// User an access token was issued for (even if no longer live).
     pub fn access_token_user(&self, tok: &str) -> Option<String> {
         self.st().access.get(tok).map(|a| a.user.clone())
+    }
+}
+
+/// Looks up the provider's access tokens from another fake server.
+#[derive(Clone)]
+pub struct TokenView(Arc<Mutex<State>>);
+
+impl TokenView {
+    /// `(user, scope)` of a live access token: issued here, neither expired nor revoked.
+    pub fn live(&self, tok: &str) -> Option<(String, String)> {
+        let st = lock(&self.0);
+        let a = st.access.get(tok)?;
+        (!a.revoked && a.expires > Instant::now()).then(|| (a.user.clone(), a.scope.clone()))
     }
 }
 
