@@ -90,125 +90,54 @@ struct AccountProtoLabels {
     protocol: Proto,
 }
 
-struct Metrics {
-    registry: Registry,
-    connections: Family<ConnLabels, Counter>,
-    logins: Family<LoginLabels, Counter>,
-    refreshes: Family<RefreshLabels, Counter>,
-    sessions: Family<ProtoLabels, Gauge>,
-    bytes: Family<BytesLabels, Counter>,
-    misconnects: Family<MisconnectLabels, Counter>,
-    expiry: Family<AccountLabels, Gauge>,
-    upstream_sessions: Family<AccountProtoLabels, Gauge>,
-    upstream_limit: Family<AccountProtoLabels, Gauge>,
-    kdf_waiting: Gauge,
-    kdf_in_flight: Gauge,
-    kdf_runs: Gauge,
-    store_up: Gauge,
-    graph_requests: Family<StatusLabels, Counter>,
-    graph_bytes: Counter,
-    graph_seconds: Histogram,
+/// Declares the metrics once: each field with its type, first value, name
+/// and help, so a field cannot be added without being registered.
+macro_rules! metrics {
+    ($($field:ident: $ty:ty = $init:expr, $name:literal, $help:literal;)*) => {
+        struct Metrics {
+            registry: Registry,
+            $($field: $ty,)*
+        }
+
+        static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+            let mut registry = Registry::with_prefix("mailproxy");
+            $(
+                let $field: $ty = $init;
+                registry.register($name, $help, $field.clone());
+            )*
+            Metrics { registry, $($field,)* }
+        });
+    };
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let mut registry = Registry::with_prefix("mailproxy");
-    let m = Metrics {
-        registry: Registry::default(),
-        connections: Family::default(),
-        logins: Family::default(),
-        refreshes: Family::default(),
-        sessions: Family::default(),
-        bytes: Family::default(),
-        misconnects: Family::default(),
-        expiry: Family::default(),
-        upstream_sessions: Family::default(),
-        upstream_limit: Family::default(),
-        kdf_waiting: Gauge::default(),
-        kdf_in_flight: Gauge::default(),
-        kdf_runs: Gauge::default(),
-        store_up: Gauge::default(),
-        graph_requests: Family::default(),
-        graph_bytes: Counter::default(),
-        graph_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
-    };
-    registry.register(
-        "connections",
-        "Client connections by protocol and outcome (accepted, refused, proxy_refused, relayed)",
-        m.connections.clone(),
-    );
-    registry.register(
-        "logins",
-        "Client logins by protocol, outcome (ok, failed) and failure class",
-        m.logins.clone(),
-    );
-    registry.register(
-        "refreshes",
-        "Token refreshes by provider and outcome (ok, shared = another instance's token used, failed, needs_login, store_unavailable)",
-        m.refreshes.clone(),
-    );
-    registry.register("sessions_open", "Client sessions open now", m.sessions.clone());
-    registry.register(
-        "relayed_bytes",
-        "Bytes relayed after login, by protocol and direction (up = to the server)",
-        m.bytes.clone(),
-    );
-    registry.register(
-        "misconnects",
-        "Clients that connected the wrong way, closed with a warning in the log, by listener and kind (tls_on_plaintext: a TLS handshake on a plaintext or STARTTLS listener; plaintext_on_tls: plaintext, or silence, on an implicit-TLS listener)",
-        m.misconnects.clone(),
-    );
-    registry.register(
-        "token_expiry_seconds",
-        "Seconds until each account's access token expires (negative: expired)",
-        m.expiry.clone(),
-    );
-    for (name, help, family) in [
-        (
-            "upstream_sessions",
-            "Upstream sessions open now, by account of the config and protocol",
-            &m.upstream_sessions,
-        ),
-        (
-            "upstream_session_limit",
-            "The account's limit of upstream sessions per protocol (max_upstream_sessions; no series: no limit)",
-            &m.upstream_limit,
-        ),
-    ] {
-        registry.register(name, help, family.clone());
-    }
-    registry.register(
-        "kdf_waiting",
-        "Password checks waiting for their turn",
-        m.kdf_waiting.clone(),
-    );
-    registry.register(
-        "kdf_in_flight",
-        "Password KDF runs in progress",
-        m.kdf_in_flight.clone(),
-    );
-    registry.register("kdf_runs", "Password KDF runs since start", m.kdf_runs.clone());
-    registry.register(
-        "token_store_up",
-        "1 when the token store answered the last check",
-        m.store_up.clone(),
-    );
-    registry.register(
-        "graph_requests",
-        "Requests to Microsoft Graph (accounts with smtp = \"graph\") by HTTP status (0: no answer)",
-        m.graph_requests.clone(),
-    );
-    registry.register(
-        "graph_sent_bytes",
-        "Request bytes sent to Microsoft Graph",
-        m.graph_bytes.clone(),
-    );
-    registry.register(
-        "graph_request_seconds",
-        "How long requests to Microsoft Graph took",
-        m.graph_seconds.clone(),
-    );
-    Metrics { registry, ..m }
-});
+metrics! {
+    connections: Family<ConnLabels, Counter> = Family::default(), "connections",
+        "Client connections by protocol and outcome (accepted, refused, proxy_refused, relayed)";
+    logins: Family<LoginLabels, Counter> = Family::default(), "logins",
+        "Client logins by protocol, outcome (ok, failed) and failure class";
+    refreshes: Family<RefreshLabels, Counter> = Family::default(), "refreshes",
+        "Token refreshes by provider and outcome (ok, shared = another instance's token used, failed, needs_login, store_unavailable)";
+    sessions: Family<ProtoLabels, Gauge> = Family::default(), "sessions_open", "Client sessions open now";
+    bytes: Family<BytesLabels, Counter> = Family::default(), "relayed_bytes",
+        "Bytes relayed after login, by protocol and direction (up = to the server)";
+    misconnects: Family<MisconnectLabels, Counter> = Family::default(), "misconnects",
+        "Clients that connected the wrong way, closed with a warning in the log, by listener and kind (tls_on_plaintext: a TLS handshake on a plaintext or STARTTLS listener; plaintext_on_tls: plaintext, or silence, on an implicit-TLS listener)";
+    expiry: Family<AccountLabels, Gauge> = Family::default(), "token_expiry_seconds",
+        "Seconds until each account's access token expires (negative: expired)";
+    upstream_sessions: Family<AccountProtoLabels, Gauge> = Family::default(), "upstream_sessions",
+        "Upstream sessions open now, by account of the config and protocol";
+    upstream_limit: Family<AccountProtoLabels, Gauge> = Family::default(), "upstream_session_limit",
+        "The account's limit of upstream sessions per protocol (max_upstream_sessions; no series: no limit)";
+    kdf_waiting: Gauge = Gauge::default(), "kdf_waiting", "Password checks waiting for their turn";
+    kdf_in_flight: Gauge = Gauge::default(), "kdf_in_flight", "Password KDF runs in progress";
+    kdf_runs: Gauge = Gauge::default(), "kdf_runs", "Password KDF runs since start";
+    store_up: Gauge = Gauge::default(), "token_store_up", "1 when the token store answered the last check";
+    graph_requests: Family<StatusLabels, Counter> = Family::default(), "graph_requests",
+        "Requests to Microsoft Graph (accounts with smtp = \"graph\") by HTTP status (0: no answer)";
+    graph_bytes: Counter = Counter::default(), "graph_sent_bytes", "Request bytes sent to Microsoft Graph";
+    graph_seconds: Histogram = Histogram::new(exponential_buckets(0.01, 2.0, 14)), "graph_request_seconds",
+        "How long requests to Microsoft Graph took";
+}
 
 /// One request to Microsoft Graph: its status (0: none), bytes and time.
 pub fn graph_request(status: u16, sent: u64, took: std::time::Duration) {

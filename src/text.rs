@@ -12,6 +12,24 @@ pub fn strip_eol(line: &[u8]) -> &[u8] {
     }
 }
 
+/// `(year, month, day, hour, minute, second)` in UTC from unix seconds
+/// (the proleptic Gregorian calendar, as RFC 3339 dates are).
+pub fn civil_utc(t: u64) -> (i64, i64, i64, u64, u64, u64) {
+    let days = i64::try_from(t / 86_400).unwrap_or(i64::MAX / 2);
+    let secs = t % 86_400;
+    // Civil date from days since 1970-01-01.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d, secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
 /// Text for a protocol reply: control characters (CR, LF, NUL, …) become
 /// spaces, so upstream or provider text can never add a line to the
 /// client's protocol stream.

@@ -1,26 +1,23 @@
 //! `mailproxy check` done by the command itself: refresh each account's
 //! token now and print its line.
 
+use super::Local;
 use std::time::SystemTime;
 
 use anyhow::Result;
 
 use crate::audit::{Audit, Entry};
 use crate::cli::lookup::{known_accounts, oauth_account};
-use crate::cli::terminal::ask_password;
 use crate::config::Config;
 use crate::control;
-use crate::oauth::{self, OAuthError};
-use crate::store;
-use crate::tokens::offline::{self, Checked};
+use crate::oauth::OAuthError;
+use crate::tokens::offline::Checked;
 use crate::tokens::Resource;
 
 /// `check` done by the command itself.
 pub(super) async fn run(config: &Config, only: Option<&str>) -> Result<u8> {
-    let records = store::open(config).await?;
-    let store_key = store::store_key(config)?;
-    let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client_for(config)?;
+    let local = Local::open(config).await?;
+    let (records, audit) = (&*local.records, &local.audit);
     let names: Vec<String> = match only {
         Some(n) => vec![oauth_account(config, n)?.0.name.clone()],
         None => known_accounts(config, &*records)
@@ -42,18 +39,8 @@ pub(super) async fn run(config: &Config, only: Option<&str>) -> Result<u8> {
             }
             continue;
         }
-        let checked = offline::check(
-            &*records,
-            store_key.as_ref(),
-            &http,
-            &name,
-            &account.username,
-            &settings,
-            Resource::Mail,
-            ask_password(&name),
-        )
-        .await?;
-        worst = worst.max(report(&name, checked, &audit));
+        let checked = local.check(&name, &account.username, &settings, Resource::Mail).await?;
+        worst = worst.max(report(&name, checked, audit));
     }
     Ok(worst)
 }

@@ -1,25 +1,28 @@
 //! `mailproxy revoke` done by the command itself: revoke the refresh token
 //! at the provider and erase every local trace.
 
+use super::Local;
 use anyhow::Result;
 
 use crate::audit::{Audit, Entry};
 use crate::cli::lookup::oauth_account;
 use crate::cli::terminal::ask_password;
 use crate::config::{Account, Config, OAuthSettings, TokenStore};
-use crate::oauth::{self, flows};
+use crate::keystore;
+use crate::oauth::flows;
 use crate::secret::Secret;
 use crate::tokens::offline;
-use crate::{keystore, store};
 
 /// `revoke` done by the command itself.
 pub(super) async fn run(config: &Config, name: &str) -> Result<()> {
     let (account, settings) = oauth_account(config, name)?;
     let name = account.name.clone();
-    let records = store::open(config).await?;
-    let store_key = store::store_key(config)?;
-    let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client_for(config)?;
+    let Local {
+        records,
+        store_key,
+        audit,
+        http,
+    } = Local::open(config).await?;
     let rec = records.load(&name).await?;
     let refresh = match &rec {
         Some(r) => {

@@ -3,16 +3,14 @@
 //! Without `serve` no access token is kept, so every call refreshes and
 //! the token has its full life.
 
+use super::Local;
 use anyhow::Result;
 
-use crate::audit::{Audit, Entry};
+use crate::audit::Entry;
 use crate::cli::lookup::oauth_account;
 use crate::cli::runner::Handout;
-use crate::cli::terminal::ask_password;
 use crate::config::Config;
-use crate::oauth;
-use crate::store;
-use crate::tokens::offline::{self, Checked};
+use crate::tokens::offline::Checked;
 use crate::tokens::{Handed, Resource};
 
 use super::check::failure_code;
@@ -22,21 +20,9 @@ use super::check::failure_code;
 pub(super) async fn run(config: &Config, name: &str, resource: Resource) -> Result<Handout> {
     let (account, settings) = oauth_account(config, name)?;
     let name = account.name.clone();
-    let records = store::open(config).await?;
-    let store_key = store::store_key(config)?;
-    let audit = Audit::direct(&config.audit_log);
-    let http = oauth::http_client_for(config)?;
-    let checked = offline::check(
-        &*records,
-        store_key.as_ref(),
-        &http,
-        &name,
-        &account.username,
-        &settings,
-        resource,
-        ask_password(&name),
-    )
-    .await?;
+    let local = Local::open(config).await?;
+    let audit = &local.audit;
+    let checked = local.check(&name, &account.username, &settings, resource).await?;
     Ok(match checked {
         Checked::NeedsLogin(why) => {
             eprintln!("{name}: needs login: {why}");
