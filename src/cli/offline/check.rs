@@ -20,7 +20,7 @@ pub(super) async fn run(config: &Config, only: Option<&str>) -> Result<u8> {
     let (records, audit) = (&*local.records, &local.audit);
     let names: Vec<String> = match only {
         Some(n) => vec![oauth_account(config, n)?.0.name.clone()],
-        None => known_accounts(config, &*records)
+        None => known_accounts(config, records)
             .iter()
             .filter(|a| a.oauth().is_some())
             .map(|a| a.name.clone())
