@@ -110,16 +110,12 @@ pub(crate) async fn run<P: SessionProtocol>(
                     return Ok(());
                 };
                 match outcome {
-                    Ok(LoggedIn {
-                        conn,
-                        success,
-                        slot: taken,
-                    }) => {
+                    Ok(logged_in) => {
                         tracing::Span::current().record("login", escaped(&login).as_str());
-                        tracing::info!(upstream = %conn.name(), "logged in");
-                        slot = taken;
-                        let now = pre.login_succeeded(success);
-                        upstream = Some(conn);
+                        tracing::info!(upstream = %logged_in.conn.name(), "logged in");
+                        slot = logged_in.slot;
+                        let now = pre.login_succeeded(logged_in.success);
+                        upstream = Some(logged_in.conn);
                         if now {
                             drop(buf);
                             return hand_off(ctx, listener, client, pre, upstream, slot).await;
