@@ -21,6 +21,9 @@
 //! 8. A fleet (`fleet.rs`): logins per second and FETCH throughput through
 //!    two instances on PostgreSQL behind HAProxy vs one instance.
 //!
+//! Graph (`graph.rs`): submission through Microsoft Graph vs the SMTP relay,
+//! small messages per second, large ones in MB/s, memory per session.
+//!
 //! The client is raw bytes over tokio with large buffers: literals are
 //! counted, not copied, so the client is not what limits throughput.
 
@@ -68,6 +71,8 @@ struct Opts {
     pop3: bool,
     peers: bool,
     fleet: bool,
+    graph: bool,
+    graph_opts: graph::GraphOpts,
     fleet_clients: usize,
     fleet_logins: usize,
     fleet_sessions: usize,
@@ -98,6 +103,8 @@ impl Default for Opts {
             pop3: true,
             peers: true,
             fleet: true,
+            graph: true,
+            graph_opts: graph::GraphOpts::default(),
             fleet_clients: 32,
             fleet_logins: 2000,
             fleet_sessions: 4,
@@ -122,7 +129,7 @@ impl Default for Opts {
 const USAGE: &str = "\
 usage: scripts/bench [options]
 
-  --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3,peers,fleet (default: all)
+  --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3,peers,fleet,graph (default: all)
   --mailbox-mb N      INBOX size for the FETCH and POP3 tests in MiB (default 40)
   --msg-kb N          size of each message in KiB (default 100)
   --runs N            timed FETCH runs per variant, after one warm-up (default 9)
@@ -161,7 +168,7 @@ fn parse_args() -> Opts {
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             "-h" | "--help" => {
-                print!("{USAGE}");
+                print!("{USAGE}{}", graph::USAGE);
                 std::process::exit(0);
             }
             "--sections" => {
@@ -177,9 +184,10 @@ fn parse_args() -> Opts {
                         "pop3" => o.pop3 = true,
                         "peers" => o.peers = true,
                         "fleet" => o.fleet = true,
+                        "graph" => o.graph = true,
                         "all" => o.set_sections(true),
                         _ => die(&format!(
-                            "unknown section `{s}` (fetch, login, concurrent, memory, smtp, pop3, peers, fleet)"
+                            "unknown section `{s}` (fetch, login, concurrent, memory, smtp, pop3, peers, fleet, graph)"
                         )),
                     }
                 }
@@ -208,6 +216,7 @@ fn parse_args() -> Opts {
                     o.pop3_modes = m;
                 }
             }
+            f if f.starts_with("--graph-") => o.graph_opts.set(f, val()),
             "--proxy-log" => o.proxy_log = val().unwrap_or_else(|| die("--proxy-log needs a value")),
             _ => die(&format!("unknown option `{a}`\n\n{USAGE}")),
         }
@@ -238,6 +247,7 @@ impl Opts {
             &mut self.pop3,
             &mut self.peers,
             &mut self.fleet,
+            &mut self.graph,
         ] {
             *s = on;
         }
@@ -258,8 +268,9 @@ macro_rules! progress {
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 static START_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-// Sections 5 to 8; they use `progress!`, so are declared after it.
+// Sections 5 to 8 and Graph; they use `progress!`, so are declared after it.
 mod fleet;
+mod graph;
 mod mail;
 mod peers;
 mod words;
@@ -529,7 +540,7 @@ impl World {
         support::require_dovecot();
         // Dovecot relays submissions to a counting sink (the harness's own
         // sink, started by Env too, then gets nothing).
-        let sink = o.smtp.then(mail::CountSink::start);
+        let sink = (o.smtp || o.graph).then(mail::CountSink::start);
         let relay = sink.as_ref().map(mail::CountSink::port);
         let env = Env::start_with(&[(PEER, PEER_PW)], |opts: &mut DovecotOptions| {
             opts.extra_config = DOVECOT_EXTRA.to_string();
@@ -1134,6 +1145,7 @@ struct Results {
     mail: mail::MailResults,
     peers: Vec<peers::PeerResult>,
     fleet: Vec<fleet::FleetResult>,
+    graph: Option<graph::GraphResult>,
 }
 
 fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
@@ -1145,6 +1157,7 @@ fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
         mail: mailr,
         peers,
         fleet,
+        graph,
     } = r;
     let total = START.get().map(Instant::elapsed).unwrap_or_default();
     let mut misses = 0;
@@ -1345,6 +1358,9 @@ fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
     if !fleet.is_empty() {
         fleet::print_fleet(fleet, o, bytes);
     }
+    if let Some(g) = graph {
+        misses += graph::print_graph(g);
+    }
     println!();
     println!(
         "Targets missed: {misses}. Total bench time {:.0} s.",
@@ -1428,6 +1444,11 @@ async fn run(o: Opts) -> io::Result<()> {
             (true, Some((bytes, n))) => fleet::bench_fleet(&w, &o, bytes, n).await?,
             _ => vec![],
         };
+        let graph = if o.graph {
+            Some(graph::bench_graph(&w, &o.graph_opts).await?)
+        } else {
+            None
+        };
         let conc = if o.concurrent {
             tokio::task::block_in_place(|| rt_block(bench_concurrent(&mut w, &o)))?
         } else {
@@ -1446,6 +1467,7 @@ async fn run(o: Opts) -> io::Result<()> {
             mail: mail::MailResults { smtp, pop3 },
             peers,
             fleet,
+            graph,
         })
     };
     let results = match sections.await {
