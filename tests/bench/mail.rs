@@ -409,7 +409,7 @@ pub fn dovecot_master_pid(w: &World) -> Option<u32> {
 }
 
 /// utime + stime + cutime + cstime of the master and all its live children.
-fn dovecot_cpu_secs(master: Option<u32>) -> f64 {
+pub fn dovecot_cpu_secs(master: Option<u32>) -> f64 {
     let Some(master) = master else {
         return 0.0;
     };

@@ -25,6 +25,9 @@
 //! 10. A long soak (`idle.rs`): 100,000 churned sessions; RSS, open files
 //!     and tasks after the warm-up and at the end.
 //!
+//! Graph (`graph.rs`): submission through Microsoft Graph vs the SMTP relay,
+//! small messages per second, large ones in MB/s, memory per session.
+//!
 //! The client is raw bytes over tokio with large buffers: literals are
 //! counted, not copied, so the client is not what limits throughput.
 
@@ -76,6 +79,8 @@ struct Opts {
     soak: bool,
     idle_sessions: usize,
     soak_sessions: usize,
+    graph: bool,
+    graph_opts: graph::GraphOpts,
     fleet_clients: usize,
     fleet_logins: usize,
     fleet_sessions: usize,
@@ -110,6 +115,8 @@ impl Default for Opts {
             soak: true,
             idle_sessions: 9500,
             soak_sessions: 100_000,
+            graph: true,
+            graph_opts: graph::GraphOpts::default(),
             fleet_clients: 32,
             fleet_logins: 2000,
             fleet_sessions: 4,
@@ -134,7 +141,7 @@ impl Default for Opts {
 const USAGE: &str = "\
 usage: scripts/bench [options]
 
-  --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3,peers,fleet,idle,soak (default: all)
+  --sections LIST     comma-separated: fetch,login,concurrent,memory,smtp,pop3,peers,fleet,idle,soak,graph (default: all)
   --mailbox-mb N      INBOX size for the FETCH and POP3 tests in MiB (default 40)
   --msg-kb N          size of each message in KiB (default 100)
   --runs N            timed FETCH runs per variant, after one warm-up (default 9)
@@ -175,7 +182,7 @@ fn parse_args() -> Opts {
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             "-h" | "--help" => {
-                print!("{USAGE}");
+                print!("{USAGE}{}", graph::USAGE);
                 std::process::exit(0);
             }
             "--sections" => {
@@ -193,9 +200,10 @@ fn parse_args() -> Opts {
                         "fleet" => o.fleet = true,
                         "idle" => o.idle = true,
                         "soak" => o.soak = true,
+                        "graph" => o.graph = true,
                         "all" => o.set_sections(true),
                         _ => die(&format!(
-                            "unknown section `{s}` (fetch, login, concurrent, memory, smtp, pop3, peers, fleet, idle, soak)"
+                            "unknown section `{s}` (fetch, login, concurrent, memory, smtp, pop3, peers, fleet, idle, soak, graph)"
                         )),
                     }
                 }
@@ -226,6 +234,7 @@ fn parse_args() -> Opts {
                     o.pop3_modes = m;
                 }
             }
+            f if f.starts_with("--graph-") => o.graph_opts.set(f, val()),
             "--proxy-log" => o.proxy_log = val().unwrap_or_else(|| die("--proxy-log needs a value")),
             _ => die(&format!("unknown option `{a}`\n\n{USAGE}")),
         }
@@ -260,6 +269,7 @@ impl Opts {
             &mut self.fleet,
             &mut self.idle,
             &mut self.soak,
+            &mut self.graph,
         ] {
             *s = on;
         }
@@ -280,8 +290,9 @@ macro_rules! progress {
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 static START_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
-// Sections 5 to 8; they use `progress!`, so are declared after it.
+// Sections 5 to 8 and Graph; they use `progress!`, so are declared after it.
 mod fleet;
+mod graph;
 mod idle;
 mod mail;
 mod peers;
@@ -552,7 +563,7 @@ impl World {
         support::require_dovecot();
         // Dovecot relays submissions to a counting sink (the harness's own
         // sink, started by Env too, then gets nothing).
-        let sink = o.smtp.then(mail::CountSink::start);
+        let sink = (o.smtp || o.graph).then(mail::CountSink::start);
         let relay = sink.as_ref().map(mail::CountSink::port);
         let env = Env::start_with(&[(PEER, PEER_PW)], |opts: &mut DovecotOptions| {
             opts.extra_config = DOVECOT_EXTRA.to_string();
@@ -1139,6 +1150,7 @@ struct Results {
     fleet: Vec<fleet::FleetResult>,
     idle: Vec<idle::IdleResult>,
     soak: Option<idle::SoakResult>,
+    graph: Option<graph::GraphResult>,
 }
 
 fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
@@ -1152,6 +1164,7 @@ fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
         fleet,
         idle,
         soak,
+        graph,
     } = r;
     let total = START.get().map(Instant::elapsed).unwrap_or_default();
     let mut misses = 0;
@@ -1358,6 +1371,9 @@ fn print_report(o: &Opts, mailbox: Option<(u64, u64)>, r: &Results) {
     if let Some(s) = soak {
         misses += idle::print_soak(s);
     }
+    if let Some(g) = graph {
+        misses += graph::print_graph(g);
+    }
     println!();
     println!(
         "Targets missed: {misses}. Total bench time {:.0} s.",
@@ -1441,6 +1457,11 @@ async fn run(o: Opts) -> io::Result<()> {
             (true, Some((bytes, n))) => fleet::bench_fleet(&w, &o, bytes, n).await?,
             _ => vec![],
         };
+        let graph = if o.graph {
+            Some(graph::bench_graph(&w, &o.graph_opts).await?)
+        } else {
+            None
+        };
         let conc = if o.concurrent {
             tokio::task::block_in_place(|| rt_block(bench_concurrent(&mut w, &o)))?
         } else {
@@ -1471,6 +1492,7 @@ async fn run(o: Opts) -> io::Result<()> {
             mail: mail::MailResults { smtp, pop3 },
             peers,
             fleet,
+            graph,
         })
     };
     let results = match sections.await {
