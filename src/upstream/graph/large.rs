@@ -10,8 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
 use super::spool::Spool;
-use super::{base64_len, Auth, GraphClient, GraphError, GraphToken, MAX_REQUEST};
-use crate::smtp::submission::Envelope;
+use super::{base64_len, GraphError, MAX_REQUEST};
 
 /// Upload session chunks: a multiple of 320 KiB, as Graph asks.
 const CHUNK: usize = 10 * 320 * 1024;
@@ -40,7 +39,7 @@ impl Part {
 }
 
 /// An attachment to upload: its place and what Graph is told about it.
-struct Upload {
+pub(super) struct Upload {
     part: Part,
     name: String,
     content_type: String,
@@ -48,17 +47,20 @@ struct Upload {
     inline: bool,
 }
 
-pub(super) async fn send<T: GraphToken>(
-    c: &GraphClient,
-    auth: &mut Auth<'_, T>,
-    spool: &mut Spool,
-    env: &Envelope,
-    (head, head_len): (Vec<u8>, u64),
-) -> Result<(), GraphError> {
+/// A message over 4 MB split for Graph: the draft's MIME without the
+/// attachments to upload, and those attachments.
+pub(super) struct Large {
+    pub draft: Vec<u8>,
+    pub uploads: Vec<Upload>,
+}
+
+/// Splits the spooled message (its rewritten `head`, the spool's first
+/// `head_len` bytes replaced) into a draft under 4 MB and the largest
+/// top-level attachments, uploaded apart.
+pub(super) async fn split(spool: &mut Spool, head: Vec<u8>, head_len: u64) -> Result<Large, GraphError> {
     let boundary = boundary_of(&head).ok_or_else(|| too_large("it is one part, not multipart"))?;
     let parts = scan(spool, head_len, &boundary).await?;
     let (uploads, draft) = plan(parts, head.len() as u64 + spool.size() - head_len)?;
-    // The draft: the new header, then the body without the uploaded parts.
     let mut mime = head;
     let mut at = head_len;
     for u in &uploads {
@@ -69,26 +71,70 @@ pub(super) async fn send<T: GraphToken>(
     let rest = usize::try_from(spool.size() - at).unwrap_or(0);
     spool.read_into(at, rest, &mut mime).await?;
     debug_assert_eq!(mime.len() as u64, draft);
-    let body = super::encoded(mime);
-    let created = c
-        .call(
-            auth,
-            env,
-            reqwest::Method::POST,
-            &c.url("messages"),
-            Some(("text/plain", body)),
-        )
-        .await?;
-    let id = serde_json::from_slice::<Created>(&created.body)
-        .map_err(|e| GraphError::Network(format!("the draft's answer is not understood ({e})")))?
-        .id;
-    let result = upload_and_send(c, auth, spool, env, &id, &uploads).await;
-    if result.is_err() {
-        // Best effort: no half-built draft stays in the mailbox.
-        let url = c.url(&format!("messages/{}", path_segment(&id)));
-        let _ = c.call(auth, env, reqwest::Method::DELETE, &url, None).await;
+    Ok(Large { draft: mime, uploads })
+}
+
+impl Upload {
+    /// The attachment's size once decoded, as the upload session is told.
+    pub(super) fn size(&self) -> u64 {
+        self.part.decoded_size()
     }
-    result
+
+    /// The body of `createUploadSession`.
+    pub(super) fn item(&self) -> serde_json::Value {
+        json!({ "AttachmentItem": {
+            "attachmentType": "file",
+            "name": self.name,
+            "size": self.size(),
+            "contentType": self.content_type,
+            "isInline": self.inline,
+            "contentId": self.content_id,
+        }})
+    }
+
+    /// The attachment's decoded bytes, a chunk at a time.
+    pub(super) fn chunks(&self) -> Chunks<'_> {
+        Chunks {
+            part: &self.part,
+            decoder: Decoder::default(),
+            block: Vec::with_capacity(64 * 1024),
+            at: self.part.body,
+            sent: 0,
+        }
+    }
+}
+
+/// Decodes a part from the spool a chunk at a time: memory stays at one
+/// chunk, whatever the attachment's size.
+pub(super) struct Chunks<'a> {
+    part: &'a Part,
+    decoder: Decoder,
+    block: Vec<u8>,
+    at: u64,
+    sent: u64,
+}
+
+impl Chunks<'_> {
+    /// The next chunk and the offset of its first byte; `None` at the end.
+    pub(super) async fn next(&mut self, spool: &mut Spool) -> Result<Option<(Vec<u8>, u64)>, GraphError> {
+        let end = self.part.end;
+        while self.decoder.out.len() < CHUNK && self.at < end {
+            let n = usize::try_from((end - self.at).min(64 * 1024)).unwrap_or(64 * 1024);
+            self.block.clear();
+            spool.read_into(self.at, n, &mut self.block).await?;
+            self.decoder.feed(&self.block)?;
+            self.at += n as u64;
+        }
+        let take = self.decoder.out.len().min(CHUNK);
+        if take == 0 {
+            return Ok(None);
+        }
+        let rest = self.decoder.out.split_off(take);
+        let chunk = std::mem::replace(&mut self.decoder.out, rest);
+        let first = self.sent;
+        self.sent += take as u64;
+        Ok(Some((chunk, first)))
+    }
 }
 
 #[derive(Deserialize)]
@@ -102,82 +148,19 @@ struct Session {
     upload_url: String,
 }
 
-async fn upload_and_send<T: GraphToken>(
-    c: &GraphClient,
-    auth: &mut Auth<'_, T>,
-    spool: &mut Spool,
-    env: &Envelope,
-    id: &str,
-    uploads: &[Upload],
-) -> Result<(), GraphError> {
-    let msg = format!("messages/{}", path_segment(id));
-    for u in uploads {
-        let size = u.part.decoded_size();
-        let item = json!({ "AttachmentItem": {
-            "attachmentType": "file",
-            "name": u.name,
-            "size": size,
-            "contentType": u.content_type,
-            "isInline": u.inline,
-            "contentId": u.content_id,
-        }});
-        let url = c.url(&format!("{msg}/attachments/createUploadSession"));
-        let body = Some(("application/json", bytes::Bytes::from(item.to_string())));
-        let answer = c.call(auth, env, reqwest::Method::POST, &url, body).await?;
-        let session: Session = serde_json::from_slice(&answer.body)
-            .map_err(|e| GraphError::Network(format!("the upload session's answer is not understood ({e})")))?;
-        upload(c, spool, env, &u.part, &session.upload_url, size).await?;
-    }
-    c.call(auth, env, reqwest::Method::POST, &c.url(&format!("{msg}/send")), None)
-        .await?;
-    Ok(())
+/// `messages/{id}` of the draft Graph created.
+pub(super) fn draft_path(answer: &[u8]) -> Result<String, GraphError> {
+    let id = serde_json::from_slice::<Created>(answer)
+        .map_err(|e| GraphError::Network(format!("the draft's answer is not understood ({e})")))?
+        .id;
+    Ok(format!("messages/{}", path_segment(&id)))
 }
 
-/// Decodes `part` from the spool a chunk at a time and PUTs each chunk to
-/// the upload session (its URL carries its own authorisation).
-async fn upload(
-    c: &GraphClient,
-    spool: &mut Spool,
-    env: &Envelope,
-    part: &Part,
-    url: &str,
-    size: u64,
-) -> Result<(), GraphError> {
-    let mut decoder = Decoder::default();
-    let mut block = Vec::with_capacity(64 * 1024);
-    let (mut at, mut sent) = (part.body, 0u64);
-    loop {
-        while decoder.out.len() < CHUNK && at < part.end {
-            let n = usize::try_from((part.end - at).min(64 * 1024)).unwrap_or(64 * 1024);
-            block.clear();
-            spool.read_into(at, n, &mut block).await?;
-            decoder.feed(&block)?;
-            at += n as u64;
-        }
-        let take = decoder.out.len().min(CHUNK);
-        if take == 0 {
-            break;
-        }
-        let rest = decoder.out.split_off(take);
-        let chunk = std::mem::replace(&mut decoder.out, rest);
-        let last = sent + take as u64 - 1;
-        let req = c
-            .http
-            .put(url)
-            .header("Content-Range", format!("bytes {sent}-{last}/{size}"))
-            .body(chunk);
-        let (status, headers, body) = c.exchange(req, take as u64).await?;
-        if !(200..300).contains(&status) {
-            let who = super::Who {
-                account: &c.account,
-                mailbox: &c.mailbox,
-                recipients: &env.rcpt,
-            };
-            return Err(super::error::decode(status, super::retry_after(&headers), &body, &who));
-        }
-        sent += take as u64;
-    }
-    Ok(())
+/// The upload session's URL (it carries its own authorisation).
+pub(super) fn upload_url(answer: &[u8]) -> Result<String, GraphError> {
+    let session: Session = serde_json::from_slice(answer)
+        .map_err(|e| GraphError::Network(format!("the upload session's answer is not understood ({e})")))?;
+    Ok(session.upload_url)
 }
 
 /// Base64 decoding of a body that arrives in pieces, whitespace anywhere.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::Method;
 
 pub use error::{GraphError, Who};
 use spool::Spool;
@@ -82,11 +83,60 @@ impl GraphClient {
             spool.read_into(head_len as u64, rest, &mut mime).await?;
             let body = encoded(mime);
             let url = self.url("sendMail");
-            self.call(&mut auth, env, reqwest::Method::POST, &url, Some(("text/plain", body)))
+            self.call(&mut auth, env, Method::POST, &url, Some(("text/plain", body)))
                 .await?;
             return Ok(());
         }
-        large::send(self, &mut auth, spool, env, (head, head_len as u64)).await
+        self.send_large(&mut auth, spool, env, head, head_len as u64).await
+    }
+
+    /// Over 4 MB: a draft from the message without its largest
+    /// attachments, each of those through an upload session, then `send`.
+    /// A draft left by a failure is deleted.
+    async fn send_large<T: GraphToken>(
+        &self,
+        auth: &mut Auth<'_, T>,
+        spool: &mut Spool,
+        env: &Envelope,
+        head: Vec<u8>,
+        head_len: u64,
+    ) -> Result<(), GraphError> {
+        let large::Large { draft, uploads } = large::split(spool, head, head_len).await?;
+        let body = Some(("text/plain", encoded(draft)));
+        let created = self.call(auth, env, Method::POST, &self.url("messages"), body).await?;
+        let msg = large::draft_path(&created.body)?;
+        let result = self.upload_and_send(auth, spool, env, &msg, &uploads).await;
+        if result.is_err() {
+            let _ = self.call(auth, env, Method::DELETE, &self.url(&msg), None).await;
+        }
+        result
+    }
+
+    async fn upload_and_send<T: GraphToken>(
+        &self,
+        auth: &mut Auth<'_, T>,
+        spool: &mut Spool,
+        env: &Envelope,
+        msg: &str,
+        uploads: &[large::Upload],
+    ) -> Result<(), GraphError> {
+        for u in uploads {
+            let url = self.url(&format!("{msg}/attachments/createUploadSession"));
+            let body = Some(("application/json", Bytes::from(u.item().to_string())));
+            let answer = self.call(auth, env, Method::POST, &url, body).await?;
+            let upload_url = large::upload_url(&answer.body)?;
+            let mut chunks = u.chunks();
+            while let Some((chunk, first)) = chunks.next(spool).await? {
+                let n = chunk.len() as u64;
+                let range = format!("bytes {first}-{}/{}", first + n - 1, u.size());
+                let req = self.http.put(&upload_url).header("Content-Range", range).body(chunk);
+                let (status, headers, answer) = self.exchange(req, n).await?;
+                self.judge(status, &headers, answer, env)?;
+            }
+        }
+        let url = self.url(&format!("{msg}/send"));
+        self.call(auth, env, Method::POST, &url, None).await?;
+        Ok(())
     }
 
     /// `{base}/users/{mailbox}/{path}`.
@@ -101,7 +151,7 @@ impl GraphClient {
         &self,
         auth: &mut Auth<'_, T>,
         env: &Envelope,
-        method: reqwest::Method,
+        method: Method,
         url: &str,
         body: Option<(&str, Bytes)>,
     ) -> Result<Answer, GraphError> {
@@ -121,16 +171,21 @@ impl GraphClient {
                 auth.renewed = true;
                 continue;
             }
-            if (200..300).contains(&status) {
-                return Ok(Answer { body: answer });
-            }
-            let who = Who {
-                account: &self.account,
-                mailbox: &self.mailbox,
-                recipients: &env.rcpt,
-            };
-            return Err(error::decode(status, retry_after(&headers), &answer, &who));
+            return self.judge(status, &headers, answer, env);
         }
+    }
+
+    /// A success, or Graph's error decoded into a sentence.
+    fn judge(&self, status: u16, headers: &HeaderMap, body: Vec<u8>, env: &Envelope) -> Result<Answer, GraphError> {
+        if (200..300).contains(&status) {
+            return Ok(Answer { body });
+        }
+        let who = Who {
+            account: &self.account,
+            mailbox: &self.mailbox,
+            recipients: &env.rcpt,
+        };
+        Err(error::decode(status, retry_after(headers), &body, &who))
     }
 
     /// Sends `req`, counting it in the metrics by status, bytes and time.
