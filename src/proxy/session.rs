@@ -306,7 +306,10 @@ async fn hand_off<M: PreAuth>(
         Some(Upstream::Graph(account)) => {
             crate::metrics::connection(listener.protocol, "graph");
             let to_client = pre.take_output();
-            return super::graph::serve(ctx, client, account, to_client, pre.into_pending_input()).await;
+            // Boxed: the submission server's future must not size every
+            // relayed session's.
+            let serving = super::graph::serve(ctx, client, account, to_client, pre.into_pending_input());
+            return Box::pin(serving).await;
         }
         None => return Ok(()), // a machine hands off only after a successful login
     };
