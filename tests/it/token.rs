@@ -1,8 +1,8 @@
-//! `mailproxy token`: clients that speak OAuth themselves (msmtp, curl,
-//! Python) log in straight at the private Dovecot with the token it prints,
-//! through a running `serve` and without one; another uid is refused by
-//! `serve` and audited; twenty callers after an expiry cause one refresh;
-//! `--json` and the exit statuses 0, 1 and 2.
+//! `mailproxy token`: clients that speak OAuth themselves (msmtp, mbsync,
+//! neomutt, aerc, curl, Python) log in straight at the private Dovecot with
+//! the token it prints, through a running `serve` and without one; another
+//! uid is refused by `serve` and audited; twenty callers after an expiry
+//! cause one refresh; `--json` and the exit statuses 0, 1 and 2.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -45,6 +45,31 @@ fn alice_token(w: &World, stdin: &str) -> String {
     out.trim().to_string()
 }
 
+/// `prog` is on the PATH.
+fn installed(prog: &str) {
+    let found = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()));
+    assert!(found, "{prog} is not installed: run scripts/install-deps");
+}
+
+/// Cyrus SASL has an XOAUTH2 plugin (for mbsync).
+fn sasl_xoauth2_plugin() {
+    let dirs = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("sasl2"))
+        .chain([PathBuf::from("/usr/lib/sasl2")]);
+    let found = dirs
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().to_lowercase().contains("xoauth2"));
+    assert!(
+        found,
+        "Cyrus SASL's XOAUTH2 plugin (libsasl2-modules-kdexoauth2) is not installed: run scripts/install-deps"
+    );
+}
+
 /// A home for the clients, with `mailproxy` on the PATH and the test's
 /// config in `MAILPROXY_CONFIG`, so the page's snippets run as written.
 struct Home {
@@ -74,8 +99,24 @@ impl Home {
             "imaplib.IMAP4_SSL(\"localhost\", {}, ssl_context=__import__(\"ssl\").create_default_context(cafile=\"{ca}\"))",
             d.imaps_port
         );
+        let (imaps, submissions) = (d.imaps_port, d.submissions_port);
         snippet(file, name)
             .replace("alice@gmail.com", ALICE)
+            .replace("alice%40gmail.com", &ALICE.replace('@', "%40"))
+            // mbsync
+            .replace(
+                "Host imap.gmail.com\n",
+                &format!("Host localhost\nPort {imaps}\nCertificateFile {ca}\n"),
+            )
+            // neomutt
+            .replace(
+                "set imap_user",
+                &format!("set ssl_ca_certificates_file = \"{ca}\"\nset imap_user"),
+            )
+            .replace("smtp.gmail.com:465", &format!("localhost:{submissions}"))
+            // aerc
+            .replace("@imap.gmail.com\n", &format!("@localhost:{imaps}\n"))
+            .replace("@smtp.gmail.com\n", &format!("@localhost:{submissions}\n"))
             .replace("smtp.gmail.com", "localhost")
             .replace("port 465", &format!("port {}", d.submissions_port))
             .replace("tls on\n", &format!("tls on\ntls_trust_file {ca}\n"))
@@ -94,22 +135,34 @@ impl Home {
         p
     }
 
-    /// `prog args` in the home, killed after 60 s; it must succeed.
-    fn run(&self, prog: &str, args: &[&str], stdin: &[u8]) -> String {
-        use std::io::Write;
+    /// `prog args` in the home, with `mailproxy` on the PATH and the
+    /// test's config; the program must be installed.
+    fn command(&self, prog: &str) -> Command {
+        installed(prog);
         let path = format!(
             "{}:{}",
             self.dir.join("bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let mut child = Command::new("timeout")
-            .arg("60")
+        let mut cmd = Command::new("timeout");
+        cmd.arg("60")
             .arg(prog)
-            .args(args)
             .current_dir(&self.dir)
             .env("HOME", &self.dir)
             .env("PATH", path)
             .env("MAILPROXY_CONFIG", &self.config)
+            .env("XDG_RUNTIME_DIR", &self.dir)
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("MAIL");
+        cmd
+    }
+
+    /// `prog args` in the home, killed after 60 s; it must succeed.
+    fn run(&self, prog: &str, args: &[&str], stdin: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = self
+            .command(prog)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -143,6 +196,53 @@ impl Home {
         assert_eq!(got.len(), n, "{got:?}");
         let data = String::from_utf8_lossy(&got[n - 1].data).into_owned();
         assert!(data.contains(&subject), "{data}");
+    }
+
+    /// aerc with the page's `accounts.conf`, on `script`'s pseudo-terminal
+    /// (aerc 0.14 has no batch mode): it opens the INBOX with OAUTHBEARER
+    /// and lists it; a `mailto:` URL handed to it opens a message, which
+    /// `y` on its review screen sends with OAUTHBEARER (the sink's `n`th);
+    /// `:quit`. aerc has no CA option: Go's `SSL_CERT_FILE` trusts the
+    /// test's CA.
+    fn aerc_reads_and_sends(&self, w: &World, (file, name): (&str, &str), n: usize) {
+        installed("aerc");
+        std::fs::create_dir_all(self.dir.join(".config/aerc")).unwrap();
+        self.write(".config/aerc/accounts.conf", &self.fill(w, file, name));
+        let screen = self.dir.join(format!("aerc-{name}.screen"));
+        let (imap, smtp) = (logins(w, "imap", "OAUTHBEARER"), logins(w, "submission", "OAUTHBEARER"));
+        let child = self
+            .command("script")
+            .args(["-qec", "aerc", "/dev/null"])
+            .env("TERM", "xterm")
+            .env("COLUMNS", "120")
+            .env("LINES", "30")
+            .env("EDITOR", "true")
+            .env("SSL_CERT_FILE", w.env.dovecot.ca_pem_path())
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&screen).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut aerc = Terminal { child, screen };
+        logged_in(w, name, "imap", "OAUTHBEARER", imap);
+        aerc.shows(name, "first of two");
+        aerc.shows(name, "second of two");
+
+        let subject = format!("aerc {name}");
+        let url = format!(
+            "mailto:{FRIEND}?subject={}&body=Sent%20by%20aerc.",
+            subject.replace(' ', "%20")
+        );
+        self.run("aerc", &[&url], b"");
+        aerc.shows(name, "Send this email?");
+        aerc.keys(b"y");
+        let got = w.env.sink.wait_for(n, Duration::from_secs(30));
+        assert_eq!(got.len(), n, "{name}: {got:?}\n{:?}", aerc.seen());
+        assert_eq!(got[n - 1].rcpt_to, [FRIEND], "{:?}", got[n - 1]);
+        let data = String::from_utf8_lossy(&got[n - 1].data).into_owned();
+        assert!(data.contains(&format!("Subject: {subject}")), "{data}");
+        logged_in(w, name, "submission", "OAUTHBEARER", smtp);
+        aerc.quit(name, b":quit\r");
     }
 
     /// curl's snippet lists the INBOX at Dovecot (`stdin` for a password).
@@ -222,6 +322,175 @@ fn clients_log_in_at_dovecot_with_tokens_from_serve() {
     assert!(err.contains("needs login"), "{err}");
     let (code, out, err) = token(&w, &["nobody@example.org"], "");
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
+}
+
+/// A terminal program on `script`'s pseudo-terminal (under `timeout`):
+/// keys go to its stdin, what it draws to the `screen` file. Ended
+/// (SIGTERM, which `timeout` passes on) if the test fails before it quits.
+struct Terminal {
+    child: std::process::Child,
+    screen: PathBuf,
+}
+
+impl Terminal {
+    fn seen(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.screen).unwrap_or_default()).into_owned()
+    }
+
+    fn keys(&mut self, keys: &[u8]) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(keys).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// `text` is drawn within 30 s. aerc 0.14 sometimes draws a change only
+    /// at the next key: every 2 s `:` opens its command line and Escape
+    /// closes it again. Then a second's pause, so that Escape and the next
+    /// key do not read as one Alt key.
+    fn shows(&mut self, what: &str, text: &str) {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        let mut nudge = std::time::Instant::now() + Duration::from_secs(2);
+        while !self.seen().contains(text) {
+            let now = std::time::Instant::now();
+            assert!(now < end, "{what}: no {text:?} on the screen: {:?}", self.seen());
+            if now > nudge {
+                self.keys(b":");
+                std::thread::sleep(Duration::from_millis(300));
+                self.keys(b"\x1b");
+                nudge = now + Duration::from_secs(2);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    /// `keys` make it exit 0 within 5 s; typed again (up to three times)
+    /// if a status message of aerc's swallowed them.
+    fn quit(&mut self, what: &str, keys: &[u8]) {
+        for _ in 0..3 {
+            self.keys(keys);
+            if eventually(5, || matches!(self.child.try_wait(), Ok(Some(_)))) {
+                break;
+            }
+            self.keys(b"\x1b");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let status = self.child.try_wait().unwrap();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{what}: {status:?}: {:?}",
+            self.seen()
+        );
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Dovecot's logins of alice with `mech` so far (`service` is `imap` or
+/// `submission`).
+fn logins(w: &World, service: &str, mech: &str) -> usize {
+    let line = format!("{service}-login: Info: Login: user=<{ALICE}>, method={mech},");
+    w.env.dovecot.log().matches(&line).count()
+}
+
+/// Dovecot logs more logins of alice with `mech` than `before` (its log
+/// process writes a moment later).
+fn logged_in(w: &World, what: &str, service: &str, mech: &str, before: usize) {
+    assert!(
+        eventually(30, || logins(w, service, mech) > before),
+        "{what}: no {service} login with {mech}\n{}",
+        w.env.dovecot.log()
+    );
+}
+
+#[test]
+fn mbsync_neomutt_and_aerc_log_in_at_dovecot_with_tokens_from_serve() {
+    let mut w = World::new();
+    w.start();
+    w.authorise(ALICE, ALICE_PW);
+    for (subject, id) in [("first of two", "m1"), ("second of two", "m2")] {
+        w.env
+            .dovecot
+            .deliver(ALICE, &sample_message("x@example.net", ALICE, subject, id));
+    }
+    let refreshes = w.env.provider.refreshes();
+    let home = Home::new(&w);
+
+    // mbsync: XOAUTH2 through Cyrus SASL's plugin, the INBOX mirrored.
+    sasl_xoauth2_plugin();
+    for (file, name) in [(PAGE, "token-mbsyncrc"), (README, "readme-token-mbsyncrc")] {
+        let before = logins(&w, "imap", "XOAUTH2");
+        let _ = std::fs::remove_dir_all(home.dir.join("Mail"));
+        std::fs::create_dir_all(home.dir.join("Mail/gmail")).unwrap();
+        home.write(".mbsyncrc", &home.fill(&w, file, name));
+        home.run("mbsync", &["gmail"], b"");
+        let mut got = String::new();
+        for sub in ["new", "cur"] {
+            for e in std::fs::read_dir(home.dir.join("Mail/gmail/INBOX").join(sub)).unwrap() {
+                got.push_str(&std::fs::read_to_string(e.unwrap().path()).unwrap());
+            }
+        }
+        assert!(
+            got.contains("Subject: first of two") && got.contains("Subject: second of two"),
+            "{name}: the Maildir has {got:?}"
+        );
+        logged_in(&w, name, "imap", "XOAUTH2", before);
+    }
+
+    // neomutt: in batch mode it sends with OAUTHBEARER at the submission
+    // service; on a terminal (`script`'s pty) it opens the INBOX with
+    // OAUTHBEARER, shows its index and quits.
+    for (n, (file, name)) in [(PAGE, "token-muttrc"), (README, "readme-token-muttrc")]
+        .into_iter()
+        .enumerate()
+    {
+        home.write(".neomuttrc", &home.fill(&w, file, name));
+        let before = logins(&w, "submission", "OAUTHBEARER");
+        let subject = format!("neomutt {name}");
+        home.run("neomutt", &["-s", &subject, FRIEND], b"Sent by neomutt.\n");
+        let got = w.env.sink.wait_for(n + 1, Duration::from_secs(20));
+        assert_eq!(got.len(), n + 1, "{got:?}");
+        assert_eq!(got[n].rcpt_to, [FRIEND], "{:?}", got[n]);
+        let data = String::from_utf8_lossy(&got[n].data).into_owned();
+        assert!(data.contains(&format!("Subject: {subject}")), "{data}");
+        logged_in(&w, name, "submission", "OAUTHBEARER", before);
+
+        let before = logins(&w, "imap", "OAUTHBEARER");
+        let screen = home.run(
+            "script",
+            &[
+                "-qec",
+                "TERM=xterm COLUMNS=120 LINES=30 neomutt -e 'push <quit>'",
+                "/dev/null",
+            ],
+            b"",
+        );
+        assert!(
+            screen.contains("first of two") && screen.contains("second of two"),
+            "{name}: the index shows {screen:?}"
+        );
+        logged_in(&w, name, "imap", "OAUTHBEARER", before);
+    }
+
+    // aerc: reads and sends with OAUTHBEARER.
+    home.aerc_reads_and_sends(&w, (PAGE, "token-aerc"), 3);
+    home.aerc_reads_and_sends(&w, (README, "readme-token-aerc"), 4);
+
+    assert_eq!(
+        w.env.provider.refreshes(),
+        refreshes,
+        "the grant's token served them all"
+    );
 }
 
 #[test]
