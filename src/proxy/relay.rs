@@ -110,13 +110,15 @@ impl<'m> Relay<'m> {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>, client: &mut Stream, upstream: &mut Stream) -> Poll<io::Result<()>> {
-        // An error ends the session, unless the other direction has already
-        // ended and this one was only finishing.
+        // An error ends the session (an upstream's reset ends its client's
+        // at once), unless the other direction had already ended and this
+        // one was only finishing.
+        let ended_before = (self.up.done, self.down.done);
         let up = self.up.poll_done(cx, client, upstream);
         let down = self.down.poll_done(cx, upstream, client);
-        for r in [up, down] {
+        for (r, other_ended) in [(up, ended_before.1), (down, ended_before.0)] {
             if let Err(e) = r {
-                if !(self.up.done || self.down.done) {
+                if !other_ended {
                     return Poll::Ready(Err(e));
                 }
             }
@@ -559,5 +561,28 @@ mod tests {
         }
         assert!(!relaying.is_finished(), "the client may still finish");
         relaying.abort();
+    }
+
+    /// The upstream resets the connection while the client waits for an
+    /// answer: the session ends at once, not after the close grace period.
+    #[tokio::test]
+    async fn an_upstream_reset_ends_the_session_at_once() {
+        let (client_side, _client) = tcp_pair().await;
+        let (upstream_side, upstream) = tcp_pair().await;
+        let relaying = tokio::spawn(async move {
+            let meter = crate::metrics::relayed_bytes(crate::endpoint::Protocol::Imap);
+            let shutdown = CancellationToken::new();
+            let (c, u) = (Stream::Plain(client_side), Stream::Plain(upstream_side));
+            relay(c, u, Vec::new(), Vec::new(), &meter, &shutdown, ()).await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // SO_LINGER 0: the close sends a reset, not a FIN.
+        socket2::SockRef::from(&upstream)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(upstream);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), relaying).await;
+        let r = ended.expect("the session ended within 5 s").unwrap();
+        assert!(r.is_err(), "the reset is the session's error: {r:?}");
     }
 }

@@ -241,7 +241,9 @@ impl TokenManager {
         let n = name.clone();
         match tokio::task::spawn_blocking(move || keystore::delete(&n)).await {
             Ok(Ok(true)) => erased.push("the refresh token in the OS keyring".into()),
-            Ok(Err(e)) if self.keyring() => out.push(format!("cannot reach the OS keyring: {e}")),
+            Ok(Err(e)) if self.keyring() => {
+                out.push(format!("the refresh token in the OS keyring was not erased ({e})"))
+            }
             _ => {}
         }
         self.cancel_flight(&slot.state);

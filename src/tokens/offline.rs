@@ -211,7 +211,7 @@ pub async fn check(
             };
             let name = account.to_string();
             let before: crate::store::Before = Box::new(move || match &keyring {
-                Some(new) => keystore::set(&name, new).map_err(|e| StoreError::Other(format!("the OS keyring: {e}"))),
+                Some(new) => keystore::set(&name, new).map_err(|e| StoreError::Other(e.to_string())),
                 None => Ok(()),
             });
             records.store_if(&mut next, Some(r.generation), before).await?

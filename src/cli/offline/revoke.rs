@@ -46,7 +46,9 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<()> {
     match keystore::delete(&name) {
         Ok(true) => erased.push("the refresh token in the OS keyring".into()),
         Ok(false) => {}
-        Err(e) if config.token_store == TokenStore::Keyring => eprintln!("cannot reach the OS keyring: {e}"),
+        Err(e) if config.token_store == TokenStore::Keyring => {
+            eprintln!("the refresh token in the OS keyring was not erased ({e})")
+        }
         Err(_) => {}
     }
     // The running proxy drops its in-memory tokens when it sees the record gone.
