@@ -242,7 +242,7 @@ impl TokenManager {
         match tokio::task::spawn_blocking(move || keystore::delete(&n)).await {
             Ok(Ok(true)) => erased.push("the refresh token in the OS keyring".into()),
             Ok(Err(e)) if self.keyring() => {
-                out.push(format!("the refresh token in the OS keyring was not erased ({e})"))
+                out.push(format!("the refresh token in the OS keyring was not erased ({e})"));
             }
             _ => {}
         }

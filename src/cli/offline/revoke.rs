@@ -47,7 +47,7 @@ pub(super) async fn run(config: &Config, name: &str) -> Result<()> {
         Ok(true) => erased.push("the refresh token in the OS keyring".into()),
         Ok(false) => {}
         Err(e) if config.token_store == TokenStore::Keyring => {
-            eprintln!("the refresh token in the OS keyring was not erased ({e})")
+            eprintln!("the refresh token in the OS keyring was not erased ({e})");
         }
         Err(_) => {}
     }
