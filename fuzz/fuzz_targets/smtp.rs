@@ -57,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
         hostname: "mailproxy.local".into(),
         max_line: if hdr[0] & 0x80 != 0 { 8192 } else { 16 + usize::from(hdr[1]) },
         max_size: if hdr[0] & 2 != 0 { Some(35_882_577) } else { None },
+        submission: hdr[0] & 4 != 0,
     };
     let mut rng = Rng::new(hdr);
     let max_chunk = [1, 3, 16, 100, 8192][rng.below(5)];

@@ -81,6 +81,8 @@ pub struct Submission {
     size: u64,
     /// The current message passed `max_size`: read to its end, then refuse.
     too_big: bool,
+    /// The current message came in `BDAT` chunks: `DATA` may not follow.
+    chunked: bool,
 }
 
 impl Submission {
@@ -96,6 +98,7 @@ impl Submission {
             rcpt: Vec::new(),
             size: 0,
             too_big: false,
+            chunked: false,
         }
     }
 
@@ -152,6 +155,15 @@ impl Submission {
         self.rcpt.clear();
         self.size = 0;
         self.too_big = false;
+        self.chunked = false;
+    }
+
+    /// `RSET`, `EHLO` and `HELO` end a transaction: what its `BDAT` chunks
+    /// already gave out must be discarded, not sent with the next message.
+    fn abandon(&mut self) -> Option<Event> {
+        let had = self.from.is_some();
+        self.reset();
+        had.then_some(Event::Discard)
     }
 
     fn next_command(&mut self) -> Option<Event> {
@@ -193,11 +205,10 @@ impl Submission {
             Txn::Data => return self.data_start(),
             Txn::Bdat { size, last } => return self.bdat_start(size, last),
             Txn::Rset => {
-                let had = self.from.is_some();
-                self.reset();
+                let discard = self.abandon();
                 self.reply("250 2.0.0 Reset");
-                if had {
-                    return Some(Event::Discard);
+                if discard.is_some() {
+                    return discard;
                 }
             }
             Txn::Noop => self.reply("250 2.0.0 OK"),
@@ -208,7 +219,7 @@ impl Submission {
                 return Some(Event::Quit);
             }
             Txn::Ehlo { domain } => {
-                self.reset();
+                let discard = self.abandon();
                 let mut lines = vec![format!(
                     "{} greets {}",
                     self.cfg.hostname,
@@ -219,11 +230,17 @@ impl Submission {
                     let sep = if i + 1 == lines.len() { ' ' } else { '-' };
                     self.reply(&format!("250{sep}{l}"));
                 }
+                if discard.is_some() {
+                    return discard;
+                }
             }
             Txn::Helo { .. } => {
-                self.reset();
+                let discard = self.abandon();
                 let line = format!("250 {}", self.cfg.hostname);
                 self.reply(&line);
+                if discard.is_some() {
+                    return discard;
+                }
             }
             Txn::Help => self.reply("214 2.0.0 MAIL, RCPT, DATA or BDAT: this account sends through Microsoft Graph"),
             Txn::Vrfy => self.reply("252 2.5.0 Cannot VRFY; send the message and it will be delivered"),
@@ -275,6 +292,8 @@ impl Submission {
             self.reply("503 5.5.1 Need MAIL before DATA");
         } else if self.rcpt.is_empty() {
             self.reply("554 5.5.1 No valid recipients");
+        } else if self.chunked {
+            self.reply("503 5.5.1 DATA cannot follow BDAT in one message; send the rest with BDAT");
         } else {
             self.reply("354 Start mail input; end with <CRLF>.<CRLF>");
             self.mode = Mode::Data { at_line_start: true };
@@ -289,6 +308,7 @@ impl Submission {
             self.mode = Mode::Chunk { left: size, last };
             return self.poll();
         }
+        self.chunked = true;
         self.mode = Mode::Chunk { left: size, last };
         self.poll()
     }
@@ -497,6 +517,25 @@ mod tests {
         assert!(out.contains("250 2.0.0 Reset"), "{out}");
         assert!(ev.contains(&Event::Discard));
         assert!(matches!(ev.last(), Some(Event::Send(e)) if e.rcpt == ["d@y"]));
+    }
+
+    /// RFC 3030: a transaction's chunks are one message. `EHLO` ends it as
+    /// `RSET` does (its chunks discarded, never sent with the next message),
+    /// and `DATA` cannot follow `BDAT`.
+    #[test]
+    fn ehlo_discards_a_chunked_message_and_data_cannot_follow_bdat() {
+        let mut m = machine(b"MAIL FROM:<me@x.example>\r\nRCPT TO:<a@y>\r\nBDAT 3\r\nold");
+        let (_, ev) = run(&mut m);
+        assert_eq!(body(&ev), b"old");
+        m.feed(b"EHLO again\r\nMAIL FROM:<me@x.example>\r\nRCPT TO:<b@y>\r\nBDAT 3\r\nabcDATA\r\nBDAT 1 LAST\r\nd");
+        let (out, ev) = run(&mut m);
+        assert_eq!(ev.first(), Some(&Event::Discard), "{ev:?}");
+        assert!(out.contains("503 5.5.1 DATA cannot follow BDAT"), "{out}");
+        assert_eq!(body(&ev), b"abcd");
+        assert!(
+            matches!(ev.last(), Some(Event::Send(e)) if e.rcpt == ["b@y"] && e.size == 4),
+            "{ev:?}"
+        );
     }
 
     #[test]

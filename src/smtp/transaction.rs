@@ -124,7 +124,9 @@ fn bdat(rest: &str) -> Result<Txn, Refusal> {
 /// `KEYWORD<path> params` → (the address inside the angle brackets, params).
 /// Source routes (`<@a,@b:user@c>`) are accepted and dropped (RFC 5321 §4.1.2).
 fn path_after<'a>(rest: &'a str, keyword: &str) -> Option<(String, &'a str)> {
-    if rest.len() < keyword.len() || !rest[..keyword.len()].eq_ignore_ascii_case(keyword) {
+    // `get`: the client's bytes may put a multi-byte character where the
+    // keyword's end would be.
+    if !rest.get(..keyword.len())?.eq_ignore_ascii_case(keyword) {
         return None;
     }
     let rest = rest[keyword.len()..].trim_start();
@@ -144,6 +146,15 @@ fn path_after<'a>(rest: &'a str, keyword: &str) -> Option<(String, &'a str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A multi-byte character where `TO:` or `FROM:` would end is a
+    /// syntax error, not a panic.
+    #[test]
+    fn a_multibyte_character_across_the_keyword_is_refused() {
+        assert!(parse("RCPT TO\u{1b9}jørn@example.com>").is_err());
+        assert!(parse("MAIL FR\u{e9}<me@example.org>").is_err());
+        assert!(parse("RCPT T\u{1b9}").is_err());
+    }
 
     #[test]
     fn mail_and_rcpt_with_the_advertised_parameters() {
