@@ -252,13 +252,11 @@ async fn routed<P: SessionProtocol>(a: Attempt<'_>, cap: std::time::Duration) ->
     if let Some(success) = P::graph_success(&config.limits) {
         if config.lookup(login).is_some_and(|a| a.graph.is_some()) {
             let account = route::resolve_graph(ctx, login, password, caller).await?;
-            // Graph is no upstream session: no slot to take.
+            // Counted with the account's sessions; never waited for, as
+            // Graph limits requests, not sessions.
+            let slot = super::slots::take(ctx, login, listener.protocol).await?;
             let conn = Upstream::Graph(account);
-            return Ok(LoggedIn {
-                conn,
-                success,
-                slot: None,
-            });
+            return Ok(LoggedIn { conn, success, slot });
         }
     }
     let target = route::resolve(ctx, listener, login, password, caller).await?;
@@ -292,7 +290,7 @@ async fn routed<P: SessionProtocol>(a: Attempt<'_>, cap: std::time::Duration) ->
 /// answer to the login) and what the upstream sent past it go to the
 /// client, what the client pipelined goes upstream, then bytes flow. The
 /// session's slot goes with the upstream connection and is freed when it
-/// closes.
+/// closes (with a Graph session, when it ends).
 async fn hand_off<M: PreAuth>(
     ctx: &Ctx,
     listener: &Listener,
@@ -309,7 +307,9 @@ async fn hand_off<M: PreAuth>(
             // Boxed: the submission server's future must not size every
             // relayed session's.
             let serving = super::graph::serve(ctx, client, account, to_client, pre.into_pending_input());
-            return Box::pin(serving).await;
+            let served = Box::pin(serving).await;
+            drop(slot);
+            return served;
         }
         None => return Ok(()), // a machine hands off only after a successful login
     };

@@ -96,9 +96,25 @@ fn permits(limit: Option<u32>) -> usize {
     limit.map_or(NO_LIMIT, |n| n as usize)
 }
 
+/// Whether `account` has sessions over `protocol` to count: a server for
+/// it, or, for SMTP, sending through Graph.
+fn serves(account: &Account, protocol: Protocol) -> bool {
+    account.endpoint(protocol).is_some() || (protocol == Protocol::Smtp && account.graph.is_some())
+}
+
+/// The limit of `account`'s sessions over `protocol`. Submission through
+/// Graph has none: Graph throttles requests (a `429` the client hears as
+/// `451`), not sessions, so its sessions are only counted.
+fn limit_of(account: &Account, protocol: Protocol) -> Option<u32> {
+    if protocol == Protocol::Smtp && account.graph.is_some() {
+        return None;
+    }
+    account.max_upstream_sessions
+}
+
 impl Slot {
-    fn new(account: &Account) -> Slot {
-        let limit = account.max_upstream_sessions;
+    fn new(account: &Account, protocol: Protocol) -> Slot {
+        let limit = limit_of(account, protocol);
         Slot {
             name: account.name.clone(),
             sem: Arc::new(Semaphore::new(permits(limit))),
@@ -194,7 +210,7 @@ impl SessionSlots {
         }
         sync::write(&self.map)
             .entry(key)
-            .or_insert_with(|| Arc::new(Slot::new(account)))
+            .or_insert_with(|| Arc::new(Slot::new(account, protocol)))
             .clone()
     }
 
@@ -203,17 +219,18 @@ impl SessionSlots {
     /// and each account of the file has one per protocol it has a server for.
     pub fn reload(&self, config: &Config) {
         let mut map = sync::write(&self.map);
-        map.retain(|(name, _), slot| match config.lookup(name) {
+        map.retain(|(name, p), slot| match config.lookup(name) {
             Some(a) => {
-                slot.resize(a.max_upstream_sessions);
+                slot.resize(limit_of(&a, *p));
                 true
             }
             None => false,
         });
         for (name, a) in &config.accounts {
             for p in [Protocol::Imap, Protocol::Smtp, Protocol::Pop3] {
-                if a.endpoint(p).is_some() {
-                    map.entry((name.clone(), p)).or_insert_with(|| Arc::new(Slot::new(a)));
+                if serves(a, p) {
+                    map.entry((name.clone(), p))
+                        .or_insert_with(|| Arc::new(Slot::new(a, p)));
                 }
             }
         }
@@ -236,13 +253,13 @@ impl SessionSlots {
         let name = account.name.to_lowercase();
         [Protocol::Imap, Protocol::Smtp, Protocol::Pop3]
             .into_iter()
-            .filter(|p| account.endpoint(*p).is_some())
+            .filter(|p| serves(account, *p))
             .map(|p| {
                 let slot = map.get(&(name.clone(), p));
                 ProtocolSessions {
                     protocol: p.name().to_string(),
                     open: slot.map_or(0, |s| s.open.load(Ordering::Relaxed) as u64),
-                    limit: slot.map_or(account.max_upstream_sessions, |s| s.limit()),
+                    limit: slot.map_or(limit_of(account, p), |s| s.limit()),
                 }
             })
             .collect()
@@ -350,5 +367,33 @@ mod tests {
             1,
             "one entry per account and protocol it has"
         );
+    }
+
+    #[tokio::test]
+    async fn graph_submission_is_counted_without_the_accounts_limit() {
+        let c = Config::parse(
+            "[smtp]\nlisten = \"127.0.0.1:1587\"\n[accounts.\"a@b\"]\nprovider = \"microsoft\"\nclient_id = \"id\"\nsmtp = \"graph\"\nmax_upstream_sessions = 1\n",
+            Path::new("/c.toml"),
+        )
+        .unwrap();
+        let a = c.account("a@b").unwrap();
+        let slots = SessionSlots::default();
+        slots.reload(&c);
+        let smtp = |slots: &SessionSlots| {
+            let all = slots.of(a);
+            let s = all.iter().find(|s| s.protocol == "smtp").expect("an SMTP row");
+            (s.open, s.limit)
+        };
+        assert_eq!(smtp(&slots), (0, None));
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(slots.take(a, Protocol::Smtp, NOW).await.unwrap());
+        }
+        assert_eq!(smtp(&slots), (3, None));
+        // The limit still holds for the account's IMAP sessions.
+        let _imap = slots.take(a, Protocol::Imap, NOW).await.unwrap();
+        assert!(slots.take(a, Protocol::Imap, NOW).await.is_err());
+        drop(held);
+        assert_eq!(smtp(&slots), (0, None));
     }
 }

@@ -513,6 +513,34 @@ fn git_send_email_and_phpmailer() {
     assert_eq!(have, ["friend@example.com", "hidden@example.com"]);
 }
 
+/// Graph sessions count among the account's SMTP sessions in `accounts`,
+/// without the account's limit (Graph throttles requests, not sessions):
+/// two at once under a limit of one, and none once they have ended.
+#[test]
+fn graph_sessions_are_counted_without_a_limit() {
+    use crate::support::mailproxy::run;
+    let w = GraphWorld::start("max_upstream_sessions = 1\n");
+    let smtp_row = || {
+        let (code, out, err) = run(&w.dir, &["accounts"], "");
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .find(|l| l.starts_with(ME))
+            .unwrap_or_else(|| panic!("{ME} in {out}"))
+            .to_string()
+    };
+    let first = raw_login(w.port(), ME, ME_PW);
+    let mut second = raw_login(w.port(), ME, ME_PW);
+    assert!(smtp_row().contains("  SMTP 2, no limit"), "{}", smtp_row());
+    second.1.write_all(b"QUIT\r\n").unwrap();
+    assert!(reply(&mut second.0).starts_with("221"));
+    drop((first, second));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !smtp_row().contains("  SMTP 0, no limit") {
+        assert!(std::time::Instant::now() < deadline, "{}", smtp_row());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_shared_mailbox_sends_with_its_delegates_grant() {
     let w = GraphWorld::start(&format!("[accounts.\"{SHARED}\"]\ntoken_from = \"{ME}\"\n"));
