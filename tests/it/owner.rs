@@ -510,11 +510,7 @@ async fn the_sign_in_pages_refuse_other_local_users() {
     );
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
     assert!(!r.contains("state="), "{r}");
-    assert!(
-        w.logs().contains("refused a request from another local user"),
-        "{}",
-        w.logs()
-    );
+    assert!(w.wait_log("refused a request from another local user"), "{}", w.logs());
 
     // The owner's visit shows where the redirect listener is.
     let hop = http::get(&format!("http://{status}{start_path}")).unwrap();

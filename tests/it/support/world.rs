@@ -128,6 +128,12 @@ impl World {
             .unwrap_or_default()
     }
 
+    /// Waits (up to 10 s) until the proxy's log holds `needle`: a line
+    /// written as a reply goes out may reach the log after the reply.
+    pub fn wait_log(&self, needle: &str) -> bool {
+        self.proxy.as_ref().is_some_and(|p| p.wait_log(needle))
+    }
+
     /// Lines Dovecot logged for its login processes (each upstream connection leaves some).
     pub fn upstream_logins(&self) -> usize {
         self.env
