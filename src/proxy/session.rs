@@ -307,9 +307,7 @@ async fn hand_off<M: PreAuth>(
             // Boxed: the submission server's future must not size every
             // relayed session's.
             let serving = super::graph::serve(ctx, client, account, to_client, pre.into_pending_input());
-            let served = Box::pin(serving).await;
-            drop(slot);
-            return served;
+            return Box::pin(serving).await;
         }
         None => return Ok(()), // a machine hands off only after a successful login
     };

@@ -207,9 +207,7 @@ impl Submission {
             Txn::Rset => {
                 let discard = self.abandon();
                 self.reply("250 2.0.0 Reset");
-                if discard.is_some() {
-                    return discard;
-                }
+                return discard.or_else(|| self.poll());
             }
             Txn::Noop => self.reply("250 2.0.0 OK"),
             Txn::Quit => {
@@ -230,17 +228,13 @@ impl Submission {
                     let sep = if i + 1 == lines.len() { ' ' } else { '-' };
                     self.reply(&format!("250{sep}{l}"));
                 }
-                if discard.is_some() {
-                    return discard;
-                }
+                return discard.or_else(|| self.poll());
             }
             Txn::Helo { .. } => {
                 let discard = self.abandon();
                 let line = format!("250 {}", self.cfg.hostname);
                 self.reply(&line);
-                if discard.is_some() {
-                    return discard;
-                }
+                return discard.or_else(|| self.poll());
             }
             Txn::Help => self.reply("214 2.0.0 MAIL, RCPT, DATA or BDAT: this account sends through Microsoft Graph"),
             Txn::Vrfy => self.reply("252 2.5.0 Cannot VRFY; send the message and it will be delivered"),

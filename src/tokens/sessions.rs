@@ -96,17 +96,23 @@ fn permits(limit: Option<u32>) -> usize {
     limit.map_or(NO_LIMIT, |n| n as usize)
 }
 
+/// Whether `account`'s sessions over `protocol` are SMTP submissions that
+/// leave through Graph.
+fn through_graph(account: &Account, protocol: Protocol) -> bool {
+    protocol == Protocol::Smtp && account.graph.is_some()
+}
+
 /// Whether `account` has sessions over `protocol` to count: a server for
 /// it, or, for SMTP, sending through Graph.
 fn serves(account: &Account, protocol: Protocol) -> bool {
-    account.endpoint(protocol).is_some() || (protocol == Protocol::Smtp && account.graph.is_some())
+    account.endpoint(protocol).is_some() || through_graph(account, protocol)
 }
 
 /// The limit of `account`'s sessions over `protocol`. Submission through
 /// Graph has none: Graph throttles requests (a `429` the client hears as
 /// `451`), not sessions, so its sessions are only counted.
 fn limit_of(account: &Account, protocol: Protocol) -> Option<u32> {
-    if protocol == Protocol::Smtp && account.graph.is_some() {
+    if through_graph(account, protocol) {
         return None;
     }
     account.max_upstream_sessions
